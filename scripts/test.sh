@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The README's test command: makes sure the real services the tests use are installed
+# (Azurite from the npm registry, OpenSSH's sshd from Debian), then runs pytest.
+# The tests start those services themselves, on free loopback ports.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .cache/npm/node_modules/.bin/azurite ]; then
+  echo "== installing Azurite (npm) into .cache/npm"
+  npm install --silent --no-audit --no-fund --prefix .cache/npm azurite@3 >/dev/null
+fi
+if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
+  echo "== installing openssh-server (apt)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends openssh-server openssh-client >/dev/null
+fi
+
+python -m pytest -q "$@"

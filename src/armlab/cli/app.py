@@ -1,0 +1,19 @@
+"""The typer app every command module registers on (kept apart to avoid import cycles)."""
+
+import typer
+
+app = typer.Typer(
+    name="armlab",
+    help="Comparable data-selection training arms for nanochat-style LLM pretraining.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.command()
+def version() -> None:
+    """Print armlab's version."""
+    from armlab import __version__
+
+    print(__version__)

@@ -1,0 +1,3 @@
+"""CLI commands for remote."""
+
+from armlab.cli.app import app  # noqa: F401

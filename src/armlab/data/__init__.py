@@ -1,0 +1,1 @@
+"""Data: pools, selection, shards, preparation, blob storage."""

@@ -1,0 +1,18 @@
+"""The two kinds of failure the CLI distinguishes (DESIGN.md: exit codes).
+
+`ArmlabError` is a user mistake or a refused safety check: the CLI prints its message as one
+line and exits 2, never a traceback. Messages name the file, key, column or flag at fault and
+say what to do. `RunFailed` is a run that started and failed (a crashed rank, say): exit 1.
+"""
+
+
+class ArmlabError(Exception):
+    """Bad input or a refused safety check: one line, exit code 2."""
+
+    exit_code = 2
+
+
+class RunFailed(Exception):
+    """A run (prepare, training, evaluation) started and failed: exit code 1."""
+
+    exit_code = 1

@@ -1,0 +1,1 @@
+"""Operations: status, doctor, remote hosts."""

@@ -1,0 +1,1 @@
+"""Reports: comparability check, tables, intervals, plots."""

@@ -1,0 +1,332 @@
+"""The experiment file: TOML -> validated pydantic model, defaults and fingerprints.
+
+The names here are the contract of DESIGN.md ("The experiment file"). Every model forbids
+unknown keys, so a typo such as `rows_per_shrad` is an error naming the key, not a silently
+ignored setting. `load_experiment` turns every validation problem into one `ArmlabError` line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from armlab.errors import ArmlabError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolSpec(Strict):
+    """The corpus every arm is drawn from."""
+
+    uri: str
+    text_column: str = "text"
+    id_column: str | None = None
+    token_count_column: str | None = None
+    format: Literal["auto", "parquet", "jsonl"] = "auto"
+
+
+class EvalSpec(Strict):
+    """Shared held-out eval set, drawn from the pool before any arm is selected."""
+
+    docs: int = Field(20_000, gt=0)
+    seed: int = 0
+
+
+class TokenizerSpec(Strict):
+    """BPE tokenizer trained once on a neutral sample of the pool (never an arm, never eval)."""
+
+    vocab_size: int = Field(32_768, ge=260)
+    train_chars: int = Field(2_000_000_000, gt=0)
+    doc_cap: int = Field(10_000, gt=0)  # chars taken from any one document (nanochat's choice)
+    seed: int = 0
+
+
+class ShardSpec(Strict):
+    rows_per_shard: int = Field(14_000, gt=0)
+    row_group_rows: int = Field(1024, gt=0)
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> ShardSpec:
+        if self.row_group_rows > self.rows_per_shard:
+            raise ValueError(
+                f"shards.row_group_rows ({self.row_group_rows}) must be <= shards.rows_per_shard "
+                f"({self.rows_per_shard})"
+            )
+        return self
+
+
+ArmKind = Literal["random", "top", "sample", "prebuilt"]
+
+
+class ArmSpec(Strict):
+    name: str
+    kind: ArmKind
+    ratio: float | None = None
+    seed: int = 0
+    score_column: str | None = None
+    temperature: float = Field(1.0, gt=0)
+    by: Literal["rows", "tokens"] = "rows"
+    max_rows: int | None = Field(None, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+    # prebuilt arms
+    uri: str | None = None
+    download_mode: Literal["bulk", "sequential"] = "bulk"
+    concurrency: int = Field(8, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"arm name {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_ok(cls, v: float | None) -> float | None:
+        if v is not None and not (0.0 < v <= 1.0):
+            raise ValueError(f"must be in (0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ArmSpec:
+        if self.kind == "prebuilt":
+            if not self.uri:
+                raise ValueError(f"arm {self.name!r}: kind 'prebuilt' needs uri (az://container/prefix or a dir)")
+            if self.ratio is not None or self.score_column is not None:
+                raise ValueError(f"arm {self.name!r}: kind 'prebuilt' takes no ratio or score_column")
+        else:
+            if self.ratio is None:
+                raise ValueError(f"arm {self.name!r}: kind {self.kind!r} needs ratio")
+            if self.uri is not None:
+                raise ValueError(f"arm {self.name!r}: uri is only for kind 'prebuilt'")
+        if self.kind in ("top", "sample") and not self.score_column:
+            raise ValueError(f"arm {self.name!r}: kind {self.kind!r} needs score_column")
+        if self.kind == "random" and self.score_column:
+            raise ValueError(f"arm {self.name!r}: kind 'random' takes no score_column")
+        return self
+
+
+class ModelSpec(Strict):
+    depth: int = Field(20, gt=0)
+    max_seq_len: int = Field(2048, gt=0)
+    aspect_ratio: int = Field(64, gt=0)  # model_dim = depth * aspect_ratio, rounded up to head_dim
+    head_dim: int = Field(128, gt=0)
+
+
+class TrainSpec(Strict):
+    device_batch_size: int = Field(32, gt=0)
+    total_batch_size: int | None = Field(None, gt=0)  # None: nanochat's auto batch size
+    target_param_data_ratio: float | None = Field(None, gt=0)  # default 10.5 when nothing else set
+    tokens: int | None = Field(None, gt=0)
+    num_iterations: int | None = Field(None, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    eval_every: int = Field(250, gt=0)
+    eval_tokens: int = Field(20_971_520, gt=0)
+    save_every: int = Field(1000, gt=0)
+    # optimiser (nanochat defaults; the trainer documents their meaning)
+    embedding_lr: float = 0.3
+    unembedding_lr: float = 0.004
+    matrix_lr: float = 0.02
+    scalar_lr: float = 0.5
+    weight_decay: float = 0.2
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    warmdown_ratio: float = Field(0.4, ge=0, le=1)
+    final_lr_frac: float = Field(0.0, ge=0, le=1)
+    compile: bool = True
+    allow_repeat: bool = False
+    wandb_project: str | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_horizon(self) -> TrainSpec:
+        given = [k for k in ("target_param_data_ratio", "tokens", "num_iterations") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"train: set only one of target_param_data_ratio, tokens, num_iterations (got {', '.join(given)})")
+        return self
+
+    @property
+    def param_data_ratio(self) -> float:
+        """nanochat's default horizon when none is given: 10.5 tokens per scaling parameter."""
+        if self.target_param_data_ratio is not None:
+            return self.target_param_data_ratio
+        return 10.5
+
+
+class EvaluateSpec(Strict):
+    core_bundle: str | None = None  # local dir or URL of a DCLM-format eval bundle
+    core_bundle_sha256: str | None = None
+    max_per_task: int | None = Field(None, gt=0)
+
+
+class HostSpec(Strict):
+    name: str
+    ssh: str  # user@host, or a Host alias from ~/.ssh/config
+    arms: list[str] = Field(min_length=1)
+    num_gpus: int = Field(8, ge=0)
+    master_port: int = Field(29500, gt=0, lt=65536)
+    workdir: str | None = None
+    python: str | None = None
+    port: int | None = Field(None, gt=0, lt=65536)  # ssh port, when not in ~/.ssh/config
+    device: Literal["cuda", "cpu"] = "cuda"
+
+
+class Experiment(Strict):
+    name: str
+    workdir: str | None = None
+    pool: PoolSpec
+    eval: EvalSpec = EvalSpec()
+    tokenizer: TokenizerSpec = TokenizerSpec()
+    shards: ShardSpec = ShardSpec()
+    arms: list[ArmSpec] = Field(min_length=1)
+    model: ModelSpec = ModelSpec()
+    train: TrainSpec = TrainSpec()
+    evaluate: EvaluateSpec = EvaluateSpec()
+    hosts: list[HostSpec] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"experiment name {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Experiment:
+        names = [a.name for a in self.arms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate arm name(s): {', '.join(dup)}")
+        hnames = [h.name for h in self.hosts]
+        hdup = sorted({n for n in hnames if hnames.count(n) > 1})
+        if hdup:
+            raise ValueError(f"duplicate host name(s): {', '.join(hdup)}")
+        for h in self.hosts:
+            for a in h.arms:
+                if a not in names:
+                    raise ValueError(f"host {h.name!r} names unknown arm {a!r} (arms: {', '.join(names)})")
+        return self
+
+    # -- conveniences -----------------------------------------------------------------------
+    def arm(self, name: str) -> ArmSpec:
+        for a in self.arms:
+            if a.name == name:
+                return a
+        raise ArmlabError(f"no arm named {name!r} in experiment {self.name!r} (arms: {', '.join(a.name for a in self.arms)})")
+
+    @property
+    def workdir_path(self) -> Path:
+        raw = self.workdir or f"~/.cache/armlab/{self.name}"
+        return Path(os.path.expandvars(raw)).expanduser()
+
+    def comparability(self) -> dict[str, Any]:
+        """Everything every arm must share (DESIGN.md invariant 1), as plain data.
+
+        Excludes what legitimately differs between arms (the arm itself, its data) and what does
+        not affect the result (hosts, wandb project, save cadence, compile).
+        """
+        train = self.train.model_dump(exclude={"seeds", "wandb_project", "save_every", "compile", "allow_repeat"})
+        return {
+            "pool": self.pool.model_dump(),
+            "eval": self.eval.model_dump(),
+            "tokenizer": self.tokenizer.model_dump(),
+            "model": self.model.model_dump(),
+            "train": train,
+        }
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.comparability())
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable sha256 (hex, 16 chars) of canonical JSON: same data, same fingerprint, any version."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fingerprint_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (for `compare`'s refusal)."""
+    out: list[str] = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out.extend(fingerprint_diff(va, vb, key + "."))
+        elif va != vb:
+            out.append(key)
+    return out
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1:] = [f"{parts[-1]}[{p}]"] if parts else [f"[{p}]"]
+        else:
+            parts.append(str(p))
+    return ".".join(parts)
+
+
+def _error_line(source: str, err: ValidationError, data: dict[str, Any]) -> str:
+    errors = err.errors()
+    e = errors[0]
+    loc = tuple(p for p in e["loc"] if p not in ("function-after",))
+    where = _loc(loc)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        line = f"{source}: unknown key '{where}' (check its spelling against DESIGN.md / the example)"
+    elif e["type"] == "missing":
+        line = f"{source}: missing required key '{where}'"
+    elif where:
+        line = f"{source}: {where}: {msg} (got {e.get('input')!r})" if e["type"].endswith(("_type", "_parsing")) else f"{source}: {where}: {msg}"
+    else:
+        line = f"{source}: {msg}"
+    if len(errors) > 1:
+        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return line
+
+
+def parse_experiment(data: dict[str, Any], source: str = "<experiment>") -> Experiment:
+    try:
+        return Experiment.model_validate(data)
+    except ValidationError as err:
+        raise ArmlabError(_error_line(source, err, data)) from None
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment file; every problem is one ArmlabError line naming the key."""
+    p = Path(path)
+    if p.is_dir() and (p / "experiment.toml").is_file():
+        p = p / "experiment.toml"  # a workdir holds the frozen copy of its spec
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise ArmlabError(f"{p}: experiment file not found") from None
+    except OSError as e:
+        raise ArmlabError(f"{p}: cannot read experiment file ({e.strerror})") from None
+    if b"\r\n" in raw:
+        raw = raw.replace(b"\r\n", b"\n")  # files edited on Windows are fine; CRLF is not an error here
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ArmlabError(f"{p}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ArmlabError(f"{p}: invalid TOML: {e}") from None
+    return parse_experiment(data, str(p))

@@ -1,0 +1,1 @@
+"""Training: model, optimiser, loader, loop, launcher."""
