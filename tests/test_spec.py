@@ -1,0 +1,102 @@
+"""The experiment file: every bad input is one ArmlabError line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from armlab.errors import ArmlabError
+from armlab.spec import fingerprint_diff, load_experiment, parse_experiment
+
+BASE = """
+name = "t"
+[pool]
+uri = "/data/pool"
+[[arms]]
+name = "r"
+kind = "random"
+ratio = 0.5
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ArmlabError) as e:
+        load_experiment(write(tmp_path, text))
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_example_loads(repo_root: Path) -> None:
+    exp = load_experiment(repo_root / "examples" / "fineweb-edu-top-vs-random.toml")
+    assert [a.name for a in exp.arms] == ["random16.5", "edu-top16.5"]
+    assert exp.arm("random16.5").seed == 42 and exp.shards.rows_per_shard == 14000
+    assert exp.model.depth == 26 and exp.train.device_batch_size == 32 and exp.train.total_batch_size == 524288
+
+
+def test_unknown_key_named(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE + "\n[shards]\nrows_per_shrad = 10\n")
+    assert "unknown key 'shards.rows_per_shrad'" in msg
+
+
+def test_wrong_type_named(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE.replace("ratio = 0.5", 'ratio = "half"'))
+    assert "arms[0].ratio" in msg
+
+
+@pytest.mark.parametrize("ratio", ["0", "1.5", "-0.1"])
+def test_ratio_range(tmp_path: Path, ratio: str) -> None:
+    msg = error_of(tmp_path, BASE.replace("ratio = 0.5", f"ratio = {ratio}"))
+    assert "arms[0].ratio" in msg and "(0, 1]" in msg
+
+
+def test_duplicate_arm(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE + '[[arms]]\nname = "r"\nkind = "random"\nratio = 0.1\n')
+    assert "duplicate arm name(s): r" in msg
+
+
+def test_missing_pool(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, 'name = "t"\n[[arms]]\nname = "r"\nkind = "random"\nratio = 0.5\n')
+    assert "missing required key 'pool'" in msg
+
+
+def test_kind_needs_fields(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE + '[[arms]]\nname = "top"\nkind = "top"\nratio = 0.1\n')
+    assert "needs score_column" in msg
+    msg = error_of(tmp_path, BASE + '[[arms]]\nname = "pb"\nkind = "prebuilt"\n')
+    assert "needs uri" in msg
+
+
+def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
+    assert "invalid TOML" in error_of(tmp_path, "name = ")
+    with pytest.raises(ArmlabError, match="not found"):
+        load_experiment(tmp_path / "nope.toml")
+
+
+def test_crlf_file_is_fine(tmp_path: Path) -> None:
+    p = tmp_path / "exp.toml"
+    p.write_bytes(BASE.replace("\n", "\r\n").encode())
+    assert load_experiment(p).name == "t"
+
+
+def test_host_unknown_arm(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, BASE + '[[hosts]]\nname = "a"\nssh = "u@a"\narms = ["zzz"]\n')
+    assert "unknown arm 'zzz'" in msg
+
+
+def test_fingerprint_ignores_arm_and_seeds_but_not_model() -> None:
+    a = parse_experiment({"name": "t", "pool": {"uri": "p"}, "arms": [{"name": "r", "kind": "random", "ratio": 0.5}]})
+    b = parse_experiment(
+        {"name": "t", "pool": {"uri": "p"}, "arms": [{"name": "x", "kind": "random", "ratio": 0.1}], "train": {"seeds": [3, 4]}}
+    )
+    c = parse_experiment({"name": "t", "pool": {"uri": "p"}, "arms": [{"name": "r", "kind": "random", "ratio": 0.5}], "model": {"depth": 4}})
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != c.fingerprint()
+    assert fingerprint_diff(a.comparability(), c.comparability()) == ["model.depth"]
