@@ -193,13 +193,16 @@ def cleanup_temp_files(directory: str | Path) -> int:
 
 # -- leases ---------------------------------------------------------------------------------------
 def pid_alive(pid: int) -> bool:
+    """True if `pid` runs on this host. A zombie (exited, not yet reaped: common under container
+    init processes that do not reap) counts as dead."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 @dataclass(frozen=True)
