@@ -186,6 +186,7 @@ class HostSpec(Strict):
     python: str | None = None
     port: int | None = Field(None, gt=0, lt=65536)  # ssh port, when not in ~/.ssh/config
     device: Literal["cuda", "cpu"] = "cuda"
+    nproc: int = Field(1, gt=0)  # training processes per arm when device = "cpu" (num_gpus is for cuda)
 
 
 class Experiment(Strict):

@@ -22,6 +22,8 @@ from typing import Any
 from armlab.errors import ArmlabError
 
 LEASE_NAME = ".lease"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 # -- layout ---------------------------------------------------------------------------------------
@@ -145,6 +147,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; keep files readable like any other write
     os.close(fd)
     tmp_path = Path(tmp)
     try:

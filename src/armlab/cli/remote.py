@@ -1,3 +1,196 @@
-"""CLI commands for remote."""
+"""CLI commands for running arms on SSH hosts: setup, doctor, launch, logs, stop.
 
-from armlab.cli.app import app  # noqa: F401
+Each command is a few lines over `armlab.ops`; heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from armlab.cli.app import app
+
+
+def _exp_or_target(value: str):  # -> (Experiment | None, str)
+    """`armlab setup` takes an experiment file/workdir or a bare SSH target."""
+    from armlab.spec import load_experiment
+
+    p = Path(value).expanduser()
+    if p.is_file() or (p.is_dir() and (p / "experiment.toml").is_file()):
+        return load_experiment(p), value
+    if value.endswith(".toml"):
+        load_experiment(p)  # raises: experiment file not found
+    return None, value
+
+
+@app.command()
+def setup(
+    target: str = typer.Argument(
+        ..., help="experiment file (sets up its [[hosts]]) or an SSH target (user@host or alias)"
+    ),
+    host: list[str] = typer.Option(None, "--host", help="only these [[hosts]] entries (by name)"),
+    system_site_packages: bool = typer.Option(
+        False, "--system-site-packages", help="let the venv see the host's packages (reuse its CUDA torch)"
+    ),
+    extras: str = typer.Option(
+        "", "--extras", help="armlab extras to install, comma-separated (e.g. wandb,gpu)"
+    ),
+    no_deps: bool = typer.Option(
+        False, "--no-deps", help="install armlab only; its dependencies are already there"
+    ),
+    python: str = typer.Option(
+        None, "--python", help="interpreter armlab runs with on the host (default ~/.armlab/venv/bin/python)"
+    ),
+    base_python: str = typer.Option(
+        "python3", "--base-python", help="host interpreter that creates the venv"
+    ),
+    wheel: Path = typer.Option(
+        None, "--wheel", help="install this wheel instead of building one from the source checkout"
+    ),
+    force: bool = typer.Option(False, "--force", help="reinstall even when the host has this exact armlab"),
+) -> None:
+    """Bootstrap host(s): venv, this machine's armlab (wheel over SSH), report Python/torch/CUDA/GPUs."""
+    from armlab.ops.remote import host_python, parallel, select_hosts
+    from armlab.ops.setup import setup_host
+    from armlab.ops.ssh import DEFAULT_REMOTE_PYTHON, Remote
+
+    exp, tgt = _exp_or_target(target)
+    if exp is not None:
+        targets = [(Remote.from_spec(h), python or host_python(h)) for h in select_hosts(exp, host)]
+    else:
+        targets = [(Remote(name=tgt, target=tgt), python or DEFAULT_REMOTE_PYTHON)]
+    kw = dict(base_python=base_python, system_site_packages=system_site_packages, no_deps=no_deps, force=force,
+              extras=tuple(e for e in extras.split(",") if e), wheel=wheel)  # fmt: skip
+    results = parallel(lambda t: setup_host(t[0], python=t[1], **kw), targets)
+    for r in results:
+        print(r.line())
+
+
+@app.command()
+def doctor(
+    exp: Path = typer.Argument(
+        None, help="experiment file (or its workdir); without it, checks this machine only"
+    ),
+    host: list[str] = typer.Option(
+        None, "--host", help="check these [[hosts]] entries over SSH (default: all of them)"
+    ),
+    local: bool = typer.Option(
+        False, "--local", help="check this machine even when the experiment has [[hosts]]"
+    ),
+    arm: list[str] = typer.Option(None, "--arm", help="only these arms (local checks)"),
+    device: str = typer.Option(None, "--device", help="cuda or cpu (what the runs will use)"),
+    num_gpus: int = typer.Option(None, "--num-gpus", help="GPUs each run will use (local checks)"),
+    nproc: int = typer.Option(1, "--nproc", help="processes per run with --device cpu"),
+    master_port: int = typer.Option(
+        None, "--master-port", help="torchrun port that must be free (local checks)"
+    ),
+    script: list[Path] = typer.Option(
+        None, "--script", help="shell script to check for Windows line endings (repeatable)"
+    ),
+    nanochat: Path = typer.Option(
+        None, "--nanochat", help="nanochat checkout to check for the mixed TF32 API clash"
+    ),
+    expect_data: bool = typer.Option(
+        True, "--expect-data/--no-expect-data", help="arms must already be prepared"
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="print the report as JSON (what launch reads over SSH)"
+    ),
+) -> None:
+    """Preflight checks, each ok / warn / fail with a one-line fix; exit 2 when any fails."""
+    from armlab.ops.doctor import render, run_doctor
+    from armlab.spec import load_experiment
+
+    e = load_experiment(exp) if exp else None
+    if e is not None and e.hosts and not local:
+        from armlab.ops.doctor import DoctorReport, check_script
+        from armlab.ops.remote import doctor_hosts, select_hosts
+
+        extra = ("--nanochat", str(nanochat)) if nanochat else ()
+        reports = doctor_hosts(e, select_hosts(e, host), device=device, expect_data=expect_data, extra=extra)
+        if script:
+            here = DoctorReport(host="(this machine)", info={})
+            for s in script:
+                check_script(here, s)
+            reports.append(here)
+    else:
+        reports = [run_doctor(e, arms=arm or None, device=device, num_gpus=num_gpus, nproc=nproc, master_port=master_port,
+                              scripts=tuple(script or ()), nanochat=nanochat, expect_data=expect_data)]  # fmt: skip
+    if as_json and len(reports) == 1:
+        print(reports[0].to_json())
+    elif as_json:
+        import json
+
+        print(json.dumps([json.loads(r.to_json()) for r in reports]))
+    else:
+        render(reports)
+    if not all(r.ok for r in reports):
+        raise typer.Exit(2)
+
+
+@app.command()
+def launch(
+    exp: Path = typer.Argument(..., help="experiment file with [[hosts]]"),
+    prepare_mode: str = typer.Option(
+        "prepare",
+        "--prepare-mode",
+        help="prepare: prepare each arm on its host first; skip: the data must be there",
+    ),
+    device: str = typer.Option(
+        None, "--device", help="override every host's device (cpu: `--nproc` processes from [[hosts]] nproc)"
+    ),
+    seed: int = typer.Option(
+        None, "--seed", help="which of train.seeds to run (needed when there are several)"
+    ),
+    host: list[str] = typer.Option(None, "--host", help="only these [[hosts]] entries"),
+) -> None:
+    """Preflight every host, then start each host's arm detached there (survives SSH); rerun-safe."""
+    from armlab.ops import remote
+    from armlab.spec import load_experiment
+
+    records = remote.launch(
+        load_experiment(exp), prepare_mode=prepare_mode, device=device, seed=seed, hosts=host
+    )
+    for r in records:
+        print(f"{r.host}\t{r.arm}\t{r.run}\t{r.action}\tpid {r.pid}\t{r.run_dir}")
+
+
+@app.command()
+def logs(
+    exp: Path = typer.Argument(..., help="experiment file"),
+    arm: str = typer.Option(..., "--arm", help="the arm whose train.log to show"),
+    run: str = typer.Option(None, "--run", help="run name (default: the arm's latest run)"),
+    follow: bool = typer.Option(False, "-f", "--follow", help="keep streaming new lines (Ctrl-C to stop)"),
+    lines: int = typer.Option(50, "-n", "--lines", help="how many last lines to show"),
+    local: bool = typer.Option(
+        False, "--local", help="read this machine's run even when the arm has a [[hosts]] entry"
+    ),
+) -> None:
+    """Show an arm's train.log, over SSH when the arm runs on a host."""
+    from armlab.ops import remote
+    from armlab.spec import load_experiment
+
+    rc = remote.logs(load_experiment(exp), arm, run=run, follow=follow, lines=lines, local=local)
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command()
+def stop(
+    exp: Path = typer.Argument(..., help="experiment file"),
+    arm: list[str] = typer.Option(None, "--arm", help="only these arms (default: all)"),
+    timeout: float = typer.Option(60, "--timeout", help="seconds after SIGTERM before SIGKILL"),
+    local: bool = typer.Option(
+        False, "--local", help="stop runs on this machine even when the experiment has [[hosts]]"
+    ),
+) -> None:
+    """Stop live runs cleanly: SIGTERM to the launcher, wait, SIGKILL after --timeout; lease released."""
+    from armlab.ops import remote
+    from armlab.spec import load_experiment
+
+    results = remote.stop(load_experiment(exp), arms=arm or None, timeout=timeout, local=local)
+    if not results:
+        print("no live runs")
+    for r in results:
+        print(f"{r['host']}\t{r['arm']}\t{r['run']}\tpid {r['pid']}\t{r['result']}")

@@ -1,3 +1,138 @@
-"""CLI commands for report."""
+"""CLI commands for results: `armlab run`, `status`, `evaluate`, `compare`, `demo`."""
 
-from armlab.cli.app import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from armlab.cli.app import app
+from armlab.errors import ArmlabError
+
+ExpArg = Annotated[Path, typer.Argument(help="experiment file (or a workdir holding experiment.toml)")]
+
+
+def _csv(value: str | None, what: str, cast: type = str) -> list | None:
+    if not value:
+        return None
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ArmlabError(f"{what} {value!r}: expected a comma-separated list of {cast.__name__}s") from None
+
+
+@app.command()
+def run(
+    exp: ExpArg,
+    arms: Annotated[str | None, typer.Option("--arms", help="comma-separated arms (default: all)")] = None,
+    seeds: Annotated[
+        str | None, typer.Option("--seeds", help="comma-separated seeds (default: train.seeds)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if available)")] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="CUDA ranks per run")] = None,
+    bundle: Annotated[
+        str | None, typer.Option(help="CORE bundle dir or URL (default: evaluate.core_bundle)")
+    ] = None,
+    max_per_task: Annotated[
+        int | None, typer.Option("--max-per-task", min=1, help="CORE items per task")
+    ] = None,
+) -> None:
+    """Everything, locally: prepare -> tokenizer -> train every arm x seed -> evaluate -> compare.
+
+    Complete steps are skipped and unfinished runs resumed, so rerunning after a crash continues."""
+    from armlab.pipeline import run_experiment
+    from armlab.spec import load_experiment
+
+    run_experiment(
+        load_experiment(exp),
+        arms=_csv(arms, "--arms"),
+        seeds=_csv(seeds, "--seeds", int),
+        device=device,
+        num_gpus=num_gpus,
+        bundle=bundle,
+        max_per_task=max_per_task,
+    )
+
+
+@app.command()
+def status(
+    exp: ExpArg,
+    watch: Annotated[bool, typer.Option("--watch", help="refresh until interrupted")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes with --watch", min=0.5)] = 5.0,
+    stall_after: Annotated[
+        float,
+        typer.Option("--stall-after", help="STALLED after this many seconds without a logged step", min=1),
+    ] = 600.0,
+) -> None:
+    """One row per run: state (queued/running/done/failed/STALLED/dead), progress, loss, bpb, ETA, GPUs."""
+    from armlab.ops.status import show_status
+    from armlab.spec import load_experiment
+
+    show_status(load_experiment(exp), stall_after_s=stall_after, watch=watch, interval=interval)
+
+
+@app.command()
+def evaluate(
+    exp: ExpArg,
+    arm: Annotated[str | None, typer.Option("--arm", help="only this arm's runs")] = None,
+    bundle: Annotated[
+        str | None, typer.Option(help="CORE bundle dir or URL (default: evaluate.core_bundle)")
+    ] = None,
+    max_per_task: Annotated[
+        int | None, typer.Option("--max-per-task", min=1, help="CORE items per task")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if available)")] = None,
+    force: Annotated[
+        bool, typer.Option(help="re-evaluate runs that already have a matching eval.json")
+    ] = False,
+) -> None:
+    """Final val bpb on the shared eval set and CORE for every finished run -> <run>/eval.json."""
+    from armlab.pipeline import evaluate_experiment
+    from armlab.spec import load_experiment
+
+    for d in evaluate_experiment(
+        load_experiment(exp),
+        arms=[arm] if arm else None,
+        bundle=bundle,
+        max_per_task=max_per_task,
+        device=device,
+        force=force,
+    ):
+        print(d / "eval.json")
+
+
+@app.command()
+def compare(
+    exp: ExpArg,
+    out: Annotated[Path | None, typer.Option(help="report dir (default: <workdir>/report)")] = None,
+) -> None:
+    """Compare the finished runs: table with 95% intervals, verdict, plots, report.md/.html, summary.json."""
+    from armlab.report.compare import compare as run_compare
+    from armlab.spec import load_experiment
+
+    report_dir, summary = run_compare(load_experiment(exp), out)
+    for c in summary["comparisons"]:
+        print(c["verdict"])
+    print(f"report: {report_dir / 'report.md'}")
+
+
+@app.command()
+def demo(
+    workdir: Annotated[
+        Path | None, typer.Option(help="where the demo lives (default: ~/.cache/armlab/armlab-demo)")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu (the demo's default) or cuda")] = "cpu",
+    num_iterations: Annotated[
+        int,
+        typer.Option(
+            "--num-iterations",
+            min=1,
+            help="training steps per run (fewer: quicker, noisier; use a fresh --workdir)",
+        ),
+    ] = 120,
+) -> None:
+    """The whole experiment on a laptop CPU in a few minutes, no network: stdlib docs + junk, top vs random."""
+    from armlab.demo import run_demo
+
+    run_demo(workdir, device=device, num_iterations=num_iterations)

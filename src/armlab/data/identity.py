@@ -31,17 +31,33 @@ def doc_keys(ids: pa.Array | pa.ChunkedArray | None, texts: pa.Array | pa.Chunke
         source = source.combine_chunks()
     if not pa.types.is_string(source.type) and not pa.types.is_large_string(source.type):
         source = source.cast(pa.string())
-    out = np.empty(len(source), dtype=np.uint64)
+    return _hash_strings(source)
+
+
+def _hash_strings(arr: pa.Array) -> np.ndarray:
+    """xxh3-64 of each string's UTF-8 bytes (0 for null), hashed straight from Arrow's buffers.
+
+    Slicing the value buffer avoids building a Python str per document (the texts can be GBs).
+    """
+    n = len(arr)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    offset_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype=offset_type)[arr.offset : arr.offset + n + 1].tolist()
+    data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
     h = xxhash.xxh3_64_intdigest
-    for i, v in enumerate(source.to_pylist()):
-        out[i] = 0 if v is None else h(v.encode("utf-8"))
+    out = np.fromiter((h(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)), dtype=np.uint64, count=n)
+    if arr.null_count:
+        out[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
     return out
 
 
-def text_keys(texts: list[str]) -> np.ndarray:
+def text_keys(texts: list[str] | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """xxh3-64 of each text (the identity of a document without an id)."""
-    h = xxhash.xxh3_64_intdigest
-    return np.fromiter((h(t.encode("utf-8")) for t in texts), dtype=np.uint64, count=len(texts))
+    if isinstance(texts, list):
+        texts = pa.array(texts, type=pa.string())
+    return doc_keys(None, texts)
 
 
 def mix(keys: np.ndarray, seed: int, salt: int = 0) -> np.ndarray:

@@ -1,0 +1,220 @@
+"""Benchmark `armlab prepare` against a pyarrow read+rewrite floor and DuckDB, on the same files.
+
+    python bench/prepare.py                      # 1 GB and 2 GB pools (text bytes), 2 workers
+    python bench/prepare.py --gb 0.2 --workers 2 # quick look
+
+For each pool size it generates a synthetic fineweb-edu-like pool (parquet, snappy, 10k-row
+groups; ids, urls, lognormal document lengths with a ~3 KB median like fineweb-edu, a float
+quality score and token counts), then times, each in its own process:
+
+- floor:  pyarrow reads the text column and rewrites it as zstd parquet (1,024-row groups),
+          one process per worker (no selection, no shuffle: the cost of just moving the bytes);
+- duckdb: COPY (SELECT text ... WHERE <seeded hash sample of 16.5%>) TO ... (ROW_GROUP_SIZE 1024),
+          one random arm, unshuffled (DuckDB is a bench-only dependency);
+- armlab: `armlab prepare` of a random 16.5% arm AND a top-16.5% arm, with the 20k-doc eval
+          holdout and a tokenizer sample, globally shuffled, in one pass.
+
+It prints text MB/s (pool text bytes / wall seconds) and the peak memory (summed PSS) of the
+whole process tree (parent + workers, sampled every 20 ms). Temp files are deleted at the end. Figures on a
+shared 2-core machine are approximate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+    "they you were her she there been one all we their has would when if so no out up into do can more time "
+    "school learn energy cell water history students research science health children teacher education "
+    "important different however development information process system example between through during "
+    "because system cells protein climate temperature government century environment understanding"
+)
+VOCAB = np.array(WORDS.split())
+
+
+def word_stream(rng: np.random.Generator, nbytes: int) -> bytes:
+    """Zipf-ish English-like text, `nbytes` long."""
+    ranks = np.minimum(rng.zipf(1.3, size=nbytes // 4), len(VOCAB)) - 1
+    words = VOCAB[ranks]
+    text = " ".join(words.tolist())
+    return text.encode()[:nbytes]
+
+
+def make_pool(out: Path, text_gb: float, n_files: int, seed: int = 0) -> tuple[int, int]:
+    """Write the pool; returns (docs, text bytes). Documents are slices of a word stream."""
+    rng = np.random.default_rng(seed)
+    base = np.frombuffer(word_stream(rng, 96 << 20), dtype=np.uint8)
+    per_file = int(text_gb * 1e9 / n_files)
+    docs = total = 0
+    out.mkdir(parents=True, exist_ok=True)
+    for f in range(n_files):
+        lengths = []
+        size = 0
+        while size < per_file:
+            n = np.clip(rng.lognormal(np.log(3000), 0.9, size=4096), 200, 100_000).astype(np.int64)
+            lengths.append(n)
+            size += int(n.sum())
+        lengths = np.concatenate(lengths)
+        lengths = lengths[: int(np.searchsorted(np.cumsum(lengths), per_file)) + 1]
+        starts = rng.integers(0, len(base) - 100_001, size=len(lengths))
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        data = base[idx]
+        text = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(data)).cast(pa.string())
+        ids = [f"<urn:uuid:{seed:02d}{f:04d}-{i:010d}>" for i in range(docs, docs + len(lengths))]
+        table = pa.table({
+            "id": ids,
+            "url": [f"https://example.org/{i}" for i in range(docs, docs + len(lengths))],
+            "text": text,
+            "score": rng.normal(2.5, 0.8, size=len(lengths)),
+            "token_count": (lengths // 4).astype(np.int64),
+        })
+        pq.write_table(table, out / f"train-{f:05d}.parquet", row_group_size=10_000, compression="snappy")
+        docs += len(lengths)
+        total += int(offsets[-1])
+    return docs, total
+
+
+def measure(cmd: list[str]) -> tuple[float, float, float]:
+    """Run `cmd`; return (wall s, CPU s of its whole process tree, peak tree memory in GiB).
+
+    Memory is the sum of the processes' PSS (resident set, with shared pages split between the
+    processes sharing them), so forked workers do not count their common libraries twice.
+
+    The tree is sampled every 20 ms (workers may be grandchildren, e.g. under a forkserver, so
+    rusage of waited children would miss them); each process counts with its last CPU sample.
+    CPU seconds are the contention-proof figure on a shared machine; wall is what a user waits.
+    """
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    root = psutil.Process(proc.pid)
+    peak = 0
+    cpu: dict[int, float] = {}
+    while proc.poll() is None:
+        rss = 0
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            procs = []
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                cpu[p.pid] = t.user + t.system
+                rss += p.memory_full_info().pss  # proportional: pages shared by forked workers count once
+            except psutil.Error:
+                pass
+        peak = max(peak, rss)
+        time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read() if proc.stderr else ""
+    if proc.returncode != 0:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
+    return wall, sum(cpu.values()), peak / 2**30
+
+
+FLOOR = """
+import sys, pyarrow.parquet as pq
+from concurrent.futures import ProcessPoolExecutor
+def one(args):
+    src, dst = args
+    t = pq.read_table(src, columns=["text"])
+    pq.write_table(t, dst, row_group_size=1024, compression="zstd", use_dictionary=False, write_statistics=False)
+if __name__ == "__main__":
+    pool, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    import glob, os
+    files = sorted(glob.glob(pool + "/*.parquet"))
+    with ProcessPoolExecutor(workers) as ex:
+        list(ex.map(one, [(f, os.path.join(out, os.path.basename(f))) for f in files]))
+"""
+
+DUCKDB = """
+import sys, duckdb
+pool, out, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+con = duckdb.connect()
+con.execute(f"SET threads = {workers}")
+con.execute(f"COPY (SELECT text FROM read_parquet('{pool}/*.parquet') WHERE hash(id || '42') % 1000 < 165) "
+            f"TO '{out}/random.parquet' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 1024)")
+"""
+
+
+def experiment(pool: Path, workdir: Path) -> str:
+    return textwrap.dedent(f"""
+        name = "bench"
+        workdir = "{workdir}"
+        [pool]
+        uri = "{pool}"
+        id_column = "id"
+        token_count_column = "token_count"
+        [eval]
+        docs = 20000
+        [tokenizer]
+        train_chars = 20_000_000
+        [shards]
+        rows_per_shard = 14000
+        row_group_rows = 1024
+        [[arms]]
+        name = "random16.5"
+        kind = "random"
+        ratio = 0.165
+        seed = 42
+        [[arms]]
+        name = "top16.5"
+        kind = "top"
+        ratio = 0.165
+        score_column = "score"
+    """)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gb", type=float, nargs="+", default=[1.0, 2.0], help="pool sizes in GB of text")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--files", type=int, default=8, help="pool files per GB")
+    ap.add_argument("--tmp", default=None, help="where the temp pool and outputs go (default: system temp)")
+    args = ap.parse_args()
+    print(f"# {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, workers={args.workers}")
+    print(f"{'pool':>8} {'engine':>8} {'what':<46} {'wall s':>7} {'text MB/s':>10} {'CPU s':>7} "
+          f"{'MB/CPU-s':>9} {'peak mem GiB':>13}")
+    with tempfile.TemporaryDirectory(prefix="armlab-bench-", dir=args.tmp) as tmp_s:
+        tmp = Path(tmp_s)
+        for gb in args.gb:
+            pool = tmp / f"pool-{gb}"
+            docs, text_bytes = make_pool(pool, gb, max(2, round(args.files * gb)))
+            label = f"{text_bytes / 1e9:.2f}GB"
+            runs = [
+                ("floor", "pyarrow read text + zstd rewrite (no select)",
+                 [sys.executable, "-c", FLOOR, str(pool), str(tmp / "floor"), str(args.workers)]),
+                ("duckdb", "COPY one random 16.5% arm (no shuffle)",
+                 [sys.executable, "-c", DUCKDB, str(pool), str(tmp / "duck"), str(args.workers)]),
+                ("armlab", "random+top arms, eval, tok sample, shuffled",
+                 [sys.executable, "-c", "from armlab.cli import main; main()", "prepare", str(tmp / "exp.toml"),
+                  "--workers", str(args.workers)]),
+            ]
+            (tmp / "exp.toml").write_text(experiment(pool, tmp / "wd"))
+            for engine, what, cmd in runs:
+                for d in ("floor", "duck", "wd"):
+                    shutil.rmtree(tmp / d, ignore_errors=True)
+                    (tmp / d).mkdir()
+                wall, cpu, rss = measure(cmd)
+                print(f"{label:>8} {engine:>8} {what:<46} {wall:7.2f} {text_bytes / wall / 1e6:10.0f} {cpu:7.2f} "
+                      f"{text_bytes / cpu / 1e6:9.0f} {rss:13.2f}", flush=True)
+            shutil.rmtree(pool)
+            print(f"# {label}: {docs:,} docs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Azure Blob credentials from the environment, and scrubbing secrets out of any text we show.
+
+The order is the one Azure users expect (az CLI, azcopy, adlfs):
+
+1. `AZURE_STORAGE_CONNECTION_STRING`
+2. `AZURE_STORAGE_ACCOUNT` + `AZURE_STORAGE_KEY` (shared key)
+3. `AZURE_STORAGE_SAS_TOKEN` with `AZURE_STORAGE_ACCOUNT` or an account URL
+4. `DefaultAzureCredential` (managed identity, `az login`, ...) when azure-identity is installed
+5. anonymous access (public containers) when only the account or its URL is known
+
+`AZURE_STORAGE_BLOB_ENDPOINT` (or `AZURE_STORAGE_ACCOUNT_URL`) overrides the endpoint, e.g. to point
+at Azurite or a sovereign cloud. Secrets never leave this module unscrubbed: `scrub` removes the key,
+the SAS token and signature-bearing fields from a message (the SDK's errors can quote request URLs
+and connection strings).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from armlab.errors import ArmlabError
+
+ENV_VARS = (
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_ACCOUNT",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_BLOB_ENDPOINT",
+    "AZURE_STORAGE_ACCOUNT_URL",
+)
+
+# Fields that carry secrets inside connection strings, URLs and auth headers.
+_SECRET_PATTERNS = [
+    re.compile(r"(AccountKey=)[^;\s'\"]+", re.I),
+    re.compile(r"(SharedAccessSignature=)[^;\s'\"]+", re.I),
+    re.compile(r"(\bsig=)[^&\s'\"]+", re.I),
+    re.compile(r"(SharedKey\s+[^:\s]+:)\S+", re.I),
+    re.compile(r"(Bearer\s+)\S+", re.I),
+]
+
+
+@dataclass(frozen=True)
+class BlobAuth:
+    """Where to connect and with what; `source` names the env vars used (never their values)."""
+
+    account_url: str
+    credential: Any  # None (anonymous) | SAS str | {"account_name", "account_key"} | TokenCredential
+    source: str
+
+
+def _secrets(env: Mapping[str, str]) -> list[str]:
+    """Literal secret values present in the environment (and their URL-encoded forms)."""
+    from urllib.parse import quote
+
+    values: list[str] = []
+    if key := env.get("AZURE_STORAGE_KEY"):
+        values.append(key)
+    if sas := env.get("AZURE_STORAGE_SAS_TOKEN"):
+        values.append(sas.lstrip("?"))
+    if cs := env.get("AZURE_STORAGE_CONNECTION_STRING"):
+        for part in cs.split(";"):
+            name, _, value = part.partition("=")
+            if name.strip().lower() in ("accountkey", "sharedaccesssignature") and value:
+                values.append(value)
+    out: list[str] = []
+    for v in values:
+        out += [v, quote(v, safe="")]
+    # Longest first, so that a secret containing another is replaced whole.
+    return sorted({v for v in out if len(v) >= 8}, key=len, reverse=True)
+
+
+def scrub(text: str, env: Mapping[str, str] | None = None) -> str:
+    """`text` with every Azure secret (env values, keys, SAS signatures) replaced by '***'."""
+    env = os.environ if env is None else env
+    for secret in _secrets(env):
+        text = text.replace(secret, "***")
+    for pat in _SECRET_PATTERNS:
+        text = pat.sub(r"\1***", text)
+    return text
+
+
+def _parse_connection_string(cs: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for part in cs.split(";"):
+        name, sep, value = part.partition("=")
+        if sep:
+            fields[name.strip().lower()] = value.strip()
+    return fields
+
+
+def auth_from_env(env: Mapping[str, str] | None = None) -> BlobAuth:
+    """Resolve the account URL and credential from the environment (order in the module doc)."""
+    env = os.environ if env is None else env
+    endpoint = (env.get("AZURE_STORAGE_BLOB_ENDPOINT") or env.get("AZURE_STORAGE_ACCOUNT_URL") or "").rstrip(
+        "/"
+    )
+    account = env.get("AZURE_STORAGE_ACCOUNT", "")
+    override = " with AZURE_STORAGE_BLOB_ENDPOINT" if env.get("AZURE_STORAGE_BLOB_ENDPOINT") else ""
+
+    if cs := env.get("AZURE_STORAGE_CONNECTION_STRING"):
+        f = _parse_connection_string(cs)
+        name = f.get("accountname", "")
+        if f.get("usedevelopmentstorage", "").lower() == "true":
+            raise ArmlabError(
+                "AZURE_STORAGE_CONNECTION_STRING: UseDevelopmentStorage=true is not supported; "
+                "give AccountName, AccountKey and BlobEndpoint explicitly"
+            )
+        url = endpoint or f.get("blobendpoint", "").rstrip("/")
+        if not url:
+            if not name:
+                raise ArmlabError(
+                    "AZURE_STORAGE_CONNECTION_STRING has neither AccountName nor BlobEndpoint; check its value"
+                )
+            protocol = f.get("defaultendpointsprotocol", "https")
+            suffix = f.get("endpointsuffix", "core.windows.net")
+            url = f"{protocol}://{name}.blob.{suffix}"
+        if f.get("accountkey"):
+            if not name:
+                raise ArmlabError(
+                    "AZURE_STORAGE_CONNECTION_STRING has AccountKey but no AccountName; check its value"
+                )
+            cred: Any = {"account_name": name, "account_key": f["accountkey"]}
+        elif f.get("sharedaccesssignature"):
+            cred = f["sharedaccesssignature"]
+        else:
+            cred = None
+        return BlobAuth(url, cred, "AZURE_STORAGE_CONNECTION_STRING" + override)
+
+    url = endpoint or (f"https://{account}.blob.core.windows.net" if account else "")
+    if account and env.get("AZURE_STORAGE_KEY"):
+        return BlobAuth(
+            url,
+            {"account_name": account, "account_key": env["AZURE_STORAGE_KEY"]},
+            "AZURE_STORAGE_ACCOUNT + AZURE_STORAGE_KEY" + override,
+        )
+    if env.get("AZURE_STORAGE_KEY"):
+        raise ArmlabError(
+            "AZURE_STORAGE_KEY is set but AZURE_STORAGE_ACCOUNT is not; set the account name too"
+        )
+    if not url:
+        raise ArmlabError(
+            "no Azure storage account configured: set AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT "
+            "with AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN (or `az login` with azure-identity installed)"
+        )
+    if sas := env.get("AZURE_STORAGE_SAS_TOKEN"):
+        return BlobAuth(url, sas.lstrip("?"), "AZURE_STORAGE_SAS_TOKEN" + override)
+    try:
+        from azure.identity import DefaultAzureCredential
+    except ImportError:
+        return BlobAuth(
+            url, None, "anonymous access (no key, SAS token or azure-identity found in the environment)"
+        )
+    return BlobAuth(url, DefaultAzureCredential(), "DefaultAzureCredential")
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """How hard to try before giving up. Two layers:
+
+    - azure-core's storage retry policy retries each request (`sdk_total` times, exponential
+      backoff from `sdk_backoff` seconds) on connection errors, timeouts and 5xx/429 replies;
+    - armlab then retries a whole blob `attempts` times (backoff `backoff` seconds, doubling),
+      each attempt resuming from the last verified byte, for a server that went away for longer.
+    """
+
+    sdk_total: int = 3
+    sdk_backoff: float = 2.0
+    attempts: int = 4
+    backoff: float = 2.0
+    connection_timeout: float = 20.0
+    read_timeout: float = 60.0
+
+
+def service_client(auth: BlobAuth, *, threads: int = 8, retry: RetrySettings | None = None) -> Any:
+    """A BlobServiceClient whose HTTP pool has room for `threads` concurrent requests."""
+    import requests
+    from azure.core.pipeline.transport import RequestsTransport
+    from azure.storage.blob import BlobServiceClient, ExponentialRetry
+
+    retry = retry or RetrySettings()
+    # requests' default pool keeps 10 connections per host; bulk downloads use more in parallel.
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(10, threads))
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    policy = ExponentialRetry(
+        initial_backoff=retry.sdk_backoff,
+        increment_base=2,
+        retry_total=retry.sdk_total,
+        random_jitter_range=min(1.0, retry.sdk_backoff / 2),
+    )
+    return BlobServiceClient(
+        account_url=auth.account_url,
+        credential=auth.credential,
+        transport=RequestsTransport(session=session, session_owner=True),
+        retry_policy=policy,
+        connection_timeout=retry.connection_timeout,
+        read_timeout=retry.read_timeout,
+    )

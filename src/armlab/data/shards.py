@@ -1,0 +1,125 @@
+"""The shard format (DESIGN.md "File contracts"): writer, manifest, hashes.
+
+A data dir holds `shard_00000.parquet ...` with a `text` column (never null or empty), zstd, row
+groups of `row_group_rows`, and `manifest.json` with rows, chars, per-file sha256 and
+`complete: true`. Many row groups per file is what lets any world size be fed evenly
+(DESIGN.md invariant 4); the playbook's one-group-per-file shards were the multi-GPU hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from armlab.errors import ArmlabError
+from armlab.workdir import atomic_path, atomic_write_json, read_json
+
+MANIFEST = "manifest.json"
+SHARD_GLOB = "shard_*.parquet"
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.parquet"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The data dir's manifest.json; ArmlabError (naming the dir and the fix) when absent."""
+    p = Path(data_dir) / MANIFEST
+    try:
+        return read_json(p)
+    except FileNotFoundError:
+        raise ArmlabError(f"{data_dir}: no {MANIFEST}; prepare it with `armlab prepare EXP` first") from None
+
+
+def shard_paths(data_dir: str | Path) -> list[Path]:
+    return sorted(Path(data_dir).glob(SHARD_GLOB))
+
+
+def read_shards(data_dir: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """All shards of a dir as one table, in order (pq.read_table(dir) would trip on manifest.json)."""
+    paths = shard_paths(data_dir)
+    if not paths:
+        raise ArmlabError(f"{data_dir}: no {SHARD_GLOB} files; prepare it with `armlab prepare EXP` first")
+    return pa.concat_tables(pq.read_table(p, columns=columns) for p in paths)
+
+
+class ShardWriter:
+    """Streams tables into `shard_00000.parquet ...` of `rows_per_shard` rows each.
+
+    Each shard is written to a temp name and renamed, then hashed; `close()` flushes the last
+    (short) shard and returns the `files` list for the manifest. The byte stream is a pure
+    function of the rows appended, so identical input gives identical sha256s.
+    """
+
+    def __init__(self, out_dir: Path, rows_per_shard: int, row_group_rows: int, compression: str = "zstd"):
+        self.out_dir = out_dir
+        self.rows_per_shard = rows_per_shard
+        self.row_group_rows = row_group_rows
+        self.compression = None if compression == "none" else compression
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.files: list[dict[str, Any]] = []
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_shard:
+            combined = pa.concat_tables(self.pending)
+            self._flush(combined.slice(0, self.rows_per_shard))
+            rest = combined.slice(self.rows_per_shard)
+            self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.pending_rows:
+            self._flush(pa.concat_tables(self.pending))
+        self.pending, self.pending_rows = [], 0
+        return self.files
+
+    def _flush(self, table: pa.Table) -> None:
+        path = self.out_dir / shard_name(len(self.files))
+        with atomic_path(path) as tmp:
+            # No dictionary or statistics for text: documents are unique, so both only cost time.
+            pq.write_table(
+                table, tmp, row_group_size=self.row_group_rows, compression=self.compression,
+                use_dictionary=False, write_statistics=False,
+            )
+        self.files.append({
+            "name": path.name,
+            "rows": table.num_rows,
+            "row_groups": -(-table.num_rows // self.row_group_rows),
+            "chars": int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0),
+            "sha256": sha256_file(path),
+        })
+
+
+def finish_dir(partial: Path, final: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest (complete) into `partial` and swap it into place as `final`.
+
+    The old dir (if any) is moved aside first and deleted after the swap, so readers see either
+    the old complete dir or the new complete one, never a mix.
+    """
+    atomic_write_json(partial / MANIFEST, {**manifest, "complete": True})
+    old = final.with_name(f".{final.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(old)

@@ -1,0 +1,115 @@
+"""Global shuffle with bounded memory: a two-stage external shuffle keyed by a seeded hash.
+
+Every selected row carries `h = mix(key, seed, SALT_SHUFFLE)`; the output order is simply the
+rows sorted by `h`, so it is a uniform permutation of the arm (any prefix of its shards is a
+uniform sample) and a function of the hash alone: identical for any worker count, file
+layout or kill/rerun.
+
+Stage 1 (`StageWriter`, one per unit of work and target): each row group's selected rows,
+sorted by `h`, are appended as a record batch to an uncompressed Arrow IPC file, written under
+a temp name and renamed when the unit finishes.
+Stage 2 (`merge`): the hash space is cut into 2**b equal ranges sized so that one range of
+text fits in memory (`BUCKET_BYTES`); for each range in order, the matching slice of every
+batch (found by binary search, since batches are sorted, and read zero-copy through a memory
+map) is gathered, sorted by `h` (stable, in unit order, so duplicate hashes stay deterministic)
+and streamed into the shard writer. Memory is one range plus one shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from armlab.data.shards import ShardWriter
+
+BUCKET_BYTES = 64 << 20  # stage 2: text per hash range held in memory at once (peak ~3x this)
+
+
+class StageWriter:
+    """Stage 1 output of one unit for one target: record batches, each sorted by `h`, in an
+    uncompressed Arrow IPC file written under a temp name and renamed by `close()`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        self.writer: pa.ipc.RecordBatchFileWriter | None = None
+
+    def add(self, table: pa.Table) -> None:
+        """Append rows already sorted by their `h` (uint64) column."""
+        if table.num_rows == 0:
+            return
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pa.ipc.new_file(str(self.tmp), table.schema)
+        self.writer.write_table(table)
+
+    def close(self, schema: pa.Schema) -> None:
+        """Finish the file (an empty one when the unit selected nothing) and rename it into place."""
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pa.ipc.new_file(str(self.tmp), schema)
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def bucket_bits(total_bytes: int) -> int:
+    """log2 of the number of hash ranges so that each holds about BUCKET_BYTES of text."""
+    n = max(1, -(-total_bytes // BUCKET_BYTES))
+    return min(16, (n - 1).bit_length())
+
+
+def merge(files: list[Path], writer: ShardWriter, columns: list[str], total_bytes: int,
+          on_rows: Callable[[int, int], None] | None = None) -> None:
+    """Stage 2: stream the rows of all stage files into `writer`, sorted by `h`."""
+    maps: list[mmap.mmap] = []
+    batches: list[tuple[pa.RecordBatch, np.ndarray]] = []
+    for f in files:  # in unit order: ties in h then keep a deterministic order
+        with open(f, "rb") as fh:
+            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        maps.append(mm)
+        reader = pa.ipc.open_file(pa.py_buffer(mm))
+        for i in range(reader.num_record_batches):
+            b = reader.get_batch(i)
+            if b.num_rows:
+                batches.append((b, b.column("h").to_numpy()))
+    bits = bucket_bits(total_bytes)
+    try:
+        for bucket in range(1 << bits):
+            lo = np.uint64(bucket << (64 - bits)) if bits else np.uint64(0)
+            last = bucket == (1 << bits) - 1
+            hi = None if last else np.uint64((bucket + 1) << (64 - bits))
+            parts = []
+            for b, h in batches:
+                i0 = int(np.searchsorted(h, lo, side="left"))
+                i1 = len(h) if hi is None else int(np.searchsorted(h, hi, side="left"))
+                if i1 > i0:
+                    parts.append(b.slice(i0, i1 - i0))
+            if not parts:
+                continue
+            table = pa.Table.from_batches(parts)
+            h = np.concatenate([p.column("h").to_numpy() for p in parts])
+            out = table.select(columns).take(np.argsort(h, kind="stable"))
+            del table, parts
+            # The bucket is copied out: drop its mapped pages from our resident set (they stay in
+            # the page cache), so RSS stays at one bucket however large the arm is.
+            for mm in maps:
+                mm.madvise(mmap.MADV_DONTNEED)
+            writer.write(out)
+            if on_rows is not None:
+                on_rows(out.num_rows, out.column("text").nbytes)
+    finally:
+        batches.clear()
+        for mm in maps:
+            with contextlib.suppress(BufferError):  # arrays still referencing the map keep it alive
+                mm.close()

@@ -1,0 +1,706 @@
+"""Run an experiment's arms on SSH hosts: `armlab launch`, `logs`, `stop`, and remote `status`.
+
+Each `[[hosts]]` entry runs one arm. The experiment file is copied to the host with its workdir
+rewritten to the host's and its `[[hosts]]` removed, so on the host it is a plain local
+experiment that the host's own armlab (installed by `armlab setup`) prepares, trains and stops.
+Everything that reads the host's files runs there as `agent()` (one SSH round trip, JSON out),
+so paths are expanded by the host, not guessed here.
+
+Refused before anything starts: a `[[hosts]]` entry with several arms (they would share one
+master_port), two entries that resolve to the same machine with the same master_port (the
+playbook's 29500 clash), one arm on two hosts, more GPUs than the host has (from doctor).
+A rerun of an interrupted launch reads each run's state.json on its host: a live run is
+reported, a finished one left alone, and only the missing ones are started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from armlab.errors import ArmlabError
+from armlab.ops.doctor import DoctorReport
+from armlab.ops.ssh import DEFAULT_REMOTE_PYTHON, Remote, rpath
+from armlab.progress import console
+from armlab.spec import Experiment, HostSpec, load_experiment
+from armlab.workdir import (
+    atomic_write_json,
+    atomic_write_text,
+    open_workdir,
+    pid_alive,
+    read_json,
+    read_lease,
+    run_name,
+)
+
+LIVE_STATES = ("starting", "running")
+METRICS_TAIL = 1000  # metrics.jsonl lines mirrored (plus every val_bpb line)
+LOG_TAIL = 200  # train.log lines mirrored
+STOP_TIMEOUT_S = 60  # the launcher itself gives its ranks 30 s after SIGTERM
+
+T = TypeVar("T")
+
+
+# -- where things live on a host ----------------------------------------------------------------------
+def host_python(host: HostSpec) -> str:
+    return host.python or DEFAULT_REMOTE_PYTHON
+
+
+def host_workdir(exp: Experiment, host: HostSpec) -> str:
+    """The workdir on the host, unexpanded (`~` is the host's home)."""
+    return (host.workdir or exp.workdir or f"~/.cache/armlab/{exp.name}").rstrip("/")
+
+
+def host_experiment_path(exp: Experiment, host: HostSpec) -> str:
+    return host_workdir(exp, host) + "/experiment.toml"
+
+
+def host_experiment_toml(exp: Experiment, host: HostSpec) -> str:
+    """The experiment as the host sees it: its own workdir, no [[hosts]] (a plain local experiment)."""
+    from armlab.workdir import to_toml
+
+    local = exp.model_copy(update={"workdir": host_workdir(exp, host), "hosts": []})
+    return to_toml(local.model_dump(mode="json", exclude_none=True))
+
+
+def push_experiment(exp: Experiment, host: HostSpec) -> str:
+    path = host_experiment_path(exp, host)
+    Remote.from_spec(host).put_text(host_experiment_toml(exp, host), path)
+    return path
+
+
+def armlab_cmd(host: HostSpec, *args: str, env: dict[str, str] | None = None) -> str:
+    """Shell command running the host's armlab CLI with `args` (paths starting `~/` stay expandable)."""
+    code = "import sys; sys.argv[0] = 'armlab'; from armlab.cli import main; main()"
+    words = [rpath(a) if a.startswith("~/") else shlex.quote(a) for a in args]
+    prefix = "".join(f"{k}={shlex.quote(v)} " for k, v in (env or {}).items())
+    return f"{prefix}{rpath(host_python(host))} -c {shlex.quote(code)} {' '.join(words)}"
+
+
+def agent_cmd(host: HostSpec, op: str, exp_path: str, params: dict[str, Any]) -> str:
+    code = "from armlab.ops.remote import agent; agent()"
+    return f"{rpath(host_python(host))} -c {shlex.quote(code)} {op} {rpath(exp_path)} {shlex.quote(json.dumps(params))}"
+
+
+def call_agent(
+    exp: Experiment, host: HostSpec, op: str, params: dict[str, Any], timeout: float | None = 600
+) -> Any:
+    remote = Remote.from_spec(host)
+    p = remote.run(
+        agent_cmd(host, op, host_experiment_path(exp, host), params),
+        check=False,
+        timeout=timeout,
+        what=f"armlab {op}",
+    )
+    out = p.stdout.decode(errors="replace").strip().splitlines()
+    if p.returncode != 0 or not out:
+        err = [ln for ln in p.stderr.decode(errors="replace").splitlines() if ln.strip()]
+        tail = err[-1].strip() if err else f"exit status {p.returncode}"
+        if (
+            "No such file" in tail
+            or "ModuleNotFoundError" in tail
+            or "ImportError" in tail
+            or p.returncode == 127
+        ):
+            raise ArmlabError(
+                f"host {host.name!r}: armlab is not installed there ({tail}); run `armlab setup EXP --host {host.name}`"
+            )
+        raise ArmlabError(f"host {host.name!r}: armlab {op} failed: {tail}")
+    return json.loads(out[-1])
+
+
+def parallel(fn: Callable[[HostSpec], T], hosts: list[HostSpec]) -> list[T]:
+    """fn on every host at once; the first error (in host order) is raised after all finish."""
+    if not hosts:
+        return []
+    with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+        futures = [pool.submit(fn, h) for h in hosts]
+        results: list[Any] = []
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as e:  # noqa: BLE001  (kept, re-raised below once every host is done)
+                results.append(e)
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results
+
+
+# -- refusals before anything starts --------------------------------------------------------------------
+def _machine(host: HostSpec) -> tuple[str, int]:
+    """(address, ssh port) a host entry connects to, so aliases of one machine compare equal."""
+    name, port = Remote.from_spec(host).resolve()
+    with contextlib.suppress(OSError):
+        name = socket.getaddrinfo(name, port, proto=socket.IPPROTO_TCP)[0][4][0]
+    return name, port
+
+
+def select_hosts(
+    exp: Experiment, names: list[str] | None = None, arms: list[str] | None = None
+) -> list[HostSpec]:
+    if not exp.hosts:
+        raise ArmlabError(
+            f"experiment {exp.name!r} has no [[hosts]]: add one per arm (ssh, arms, num_gpus, master_port), "
+            "or run on this machine with `armlab train`"
+        )
+    known = {h.name: h for h in exp.hosts}
+    for n in names or []:
+        if n not in known:
+            raise ArmlabError(f"--host {n}: no such host in the experiment (hosts: {', '.join(known)})")
+    for a in arms or []:
+        exp.arm(a)
+    return [
+        h for h in exp.hosts
+        if (not names or h.name in names) and (not arms or any(a in h.arms for a in arms))
+    ]  # fmt: skip
+
+
+def check_hosts(exp: Experiment) -> dict[str, str | None]:
+    """Refuse host layouts that cannot work; return each host's CUDA_VISIBLE_DEVICES (None: all).
+
+    Entries that resolve to one machine share its GPUs: each gets its own consecutive block.
+    """
+    owner: dict[str, str] = {}
+    for h in exp.hosts:
+        if len(h.arms) > 1:
+            raise ArmlabError(
+                f"host {h.name!r} lists {len(h.arms)} arms ({', '.join(h.arms)}) with one master_port {h.master_port}: "
+                "they would collide; give each arm its own [[hosts]] entry with its own master_port (e.g. 29500, 29501)"
+            )
+        for a in h.arms:
+            if a in owner:
+                raise ArmlabError(
+                    f"arm {a!r} is assigned to two hosts ({owner[a]!r} and {h.name!r}); keep one"
+                )
+            owner[a] = h.name
+    machines: dict[tuple[str, int], list[HostSpec]] = {}
+    for h in exp.hosts:
+        machines.setdefault(_machine(h), []).append(h)
+    devices: dict[str, str | None] = {h.name: None for h in exp.hosts}
+    for (addr, port), group in machines.items():
+        seen: dict[int, str] = {}
+        for h in group:
+            if h.master_port in seen:
+                raise ArmlabError(
+                    f"hosts {seen[h.master_port]!r} and {h.name!r} are the same machine ({addr}:{port}) with the same "
+                    f"master_port {h.master_port}: the second torchrun could not bind it (the playbook's collision); "
+                    f"set master_port = {max(seen) + 1} on {h.name!r}"
+                )
+            seen[h.master_port] = h.name
+        cuda = [h for h in group if h.device == "cuda"]
+        if len(cuda) > 1:
+            start = 0
+            for h in cuda:
+                devices[h.name] = ",".join(str(i) for i in range(start, start + h.num_gpus))
+                start += h.num_gpus
+    return devices
+
+
+def shared_gpu_problems(exp: Experiment, reports: dict[str, DoctorReport]) -> list[str]:
+    """Entries sharing a machine that together ask for more GPUs than it has."""
+    by_machine: dict[tuple[str, int], list[HostSpec]] = {}
+    for h in exp.hosts:
+        if h.name in reports and h.device == "cuda":
+            by_machine.setdefault(_machine(h), []).append(h)
+    out = []
+    for (addr, _), group in by_machine.items():
+        have = reports[group[0].name].info["gpus"]
+        need = sum(h.num_gpus for h in group)
+        if len(group) > 1 and need > have:
+            out.append(
+                f"hosts {', '.join(h.name for h in group)} share {addr} and ask for {need} GPUs; it has {have}"
+            )
+    return out
+
+
+# -- doctor on hosts ---------------------------------------------------------------------------------------
+def world_args(host: HostSpec, device: str | None) -> list[str]:
+    dev = device or host.device
+    if dev == "cpu":
+        return ["--device", "cpu", "--nproc", str(host.nproc)]
+    return ["--device", "cuda", "--num-gpus", str(host.num_gpus)]
+
+
+def remote_doctor(
+    exp: Experiment,
+    host: HostSpec,
+    *,
+    device: str | None = None,
+    expect_data: bool = True,
+    extra: tuple[str, ...] = (),
+) -> DoctorReport:
+    """`armlab doctor --json` on the host for its arm(s), plus: is its armlab this armlab?"""
+    from armlab import __version__
+    from armlab.ops.setup import source_fingerprint
+
+    exp_path = push_experiment(exp, host)
+    args = [
+        "doctor",
+        exp_path,
+        "--local",
+        "--json",
+        "--master-port",
+        str(host.master_port),
+        *world_args(host, device),
+    ]
+    for a in host.arms:
+        args += ["--arm", a]
+    if not expect_data:
+        args.append("--no-expect-data")
+    p = Remote.from_spec(host).run(
+        armlab_cmd(host, *args, *extra), check=False, timeout=600, what="armlab doctor"
+    )
+    lines = [ln for ln in p.stdout.decode(errors="replace").splitlines() if ln.startswith("{")]
+    if not lines:
+        err = [ln for ln in p.stderr.decode(errors="replace").splitlines() if ln.strip()]
+        tail = err[-1].strip() if err else f"exit status {p.returncode}"
+        raise ArmlabError(
+            f"host {host.name!r}: cannot run armlab there ({tail}); run `armlab setup EXP --host {host.name}`"
+        )
+    rep = DoctorReport.from_json(lines[-1])
+    rep.host = host.name
+    info = rep.info
+    if info.get("armlab") != __version__ or info.get("armlab_source") != source_fingerprint():
+        rep.add(
+            "armlab", "fail", f"host runs armlab {info.get('armlab')} (source {info.get('armlab_source')}), "
+            f"this machine {__version__} (source {source_fingerprint()})", f"armlab setup EXP --host {host.name}",
+        )  # fmt: skip
+    else:
+        rep.add("armlab", "ok", f"same armlab as this machine ({__version__}, source {source_fingerprint()})")
+    return rep
+
+
+def doctor_hosts(exp: Experiment, hosts: list[HostSpec], **kw: Any) -> list[DoctorReport]:
+    reports = parallel(lambda h: remote_doctor(exp, h, **kw), hosts)
+    by_name = {r.host: r for r in reports}
+    for problem in shared_gpu_problems(exp, by_name):
+        reports[0].add(
+            "gpus (shared)", "fail", problem, "lower num_gpus on one of them or move an arm to another host"
+        )
+    return reports
+
+
+# -- the host-side agent ------------------------------------------------------------------------------------
+def process_alive(pid: int | None) -> bool:
+    """A live, non-zombie process with this pid on this machine."""
+    return bool(pid) and pid_alive(int(pid))
+
+
+def run_dirs(exp: Experiment, arms: list[str]) -> list[Path]:
+    wd = open_workdir(exp, create=False)
+    return sorted(p.parent for a in arms for p in wd.runs_dir(a).glob("*/state.json"))
+
+
+def run_state(run_dir: Path) -> dict[str, Any]:
+    """state.json plus `alive`: its pid is a live process here (False when it ran elsewhere)."""
+    try:
+        st = read_json(run_dir / "state.json")
+    except FileNotFoundError:
+        return {"state": None, "alive": False}
+    here = st.get("host") in (None, socket.gethostname())
+    st["alive"] = bool(here and process_alive(st.get("pid")))
+    return st
+
+
+def probe(exp: Experiment, arms: list[str], runs: list[str]) -> dict[str, Any]:
+    """State of the named runs and whether each arm's inputs are there (for launch)."""
+    wd = open_workdir(exp, create=False)
+    out: dict[str, Any] = {"hostname": socket.gethostname(), "runs": {}, "data": {}}
+    for arm, run in zip(arms, runs, strict=True):
+        rd = wd.run_dir(arm, run)
+        out["runs"][f"{arm}/{run}"] = {"run_dir": str(rd), **run_state(rd)}
+        out["data"][arm] = (wd.data_dir(arm) / "manifest.json").exists()
+    tok = wd.tokenizer_dir / "manifest.json"
+    out["tokenizer"] = read_json(tok).get("fingerprint") if tok.exists() else None
+    return out
+
+
+def _tail_lines(path: Path, n: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size, block, data = f.tell(), 1 << 16, b""
+            while size > 0 and data.count(b"\n") <= n:
+                step = min(block, size)
+                size -= step
+                f.seek(size)
+                data = f.read(step) + data
+    except FileNotFoundError:
+        return []
+    return data.decode(errors="replace").splitlines()[-n:]
+
+
+def mirror_payload(exp: Experiment, arms: list[str]) -> list[dict[str, Any]]:
+    """Small files of every run of these arms: run.json, state.json, tails of metrics and log."""
+    out = []
+    for rd in run_dirs(exp, arms):
+        files: dict[str, str] = {}
+        for name in ("run.json", "state.json", "eval.json"):
+            with contextlib.suppress(FileNotFoundError):
+                files[name] = (rd / name).read_text()
+        metrics = rd / "metrics.jsonl"
+        if metrics.exists():
+            with open(metrics, errors="replace") as f:
+                lines = [ln.rstrip("\n") for ln in f if ln.strip()]
+            tail = lines[-METRICS_TAIL:]
+            evals = [ln for ln in lines[:-METRICS_TAIL] if '"val_bpb"' in ln]
+            files["metrics.jsonl"] = "\n".join(evals + tail) + "\n" if lines else ""
+        log = _tail_lines(rd / "train.log", LOG_TAIL)
+        if log:
+            files["train.log"] = "\n".join(log) + "\n"
+        out.append(
+            {
+                "arm": rd.parent.parent.name,
+                "run": rd.name,
+                "run_dir": str(rd),
+                "files": files,
+                "state": run_state(rd),
+            }
+        )
+    return out
+
+
+def stop_local(exp: Experiment, arms: list[str], timeout: float = STOP_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Stop this machine's live runs of these arms: SIGTERM the launcher, wait, SIGKILL after timeout.
+
+    The launcher handles SIGTERM itself (stops its ranks, releases the lease, writes
+    state "stopped"); after a SIGKILL this cleans up what it could not: a lease held by the dead
+    launcher, and a state.json still saying running.
+    """
+    from armlab.train import rundir
+
+    wd = open_workdir(exp, create=False)
+    results = []
+    for rd in run_dirs(exp, arms):
+        st = run_state(rd)
+        arm, run = rd.parent.parent.name, rd.name
+        if st.get("state") not in LIVE_STATES:
+            continue
+        pid = st.get("pid")
+        how = "already dead"
+        if st["alive"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            how = "SIGTERM"
+            if not _wait_dead(pid, timeout):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+                how = f"SIGKILL after {timeout:.0f}s"
+                _wait_dead(pid, 10)
+        elif st.get("host") not in (None, socket.gethostname()):
+            results.append(
+                {"arm": arm, "run": run, "pid": pid, "result": f"runs on {st.get('host')}, not here"}
+            )
+            continue
+        data_dir = wd.data_dir(arm)
+        lease = read_lease(data_dir)
+        if lease is not None and lease.local and lease.pid == pid and not process_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                (data_dir / ".lease").unlink()
+        if rundir.read_state(rd).get("state") in LIVE_STATES:
+            rundir.write_state(
+                rd, state="stopped", ended=time.time(), error=f"stopped by armlab stop ({how})"
+            )
+        results.append({"arm": arm, "run": run, "pid": pid, "result": f"stopped ({how})"})
+    return results
+
+
+def _wait_dead(pid: int, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not process_alive(pid):
+            return True
+        time.sleep(0.2)
+    return not process_alive(pid)
+
+
+def log_path(exp: Experiment, arm: str, run: str | None) -> Path:
+    wd = open_workdir(exp, create=False)
+    if run is None:
+        runs = sorted(wd.runs_dir(arm).glob("*/train.log"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise ArmlabError(f"arm {arm!r} has no run with a train.log yet in {wd.runs_dir(arm)}")
+        return runs[-1]
+    path = wd.run_dir(arm, run) / "train.log"
+    if not path.exists():
+        raise ArmlabError(f"{path}: no such log (is the run name right? it is <arm>-s<seed>)")
+    return path
+
+
+def tail_log(path: Path, lines: int, follow: bool) -> None:
+    """Replace this process with `tail` (Ctrl-C ends it cleanly, locally or over SSH)."""
+    argv = ["tail", "-n", str(lines), *(["-F"] if follow else []), str(path)]
+    sys.stdout.flush()
+    os.execvp("tail", argv)
+
+
+def agent() -> None:
+    """Host side of remote ops: `python -c '...agent()' OP EXP_PATH JSON_PARAMS`, JSON on stdout."""
+    op, exp_path, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    try:
+        exp = load_experiment(exp_path)
+        if op == "probe":
+            out: Any = probe(exp, params["arms"], params["runs"])
+        elif op == "mirror":
+            out = mirror_payload(exp, params["arms"])
+        elif op == "stop":
+            out = stop_local(exp, params["arms"], params.get("timeout", STOP_TIMEOUT_S))
+        elif op == "logs":
+            tail_log(log_path(exp, params["arm"], params.get("run")), params["lines"], params["follow"])
+            return
+        else:
+            raise ArmlabError(f"unknown agent op {op!r}")
+    except ArmlabError as e:
+        print(f"armlab: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(out, default=str))
+
+
+# -- launch -----------------------------------------------------------------------------------------------
+@dataclass
+class LaunchRecord:
+    host: str
+    ssh: str
+    arm: str
+    seed: int
+    run: str
+    run_dir: str  # on the host
+    pid: int | None
+    action: str  # started | already running | already done
+    master_port: int
+    device: str
+    world_size: int
+    cuda_visible_devices: str | None
+
+
+def launch(
+    exp: Experiment,
+    *,
+    prepare_mode: str = "prepare",
+    device: str | None = None,
+    seed: int | None = None,
+    hosts: list[str] | None = None,
+    extra_doctor: tuple[str, ...] = (),
+) -> list[LaunchRecord]:
+    """Preflight every host, then start each host's arm detached there; record it in launch.json."""
+    if prepare_mode not in ("prepare", "skip"):
+        raise ArmlabError(f"--prepare-mode {prepare_mode}: use prepare or skip")
+    if seed is None:
+        if len(exp.train.seeds) > 1:
+            raise ArmlabError(f"train.seeds is {exp.train.seeds}: launch one seed at a time with --seed S")
+        seed = exp.train.seeds[0]
+    devices = check_hosts(exp)
+    chosen = select_hosts(exp, hosts)
+    runs = {h.name: run_name(h.arms[0], seed) for h in chosen}
+
+    def first_probe(h: HostSpec) -> dict[str, Any]:
+        push_experiment(exp, h)
+        return call_agent(exp, h, "probe", {"arms": h.arms, "runs": [runs[h.name]]})
+
+    console.print(f"launch: checking {len(chosen)} host(s): {', '.join(h.name for h in chosen)}")
+    probes = dict(zip([h.name for h in chosen], parallel(first_probe, chosen), strict=True))
+
+    def state_of(h: HostSpec) -> dict[str, Any]:
+        return probes[h.name]["runs"][f"{h.arms[0]}/{runs[h.name]}"]
+
+    todo = [h for h in chosen if not state_of(h)["alive"] and state_of(h).get("state") != "done"]
+    reports = doctor_hosts(
+        exp, chosen, device=device, expect_data=prepare_mode == "skip", extra=extra_doctor
+    ) if todo else []  # fmt: skip
+    live = {h.name for h in chosen if state_of(h)["alive"]}
+    # A live run's port and lease are its own, not a conflict: drop those checks for its host.
+    for rep in reports:
+        if rep.host in live:
+            rep.checks = [
+                c for c in rep.checks if c.name != "master_port" and not c.name.startswith("lease ")
+            ]
+    if reports:
+        from armlab.ops.doctor import render
+
+        render(reports, stderr=True)
+        failed = [rep.host for rep in reports if not rep.ok]
+        if failed:
+            raise ArmlabError(
+                f"preflight failed on {', '.join(failed)}: nothing was started; fix the failures above and rerun"
+            )
+
+    wd = open_workdir(exp)
+    record_path = wd.root / "launch.json"
+    lock = threading.Lock()
+    previous = read_json(record_path) if record_path.exists() else {}
+    records: dict[str, dict[str, Any]] = {f"{r['host']}/{r['run']}": r for r in previous.get("runs", [])}
+
+    def save(rec: LaunchRecord) -> None:
+        with lock:
+            records[f"{rec.host}/{rec.run}"] = asdict(rec)
+            atomic_write_json(
+                record_path,
+                {
+                    "experiment": exp.name,
+                    "fingerprint": exp.fingerprint(),
+                    "updated": time.time(),
+                    "runs": list(records.values()),
+                },
+            )
+
+    def start(h: HostSpec) -> LaunchRecord:
+        arm, run = h.arms[0], runs[h.name]
+        st = state_of(h)
+        dev = device or h.device
+        world = h.nproc if dev == "cpu" else h.num_gpus
+        rec = LaunchRecord(
+            host=h.name, ssh=h.ssh, arm=arm, seed=seed, run=run, run_dir=st["run_dir"], pid=st.get("pid"),
+            action="", master_port=h.master_port, device=dev, world_size=world, cuda_visible_devices=devices[h.name],
+        )  # fmt: skip
+        if st["alive"]:
+            rec.action = "already running"
+        elif st.get("state") == "done":
+            rec.action = "already done"
+        else:
+            remote = Remote.from_spec(h)
+            exp_path = host_experiment_path(exp, h)
+            spec = exp.arm(arm)
+            if prepare_mode == "prepare":
+                console.print(f"{h.name}: preparing arm {arm} and the tokenizer")
+                remote.run(
+                    armlab_cmd(h, "prepare", exp_path, "--arm", arm), what=f"armlab prepare --arm {arm}"
+                )
+                remote.run(armlab_cmd(h, "tokenizer", exp_path), what="armlab tokenizer")
+            elif not probes[h.name]["data"][arm] and spec.kind == "prebuilt":
+                console.print(f"{h.name}: pulling prebuilt arm {arm}")
+                remote.run(armlab_cmd(h, "pull", exp_path, "--arm", arm), what=f"armlab pull --arm {arm}")
+            args = [
+                "train",
+                exp_path,
+                "--arm",
+                arm,
+                "--seed",
+                str(seed),
+                "--detach",
+                "--master-port",
+                str(h.master_port),
+            ]
+            args += world_args(h, device)
+            if st.get("state") is not None:
+                args.append("--resume")  # a failed or stopped run continues from its last checkpoint
+            env = {"CUDA_VISIBLE_DEVICES": devices[h.name]} if devices[h.name] and dev == "cuda" else None
+            remote.run(armlab_cmd(h, *args, env=env), what=f"armlab train --arm {arm}", timeout=600)
+            rec.pid = _wait_for_pid(exp, h, arm, run)
+            rec.action = "started"
+        save(rec)
+        console.print(f"{h.name}: {arm} ({run}) {rec.action}, pid {rec.pid}")
+        return rec
+
+    started = parallel(start, chosen)
+    tokenizers = {
+        probe["tokenizer"]
+        for probe in (call_agent(exp, h, "probe", {"arms": h.arms, "runs": [runs[h.name]]}) for h in chosen)
+    }
+    if len(tokenizers - {None}) > 1:
+        console.print(
+            f"[bold red]warning[/]: hosts trained different tokenizers ({', '.join(sorted(t for t in tokenizers if t))}); runs will not compare"
+        )
+    return started
+
+
+def _wait_for_pid(exp: Experiment, h: HostSpec, arm: str, run: str, timeout: float = 60) -> int | None:
+    """The detached launcher writes its pid into state.json once it starts: wait for it."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = call_agent(exp, h, "probe", {"arms": [arm], "runs": [run]})["runs"][f"{arm}/{run}"]
+        if st.get("pid"):
+            return st["pid"]
+        if st.get("state") == "failed":
+            raise ArmlabError(
+                f"host {h.name!r}: run {run!r} failed at start: {st.get('error')}; see `armlab logs EXP --arm {arm}`"
+            )
+        time.sleep(0.5)
+    return None
+
+
+# -- status, logs, stop ---------------------------------------------------------------------------------
+def mirror_remote_runs(exp: Experiment) -> list[Path]:
+    """Copy each remote run's small files into <workdir>/remote/<host>/arms/<arm>/runs/<run>/.
+
+    An unreachable host is reported on the console and skipped, so `status` still shows the rest.
+    """
+    if not exp.hosts:
+        return []
+    wd = open_workdir(exp)
+
+    def fetch(h: HostSpec) -> list[Path]:
+        try:
+            payload = call_agent(exp, h, "mirror", {"arms": h.arms}, timeout=120)
+        except ArmlabError as e:
+            console.print(f"[yellow]status[/]: skipped {e}")
+            return []
+        out = []
+        for item in payload:
+            dest = wd.root / "remote" / h.name / "arms" / item["arm"] / "runs" / item["run"]
+            for name, text in item["files"].items():
+                atomic_write_text(dest / name, text)
+            atomic_write_json(dest / "remote.json", {"host": h.name, "ssh": h.ssh, "run_dir": item["run_dir"],
+                                                     "alive": item["state"].get("alive"), "mirrored": time.time()})  # fmt: skip
+            out.append(dest)
+        return out
+
+    return [p for paths in parallel(fetch, list(exp.hosts)) for p in paths]
+
+
+def host_of_arm(exp: Experiment, arm: str) -> HostSpec | None:
+    exp.arm(arm)
+    return next((h for h in exp.hosts if arm in h.arms), None)
+
+
+def logs(
+    exp: Experiment,
+    arm: str,
+    run: str | None = None,
+    follow: bool = False,
+    lines: int = 50,
+    local: bool = False,
+) -> int:
+    """Print (and with `follow`, stream) an arm's train.log, from its host or this machine."""
+    host = None if local else host_of_arm(exp, arm)
+    if host is None:
+        tail_log(log_path(exp, arm, run), lines, follow)
+        return 0  # not reached: tail replaced this process
+    params = {"arm": arm, "run": run, "lines": lines, "follow": follow}
+    rc = Remote.from_spec(host).stream(agent_cmd(host, "logs", host_experiment_path(exp, host), params))
+    if rc == 2:
+        raise ArmlabError(f"host {host.name!r}: no log for arm {arm!r} (see the message above)")
+    return rc
+
+
+def stop(
+    exp: Experiment, arms: list[str] | None = None, timeout: float = STOP_TIMEOUT_S, local: bool = False
+) -> list[dict[str, Any]]:
+    """Stop live runs of the arms (all by default) on their hosts, or on this machine with `local`."""
+    names = arms or [a.name for a in exp.arms]
+    for a in names:
+        exp.arm(a)
+    if local or not exp.hosts:
+        return [{"host": socket.gethostname(), **r} for r in stop_local(exp, names, timeout)]
+    hosts = select_hosts(exp, arms=names)
+
+    def one(h: HostSpec) -> list[dict[str, Any]]:
+        mine = [a for a in h.arms if a in names]
+        return [
+            {"host": h.name, **r}
+            for r in call_agent(exp, h, "stop", {"arms": mine, "timeout": timeout}, timeout=timeout + 120)
+        ]
+
+    return [r for rs in parallel(one, hosts) for r in rs]

@@ -1,0 +1,140 @@
+"""Real OpenSSH servers on loopback for the remote tests: two sshd instances = two "hosts".
+
+Each instance is Debian's `/usr/sbin/sshd -D -e` with a generated host key, on a free loopback
+port, accepting one generated client key for the current user. A generated ssh_config gives
+them Host aliases (`hosta`, `hostb`), and one more alias `badkey` that offers a key the servers
+do not accept (for the authentication-failure test). armlab finds that config through
+`ARMLAB_SSH_CONFIG`. No sshd installed is a failure ("run scripts/test.sh"), never a skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SSHD = "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _keygen(path: Path) -> None:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+
+
+@dataclass
+class SshHosts:
+    root: Path
+    config: Path
+    ports: dict[str, int]  # alias -> sshd port
+    procs: list[subprocess.Popen]
+
+    def ssh(self, alias: str, command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["ssh", "-F", str(self.config), alias, "--", command], capture_output=True, text=True, timeout=30
+        )
+
+
+def _start_sshd(root: Path, name: str, host_key: Path, authorized: Path) -> tuple[subprocess.Popen, int]:
+    for _ in range(5):  # a free port can be taken between probe and bind: retry on another
+        port = free_port()
+        conf = root / f"sshd_{name}.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"Port {port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {host_key}",
+                    f"AuthorizedKeysFile {authorized}",
+                    f"PidFile {root / f'sshd_{name}.pid'}",
+                    "PermitRootLogin prohibit-password",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "StrictModes no",
+                    "UsePAM no",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+        log = open(root / f"sshd_{name}.log", "wb")  # noqa: SIM115  (kept open for the server's life)
+        proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(conf)], stdout=log, stderr=log)
+        deadline = time.time() + 10
+        while time.time() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return proc, port
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    raise RuntimeError(f"sshd {name} did not start: {(root / f'sshd_{name}.log').read_text()}")
+
+
+@contextlib.contextmanager
+def sshd_hosts(root: Path, aliases: tuple[str, ...] = ("hosta", "hostb")) -> Iterator[SshHosts]:
+    if not Path(SSHD).exists():
+        pytest.fail("sshd not found (/usr/sbin/sshd): run scripts/test.sh, which installs openssh-server")
+    if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
+        pytest.fail("the OpenSSH client is not installed: run scripts/test.sh, which installs openssh-client")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # sshd's privilege-separation dir
+    root.mkdir(parents=True, exist_ok=True)
+    host_key, client_key, bad_key = root / "host_ed25519", root / "client_ed25519", root / "bad_ed25519"
+    for k in (host_key, client_key, bad_key):
+        _keygen(k)
+    authorized = root / "authorized_keys"
+    authorized.write_text((root / "client_ed25519.pub").read_text())
+    authorized.chmod(0o600)
+
+    procs: list[subprocess.Popen] = []
+    ports: dict[str, int] = {}
+    try:
+        for alias in aliases:
+            proc, port = _start_sshd(root, alias, host_key, authorized)
+            procs.append(proc)
+            ports[alias] = port
+        user = getpass.getuser()
+        entries = [(alias, port, client_key) for alias, port in ports.items()]
+        entries.append(("badkey", ports[aliases[0]], bad_key))
+        config = root / "ssh_config"
+        config.write_text(
+            "".join(
+                f"Host {alias}\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {key}\n"
+                f"  IdentitiesOnly yes\n  IdentityAgent none\n  StrictHostKeyChecking accept-new\n"
+                f"  UserKnownHostsFile {root / 'known_hosts'}\n  LogLevel ERROR\n\n"
+                for alias, port, key in entries
+            )
+        )
+        hosts = SshHosts(root=root, config=config, ports=ports, procs=procs)
+        for alias in aliases:  # sshd accepts connections before it is fully ready: wait for a real login
+            deadline = time.time() + 15
+            while True:
+                r = hosts.ssh(alias, "true")
+                if r.returncode == 0:
+                    break
+                if time.time() > deadline:
+                    raise RuntimeError(f"cannot log in to sshd {alias}: {r.stderr.strip()}")
+                time.sleep(0.2)
+        yield hosts
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,120 @@
+"""Azure auth resolution from the environment, az:// parsing and secret scrubbing (no server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from armlab.data.azure_auth import auth_from_env, scrub
+from armlab.data.blob import parse_az_uri
+from armlab.errors import ArmlabError
+
+KEY = "c2VjcmV0LWtleS1ub3QtYS1yZWFsLW9uZS0xMjM0NTY3ODkwYWJjZGVm+/=="
+SAS = "sv=2024-11-04&ss=b&srt=co&sp=rl&se=2030-01-01T00:00:00Z&sig=AbCdEfGhIjKlMnOpQrStUvWxYz0123456789%2B%2F%3D"
+
+
+def test_connection_string_comes_first_and_names_its_source():
+    env = {
+        "AZURE_STORAGE_CONNECTION_STRING": f"DefaultEndpointsProtocol=https;AccountName=acct;AccountKey={KEY};EndpointSuffix=core.windows.net",
+        "AZURE_STORAGE_ACCOUNT": "other",
+        "AZURE_STORAGE_KEY": "ignored-because-connection-string-wins",
+    }
+    auth = auth_from_env(env)
+    assert auth.account_url == "https://acct.blob.core.windows.net"
+    assert auth.credential == {"account_name": "acct", "account_key": KEY}
+    assert auth.source == "AZURE_STORAGE_CONNECTION_STRING"
+    assert KEY not in auth.source
+
+
+def test_connection_string_blob_endpoint_and_override():
+    cs = (
+        f"AccountName=devstoreaccount1;AccountKey={KEY};BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"
+    )
+    assert (
+        auth_from_env({"AZURE_STORAGE_CONNECTION_STRING": cs}).account_url
+        == "http://127.0.0.1:10000/devstoreaccount1"
+    )
+    env = {
+        "AZURE_STORAGE_CONNECTION_STRING": cs,
+        "AZURE_STORAGE_BLOB_ENDPOINT": "http://127.0.0.1:9999/devstoreaccount1/",
+    }
+    auth = auth_from_env(env)
+    assert auth.account_url == "http://127.0.0.1:9999/devstoreaccount1"
+    assert "AZURE_STORAGE_BLOB_ENDPOINT" in auth.source
+
+
+def test_account_key_then_sas_then_anonymous_order():
+    auth = auth_from_env(
+        {"AZURE_STORAGE_ACCOUNT": "acct", "AZURE_STORAGE_KEY": KEY, "AZURE_STORAGE_SAS_TOKEN": SAS}
+    )
+    assert auth.credential == {"account_name": "acct", "account_key": KEY}
+    assert auth.account_url == "https://acct.blob.core.windows.net"
+
+    auth = auth_from_env({"AZURE_STORAGE_ACCOUNT": "acct", "AZURE_STORAGE_SAS_TOKEN": "?" + SAS})
+    assert auth.credential == SAS and auth.source == "AZURE_STORAGE_SAS_TOKEN"
+
+    auth = auth_from_env(
+        {"AZURE_STORAGE_ACCOUNT_URL": "https://acct.blob.core.windows.net", "AZURE_STORAGE_SAS_TOKEN": SAS}
+    )
+    assert auth.account_url == "https://acct.blob.core.windows.net" and auth.credential == SAS
+
+    # azure-identity is not installed here: a known account without a secret is anonymous access
+    auth = auth_from_env({"AZURE_STORAGE_ACCOUNT": "acct"})
+    assert auth.credential is None and "anonymous" in auth.source
+
+
+def test_missing_or_partial_configuration_is_one_clear_line():
+    with pytest.raises(ArmlabError, match="AZURE_STORAGE_CONNECTION_STRING"):
+        auth_from_env({})
+    with pytest.raises(ArmlabError, match="AZURE_STORAGE_ACCOUNT is not"):
+        auth_from_env({"AZURE_STORAGE_KEY": KEY})
+    with pytest.raises(ArmlabError, match="UseDevelopmentStorage"):
+        auth_from_env({"AZURE_STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true"})
+
+
+def test_scrub_removes_keys_sas_and_signatures():
+    env = {"AZURE_STORAGE_KEY": KEY, "AZURE_STORAGE_SAS_TOKEN": SAS}
+    text = (
+        f"failed: AccountKey={KEY}; url https://acct.blob.core.windows.net/c/b?{SAS} "
+        "Authorization: SharedKey acct:ZGVyaXZlZC1zaWduYXR1cmU= "
+        "other sig=Zm9vYmFyYmF6cXV4 and SharedAccessSignature=sv=1&sig=abc;"
+    )
+    out = scrub(text, env)
+    for secret in (KEY, SAS, "ZGVyaXZlZC1zaWduYXR1cmU=", "Zm9vYmFyYmF6cXV4", "AbCdEfGhIjKlMnOpQrStUvWxYz"):
+        assert secret not in out
+    assert "acct.blob.core.windows.net" in out  # the rest stays readable
+    # a URL-encoded key (as in a query string) is scrubbed too
+    from urllib.parse import quote
+
+    assert quote(KEY, safe="") not in scrub(f"x={quote(KEY, safe='')}", env)
+
+
+@pytest.mark.parametrize(
+    ("uri", "container", "prefix"),
+    [
+        ("az://quratingfiltered", "quratingfiltered", ""),
+        ("az://quratingfiltered/", "quratingfiltered", ""),
+        ("az://quratingfiltered/top16", "quratingfiltered", "top16/"),
+        ("az://my-data/a/b/", "my-data", "a/b/"),
+    ],
+)
+def test_parse_az_uri(uri, container, prefix):
+    az = parse_az_uri(uri)
+    assert (az.container, az.prefix) == (container, prefix)
+    assert az.uri() == f"az://{container}/{prefix}"
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/x", "az://", "az://UPPER/x", "az://ab/x", "az://a--b/x"])
+def test_parse_az_uri_rejects(uri):
+    with pytest.raises(ArmlabError):
+        parse_az_uri(uri)
+
+
+def test_playbook_prebuilt_example_is_valid(repo_root):
+    from armlab.spec import load_experiment
+
+    exp = load_experiment(repo_root / "examples" / "playbook-prebuilt-top.toml")
+    top, rand = exp.arm("top16.5"), exp.arm("random16.5")
+    assert (top.kind, top.download_mode) == ("prebuilt", "bulk")
+    assert parse_az_uri(top.uri).container == "quratingfiltered"
+    assert (rand.kind, rand.ratio, rand.seed) == ("random", 0.165, 42)
+    assert {h.master_port for h in exp.hosts} == {29500, 29501}

@@ -1,0 +1,117 @@
+"""`armlab check`, prebuilt arms (local dirs) and `armlab plan`, through the real CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from armlab.data.check import check_data_dir
+from armlab.data.shards import read_shards
+from data_util import experiment_toml, make_pool, make_texts
+from test_data_prepare import assert_refused, cli
+
+
+def playbook_dir(d: Path, n_files: int = 3, rows: int = 5000, texts: list[str] | None = None) -> Path:
+    """The playbook's layout: shard_*.parquet with ONE row group per file."""
+    d.mkdir(parents=True, exist_ok=True)
+    texts = texts or [f"{t} #{i}" for i, t in enumerate(make_texts(np.random.default_rng(0), n_files * rows, 8))]
+    for f in range(n_files):
+        chunk = texts[f * rows:(f + 1) * rows]
+        pq.write_table(pa.table({"text": chunk}), d / f"shard_{f:05d}.parquet", row_group_size=len(chunk))
+    return d
+
+
+def test_playbook_one_row_group_shards_cannot_feed_8_ranks(tmp_path: Path) -> None:
+    d = playbook_dir(tmp_path / "base_data")
+    assert check_data_dir(d).ok  # fine for one rank
+    line = assert_refused(cli("check", d, "--world-size", "8"), "cannot feed 8 ranks evenly", "armlab prepare")
+    assert "one row group per file" in cli("check", d, "--world-size", "8").stdout
+    assert "re-shard" in line
+
+
+def test_check_reports_tampering_empty_texts_and_bad_files(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    make_pool(pool, 1000, n_files=2)
+    exp = tmp_path / "exp.toml"
+    exp.write_text(experiment_toml(tmp_path / "wd", str(pool), eval_docs=20))
+    assert cli("prepare", exp, "--workers", "1").returncode == 0
+    d = tmp_path / "wd" / "arms" / "rand" / "data"
+    assert cli("check", d).returncode == 0
+    shard = d / "shard_00000.parquet"
+    t = pq.read_table(shard)
+    pq.write_table(t.set_column(0, "text", pa.array(["", *t.column("text").to_pylist()[1:]])), shard, row_group_size=64)
+    res = check_data_dir(d)
+    assert any("1 null or empty texts" in p for p in res.problems)
+    assert any("sha256 differs" in p for p in res.problems)
+    (d / "shard_00001.parquet").write_bytes(b"PAR1 not really")
+    line = assert_refused(cli("check", d), "more problem(s)")
+    assert "shard_00001.parquet: not readable parquet" in cli("check", d).stdout and "re-download" in line
+
+
+def test_prebuilt_local_dir_drops_eval_docs_and_reshards(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    make_pool(pool, 2000, n_files=2, seed=4)
+    texts = pq.read_table(pool, columns=["text"]).column("text").to_pylist()
+    prebuilt = playbook_dir(tmp_path / "prebuilt", n_files=3, rows=400, texts=texts[:1200])  # no id column
+    arms = f"""
+[[arms]]
+name = "rand"
+kind = "random"
+ratio = 0.5
+
+[[arms]]
+name = "pre"
+kind = "prebuilt"
+uri = "{prebuilt}"
+seed = 9
+"""
+    exp = tmp_path / "exp.toml"
+    exp.write_text(experiment_toml(tmp_path / "wd", str(pool), arms=arms, eval_docs=100))
+    assert cli("check", prebuilt, "--world-size", "2").returncode == 2
+    res = cli("prepare", exp, "--workers", "2")
+    assert res.returncode == 0, res.stderr
+    wd = tmp_path / "wd"
+    eval_texts = set(read_shards(wd / "eval", ["text"]).column("text").to_pylist())
+    got = read_shards(wd / "arms" / "pre" / "data", ["text"]).column("text").to_pylist()
+    removed = eval_texts & set(texts[:1200])
+    assert removed and set(got) == set(texts[:1200]) - removed and len(got) == 1200 - len(removed)
+    assert got != [t for t in texts[:1200] if t not in removed]  # reshuffled
+    m = json.loads((wd / "arms" / "pre" / "data" / "manifest.json").read_text())
+    assert m["eval_removed"] == len(removed) and m["complete"]
+    assert cli("check", wd / "arms" / "pre" / "data", "--world-size", "2").returncode == 0
+    assert "up to date" in cli("prepare", exp, "--arm", "pre", "--workers", "1").stderr
+
+
+def test_plan_estimates_then_reads_manifests(tmp_path: Path) -> None:
+    pool = tmp_path / "pool"
+    make_pool(pool, 3000, n_files=3)
+    exp = tmp_path / "exp.toml"
+    exp.write_text(experiment_toml(tmp_path / "wd", str(pool), eval_docs=100))
+    before = cli("plan", exp)
+    assert before.returncode == 0, before.stderr
+    lines = {ln.split()[0]: ln.split() for ln in before.stdout.splitlines()[2:]}
+    assert lines["rand"][2] == "estimate" and int(lines["rand"][3].replace(",", "")) == int(0.3 * 2900)
+    assert "would be repeated" in before.stderr
+    assert cli("prepare", exp, "--workers", "1").returncode == 0
+    after = cli("plan", exp)
+    lines = {ln.split()[0]: ln.split() for ln in after.stdout.splitlines()[2:]}
+    m = json.loads((tmp_path / "wd" / "arms" / "top" / "data" / "manifest.json").read_text())
+    assert lines["top"][2] == "manifest" and int(lines["top"][3].replace(",", "")) == m["rows"] == 580
+    from armlab.budget import training_budget
+    from armlab.spec import load_experiment
+
+    epochs = training_budget(load_experiment(exp)).tokens / m["tokens"]
+    assert lines["top"][6] == f"{epochs:.2f}"
+
+
+@pytest.mark.parametrize("ws", [1, 4])
+def test_check_api_counts(tmp_path: Path, ws: int) -> None:
+    d = playbook_dir(tmp_path / "d", n_files=2, rows=100)
+    res = check_data_dir(d, world_size=ws)
+    assert (res.files, res.rows, res.row_groups) == (2, 200, 2)
+    assert res.ok == (ws == 1)

@@ -1,0 +1,116 @@
+"""The demo end to end through the CLI (a shorter horizon than the default), its rerun, and the
+results commands' bad-input paths on the finished workdir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from armlab.demo.pool import junk_documents, quality_score
+from armlab.evaluate.bundle import load_bundle
+
+
+def armlab(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["armlab", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_quality_score_ranks_prose_above_junk() -> None:
+    import random
+
+    prose = (
+        "Return the number of items in a container. The argument may be a sequence (such as a string, "
+        "bytes, tuple, list, or range) or a collection (such as a dictionary, set, or frozen set)."
+    )
+    good = quality_score(prose)
+    assert good > 0.9
+    junk = junk_documents(
+        12, ["alpha", "beta", "gamma", "delta", "sequence", "tuple"], [400, 700], random.Random(0)
+    )
+    assert {kind for kind, _ in junk} == {"word_salad", "boilerplate", "keyword_spam"}
+    for kind, text in junk:
+        assert quality_score(text) < (0.05 if kind != "boilerplate" else 0.75) < good, kind
+
+
+@pytest.mark.e2e
+def test_demo_end_to_end(tmp_path: Path) -> None:
+    wd = tmp_path / "demo"
+    r = armlab("demo", "--workdir", str(wd), "--num-iterations", "30")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = wd / "report"
+    assert f"report: {report / 'report.html'}" in r.stdout
+    s = json.loads((report / "summary.json").read_text())
+    assert set(s["arms"]) == {"top40", "random40"}
+    for arm in s["arms"].values():
+        assert [run["seed"] for run in arm["runs"]] == [0, 1]
+        assert all(0.5 < run["val_bpb"] < 10 for run in arm["runs"])
+        assert all(run["tokens"] == 30 * 1024 for run in arm["runs"])
+        assert arm["core"] is not None and arm["val_bpb"]["half_width"] is not None
+        assert set(arm["core_tasks"]) == {
+            "demo_next_word",
+            "demo_real_vs_shuffled",
+            "demo_real_vs_junk",
+            "demo_coherent_context",
+        }
+    assert {c["metric"] for c in s["comparisons"]} == {"val_bpb", "core"}
+    assert all(c["method"] == "paired by seed" for c in s["comparisons"])
+    assert s["bundle"]["demo"] is True and "CORE (demo tasks)" in (report / "report.md").read_text()
+    for png in ("curves.png", "final.png", "core_tasks.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the top arm holds only good text; the random arm holds the pool's junk too
+    top = [
+        t
+        for f in sorted((wd / "arms/top40/data").glob("shard_*.parquet"))
+        for t in pq.read_table(f)["text"].to_pylist()
+    ]
+    rnd = [
+        t
+        for f in sorted((wd / "arms/random40/data").glob("shard_*.parquet"))
+        for t in pq.read_table(f)["text"].to_pylist()
+    ]
+    junk = lambda docs: sum(quality_score(t) < 0.3 for t in docs) / len(docs)  # noqa: E731
+    assert junk(top) < 0.02 < 0.08 < junk(rnd)
+    # CORE items come from held-out eval docs only
+    bundle = load_bundle(wd / "demo_bundle")
+    eval_text = " ".join(
+        " ".join(t.split())
+        for f in sorted((wd / "eval").glob("shard_*.parquet"))
+        for t in pq.read_table(f)["text"].to_pylist()
+    )
+    item = bundle.load_items(bundle.tasks[0])[0]
+    assert item["context"] in eval_text
+
+    # rerun: everything is reused, nothing retrained
+    r2 = armlab("demo", "--workdir", str(wd), "--num-iterations", "30")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.stderr.count("already done") == 4 and "step 00001" not in r2.stdout
+    assert json.loads((report / "summary.json").read_text())["arms"] == s["arms"]
+
+    # `armlab run` on the finished workdir: every step is complete, so it only rewrites the report
+    again = armlab("run", str(wd))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already done") == 4 and "step 00001" not in again.stdout
+    assert json.loads((report / "summary.json").read_text())["arms"] == s["arms"]
+
+    # status on the finished workdir
+    st = armlab("status", str(wd))
+    assert st.returncode == 0 and st.stdout.count("done") == 4
+
+    # bad input: a missing bundle names the path; a run dir from another experiment is refused
+    bad = armlab("evaluate", str(wd), "--bundle", str(tmp_path / "nope"))
+    assert (
+        bad.returncode == 2
+        and "nope: eval bundle dir not found" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
+    run = wd / "arms/top40/runs/top40-s1/run.json"
+    info = json.loads(run.read_text())
+    run.write_text(json.dumps({**info, "experiment": "another-experiment"}))
+    bad = armlab("compare", str(wd))
+    assert bad.returncode == 2 and "belongs to experiment 'another-experiment'" in bad.stderr
+    run.write_text(json.dumps({**info, "comparability": {**info["comparability"], "model": {"depth": 9}}}))
+    bad = armlab("compare", str(wd))
+    assert bad.returncode == 2 and "differs in model.aspect_ratio, model.depth" in bad.stderr

@@ -1,0 +1,128 @@
+"""Bits per byte on the shared eval set, with small real torch models whose bpb is computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from armlab.errors import ArmlabError
+from armlab.evaluate import bpb
+from armlab.evaluate.bpb import eval_rows, evaluate_bpb
+from armlab.tokenizer import Tokenizer
+from tok_util import corpus, trained_tokenizer, write_shards
+
+SEQ = 32
+
+
+class Bigram(nn.Module):
+    """logits of the next token = a table row of the current token (zeros: the uniform model)."""
+
+    def __init__(self, vocab: int, zero: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Embedding(vocab, vocab)
+        if zero:
+            nn.init.zeros_(self.table.weight)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.table(idx)
+
+
+def reference_bpb(model: Bigram, tok: Tokenizer, rows: np.ndarray) -> float:
+    """The definition, token by token: sum of -log p(target) over targets with bytes, / (ln 2 * bytes)."""
+    table = model.table.weight.detach().double().numpy()
+    logp = (
+        table
+        - np.log(np.exp(table - table.max(1, keepdims=True)).sum(1, keepdims=True))
+        - table.max(1, keepdims=True)
+    )
+    nats = nbytes = 0.0
+    for row in rows:
+        for cur, nxt in zip(row[:-1], row[1:], strict=True):
+            if tok.token_bytes[nxt] > 0:
+                nats -= logp[cur, nxt]
+                nbytes += tok.token_bytes[nxt]
+    return nats / (math.log(2) * nbytes)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bpb")
+    tok = trained_tokenizer(root)
+    eval_dir = write_shards(root / "eval", corpus(80, seed=1), files=3, row_group_rows=16)
+    return tok, eval_dir
+
+
+def test_uniform_model_scores_log2_vocab_per_token(setup):
+    tok, eval_dir = setup
+    rows = eval_rows(eval_dir, tok, max_tokens=20 * SEQ, seq_len=SEQ)
+    assert rows.shape == (20, SEQ + 1) and (rows[:, 0] == tok.bos_id).all()
+    targets = rows[:, 1:]
+    counted = tok.token_bytes[targets] > 0
+    by_hand = math.log2(tok.vocab_size) * counted.sum() / tok.token_bytes[targets].sum()
+    got = evaluate_bpb(Bigram(tok.vocab_size, zero=True), tok, eval_dir, 20 * SEQ, 3, SEQ, "cpu")
+    assert got == pytest.approx(by_hand, rel=1e-6)  # float32 logits
+    assert (~counted).any()  # BOS targets occur and are excluded from both sums
+
+
+def test_bigram_model_matches_the_definition(setup):
+    tok, eval_dir = setup
+    model = Bigram(tok.vocab_size)
+    got = evaluate_bpb(model, tok, eval_dir, max_tokens=13 * SEQ + 5, batch_size=4, seq_len=SEQ, device="cpu")
+    rows = eval_rows(eval_dir, tok, 13 * SEQ, SEQ)
+    assert len(rows) == 13
+    assert got == pytest.approx(reference_bpb(model, tok, rows), rel=1e-6)  # float32 logits
+    # batch size is only a memory knob: same tokens, same answer
+    assert evaluate_bpb(model, tok, eval_dir, 13 * SEQ, 13, SEQ, "cpu") == pytest.approx(got, rel=1e-12)
+
+
+def test_eval_tokens_are_fixed_and_unshuffled(setup):
+    tok, eval_dir = setup
+    first = eval_rows(eval_dir, tok, 10 * SEQ, SEQ).copy()
+    bpb._CACHE.clear()
+    assert np.array_equal(eval_rows(eval_dir, tok, 10 * SEQ, SEQ), first)  # rebuilt: same tokens
+    # a larger budget extends the same sequence: max_tokens only says where to cut it
+    assert np.array_equal(eval_rows(eval_dir, tok, 20 * SEQ, SEQ)[:10], first)
+
+
+def test_small_eval_set_uses_what_it_has_and_bad_budget_is_refused(setup, tmp_path):
+    tok, _ = setup
+    small = write_shards(tmp_path / "small", corpus(6, seed=2), files=1, row_group_rows=4)
+    rows = eval_rows(small, tok, max_tokens=10_000 * SEQ, seq_len=SEQ)
+    assert 0 < len(rows) < 10_000
+    got = evaluate_bpb(Bigram(tok.vocab_size), tok, small, 10_000 * SEQ, 8, SEQ, "cpu")
+    assert got == pytest.approx(reference_bpb(Bigram(tok.vocab_size), tok, rows), rel=1e-6)
+    with pytest.raises(ArmlabError, match=r"max_tokens \(10\) must be >= seq_len \(32\)"):
+        evaluate_bpb(Bigram(tok.vocab_size), tok, small, 10, 8, SEQ, "cpu")
+
+
+def _rank_main(rank: int, world_size: int, init_file: str, tok_dir: str, eval_dir: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        tok = Tokenizer.load(tok_dir)
+        # wrapped like a training model: DDP may broadcast buffers on every forward call
+        model = nn.parallel.DistributedDataParallel(Bigram(tok.vocab_size))
+        value = evaluate_bpb(model, tok, eval_dir, 7 * SEQ, 2, SEQ, "cpu", rank=rank, world_size=world_size)
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(repr(value))
+        dist.barrier()  # both ranks done before either tears gloo down
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.e2e
+def test_distributed_bpb_equals_single_process(setup, tmp_path):
+    """2 gloo processes, 7 rows, batch 2: rank 1 pads its last batch; the all-reduced bpb is W=1's."""
+    tok, eval_dir = setup
+    tok_dir = next(p.parent for p in eval_dir.parent.glob("wd/tokenizer/manifest.json"))
+    single = evaluate_bpb(Bigram(tok.vocab_size), tok, eval_dir, 7 * SEQ, 2, SEQ, "cpu")
+    out = tmp_path / "bpb"
+    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tok_dir), str(eval_dir), str(out)), nprocs=2)
+    values = [float((tmp_path / f"bpb.{r}").read_text()) for r in range(2)]
+    assert values[0] == values[1] == pytest.approx(single, rel=1e-12)
