@@ -1,6 +1,7 @@
 """Benchmark `armlab prepare` against a pyarrow read+rewrite floor and DuckDB, on the same files.
 
     python bench/prepare.py                      # 1 GB and 2 GB pools (text bytes), 2 workers
+    python bench/prepare.py --armlab-workers 1 2 # also time armlab with one worker process
     python bench/prepare.py --gb 0.2 --workers 2 # quick look
 
 For each pool size it generates a synthetic fineweb-edu-like pool (parquet, snappy, 10k-row
@@ -11,7 +12,7 @@ quality score and token counts), then times, each in its own process:
           one process per worker (no selection, no shuffle: the cost of just moving the bytes);
 - duckdb: COPY (SELECT text ... WHERE <seeded hash sample of 16.5%>) TO ... (ROW_GROUP_SIZE 1024),
           one random arm, unshuffled (DuckDB is a bench-only dependency);
-- armlab: `armlab prepare` of a random 16.5% arm AND a top-16.5% arm, with the 20k-doc eval
+- armlab/N: `armlab prepare --workers N` of a random 16.5% arm AND a top-16.5% arm, with the 20k-doc eval
           holdout and a tokenizer sample, globally shuffled, in one pass.
 
 It prints text MB/s (pool text bytes / wall seconds) and the peak memory (summed PSS) of the
@@ -74,15 +75,19 @@ def make_pool(out: Path, text_gb: float, n_files: int, seed: int = 0) -> tuple[i
         np.cumsum(lengths, out=offsets[1:])
         idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
         data = base[idx]
-        text = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(data)).cast(pa.string())
+        text = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(data)).cast(
+            pa.string()
+        )
         ids = [f"<urn:uuid:{seed:02d}{f:04d}-{i:010d}>" for i in range(docs, docs + len(lengths))]
-        table = pa.table({
-            "id": ids,
-            "url": [f"https://example.org/{i}" for i in range(docs, docs + len(lengths))],
-            "text": text,
-            "score": rng.normal(2.5, 0.8, size=len(lengths)),
-            "token_count": (lengths // 4).astype(np.int64),
-        })
+        table = pa.table(
+            {
+                "id": ids,
+                "url": [f"https://example.org/{i}" for i in range(docs, docs + len(lengths))],
+                "text": text,
+                "score": rng.normal(2.5, 0.8, size=len(lengths)),
+                "token_count": (lengths // 4).astype(np.int64),
+            }
+        )
         pq.write_table(table, out / f"train-{f:05d}.parquet", row_group_size=10_000, compression="snappy")
         docs += len(lengths)
         total += int(offsets[-1])
@@ -151,7 +156,7 @@ con.execute(f"COPY (SELECT text FROM read_parquet('{pool}/*.parquet') WHERE hash
 """
 
 
-def experiment(pool: Path, workdir: Path) -> str:
+def experiment(pool: Path, workdir: Path, eval_docs: int = 20_000) -> str:
     return textwrap.dedent(f"""
         name = "bench"
         workdir = "{workdir}"
@@ -160,7 +165,7 @@ def experiment(pool: Path, workdir: Path) -> str:
         id_column = "id"
         token_count_column = "token_count"
         [eval]
-        docs = 20000
+        docs = {eval_docs}
         [tokenizer]
         train_chars = 20_000_000
         [shards]
@@ -182,13 +187,24 @@ def experiment(pool: Path, workdir: Path) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, nargs="+", default=[1.0, 2.0], help="pool sizes in GB of text")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="processes / threads for the floor and DuckDB")
+    ap.add_argument(
+        "--armlab-workers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="armlab --workers values to time (default: --workers)",
+    )
     ap.add_argument("--files", type=int, default=8, help="pool files per GB")
     ap.add_argument("--tmp", default=None, help="where the temp pool and outputs go (default: system temp)")
     args = ap.parse_args()
-    print(f"# {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, workers={args.workers}")
-    print(f"{'pool':>8} {'engine':>8} {'what':<46} {'wall s':>7} {'text MB/s':>10} {'CPU s':>7} "
-          f"{'MB/CPU-s':>9} {'peak mem GiB':>13}")
+    print(
+        f"# {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, workers={args.workers}"
+    )
+    print(
+        f"{'pool':>8} {'engine':>9} {'what':<46} {'wall s':>7} {'text MB/s':>10} {'CPU s':>7} "
+        f"{'MB/CPU-s':>9} {'peak mem GiB':>13}"
+    )
     with tempfile.TemporaryDirectory(prefix="armlab-bench-", dir=args.tmp) as tmp_s:
         tmp = Path(tmp_s)
         for gb in args.gb:
@@ -196,22 +212,43 @@ def main() -> None:
             docs, text_bytes = make_pool(pool, gb, max(2, round(args.files * gb)))
             label = f"{text_bytes / 1e9:.2f}GB"
             runs = [
-                ("floor", "pyarrow read text + zstd rewrite (no select)",
-                 [sys.executable, "-c", FLOOR, str(pool), str(tmp / "floor"), str(args.workers)]),
-                ("duckdb", "COPY one random 16.5% arm (no shuffle)",
-                 [sys.executable, "-c", DUCKDB, str(pool), str(tmp / "duck"), str(args.workers)]),
-                ("armlab", "random+top arms, eval, tok sample, shuffled",
-                 [sys.executable, "-c", "from armlab.cli import main; main()", "prepare", str(tmp / "exp.toml"),
-                  "--workers", str(args.workers)]),
+                (
+                    "floor",
+                    "pyarrow read text + zstd rewrite (no select)",
+                    [sys.executable, "-c", FLOOR, str(pool), str(tmp / "floor"), str(args.workers)],
+                ),
+                (
+                    "duckdb",
+                    "COPY one random 16.5% arm (no shuffle)",
+                    [sys.executable, "-c", DUCKDB, str(pool), str(tmp / "duck"), str(args.workers)],
+                ),
             ]
-            (tmp / "exp.toml").write_text(experiment(pool, tmp / "wd"))
+            for w in args.armlab_workers or [args.workers]:
+                cli = [
+                    sys.executable,
+                    "-c",
+                    "from armlab.cli import main; main()",
+                    "prepare",
+                    str(tmp / "exp.toml"),
+                ]
+                runs.append(
+                    (
+                        f"armlab/{w}",
+                        "random+top arms, eval, tok sample, shuffled",
+                        [*cli, "--workers", str(w)],
+                    )
+                )
+            (tmp / "exp.toml").write_text(experiment(pool, tmp / "wd", min(20_000, docs // 10)))
             for engine, what, cmd in runs:
                 for d in ("floor", "duck", "wd"):
                     shutil.rmtree(tmp / d, ignore_errors=True)
                     (tmp / d).mkdir()
                 wall, cpu, rss = measure(cmd)
-                print(f"{label:>8} {engine:>8} {what:<46} {wall:7.2f} {text_bytes / wall / 1e6:10.0f} {cpu:7.2f} "
-                      f"{text_bytes / cpu / 1e6:9.0f} {rss:13.2f}", flush=True)
+                print(
+                    f"{label:>8} {engine:>9} {what:<46} {wall:7.2f} {text_bytes / wall / 1e6:10.0f} {cpu:7.2f} "
+                    f"{text_bytes / cpu / 1e6:9.0f} {rss:13.2f}",
+                    flush=True,
+                )
             shutil.rmtree(pool)
             print(f"# {label}: {docs:,} docs")
 

@@ -15,7 +15,72 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-WORDS = ["the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "they", "you", "were", "her", "she", "there", "been", "one", "all", "we", "their", "has", "would", "when", "if", "so", "no", "out", "up", "into", "do", "can", "more", "time", "school", "learn", "energy", "cell", "water", "history", "data", "model", "student", "teacher", "research", "light", "earth"]
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "they",
+    "you",
+    "were",
+    "her",
+    "she",
+    "there",
+    "been",
+    "one",
+    "all",
+    "we",
+    "their",
+    "has",
+    "would",
+    "when",
+    "if",
+    "so",
+    "no",
+    "out",
+    "up",
+    "into",
+    "do",
+    "can",
+    "more",
+    "time",
+    "school",
+    "learn",
+    "energy",
+    "cell",
+    "water",
+    "history",
+    "data",
+    "model",
+    "student",
+    "teacher",
+    "research",
+    "light",
+    "earth",
+]
 
 
 def make_texts(rng: np.random.Generator, n: int, mean_words: int = 60) -> list[str]:
@@ -85,7 +150,9 @@ def pool_index(paths: list[Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def experiment_toml(workdir: Path, pool_uri: str, arms: str | None = None, eval_docs: int = 50, **extra: str) -> str:
+def experiment_toml(
+    workdir: Path, pool_uri: str, arms: str | None = None, eval_docs: int = 50, **extra: str
+) -> str:
     """A small experiment file over a synthetic pool: random + top arms by default."""
     if arms is None:
         arms = """

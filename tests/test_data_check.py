@@ -19,9 +19,11 @@ from test_data_prepare import assert_refused, cli
 def playbook_dir(d: Path, n_files: int = 3, rows: int = 5000, texts: list[str] | None = None) -> Path:
     """The playbook's layout: shard_*.parquet with ONE row group per file."""
     d.mkdir(parents=True, exist_ok=True)
-    texts = texts or [f"{t} #{i}" for i, t in enumerate(make_texts(np.random.default_rng(0), n_files * rows, 8))]
+    texts = texts or [
+        f"{t} #{i}" for i, t in enumerate(make_texts(np.random.default_rng(0), n_files * rows, 8))
+    ]
     for f in range(n_files):
-        chunk = texts[f * rows:(f + 1) * rows]
+        chunk = texts[f * rows : (f + 1) * rows]
         pq.write_table(pa.table({"text": chunk}), d / f"shard_{f:05d}.parquet", row_group_size=len(chunk))
     return d
 
@@ -29,7 +31,9 @@ def playbook_dir(d: Path, n_files: int = 3, rows: int = 5000, texts: list[str] |
 def test_playbook_one_row_group_shards_cannot_feed_8_ranks(tmp_path: Path) -> None:
     d = playbook_dir(tmp_path / "base_data")
     assert check_data_dir(d).ok  # fine for one rank
-    line = assert_refused(cli("check", d, "--world-size", "8"), "cannot feed 8 ranks evenly", "armlab prepare")
+    line = assert_refused(
+        cli("check", d, "--world-size", "8"), "cannot feed 8 ranks evenly", "armlab prepare"
+    )
     assert "one row group per file" in cli("check", d, "--world-size", "8").stdout
     assert "re-shard" in line
 
@@ -44,7 +48,9 @@ def test_check_reports_tampering_empty_texts_and_bad_files(tmp_path: Path) -> No
     assert cli("check", d).returncode == 0
     shard = d / "shard_00000.parquet"
     t = pq.read_table(shard)
-    pq.write_table(t.set_column(0, "text", pa.array(["", *t.column("text").to_pylist()[1:]])), shard, row_group_size=64)
+    pq.write_table(
+        t.set_column(0, "text", pa.array(["", *t.column("text").to_pylist()[1:]])), shard, row_group_size=64
+    )
     res = check_data_dir(d)
     assert any("1 null or empty texts" in p for p in res.problems)
     assert any("sha256 differs" in p for p in res.problems)

@@ -44,8 +44,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def exp_file(tmp: Path, pool_uri: Path | str, arms: str = RANDOM_ARM, text_column: str = "text",
-             id_column: str = "id") -> Path:
+def exp_file(
+    tmp: Path, pool_uri: Path | str, arms: str = RANDOM_ARM, text_column: str = "text", id_column: str = "id"
+) -> Path:
     text = experiment_toml(tmp / "wd", str(pool_uri), arms=arms, eval_docs=20)
     text = text.replace('text_column = "text"', f'text_column = "{text_column}"')
     text = text.replace('id_column = "id"', f'id_column = "{id_column}"')
@@ -75,6 +76,17 @@ def test_missing_id_column(pool: Path, tmp_path: Path) -> None:
     assert_nothing_written(tmp_path)
 
 
+def test_null_ids(tmp_path: Path) -> None:
+    d = tmp_path / "pool"
+    make_pool(d, 300, n_files=1)
+    t = pq.read_table(d / "part-000.parquet")
+    ids = t.column("id").to_pylist()
+    ids[5] = None
+    pq.write_table(t.set_column(0, "id", pa.array(ids)), d / "part-000.parquet")
+    assert_refused(prepare(exp_file(tmp_path, d)), "part-000.parquet", "'id'", "1 null")
+    assert_nothing_written(tmp_path)
+
+
 def test_misspelt_score_column(pool: Path, tmp_path: Path) -> None:
     arms = TOP_ARM.replace('"score"', '"scroe"')
     assert_refused(prepare(exp_file(tmp_path, pool, arms=arms)), "'scroe'")
@@ -91,7 +103,10 @@ def test_top_arm_with_all_scores_equal(tmp_path: Path) -> None:
     d = tmp_path / "pool"
     make_pool(d, 300, n_files=1)
     t = pq.read_table(d / "part-000.parquet")
-    pq.write_table(t.set_column(t.schema.get_field_index("score"), "score", pa.array([1.0] * t.num_rows)), d / "part-000.parquet")
+    pq.write_table(
+        t.set_column(t.schema.get_field_index("score"), "score", pa.array([1.0] * t.num_rows)),
+        d / "part-000.parquet",
+    )
     assert_refused(prepare(exp_file(tmp_path, d, arms=TOP_ARM)), "arm 'top'", "'score'", "every document")
     assert_nothing_written(tmp_path)
 
@@ -107,8 +122,16 @@ def test_empty_pool(tmp_path: Path) -> None:
     assert_refused(prepare(exp_file(tmp_path, tmp_path / "empty")), "no parquet or jsonl")
     d = tmp_path / "zero"
     d.mkdir()
-    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string()),
-                             "token_count": pa.array([], pa.int64())}), d / "a.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array([], pa.string()),
+                "text": pa.array([], pa.string()),
+                "token_count": pa.array([], pa.int64()),
+            }
+        ),
+        d / "a.parquet",
+    )
     assert_refused(prepare(exp_file(tmp_path, d)), "no documents")
     assert_nothing_written(tmp_path)
 
@@ -216,9 +239,18 @@ def test_fetch_retries_then_fails_naming_the_file(pool: Path, tmp_path: Path, fl
     assert not (tmp_path / "cache" / "flaky" / str(pool).lstrip("/") / "part-001.parquet").exists()
 
 
-def test_prefetcher_is_bounded_and_deletes_after_use(pool: Path, tmp_path: Path, flaky: type[FlakyFS]) -> None:
-    files = [PoolFile(f"{pool}/part-{i:03d}.parquet", (pool / f"part-{i:03d}.parquet").stat().st_size, "parquet", "flaky")
-             for i in range(3)] * 2  # six "remote" files
+def test_prefetcher_is_bounded_and_deletes_after_use(
+    pool: Path, tmp_path: Path, flaky: type[FlakyFS]
+) -> None:
+    files = [
+        PoolFile(
+            f"{pool}/part-{i:03d}.parquet",
+            (pool / f"part-{i:03d}.parquet").stat().st_size,
+            "parquet",
+            "flaky",
+        )
+        for i in range(3)
+    ] * 2  # six "remote" files
     files = [PoolFile(f.path, f.size, f.fmt, f.protocol) for f in files]
     cache = tmp_path / "cache"
     flaky.cache_dir = cache

@@ -95,7 +95,9 @@ def texts(d: Path) -> list[str]:
 
 def write_exp(tmp: Path, pool_uri: str | Path, arms: str = ARMS, name: str = "exp.toml", **kw: str) -> Path:
     p = tmp / name
-    p.write_text(experiment_toml(tmp / "wd", str(pool_uri), arms=arms, eval_docs=kw.pop("eval_docs", EVAL_DOCS), **kw))
+    p.write_text(
+        experiment_toml(tmp / "wd", str(pool_uri), arms=arms, eval_docs=kw.pop("eval_docs", EVAL_DOCS), **kw)
+    )
     return p
 
 
@@ -106,7 +108,14 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
     exp = write_exp(tmp, tmp / "pool")
     res = cli("prepare", exp, "--workers", "2")
     assert res.returncode == 0, res.stderr
-    return {"tmp": tmp, "exp": exp, "wd": tmp / "wd", "paths": paths, "index": pool_index(paths), "stdout": res.stdout}
+    return {
+        "tmp": tmp,
+        "exp": exp,
+        "wd": tmp / "wd",
+        "paths": paths,
+        "index": pool_index(paths),
+        "stdout": res.stdout,
+    }
 
 
 def arm_rows(prepared: dict, arm: str) -> list[dict]:
@@ -144,7 +153,9 @@ def test_top_by_tokens_reaches_the_token_share(prepared: dict) -> None:
     rows = arm_rows(prepared, "toktop")
     got = sum(r["token_count"] for r in rows)
     assert target <= got <= target + max(r["token_count"] for r in pool)
-    assert min(r["score"] for r in rows) >= max(r["score"] for r in pool if r["id"] not in {x["id"] for x in rows})
+    assert min(r["score"] for r in rows) >= max(
+        r["score"] for r in pool if r["id"] not in {x["id"] for x in rows}
+    )
     manifest = json.loads((prepared["wd"] / "arms" / "toktop" / "data" / "manifest.json").read_text())
     assert manifest["tokens"] == got and manifest["tokens_source"] == "token_count"
 
@@ -175,7 +186,10 @@ def test_shuffle_first_shard_mixes_source_files(prepared: dict) -> None:
     for arm in ("rand", "top"):
         d = wd / "arms" / arm / "data"
         arm_sources = Counter(prepared["index"][t]["source"] for t in texts(d))
-        first = Counter(prepared["index"][t]["source"] for t in pq.read_table(d / "shard_00000.parquet").column("text").to_pylist())
+        first = Counter(
+            prepared["index"][t]["source"]
+            for t in pq.read_table(d / "shard_00000.parquet").column("text").to_pylist()
+        )
         n = sum(first.values())
         total = sum(arm_sources.values())
         chi2 = sum((first[s] - n * c / total) ** 2 / (n * c / total) for s, c in arm_sources.items())
@@ -183,7 +197,11 @@ def test_shuffle_first_shard_mixes_source_files(prepared: dict) -> None:
 
 
 def test_shards_follow_the_contract(prepared: dict) -> None:
-    for d in [*(prepared["wd"] / "arms").glob("*/data"), prepared["wd"] / "eval", prepared["wd"] / "tokenizer" / "sample"]:
+    for d in [
+        *(prepared["wd"] / "arms").glob("*/data"),
+        prepared["wd"] / "eval",
+        prepared["wd"] / "tokenizer" / "sample",
+    ]:
         m = json.loads((d / "manifest.json").read_text())
         assert m["complete"] is True and m["pool_fingerprint"] and m["selection"]
         assert [f["name"] for f in m["files"]] == [f"shard_{i:05d}.parquet" for i in range(len(m["files"]))]
@@ -251,9 +269,17 @@ def test_remote_pool_goes_through_the_fetch_cache(prepared: dict, tmp_path: Path
 @pytest.mark.e2e
 def test_sigkill_mid_prepare_then_rerun_is_byte_identical(tmp_path: Path) -> None:
     make_pool(tmp_path / "pool", 40_000, n_files=20, row_groups_per_file=2, seed=1)
-    arms = ARMS.split("[[arms]]\nname = \"samp\"")[0]  # rand + top
+    arms = ARMS.split('[[arms]]\nname = "samp"')[0]  # rand + top
     killed = write_exp(tmp_path, tmp_path / "pool", arms=arms)
-    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "prepare", str(killed), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from armlab.cli import main; main()",
+        "prepare",
+        str(killed),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     done: list[Path] = []
     deadline = time.time() + 120
@@ -273,4 +299,6 @@ def test_sigkill_mid_prepare_then_rerun_is_byte_identical(tmp_path: Path) -> Non
     clean = write_exp(clean_dir, tmp_path / "pool", arms=arms)
     assert cli("prepare", clean, "--workers", "2").returncode == 0
     assert all_shas(tmp_path / "wd") == all_shas(clean_dir / "wd")
-    assert not list((tmp_path / "wd" / "cache" / "prepare").glob("*")), "stage files are removed after success"
+    assert not list((tmp_path / "wd" / "cache" / "prepare").glob("*")), (
+        "stage files are removed after success"
+    )

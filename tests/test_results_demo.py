@@ -4,14 +4,19 @@ results commands' bad-input paths on the finished workdir."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import pytest
 
 from armlab.demo.pool import junk_documents, quality_score
 from armlab.evaluate.bundle import load_bundle
+from armlab.ops.status import collect_status
+from armlab.report.runs import read_metrics
 
 
 def armlab(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -95,6 +100,20 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert again.stderr.count("already done") == 4 and "step 00001" not in again.stdout
     assert json.loads((report / "summary.json").read_text())["arms"] == s["arms"]
 
+    # a run that crashed (state failed, no checkpoint left) is trained again by `armlab run`, then
+    # re-evaluated; the other runs are reused
+    crashed = wd / "arms/top40/runs/top40-s1"
+    state = json.loads((crashed / "state.json").read_text())
+    (crashed / "state.json").write_text(json.dumps({**state, "state": "failed", "error": "simulated crash"}))
+    shutil.rmtree(crashed / "checkpoints")
+    old_eval = json.loads((crashed / "eval.json").read_text())
+    again = armlab("run", str(wd))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already done") == 3 and "resuming top40-s1" in again.stderr
+    assert json.loads((crashed / "state.json").read_text())["state"] == "done"
+    new_eval = json.loads((crashed / "eval.json").read_text())
+    assert new_eval["run_ended"] != old_eval["run_ended"] and new_eval["step"] == 30
+
     # status on the finished workdir
     st = armlab("status", str(wd))
     assert st.returncode == 0 and st.stdout.count("done") == 4
@@ -114,3 +133,56 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     run.write_text(json.dumps({**info, "comparability": {**info["comparability"], "model": {"depth": 9}}}))
     bad = armlab("compare", str(wd))
     assert bad.returncode == 2 and "differs in model.aspect_ratio, model.depth" in bad.stderr
+
+    # a real training run paused with SIGSTOP shows STALLED, SIGCONT brings it back to running
+    run.write_text(json.dumps(info))
+    live = armlab(
+        "train",
+        str(wd),
+        "--arm",
+        "top40",
+        "--seed",
+        "7",
+        "--detach",
+        "--num-iterations",
+        "100000",
+        "--allow-repeat",
+    )
+    assert live.returncode == 0, live.stderr[-2000:]
+    run_dir = wd / "arms/top40/runs/top40-s7"
+    try:
+        wait_for(lambda: any("train_loss" in m for m in read_metrics(run_dir / "metrics.jsonl")), 120)
+        launcher = psutil.Process(json.loads((run_dir / "state.json").read_text())["pid"])
+        worker = next(
+            p for p in launcher.children(recursive=True) if "armlab.train.worker" in " ".join(p.cmdline())
+        )
+        wait_for(lambda: collect_status([run_dir], 2.0)[0].state == "running", 30)
+        worker.suspend()  # SIGSTOP
+        wait_for(lambda: collect_status([run_dir], 2.0)[0].state == "STALLED", 30)
+        assert collect_status([run_dir], 2.0)[0].alive is True  # the launcher lives; nothing advances
+        worker.resume()  # SIGCONT
+        wait_for(lambda: collect_status([run_dir], 2.0)[0].state == "running", 30)
+        launcher.terminate()  # a clean stop: the launcher stops its ranks and records it
+        wait_for(lambda: json.loads((run_dir / "state.json").read_text())["state"] == "stopped", 60)
+        assert collect_status([run_dir], 2.0)[0].state == "stopped"
+    finally:  # never leave a trainer behind: kill the launcher (from state.json) and its children
+        pid = (
+            json.loads((run_dir / "state.json").read_text()).get("pid")
+            if (run_dir / "state.json").exists()
+            else None
+        )
+        if pid and psutil.pid_exists(pid):
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+            for p in procs:
+                p.resume()
+                p.kill()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def wait_for(cond, timeout: float) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met within {timeout}s")

@@ -182,6 +182,9 @@ def test_sigterm_stops_the_ranks_and_releases_the_lease(exp_file: Path) -> None:
         wait_for(lambda: max(train_losses(d), default=0) >= 2, timeout=60, what="step 2")
         lease = read_lease(data_dir(exp_file))
         assert lease is not None and lease.pid == proc.pid and lease.run == "term"
+        with pytest.raises(ArmlabError, match="leased by live run 'term'"):  # a second run on this arm now
+            plan_run(experiment(exp_file), ARM, run_name_="other", device="cpu")
+        assert not run_dir(exp_file, "other").exists()  # refused before writing anything
         workers = worker_procs(d)
         assert len(workers) >= 2
         proc.send_signal(signal.SIGTERM)
@@ -230,6 +233,10 @@ def test_bad_inputs_are_one_line_errors(exp_file: Path, tmp_path: Path) -> None:
         plan_run(exp, ARM, run_name_="x", device="cpu", dept=3)
     with pytest.raises(ArmlabError, match="no arm named 'nope'"):
         plan_run(exp, "nope", device="cpu")
+    # a horizon far beyond the arm's data repeats it: refused unless repeats are allowed
+    with pytest.raises(ArmlabError, match=r"would repeat about .* --allow-repeat"):
+        plan_run(exp, ARM, run_name_="rep", device="cpu", num_iterations=100_000, allow_repeat=False)
+    assert plan_run(exp, ARM, run_name_="rep", device="cpu", num_iterations=100_000)["world_size"] == 1
     # resume with another config (depth) than the checkpoint was written with
     plan_run(exp, ARM, run_name_="cfg", device="cpu", num_iterations=2)
     with pytest.raises(

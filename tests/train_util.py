@@ -68,6 +68,7 @@ eval_every = 8
 eval_tokens = 4096
 save_every = 8
 seeds = [0]
+allow_repeat = true   # the tiny arm is seen several times; the refusal is tested with allow_repeat=False
 """
 
 

@@ -117,8 +117,9 @@ def evaluate_run(
             f"{run_dir}: run is {rec.state_name}, not done; finish it first (`armlab run` resumes it)"
         )
     step = read_meta(run_dir)["step"]
-    want = {
+    want = {  # an eval.json is reused only for this exact checkpoint, bundle and budget
         "step": step,
+        "run_ended": (rec.state or {}).get("ended"),  # a retrained run has new weights at the same step
         "bundle_sha256": bundle.sha256 if bundle else None,
         "max_per_task": max_per_task,
         "eval_tokens": exp.train.eval_tokens,

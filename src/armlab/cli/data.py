@@ -14,13 +14,19 @@ from armlab.errors import ArmlabError
 @app.command()
 def prepare(
     exp: Annotated[Path, typer.Argument(help="experiment file (or a workdir holding experiment.toml)")],
-    arm: Annotated[list[str] | None, typer.Option("--arm", help="arm to prepare (repeatable; default all)")] = None,
+    arm: Annotated[
+        list[str] | None, typer.Option("--arm", help="arm to prepare (repeatable; default all)")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes (default: CPU count)", min=1)] = None,
     force: Annotated[bool, typer.Option(help="take over a data dir whose lease holder is dead")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace arms prepared from a different spec")] = False,
-    skip_bad_files: Annotated[bool, typer.Option(help="skip unreadable pool files (recorded in the manifests)")] = False,
+    skip_bad_files: Annotated[
+        bool, typer.Option(help="skip unreadable pool files (recorded in the manifests)")
+    ] = False,
     keep_cache: Annotated[bool, typer.Option(help="keep downloaded pool files in <workdir>/cache")] = False,
-    skip_download: Annotated[bool, typer.Option(help="prebuilt az:// arms: use what is already downloaded")] = False,
+    skip_download: Annotated[
+        bool, typer.Option(help="prebuilt az:// arms: use what is already downloaded")
+    ] = False,
     ratio: Annotated[float | None, typer.Option(help="override the --arm's ratio")] = None,
     seed: Annotated[int | None, typer.Option(help="override the --arm's seed")] = None,
     rows_per_shard: Annotated[int | None, typer.Option(help="override shards.rows_per_shard")] = None,
@@ -45,15 +51,25 @@ def prepare(
         if rows_per_shard is not None:
             data["shards"]["rows_per_shard"] = rows_per_shard
         spec = parse_experiment(data, "command line")
-    dirs = run_prepare(spec, arms=arm, workers=workers, force=force, overwrite=overwrite,
-                       skip_bad_files=skip_bad_files, keep_cache=keep_cache, skip_download=skip_download)
+    dirs = run_prepare(
+        spec,
+        arms=arm,
+        workers=workers,
+        force=force,
+        overwrite=overwrite,
+        skip_bad_files=skip_bad_files,
+        keep_cache=keep_cache,
+        skip_download=skip_download,
+    )
     for name, d in dirs.items():
         print(f"{name}\t{d}")
 
 
 @app.command()
 def check(
-    data_dir: Annotated[Path, typer.Argument(help="a shard dir (an arm's data dir, the eval dir, or foreign shards)")],
+    data_dir: Annotated[
+        Path, typer.Argument(help="a shard dir (an arm's data dir, the eval dir, or foreign shards)")
+    ],
     world_size: Annotated[int | None, typer.Option(help="ranks that must be fed evenly", min=1)] = None,
     no_hashes: Annotated[bool, typer.Option("--no-hashes", help="skip sha256 verification")] = False,
 ) -> None:

@@ -41,6 +41,7 @@ def train(
     device_batch_size: int | None = typer.Option(None, "--device-batch-size", help="override train.device_batch_size"),
     total_batch_size: int | None = typer.Option(None, "--total-batch-size", help="override train.total_batch_size"),
     num_iterations: int | None = typer.Option(None, "--num-iterations", help="override the horizon (quick runs)"),
+    allow_repeat: bool = typer.Option(False, "--allow-repeat", help="train even if the arm's data would repeat"),
 ) -> None:
     """Train the model on one arm (one seed) with 1..N ranks; resumable, never hangs."""
     from armlab.spec import load_experiment
@@ -50,6 +51,7 @@ def train(
         load_experiment(exp), arm, seed=seed, run_name=run_name, num_gpus=num_gpus, device=device, nproc=nproc,
         master_port=master_port, resume=resume, detach=detach, force=force, depth=depth,
         device_batch_size=device_batch_size, total_batch_size=total_batch_size, num_iterations=num_iterations,
+        allow_repeat=allow_repeat or None,
     )  # fmt: skip
     print(run_dir)
 

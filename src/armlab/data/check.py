@@ -39,7 +39,9 @@ class CheckResult:
         return not self.problems
 
 
-def check_data_dir(data_dir: str | Path, world_size: int | None = None, verify_hashes: bool = True) -> CheckResult:
+def check_data_dir(
+    data_dir: str | Path, world_size: int | None = None, verify_hashes: bool = True
+) -> CheckResult:
     d = Path(data_dir)
     res = CheckResult(d)
     if not d.is_dir():
@@ -66,7 +68,9 @@ def check_data_dir(data_dir: str | Path, world_size: int | None = None, verify_h
         groups_per_file.append(f.num_row_groups)
         field_ = f.schema_arrow.field("text") if "text" in f.schema_arrow.names else None
         if field_ is None or not (pa.types.is_string(field_.type) or pa.types.is_large_string(field_.type)):
-            res.problems.append(f"{p.name}: no string column 'text' (columns: {', '.join(f.schema_arrow.names)})")
+            res.problems.append(
+                f"{p.name}: no string column 'text' (columns: {', '.join(f.schema_arrow.names)})"
+            )
             fixes.append("rewrite the data with `armlab prepare` (shards need a string `text` column)")
             continue
         bad = 0
@@ -82,19 +86,26 @@ def check_data_dir(data_dir: str | Path, world_size: int | None = None, verify_h
         # row groups across ranks, so ranks 1.. got nothing and the run hung (Feb-18 postmortem).
         single = max(groups_per_file) == 1 and res.rows > COARSE_GROUP_ROWS * res.files
         if single or res.row_groups < world_size * MIN_GROUPS_PER_RANK:
-            layout = (f"one row group per file (~{res.rows // res.files:,} rows each)" if single
-                      else f"{res.row_groups} row groups in total")
+            layout = (
+                f"one row group per file (~{res.rows // res.files:,} rows each)"
+                if single
+                else f"{res.row_groups} row groups in total"
+            )
             res.problems.append(
                 f"{d}: {layout} cannot feed {world_size} ranks evenly "
                 f"(want row groups of <= {COARSE_GROUP_ROWS} rows, >= {MIN_GROUPS_PER_RANK} per rank)"
             )
-            fixes.append("re-shard into 1024-row groups: `armlab prepare EXP` for an arm, or declare the dir as a "
-                         "prebuilt arm (kind = 'prebuilt', uri = DIR) and run `armlab prepare EXP --arm NAME`")
+            fixes.append(
+                "re-shard into 1024-row groups: `armlab prepare EXP` for an arm, or declare the dir as a "
+                "prebuilt arm (kind = 'prebuilt', uri = DIR) and run `armlab prepare EXP --arm NAME`"
+            )
     res.fix = "; ".join(dict.fromkeys(fixes))
     return res
 
 
-def _check_manifest(d: Path, paths: list[Path], res: CheckResult, fixes: list[str], verify_hashes: bool) -> None:
+def _check_manifest(
+    d: Path, paths: list[Path], res: CheckResult, fixes: list[str], verify_hashes: bool
+) -> None:
     mpath = d / MANIFEST
     if not mpath.is_file():
         return  # a foreign dir: nothing to compare against

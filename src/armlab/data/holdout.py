@@ -46,5 +46,7 @@ def tokenizer_fraction(spec: TokenizerSpec, non_eval_chars: float) -> float:
     return 1.0 if non_eval_chars <= 0 else min(1.0, spec.train_chars / non_eval_chars)
 
 
-def tokenizer_mask(keys: np.ndarray, spec: TokenizerSpec, fraction: float, held_out: np.ndarray) -> np.ndarray:
+def tokenizer_mask(
+    keys: np.ndarray, spec: TokenizerSpec, fraction: float, held_out: np.ndarray
+) -> np.ndarray:
     return (uniform(keys, spec.seed, SALT_TOKENIZER) < fraction) & ~held_out

@@ -47,7 +47,9 @@ def _hash_strings(arr: pa.Array) -> np.ndarray:
     offsets = np.frombuffer(offsets_buf, dtype=offset_type)[arr.offset : arr.offset + n + 1].tolist()
     data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
     h = xxhash.xxh3_64_intdigest
-    out = np.fromiter((h(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)), dtype=np.uint64, count=n)
+    out = np.fromiter(
+        (h(data[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)), dtype=np.uint64, count=n
+    )
     if arr.null_count:
         out[~arr.is_valid().to_numpy(zero_copy_only=False)] = 0
     return out

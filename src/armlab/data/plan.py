@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from armlab.budget import training_budget
 from armlab.data.pool import file_stats, list_pool
-from armlab.data.prepare import CHARS_PER_TOKEN
+from armlab.data.select import CHARS_PER_TOKEN
 from armlab.data.shards import MANIFEST
 from armlab.progress import progress
 from armlab.spec import ArmSpec, Experiment
@@ -66,7 +66,11 @@ def _estimate(exp: Experiment, arm: ArmSpec, pool: PoolEstimate) -> tuple[int, i
         chars, rows = int(chars * arm.max_rows / rows), arm.max_rows
     tokens = int(chars / CHARS_PER_TOKEN)
     if arm.max_tokens and tokens > arm.max_tokens:
-        rows, chars, tokens = int(rows * arm.max_tokens / tokens), int(chars * arm.max_tokens / tokens), arm.max_tokens
+        rows, chars, tokens = (
+            int(rows * arm.max_tokens / tokens),
+            int(chars * arm.max_tokens / tokens),
+            arm.max_tokens,
+        )
     return rows, chars, tokens
 
 
@@ -104,22 +108,36 @@ def fmt(v: int | None, human: bool = True) -> str:
 def render(exp: Experiment, plans: list[ArmPlan]) -> tuple[str, list[str]]:
     """The plan as a text table, and one warning line per arm that a run would repeat."""
     b = training_budget(exp)
-    head = (f"{exp.name}: depth {exp.model.depth}, {b.params.total / 1e6:,.1f}M params "
-            f"({b.params.scaling / 1e6:,.1f}M scaling), {b.num_iterations:,} steps x {b.total_batch_size:,} tokens "
-            f"= {fmt(b.tokens)} tokens per run\n")
+    head = (
+        f"{exp.name}: depth {exp.model.depth}, {b.params.total / 1e6:,.1f}M params "
+        f"({b.params.scaling / 1e6:,.1f}M scaling), {b.num_iterations:,} steps x {b.total_batch_size:,} tokens "
+        f"= {fmt(b.tokens)} tokens per run\n"
+    )
     rows = [("arm", "kind", "source", "docs", "chars", "tokens", "epochs")]
 
     for p in plans:
-        rows.append((p.arm, p.kind, p.source, fmt(p.rows, human=False), fmt(p.chars), fmt(p.tokens),
-                     "?" if p.epochs is None else f"{p.epochs:.2f}"))
+        rows.append(
+            (
+                p.arm,
+                p.kind,
+                p.source,
+                fmt(p.rows, human=False),
+                fmt(p.chars),
+                fmt(p.tokens),
+                "?" if p.epochs is None else f"{p.epochs:.2f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
     warnings = []
     for p in plans:
         if p.repeats:
-            warnings.append(f"arm {p.arm!r} holds {fmt(p.tokens)} tokens but a run consumes {fmt(p.budget_tokens)}: "
-                            f"it would be repeated {p.epochs:.2f}x (raise its ratio / max_tokens, or set train.allow_repeat)")
+            warnings.append(
+                f"arm {p.arm!r} holds {fmt(p.tokens)} tokens but a run consumes {fmt(p.budget_tokens)}: "
+                f"it would be repeated {p.epochs:.2f}x (raise its ratio / max_tokens, or set train.allow_repeat)"
+            )
         if p.source == "unknown":
-            warnings.append(f"arm {p.arm!r}: size unknown until prepared (`armlab prepare EXP --arm {p.arm}`)")
+            warnings.append(
+                f"arm {p.arm!r}: size unknown until prepared (`armlab prepare EXP --arm {p.arm}`)"
+            )
     return head + table, warnings
-

@@ -119,7 +119,9 @@ def list_pool(spec: PoolSpec) -> list[PoolFile]:
             if fmt and info.get("type", "file") == "file":
                 files.append(PoolFile(name, int(info.get("size") or 0), fmt, protocol))
     if not files:
-        raise ArmlabError(f"pool.uri {spec.uri!r}: no parquet or jsonl(.gz/.zst) files found; check the path or glob")
+        raise ArmlabError(
+            f"pool.uri {spec.uri!r}: no parquet or jsonl(.gz/.zst) files found; check the path or glob"
+        )
     return files
 
 
@@ -205,8 +207,10 @@ class BadFile(ArmlabError):
         self.file, self.reason = file, reason
 
     def __str__(self) -> str:
-        return (f"{self.file}: unreadable ({self.reason}); "
-                "re-download or remove it, or rerun with --skip-bad-files to skip and record it")
+        return (
+            f"{self.file}: unreadable ({self.reason}); "
+            "re-download or remove it, or rerun with --skip-bad-files to skip and record it"
+        )
 
 
 def describe_error(err: Exception) -> str:
@@ -276,8 +280,16 @@ class Prefetcher:
     file after use unless keep_cache.
     """
 
-    def __init__(self, files: list[PoolFile], order: list[int], cache_dir: Path, ahead: int = 3,
-                 keep_cache: bool = False, retries: int = 5, backoff: float = 2.0):
+    def __init__(
+        self,
+        files: list[PoolFile],
+        order: list[int],
+        cache_dir: Path,
+        ahead: int = 3,
+        keep_cache: bool = False,
+        retries: int = 5,
+        backoff: float = 2.0,
+    ):
         self.files, self.order, self.cache_dir = files, order, cache_dir
         self.ahead, self.keep_cache, self.retries, self.backoff = max(1, ahead), keep_cache, retries, backoff
         self.pool = ThreadPoolExecutor(max_workers=self.ahead)

@@ -26,7 +26,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -49,25 +49,26 @@ from armlab.data.pool import (
     read_columns,
 )
 from armlab.data.select import (
+    CHARS_PER_TOKEN,
     SALT_SHUFFLE,
     Chunk,
+    Rules,
     Threshold,
+    arm_base,
+    arm_members,
     cap_rank,
-    random_members,
     rank_threshold,
-    sample_rank,
-    top_rank,
+    weights,
 )
 from armlab.data.shards import MANIFEST, ShardWriter, finish_dir, read_shards
 from armlab.data.shuffle import StageWriter, merge
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
-from armlab.spec import ArmSpec, EvalSpec, Experiment, PoolSpec, TokenizerSpec, fingerprint, fingerprint_diff
+from armlab.spec import ArmSpec, Experiment, PoolSpec, fingerprint, fingerprint_diff
 from armlab.workdir import Workdir, atomic_path, atomic_write_json, check_writable, open_workdir, read_json
 
 EVAL = "eval"
 TOKENIZER = "tokenizer"
-CHARS_PER_TOKEN = 4.0  # estimate when the pool has no token counts (recorded in the manifest)
 
 
 # -- what to build ---------------------------------------------------------------------------------
@@ -104,25 +105,15 @@ class Columns:
         return cols
 
 
-@dataclass
-class Rules:
-    """Everything membership depends on besides the per-document arrays (picklable, for workers)."""
-
-    eval_spec: EvalSpec
-    eval_cut: int
-    tokenizer_spec: TokenizerSpec
-    tokenizer_fraction: float
-    arms: dict[str, ArmSpec]
-    thresholds: dict[str, Threshold | None] = field(default_factory=dict)
-    caps: dict[str, Threshold | None] = field(default_factory=dict)
-
-
 def key_columns(exp: Experiment, arms: list[ArmSpec]) -> Columns:
     scores = tuple(dict.fromkeys(a.score_column for a in arms if a.score_column))
     by_tokens = any(a.by == "tokens" or a.max_tokens for a in arms)
     tokens = exp.pool.token_count_column  # a small integer column: read it when there is one (exact counts)
     return Columns(
-        id=exp.pool.id_column, text=exp.pool.text_column, scores=scores, tokens=tokens,
+        id=exp.pool.id_column,
+        text=exp.pool.text_column,
+        scores=scores,
+        tokens=tokens,
         need_chars=by_tokens and tokens is None,
     )
 
@@ -136,21 +127,34 @@ def key_pass(pf: PoolFile, cols: Columns, out: Path) -> None:
     t = read_columns(pf, read, expect=(cols.text,))
     arrays: dict[str, np.ndarray] = {}
     text = t.column(cols.text) if cols.text in t.column_names else None
+    if cols.id and t.column(cols.id).null_count:
+        raise ArmlabError(
+            f"{pf.name}: id column {cols.id!r} has {t.column(cols.id).null_count} null values; fix the data, "
+            "or remove pool.id_column to identify documents by a hash of their text"
+        )
     arrays["keys"] = doc_keys(t.column(cols.id) if cols.id else None, text)
     if text is not None:
         arrays["chars"] = pc.fill_null(pc.utf8_length(text), 0).to_numpy().astype(np.int64)
         arrays["text_bytes"] = np.array(int(arrays["chars"].sum()))
     else:
-        arrays["text_bytes"] = np.array(file_stats(pf, cols.text).text_bytes)  # parquet metadata, no data read
+        arrays["text_bytes"] = np.array(
+            file_stats(pf, cols.text).text_bytes
+        )  # parquet metadata, no data read
     for c in cols.scores:
         col = t.column(c)
-        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_decimal(col.type)):
-            raise ArmlabError(f"{pf.name}: score column {c!r} has type {col.type}, not a number; point score_column at a numeric column")
+        if not (
+            pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_decimal(col.type)
+        ):
+            raise ArmlabError(
+                f"{pf.name}: score column {c!r} has type {col.type}, not a number; point score_column at a numeric column"
+            )
         arrays[f"score:{c}"] = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
     if cols.tokens:
         col = t.column(cols.tokens)
         if not pa.types.is_integer(col.type):
-            raise ArmlabError(f"{pf.name}: token_count_column {cols.tokens!r} has type {col.type}, not an integer")
+            raise ArmlabError(
+                f"{pf.name}: token_count_column {cols.tokens!r} has type {col.type}, not an integer"
+            )
         arrays["tokens"] = pc.fill_null(col, 0).to_numpy().astype(np.int64)
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
@@ -162,45 +166,6 @@ def load_keys(path: Path) -> dict[str, np.ndarray]:
 
 
 # -- membership (pure) -----------------------------------------------------------------------------
-def weights(a: dict[str, np.ndarray], by_tokens: bool) -> np.ndarray | None:
-    if not by_tokens:
-        return None
-    if "tokens" in a:
-        return a["tokens"].astype(np.float64)
-    return a["chars"] / CHARS_PER_TOKEN
-
-
-def arm_base(arm: ArmSpec, a: dict[str, np.ndarray], held: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | np.ndarray:
-    """Random arms: their member mask. Top/sample arms: (candidate mask, primary, secondary) ranks."""
-    keys = a["keys"]
-    if arm.kind == "random":
-        return random_members(keys, arm.seed, arm.ratio) & ~held
-    score = a[f"score:{arm.score_column}"]
-    cand = ~held & ~np.isnan(score)
-    if arm.kind == "top":
-        p, s = top_rank(score[cand], keys[cand], arm.seed)
-    else:
-        p, s = sample_rank(score[cand], keys[cand], arm.seed, arm.temperature)
-    return cand, p, s
-
-
-def arm_members(arm: ArmSpec, rules: Rules, a: dict[str, np.ndarray], held: np.ndarray, capped: bool = True) -> np.ndarray:
-    base = arm_base(arm, a, held)
-    if isinstance(base, tuple):
-        cand, p, s = base
-        m = np.zeros(len(cand), dtype=bool)
-        th = rules.thresholds[arm.name]
-        if th is not None:
-            m[cand] = th.accepts(p, s)
-    else:
-        m = base
-    cap = rules.caps.get(arm.name)
-    if capped and cap is not None:
-        p, s = cap_rank(a["keys"], arm.seed)
-        m &= cap.accepts(p, s)
-    return m
-
-
 def masks(rules: Rules, a: dict[str, np.ndarray], names: Iterable[str]) -> dict[str, np.ndarray]:
     held = holdout.eval_mask(a["keys"], rules.eval_spec, rules.eval_cut)
     out: dict[str, np.ndarray] = {}
@@ -208,7 +173,9 @@ def masks(rules: Rules, a: dict[str, np.ndarray], names: Iterable[str]) -> dict[
         if name == EVAL:
             out[name] = held
         elif name == TOKENIZER:
-            out[name] = holdout.tokenizer_mask(a["keys"], rules.tokenizer_spec, rules.tokenizer_fraction, held)
+            out[name] = holdout.tokenizer_mask(
+                a["keys"], rules.tokenizer_spec, rules.tokenizer_fraction, held
+            )
         else:
             out[name] = arm_members(rules.arms[name], rules, a, held)
     return out
@@ -222,8 +189,16 @@ def text_schema(target: Target) -> pa.Schema:
     return pa.schema(fields)
 
 
-def route_unit(unit: int, batches: Iterable[pa.Table], keys: np.ndarray, member: dict[str, np.ndarray],
-               tokens: np.ndarray | None, targets: list[Target], stage: Path, name: str) -> dict[str, Any]:
+def route_unit(
+    unit: int,
+    batches: Iterable[pa.Table],
+    keys: np.ndarray,
+    member: dict[str, np.ndarray],
+    tokens: np.ndarray | None,
+    targets: list[Target],
+    stage: Path,
+    name: str,
+) -> dict[str, Any]:
     """Send each target's selected, non-empty rows of one unit to its stage-1 file; return counts."""
     writers = {t.name: StageWriter(stage / t.name / f"{unit:06d}.arrow") for t in targets}
     stats = {t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0} for t in targets}
@@ -236,7 +211,7 @@ def route_unit(unit: int, batches: Iterable[pa.Table], keys: np.ndarray, member:
             n = len(text)
             valid = pc.fill_null(pc.greater(pc.binary_length(text), 0), False).to_numpy(zero_copy_only=False)
             for t in targets:
-                m = member[t.name][off:off + n]
+                m = member[t.name][off : off + n]
                 st = stats[t.name]
                 st["dropped_empty"] += int(np.count_nonzero(m & ~valid))
                 idx = np.flatnonzero(m & valid)
@@ -258,7 +233,9 @@ def route_unit(unit: int, batches: Iterable[pa.Table], keys: np.ndarray, member:
                     st["tokens"] += int(tokens[off + idx].sum())
             off += n
         if off != len(keys):
-            raise ArmlabError(f"{name}: has {off} rows but the key pass saw {len(keys)}; the file changed, rerun prepare")
+            raise ArmlabError(
+                f"{name}: has {off} rows but the key pass saw {len(keys)}; the file changed, rerun prepare"
+            )
         for t in targets:
             writers[t.name].close(text_schema(t))
     except BaseException:
@@ -268,24 +245,49 @@ def route_unit(unit: int, batches: Iterable[pa.Table], keys: np.ndarray, member:
     return stats
 
 
-def text_pass(unit: int, pf: PoolFile, local: Path, keys_npz: Path, rules: Rules, text_column: str,
-              targets: list[Target], stage: Path) -> dict[str, Any]:
+def text_pass(
+    unit: int,
+    pf: PoolFile,
+    local: Path,
+    keys_npz: Path,
+    rules: Rules,
+    text_column: str,
+    targets: list[Target],
+    stage: Path,
+) -> dict[str, Any]:
     a = load_keys(keys_npz)
     member = masks(rules, a, [t.name for t in targets])
-    stats = route_unit(unit, iter_batches(pf, local, [text_column]), a["keys"], member, a.get("tokens"),
-                       targets, stage, pf.name)
+    stats = route_unit(
+        unit,
+        iter_batches(pf, local, [text_column]),
+        a["keys"],
+        member,
+        a.get("tokens"),
+        targets,
+        stage,
+        pf.name,
+    )
     atomic_write_json(stage / "done" / f"{unit:06d}.json", stats)
     return stats
 
 
-def prebuilt_pass(unit: int, path: Path, id_column: str | None, eval_keys: np.ndarray, eval_text_keys: np.ndarray,
-                  target: Target, stage: Path) -> dict[str, Any]:
+def prebuilt_pass(
+    unit: int,
+    path: Path,
+    id_column: str | None,
+    eval_keys: np.ndarray,
+    eval_text_keys: np.ndarray,
+    target: Target,
+    stage: Path,
+) -> dict[str, Any]:
     """One file of a prebuilt arm: drop eval docs (by id when the file has the pool's id column)."""
     try:
         f = pq.ParquetFile(str(path))
         names = f.schema_arrow.names
         if "text" not in names:
-            raise ArmlabError(f"{path}: no column 'text' (columns: {', '.join(names)}); a prebuilt arm needs nanochat-format shards")
+            raise ArmlabError(
+                f"{path}: no column 'text' (columns: {', '.join(names)}); a prebuilt arm needs nanochat-format shards"
+            )
         use_id = id_column is not None and id_column in names
         cols = ["text", id_column] if use_id else ["text"]
         table = f.read(columns=cols)
@@ -307,8 +309,16 @@ def prebuilt_pass(unit: int, path: Path, id_column: str | None, eval_keys: np.nd
     return stats
 
 
-def merge_target(target: Target, stage: Path, units: list[int], total_bytes: int, rows_per_shard: int,
-                 row_group_rows: int, compression: str, partial: Path) -> list[dict[str, Any]]:
+def merge_target(
+    target: Target,
+    stage: Path,
+    units: list[int],
+    total_bytes: int,
+    rows_per_shard: int,
+    row_group_rows: int,
+    compression: str,
+    partial: Path,
+) -> list[dict[str, Any]]:
     if partial.exists():
         shutil.rmtree(partial)
     writer = ShardWriter(partial, rows_per_shard, row_group_rows, compression)
@@ -331,8 +341,12 @@ class Runner:
             ctx.set_forkserver_preload([__name__])
             self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
 
-    def run(self, tags: list[Any], make: Callable[[Any], tuple[Callable[..., Any], tuple[Any, ...]]],
-            on_done: Callable[[Any, Any], None]) -> None:
+    def run(
+        self,
+        tags: list[Any],
+        make: Callable[[Any], tuple[Callable[..., Any], tuple[Any, ...]]],
+        on_done: Callable[[Any, Any], None],
+    ) -> None:
         """For each tag in order: `fn, args = make(tag)` (may block, e.g. on a download), run
         `fn(*args)`, then `on_done(tag, result)` in the parent. At most `workers` run at once."""
         if self.pool is None:
@@ -378,11 +392,17 @@ def arm_selection(exp: Experiment, arm: ArmSpec) -> dict[str, Any]:
     if arm.kind == "random":
         sel["semantics"] = "uniform(key, seed) < ratio: each non-eval document independently (binomial size)"
     elif arm.kind == "top":
-        sel["semantics"] = f"exactly the top ratio of the non-eval pool by {arm.score_column} ({arm.by}); ties broken by mix(key, seed)"
+        sel["semantics"] = (
+            f"exactly the top ratio of the non-eval pool by {arm.score_column} ({arm.by}); ties broken by mix(key, seed)"
+        )
     elif arm.kind == "sample":
-        sel["semantics"] = f"Gumbel top-k: without replacement, P ~ exp({arm.score_column} / temperature), ratio of the non-eval pool ({arm.by})"
+        sel["semantics"] = (
+            f"Gumbel top-k: without replacement, P ~ exp({arm.score_column} / temperature), ratio of the non-eval pool ({arm.by})"
+        )
     if arm.max_rows or arm.max_tokens:
-        sel["cap_semantics"] = "a seeded uniform sample of the arm of at most max_rows rows / max_tokens tokens"
+        sel["cap_semantics"] = (
+            "a seeded uniform sample of the arm of at most max_rows rows / max_tokens tokens"
+        )
     return sel
 
 
@@ -390,15 +410,36 @@ def plan_targets(exp: Experiment, wd: Workdir, arms: list[ArmSpec], pool_fp: str
     shards = exp.shards.model_dump()
     common = {"pool_fingerprint": pool_fp, "eval": exp.eval.model_dump(), "shards": shards}
     out = [
-        Target(EVAL, wd.eval_dir, exp.eval.seed, ("text", "key", "text_key"), {"kind": "eval", **exp.eval.model_dump()},
-               fingerprint({**common, "target": "eval"})),
-        Target(TOKENIZER, wd.tokenizer_sample_dir, exp.tokenizer.seed, ("text",),
-               {"kind": "tokenizer-sample", "train_chars": exp.tokenizer.train_chars, "seed": exp.tokenizer.seed},
-               fingerprint({**common, "target": "tokenizer", "tok": [exp.tokenizer.train_chars, exp.tokenizer.seed]})),
+        Target(
+            EVAL,
+            wd.eval_dir,
+            exp.eval.seed,
+            ("text", "key", "text_key"),
+            {"kind": "eval", **exp.eval.model_dump()},
+            fingerprint({**common, "target": "eval"}),
+        ),
+        Target(
+            TOKENIZER,
+            wd.tokenizer_sample_dir,
+            exp.tokenizer.seed,
+            ("text",),
+            {
+                "kind": "tokenizer-sample",
+                "train_chars": exp.tokenizer.train_chars,
+                "seed": exp.tokenizer.seed,
+            },
+            fingerprint(
+                {**common, "target": "tokenizer", "tok": [exp.tokenizer.train_chars, exp.tokenizer.seed]}
+            ),
+        ),
     ]
     for arm in arms:
         sel = arm_selection(exp, arm)
-        out.append(Target(arm.name, wd.data_dir(arm.name), arm.seed, ("text",), sel, fingerprint({**common, "arm": sel})))
+        out.append(
+            Target(
+                arm.name, wd.data_dir(arm.name), arm.seed, ("text",), sel, fingerprint({**common, "arm": sel})
+            )
+        )
     return out
 
 
@@ -419,9 +460,16 @@ def needs_work(t: Target, force: bool, overwrite: bool) -> bool:
     return True
 
 
-def prepare(exp: Experiment, arms: list[str] | None = None, workers: int | None = None, force: bool = False,
-            overwrite: bool = False, skip_bad_files: bool = False, keep_cache: bool = False,
-            skip_download: bool = False) -> dict[str, Path]:
+def prepare(
+    exp: Experiment,
+    arms: list[str] | None = None,
+    workers: int | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    skip_bad_files: bool = False,
+    keep_cache: bool = False,
+    skip_download: bool = False,
+) -> dict[str, Path]:
     """Prepare the eval set, the tokenizer sample and the named arms (default all); arm -> data dir."""
     wd = open_workdir(exp)
     chosen = [exp.arm(a) for a in arms] if arms else list(exp.arms)
@@ -438,8 +486,16 @@ def prepare(exp: Experiment, arms: list[str] | None = None, workers: int | None 
     return {a.name: wd.data_dir(a.name) for a in chosen}
 
 
-def _prepare_pool(exp: Experiment, wd: Workdir, arms: list[ArmSpec], runner: Runner, force: bool, overwrite: bool,
-                  skip_bad_files: bool, keep_cache: bool) -> None:
+def _prepare_pool(
+    exp: Experiment,
+    wd: Workdir,
+    arms: list[ArmSpec],
+    runner: Runner,
+    force: bool,
+    overwrite: bool,
+    skip_bad_files: bool,
+    keep_cache: bool,
+) -> None:
     files = list_pool(exp.pool)
     pool_fp = pool_fingerprint(exp.pool, files)
     targets = [t for t in plan_targets(exp, wd, arms, pool_fp) if needs_work(t, force, overwrite)]
@@ -489,7 +545,10 @@ def _prepare_pool(exp: Experiment, wd: Workdir, arms: list[ArmSpec], runner: Run
     todo = [i for i in live if i not in unit_stats]
     fetcher = Prefetcher(files, todo, wd.cache_dir / "pool", ahead=runner.workers + 2, keep_cache=keep_cache)
     with progress() as bar:
-        task = bar.add_task("select + route", total=len(live), completed=len(live) - len(todo), unit="files", bytes=0)
+        done_rows = sum(summary["file_rows"][i] for i in unit_stats)
+        task = bar.add_task(
+            "select + route", total=summary["rows"], completed=done_rows, unit="docs", bytes=0
+        )
         moved = 0
 
         def make(i: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
@@ -501,7 +560,7 @@ def _prepare_pool(exp: Experiment, wd: Workdir, arms: list[ArmSpec], runner: Run
             unit_stats[i] = stats
             fetcher.release(i)
             moved += summary["text_bytes"][i]
-            bar.update(task, advance=1, bytes=moved)
+            bar.update(task, advance=summary["file_rows"][i], bytes=moved)
 
         try:
             runner.run(todo, make, routed)
@@ -509,8 +568,13 @@ def _prepare_pool(exp: Experiment, wd: Workdir, arms: list[ArmSpec], runner: Run
             fetcher.close()
 
     # 4. shuffle + write
-    common = {"pool_fingerprint": pool_fp, "skipped_files": skipped, "pool_rows": summary["rows"],
-              "eval_cut": f"{rules.eval_cut:016x}", "tokens_source": cols.tokens}
+    common = {
+        "pool_fingerprint": pool_fp,
+        "skipped_files": skipped,
+        "pool_rows": summary["rows"],
+        "eval_cut": f"{rules.eval_cut:016x}",
+        "tokens_source": cols.tokens,
+    }
     extra = {t.name: dict(common) for t in targets}
     if TOKENIZER in extra:
         extra[TOKENIZER]["tokenizer_fraction"] = rules.tokenizer_fraction
@@ -533,15 +597,21 @@ def _key_pass_guarded(pf: PoolFile, cols: Columns, out: Path, skip_bad_files: bo
     return None
 
 
-def _thresholds(exp: Experiment, arms: list[ArmSpec], live: list[int], npz: dict[int, Path]) -> tuple[Rules, dict[str, Any]]:
+def _thresholds(
+    exp: Experiment, arms: list[ArmSpec], live: list[int], npz: dict[int, Path]
+) -> tuple[Rules, dict[str, Any]]:
     """Eval cut, tokenizer fraction, arm thresholds and caps: all exact, memory bounded by one file."""
     rows = 0
     small = np.zeros(0, dtype=np.uint64)  # the docs smallest eval hashes so far (bounded memory)
     text_bytes: dict[int, int] = {}
+    file_rows: dict[int, int] = {}
     for i in live:
         a = load_keys(npz[i])
         rows += len(a["keys"])
-        small = holdout.smallest(np.concatenate([small, holdout.eval_hashes(a["keys"], exp.eval)]), exp.eval.docs)
+        file_rows[i] = len(a["keys"])
+        small = holdout.smallest(
+            np.concatenate([small, holdout.eval_hashes(a["keys"], exp.eval)]), exp.eval.docs
+        )
         text_bytes[i] = int(a["text_bytes"])
     if rows == 0:
         raise ArmlabError(f"pool {exp.pool.uri!r}: no documents in {len(live)} readable file(s)")
@@ -561,6 +631,7 @@ def _thresholds(exp: Experiment, arms: list[ArmSpec], live: list[int], npz: dict
                 cand, p, s = arm_base(arm, a, held)
                 w = weights(a, by_tokens)
                 yield p, s, (w[cand] if w is not None else None)
+
         return gen
 
     for arm in arms:
@@ -605,7 +676,7 @@ def _thresholds(exp: Experiment, arms: list[ArmSpec], live: list[int], npz: dict
             if th is not None:
                 caps.append(th)
         rules.caps[arm.name] = max(caps, key=lambda t: (t.p, t.s)) if caps else None
-    return rules, {"rows": rows, "text_bytes": text_bytes}
+    return rules, {"rows": rows, "text_bytes": text_bytes, "file_rows": file_rows}
 
 
 def _count_members(rules: Rules, live: list[int], npz: dict[int, Path], names: list[str]) -> dict[str, int]:
@@ -616,10 +687,19 @@ def _count_members(rules: Rules, live: list[int], npz: dict[int, Path], names: l
     return counts
 
 
-def _write_targets(exp: Experiment, runner: Runner, targets: list[Target], stage: Path, units: list[int],
-                   unit_stats: dict[int, dict[str, Any]], extra: dict[str, dict[str, Any]]) -> None:
+def _write_targets(
+    exp: Experiment,
+    runner: Runner,
+    targets: list[Target],
+    stage: Path,
+    units: list[int],
+    unit_stats: dict[int, dict[str, Any]],
+    extra: dict[str, dict[str, Any]],
+) -> None:
     """Stage 2 for each target (in parallel), then its manifest and the swap into place."""
-    totals = {t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0, "eval_removed": 0} for t in targets}
+    totals = {
+        t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0, "eval_removed": 0} for t in targets
+    }
     for u in units:
         for name, st in unit_stats[u].items():
             if name in totals:
@@ -627,13 +707,23 @@ def _write_targets(exp: Experiment, runner: Runner, targets: list[Target], stage
                     totals[name][k] += v
     for t in targets:
         if t.name not in (EVAL, TOKENIZER) and totals[t.name]["rows"] == 0:
-            raise ArmlabError(f"arm {t.name!r}: no non-empty documents selected; raise its ratio or check the text column")
+            raise ArmlabError(
+                f"arm {t.name!r}: no non-empty documents selected; raise its ratio or check the text column"
+            )
     sh = exp.shards
 
     def make(t: Target) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         partial = t.out_dir.with_name(f".{t.out_dir.name}.partial")
-        return merge_target, (t, stage, units, totals[t.name]["chars"], sh.rows_per_shard, sh.row_group_rows,
-                              sh.compression, partial)
+        return merge_target, (
+            t,
+            stage,
+            units,
+            totals[t.name]["chars"],
+            sh.rows_per_shard,
+            sh.row_group_rows,
+            sh.compression,
+            partial,
+        )
 
     by_name = {t.name: t for t in targets}
     with progress() as bar:
@@ -643,9 +733,14 @@ def _write_targets(exp: Experiment, runner: Runner, targets: list[Target], stage
             t = by_name[name]
             tot = totals[name]
             manifest = {
-                "name": name, "rows": sum(f["rows"] for f in files), "chars": sum(f["chars"] for f in files),
-                "files": files, "selection": t.selection, "fingerprint": t.fingerprint,
-                "shards": exp.shards.model_dump(), "dropped_empty": tot["dropped_empty"],
+                "name": name,
+                "rows": sum(f["rows"] for f in files),
+                "chars": sum(f["chars"] for f in files),
+                "files": files,
+                "selection": t.selection,
+                "fingerprint": t.fingerprint,
+                "shards": exp.shards.model_dump(),
+                "dropped_empty": tot["dropped_empty"],
                 "shuffle": {"seed": t.shuffle_seed, "order": "ascending mix(key, seed, SALT_SHUFFLE)"},
                 **extra[name],
             }
@@ -657,25 +752,44 @@ def _write_targets(exp: Experiment, runner: Runner, targets: list[Target], stage
                 manifest["tokens_estimate"] = round(manifest["chars"] / CHARS_PER_TOKEN)
             finish_dir(t.out_dir.with_name(f".{t.out_dir.name}.partial"), t.out_dir, manifest)
             bar.update(task, advance=1)
-            console.print(f"prepare: {name}: {manifest['rows']:,} docs, {manifest['chars'] / 1e6:,.1f}M chars, "
-                          f"{len(files)} shards -> {t.out_dir}", soft_wrap=True)
+            console.print(
+                f"prepare: {name}: {manifest['rows']:,} docs, {manifest['chars'] / 1e6:,.1f}M chars, "
+                f"{len(files)} shards -> {t.out_dir}",
+                soft_wrap=True,
+            )
 
         runner.run(targets, make, lambda t, files: written(t.name, files))
 
 
-def _prepare_prebuilt(exp: Experiment, wd: Workdir, arm: ArmSpec, runner: Runner, force: bool, overwrite: bool,
-                      skip_download: bool) -> None:
+def _prepare_prebuilt(
+    exp: Experiment,
+    wd: Workdir,
+    arm: ArmSpec,
+    runner: Runner,
+    force: bool,
+    overwrite: bool,
+    skip_download: bool,
+) -> None:
     if arm.max_rows or arm.max_tokens:
-        raise ArmlabError(f"arm {arm.name!r}: max_rows / max_tokens are not supported for prebuilt arms yet; remove them")
+        raise ArmlabError(
+            f"arm {arm.name!r}: max_rows / max_tokens are not supported for prebuilt arms yet; remove them"
+        )
     eval_manifest = wd.eval_dir / MANIFEST
     if not eval_manifest.is_file():
-        raise ArmlabError(f"arm {arm.name!r}: the eval set is not prepared yet; run `armlab prepare EXP` without --arm first")
+        raise ArmlabError(
+            f"arm {arm.name!r}: the eval set is not prepared yet; run `armlab prepare EXP` without --arm first"
+        )
     uri = arm.uri or ""
     if uri.startswith("az://"):
         from armlab.data.blob import fetch_prebuilt
 
-        src = fetch_prebuilt(uri, wd.arm_dir(arm.name) / "download", mode=arm.download_mode,
-                             concurrency=arm.concurrency, skip_download=skip_download)
+        src = fetch_prebuilt(
+            uri,
+            wd.arm_dir(arm.name) / "download",
+            mode=arm.download_mode,
+            concurrency=arm.concurrency,
+            skip_download=skip_download,
+        )
     else:
         src = Path(os.path.expanduser(uri))
     paths = sorted(src.rglob("*.parquet")) if src.is_dir() else []
@@ -683,10 +797,19 @@ def _prepare_prebuilt(exp: Experiment, wd: Workdir, arm: ArmSpec, runner: Runner
         raise ArmlabError(f"arm {arm.name!r}: uri {uri!r} holds no .parquet files")
     src_fp = fingerprint([[p.name, p.stat().st_size] for p in paths])
     eval_m = read_json(eval_manifest)
-    sel = {**arm_selection(exp, arm), "source_fingerprint": src_fp,
-           "semantics": "the prebuilt files minus the eval docs (by id, else by text hash), reshuffled"}
-    t = Target(arm.name, wd.data_dir(arm.name), arm.seed, ("text",), sel,
-               fingerprint({"arm": sel, "eval": eval_m.get("fingerprint"), "shards": exp.shards.model_dump()}))
+    sel = {
+        **arm_selection(exp, arm),
+        "source_fingerprint": src_fp,
+        "semantics": "the prebuilt files minus the eval docs (by id, else by text hash), reshuffled",
+    }
+    t = Target(
+        arm.name,
+        wd.data_dir(arm.name),
+        arm.seed,
+        ("text",),
+        sel,
+        fingerprint({"arm": sel, "eval": eval_m.get("fingerprint"), "shards": exp.shards.model_dump()}),
+    )
     if not needs_work(t, force, overwrite):
         console.print(f"prepare: {arm.name}: up to date")
         return
@@ -703,15 +826,29 @@ def _prepare_prebuilt(exp: Experiment, wd: Workdir, arm: ArmSpec, runner: Runner
         else:
             todo.append(u)
     with progress() as bar:
-        task = bar.add_task(f"{arm.name}: remove eval + route", total=len(paths), completed=len(paths) - len(todo), unit="files")
+        task = bar.add_task(
+            f"{arm.name}: remove eval + route",
+            total=len(paths),
+            completed=len(paths) - len(todo),
+            unit="files",
+        )
 
         def routed(u: int, stats: dict[str, Any]) -> None:
             unit_stats[u] = stats
             bar.update(task, advance=1)
 
-        runner.run(todo, lambda u: (prebuilt_pass, (u, paths[u], exp.pool.id_column, eval_keys, eval_text_keys,
-                                                     t, stage)), routed)
-    _write_targets(exp, runner, [t], stage, list(range(len(paths))), unit_stats,
-                   {t.name: {"source": uri, "eval_fingerprint": eval_m.get("fingerprint")}})
+        runner.run(
+            todo,
+            lambda u: (prebuilt_pass, (u, paths[u], exp.pool.id_column, eval_keys, eval_text_keys, t, stage)),
+            routed,
+        )
+    _write_targets(
+        exp,
+        runner,
+        [t],
+        stage,
+        list(range(len(paths))),
+        unit_stats,
+        {t.name: {"source": uri, "eval_fingerprint": eval_m.get("fingerprint")}},
+    )
     shutil.rmtree(stage, ignore_errors=True)
-

@@ -15,16 +15,20 @@ The threshold is found exactly by `rank_threshold`, a radix select over any numb
 the thresholds, membership (`members`) depends only on the seed, the key and the score: never
 on the file layout, worker count or order of processing (DESIGN.md invariant 3).
 `random` needs no threshold: uniform(key, seed) < ratio (a binomial number of rows).
+
+`arm_members` applies an arm (policy, threshold, cap) to one file's arrays; `Rules` carries the
+thresholds to the worker processes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from armlab.data.identity import mix, uniform
+from armlab.spec import ArmSpec, EvalSpec, TokenizerSpec
 
 # Salts keep the hashes of different uses independent for the same seed.
 SALT_EVAL = 1
@@ -35,6 +39,7 @@ SALT_GUMBEL = 5
 SALT_CAP = 6
 SALT_SHUFFLE = 7
 
+CHARS_PER_TOKEN = 4.0  # token estimate when the pool has no token counts (recorded in manifests)
 SIGN = np.uint64(1 << 63)
 DIGIT_BITS = 16
 COLLECT_LIMIT = 4_000_000  # candidates this few are finished with one exact in-memory sort
@@ -52,7 +57,9 @@ def top_rank(scores: np.ndarray, keys: np.ndarray, seed: int) -> tuple[np.ndarra
     return float_bits(scores), ~mix(keys, seed, SALT_TIE)
 
 
-def sample_rank(scores: np.ndarray, keys: np.ndarray, seed: int, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+def sample_rank(
+    scores: np.ndarray, keys: np.ndarray, seed: int, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
     u = np.clip(uniform(keys, seed, SALT_GUMBEL), 1e-300, None)
     gumbel = -np.log(-np.log(u))
     return float_bits(scores / temperature + gumbel), ~mix(keys, seed, SALT_TIE)
@@ -81,8 +88,9 @@ class Threshold:
         return [f"{self.p:016x}", f"{self.s:016x}"]
 
 
-def rank_threshold(chunks: Callable[[], Iterable[Chunk]], target: float,
-                   collect_limit: int = COLLECT_LIMIT) -> Threshold | None:
+def rank_threshold(
+    chunks: Callable[[], Iterable[Chunk]], target: float, collect_limit: int = COLLECT_LIMIT
+) -> Threshold | None:
     """Exact threshold of the best documents whose total weight first reaches `target`.
 
     Radix select over the 128-bit rank, 16 bits a pass, most significant first: each pass
@@ -127,7 +135,11 @@ def _prefix_mask(primary: np.ndarray, secondary: np.ndarray, fixed: int, prefix:
     if fixed == 0:
         return None
     if fixed <= 64:
-        return (primary >> np.uint64(64 - fixed)) == np.uint64(prefix) if fixed < 64 else primary == np.uint64(prefix)
+        return (
+            (primary >> np.uint64(64 - fixed)) == np.uint64(prefix)
+            if fixed < 64
+            else primary == np.uint64(prefix)
+        )
     p_hi = prefix >> (fixed - 64)
     s_fixed = fixed - 64
     s_prefix = prefix & ((1 << s_fixed) - 1)
@@ -157,3 +169,61 @@ def _exact(chunks: Callable[[], Iterable[Chunk]], fixed: int, prefix: int, remai
         pos = len(cum) - 1  # not enough weight: take all of the tied documents
     best = order[pos]
     return Threshold(int(p[best]), int(s[best]))
+
+
+# -- arm membership over per-document arrays ------------------------------------------------------
+@dataclass
+class Rules:
+    """Everything membership depends on besides the per-document arrays (picklable, for workers)."""
+
+    eval_spec: EvalSpec
+    eval_cut: int
+    tokenizer_spec: TokenizerSpec
+    tokenizer_fraction: float
+    arms: dict[str, ArmSpec]
+    thresholds: dict[str, Threshold | None] = field(default_factory=dict)
+    caps: dict[str, Threshold | None] = field(default_factory=dict)
+
+
+def weights(a: dict[str, np.ndarray], by_tokens: bool) -> np.ndarray | None:
+    """Per-document weight for `by = "tokens"`: the token counts, else chars / CHARS_PER_TOKEN."""
+    if not by_tokens:
+        return None
+    if "tokens" in a:
+        return a["tokens"].astype(np.float64)
+    return a["chars"] / CHARS_PER_TOKEN
+
+
+def arm_base(
+    arm: ArmSpec, a: dict[str, np.ndarray], held: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | np.ndarray:
+    """Random arms: their member mask. Top/sample arms: (candidate mask, primary, secondary) ranks."""
+    keys = a["keys"]
+    if arm.kind == "random":
+        return random_members(keys, arm.seed, arm.ratio) & ~held
+    score = a[f"score:{arm.score_column}"]
+    cand = ~held & ~np.isnan(score)
+    if arm.kind == "top":
+        p, s = top_rank(score[cand], keys[cand], arm.seed)
+    else:
+        p, s = sample_rank(score[cand], keys[cand], arm.seed, arm.temperature)
+    return cand, p, s
+
+
+def arm_members(
+    arm: ArmSpec, rules: Rules, a: dict[str, np.ndarray], held: np.ndarray, capped: bool = True
+) -> np.ndarray:
+    base = arm_base(arm, a, held)
+    if isinstance(base, tuple):
+        cand, p, s = base
+        m = np.zeros(len(cand), dtype=bool)
+        th = rules.thresholds[arm.name]
+        if th is not None:
+            m[cand] = th.accepts(p, s)
+    else:
+        m = base
+    cap = rules.caps.get(arm.name)  # max_rows / max_tokens: a seeded uniform subsample
+    if capped and cap is not None:
+        p, s = cap_rank(a["keys"], arm.seed)
+        m &= cap.accepts(p, s)
+    return m

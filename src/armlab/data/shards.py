@@ -96,16 +96,22 @@ class ShardWriter:
         with atomic_path(path) as tmp:
             # No dictionary or statistics for text: documents are unique, so both only cost time.
             pq.write_table(
-                table, tmp, row_group_size=self.row_group_rows, compression=self.compression,
-                use_dictionary=False, write_statistics=False,
+                table,
+                tmp,
+                row_group_size=self.row_group_rows,
+                compression=self.compression,
+                use_dictionary=False,
+                write_statistics=False,
             )
-        self.files.append({
-            "name": path.name,
-            "rows": table.num_rows,
-            "row_groups": -(-table.num_rows // self.row_group_rows),
-            "chars": int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0),
-            "sha256": sha256_file(path),
-        })
+        self.files.append(
+            {
+                "name": path.name,
+                "rows": table.num_rows,
+                "row_groups": -(-table.num_rows // self.row_group_rows),
+                "chars": int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0),
+                "sha256": sha256_file(path),
+            }
+        )
 
 
 def finish_dir(partial: Path, final: Path, manifest: dict[str, Any]) -> None:

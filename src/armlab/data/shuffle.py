@@ -69,8 +69,13 @@ def bucket_bits(total_bytes: int) -> int:
     return min(16, (n - 1).bit_length())
 
 
-def merge(files: list[Path], writer: ShardWriter, columns: list[str], total_bytes: int,
-          on_rows: Callable[[int, int], None] | None = None) -> None:
+def merge(
+    files: list[Path],
+    writer: ShardWriter,
+    columns: list[str],
+    total_bytes: int,
+    on_rows: Callable[[int, int], None] | None = None,
+) -> None:
     """Stage 2: stream the rows of all stage files into `writer`, sorted by `h`."""
     maps: list[mmap.mmap] = []
     batches: list[tuple[pa.RecordBatch, np.ndarray]] = []
@@ -97,9 +102,8 @@ def merge(files: list[Path], writer: ShardWriter, columns: list[str], total_byte
                     parts.append(b.slice(i0, i1 - i0))
             if not parts:
                 continue
-            table = pa.Table.from_batches(parts)
-            h = np.concatenate([p.column("h").to_numpy() for p in parts])
-            out = table.select(columns).take(np.argsort(h, kind="stable"))
+            table = pa.Table.from_batches(parts).combine_chunks()
+            out = table.select(columns).take(np.argsort(table.column("h").to_numpy(), kind="stable"))
             del table, parts
             # The bucket is copied out: drop its mapped pages from our resident set (they stay in
             # the page cache), so RSS stays at one bucket however large the arm is.

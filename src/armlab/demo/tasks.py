@@ -139,7 +139,7 @@ def demo_tasks(sentences: list[list[str]], per_task: int = 60, seed: int = 0) ->
     ]
 
 
-def build_demo_bundle(eval_dir: Path, dest: Path, per_task: int = 60) -> Path:
+def build_demo_bundle(eval_dir: Path, dest: Path, per_task: int = 40) -> Path:
     """Write the demo bundle to `dest` (reused when present: its content depends only on the eval set)."""
     if (dest / "core.yaml").is_file():
         return dest

@@ -54,24 +54,25 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def _bars(ax: Any, arms: dict[str, Any], key: str, colors: dict[str, str], title: str) -> None:
+def _estimates(ax: Any, arms: dict[str, Any], key: str, colors: dict[str, str], title: str) -> None:
+    """Mean with its 95% interval per arm, seeds as dots. CORE is drawn as bars from 0 (chance);
+    val bpb as points on a zoomed axis, since bars on a cut axis would exaggerate differences."""
     names = [a for a in arms if arms[a].get(key)]
     for i, a in enumerate(names):
         est = arms[a][key]
         err = None if est["half_width"] is None else [[est["half_width"]], [est["half_width"]]]
-        ax.bar(i, est["mean"], color=colors[a], alpha=0.75, yerr=err, capsize=6)
+        if key == "core":
+            ax.bar(i, est["mean"], color=colors[a], alpha=0.75, yerr=err, capsize=6)
+        else:
+            ax.errorbar(i, est["mean"], yerr=err, fmt="o", color=colors[a], ms=9, capsize=8, lw=2)
         seeds = [r[key] for r in arms[a]["runs"] if r[key] is not None]
-        ax.scatter([i] * len(seeds), seeds, color="black", s=12, zorder=3)
+        ax.scatter([i + 0.12] * len(seeds), seeds, color="black", s=12, zorder=3)
     ax.set_xticks(range(len(names)), names)
+    ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    if key == "val_bpb" and names:  # bpb differences are small relative to its size: zoom in
-        vals = [r[key] for a in names for r in arms[a]["runs"] if r[key] is not None]
-        lows = [arms[a][key]["low"] for a in names if arms[a][key]["low"] is not None]
-        highs = [arms[a][key]["high"] for a in names if arms[a][key]["high"] is not None]
-        lo, hi = min(vals + lows), max(vals + highs)
-        pad = max(hi - lo, 1e-3) * 0.5
-        ax.set_ylim(lo - pad, hi + pad)
+    if key == "core":
+        ax.axhline(0, color="grey", lw=0.8)
 
 
 def plot_final(summary: dict[str, Any], path: Path) -> Path:
@@ -79,11 +80,10 @@ def plot_final(summary: dict[str, Any], path: Path) -> Path:
     colors = _colors(list(arms))
     has_core = any(a.get("core") for a in arms.values())
     fig, axes = plt.subplots(1, 2 if has_core else 1, figsize=(8 if has_core else 4.5, 3.8), squeeze=False)
-    _bars(axes[0][0], arms, "val_bpb", colors, "final val bpb (lower is better)")
+    _estimates(axes[0][0], arms, "val_bpb", colors, "final val bpb (lower is better)")
     if has_core:
         demo = " (demo tasks)" if (summary.get("bundle") or {}).get("demo") else ""
-        _bars(axes[0][1], arms, "core", colors, f"CORE{demo} (higher is better)")
-        axes[0][1].axhline(0, color="grey", lw=0.8)
+        _estimates(axes[0][1], arms, "core", colors, f"CORE{demo} (higher is better)")
     fig.suptitle("mean over seeds, 95% t interval; dots are seeds", fontsize=9)
     return _save(fig, path)
 
