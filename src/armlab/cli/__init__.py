@@ -12,8 +12,17 @@ import sys
 from armlab.cli.app import app
 from armlab.errors import ArmlabError, RunFailed
 
-# Command modules: importing them registers their commands on `app`.
-from armlab.cli import blob, data, remote, report, train  # noqa: E402,F401  isort: skip
+# Command modules: importing them registers their commands on `app`, in workflow order
+# (the order `armlab --help` lists them).
+from armlab.cli import data, train, report, blob, remote  # noqa: E402,F401  isort: skip
+
+
+@app.command()
+def version() -> None:
+    """Print armlab's version."""
+    from armlab import __version__
+
+    print(__version__)
 
 
 def main() -> None:

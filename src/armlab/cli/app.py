@@ -10,10 +10,3 @@ app = typer.Typer(
     add_completion=False,
 )
 
-
-@app.command()
-def version() -> None:
-    """Print armlab's version."""
-    from armlab import __version__
-
-    print(__version__)

@@ -329,10 +329,20 @@ class DataLoader:
 
     @property
     def epoch(self) -> float:
-        """Epochs of this rank's units read so far (fractional: units and rows consumed)."""
+        """Epochs of this rank's documents consumed so far (fractional).
+
+        Counts documents handed out in batches: those read but still waiting in the packing buffer
+        are not consumed yet (on a small arm the buffer can hold most of an epoch).
+        """
         p = self._consumed
-        frac = p.unit + (p.row / p.unit_rows if p.unit_rows else 0.0)
-        return p.epoch + frac / self.units_per_epoch
+        epoch = p.epoch
+        order = self.epoch_units(epoch)
+        consumed = sum(self.units[i].rows for i in order[: p.unit]) + p.row - len(p.docs)
+        while consumed < 0 and epoch > 0:  # buffered documents from the previous epoch(s)
+            epoch -= 1
+            consumed += sum(self.units[i].rows for i in self.epoch_units(epoch))
+        total = sum(self.units[i].rows for i in self.epoch_units(epoch))
+        return epoch + max(consumed, 0) / total
 
     def state_dict(self) -> dict[str, Any]:
         """Exact position after the last batch returned: resuming yields the batches that follow."""
