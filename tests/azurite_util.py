@@ -153,7 +153,7 @@ def azurite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Azu
         def azurite(tmp_path, monkeypatch):
             yield from azurite_env(tmp_path, monkeypatch)
     """
-    from armlab.data.azure_auth import ENV_VARS
+    from armlab.data.blob.auth import ENV_VARS
 
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)

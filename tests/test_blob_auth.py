@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from armlab.data.azure_auth import auth_from_env, scrub
 from armlab.data.blob import parse_az_uri
+from armlab.data.blob.auth import auth_from_env, scrub
 from armlab.errors import ArmlabError
 
 KEY = "c2VjcmV0LWtleS1ub3QtYS1yZWFsLW9uZS0xMjM0NTY3ODkwYWJjZGVm+/=="

@@ -16,9 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from azure.storage.blob import BlobServiceClient, ContentSettings
 
-import armlab.data.blob as blob
-from armlab.data.azure_auth import RetrySettings
-from armlab.data.blob import RECORD_NAME, download_prefix, fetch_prebuilt
+from armlab.data.blob import RECORD_NAME, RetrySettings, download_prefix, fetch_prebuilt
+from armlab.data.blob import download as blob_download
 from armlab.errors import ArmlabError
 from azurite_util import KEY, Azurite, azurite_env
 
@@ -67,7 +66,7 @@ def hidden(dest: Path) -> list[str]:
 
 
 def test_bulk_and_sequential_download_verified_and_skipped_on_rerun(azurite, tmp_path, monkeypatch):
-    monkeypatch.setattr(blob, "SEGMENT_BYTES", 1 << 20)  # several resumable segments per big blob
+    monkeypatch.setattr(blob_download, "SEGMENT_BYTES", 1 << 20)  # several resumable segments per big blob
     single = {f"top/shard_{i:05d}.parquet": shard_bytes(2000, i) for i in range(3)}
     blocked = {
         "top/shard_00003.parquet": shard_bytes(30000, 3),
@@ -247,7 +246,7 @@ def _big_prefix(server: Azurite) -> dict[str, bytes]:
 
 @pytest.mark.e2e
 def test_resume_after_azurite_killed_mid_download_and_restarted(azurite, tmp_path, monkeypatch):
-    monkeypatch.setattr(blob, "SEGMENT_BYTES", 256 << 10)
+    monkeypatch.setattr(blob_download, "SEGMENT_BYTES", 256 << 10)
     want = _big_prefix(azurite)
     dest = tmp_path / "dl"
     killed = threading.Event()
@@ -270,7 +269,7 @@ def test_resume_after_azurite_killed_mid_download_and_restarted(azurite, tmp_pat
 
 @pytest.mark.e2e
 def test_server_gone_is_a_clear_error_and_rerun_resumes_the_partial(azurite, tmp_path, monkeypatch):
-    monkeypatch.setattr(blob, "SEGMENT_BYTES", 256 << 10)
+    monkeypatch.setattr(blob_download, "SEGMENT_BYTES", 256 << 10)
     want = _big_prefix(azurite)
     dest = tmp_path / "dl"
     killed = threading.Event()
@@ -307,11 +306,11 @@ def test_armlab_process_killed_mid_download_then_rerun_resumes(azurite, tmp_path
     import subprocess
     import sys
 
-    monkeypatch.setattr(blob, "SEGMENT_BYTES", 256 << 10)
+    monkeypatch.setattr(blob_download, "SEGMENT_BYTES", 256 << 10)
     want = _big_prefix(azurite)
     dest = tmp_path / "dl"
     code = (
-        "import armlab.data.blob as b; b.SEGMENT_BYTES = 256 << 10; "
+        "import armlab.data.blob.download as b; b.SEGMENT_BYTES = 256 << 10; "
         f"b.download_prefix('az://prebuilt/big', {str(dest)!r}, mode='sequential')"
     )
     proc = subprocess.Popen(

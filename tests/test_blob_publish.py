@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from armlab.data.azure_auth import RetrySettings
-from armlab.data.blob import publish, pull
+from armlab.data.blob import RetrySettings, publish, pull
 from armlab.data.prepare import prepare
 from armlab.data.shards import read_manifest
 from armlab.errors import ArmlabError

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from armlab.data.azure_auth import RetrySettings
-from armlab.data.blob import publish_shared, pull_shared
+from armlab.data.blob import RetrySettings, publish_shared, pull_shared
 from armlab.data.prepare import prepare
 from armlab.errors import ArmlabError
 from armlab.spec import load_experiment

@@ -1,4 +1,5 @@
-"""Azure Blob credentials from the environment, and scrubbing secrets out of any text we show.
+"""Azure Blob credentials from the environment, the SDK client built from them (`service_client`,
+with `RetrySettings`), and scrubbing secrets out of any text we show.
 
 The order is the one Azure users expect (az CLI, azcopy, adlfs):
 
