@@ -12,12 +12,24 @@ quality score and token counts), then times, each in its own process:
           one process per worker (no selection, no shuffle: the cost of just moving the bytes);
 - duckdb: COPY (SELECT text ... WHERE <seeded hash sample of 16.5%>) TO ... (ROW_GROUP_SIZE 1024),
           one random arm, unshuffled (DuckDB is a bench-only dependency);
+- duckdb-all: the same outputs as armlab, the way one would write them in DuckDB: four COPYs
+          (random 16.5%, top 16.5% by score, 20k eval docs, a 2% tokenizer sample), each globally
+          shuffled with ORDER BY a seeded hash (it does not exclude the eval docs from the arms, so
+          it does a little less than armlab);
 - armlab/N: `armlab prepare --workers N` of a random 16.5% arm AND a top-16.5% arm, with the 20k-doc eval
           holdout and a tokenizer sample, globally shuffled, in one pass.
 
-It prints text MB/s (pool text bytes / wall seconds) and the peak memory (summed PSS) of the
-whole process tree (parent + workers, sampled every 20 ms). Temp files are deleted at the end. Figures on a
-shared 2-core machine are approximate.
+It prints text MB/s (pool text bytes / wall seconds), its ratio to the `duckdb` line, and the
+peak memory (summed PSS) of the whole process tree (parent + workers, sampled every 20 ms). Temp
+files are deleted at the end. Figures on a shared 2-core machine are approximate.
+
+What the `duckdb` line is and is not (the issue's target is armlab >= 0.5x of it): DuckDB writes
+one unshuffled arm (~16.5% of the text) with `--workers` threads; armlab writes ~2.7x as many
+bytes (two arms, a 20k-doc eval set, which is ~9% of a 1 GB pool, and a ~2% tokenizer sample),
+each globally shuffled through a stage-1 spill, with N processes. Both write zstd parquet with
+1,024-row groups and no statistics on text (DuckDB at its default zstd level 3, pyarrow at 1;
+on this text the level barely changes the speed, see the printed output sizes), so the 0.5x bar
+prices in armlab's extra output, not a cheaper encoding. `duckdb-all` is the like-for-like line.
 """
 
 from __future__ import annotations
@@ -155,6 +167,28 @@ con.execute(f"COPY (SELECT text FROM read_parquet('{pool}/*.parquet') WHERE hash
             f"TO '{out}/random.parquet' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 1024)")
 """
 
+DUCKDB_ALL = """
+import sys, duckdb
+pool, out, workers, eval_docs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+con = duckdb.connect()
+con.execute(f"SET threads = {workers}")
+src = f"read_parquet('{pool}/*.parquet')"
+opts = "(FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 1024)"
+queries = {
+    "random": f"SELECT text FROM {src} WHERE hash(id || '42') % 1000 < 165 ORDER BY hash(id || 's42')",
+    "top": f"SELECT text FROM {src} WHERE score >= (SELECT quantile_disc(score, 0.835) FROM {src}) "
+    "ORDER BY hash(id || 's0')",
+    "eval": f"SELECT text, hash(id) AS key FROM {src} ORDER BY hash(id || 'eval') LIMIT {eval_docs}",
+    "tok": f"SELECT text FROM {src} WHERE hash(id || 'tok') % 1000 < 20 ORDER BY hash(id || 'tok2')",
+}
+for name, q in queries.items():
+    con.execute(f"COPY ({q}) TO '{out}/{name}.parquet' {opts}")
+"""
+
+
+def output_mb(d: Path) -> float:
+    return sum(p.stat().st_size for p in d.rglob("*.parquet")) / 1e6
+
 
 def experiment(pool: Path, workdir: Path, eval_docs: int = 20_000) -> str:
     return textwrap.dedent(f"""
@@ -202,8 +236,8 @@ def main() -> None:
         f"# {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, workers={args.workers}"
     )
     print(
-        f"{'pool':>8} {'engine':>9} {'what':<46} {'wall s':>7} {'text MB/s':>10} {'CPU s':>7} "
-        f"{'MB/CPU-s':>9} {'peak mem GiB':>13}"
+        f"{'pool':>8} {'engine':>10} {'what':<46} {'wall s':>7} {'text MB/s':>10} {'x duckdb':>9} {'CPU s':>7} "
+        f"{'MB/CPU-s':>9} {'peak mem GiB':>13} {'out MB':>7}"
     )
     with tempfile.TemporaryDirectory(prefix="armlab-bench-", dir=args.tmp) as tmp_s:
         tmp = Path(tmp_s)
@@ -211,6 +245,7 @@ def main() -> None:
             pool = tmp / f"pool-{gb}"
             docs, text_bytes = make_pool(pool, gb, max(2, round(args.files * gb)))
             label = f"{text_bytes / 1e9:.2f}GB"
+            eval_docs = min(20_000, docs // 10)
             runs = [
                 (
                     "floor",
@@ -221,6 +256,19 @@ def main() -> None:
                     "duckdb",
                     "COPY one random 16.5% arm (no shuffle)",
                     [sys.executable, "-c", DUCKDB, str(pool), str(tmp / "duck"), str(args.workers)],
+                ),
+                (
+                    "duckdb-all",
+                    "4 COPYs: same outputs as armlab, ORDER BY hash",
+                    [
+                        sys.executable,
+                        "-c",
+                        DUCKDB_ALL,
+                        str(pool),
+                        str(tmp / "duck"),
+                        str(args.workers),
+                        str(eval_docs),
+                    ],
                 ),
             ]
             for w in args.armlab_workers or [args.workers]:
@@ -238,15 +286,20 @@ def main() -> None:
                         [*cli, "--workers", str(w)],
                     )
                 )
-            (tmp / "exp.toml").write_text(experiment(pool, tmp / "wd", min(20_000, docs // 10)))
+            (tmp / "exp.toml").write_text(experiment(pool, tmp / "wd", eval_docs))
+            duck_wall = None
             for engine, what, cmd in runs:
                 for d in ("floor", "duck", "wd"):
                     shutil.rmtree(tmp / d, ignore_errors=True)
                     (tmp / d).mkdir()
                 wall, cpu, rss = measure(cmd)
+                if engine == "duckdb":
+                    duck_wall = wall
+                ratio = f"{duck_wall / wall:9.2f}" if duck_wall else f"{'':9}"
+                out_mb = sum(output_mb(tmp / d) for d in ("floor", "duck", "wd"))
                 print(
-                    f"{label:>8} {engine:>9} {what:<46} {wall:7.2f} {text_bytes / wall / 1e6:10.0f} {cpu:7.2f} "
-                    f"{text_bytes / cpu / 1e6:9.0f} {rss:13.2f}",
+                    f"{label:>8} {engine:>10} {what:<46} {wall:7.2f} {text_bytes / wall / 1e6:10.0f} {ratio} "
+                    f"{cpu:7.2f} {text_bytes / cpu / 1e6:9.0f} {rss:13.2f} {out_mb:7.0f}",
                     flush=True,
                 )
             shutil.rmtree(pool)

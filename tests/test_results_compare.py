@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,32 @@ def test_refusals(tmp_path: Path) -> None:
     make_run(exp, "random", 0, bpb=1.6, core=0.1, bundle_sha="2" * 16)
     with pytest.raises(ArmlabError, match="different bundles"):
         compare(exp)
+
+
+def test_repeated_seed_is_refused_not_counted_twice(tmp_path: Path) -> None:
+    # A second run of the same arm and seed (e.g. `train --run-name again`) is the same sample again;
+    # averaging it in would shrink the interval (pseudo-replication), so compare names it and stops.
+    exp = tiny_experiment(tmp_path / "wd")
+    for seed in (0, 1):
+        make_run(exp, "top", seed, bpb=1.5 + 0.01 * seed)
+        make_run(exp, "random", seed, bpb=1.6 + 0.01 * seed)
+    again = make_run(exp, "top", 0, bpb=1.5).parent / "top-again"
+    shutil.copytree(again.parent / "top-s0", again)
+    info = json.loads((again / "run.json").read_text())
+    (again / "run.json").write_text(json.dumps({**info, "run": "top-again"}))
+    with pytest.raises(ArmlabError, match=r"share a seed \(arm 'top' seed 0: top-again, top-s0\)"):
+        compare(exp)
+    shutil.rmtree(again)
+    _, summary = compare(exp)
+    assert summary["arms"]["top"]["val_bpb"]["n"] == 2
+
+
+def test_every_incomparable_run_is_named_at_once(tmp_path: Path) -> None:
+    exp = tiny_experiment(tmp_path / "wd")
+    other = json.loads(json.dumps(exp.comparability()))
+    other["train"]["matrix_lr"] = 0.05
+    a = make_run(exp, "top", 0, bpb=1.5, comparability=other)
+    b = make_run(exp, "random", 0, bpb=1.6, comparability=other)
+    with pytest.raises(ArmlabError, match=r"2 run\(s\) are not comparable") as e:
+        compare(exp)
+    assert str(a) in str(e.value) and str(b) in str(e.value) and "train.matrix_lr" in str(e.value)

@@ -273,3 +273,11 @@ def test_bad_inputs_are_one_line_errors(exp_file: Path, tmp_path: Path) -> None:
             plan_run(exp, ARM, run_name_="x", device="cpu")
     finally:
         tok_manifest.write_bytes(saved)
+
+
+def test_zero_ranks_are_refused_not_defaulted() -> None:
+    from armlab.train.launch import resolve_devices
+
+    assert resolve_devices(None, "cpu", None) == ("cpu", 1)
+    with pytest.raises(ArmlabError, match="must be >= 1, got 0"):
+        resolve_devices(None, "cpu", 0)  # used to mean "the default, 1" and train anyway

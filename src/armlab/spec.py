@@ -316,6 +316,8 @@ def load_experiment(path: str | Path) -> Experiment:
     p = Path(path)
     if p.is_dir() and (p / "experiment.toml").is_file():
         p = p / "experiment.toml"  # a workdir holds the frozen copy of its spec
+    elif p.is_dir():
+        raise ArmlabError(f"{p}: a directory without experiment.toml; pass the experiment file (or its workdir)")
     try:
         raw = p.read_bytes()
     except FileNotFoundError:

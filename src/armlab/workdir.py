@@ -93,7 +93,7 @@ def open_workdir(exp: Any, create: bool = True) -> Workdir:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise ArmlabError(f"{root}: workdir is not writable ({e.strerror}); set 'workdir' in the experiment file") from None
+            raise ArmlabError(f"{root}: workdir is not writable ({e.strerror}); make it writable, or set 'workdir' in the experiment file to a writable dir") from None
         frozen = wd.root / "experiment.json"
         if frozen.exists():
             old = json.loads(frozen.read_text())

@@ -7,7 +7,11 @@ Each command module (one per area, named for it) registers its commands on `app`
 
 from __future__ import annotations
 
+import errno
 import sys
+from pathlib import Path
+
+import typer
 
 from armlab.cli.app import app
 from armlab.errors import ArmlabError, RunFailed
@@ -25,9 +29,38 @@ def version() -> None:
     print(__version__)
 
 
+# errno values that mean "the user's filesystem said no" (not an armlab bug): one line, exit 2.
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 def main() -> None:
     try:
-        app()
+        # standalone_mode=False: usage errors reach us as exceptions, so they print as one line like
+        # every other bad input instead of typer's multi-line box.
+        rc = app(standalone_mode=False, prog_name="armlab")
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except typer.Abort:
+        print("armlab: aborted", file=sys.stderr)
+        sys.exit(1)
+    except typer.TyperException as e:  # click's usage errors: unknown flag, bad value, missing argument
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `armlab`: typer has printed the help already
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        print(f"armlab: error: {e.format_message().rstrip('.')}{hint}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        where = Path(e.filename) if e.filename else None
+        if where is not None and where.name.startswith(".") and where.suffix == ".tmp":
+            where = where.parent  # an atomic write's temp file: the dir is what is not writable
+        where = f"{where}: " if where else ""
+        fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        print(
+            f"armlab: error: {where}{e.strerror}; {fix} (or set 'workdir' / --out elsewhere)", file=sys.stderr
+        )
+        sys.exit(2)
     except ArmlabError as e:
         print(f"armlab: error: {e}", file=sys.stderr)
         sys.exit(2)

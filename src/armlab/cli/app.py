@@ -10,3 +10,9 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+def check_device(value: str | None) -> str | None:
+    """`--device` callback: refuse a typo at parse time, before any work (the demo would prepare first)."""
+    if value is not None and value not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"{value!r}: use cpu or cuda")
+    return value

@@ -87,7 +87,7 @@ def check(
 
 
 @app.command()
-def plan(exp: Annotated[Path, typer.Argument(help="experiment file")]) -> None:
+def plan(exp: Annotated[Path, typer.Argument(help="experiment file (or its workdir)")]) -> None:
     """Per arm: docs / chars / tokens available vs tokens one run consumes, and epochs."""
     from armlab.data.plan import plan as make_plan
     from armlab.data.plan import render

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app
+from armlab.cli.app import app, check_device
 
 
 def _exp_or_target(value: str):  # -> (Experiment | None, str)
@@ -27,9 +27,9 @@ def _exp_or_target(value: str):  # -> (Experiment | None, str)
 @app.command()
 def setup(
     target: str = typer.Argument(
-        ..., help="experiment file (sets up its [[hosts]]) or an SSH target (user@host or alias)"
+        ..., help="experiment file (sets up its \\[\\[hosts]]) or an SSH target (user@host or alias)"
     ),
-    host: list[str] = typer.Option(None, "--host", help="only these [[hosts]] entries (by name)"),
+    host: list[str] = typer.Option(None, "--host", help="only these \\[\\[hosts]] entries (by name)"),
     system_site_packages: bool = typer.Option(
         False, "--system-site-packages", help="let the venv see the host's packages (reuse its CUDA torch)"
     ),
@@ -73,17 +73,19 @@ def doctor(
         None, help="experiment file (or its workdir); without it, checks this machine only"
     ),
     host: list[str] = typer.Option(
-        None, "--host", help="check these [[hosts]] entries over SSH (default: all of them)"
+        None, "--host", help="check these \\[\\[hosts]] entries over SSH (default: all of them)"
     ),
     local: bool = typer.Option(
-        False, "--local", help="check this machine even when the experiment has [[hosts]]"
+        False, "--local", help="check this machine even when the experiment has \\[\\[hosts]]"
     ),
     arm: list[str] = typer.Option(None, "--arm", help="only these arms (local checks)"),
-    device: str = typer.Option(None, "--device", help="cuda or cpu (what the runs will use)"),
-    num_gpus: int = typer.Option(None, "--num-gpus", help="GPUs each run will use (local checks)"),
-    nproc: int = typer.Option(1, "--nproc", help="processes per run with --device cpu"),
+    device: str = typer.Option(
+        None, "--device", callback=check_device, help="cuda or cpu (what the runs will use)"
+    ),
+    num_gpus: int = typer.Option(None, "--num-gpus", min=1, help="GPUs each run will use (local checks)"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes per run with --device cpu"),
     master_port: int = typer.Option(
-        None, "--master-port", help="torchrun port that must be free (local checks)"
+        None, "--master-port", min=1, max=65535, help="torchrun port that must be free (local checks)"
     ),
     script: list[Path] = typer.Option(
         None, "--script", help="shell script to check for Windows line endings (repeatable)"
@@ -131,19 +133,22 @@ def doctor(
 
 @app.command()
 def launch(
-    exp: Path = typer.Argument(..., help="experiment file with [[hosts]]"),
+    exp: Path = typer.Argument(..., help="experiment file with \\[\\[hosts]]"),
     prepare_mode: str = typer.Option(
         "prepare",
         "--prepare-mode",
         help="prepare: prepare each arm on its host first; skip: the data must be there",
     ),
     device: str = typer.Option(
-        None, "--device", help="override every host's device (cpu: `--nproc` processes from [[hosts]] nproc)"
+        None,
+        "--device",
+        callback=check_device,
+        help="override every host's device (cpu: `--nproc` processes from \\[\\[hosts]] nproc)",
     ),
     seed: int = typer.Option(
         None, "--seed", help="which of train.seeds to run (needed when there are several)"
     ),
-    host: list[str] = typer.Option(None, "--host", help="only these [[hosts]] entries"),
+    host: list[str] = typer.Option(None, "--host", help="only these \\[\\[hosts]] entries"),
 ) -> None:
     """Preflight every host, then start each host's arm detached there (survives SSH); rerun-safe."""
     from armlab.ops import remote
@@ -164,7 +169,7 @@ def logs(
     follow: bool = typer.Option(False, "-f", "--follow", help="keep streaming new lines (Ctrl-C to stop)"),
     lines: int = typer.Option(50, "-n", "--lines", help="how many last lines to show"),
     local: bool = typer.Option(
-        False, "--local", help="read this machine's run even when the arm has a [[hosts]] entry"
+        False, "--local", help="read this machine's run even when the arm has a \\[\\[hosts]] entry"
     ),
 ) -> None:
     """Show an arm's train.log, over SSH when the arm runs on a host."""
@@ -182,7 +187,7 @@ def stop(
     arm: list[str] = typer.Option(None, "--arm", help="only these arms (default: all)"),
     timeout: float = typer.Option(60, "--timeout", help="seconds after SIGTERM before SIGKILL"),
     local: bool = typer.Option(
-        False, "--local", help="stop runs on this machine even when the experiment has [[hosts]]"
+        False, "--local", help="stop runs on this machine even when the experiment has \\[\\[hosts]]"
     ),
 ) -> None:
     """Stop live runs cleanly: SIGTERM to the launcher, wait, SIGKILL after --timeout; lease released."""

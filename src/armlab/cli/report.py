@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from armlab.cli.app import app
+from armlab.cli.app import app, check_device
 from armlab.errors import ArmlabError
 
 ExpArg = Annotated[Path, typer.Argument(help="experiment file (or a workdir holding experiment.toml)")]
@@ -29,8 +29,10 @@ def run(
     seeds: Annotated[
         str | None, typer.Option("--seeds", help="comma-separated seeds (default: train.seeds)")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if available)")] = None,
-    num_gpus: Annotated[int | None, typer.Option("--num-gpus", help="CUDA ranks per run")] = None,
+    device: Annotated[
+        str | None, typer.Option(callback=check_device, help="cuda or cpu (default: cuda if available)")
+    ] = None,
+    num_gpus: Annotated[int | None, typer.Option("--num-gpus", min=1, help="CUDA ranks per run")] = None,
     bundle: Annotated[
         str | None, typer.Option(help="CORE bundle dir or URL (default: evaluate.core_bundle)")
     ] = None,
@@ -82,7 +84,9 @@ def evaluate(
     max_per_task: Annotated[
         int | None, typer.Option("--max-per-task", min=1, help="CORE items per task")
     ] = None,
-    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda if available)")] = None,
+    device: Annotated[
+        str | None, typer.Option(callback=check_device, help="cuda or cpu (default: cuda if available)")
+    ] = None,
     force: Annotated[
         bool, typer.Option(help="re-evaluate runs that already have a matching eval.json")
     ] = False,
@@ -122,7 +126,9 @@ def demo(
     workdir: Annotated[
         Path | None, typer.Option(help="where the demo lives (default: ~/.cache/armlab/armlab-demo)")
     ] = None,
-    device: Annotated[str, typer.Option(help="cpu (the demo's default) or cuda")] = "cpu",
+    device: Annotated[
+        str, typer.Option(callback=check_device, help="cpu (the demo's default) or cuda")
+    ] = "cpu",
     num_iterations: Annotated[
         int,
         typer.Option(

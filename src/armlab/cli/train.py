@@ -4,14 +4,16 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app  # noqa: F401
+from armlab.cli.app import app, check_device
 
 
 # -- tokenizer (owner: tokenizer/loader engineer) ----------------------------------------------------
 @app.command()
 def tokenizer(
     exp: Path = typer.Argument(..., help="experiment file (or its workdir)"),
-    overwrite: bool = typer.Option(False, "--overwrite", help="retrain even if a tokenizer for another spec exists"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="retrain even if a tokenizer for another spec exists"
+    ),
 ) -> None:
     """Train the experiment's shared BPE tokenizer on the pool sample written by `armlab prepare`."""
     from armlab.spec import load_experiment
@@ -30,18 +32,34 @@ def train(
     arm: str = typer.Option(..., "--arm", help="the arm to train"),
     seed: int | None = typer.Option(None, "--seed", help="training seed (default: the first of train.seeds)"),
     run_name: str | None = typer.Option(None, "--run-name", help="run dir name (default: <arm>-s<seed>)"),
-    num_gpus: int | None = typer.Option(None, "--num-gpus", help="CUDA ranks (checked against visible GPUs)"),
-    device: str | None = typer.Option(None, "--device", help="cuda or cpu (default: cuda if available)"),
-    nproc: int | None = typer.Option(None, "--nproc", help="ranks for --device cpu (gloo)"),
-    master_port: int | None = typer.Option(None, "--master-port", help="torchrun port (default: a free one)"),
+    num_gpus: int | None = typer.Option(
+        None, "--num-gpus", min=1, help="CUDA ranks (checked against visible GPUs)"
+    ),
+    device: str | None = typer.Option(
+        None, "--device", callback=check_device, help="cuda or cpu (default: cuda if available)"
+    ),
+    nproc: int | None = typer.Option(None, "--nproc", min=1, help="ranks for --device cpu (gloo)"),
+    master_port: int | None = typer.Option(
+        None, "--master-port", min=1, max=65535, help="torchrun port (default: a free one)"
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's latest checkpoint"),
-    detach: bool = typer.Option(False, "--detach", help="run in the background (survives SSH); prints the run dir"),
+    detach: bool = typer.Option(
+        False, "--detach", help="run in the background (survives SSH); prints the run dir"
+    ),
     force: bool = typer.Option(False, "--force", help="start over an existing run / take over a stale lease"),
     depth: int | None = typer.Option(None, "--depth", help="override model.depth"),
-    device_batch_size: int | None = typer.Option(None, "--device-batch-size", help="override train.device_batch_size"),
-    total_batch_size: int | None = typer.Option(None, "--total-batch-size", help="override train.total_batch_size"),
-    num_iterations: int | None = typer.Option(None, "--num-iterations", help="override the horizon (quick runs)"),
-    allow_repeat: bool = typer.Option(False, "--allow-repeat", help="train even if the arm's data would repeat"),
+    device_batch_size: int | None = typer.Option(
+        None, "--device-batch-size", help="override train.device_batch_size"
+    ),
+    total_batch_size: int | None = typer.Option(
+        None, "--total-batch-size", help="override train.total_batch_size"
+    ),
+    num_iterations: int | None = typer.Option(
+        None, "--num-iterations", help="override the horizon (quick runs)"
+    ),
+    allow_repeat: bool = typer.Option(
+        False, "--allow-repeat", help="train even if the arm's data would repeat"
+    ),
 ) -> None:
     """Train the model on one arm (one seed) with 1..N ranks; resumable, never hangs."""
     from armlab.spec import load_experiment

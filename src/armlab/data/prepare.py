@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from multiprocessing import get_context
+from multiprocessing import forkserver, get_context
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from armlab.data.select import (
     weights,
 )
 from armlab.data.shards import MANIFEST, ShardWriter, finish_dir, read_shards
-from armlab.data.shuffle import StageWriter, merge
+from armlab.data.shuffle import STAGE_FORMAT, StageWriter, merge
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
 from armlab.spec import ArmSpec, Experiment, PoolSpec, fingerprint, fingerprint_diff
@@ -201,7 +201,7 @@ def route_unit(
 ) -> dict[str, Any]:
     """Send each target's selected, non-empty rows of one unit to its stage-1 file; return counts."""
     writers = {t.name: StageWriter(stage / t.name / f"{unit:06d}.arrow") for t in targets}
-    stats = {t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0} for t in targets}
+    stats = {t.name: {"rows": 0, "bytes": 0, "tokens": 0, "dropped_empty": 0} for t in targets}
     off = 0
     try:
         for batch in batches:
@@ -209,7 +209,8 @@ def route_unit(
             if not pa.types.is_string(text.type):
                 text = text.cast(pa.string())
             n = len(text)
-            valid = pc.fill_null(pc.greater(pc.binary_length(text), 0), False).to_numpy(zero_copy_only=False)
+            lengths = pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
+            valid = lengths > 0
             for t in targets:
                 m = member[t.name][off : off + n]
                 st = stats[t.name]
@@ -228,7 +229,9 @@ def route_unit(
                     cols["text_key"] = pa.array(text_keys(sub))
                 writers[t.name].add(pa.table(cols))
                 st["rows"] += len(idx)
-                st["chars"] += int(pc.sum(pc.utf8_length(sub)).as_py() or 0)
+                # UTF-8 bytes (from the offsets, no pass over the text) size stage 2's hash ranges;
+                # the manifest's chars are counted once, by the shard writer.
+                st["bytes"] += int(lengths[idx].sum())
                 if tokens is not None:
                     st["tokens"] += int(tokens[off + idx].sum())
             off += n
@@ -340,6 +343,9 @@ class Runner:
             ctx = get_context("forkserver")
             ctx.set_forkserver_preload([__name__])
             self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+            # Start the server now: its imports (~0.5 s) overlap the parent's listing and planning
+            # instead of delaying the first unit of work.
+            forkserver.ensure_running()
 
     def run(
         self,
@@ -505,7 +511,7 @@ def _prepare_pool(
     cols = key_columns(exp, arms)
     work = wd.cache_dir / "prepare"
     keys_dir = work / f"keys-{fingerprint([pool_fp, cols.read])}"
-    stage = work / f"stage-{fingerprint([pool_fp, [t.fingerprint for t in targets]])}"
+    stage = work / f"stage-{fingerprint([STAGE_FORMAT, pool_fp, [t.fingerprint for t in targets]])}"
 
     # 1. key pass
     skipped: list[str] = []
@@ -698,7 +704,7 @@ def _write_targets(
 ) -> None:
     """Stage 2 for each target (in parallel), then its manifest and the swap into place."""
     totals = {
-        t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0, "eval_removed": 0} for t in targets
+        t.name: {"rows": 0, "bytes": 0, "tokens": 0, "dropped_empty": 0, "eval_removed": 0} for t in targets
     }
     for u in units:
         for name, st in unit_stats[u].items():
@@ -718,7 +724,7 @@ def _write_targets(
             t,
             stage,
             units,
-            totals[t.name]["chars"],
+            totals[t.name]["bytes"],
             sh.rows_per_shard,
             sh.row_group_rows,
             sh.compression,
@@ -751,6 +757,9 @@ def _write_targets(
             else:
                 manifest["tokens_estimate"] = round(manifest["chars"] / CHARS_PER_TOKEN)
             finish_dir(t.out_dir.with_name(f".{t.out_dir.name}.partial"), t.out_dir, manifest)
+            # Its stage files are spent (a rerun would plan without this target, so a new stage):
+            # free their page cache now rather than after the last merge.
+            shutil.rmtree(stage / name, ignore_errors=True)
             bar.update(task, advance=1)
             console.print(
                 f"prepare: {name}: {manifest['rows']:,} docs, {manifest['chars'] / 1e6:,.1f}M chars, "
@@ -758,7 +767,9 @@ def _write_targets(
                 soft_wrap=True,
             )
 
-        runner.run(targets, make, lambda t, files: written(t.name, files))
+        # Largest first, so with several workers the last merge to finish is a small one.
+        order = sorted(targets, key=lambda t: -totals[t.name]["bytes"])
+        runner.run(order, make, lambda t, files: written(t.name, files))
 
 
 def _prepare_prebuilt(
@@ -816,7 +827,7 @@ def _prepare_prebuilt(
     ev = read_shards(wd.eval_dir, columns=["key", "text_key"])
     eval_keys = np.sort(ev.column("key").to_numpy())
     eval_text_keys = np.sort(ev.column("text_key").to_numpy())
-    stage = wd.cache_dir / "prepare" / f"stage-{t.fingerprint}"
+    stage = wd.cache_dir / "prepare" / f"stage-{fingerprint([STAGE_FORMAT, t.fingerprint])}"
     unit_stats: dict[int, dict[str, Any]] = {}
     todo = []
     for u in range(len(paths)):

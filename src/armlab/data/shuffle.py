@@ -28,7 +28,8 @@ import pyarrow as pa
 
 from armlab.data.shards import ShardWriter
 
-BUCKET_BYTES = 64 << 20  # stage 2: text per hash range held in memory at once (peak ~3x this)
+BUCKET_BYTES = 64 << 20  # stage 2: text per hash range held in memory at once (peak ~2x this)
+STAGE_FORMAT = 2  # bump when stage files or unit stats change, so a rerun never reuses old ones
 
 
 class StageWriter:
@@ -94,17 +95,20 @@ def merge(
             lo = np.uint64(bucket << (64 - bits)) if bits else np.uint64(0)
             last = bucket == (1 << bits) - 1
             hi = None if last else np.uint64((bucket + 1) << (64 - bits))
-            parts = []
+            parts, hs = [], []
             for b, h in batches:
                 i0 = int(np.searchsorted(h, lo, side="left"))
                 i1 = len(h) if hi is None else int(np.searchsorted(h, hi, side="left"))
                 if i1 > i0:
                     parts.append(b.slice(i0, i1 - i0))
+                    hs.append(h[i0:i1])
             if not parts:
                 continue
-            table = pa.Table.from_batches(parts).combine_chunks()
-            out = table.select(columns).take(np.argsort(table.column("h").to_numpy(), kind="stable"))
-            del table, parts
+            # One gather straight from the mapped slices (no intermediate concatenated copy), into
+            # one chunk: the shard bytes must not depend on how the rows were sliced.
+            order = np.argsort(np.concatenate(hs), kind="stable")
+            out = pa.Table.from_batches(parts).select(columns).take(order).combine_chunks()
+            del parts, hs
             # The bucket is copied out: drop its mapped pages from our resident set (they stay in
             # the page cache), so RSS stays at one bucket however large the arm is.
             for mm in maps:

@@ -51,6 +51,7 @@ def collect_runs(exp: Experiment) -> tuple[list[RunRecord], list[RunRecord]]:
 
 def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
     want = _plain(exp.comparability())
+    odd = []  # every offending run in one message, so the user fixes them all in one go
     for r in runs:
         got = r.info.get("comparability")
         if got is None:
@@ -59,10 +60,28 @@ def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
             )
         keys = fingerprint_diff(want, got)
         if keys:
-            raise ArmlabError(
-                f"run {r.run!r} ({r.dir}) is not comparable with experiment {exp.name!r}: differs in "
-                f"{', '.join(keys)}; rerun it, or move it out of the workdir"
-            )
+            odd.append(f"{r.dir} (differs in {', '.join(keys)})")
+    if odd:
+        raise ArmlabError(
+            f"{len(odd)} run(s) are not comparable with experiment {exp.name!r}, e.g. trained with command-line "
+            f"overrides such as --num-iterations: {'; '.join(odd)}; move them out of the workdir (or delete them) "
+            "to compare the others"
+        )
+    seen: dict[tuple[str, int], list[str]] = {}
+    for r in runs:
+        seen.setdefault((r.arm, r.seed), []).append(r.run)
+    dups = [
+        f"arm {arm!r} seed {seed}: {', '.join(names)}"
+        for (arm, seed), names in seen.items()
+        if len(names) > 1
+    ]
+    if dups:
+        # Same arm, same seed, same config: the same training run again, not an independent sample.
+        # Counting it twice would shrink the interval; keep one (paired comparisons are by seed).
+        raise ArmlabError(
+            f"several finished runs share a seed ({'; '.join(dups)}); they are repeats, not independent "
+            "samples: keep one per seed (move the others out of the workdir) or train other seeds with --seed"
+        )
     toks = {r.info.get("tokenizer_fingerprint") for r in runs}
     if len(toks) > 1:
         raise ArmlabError(

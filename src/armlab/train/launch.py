@@ -85,10 +85,11 @@ def resolve_devices(num_gpus: int | None, device: str | None, nproc: int | None)
     if num_gpus is not None and nproc is not None and num_gpus != nproc:
         raise ArmlabError(f"--num-gpus {num_gpus} and --nproc {nproc} disagree; give one of them")
     if device is None:
-        device = "cuda" if (num_gpus or torch.cuda.is_available()) else "cpu"
+        device = "cuda" if (num_gpus is not None or torch.cuda.is_available()) else "cpu"
     if device not in ("cpu", "cuda"):
         raise ArmlabError(f"--device {device!r}: use cpu or cuda")
-    world = num_gpus or nproc or 1
+    # `is not None`, not `or`: --nproc 0 is a mistake to refuse, not a request for the default
+    world = num_gpus if num_gpus is not None else nproc if nproc is not None else 1
     if world < 1:
         raise ArmlabError(f"--num-gpus/--nproc must be >= 1, got {world}")
     if device == "cuda":
@@ -250,18 +251,21 @@ def _check_run_dir(run_dir: Path, new: dict[str, Any], resume: bool, force: bool
     """The checkpoint step to resume from (None: start fresh); refuses mismatched or clobbering runs."""
     exists = (run_dir / rundir.RUN).is_file()
     if exists and not resume:
-        if not force:
-            raise ArmlabError(
-                f"{run_dir} already holds run {new['run']!r}; pass --resume to continue it, --run-name NAME for a "
-                "new run, or --force to delete it and start over"
-            )
         state = rundir.read_state(run_dir)
         if (
             state.get("state") in ("starting", "running")
             and state.get("pid")
             and pid_alive(int(state["pid"]))
         ):
-            raise ArmlabError(f"{run_dir}: run is live (pid {state['pid']}); stop it before starting over")
+            raise ArmlabError(
+                f"{run_dir}: run {new['run']!r} is live (pid {state['pid']}); watch it with `armlab status EXP`, "
+                "stop it with `armlab stop EXP`, or start another with --run-name NAME"
+            )
+        if not force:
+            raise ArmlabError(
+                f"{run_dir} already holds run {new['run']!r}; pass --resume to continue it, --run-name NAME for a "
+                "new run, or --force to delete it and start over"
+            )
         shutil.rmtree(run_dir)
         return None
     if not resume or not exists:
