@@ -71,6 +71,17 @@ def test_missing_or_partial_configuration_is_one_clear_line():
         auth_from_env({"AZURE_STORAGE_CONNECTION_STRING": "UseDevelopmentStorage=true"})
 
 
+def test_a_key_that_is_not_base64_fails_at_once_without_echoing_it():
+    bad = "not-a-key!" * 5
+    with pytest.raises(ArmlabError, match="AZURE_STORAGE_KEY is not a valid account key") as e:
+        auth_from_env({"AZURE_STORAGE_ACCOUNT": "acct", "AZURE_STORAGE_KEY": bad})
+    assert bad not in str(e.value)
+    cs = f"AccountName=acct;AccountKey={bad};BlobEndpoint=http://127.0.0.1:1/acct"
+    with pytest.raises(ArmlabError, match="AccountKey is not a valid account key") as e:
+        auth_from_env({"AZURE_STORAGE_CONNECTION_STRING": cs})
+    assert bad not in str(e.value)
+
+
 def test_scrub_removes_keys_sas_and_signatures():
     env = {"AZURE_STORAGE_KEY": KEY, "AZURE_STORAGE_SAS_TOKEN": SAS}
     text = (

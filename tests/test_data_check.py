@@ -98,6 +98,10 @@ def test_plan_estimates_then_reads_manifests(tmp_path: Path) -> None:
     make_pool(pool, 3000, n_files=3)
     exp = tmp_path / "exp.toml"
     exp.write_text(experiment_toml(tmp_path / "wd", str(pool), eval_docs=100))
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text(exp.read_text().replace('text_column = "text"', 'text_column = "txt"'))
+    assert 'text_column = "txt"' in wrong.read_text()
+    assert_refused(cli("plan", wrong), "no text in column 'txt'", "[pool] text_column")
     before = cli("plan", exp)
     assert before.returncode == 0, before.stderr
     lines = {ln.split()[0]: ln.split() for ln in before.stdout.splitlines()[2:]}
@@ -121,3 +125,20 @@ def test_check_api_counts(tmp_path: Path, ws: int) -> None:
     res = check_data_dir(d, world_size=ws)
     assert (res.files, res.rows, res.row_groups) == (2, 200, 2)
     assert res.ok == (ws == 1)
+
+
+def test_foreign_manifest_and_too_few_documents_get_the_right_fix(tmp_path: Path) -> None:
+    d = tmp_path / "foreign"
+    d.mkdir()
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(40)]}), d / "a.parquet", row_group_size=10)
+    (d / "manifest.json").write_text('{"files": 4}')  # somebody else's manifest
+    res = check_data_dir(d)
+    assert not res.ok and "not a shard manifest" in res.problems[0] and "move the foreign" in res.fix
+    (d / "manifest.json").unlink()
+    # 4 row groups of 10 documents: too few documents for 8 ranks, whatever the row-group size
+    res = check_data_dir(d, world_size=8)
+    assert "4 row groups cannot feed 8 ranks" in res.problems[0]
+    assert "only 40 documents, too few for 8 ranks" in res.fix and "re-shard" not in res.fix
+    # enough documents for 2 ranks: the fix names the row-group size that works (40 // 16 = 2)
+    res = check_data_dir(d, world_size=2)
+    assert "row groups of <= 2 rows" in res.fix

@@ -124,3 +124,19 @@ def test_every_incomparable_run_is_named_at_once(tmp_path: Path) -> None:
     with pytest.raises(ArmlabError, match=r"2 run\(s\) are not comparable") as e:
         compare(exp)
     assert str(a) in str(e.value) and str(b) in str(e.value) and "train.matrix_lr" in str(e.value)
+
+
+def test_exclude_leaves_named_runs_out(tmp_path: Path) -> None:
+    exp = tiny_experiment(tmp_path / "wd")
+    for seed in (0, 1):
+        make_run(exp, "top", seed, bpb=1.5 + 0.01 * seed)
+        make_run(exp, "random", seed, bpb=1.6 + 0.01 * seed)
+    other = json.loads(json.dumps(exp.comparability()))
+    other["train"]["num_iterations"] = 5
+    smoke = make_run(exp, "top", 2, bpb=9.0, comparability=other)  # a quick smoke test with overrides
+    with pytest.raises(ArmlabError, match=r"--exclude RUN"):
+        compare(exp)
+    _, summary = compare(exp, exclude=[smoke.name])
+    assert summary["arms"]["top"]["val_bpb"]["n"] == 2
+    with pytest.raises(ArmlabError, match=r"--exclude: no run named nope"):
+        compare(exp, exclude=["nope"])

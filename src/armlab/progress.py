@@ -57,4 +57,6 @@ def progress(transient: bool = False) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=transient,
+        # a transient bar vanishes when done; off a terminal it would only leave a blank line
+        disable=transient and not console.is_terminal,
     )

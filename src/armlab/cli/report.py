@@ -110,12 +110,15 @@ def evaluate(
 def compare(
     exp: ExpArg,
     out: Annotated[Path | None, typer.Option(help="report dir (default: <workdir>/report)")] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="leave this run out (repeatable), e.g. a smoke test")
+    ] = None,
 ) -> None:
     """Compare the finished runs: table with 95% intervals, verdict, plots, report.md/.html, summary.json."""
     from armlab.report.compare import compare as run_compare
     from armlab.spec import load_experiment
 
-    report_dir, summary = run_compare(load_experiment(exp), out)
+    report_dir, summary = run_compare(load_experiment(exp), out, exclude=exclude)
     for c in summary["comparisons"]:
         print(c["verdict"])
     print(f"report: {report_dir / 'report.md'}")

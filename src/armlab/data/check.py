@@ -86,19 +86,27 @@ def check_data_dir(
         # row groups across ranks, so ranks 1.. got nothing and the run hung (Feb-18 postmortem).
         single = max(groups_per_file) == 1 and res.rows > COARSE_GROUP_ROWS * res.files
         if single or res.row_groups < world_size * MIN_GROUPS_PER_RANK:
-            layout = (
-                f"one row group per file (~{res.rows // res.files:,} rows each)"
-                if single
-                else f"{res.row_groups} row groups in total"
-            )
+            want = world_size * MIN_GROUPS_PER_RANK
+            if single:
+                layout = f"one row group per file (~{res.rows // res.files:,} rows each)"
+            else:
+                layout = f"{res.row_groups} row groups"
             res.problems.append(
-                f"{d}: {layout} cannot feed {world_size} ranks evenly "
-                f"(want row groups of <= {COARSE_GROUP_ROWS} rows, >= {MIN_GROUPS_PER_RANK} per rank)"
+                f"{d}: {layout} cannot feed {world_size} ranks evenly (needs >= {want} row groups: "
+                f"{MIN_GROUPS_PER_RANK} per rank)"
             )
-            fixes.append(
-                "re-shard into 1024-row groups: `armlab prepare EXP` for an arm, or declare the dir as a "
-                "prebuilt arm (kind = 'prebuilt', uri = DIR) and run `armlab prepare EXP --arm NAME`"
-            )
+            group_rows = res.rows // want
+            if group_rows >= 1:
+                fixes.append(
+                    f"re-shard into row groups of <= {group_rows:,} rows (shards.row_group_rows): "
+                    "`armlab prepare EXP` for an arm, or declare the dir as a prebuilt arm "
+                    "(kind = 'prebuilt', uri = DIR) and run `armlab prepare EXP --arm NAME`"
+                )
+            else:
+                fixes.append(
+                    f"the data has only {res.rows:,} documents, too few for {world_size} ranks: "
+                    "use fewer ranks or select more data"
+                )
     res.fix = "; ".join(dict.fromkeys(fixes))
     return res
 
@@ -110,10 +118,15 @@ def _check_manifest(
     if not mpath.is_file():
         return  # a foreign dir: nothing to compare against
     m = read_json(mpath)
+    files = m.get("files") if isinstance(m, dict) else None
+    if not isinstance(files, list) or not all(isinstance(f, dict) and "name" in f for f in files):
+        res.problems.append(f"{mpath}: not a shard manifest (no `files: [{{name, rows, sha256}}]` list)")
+        fixes.append("move the foreign manifest.json away, or re-prepare the dir with `armlab prepare`")
+        return
     if not m.get("complete"):
         res.problems.append(f"{mpath}: not complete (prepare was interrupted)")
         fixes.append("rerun `armlab prepare EXP` to finish it")
-    listed = {f["name"]: f for f in m.get("files", [])}
+    listed = {f["name"]: f for f in files}
     names = {p.name for p in paths}
     for name in sorted(set(listed) - names):
         res.problems.append(f"{name}: listed in manifest.json but missing")

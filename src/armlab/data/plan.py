@@ -15,6 +15,7 @@ from armlab.budget import training_budget
 from armlab.data.pool import file_stats, list_pool
 from armlab.data.select import CHARS_PER_TOKEN
 from armlab.data.shards import MANIFEST
+from armlab.errors import ArmlabError
 from armlab.progress import progress
 from armlab.spec import ArmSpec, Experiment
 from armlab.workdir import open_workdir, read_json
@@ -55,6 +56,11 @@ def pool_estimate(exp: Experiment) -> PoolEstimate:
             rows += max(st.rows, 0)
             chars += st.text_bytes
             bar.update(task, advance=1)
+    if rows > 0 and chars == 0:  # parquet metadata has no such column (or it is empty everywhere)
+        raise ArmlabError(
+            f"{exp.pool.uri}: no text in column {exp.pool.text_column!r} of any pool file; "
+            "check [pool] text_column against the files' columns"
+        )
     return PoolEstimate(rows, chars)
 
 

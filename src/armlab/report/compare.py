@@ -28,13 +28,24 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def collect_runs(exp: Experiment) -> tuple[list[RunRecord], list[RunRecord]]:
-    """(finished runs, runs excluded with their reason in .state) of the experiment's arms."""
+def collect_runs(
+    exp: Experiment, exclude: list[str] | None = None
+) -> tuple[list[RunRecord], list[RunRecord]]:
+    """(finished runs, runs left out: unfinished, of unknown arms, or named in `exclude`)."""
     wd = open_workdir(exp, create=False)
     arms = {a.name for a in exp.arms}
+    known = {d.name for d in wd.all_run_dirs()}
+    unknown = sorted(set(exclude or []) - known)
+    if unknown:
+        raise ArmlabError(
+            f"--exclude: no run named {', '.join(unknown)} (runs: {', '.join(sorted(known)) or 'none'})"
+        )
     finished, other = [], []
     for d in wd.all_run_dirs():
         rec = load_run(d)
+        if d.name in (exclude or []):
+            other.append(rec)
+            continue
         if rec.info.get("experiment") not in (None, exp.name):
             raise ArmlabError(
                 f"{d}: run belongs to experiment {rec.info.get('experiment')!r}, not {exp.name!r}; "
@@ -64,8 +75,8 @@ def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
     if odd:
         raise ArmlabError(
             f"{len(odd)} run(s) are not comparable with experiment {exp.name!r}, e.g. trained with command-line "
-            f"overrides such as --num-iterations: {'; '.join(odd)}; move them out of the workdir (or delete them) "
-            "to compare the others"
+            f"overrides such as --num-iterations: {'; '.join(odd)}; leave them out with --exclude RUN (or move "
+            "them out of the workdir) to compare the others"
         )
     seen: dict[tuple[str, int], list[str]] = {}
     for r in runs:
@@ -80,7 +91,7 @@ def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
         # Counting it twice would shrink the interval; keep one (paired comparisons are by seed).
         raise ArmlabError(
             f"several finished runs share a seed ({'; '.join(dups)}); they are repeats, not independent "
-            "samples: keep one per seed (move the others out of the workdir) or train other seeds with --seed"
+            "samples: keep one per seed (--exclude RUN the others) or train other seeds with --seed"
         )
     toks = {r.info.get("tokenizer_fingerprint") for r in runs}
     if len(toks) > 1:
@@ -184,13 +195,14 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
 
 
 def compare(
-    exp: Experiment, out: Path | None = None, notes: list[str] | None = None
+    exp: Experiment, out: Path | None = None, notes: list[str] | None = None, exclude: list[str] | None = None
 ) -> tuple[Path, dict[str, Any]]:
     """Write report.md, report.html, PNGs and summary.json; returns (report dir, summary).
-    `notes` are extra lines for the report's Notes section (the demo explains itself there)."""
+    `notes` are extra lines for the report's Notes section (the demo explains itself there);
+    `exclude` names runs to leave out (a smoke test with overrides, say)."""
     from armlab.report.render import write_report
 
-    finished, excluded = collect_runs(exp)
+    finished, excluded = collect_runs(exp, exclude)
     if not finished:
         states = ", ".join(f"{r.run}: {r.state_name}" for r in excluded) or "no runs at all"
         raise ArmlabError(

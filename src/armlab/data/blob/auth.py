@@ -93,6 +93,21 @@ def _parse_connection_string(cs: str) -> dict[str, str]:
     return fields
 
 
+def _check_key(key: str, where: str) -> None:
+    """An account key is base64 (88 characters from the portal); anything else can only fail, after
+    the SDK's retries, as an opaque 'access denied'. Say so at once, without echoing the key."""
+    import base64
+    import binascii
+
+    try:
+        base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError):
+        raise ArmlabError(
+            f"{where} is not a valid account key (not base64, {len(key)} characters); copy the key again "
+            "from the storage account's 'Access keys' page"
+        ) from None
+
+
 def auth_from_env(env: Mapping[str, str] | None = None) -> BlobAuth:
     """Resolve the account URL and credential from the environment (order in the module doc)."""
     env = os.environ if env is None else env
@@ -124,6 +139,7 @@ def auth_from_env(env: Mapping[str, str] | None = None) -> BlobAuth:
                 raise ArmlabError(
                     "AZURE_STORAGE_CONNECTION_STRING has AccountKey but no AccountName; check its value"
                 )
+            _check_key(f["accountkey"], "AZURE_STORAGE_CONNECTION_STRING's AccountKey")
             cred: Any = {"account_name": name, "account_key": f["accountkey"]}
         elif f.get("sharedaccesssignature"):
             cred = f["sharedaccesssignature"]
@@ -133,6 +149,7 @@ def auth_from_env(env: Mapping[str, str] | None = None) -> BlobAuth:
 
     url = endpoint or (f"https://{account}.blob.core.windows.net" if account else "")
     if account and env.get("AZURE_STORAGE_KEY"):
+        _check_key(env["AZURE_STORAGE_KEY"], "AZURE_STORAGE_KEY")
         return BlobAuth(
             url,
             {"account_name": account, "account_key": env["AZURE_STORAGE_KEY"]},
