@@ -61,7 +61,7 @@ from armlab.data.select import (
     weights,
 )
 from armlab.data.shards import MANIFEST, ShardWriter, finish_dir, read_shards
-from armlab.data.shuffle import STAGE_FORMAT, StageWriter, merge
+from armlab.data.shuffle import StageWriter, merge
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
 from armlab.spec import ArmSpec, Experiment, PoolSpec, fingerprint, fingerprint_diff
@@ -69,6 +69,7 @@ from armlab.workdir import Workdir, atomic_path, atomic_write_json, check_writab
 
 EVAL = "eval"
 TOKENIZER = "tokenizer"
+PURGE_ENV = "MIMALLOC_PURGE_DELAY"  # set for the worker processes only (see Runner)
 
 
 # -- what to build ---------------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def route_unit(
 ) -> dict[str, Any]:
     """Send each target's selected, non-empty rows of one unit to its stage-1 file; return counts."""
     writers = {t.name: StageWriter(stage / t.name / f"{unit:06d}.arrow") for t in targets}
-    stats = {t.name: {"rows": 0, "bytes": 0, "tokens": 0, "dropped_empty": 0} for t in targets}
+    stats = {t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0} for t in targets}
     off = 0
     try:
         for batch in batches:
@@ -209,8 +210,7 @@ def route_unit(
             if not pa.types.is_string(text.type):
                 text = text.cast(pa.string())
             n = len(text)
-            lengths = pc.fill_null(pc.binary_length(text), 0).to_numpy(zero_copy_only=False)
-            valid = lengths > 0
+            valid = pc.fill_null(pc.greater(pc.binary_length(text), 0), False).to_numpy(zero_copy_only=False)
             for t in targets:
                 m = member[t.name][off : off + n]
                 st = stats[t.name]
@@ -229,9 +229,7 @@ def route_unit(
                     cols["text_key"] = pa.array(text_keys(sub))
                 writers[t.name].add(pa.table(cols))
                 st["rows"] += len(idx)
-                # UTF-8 bytes (from the offsets, no pass over the text) size stage 2's hash ranges;
-                # the manifest's chars are counted once, by the shard writer.
-                st["bytes"] += int(lengths[idx].sum())
+                st["chars"] += int(pc.sum(pc.utf8_length(sub)).as_py() or 0)
                 if tokens is not None:
                     st["tokens"] += int(tokens[off + idx].sum())
             off += n
@@ -344,8 +342,18 @@ class Runner:
             ctx.set_forkserver_preload([__name__])
             self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
             # Start the server now: its imports (~0.5 s) overlap the parent's listing and planning
-            # instead of delaying the first unit of work.
-            forkserver.ensure_running()
+            # instead of delaying the first unit of work. Its environment (inherited by the workers)
+            # tells pyarrow's allocator (mimalloc) to keep freed pages for reuse rather than return
+            # them to the OS 10 ms later: otherwise every row group and hash range (~100 MB) is
+            # faulted in afresh, which measured as twice the system time of a 2-worker prepare.
+            # Memory stays bounded: a worker's footprint is its peak of one row group or range.
+            saved = os.environ.get(PURGE_ENV)
+            os.environ.setdefault(PURGE_ENV, "-1")
+            try:
+                forkserver.ensure_running()
+            finally:
+                if saved is None:
+                    del os.environ[PURGE_ENV]
 
     def run(
         self,
@@ -511,7 +519,7 @@ def _prepare_pool(
     cols = key_columns(exp, arms)
     work = wd.cache_dir / "prepare"
     keys_dir = work / f"keys-{fingerprint([pool_fp, cols.read])}"
-    stage = work / f"stage-{fingerprint([STAGE_FORMAT, pool_fp, [t.fingerprint for t in targets]])}"
+    stage = work / f"stage-{fingerprint([pool_fp, [t.fingerprint for t in targets]])}"
 
     # 1. key pass
     skipped: list[str] = []
@@ -704,7 +712,7 @@ def _write_targets(
 ) -> None:
     """Stage 2 for each target (in parallel), then its manifest and the swap into place."""
     totals = {
-        t.name: {"rows": 0, "bytes": 0, "tokens": 0, "dropped_empty": 0, "eval_removed": 0} for t in targets
+        t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0, "eval_removed": 0} for t in targets
     }
     for u in units:
         for name, st in unit_stats[u].items():
@@ -724,7 +732,7 @@ def _write_targets(
             t,
             stage,
             units,
-            totals[t.name]["bytes"],
+            totals[t.name]["chars"],
             sh.rows_per_shard,
             sh.row_group_rows,
             sh.compression,
@@ -768,7 +776,7 @@ def _write_targets(
             )
 
         # Largest first, so with several workers the last merge to finish is a small one.
-        order = sorted(targets, key=lambda t: -totals[t.name]["bytes"])
+        order = sorted(targets, key=lambda t: -totals[t.name]["chars"])
         runner.run(order, make, lambda t, files: written(t.name, files))
 
 
@@ -827,7 +835,7 @@ def _prepare_prebuilt(
     ev = read_shards(wd.eval_dir, columns=["key", "text_key"])
     eval_keys = np.sort(ev.column("key").to_numpy())
     eval_text_keys = np.sort(ev.column("text_key").to_numpy())
-    stage = wd.cache_dir / "prepare" / f"stage-{fingerprint([STAGE_FORMAT, t.fingerprint])}"
+    stage = wd.cache_dir / "prepare" / f"stage-{t.fingerprint}"
     unit_stats: dict[int, dict[str, Any]] = {}
     todo = []
     for u in range(len(paths)):

@@ -29,7 +29,6 @@ import pyarrow as pa
 from armlab.data.shards import ShardWriter
 
 BUCKET_BYTES = 64 << 20  # stage 2: text per hash range held in memory at once (peak ~2x this)
-STAGE_FORMAT = 2  # bump when stage files or unit stats change, so a rerun never reuses old ones
 
 
 class StageWriter:
