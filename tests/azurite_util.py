@@ -161,3 +161,19 @@ def azurite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Azu
         for k, v in server.env().items():
             monkeypatch.setenv(k, v)
         yield server
+
+
+# Shared by the publish/pull tests: quick retries (the server is local) and a one-arm experiment.
+def fast_retries() -> Any:
+    from armlab.data.blob import RetrySettings
+
+    return RetrySettings(sdk_total=0, attempts=2, backoff=0.2, connection_timeout=2, read_timeout=5)
+
+
+RANDOM_ARM = """
+[[arms]]
+name = "rand"
+kind = "random"
+ratio = 0.5
+seed = 42
+"""

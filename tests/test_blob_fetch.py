@@ -329,6 +329,8 @@ def test_armlab_process_killed_mid_download_then_rerun_resumes(azurite, tmp_path
     assert sorted(local_files(dest)) == ["shard_00000.parquet"]  # the interrupted blob has no real name yet
     done = json.loads((dest / RECORD_NAME).read_text())["partial"]["shard_00001.parquet"]["done"]
     assert done > 0
+    # the kill may also land inside a record write: its temp file must not outlive the rerun
+    (dest / f".{RECORD_NAME}.cutshort.tmp").write_text('{"partial": ')
 
     report = download_prefix("az://prebuilt/big", dest, mode="sequential", retry=FAST)
     assert local_files(dest) == want and hidden(dest) == []

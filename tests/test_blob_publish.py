@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from armlab.data.blob import RetrySettings, publish, pull
+from armlab.data.blob import publish, pull
 from armlab.data.prepare import prepare
 from armlab.data.shards import read_manifest
 from armlab.errors import ArmlabError
 from armlab.spec import load_experiment
 from armlab.workdir import acquire_lease, open_workdir, release_lease
-from azurite_util import KEY, azurite_env
+from azurite_util import KEY, RANDOM_ARM, azurite_env, fast_retries
 from data_util import experiment_toml, make_pool
 
 
@@ -26,14 +26,7 @@ def azurite(tmp_path, monkeypatch):
     yield from azurite_env(tmp_path, monkeypatch)
 
 
-FAST = RetrySettings(sdk_total=0, attempts=2, backoff=0.2, connection_timeout=2, read_timeout=5)
-RANDOM_ARM = """
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.5
-seed = 42
-"""
+FAST = fast_retries()
 
 
 def write_exp(tmp_path: Path, name: str, pool: Path, arms: str) -> Path:

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from armlab.data.blob import RetrySettings, publish_shared, pull_shared
+from armlab.data.blob import publish_shared, pull_shared
 from armlab.data.prepare import prepare
 from armlab.errors import ArmlabError
 from armlab.spec import load_experiment
 from armlab.tokenizer import Tokenizer, load_experiment_tokenizer, train_experiment_tokenizer
 from armlab.workdir import acquire_lease, open_workdir, release_lease
-from azurite_util import azurite_env
+from azurite_util import RANDOM_ARM, azurite_env, fast_retries
 from data_util import experiment_toml, make_pool
 
 
@@ -27,14 +27,7 @@ def azurite(tmp_path, monkeypatch):
     yield from azurite_env(tmp_path, monkeypatch)
 
 
-FAST = RetrySettings(sdk_total=0, attempts=2, backoff=0.2, connection_timeout=2, read_timeout=5)
-RANDOM_ARM = """
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.5
-seed = 42
-"""
+FAST = fast_retries()
 TOKENIZER_FILES = ["manifest.json", "token_bytes.npy", "token_bytes.pt", "tokenizer.pkl"]
 
 

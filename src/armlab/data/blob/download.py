@@ -47,7 +47,7 @@ from armlab.data.blob.sdk import (
 )
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
-from armlab.workdir import atomic_write_json, read_json
+from armlab.workdir import atomic_write_json, cleanup_temp_files, read_json
 
 RECORD_NAME = ".armlab-blobs.json"
 SEGMENT_BYTES = 64 << 20  # unit of resumption: fsynced and recorded before the next one starts
@@ -330,6 +330,7 @@ def download_prefix(
         console.print(f"{az.uri()}: skipping {len(ignored)} non-parquet blob(s): {_preview(ignored)}")
 
     dest.mkdir(parents=True, exist_ok=True)
+    cleanup_temp_files(dest)  # a record write cut short by a kill (partial blobs are `.part`, kept)
     record = _Record(dest, az.uri())
     listed = {b.rel for b in blobs}
     # Files we downloaded earlier that the prefix no longer holds would be read as shards: remove.
