@@ -285,14 +285,14 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
-def _error_line(source: str, err: ValidationError, data: dict[str, Any]) -> str:
+def _error_line(source: str, err: ValidationError) -> str:
     errors = err.errors()
     e = errors[0]
     loc = tuple(p for p in e["loc"] if p not in ("function-after",))
     where = _loc(loc)
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        line = f"{source}: unknown key '{where}' (check its spelling against DESIGN.md / the example)"
+        line = f"{source}: unknown key '{where}' (check its spelling; every key is in examples/fineweb-edu-top-vs-random.toml and docs/DESIGN.md)"
     elif e["type"] == "missing":
         line = f"{source}: missing required key '{where}'"
     elif where:
@@ -308,7 +308,7 @@ def parse_experiment(data: dict[str, Any], source: str = "<experiment>") -> Expe
     try:
         return Experiment.model_validate(data)
     except ValidationError as err:
-        raise ArmlabError(_error_line(source, err, data)) from None
+        raise ArmlabError(_error_line(source, err)) from None
 
 
 def load_experiment(path: str | Path) -> Experiment:
