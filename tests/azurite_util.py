@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -177,3 +178,14 @@ kind = "random"
 ratio = 0.5
 seed = 42
 """
+
+
+def armlab(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The real CLI in a subprocess, with Azurite's credentials in its environment."""
+    return subprocess.run(
+        [sys.executable, "-c", "from armlab.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,7 @@ from armlab.data.shards import read_manifest
 from armlab.errors import ArmlabError
 from armlab.spec import load_experiment
 from armlab.workdir import acquire_lease, open_workdir, release_lease
-from azurite_util import KEY, RANDOM_ARM, azurite_env, fast_retries
+from azurite_util import KEY, RANDOM_ARM, armlab, azurite_env, fast_retries
 from data_util import experiment_toml, make_pool
 
 
@@ -50,16 +47,6 @@ def source(tmp_path: Path) -> Path:
     path = write_exp(tmp_path, "src", pool, RANDOM_ARM)
     prepare(load_experiment(path), workers=1)
     return path
-
-
-def armlab(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "from armlab.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=120,
-    )
 
 
 @pytest.mark.e2e

@@ -4,9 +4,6 @@ the playbook's CPU node publishes, a GPU node (a fresh workdir of the same exper
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ from armlab.errors import ArmlabError
 from armlab.spec import load_experiment
 from armlab.tokenizer import Tokenizer, load_experiment_tokenizer, train_experiment_tokenizer
 from armlab.workdir import acquire_lease, open_workdir, release_lease
-from azurite_util import RANDOM_ARM, azurite_env, fast_retries
+from azurite_util import RANDOM_ARM, armlab, azurite_env, fast_retries
 from data_util import experiment_toml, make_pool
 
 
@@ -50,16 +47,6 @@ def source(tmp_path: Path) -> Path:
     prepare(exp, workers=1)
     train_experiment_tokenizer(exp)
     return path
-
-
-def armlab(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", "from armlab.cli import main; main()", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
-        timeout=120,
-    )
 
 
 def files_of(directory: Path) -> dict[str, bytes]:

@@ -11,6 +11,12 @@ from armlab.cli.app import app, check_device
 from armlab.errors import ArmlabError
 
 ExpArg = Annotated[Path, typer.Argument(help="experiment file (or a workdir holding experiment.toml)")]
+# Options shared by `run` and `evaluate`
+BundleOpt = Annotated[str | None, typer.Option(help="CORE bundle dir or URL (default: evaluate.core_bundle)")]
+MaxPerTaskOpt = Annotated[int | None, typer.Option("--max-per-task", min=1, help="CORE items per task")]
+DeviceOpt = Annotated[
+    str | None, typer.Option(callback=check_device, help="cuda or cpu (default: cuda if available)")
+]
 
 
 def _csv(value: str | None, what: str, cast: type = str) -> list | None:
@@ -29,16 +35,10 @@ def run(
     seeds: Annotated[
         str | None, typer.Option("--seeds", help="comma-separated seeds (default: train.seeds)")
     ] = None,
-    device: Annotated[
-        str | None, typer.Option(callback=check_device, help="cuda or cpu (default: cuda if available)")
-    ] = None,
+    device: DeviceOpt = None,
     num_gpus: Annotated[int | None, typer.Option("--num-gpus", min=1, help="CUDA ranks per run")] = None,
-    bundle: Annotated[
-        str | None, typer.Option(help="CORE bundle dir or URL (default: evaluate.core_bundle)")
-    ] = None,
-    max_per_task: Annotated[
-        int | None, typer.Option("--max-per-task", min=1, help="CORE items per task")
-    ] = None,
+    bundle: BundleOpt = None,
+    max_per_task: MaxPerTaskOpt = None,
 ) -> None:
     """Everything, locally: prepare -> tokenizer -> train every arm x seed -> evaluate -> compare.
 
@@ -78,15 +78,9 @@ def status(
 def evaluate(
     exp: ExpArg,
     arm: Annotated[str | None, typer.Option("--arm", help="only this arm's runs")] = None,
-    bundle: Annotated[
-        str | None, typer.Option(help="CORE bundle dir or URL (default: evaluate.core_bundle)")
-    ] = None,
-    max_per_task: Annotated[
-        int | None, typer.Option("--max-per-task", min=1, help="CORE items per task")
-    ] = None,
-    device: Annotated[
-        str | None, typer.Option(callback=check_device, help="cuda or cpu (default: cuda if available)")
-    ] = None,
+    bundle: BundleOpt = None,
+    max_per_task: MaxPerTaskOpt = None,
+    device: DeviceOpt = None,
     force: Annotated[
         bool, typer.Option(help="re-evaluate runs that already have a matching eval.json")
     ] = False,

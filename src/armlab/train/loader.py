@@ -344,17 +344,23 @@ class DataLoader:
         total = sum(self.units[i].rows for i in self.epoch_units(epoch))
         return epoch + max(consumed, 0) / total
 
-    def state_dict(self) -> dict[str, Any]:
-        """Exact position after the last batch returned: resuming yields the batches that follow."""
-        p = self._consumed
+    def _identity(self) -> dict[str, Any]:
+        """What a saved state must match to be restored here (same data, rank, layout, tokenizer)."""
         return {
-            "version": STATE_VERSION,
             "layout": self.layout,
             "rank": self.rank,
             "world_size": self.world_size,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "tokenizer": getattr(self.tokenizer, "fingerprint", None),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Exact position after the last batch returned: resuming yields the batches that follow."""
+        p = self._consumed
+        return {
+            "version": STATE_VERSION,
+            **self._identity(),
             "epoch": p.epoch,
             "unit": p.unit,
             "row": p.row,
@@ -367,15 +373,7 @@ class DataLoader:
             raise ArmlabError(
                 f"loader state version {state.get('version')} is not {STATE_VERSION}; start a new run"
             )
-        mine = {
-            "layout": self.layout,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "tokenizer": getattr(self.tokenizer, "fingerprint", None),
-        }
-        for key, value in mine.items():
+        for key, value in self._identity().items():
             if state.get(key) != value:
                 what = "data dir layout" if key == "layout" else key
                 raise ArmlabError(
