@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from armlab.errors import ArmlabError
 from armlab.spec import ModelSpec
 from armlab.train import checkpoint, rundir
 from armlab.train.checkpoint import load_model
-from armlab.train.launch import plan_run, train
+from armlab.train.launch import _error_line, plan_run, train
+from armlab.train.loop import Dist, train_loop
 from armlab.workdir import check_writable, open_workdir, read_json, read_lease
 from train_util import ARM, armlab, build_workdir, experiment, spawn, train_losses, wait_for
 
@@ -93,9 +95,11 @@ def test_single_process_trains_and_loss_falls(exp_file: Path) -> None:
 def test_ddp_on_one_row_group_files_never_hangs(exp_file: Path, nproc: int) -> None:
     """The playbook's hang: 5 files with one row group each, 2 or 3 ranks, all finish together."""
     run = f"ddp{nproc}"
+    # 3 ranks: torchrun binds its own free port; 2 ranks: a --master-port the user picked
+    port = () if nproc == 3 else ("--master-port", str(unused_port()))
     t0 = time.time()
     r = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--nproc", str(nproc), "--run-name", run,
-               "--num-iterations", "6", timeout=120)  # fmt: skip
+               "--num-iterations", "6", *port, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert time.time() - t0 < 120
     d = run_dir(exp_file, run)
@@ -108,6 +112,42 @@ def test_ddp_on_one_row_group_files_never_hangs(exp_file: Path, nproc: int) -> N
     assert read_json(d / "run.json")["config"]["grad_accum_steps"] == 6 // nproc
 
 
+def test_the_loop_joins_its_loader_thread_before_returning(exp_file: Path) -> None:
+    """A prefetch thread left running into interpreter exit aborted a rank ("terminate called
+    without an active exception", SIGABRT) after its last step."""
+    plan = plan_run(experiment(exp_file), ARM, run_name_="inproc", device="cpu", num_iterations=3)
+    train_loop(plan, Dist(0, 1, torch.device("cpu")))
+    assert checkpoint.list_steps(run_dir(exp_file, "inproc")) == [3]
+    assert not [t for t in threading.enumerate() if t.name == "armlab-loader"]
+
+
+def unused_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_master_port_in_use_is_refused_before_anything_starts(exp_file: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:  # another run's torchrun
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--nproc", "2",
+                   "--run-name", "port", "--master-port", str(port))  # fmt: skip
+    assert r.returncode == 2 and f"--master-port {port} is in use" in r.stderr and "Traceback" not in r.stderr
+    assert not run_dir(exp_file, "port").exists()
+
+
+def test_a_launcher_failure_names_its_cause() -> None:
+    out = [
+        b"step 00001/00016 | loss 5.9\n",
+        b"[E] torch.distributed.DistNetworkError: port 1 taken\n",
+        b"done\n",
+    ]
+    assert _error_line(out) == "[E] torch.distributed.DistNetworkError: port 1 taken"
+    assert _error_line([b"step 1\n"]) is None
+
+
 def test_too_many_ranks_for_the_layout_is_refused(exp_file: Path) -> None:
     with pytest.raises(ArmlabError, match=r"has 5 row groups, needs >= 6"):
         plan_run(
@@ -118,7 +158,7 @@ def test_too_many_ranks_for_the_layout_is_refused(exp_file: Path) -> None:
 def test_kill_then_resume_matches_bitwise_and_lease_blocks_prepare(exp_file: Path) -> None:
     quick = ("--device", "cpu", "--nproc", "2", "--num-iterations", "16")  # checkpoints at 8 and 16
     full = armlab("train", str(exp_file), "--arm", ARM, *quick, "--run-name", "full")
-    assert full.returncode == 0, full.stderr[-2000:]
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-2000:]
 
     killed = run_dir(exp_file, "killed")
     proc = spawn(
@@ -151,7 +191,7 @@ def test_kill_then_resume_matches_bitwise_and_lease_blocks_prepare(exp_file: Pat
         check_writable(data_dir(exp_file), action="prepare 'rand'")
 
     r = armlab("train", str(exp_file), "--arm", ARM, *quick, "--run-name", "killed", "--resume")
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "resumed from step 8" in r.stdout
     a, b = train_losses(run_dir(exp_file, "full")), train_losses(killed)
     assert sorted(b) == list(range(1, 17))

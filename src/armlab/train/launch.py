@@ -15,6 +15,7 @@ its pid.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import importlib.util
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +106,6 @@ def resolve_devices(num_gpus: int | None, device: str | None, nproc: int | None)
     return device, world
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_port(port: int) -> int:
     """Refuse a master port something already listens on (two runs on one port hang)."""
     if not 0 < port < 65536:
@@ -185,7 +181,9 @@ def plan_run(
     lease = read_lease(data_dir)  # refuse before writing anything if another live run holds the data
     if lease is not None and lease.alive and lease.run != run:
         raise ArmlabError(f"{data_dir}: leased by live {lease.describe()}; wait for it to finish or stop it")
-    port = check_port(master_port) if master_port is not None else free_port()
+    # No port given: torchrun binds port 0 itself (c10d rendezvous), so the kernel hands out a free
+    # port atomically; probing for a free port here and passing it on would race other processes.
+    port = check_port(master_port) if master_port is not None else None
 
     config = {
         "depth": eff.model.depth,
@@ -335,11 +333,14 @@ def _command(plan: dict[str, Any]) -> list[str]:
     worker = ["-m", "armlab.train.worker", str(Path(plan["run_dir"]) / rundir.PLAN)]
     if plan["world_size"] == 1:
         return [sys.executable, *worker]
+    if plan["master_port"] is None:
+        rendezvous = ["--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1"]
+    else:
+        rendezvous = ["--master-addr=127.0.0.1", f"--master-port={plan['master_port']}"]
     return [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes=1", "--node-rank=0", f"--nproc-per-node={plan['world_size']}",
-        "--master-addr=127.0.0.1", f"--master-port={plan['master_port']}",
-        "--max-restarts=0", *worker,
+        *rendezvous, "--max-restarts=0", *worker,
     ]  # fmt: skip
 
 
@@ -378,8 +379,10 @@ def run_plan(plan: dict[str, Any], echo: bool = True) -> Path:
                     env=env, start_new_session=True, preexec_fn=_die_with_parent,
                 )  # fmt: skip
                 assert proc.stdout is not None
+                tail: collections.deque[bytes] = collections.deque(maxlen=200)
                 try:
                     for line in proc.stdout:
+                        tail.append(line)
                         log.write(line)
                         log.flush()
                         if echo:
@@ -393,7 +396,7 @@ def run_plan(plan: dict[str, Any], echo: bool = True) -> Path:
                     run_dir, state="done", ended=time.time(), step=plan["config"]["num_iterations"]
                 )
                 return run_dir
-            _raise_failure(run_dir, rc)
+            _raise_failure(run_dir, rc, tail)
     except Stopped as e:
         rundir.write_state(run_dir, state="stopped", ended=time.time(), error=f"stopped by {e}")
         raise RunFailed(
@@ -428,7 +431,18 @@ def _terminate(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _raise_failure(run_dir: Path, rc: int) -> None:
+def _error_line(lines: Iterable[bytes]) -> str | None:
+    """The last line of the ranks' output that names an error: torchrun's own failures (a rendezvous
+    that could not bind, a rank killed by a signal) leave no rank error file."""
+    found = None
+    for raw in lines:
+        line = raw.decode("utf-8", "replace").strip()
+        if any(k in line for k in ("Error", "error:", "Exception", "received by PID")):
+            found = line
+    return found[:300] if found else None
+
+
+def _raise_failure(run_dir: Path, rc: int, tail: Iterable[bytes] = ()) -> None:
     errors = rundir.read_rank_errors(run_dir)
     if errors:
         first = errors[0]
@@ -441,7 +455,10 @@ def _raise_failure(run_dir: Path, rc: int) -> None:
     rundir.write_state(
         run_dir, state="failed", ended=time.time(), error=f"training processes failed ({detail})"
     )
-    raise RunFailed(f"training processes failed ({detail}); see {run_dir / rundir.LOG}")
+    cause = _error_line(tail)
+    raise RunFailed(
+        f"training processes failed ({detail}){': ' + cause if cause else ''}; see {run_dir / rundir.LOG}"
+    )
 
 
 def train(

@@ -200,104 +200,109 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
         if wandb_run is not None:
             wandb_run.log(record, step=record["step"])
 
-    step = start
-    while True:
-        last = step == n_steps
-        fresh = (
-            step != start or plan["resume_step"] is None
-        )  # the resume step was evaluated and saved already
-        if fresh and (last or step % train.eval_every == 0):
-            model.eval()
-            with autocast:
-                val_bpb = evaluate_bpb(
-                    fwd, tokenizer, plan["eval_dir"], train.eval_tokens, B, T, device, d.rank, d.world_size
-                )
-            model.train()
+    # The loader's prefetch thread runs ahead of the loop; it must be stopped and joined before the
+    # interpreter exits (a daemon thread killed inside pyarrow or the tokenizer aborts the process).
+    try:
+        step = start
+        while True:
+            last = step == n_steps
+            fresh = (
+                step != start or plan["resume_step"] is None
+            )  # the resume step was evaluated and saved already
+            if fresh and (last or step % train.eval_every == 0):
+                model.eval()
+                with autocast:
+                    val_bpb = evaluate_bpb(
+                        fwd, tokenizer, plan["eval_dir"], train.eval_tokens, B, T, device, d.rank, d.world_size
+                    )
+                model.train()
+                if d.master:
+                    print(f"step {step:05d}/{n_steps:05d} | val bpb {val_bpb:.4f}", flush=True)
+                    log(
+                        {
+                            "step": step,
+                            "tokens": step * cfg["total_batch_size"],
+                            "time": round(loop_time, 3),
+                            "val_bpb": val_bpb,
+                        }
+                    )
+            if step > start and (last or step % train.save_every == 0):
+                states = gather({"loader": loader.state_dict(), "rng": rng_state()}, d)
+                if d.master:
+                    checkpoint.save_checkpoint(
+                        run_dir,
+                        step,
+                        model=model,
+                        optimizer=optimizer,
+                        rank_states=states,
+                        meta={
+                            "model_config": model_cfg.to_dict(),
+                            "fingerprint": plan["fingerprint"],
+                            "config": cfg,
+                            "tokenizer_fingerprint": tokenizer.fingerprint,
+                            "val_bpb": val_bpb,
+                            "loop": {"time": loop_time},
+                        },
+                    )
+            if d.master and (last or time.time() - last_state > STATE_EVERY_S):
+                rundir.write_state(run_dir, state="running", step=step, num_iterations=n_steps)
+                last_state = time.time()
+            if last:
+                break
+
+            # One optimiser step: accumulate gradients over micro-batches, average over ranks.
+            t0 = time.perf_counter()
+            fault_injection(d.rank, step)
+            loss_sum = torch.zeros((), device=device)
+            for _ in range(accum):
+                x, y = next(loader)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast:
+                    loss = fwd(x, y)
+                loss_sum += loss.detach()
+                (loss / accum).backward()
+            if d.world_size > 1:
+                all_reduce_grads(list(model.parameters()), d.world_size)
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+                loss_sum /= d.world_size
+            lrm = schedule.lr_multiplier(
+                step, n_steps, train.warmup_ratio, train.warmdown_ratio, train.final_lr_frac
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if group["kind"] == "muon":
+                    group["momentum"] = schedule.muon_momentum(step)
+                    group["weight_decay"] = schedule.weight_decay(step, n_steps, scale.weight_decay)
+            optimizer.step()
+            model.zero_grad(set_to_none=True)
+            train_loss = (loss_sum / accum).item()  # also syncs the device, so dt is real
+            dt = time.perf_counter() - t0
+            step += 1
+            loop_time += dt
+            tok_per_s = cfg["total_batch_size"] / dt
+            mfu = 100 * flops_per_token * tok_per_s / (peak * d.world_size) if peak else None
             if d.master:
-                print(f"step {step:05d}/{n_steps:05d} | val bpb {val_bpb:.4f}", flush=True)
+                mfu_s = f"{mfu:.1f}" if mfu is not None else "-"
+                print(
+                    f"step {step:05d}/{n_steps:05d} | loss {train_loss:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
+                    f"tok/s {tok_per_s:,.0f} | mfu {mfu_s} | epoch {loader.epoch:.2f}",
+                    flush=True,
+                )
                 log(
                     {
                         "step": step,
                         "tokens": step * cfg["total_batch_size"],
                         "time": round(loop_time, 3),
-                        "val_bpb": val_bpb,
+                        "train_loss": train_loss,
+                        "lr_mult": lrm,
+                        "dt": round(dt, 6),
+                        "tok_per_s": round(tok_per_s, 1),
+                        "mfu": None if mfu is None else round(mfu, 2),
+                        "epoch": round(loader.epoch, 4),
                     }
                 )
-        if step > start and (last or step % train.save_every == 0):
-            states = gather({"loader": loader.state_dict(), "rng": rng_state()}, d)
-            if d.master:
-                checkpoint.save_checkpoint(
-                    run_dir,
-                    step,
-                    model=model,
-                    optimizer=optimizer,
-                    rank_states=states,
-                    meta={
-                        "model_config": model_cfg.to_dict(),
-                        "fingerprint": plan["fingerprint"],
-                        "config": cfg,
-                        "tokenizer_fingerprint": tokenizer.fingerprint,
-                        "val_bpb": val_bpb,
-                        "loop": {"time": loop_time},
-                    },
-                )
-        if d.master and (last or time.time() - last_state > STATE_EVERY_S):
-            rundir.write_state(run_dir, state="running", step=step, num_iterations=n_steps)
-            last_state = time.time()
-        if last:
-            break
-
-        # One optimiser step: accumulate gradients over micro-batches, average over ranks.
-        t0 = time.perf_counter()
-        fault_injection(d.rank, step)
-        loss_sum = torch.zeros((), device=device)
-        for _ in range(accum):
-            x, y = next(loader)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                loss = fwd(x, y)
-            loss_sum += loss.detach()
-            (loss / accum).backward()
-        if d.world_size > 1:
-            all_reduce_grads(list(model.parameters()), d.world_size)
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-            loss_sum /= d.world_size
-        lrm = schedule.lr_multiplier(
-            step, n_steps, train.warmup_ratio, train.warmdown_ratio, train.final_lr_frac
-        )
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = schedule.muon_momentum(step)
-                group["weight_decay"] = schedule.weight_decay(step, n_steps, scale.weight_decay)
-        optimizer.step()
-        model.zero_grad(set_to_none=True)
-        train_loss = (loss_sum / accum).item()  # also syncs the device, so dt is real
-        dt = time.perf_counter() - t0
-        step += 1
-        loop_time += dt
-        tok_per_s = cfg["total_batch_size"] / dt
-        mfu = 100 * flops_per_token * tok_per_s / (peak * d.world_size) if peak else None
-        if d.master:
-            mfu_s = f"{mfu:.1f}" if mfu is not None else "-"
-            print(
-                f"step {step:05d}/{n_steps:05d} | loss {train_loss:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
-                f"tok/s {tok_per_s:,.0f} | mfu {mfu_s} | epoch {loader.epoch:.2f}",
-                flush=True,
-            )
-            log(
-                {
-                    "step": step,
-                    "tokens": step * cfg["total_batch_size"],
-                    "time": round(loop_time, 3),
-                    "train_loss": train_loss,
-                    "lr_mult": lrm,
-                    "dt": round(dt, 6),
-                    "tok_per_s": round(tok_per_s, 1),
-                    "mfu": None if mfu is None else round(mfu, 2),
-                    "epoch": round(loader.epoch, 4),
-                }
-            )
+    finally:
+        loader.close()
     if wandb_run is not None:
         wandb_run.finish()
 
