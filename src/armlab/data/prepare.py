@@ -22,12 +22,13 @@ rows are shuffled and re-sharded the same way.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from multiprocessing import forkserver, get_context
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,6 @@ from armlab.workdir import Workdir, atomic_path, atomic_write_json, check_writab
 
 EVAL = "eval"
 TOKENIZER = "tokenizer"
-PURGE_ENV = "MIMALLOC_PURGE_DELAY"  # set for the worker processes only (see Runner)
 
 
 # -- what to build ---------------------------------------------------------------------------------
@@ -330,30 +330,25 @@ def merge_target(
 
 # -- the parent ------------------------------------------------------------------------------------
 class Runner:
-    """Runs units inline (workers=1) or on a spawn process pool, submitting them in order."""
+    """Runs units inline (workers=1) or on a process pool, submitting them in order."""
 
     def __init__(self, workers: int):
         self.workers = workers
         self.pool = None
         if workers > 1:
-            # forkserver: workers fork from a clean, single-threaded server that has imported this
-            # module once (spawn would re-import it per worker; fork would copy our threads' locks).
-            ctx = get_context("forkserver")
-            ctx.set_forkserver_preload([__name__])
+            # On Linux the workers are forked, all of them now, before this process starts any
+            # thread (progress bars, downloads): a fork copies only the forking thread, so forking
+            # later could copy a lock some other thread holds. Forked workers start instantly with
+            # everything imported; a forkserver would spend ~0.3 s re-importing pyarrow first, and
+            # spawn ~1 s per worker. Elsewhere, the platform's default (spawn on macOS, where fork is
+            # unsafe).
+            method = "fork" if sys.platform.startswith("linux") else None
+            ctx = multiprocessing.get_context(method)
             self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
-            # Start the server now: its imports (~0.5 s) overlap the parent's listing and planning
-            # instead of delaying the first unit of work. Its environment (inherited by the workers)
-            # tells pyarrow's allocator (mimalloc) to keep freed pages for reuse rather than return
-            # them to the OS 10 ms later: otherwise every row group and hash range (~100 MB) is
-            # faulted in afresh, which measured as twice the system time of a 2-worker prepare.
-            # Memory stays bounded: a worker's footprint is its peak of one row group or range.
-            saved = os.environ.get(PURGE_ENV)
-            os.environ.setdefault(PURGE_ENV, "-1")
-            try:
-                forkserver.ensure_running()
-            finally:
-                if saved is None:
-                    del os.environ[PURGE_ENV]
+            if method == "fork":
+                # submit() forks every worker at once under the fork method; wait for them here
+                for f in [self.pool.submit(os.getpid) for _ in range(workers)]:
+                    f.result()
 
     def run(
         self,
