@@ -264,3 +264,43 @@ def test_prefetcher_is_bounded_and_deletes_after_use(
     assert seen == [400] * 6
     assert flaky.in_cache_max <= 2
     assert not list(cache.rglob("*.parquet"))
+
+
+def test_jsonl_is_streamed_in_blocks_and_gives_the_parquet_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A jsonl file is read a block at a time (memory bounded however large the file), so a field
+    that is not read may change type between blocks, and a score written as whole numbers in the
+    first block is still a float: the shards equal those of the same documents in parquet."""
+    from armlab.data import pool as pool_mod
+    from armlab.data.prepare import prepare as prepare_api
+    from armlab.data.shards import sha256_file, shard_paths
+    from armlab.spec import load_experiment
+
+    rows = pq.read_table(make_pool(tmp_path / "pq", 600, n_files=1, seed=5)[0]).to_pylist()
+    for i, row in enumerate(rows):
+        row["meta"] = None if i < 300 else {"lang": "en"}  # null in the first blocks, a struct later
+        if i < 300:
+            row["score"] = float(round(row["score"]))  # json.dumps writes 2.0: read as a number
+    rows[0]["score"] = 1  # a whole number in the first block
+    rows[400]["text"] += " long" * 20_000  # one line longer than a block: read again, bigger blocks
+    parquet_rows = [{k: v for k, v in r.items() if k != "meta"} for r in rows]
+    pq.write_table(pa.Table.from_pylist(parquet_rows), tmp_path / "pq" / "part-000.parquet")
+    (tmp_path / "js").mkdir()
+    jsonl = tmp_path / "js" / "part-000.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    monkeypatch.setattr(pool_mod, "JSON_BLOCK_BYTES", 1 << 14)
+    pf = PoolFile(str(jsonl), jsonl.stat().st_size, "jsonl")
+    blocks = list(pool_mod.iter_columns(pf, ["text", "score"], types={"score": pa.float64()}))
+    assert len(blocks) > 5 and pa.concat_tables(blocks).to_pylist() == [
+        {"text": r["text"], "score": r["score"]} for r in rows
+    ]
+
+    shas = {}
+    for fmt in ("pq", "js"):
+        (tmp_path / f"exp-{fmt}").mkdir()
+        exp = exp_file(tmp_path / f"exp-{fmt}", tmp_path / fmt, arms=RANDOM_ARM + TOP_ARM)
+        out = prepare_api(load_experiment(exp), workers=1)
+        shas[fmt] = {a: [sha256_file(p) for p in shard_paths(d)] for a, d in out.items()}
+    assert shas["js"] == shas["pq"] and all(shas["pq"].values())

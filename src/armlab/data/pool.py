@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -34,7 +35,8 @@ from armlab.spec import PoolSpec
 
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
-JSON_BLOCK_BYTES = 64 << 20  # pyarrow's JSON reader needs a block larger than the longest line
+JSON_BLOCK_BYTES = 8 << 20  # jsonl is parsed a block at a time; a longer line retries with bigger blocks
+JSON_MAX_BLOCK_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -136,63 +138,117 @@ def open_source(pf: PoolFile, local: Path | None = None) -> Iterator[Any]:
             yield f
 
 
-def _jsonl_table(source: Any, name: str) -> pa.Table:
-    compression = "gzip" if name.endswith(".gz") else "zstd" if name.endswith(".zst") else None
-    stream = pa.input_stream(source, compression=compression)
-    return pajson.read_json(stream, read_options=pajson.ReadOptions(block_size=JSON_BLOCK_BYTES))
-
-
-def _project(table: pa.Table, columns: list[str], name: str) -> pa.Table:
-    missing = [c for c in columns if c not in table.column_names]
+def missing_columns(pf: PoolFile, names: list[str], wanted: list[str], fix: str) -> None:
+    missing = [c for c in wanted if c not in names]
     if missing:
-        raise ArmlabError(
-            f"{name}: no column {missing[0]!r} (columns: {', '.join(table.column_names)}); fix the column name in [pool]"
-        )
-    return table.select(columns)
+        raise ArmlabError(f"{pf.name}: no column {missing[0]!r} (columns: {', '.join(names)}); {fix}")
 
 
 def parquet_columns_check(pf: PoolFile, schema: pa.Schema, columns: list[str]) -> None:
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise ArmlabError(
-            f"{pf.name}: no column {missing[0]!r} (columns: {', '.join(schema.names)}); fix the column name in [pool] or the arm"
-        )
+    missing_columns(pf, schema.names, columns, "fix the column name in [pool] or the arm")
 
 
-def read_columns(pf: PoolFile, columns: list[str], expect: tuple[str, ...] = ()) -> pa.Table:
-    """Read only `columns` of a whole pool file (ranged column-chunk reads for remote parquet),
-    after checking that `columns` and `expect` (needed later) all exist."""
-    try:
-        if pf.fmt == "parquet":
-            with open_source(pf) as src:
-                f = pq.ParquetFile(src)
-                parquet_columns_check(pf, f.schema_arrow, [*columns, *expect])
-                return f.read(columns=columns, use_threads=False)
-        with open_source(pf) as src:
-            table = _jsonl_table(src, pf.path)
-            _project(table, [*columns, *expect], pf.name)
-            return table.select(columns)
-    except ArmlabError:
-        raise
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise BadFile(pf.name, describe_error(e)) from None
+def _jsonl_stream(src: Any, pf: PoolFile) -> pa.NativeFile:
+    compression = "gzip" if pf.path.endswith(".gz") else "zstd" if pf.path.endswith(".zst") else None
+    return pa.input_stream(src, compression=compression)
 
 
-def iter_batches(pf: PoolFile, local: Path, columns: list[str], rows: int = 8192) -> Iterator[pa.Table]:
-    """Stream `columns` of a (fetched) file in row-group sized tables, in file order.
+def _json_type(value: Any, wanted: pa.DataType | None) -> pa.DataType:
+    """The type to parse a jsonl column as, from its value in the first record: `wanted` where
+    they agree in kind (a score of 2 is still a float), else what the record holds, so a wrong
+    type (a string score) still reaches the caller's check."""
+    if isinstance(value, bool):
+        seen = pa.bool_()
+    elif isinstance(value, int):
+        seen = pa.int64()
+    elif isinstance(value, float):
+        seen = pa.float64()
+    elif isinstance(value, str):
+        seen = pa.string()
+    elif value is None:
+        return wanted or pa.null()
+    else:
+        return wanted or pa.string()  # an object or a list: parsing fails, naming the file
+    if wanted is None or seen == wanted:
+        return seen
+    numbers = (pa.int64(), pa.float64())
+    return wanted if seen in numbers and wanted in numbers else seen
+
+
+def _jsonl_tables(
+    pf: PoolFile, local: Path | None, columns: list[str], expect: list[str], types: dict[str, pa.DataType]
+) -> Iterator[pa.Table]:
+    """Stream `columns` of a jsonl file a block (JSON_BLOCK_BYTES) at a time.
+
+    The first record names the fields and their types; the file is then read with an explicit
+    schema of just `columns`, so fields that are not read may change type or appear late without
+    failing the parse, and memory is one block however large the file."""
+    with open_source(pf, local) as src, _jsonl_stream(src, pf) as stream:
+        buf = b""
+        while not (line := next((x for x in buf.split(b"\n")[:-1] if x.strip()), b"")):
+            chunk = stream.read(1 << 16)
+            if not chunk:
+                line = buf
+                break
+            buf += chunk
+    if not line.strip():
+        return  # no documents
+    first = json.loads(line)
+    if not isinstance(first, dict):
+        raise ValueError("the first line is not a JSON object")
+    missing_columns(pf, list(first), [*columns, *expect], "fix the column name in [pool]")
+    schema = pa.schema([(c, _json_type(first[c], types.get(c))) for c in columns])
+    parse = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+    block, done = JSON_BLOCK_BYTES, 0  # rows handed out so far
+    while True:
+        try:
+            with open_source(pf, local) as src:
+                reader = pajson.open_json(
+                    _jsonl_stream(src, pf), read_options=pajson.ReadOptions(block_size=block), parse_options=parse
+                )
+                seen = 0
+                for batch in reader:
+                    seen += batch.num_rows
+                    if seen > done:  # after a retry, skip the rows already handed out
+                        table = pa.Table.from_batches([batch], schema=schema)
+                        yield table.slice(batch.num_rows - (seen - done))
+                        done = seen
+            return
+        except pa.ArrowInvalid as e:
+            if "straddl" not in str(e) or block >= JSON_MAX_BLOCK_BYTES:
+                raise
+            block *= 8  # a line longer than the block: read the file again with bigger blocks
+
+
+def iter_columns(
+    pf: PoolFile,
+    columns: list[str],
+    expect: tuple[str, ...] = (),
+    local: Path | None = None,
+    types: dict[str, pa.DataType] | None = None,
+    whole_file: bool = False,
+) -> Iterator[pa.Table]:
+    """Stream only `columns` of a pool file in file order, one parquet row group or jsonl block
+    at a time (memory: one of those, however large the file), after checking that `columns`
+    and `expect` (needed later) all exist. Remote parquet is read with ranged column-chunk
+    reads; `local` is the fetched copy of a remote file. `whole_file` reads parquet in one go,
+    for small columns (ids, scores) of remote files: one coalesced set of ranged reads rather
+    than one request per row group.
 
     Single-threaded decoding: parallelism comes from worker processes, and Arrow's thread pool
     would only add contention (measured: 10x the system time for the same read)."""
     try:
         if pf.fmt == "parquet":
-            f = pq.ParquetFile(str(local))
-            parquet_columns_check(pf, f.schema_arrow, columns)
-            for i in range(f.num_row_groups):
-                yield f.read_row_group(i, columns=columns, use_threads=False)
+            with open_source(pf, local) as src:
+                f = pq.ParquetFile(src)
+                parquet_columns_check(pf, f.schema_arrow, [*columns, *expect])
+                if whole_file:
+                    yield f.read(columns=columns, use_threads=False)
+                    return
+                for i in range(f.num_row_groups):
+                    yield f.read_row_group(i, columns=columns, use_threads=False)
         else:
-            table = _project(_jsonl_table(str(local), pf.path), columns, pf.name)
-            for start in range(0, max(table.num_rows, 1), rows):
-                yield table.slice(start, rows)
+            yield from _jsonl_tables(pf, local, columns, list(expect), types or {})
     except ArmlabError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:

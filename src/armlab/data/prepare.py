@@ -45,9 +45,8 @@ from armlab.data.pool import (
     Prefetcher,
     describe_error,
     file_stats,
-    iter_batches,
+    iter_columns,
     list_pool,
-    read_columns,
 )
 from armlab.data.select import (
     CHARS_PER_TOKEN,
@@ -121,42 +120,62 @@ def key_columns(exp: Experiment, arms: list[ArmSpec]) -> Columns:
 
 # -- key pass (worker) -----------------------------------------------------------------------------
 def key_pass(pf: PoolFile, cols: Columns, out: Path) -> None:
-    """Read the key/score/token columns of one pool file into `out` (.npz, atomic)."""
+    """Read the key/score/token columns of one pool file into `out` (.npz, atomic), streaming
+    (memory: one row group or jsonl block plus the small per-row arrays)."""
     read = cols.read
     if pf.fmt == "jsonl" and cols.text not in read:
-        read = [*read, cols.text]  # jsonl is parsed whole anyway: take exact chars for free
-    t = read_columns(pf, read, expect=(cols.text,))
-    arrays: dict[str, np.ndarray] = {}
-    text = t.column(cols.text) if cols.text in t.column_names else None
-    if cols.id and t.column(cols.id).null_count:
+        read = [*read, cols.text]  # every jsonl line is parsed anyway: take exact chars for free
+    types = {cols.text: pa.string(), **{c: pa.float64() for c in cols.scores}}
+    parts: dict[str, list[np.ndarray]] = {}
+    null_ids = 0
+    # Without text the columns are a few bytes a row: parquet is read whole (coalesced ranged reads).
+    for t in iter_columns(pf, read, expect=(cols.text,), types=types, whole_file=cols.text not in read):
+        if cols.id and t.column(cols.id).null_count:
+            null_ids += t.column(cols.id).null_count
+            continue
+        text = t.column(cols.text) if cols.text in t.column_names else None
+        got = {"keys": doc_keys(t.column(cols.id) if cols.id else None, text)}
+        if text is not None:
+            got["chars"] = pc.fill_null(pc.utf8_length(text), 0).to_numpy().astype(np.int64)
+        for c in cols.scores:
+            col = t.column(c)
+            if not (
+                pa.types.is_integer(col.type)
+                or pa.types.is_floating(col.type)
+                or pa.types.is_decimal(col.type)
+            ):
+                raise ArmlabError(
+                    f"{pf.name}: score column {c!r} has type {col.type}, not a number; point score_column at a numeric column"
+                )
+            got[f"score:{c}"] = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+        if cols.tokens:
+            col = t.column(cols.tokens)
+            if not pa.types.is_integer(col.type):
+                raise ArmlabError(
+                    f"{pf.name}: token_count_column {cols.tokens!r} has type {col.type}, not an integer"
+                )
+            got["tokens"] = pc.fill_null(col, 0).to_numpy().astype(np.int64)
+        for k, v in got.items():
+            parts.setdefault(k, []).append(v)
+    if null_ids:
         raise ArmlabError(
-            f"{pf.name}: id column {cols.id!r} has {t.column(cols.id).null_count} null values; fix the data, "
+            f"{pf.name}: id column {cols.id!r} has {null_ids} null values; fix the data, "
             "or remove pool.id_column to identify documents by a hash of their text"
         )
-    arrays["keys"] = doc_keys(t.column(cols.id) if cols.id else None, text)
-    if text is not None:
-        arrays["chars"] = pc.fill_null(pc.utf8_length(text), 0).to_numpy().astype(np.int64)
+    empty = {"keys": np.uint64, "chars": np.int64, "tokens": np.int64}
+    wanted = ["keys", *(f"score:{c}" for c in cols.scores)]
+    wanted += ["tokens"] if cols.tokens else []
+    wanted += ["chars"] if cols.text in read else []
+    arrays = {
+        k: np.concatenate(parts[k]) if k in parts else np.zeros(0, dtype=empty.get(k, np.float64))
+        for k in wanted
+    }
+    if "chars" in arrays:
         arrays["text_bytes"] = np.array(int(arrays["chars"].sum()))
     else:
         arrays["text_bytes"] = np.array(
             file_stats(pf, cols.text).text_bytes
         )  # parquet metadata, no data read
-    for c in cols.scores:
-        col = t.column(c)
-        if not (
-            pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_decimal(col.type)
-        ):
-            raise ArmlabError(
-                f"{pf.name}: score column {c!r} has type {col.type}, not a number; point score_column at a numeric column"
-            )
-        arrays[f"score:{c}"] = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
-    if cols.tokens:
-        col = t.column(cols.tokens)
-        if not pa.types.is_integer(col.type):
-            raise ArmlabError(
-                f"{pf.name}: token_count_column {cols.tokens!r} has type {col.type}, not an integer"
-            )
-        arrays["tokens"] = pc.fill_null(col, 0).to_numpy().astype(np.int64)
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 
@@ -260,7 +279,7 @@ def text_pass(
     member = masks(rules, a, [t.name for t in targets])
     stats = route_unit(
         unit,
-        iter_batches(pf, local, [text_column]),
+        iter_columns(pf, [text_column], local=local, types={text_column: pa.string()}),
         a["keys"],
         member,
         a.get("tokens"),
