@@ -93,6 +93,58 @@ seed = 9
     assert "up to date" in cli("prepare", exp, "--arm", "pre", "--workers", "1").stderr
 
 
+def test_prebuilt_arm_capped_by_rows_or_tokens_is_a_seeded_uniform_sample(tmp_path: Path) -> None:
+    """max_rows / max_tokens on a prebuilt arm (the playbook's 60B-token top arm cut to a run's
+    budget): a uniform sample of its files minus the eval docs, exact in rows, the same for any
+    worker count."""
+    pool = tmp_path / "pool"
+    make_pool(pool, 2000, n_files=2, seed=4)
+    texts = pq.read_table(pool, columns=["text"]).column("text").to_pylist()
+    prebuilt = playbook_dir(tmp_path / "prebuilt", n_files=3, rows=400, texts=texts[:1200])
+    arms = f"""
+[[arms]]
+name = "rand"
+kind = "random"
+ratio = 0.5
+
+[[arms]]
+name = "prerows"
+kind = "prebuilt"
+uri = "{prebuilt}"
+max_rows = 300
+
+[[arms]]
+name = "pretok"
+kind = "prebuilt"
+uri = "{prebuilt}"
+max_tokens = 5000
+"""
+    shas = []
+    for workers in ("1", "2"):
+        wd = tmp_path / f"wd{workers}"
+        exp = tmp_path / f"exp{workers}.toml"
+        exp.write_text(experiment_toml(wd, str(pool), arms=arms, eval_docs=100))
+        res = cli("prepare", exp, "--workers", workers)
+        assert res.returncode == 0, res.stderr
+        shas.append(
+            {
+                a: json.loads((wd / "arms" / a / "data" / "manifest.json").read_text())["files"]
+                for a in ("prerows", "pretok")
+            }
+        )
+    assert shas[0] == shas[1]
+    eval_texts = set(read_shards(wd / "eval", ["text"]).column("text").to_pylist())
+    allowed = set(texts[:1200]) - eval_texts
+    rows = read_shards(wd / "arms" / "prerows" / "data", ["text"]).column("text").to_pylist()
+    assert len(rows) == 300 == len(set(rows)) and set(rows) <= allowed
+    assert all(any(t in rows for t in texts[f * 400 : (f + 1) * 400]) for f in range(3))  # from every file
+    toks = read_shards(wd / "arms" / "pretok" / "data", ["text"]).column("text").to_pylist()
+    est = [len(t) / 4 for t in toks]  # CHARS_PER_TOKEN: prebuilt shards carry no token counts
+    assert set(toks) <= allowed and sum(est) >= 5000 > sum(est) - max(est)
+    m = json.loads((wd / "arms" / "pretok" / "data" / "manifest.json").read_text())
+    assert m["cap"] and m["selection"]["max_tokens"] == 5000 and m["rows"] == len(toks)
+
+
 def test_plan_estimates_then_reads_manifests(tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     make_pool(pool, 3000, n_files=3)

@@ -57,6 +57,7 @@ from armlab.data.select import (
     arm_base,
     arm_members,
     cap_rank,
+    cap_threshold,
     rank_threshold,
     weights,
 )
@@ -291,16 +292,11 @@ def text_pass(
     return stats
 
 
-def prebuilt_pass(
-    unit: int,
-    path: Path,
-    id_column: str | None,
-    eval_keys: np.ndarray,
-    eval_text_keys: np.ndarray,
-    target: Target,
-    stage: Path,
-) -> dict[str, Any]:
-    """One file of a prebuilt arm: drop eval docs (by id when the file has the pool's id column)."""
+def _prebuilt_read(
+    path: Path, id_column: str | None, eval_keys: np.ndarray, eval_text_keys: np.ndarray
+) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray]:
+    """One prebuilt file: its text, document keys, and which rows are eval docs (by the pool's id
+    column when the file has it, else by text hash)."""
     try:
         f = pq.ParquetFile(str(path))
         names = f.schema_arrow.names
@@ -309,8 +305,7 @@ def prebuilt_pass(
                 f"{path}: no column 'text' (columns: {', '.join(names)}); a prebuilt arm needs nanochat-format shards"
             )
         use_id = id_column is not None and id_column in names
-        cols = ["text", id_column] if use_id else ["text"]
-        table = f.read(columns=cols)
+        table = f.read(columns=["text", id_column] if use_id else ["text"])
     except ArmlabError:
         raise
     except (pa.ArrowException, OSError) as e:
@@ -318,12 +313,40 @@ def prebuilt_pass(
     text = table.column("text")
     if use_id:
         keys = doc_keys(table.column(id_column), None)
-        held = np.isin(keys, eval_keys)
-    else:
-        keys = text_keys(text.combine_chunks().cast(pa.string()).to_pylist())
-        held = np.isin(keys, eval_text_keys)
-    member = {target.name: ~held}
-    stats = route_unit(unit, [pa.table({"text": text})], keys, member, None, [target], stage, str(path))
+        return text, keys, np.isin(keys, eval_keys)
+    keys = text_keys(text.combine_chunks().cast(pa.string()).to_pylist())
+    return text, keys, np.isin(keys, eval_text_keys)
+
+
+def prebuilt_keys(
+    path: Path, id_column: str | None, eval_keys: np.ndarray, eval_text_keys: np.ndarray, out: Path
+) -> None:
+    """Key pass of one prebuilt file, for max_rows / max_tokens: its non-eval docs' keys and chars."""
+    text, keys, held = _prebuilt_read(path, id_column, eval_keys, eval_text_keys)
+    chars = pc.fill_null(pc.utf8_length(text), 0).to_numpy().astype(np.int64)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, keys=keys[~held], chars=chars[~held])
+
+
+def prebuilt_pass(
+    unit: int,
+    path: Path,
+    id_column: str | None,
+    eval_keys: np.ndarray,
+    eval_text_keys: np.ndarray,
+    target: Target,
+    stage: Path,
+    cap: Threshold | None = None,
+    cap_seed: int = 0,
+) -> dict[str, Any]:
+    """One file of a prebuilt arm: drop eval docs, keep the `cap` sample if any, route the rest."""
+    text, keys, held = _prebuilt_read(path, id_column, eval_keys, eval_text_keys)
+    member = ~held
+    if cap is not None:
+        member &= cap.accepts(*cap_rank(keys, cap_seed))
+    stats = route_unit(
+        unit, [pa.table({"text": text})], keys, {target.name: member}, None, [target], stage, str(path)
+    )
     stats[target.name]["eval_removed"] = int(held.sum())
     atomic_write_json(stage / "done" / f"{unit:06d}.json", stats)
     return stats
@@ -684,26 +707,15 @@ def _thresholds(
         rules.thresholds[arm.name] = rank_threshold(chunks(arm, arm.by == "tokens"), target)
 
     for arm in arms:
-        if not (arm.max_rows or arm.max_tokens):
-            continue
-        caps: list[Threshold] = []
-        for limit, by_tokens in ((arm.max_rows, False), (arm.max_tokens, True)):
-            if not limit:
-                continue
+        if arm.max_rows or arm.max_tokens:
 
-            def cap_chunks(arm: ArmSpec = arm, by_tokens: bool = by_tokens) -> Iterable[Chunk]:
+            def members(arm: ArmSpec = arm) -> Iterable[dict[str, np.ndarray]]:
                 for i in live:
                     a = load_keys(npz[i])
-                    held = holdout.eval_mask(a["keys"], exp.eval, cut)
-                    m = arm_members(arm, rules, a, held, capped=False)
-                    p, s = cap_rank(a["keys"][m], arm.seed)
-                    w = weights(a, by_tokens)
-                    yield p, s, (w[m] if w is not None else None)
+                    m = arm_members(arm, rules, a, holdout.eval_mask(a["keys"], exp.eval, cut), capped=False)
+                    yield {k: a[k][m] for k in ("keys", "tokens", "chars") if k in a}
 
-            th = rank_threshold(cap_chunks, float(limit))
-            if th is not None:
-                caps.append(th)
-        rules.caps[arm.name] = max(caps, key=lambda t: (t.p, t.s)) if caps else None
+            rules.caps[arm.name] = cap_threshold(arm, members)
     return rules, {"rows": rows, "text_bytes": text_bytes, "file_rows": file_rows}
 
 
@@ -803,10 +815,6 @@ def _prepare_prebuilt(
     overwrite: bool,
     skip_download: bool,
 ) -> None:
-    if arm.max_rows or arm.max_tokens:
-        raise ArmlabError(
-            f"arm {arm.name!r}: max_rows / max_tokens are not supported for prebuilt arms yet; remove them"
-        )
     eval_manifest = wd.eval_dir / MANIFEST
     if not eval_manifest.is_file():
         raise ArmlabError(
@@ -850,6 +858,20 @@ def _prepare_prebuilt(
     eval_keys = np.sort(ev.column("key").to_numpy())
     eval_text_keys = np.sort(ev.column("text_key").to_numpy())
     stage = wd.cache_dir / "prepare" / f"stage-{t.fingerprint}"
+    cap = None
+    if arm.max_rows or arm.max_tokens:  # a seeded uniform sample of the files minus the eval docs
+        npz = {u: stage / "keys" / f"{u:06d}.npz" for u in range(len(paths))}
+        todo_keys = [u for u in range(len(paths)) if not npz[u].is_file()]
+        with progress() as bar:
+            task = bar.add_task(
+                f"{arm.name}: key pass", total=len(paths), completed=len(paths) - len(todo_keys), unit="files"
+            )
+            runner.run(
+                todo_keys,
+                lambda u: (prebuilt_keys, (paths[u], exp.pool.id_column, eval_keys, eval_text_keys, npz[u])),
+                lambda u, _: bar.update(task, advance=1),
+            )
+        cap = cap_threshold(arm, lambda: (load_keys(npz[u]) for u in range(len(paths))))
     unit_stats: dict[int, dict[str, Any]] = {}
     todo = []
     for u in range(len(paths)):
@@ -872,7 +894,10 @@ def _prepare_prebuilt(
 
         runner.run(
             todo,
-            lambda u: (prebuilt_pass, (u, paths[u], exp.pool.id_column, eval_keys, eval_text_keys, t, stage)),
+            lambda u: (
+                prebuilt_pass,
+                (u, paths[u], exp.pool.id_column, eval_keys, eval_text_keys, t, stage, cap, arm.seed),
+            ),
             routed,
         )
     _write_targets(
@@ -882,6 +907,12 @@ def _prepare_prebuilt(
         stage,
         list(range(len(paths))),
         unit_stats,
-        {t.name: {"source": uri, "eval_fingerprint": eval_m.get("fingerprint")}},
+        {
+            t.name: {
+                "source": uri,
+                "eval_fingerprint": eval_m.get("fingerprint"),
+                **({"cap": cap.to_json()} if cap else {}),
+            }
+        },
     )
     shutil.rmtree(stage, ignore_errors=True)

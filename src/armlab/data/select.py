@@ -194,6 +194,26 @@ def weights(a: dict[str, np.ndarray], by_tokens: bool) -> np.ndarray | None:
     return a["chars"] / CHARS_PER_TOKEN
 
 
+def cap_threshold(arm: ArmSpec, members: Callable[[], Iterable[dict[str, np.ndarray]]]) -> Threshold | None:
+    """`max_rows` / `max_tokens`: the threshold of a seeded uniform sample of the arm (the
+    stricter of the two when both are set). `members()` yields, file by file, the arm's documents
+    as arrays: `keys`, and `tokens` or `chars` for the token weights."""
+    caps: list[Threshold] = []
+    for limit, by_tokens in ((arm.max_rows, False), (arm.max_tokens, True)):
+        if not limit:
+            continue
+
+        def chunks(by_tokens: bool = by_tokens) -> Iterable[Chunk]:
+            for a in members():
+                p, s = cap_rank(a["keys"], arm.seed)
+                yield p, s, weights(a, by_tokens)
+
+        th = rank_threshold(chunks, float(limit))
+        if th is not None:
+            caps.append(th)
+    return max(caps, key=lambda t: (t.p, t.s)) if caps else None
+
+
 def arm_base(
     arm: ArmSpec, a: dict[str, np.ndarray], held: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | np.ndarray:
