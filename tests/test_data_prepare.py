@@ -302,3 +302,26 @@ def test_sigkill_mid_prepare_then_rerun_is_byte_identical(tmp_path: Path) -> Non
     assert not list((tmp_path / "wd" / "cache" / "prepare").glob("*")), (
         "stage files are removed after success"
     )
+
+
+def test_runner_started_beside_other_threads_uses_a_forkserver() -> None:
+    """Forking copies only the calling thread, so with other threads alive (an app embedding
+    armlab) the workers come from a forkserver instead, and still return every result in order."""
+    import threading
+
+    from armlab.data.prepare import Runner
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        runner = Runner(2)
+        try:
+            assert runner.pool is not None and runner.pool._mp_context.get_start_method() == "forkserver"
+            got: dict[int, int] = {}
+            runner.run([3, 1, 2], lambda i: (pow, (i, 2)), got.__setitem__)
+            assert got == {3: 9, 1: 1, 2: 4}
+        finally:
+            runner.close()
+    finally:
+        stop.set()

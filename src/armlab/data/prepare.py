@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -382,9 +383,10 @@ class Runner:
             # thread (progress bars, downloads): a fork copies only the forking thread, so forking
             # later could copy a lock some other thread holds. Forked workers start instantly with
             # everything imported; a forkserver would spend ~0.3 s re-importing pyarrow first, and
-            # spawn ~1 s per worker. Elsewhere, the platform's default (spawn on macOS, where fork is
-            # unsafe).
-            method = "fork" if sys.platform.startswith("linux") else None
+            # spawn ~1 s per worker. A caller that already runs threads (an app embedding armlab)
+            # gets a forkserver; other platforms their default (spawn on macOS, where fork is unsafe).
+            linux = sys.platform.startswith("linux")
+            method = ("fork" if threading.active_count() == 1 else "forkserver") if linux else None
             ctx = multiprocessing.get_context(method)
             self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
             if method == "fork":
