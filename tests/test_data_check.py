@@ -59,17 +59,25 @@ def test_check_reports_tampering_empty_texts_and_bad_files(tmp_path: Path) -> No
     assert "shard_00001.parquet: not readable parquet" in cli("check", d).stdout and "re-download" in line
 
 
-def test_prebuilt_local_dir_drops_eval_docs_and_reshards(tmp_path: Path) -> None:
-    pool = tmp_path / "pool"
-    make_pool(pool, 2000, n_files=2, seed=4)
-    texts = pq.read_table(pool, columns=["text"]).column("text").to_pylist()
-    prebuilt = playbook_dir(tmp_path / "prebuilt", n_files=3, rows=400, texts=texts[:1200])  # no id column
-    arms = f"""
+RAND_HALF = """
 [[arms]]
 name = "rand"
 kind = "random"
 ratio = 0.5
+"""
 
+
+def pool_and_prebuilt(tmp_path: Path) -> tuple[Path, list[str], Path]:
+    """A 2,000-doc pool, and a playbook-style prebuilt dir of its first 1,200 texts (no id column)."""
+    pool = tmp_path / "pool"
+    make_pool(pool, 2000, n_files=2, seed=4)
+    texts = pq.read_table(pool, columns=["text"]).column("text").to_pylist()
+    return pool, texts, playbook_dir(tmp_path / "prebuilt", n_files=3, rows=400, texts=texts[:1200])
+
+
+def test_prebuilt_local_dir_drops_eval_docs_and_reshards(tmp_path: Path) -> None:
+    pool, texts, prebuilt = pool_and_prebuilt(tmp_path)
+    arms = f"""{RAND_HALF}
 [[arms]]
 name = "pre"
 kind = "prebuilt"
@@ -97,16 +105,8 @@ def test_prebuilt_arm_capped_by_rows_or_tokens_is_a_seeded_uniform_sample(tmp_pa
     """max_rows / max_tokens on a prebuilt arm (the playbook's 60B-token top arm cut to a run's
     budget): a uniform sample of its files minus the eval docs, exact in rows, the same for any
     worker count."""
-    pool = tmp_path / "pool"
-    make_pool(pool, 2000, n_files=2, seed=4)
-    texts = pq.read_table(pool, columns=["text"]).column("text").to_pylist()
-    prebuilt = playbook_dir(tmp_path / "prebuilt", n_files=3, rows=400, texts=texts[:1200])
-    arms = f"""
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.5
-
+    pool, texts, prebuilt = pool_and_prebuilt(tmp_path)
+    arms = f"""{RAND_HALF}
 [[arms]]
 name = "prerows"
 kind = "prebuilt"
