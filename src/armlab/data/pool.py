@@ -184,13 +184,15 @@ def _jsonl_tables(
     schema of just `columns`, so fields that are not read may change type or appear late without
     failing the parse, and memory is one block however large the file."""
     with open_source(pf, local) as src, _jsonl_stream(src, pf) as stream:
-        buf = b""
-        while not (line := next((x for x in buf.split(b"\n")[:-1] if x.strip()), b"")):
+        buf, line = b"", b""
+        while not line.strip():
             chunk = stream.read(1 << 16)
             if not chunk:
-                line = buf
+                line = buf  # a last line without a newline, or nothing
                 break
             buf += chunk
+            if b"\n" in chunk:  # the first non-blank complete line, if there is one yet
+                line = next((x for x in buf.split(b"\n")[:-1] if x.strip()), b"")
     if not line.strip():
         return  # no documents
     first = json.loads(line)
@@ -204,7 +206,9 @@ def _jsonl_tables(
         try:
             with open_source(pf, local) as src:
                 reader = pajson.open_json(
-                    _jsonl_stream(src, pf), read_options=pajson.ReadOptions(block_size=block), parse_options=parse
+                    _jsonl_stream(src, pf),
+                    read_options=pajson.ReadOptions(block_size=block),
+                    parse_options=parse,
                 )
                 seen = 0
                 for batch in reader:
