@@ -150,12 +150,7 @@ def pool_index(paths: list[Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def experiment_toml(
-    workdir: Path, pool_uri: str, arms: str | None = None, eval_docs: int = 50, **extra: str
-) -> str:
-    """A small experiment file over a synthetic pool: random + top arms by default."""
-    if arms is None:
-        arms = """
+DEFAULT_ARMS = """
 [[arms]]
 name = "rand"
 kind = "random"
@@ -168,6 +163,14 @@ kind = "top"
 ratio = 0.2
 score_column = "score"
 """
+
+
+def experiment_toml(
+    workdir: Path, pool_uri: str, arms: str | None = None, eval_docs: int = 50, **extra: str
+) -> str:
+    """A small experiment file over a synthetic pool: random + top arms by default."""
+    if arms is None:
+        arms = DEFAULT_ARMS
     sections = "\n".join(f"[{k}]\n{v}\n" for k, v in extra.items())
     return f"""name = "datatest"
 workdir = "{workdir}"

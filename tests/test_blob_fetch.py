@@ -244,14 +244,23 @@ def _big_prefix(server: Azurite) -> dict[str, bytes]:
     return {k.removeprefix("big/"): v for k, v in blobs.items()}
 
 
-@pytest.mark.e2e
-def test_resume_after_azurite_killed_mid_download_and_restarted(azurite, tmp_path, monkeypatch):
+def _kill_mid_download(
+    server: Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[dict[str, bytes], Path, threading.Event]:
+    """Seed three ~6 MB blobs and arm a watcher that SIGKILLs Azurite once the second blob's part
+    file holds 1 MiB; returns the blobs, the download dir and the event set at the kill."""
     monkeypatch.setattr(blob_download, "SEGMENT_BYTES", 256 << 10)
-    want = _big_prefix(azurite)
+    want = _big_prefix(server)
     dest = tmp_path / "dl"
     killed = threading.Event()
     part = dest / ".shard_00001.parquet.part"
-    threading.Thread(target=_kill_when_partial, args=(azurite, part, 1 << 20, killed), daemon=True).start()
+    threading.Thread(target=_kill_when_partial, args=(server, part, 1 << 20, killed), daemon=True).start()
+    return want, dest, killed
+
+
+@pytest.mark.e2e
+def test_resume_after_azurite_killed_mid_download_and_restarted(azurite, tmp_path, monkeypatch):
+    want, dest, killed = _kill_mid_download(azurite, tmp_path, monkeypatch)
 
     def restart_later() -> None:
         killed.wait(30)
@@ -269,12 +278,7 @@ def test_resume_after_azurite_killed_mid_download_and_restarted(azurite, tmp_pat
 
 @pytest.mark.e2e
 def test_server_gone_is_a_clear_error_and_rerun_resumes_the_partial(azurite, tmp_path, monkeypatch):
-    monkeypatch.setattr(blob_download, "SEGMENT_BYTES", 256 << 10)
-    want = _big_prefix(azurite)
-    dest = tmp_path / "dl"
-    killed = threading.Event()
-    part = dest / ".shard_00001.parquet.part"
-    threading.Thread(target=_kill_when_partial, args=(azurite, part, 1 << 20, killed), daemon=True).start()
+    want, dest, killed = _kill_mid_download(azurite, tmp_path, monkeypatch)
     with pytest.raises(ArmlabError) as e:
         download_prefix("az://prebuilt/big", dest, mode="sequential", retry=FAST)
     msg = str(e.value)
@@ -289,7 +293,7 @@ def test_server_gone_is_a_clear_error_and_rerun_resumes_the_partial(azurite, tmp
     assert sorted(local_files(dest)) == ["shard_00000.parquet"]
     rec = json.loads((dest / RECORD_NAME).read_text())
     done = rec["partial"]["shard_00001.parquet"]["done"]
-    assert done >= 1 << 20 and part.stat().st_size >= done
+    assert done >= 1 << 20 and (dest / ".shard_00001.parquet.part").stat().st_size >= done
 
     azurite.start()
     report = download_prefix("az://prebuilt/big", dest, mode="bulk", concurrency=2, retry=FAST)

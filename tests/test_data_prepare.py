@@ -23,21 +23,11 @@ import pytest
 
 from armlab.data.identity import doc_keys
 from armlab.data.shards import read_shards
-from data_util import experiment_toml, make_pool, pool_index
+from data_util import DEFAULT_ARMS, experiment_toml, make_pool, pool_index
 
-ARMS = """
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.3
-seed = 42
-
-[[arms]]
-name = "top"
-kind = "top"
-ratio = 0.2
-score_column = "score"
-
+ARMS = (
+    DEFAULT_ARMS
+    + """
 [[arms]]
 name = "samp"
 kind = "sample"
@@ -59,6 +49,7 @@ ratio = 0.25
 score_column = "score"
 by = "tokens"
 """
+)
 N_DOCS, EVAL_DOCS = 6000, 200
 CHI2_DF5_P001 = 20.515  # chi-square critical value, 5 degrees of freedom, p = 0.001
 

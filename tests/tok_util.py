@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from armlab.data.identity import doc_keys, text_keys
 from armlab.spec import Experiment, parse_experiment
 
 MODULES = [
@@ -25,13 +26,21 @@ MODULES = [
 ]
 
 
+def stdlib_docs(modules: list[str], min_chars: int) -> list[str]:
+    """The docstrings (longer than `min_chars`) of the callables of stdlib modules, in a fixed order."""
+    docs: list[str] = []
+    for name in modules:
+        mod = __import__(name)
+        for _, obj in sorted(vars(mod).items()):
+            doc = inspect.getdoc(obj) if callable(obj) else None
+            if doc and len(doc) > min_chars:
+                docs.append(doc)
+    return docs
+
+
 def corpus(n: int | None = None, seed: int = 0) -> list[str]:
     """Real English/code text: stdlib docstrings, plus unicode and number-heavy documents."""
-    docs: list[str] = []
-    for name in MODULES:
-        mod = __import__(name)
-        docs.extend(inspect.getdoc(obj) or "" for _, obj in sorted(vars(mod).items()) if callable(obj))
-    docs = [d for d in docs if len(d) > 20]
+    docs = stdlib_docs(MODULES, min_chars=20)
     rng = random.Random(seed)
     for i in range(40):  # varied scripts and digits, so the vocabulary sees more than ASCII
         docs.append(
@@ -41,26 +50,33 @@ def corpus(n: int | None = None, seed: int = 0) -> list[str]:
     return docs[:n] if n else docs
 
 
-def write_shards(out: Path, texts: list[str], files: int, row_group_rows: int, manifest: bool = True) -> Path:
-    """`files` shard files (texts split evenly, in order) with row groups of `row_group_rows` rows."""
+def write_shards(
+    out: Path,
+    texts: list[str],
+    files: int,
+    row_group_rows: int,
+    manifest: bool = True,
+    with_keys: bool = False,
+    **manifest_extra: object,
+) -> Path:
+    """`files` shard files (texts split evenly, in order) with row groups of `row_group_rows` rows;
+    `with_keys` adds the eval set's `key` and `text_key` columns."""
     out.mkdir(parents=True, exist_ok=True)
     per = -(-len(texts) // files)
     entries = []
     for i in range(files):
         chunk = texts[i * per : (i + 1) * per]
+        cols: dict[str, object] = {"text": chunk}
+        if with_keys:
+            cols["key"] = pa.array(doc_keys(None, pa.array(chunk)), pa.uint64())
+            cols["text_key"] = pa.array(text_keys(chunk), pa.uint64())
         name = f"shard_{i:05d}.parquet"
-        pq.write_table(
-            pa.table({"text": chunk}), out / name, row_group_size=row_group_rows, compression="zstd"
-        )
-        entries.append({"name": name, "rows": len(chunk), "chars": sum(map(len, chunk))})
+        pq.write_table(pa.table(cols), out / name, row_group_size=row_group_rows, compression="zstd")
+        entries.append({"name": name, "rows": len(chunk), "row_groups": -(-len(chunk) // row_group_rows),
+                        "chars": sum(map(len, chunk)), "sha256": ""})  # fmt: skip
     if manifest:
-        body = {
-            "rows": len(texts),
-            "chars": sum(map(len, texts)),
-            "files": entries,
-            "complete": True,
-        }
-        (out / "manifest.json").write_text(json.dumps(body))
+        body = {"rows": len(texts), "chars": sum(map(len, texts)), "files": entries, "complete": True}
+        (out / "manifest.json").write_text(json.dumps({**body, **manifest_extra}))
     return out
 
 

@@ -8,8 +8,6 @@ with ONE row group each (the playbook's hang layout, an odd count), an eval set 
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import subprocess
 import sys
@@ -17,13 +15,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from armlab.data.identity import doc_keys, text_keys
 from armlab.spec import Experiment, load_experiment
 from armlab.train import rundir
 from armlab.workdir import open_workdir
+from tok_util import stdlib_docs, write_shards
 
 ARM = "rand"
 ARM_FILES = 5  # odd, one row group each
@@ -72,42 +68,11 @@ allow_repeat = true   # the tiny arm is seen several times; the refusal is teste
 """
 
 
-def corpus() -> list[str]:
-    """Real English text: the docstrings of a few stdlib modules (deterministic order)."""
-    docs: list[str] = []
-    for name in MODULES:
-        mod = __import__(name)
-        for _, obj in sorted(vars(mod).items()):
-            doc = inspect.getdoc(obj) if callable(obj) else None
-            if doc and len(doc) > 40:
-                docs.append(doc)
-    return docs
-
-
-def write_dir(out: Path, texts: list[str], files: int, row_group_rows: int, with_keys: bool = False) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    per = -(-len(texts) // files)
-    entries = []
-    for i in range(files):
-        chunk = texts[i * per : (i + 1) * per]
-        cols: dict[str, object] = {"text": chunk}
-        if with_keys:
-            cols["key"] = pa.array(doc_keys(None, pa.array(chunk)), pa.uint64())
-            cols["text_key"] = pa.array(text_keys(chunk), pa.uint64())
-        name = f"shard_{i:05d}.parquet"
-        pq.write_table(pa.table(cols), out / name, row_group_size=row_group_rows, compression="zstd")
-        entries.append({"name": name, "rows": len(chunk), "row_groups": -(-len(chunk) // row_group_rows),
-                        "chars": sum(map(len, chunk)), "sha256": ""})  # fmt: skip
-    manifest = {"rows": len(texts), "chars": sum(map(len, texts)), "files": entries, "complete": True,
-                "selection": {}, "pool_fingerprint": "test"}  # fmt: skip
-    (out / "manifest.json").write_text(json.dumps(manifest))
-
-
 def build_workdir(root: Path) -> Path:
     """Write the experiment file and its prepared workdir; returns the experiment file."""
     from armlab.tokenizer import train_experiment_tokenizer
 
-    docs = corpus()
+    docs = stdlib_docs(MODULES, min_chars=40)
     rng = np.random.default_rng(0)
     rng.shuffle(docs)
     n_eval = len(docs) // 10
@@ -115,11 +80,12 @@ def build_workdir(root: Path) -> Path:
     exp_file.write_text(EXPERIMENT_TOML.format(workdir=root / "wd", pool=root / "pool", arm=ARM))
     exp = load_experiment(exp_file)
     wd = open_workdir(exp)
-    write_dir(wd.eval_dir, docs[:n_eval], files=1, row_group_rows=64, with_keys=True)
-    write_dir(wd.tokenizer_sample_dir, docs[n_eval:], files=2, row_group_rows=256)
+    fake = {"selection": {}, "pool_fingerprint": "test"}  # what prepare would record
+    write_shards(wd.eval_dir, docs[:n_eval], files=1, row_group_rows=64, with_keys=True, **fake)
+    write_shards(wd.tokenizer_sample_dir, docs[n_eval:], files=2, row_group_rows=256, **fake)
     train_experiment_tokenizer(exp)
     arm_docs = docs[n_eval:]
-    write_dir(wd.data_dir(ARM), arm_docs, files=ARM_FILES, row_group_rows=len(arm_docs))
+    write_shards(wd.data_dir(ARM), arm_docs, files=ARM_FILES, row_group_rows=len(arm_docs), **fake)
     return exp_file
 
 
