@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError
+from armlab.spec import fingerprint_diff
 from armlab.workdir import atomic_write_json, atomic_write_text, pid_alive, read_json
 
 RUN_JSON = "run.json"
@@ -265,6 +266,16 @@ class RunRecord:
         return is_live(self.state)
 
     @property
+    def engine(self) -> str:
+        """The engine that trained the run (runs from before engines were recorded: builtin)."""
+        return str((self.info.get("engine") or {}).get("engine", "builtin"))
+
+    @property
+    def engine_comparable(self) -> dict[str, Any]:
+        """What the engine resolved at run time that every compared run must share."""
+        return dict(self.info.get("engine_comparable") or {})
+
+    @property
     def train_lines(self) -> list[dict[str, Any]]:
         return [m for m in self.metrics if "train_loss" in m]
 
@@ -321,6 +332,22 @@ def load_run(run_dir: Path) -> RunRecord:
         eval=_optional_json(run_dir / EVAL_JSON),
         torn_metrics=metrics.torn,
     )
+
+
+def engine_differences(records: list[RunRecord]) -> list[str]:
+    """Runs trained by another engine build than the first run (e.g. another nanochat commit or a
+    patched checkout), each as '<run dir> (differs in engine.<key>, ...)'; [] when all agree."""
+    if not records:
+        return []
+    first = records[0]
+    out = []
+    for r in records[1:]:
+        keys = fingerprint_diff(
+            {"name": first.engine, **first.engine_comparable}, {"name": r.engine, **r.engine_comparable}
+        )
+        if keys:
+            out.append(f"{r.dir} (differs from {first.run} in {', '.join('engine.' + k for k in keys)})")
+    return out
 
 
 # -- processes: stop a run, and never outlive a supervisor -----------------------------------------------
