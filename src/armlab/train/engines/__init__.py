@@ -235,4 +235,3 @@ def rank_env(device: str, world_size: int) -> dict[str, str]:
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, cpu_cores() // world_size))
     return env
-
