@@ -212,7 +212,7 @@ def run_experiment(
 ) -> Path:
     """Everything, locally; returns the report dir. Raises RunFailed after the others if a run failed."""
     from armlab.data.prepare import prepare
-    from armlab.report.compare import compare
+    from armlab.report.compare import compare, print_verdict
     from armlab.tokenizer import train_experiment_tokenizer
 
     names, seed_list = _select(exp, arms, seeds)
@@ -224,7 +224,8 @@ def run_experiment(
         opened = open_bundle(exp, bundle)
         for d in done:
             evaluate_run(exp, d, opened, max_per_task or exp.evaluate.max_per_task, device)
-        out, _ = compare(exp)
+        out, summary = compare(exp)
+        print_verdict(summary)
         console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")
     if failures:
         raise RunFailed(f"{len(failures)} run(s) failed: " + "; ".join(failures))

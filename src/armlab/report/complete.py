@@ -1,0 +1,105 @@
+"""A finished run's final values, from its own final records, and the refusal of torn metrics.
+
+`metrics.jsonl` is a log: appended line by line while the run lives, so a disk that filled up or
+a copy cut short leaves it torn or short, and its last readable val bpb is then not the final one
+(issue 12: a report's verdict silently went from +0.0009 to +0.2774). So a run's final values come
+from the records written once at the end: `state.json` (state done, the step reached) and
+`eval.json` (the final evaluation); `run.json` gives the planned steps and the batch. The log is
+cross-checked against them and a run whose log is torn (a line that is not JSON) or shorter than
+its recorded steps is refused, one line naming the run and the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from armlab.errors import ArmlabError
+from armlab.report.runs import RunRecord
+
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class FinalValues:
+    """What a finished run reached, as its final records say."""
+
+    step: int
+    tokens: int | None
+    val_bpb: float | None
+    core: float | None
+    epoch: float | None
+    train_time_s: float | None
+
+
+def _torn_line(path: Path) -> int | None:
+    """The number of the first line of `path` that is not a JSON object, else None."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return 1
+    for n, line in enumerate(text.splitlines(), 1):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return n
+        if not isinstance(rec, dict):
+            return n
+    if text and not text.endswith("\n"):  # a finished run's log ends with a whole line
+        return len(text.splitlines())
+    return None
+
+
+def final_values(rec: RunRecord) -> FinalValues:
+    """The run's final values; ArmlabError when its records disagree or its log is torn/short."""
+    path = rec.dir / METRICS_FILE
+    fix = f"restore {path} from the host that trained it, or leave the run out with --exclude {rec.run}"
+    state = rec.state or {}
+    config = rec.info.get("config") or {}
+    step = state.get("step")
+    planned = config.get("num_iterations") or state.get("num_iterations")
+    if not isinstance(step, int) or (planned and step != planned):
+        raise ArmlabError(
+            f"{rec.dir / 'state.json'}: run {rec.run} is done but its step is {step!r}, not the "
+            f"planned {planned}; retrain it (`armlab run` resumes it) or --exclude {rec.run}"
+        )
+    if not path.is_file():
+        raise ArmlabError(f"{path}: run {rec.run} has no metrics log; {fix}")
+    torn = _torn_line(path)
+    if torn is not None:
+        raise ArmlabError(
+            f"{path}: run {rec.run} has a torn metrics log (line {torn} is not a whole JSON record); {fix}"
+        )
+    steps = [m["step"] for m in rec.train_lines]
+    if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+        raise ArmlabError(f"{path}: run {rec.run}'s training steps are out of order; {fix}")
+    last = steps[-1] if steps else 0
+    if last < step:
+        raise ArmlabError(
+            f"{path}: run {rec.run}'s metrics log stops at step {last} but state.json records {step} steps; {fix}"
+        )
+    ev = rec.eval or {}
+    if ev.get("step") not in (None, step):
+        raise ArmlabError(
+            f"{rec.dir / 'eval.json'}: run {rec.run} was evaluated at step {ev['step']}, not its final "
+            f"step {step}; rerun `armlab evaluate EXP --force`"
+        )
+    val = ev.get("val_bpb")
+    if val is None:  # no final evaluation yet: the log's evaluation at the final step, if it has one
+        at_end = [m for m in rec.eval_lines if m["step"] == step]
+        if not at_end:
+            raise ArmlabError(f"{path}: run {rec.run} has no val bpb at its final step {step}; {fix}")
+        val = at_end[-1]["val_bpb"]
+    batch = config.get("total_batch_size")
+    tokens = (
+        step * batch if batch else next((m["tokens"] for m in reversed(rec.metrics) if "tokens" in m), None)
+    )
+    return FinalValues(
+        step=step,
+        tokens=tokens,
+        val_bpb=float(val),
+        core=rec.core,
+        epoch=rec.epoch,
+        train_time_s=rec.train_time_s,
+    )
