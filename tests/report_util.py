@@ -77,3 +77,8 @@ def bpb_experiment(
         return ItemScores(tuple(range(seeds)), (Stratum("eval", nats, length, 1 / math.log(2)),))
 
     return arm(delta, u), arm(0.0, np.zeros(docs)), delta / math.log(2)
+
+
+def per_seed(arm: ItemScores) -> dict[int, float]:
+    """{seed: metric} of a simulated arm."""
+    return dict(zip(arm.seeds, arm.values().tolist(), strict=True))

@@ -124,14 +124,14 @@ def sample_arm(data_dir: Path, tokenizer: Any | None, docs: int = SAMPLE_DOCS) -
     return Sample(len(texts), chars, int(sum(lengths)), Histogram(TOKEN_EDGES, [int(c) for c in counts]), q)
 
 
-def arm_data(exp: Experiment, arm: str, tokenizer: Any | None) -> ArmData:
+def arm_data(exp: Experiment, arm: str, tokenizer: Any | None, docs: int = SAMPLE_DOCS) -> ArmData | None:
+    """The arm's data figures; None when its data is not on this machine (runs copied from the
+    GPU hosts can be compared anywhere; the section then says so)."""
     data_dir = open_workdir(exp, create=False).data_dir(arm)
     try:
         m = read_json(data_dir / MANIFEST)
     except FileNotFoundError:
-        raise ArmlabError(
-            f"{data_dir / MANIFEST}: arm {arm!r} has runs but no data manifest; was it deleted?"
-        ) from None
+        return None
     stats = m.get("stats") or {}
     score = stats.get("score") or {}
     group = stats.get("group") or {}
@@ -148,7 +148,7 @@ def arm_data(exp: Experiment, arm: str, tokenizer: Any | None) -> ArmData:
         groups={str(k): int(v) for k, v in (group.get("counts") or {}).items()} or None,
         group_column=group.get("column"),
         overlap={str(k): int(v) for k, v in (stats.get("overlap") or {}).items()},
-        sample=sample_arm(data_dir, tokenizer),
+        sample=sample_arm(data_dir, tokenizer, docs),
     )
 
 
@@ -160,8 +160,15 @@ def data_difference(exp: Experiment, arms: list[str], docs: int = SAMPLE_DOCS) -
         tok = load_experiment_tokenizer(exp)
     except (ArmlabError, FileNotFoundError):
         tok = None  # the sample then reports chars only
-    out = {a: asdict(arm_data(exp, a, tok)) for a in arms}
-    return {"arms": out, "sample_docs": docs, "tokenizer": tok.fingerprint if tok else None}
+    found = {a: arm_data(exp, a, tok, docs) for a in arms}
+    return {
+        "arms": {a: asdict(d) for a, d in found.items() if d is not None},
+        "absent": {
+            a: str(open_workdir(exp, create=False).data_dir(a)) for a, d in found.items() if d is None
+        },
+        "sample_docs": docs,
+        "tokenizer": tok.fingerprint if tok else None,
+    }
 
 
 def histogram(raw: dict[str, Any] | None) -> Histogram | None:

@@ -168,9 +168,13 @@ def comparison_section(summary: dict[str, Any]) -> Section:
 
 def data_section(summary: dict[str, Any]) -> Section | None:
     data = (summary.get("data") or {}).get("arms")
-    if not data:
+    absent = (summary.get("data") or {}).get("absent") or {}
+    if not data and not absent:
         return None
     sec = Section("What differs in the data")
+    sec.lines += [f"arm {a}: its data is not on this machine ({p}); not shown." for a, p in absent.items()]
+    if not data:
+        return sec
     rows = []
     for a, d in data.items():
         dc = histogram(d["doc_chars"])
