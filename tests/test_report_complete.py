@@ -34,7 +34,9 @@ def tree_hash(root: Path) -> str:
 
 
 @pytest.mark.parametrize("with_eval", [False, True], ids=["log-only", "with-eval.json"])
-def test_a_truncated_metrics_log_is_refused_not_read_to_its_last_line(tmp_path: Path, with_eval: bool) -> None:
+def test_a_truncated_metrics_log_is_refused_not_read_to_its_last_line(
+    tmp_path: Path, with_eval: bool
+) -> None:
     exp, metrics = two_arms(tmp_path, with_eval)
     _, whole = compare(exp)
     bpb = next(c for c in whole["comparisons"] if c["metric"] == "val_bpb")
@@ -47,7 +49,9 @@ def test_a_truncated_metrics_log_is_refused_not_read_to_its_last_line(tmp_path: 
     # cut at a line boundary: whole lines, but fewer steps than state.json records
     lines = text.decode().splitlines(keepends=True)
     metrics.write_text("".join(lines[: len(lines) // 2]))
-    with pytest.raises(ArmlabError, match=r"metrics log stops at step 10 but state\.json records 20 steps") as e:
+    with pytest.raises(
+        ArmlabError, match=r"metrics log stops at step 10 but state\.json records 20 steps"
+    ) as e:
         compare(exp)
     assert str(metrics) in str(e.value) and "--exclude top-s1" in str(e.value)
 

@@ -38,13 +38,17 @@ class Histogram:
     def total(self) -> int:
         return int(sum(self.counts))
 
+    @property
+    def log_spaced(self) -> bool:
+        e = np.asarray(self.edges)
+        return bool((e > 0).all() and len(e) > 2 and np.allclose(e[1:] / e[:-1], e[1] / e[0], rtol=1e-3))
+
     def mean(self) -> float | None:
-        """Mean from bin midpoints (geometric for log-spaced bins)."""
+        """Mean from bin midpoints (geometric midpoints for log-spaced bins)."""
         if not self.total:
             return None
-        mids = [
-            math.sqrt(a * b) if a > 0 else b / 2 for a, b in zip(self.edges, self.edges[1:], strict=False)
-        ]
+        a, b = np.asarray(self.edges[:-1]), np.asarray(self.edges[1:])
+        mids = np.sqrt(a * b) if self.log_spaced else (a + b) / 2
         return float(np.dot(mids, self.counts) / self.total)
 
     def quantile(self, q: float) -> float | None:

@@ -187,7 +187,7 @@ def data_section(summary: dict[str, Any]) -> Section | None:
                 a,
                 f"{d['docs']:,}",
                 fmt_count(d["chars"]),
-                ("" if d["tokens_exact"] else "~") + fmt_count(d["tokens"]),
+                ("" if d["tokens_exact"] or d["tokens"] is None else "~") + fmt_count(d["tokens"]),
                 f"{d['chars'] / d['docs']:,.0f}" if d["docs"] else "-",
                 "-" if dc is None else f"{dc.quantile(0.5):,.0f}",
                 "-" if tok_med is None else f"{tok_med:,.0f}",
@@ -206,7 +206,7 @@ def data_section(summary: dict[str, Any]) -> Section | None:
                 "chars/doc (median)",
                 "tokens/doc (median, sample)",
                 "chars/token (sample)",
-                "score (mean)",
+                "score (mean, binned)",
             ],
             rows,
         )
