@@ -126,9 +126,9 @@ def plan(
     spec = load_experiment(exp)
     mfus = parse_mfu(mfu)
     pilot_exp = load_experiment(pilot) if pilot else None
-    print(render_costs(spec, costs(spec, mfus, gpus), usd_per_gpu_hour), flush=True)  # the spec alone
-    print(plan_power(spec, pilot_exp, detect), flush=True)
-    table, warnings = render(spec, make_plan(spec))
-    print(table)
+    priced = render_costs(spec, costs(spec, mfus, gpus), usd_per_gpu_hour)  # from the spec alone
+    noise = plan_power(spec, pilot_exp, detect)
+    table, warnings = render(spec, make_plan(spec))  # reads the pool's metadata for unprepared arms
+    print(f"{table}\n{priced}\n{noise}")
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)

@@ -55,9 +55,9 @@ class PoolEstimate:
 
 
 def check_columns(exp: Experiment, files: list[PoolFile]) -> None:
-    """The columns [pool] and the arms name exist, from the first parquet file's footer (a wrong
-    score column would otherwise plan fine and fail only in prepare). jsonl pools have no schema
-    to read without reading documents; prepare checks them."""
+    """The arms' score columns exist, from the first parquet file's footer (a wrong score column
+    would otherwise plan fine and fail only in prepare; the text column is checked by its size
+    below). jsonl pools have no schema to read without reading documents; prepare checks them."""
     first = next((f for f in files if f.fmt == "parquet"), None)
     if first is None:
         return
@@ -69,7 +69,6 @@ def check_columns(exp: Experiment, files: list[PoolFile]) -> None:
             names = pq.ParquetFile(src).schema_arrow.names
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadFile(first.name, describe_error(e)) from None
-    missing_columns(first, names, [exp.pool.text_column], "set [pool] text_column to one of them")
     for a in exp.arms:
         if a.score_column and a.kind != "prebuilt":
             missing_columns(first, names, [a.score_column], f"set score_column of arm {a.name!r} to one of them")
