@@ -25,10 +25,10 @@ import numpy as np
 from armlab.errors import ArmlabError
 from armlab.report.complete import FinalValues, final_values
 from armlab.report.intervals import RESAMPLES, SEED, ItemScores, arm_interval, difference_interval, replicates
-from armlab.report.runs import RunRecord, load_run
 from armlab.report.scores import Scores, bpb_scores, centre, core_scores
 from armlab.report.stats import detectable
 from armlab.report.verdict import METRICS, verdict_line
+from armlab.runs import RUN_JSON, RunRecord, load_run
 from armlab.spec import Experiment, fingerprint_diff
 from armlab.workdir import open_workdir
 
@@ -76,7 +76,7 @@ def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
         got = r.info.get("comparability")
         if got is None:
             raise ArmlabError(
-                f"{r.dir / 'run.json'}: no 'comparability' record; rerun this run with this armlab"
+                f"{r.dir / RUN_JSON}: no 'comparability' record; rerun this run with this armlab"
             )
         keys = fingerprint_diff(want, got)
         if keys:

@@ -11,14 +11,10 @@ its recorded steps is refused, one line naming the run and the file.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from armlab.errors import ArmlabError
-from armlab.report.runs import RunRecord
-
-METRICS_FILE = "metrics.jsonl"
+from armlab.runs import EVAL_JSON, METRICS_JSONL, STATE_JSON, RunRecord
 
 
 @dataclass(frozen=True)
@@ -33,27 +29,9 @@ class FinalValues:
     train_time_s: float | None
 
 
-def _torn_line(path: Path) -> int | None:
-    """The number of the first line of `path` that is not a JSON object, else None."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        return 1
-    for n, line in enumerate(text.splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            return n
-        if not isinstance(rec, dict):
-            return n
-    if text and not text.endswith("\n"):  # a finished run's log ends with a whole line
-        return len(text.splitlines())
-    return None
-
-
 def final_values(rec: RunRecord) -> FinalValues:
     """The run's final values; ArmlabError when its records disagree or its log is torn/short."""
-    path = rec.dir / METRICS_FILE
+    path = rec.dir / METRICS_JSONL
     fix = f"restore {path} from the host that trained it, or leave the run out with --exclude {rec.run}"
     state = rec.state or {}
     config = rec.info.get("config") or {}
@@ -61,15 +39,15 @@ def final_values(rec: RunRecord) -> FinalValues:
     planned = config.get("num_iterations") or state.get("num_iterations")
     if not isinstance(step, int) or (planned and step != planned):
         raise ArmlabError(
-            f"{rec.dir / 'state.json'}: run {rec.run} is done but its step is {step!r}, not the "
+            f"{rec.dir / STATE_JSON}: run {rec.run} is done but its step is {step!r}, not the "
             f"planned {planned}; retrain it (`armlab run` resumes it) or --exclude {rec.run}"
         )
     if not path.is_file():
         raise ArmlabError(f"{path}: run {rec.run} has no metrics log; {fix}")
-    torn = _torn_line(path)
-    if torn is not None:
+    if rec.torn_metrics:  # runs.read_metrics keeps the numbers of the lines that are no record
         raise ArmlabError(
-            f"{path}: run {rec.run} has a torn metrics log (line {torn} is not a whole JSON record); {fix}"
+            f"{path}: run {rec.run} has a torn metrics log (line {rec.torn_metrics[0]} is not a whole "
+            f"JSON record); {fix}"
         )
     steps = [m["step"] for m in rec.train_lines]
     if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
@@ -82,7 +60,7 @@ def final_values(rec: RunRecord) -> FinalValues:
     ev = rec.eval or {}
     if ev.get("step") not in (None, step):
         raise ArmlabError(
-            f"{rec.dir / 'eval.json'}: run {rec.run} was evaluated at step {ev['step']}, not its final "
+            f"{rec.dir / EVAL_JSON}: run {rec.run} was evaluated at step {ev['step']}, not its final "
             f"step {step}; rerun `armlab evaluate EXP --force`"
         )
     val = ev.get("val_bpb")

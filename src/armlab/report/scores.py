@@ -17,7 +17,7 @@ import numpy as np
 
 from armlab.errors import ArmlabError
 from armlab.report.intervals import ItemScores, Stratum
-from armlab.report.runs import RunRecord
+from armlab.runs import EVAL_JSON, RunRecord
 
 CHECK_TOL = 1e-6  # per-item data must reproduce the recorded figure (else they are not its items)
 
@@ -55,13 +55,13 @@ def core_scores(runs: Sequence[RunRecord]) -> Scores:
             cell = t.get(label)
             if cell is None or len(cell["correct"]) != len(tasks[0][label]["correct"]):
                 raise ArmlabError(
-                    f"{r.dir / 'eval.json'}: CORE task {label!r} was scored on other items than in "
+                    f"{r.dir / EVAL_JSON}: CORE task {label!r} was scored on other items than in "
                     f"{runs[0].run}; rerun `armlab evaluate EXP --force` so every run uses the same items"
                 )
             acc = float(np.mean(cell["correct"]))
             if abs(acc - cell["accuracy"]) > CHECK_TOL:
                 raise ArmlabError(
-                    f"{r.dir / 'eval.json'}: task {label!r}'s per-item results give accuracy {acc:.6f}, "
+                    f"{r.dir / EVAL_JSON}: task {label!r}'s per-item results give accuracy {acc:.6f}, "
                     f"not the recorded {cell['accuracy']:.6f}; rerun `armlab evaluate EXP --force`"
                 )
             rows.append(cell["correct"])
@@ -83,13 +83,13 @@ def bpb_scores(runs: Sequence[RunRecord]) -> Scores:
     for r, n, b in zip(runs, nats, nbytes, strict=True):
         if len(n) != len(nats[0]) or len(b) != len(n):
             raise ArmlabError(
-                f"{r.dir / 'eval.json'}: val bpb covers {len(n):,} documents, {runs[0].run}'s "
+                f"{r.dir / EVAL_JSON}: val bpb covers {len(n):,} documents, {runs[0].run}'s "
                 f"{len(nats[0]):,}; rerun `armlab evaluate EXP --force` so every run scores the same eval set"
             )
         got = n.sum() / (math.log(2) * b.sum())
         if abs(got - float(r.eval["val_bpb"])) > CHECK_TOL * max(1.0, got):
             raise ArmlabError(
-                f"{r.dir / 'eval.json'}: per-document sums give val bpb {got:.6f}, not the recorded "
+                f"{r.dir / EVAL_JSON}: per-document sums give val bpb {got:.6f}, not the recorded "
                 f"{r.eval['val_bpb']:.6f}; rerun `armlab evaluate EXP --force`"
             )
     same_bytes = all(np.array_equal(b, nbytes[0]) for b in nbytes)
