@@ -153,9 +153,9 @@ def open_bundle(exp: Experiment, source: str | None = None) -> Any:
     """The experiment's CORE bundle (--bundle overrides evaluate.core_bundle); None when neither is set."""
     from armlab.evaluate.bundle import load_bundle
 
-    source = source or exp.evaluate.core_bundle
-    if not source:
-        console.print("evaluate: no CORE bundle (set evaluate.core_bundle or pass --bundle); val bpb only")
+    source = source or exp.evaluate.bundle
+    if not source or source.lower() == "none":
+        console.print("evaluate: CORE off (evaluate.core_bundle / --bundle is \"none\"); val bpb only")
         return None
     return load_bundle(
         source, sha256=exp.evaluate.core_bundle_sha256 if source == exp.evaluate.core_bundle else None

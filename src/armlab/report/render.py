@@ -13,6 +13,7 @@ from typing import Any
 from armlab.report.datadiff import histogram
 from armlab.report.plots import plot_core_tasks, plot_curves, plot_data, plot_final
 from armlab.report.verdict import METRICS, digits
+from armlab.spec import DCLM_EVAL_BUNDLE_URL
 from armlab.workdir import atomic_write_json, atomic_write_text
 
 METHOD_NAMES = {
@@ -266,9 +267,18 @@ def notes(summary: dict[str, Any]) -> list[str]:
             "through the real CORE code, not on DCLM's 22 tasks; it shows the plumbing, not a benchmark."
         )
     elif b:
+        dclm = (
+            " (DCLM's eval bundle, the URL nanochat's base_eval downloads)"
+            if b.get("source") == DCLM_EVAL_BUNDLE_URL
+            else ""
+        )
+        sha = (
+            f"archive sha256 {b['archive_sha256']}"
+            if b.get("archive_sha256")
+            else f"content sha256 {b.get('sha256')}"
+        )
         out.append(
-            f"CORE bundle: {b.get('name')} ({len(b.get('tasks', []))} tasks) from {b.get('source')}, "
-            f"sha256 {b.get('archive_sha256') or b.get('sha256')}."
+            f"CORE bundle: {b.get('name')} ({len(b.get('tasks', []))} tasks) from {b.get('source')}{dclm}, {sha}."
         )
     out.append(
         f"Intervals ({summary['resamples']:,} paired resamples, seed {summary['bootstrap_seed']}): seed noise from the "
