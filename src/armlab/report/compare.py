@@ -246,7 +246,7 @@ def arm_summary(
     entry["eval"] = {
         "val_bpb_tokens": ev.get("val_bpb_tokens"),
         "val_bpb_docs": ev.get("val_bpb_docs"),
-        "eval_tokens_cap": ev.get("eval_tokens"),
+        "eval_tokens_cap": ev.get("max_tokens", ev.get("eval_tokens")),  # eval.json: max_tokens (older: eval_tokens)
         "core_items": {label: t.get("n") for label, t in (ev.get("core_tasks") or {}).items()},
     }
     return entry
@@ -337,6 +337,7 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
         "bundle": bundle,
         "resamples": RESAMPLES,
         "bootstrap_seed": SEED,
+        "train_eval_tokens": exp.train.eval_tokens,  # what the training curves' val bpb covers
         "excluded": [
             {"run": r.run, "arm": r.arm, "state": r.state_name, "dir": str(r.dir)} for r in excluded
         ],

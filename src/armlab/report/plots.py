@@ -50,7 +50,8 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
             mean = [sum(d[t] for d in per) / len(per) for t in common]
             ax.plot(common, mean, color=colors[arm], lw=2.4, label=f"{arm} (mean of {len(curves)})")
     ax.set_xlabel("tokens trained")
-    ax.set_ylabel("val bpb (shared eval set)")
+    cap = summary.get("train_eval_tokens")
+    ax.set_ylabel(f"val bpb (first {cap:,} eval-set tokens)" if cap else "val bpb (shared eval set)")
     ax.set_title(f"{summary['experiment']}: validation bits per byte")
     ax.grid(alpha=0.3)
     ax.legend()
