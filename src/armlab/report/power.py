@@ -64,16 +64,19 @@ def render_power(exp: Experiment, spreads: list[Spread], detect: float | None, p
         label = METRICS[s.metric][0]
         item = s.item_var or 0.0
         mdd = detectable(s.seed_var, item, seeds)
-        at = "-" if mdd is None else f"{mdd:.4f}"
         item_txt = (
             f"eval-item sd {item**0.5:.4f}"
             if s.item_var is not None
             else "eval-item noise unknown (no per-item data in eval.json: figures are lower bounds)"
         )
+        can = (
+            f"it detects differences >= {mdd:.4f} ({1 - ALPHA:.0%} two-sided, {POWER:.0%} power)"
+            if mdd is not None
+            else "it cannot test a difference at all (one seed has no seed spread to test against: use >= 2)"
+        )
         lines.append(
             f"  {label}: one seed's difference sd {s.seed_var**0.5:.4f}, {item_txt}; with {seeds} "
-            f"seed{'s' if seeds != 1 else ''} per arm (train.seeds) it detects differences >= {at} "
-            f"({1 - ALPHA:.0%} two-sided, {POWER:.0%} power)"
+            f"seed{'s' if seeds != 1 else ''} per arm (train.seeds) {can}"
         )
         if detect is not None:
             n = seeds_needed(s.seed_var, item, detect)
