@@ -246,7 +246,9 @@ def arm_summary(
     entry["eval"] = {
         "val_bpb_tokens": ev.get("val_bpb_tokens"),
         "val_bpb_docs": ev.get("val_bpb_docs"),
-        "eval_tokens_cap": ev.get("max_tokens", ev.get("eval_tokens")),  # eval.json: max_tokens (older: eval_tokens)
+        "eval_tokens_cap": ev.get(
+            "max_tokens", ev.get("eval_tokens")
+        ),  # eval.json: max_tokens (older: eval_tokens)
         "core_items": {label: t.get("n") for label, t in (ev.get("core_tasks") or {}).items()},
     }
     return entry
@@ -261,9 +263,7 @@ def _per_seed_var(diff: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) ->
     return None
 
 
-def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord]) -> dict[str, Any]:
-    """Everything the report shows, as plain data (summary.json); writes nothing."""
-    present = [a.name for a in exp.arms if any(r.arm == a.name for r in runs)]
+def _refuse_single_arm(exp: Experiment, present: list[str], excluded: list[RunRecord]) -> None:
     if len(present) < 2:
         others = [a.name for a in exp.arms if a.name not in present]
         states = ", ".join(f"{r.run}: {r.state_name}" for r in excluded if r.arm in others) or "no runs"
@@ -271,69 +271,86 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
             f"only arm {present[0]!r} has finished runs ({', '.join(others)}: {states}); nothing to compare "
             f"yet: finish the other arms (`armlab run EXP`; `armlab status EXP` shows where they are)"
         )
-    data = [ArmData(exp, a, [r for r in runs if r.arm == a]) for a in present]
-    by_name = {d.name: d for d in data}
-    reps: dict[str, dict[str, np.ndarray | None]] = {d.name: {} for d in data}
+
+
+def compare_arm(
+    arm: ArmData,
+    ref: ArmData,
+    arms: dict[str, Any],
+    reps: dict[str, dict[str, Any]],
+    items: dict[str, list[int]],
+) -> dict[str, dict[str, Any]]:
+    """{metric: the difference arm - ref with its interval and detectable difference}."""
+    out = {}
+    for metric in METRICS:
+        if metric not in arm.scores or metric not in ref.scores:
+            continue
+        iv = difference_interval(
+            arm.values(metric),
+            ref.values(metric),
+            reps[arm.name].get(metric),
+            reps[ref.name].get(metric),
+            items.get(metric, ()),
+            _bounds(metric, _baselines(arm), True),
+        ).as_dict()
+        seed_var = _per_seed_var(iv, arms[arm.name][metric], arms[ref.name][metric])
+        n = min(len(arm.seeds), len(ref.seeds))
+        iv["detectable"] = detectable(seed_var, iv["item_var"] or 0.0, n) if seed_var is not None else None
+        iv["seed_var_per_seed"] = seed_var
+        out[metric] = iv
+    return out
+
+
+def _seed_warning(arm: ArmData, ref: ArmData) -> str | None:
+    if len(arm.seeds) != len(ref.seeds):
+        return (
+            f"unequal seed counts: {arm.name} has {len(arm.seeds)} finished run(s), {ref.name} {len(ref.seeds)}; "
+            "the comparison is unpaired (Welch) and weaker than it could be: finish the missing seeds"
+        )
+    if arm.seeds != ref.seeds:
+        return f"{arm.name} and {ref.name} ran different seeds ({arm.seeds} vs {ref.seeds}): unpaired"
+    return None
+
+
+def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord]) -> dict[str, Any]:
+    """Everything the report shows, as plain data (summary.json); writes nothing."""
+    present = [a.name for a in exp.arms if any(r.arm == a.name for r in runs)]
+    _refuse_single_arm(exp, present, excluded)
+    data = {a: ArmData(exp, a, [r for r in runs if r.arm == a]) for a in present}
+    reps: dict[str, dict[str, np.ndarray | None]] = {a: {} for a in data}
     items: dict[str, list[int]] = {}
     for metric in METRICS:
-        if all(metric in d.scores for d in data):
-            r, n = _item_reps(data, metric)
-            items[metric] = n
-            for d, x in zip(data, r or [None] * len(data), strict=True):
-                reps[d.name][metric] = x
-    arms = {d.name: arm_summary(exp, d, reps[d.name], items) for d in data}
-    ref = reference_arm(exp, present)
+        if all(metric in d.scores for d in data.values()):
+            r, items[metric] = _item_reps(list(data.values()), metric)
+            for a, x in zip(data, r or [None] * len(data), strict=True):
+                reps[a][metric] = x
+    arms = {a: arm_summary(exp, d, reps[a], items) for a, d in data.items()}
+    ref = data[reference_arm(exp, present)]
     comparisons, verdicts, warnings = [], [], []
-    for d in data:
-        if d.name == ref:
+    for arm in data.values():
+        if arm is ref:
             continue
-        per_metric = {}
-        for metric in METRICS:
-            if metric not in d.scores or metric not in by_name[ref].scores:
-                continue
-            ra, rb = reps[d.name].get(metric), reps[ref].get(metric)
-            iv = difference_interval(
-                d.values(metric),
-                by_name[ref].values(metric),
-                ra,
-                rb,
-                items.get(metric, ()),
-                _bounds(metric, _baselines(d), True),
-            ).as_dict()
-            seed_var = _per_seed_var(iv, arms[d.name][metric], arms[ref][metric])
-            n = min(len(d.seeds), len(by_name[ref].seeds))
-            iv["detectable"] = (
-                detectable(seed_var, iv["item_var"] or 0.0, n) if seed_var is not None else None
-            )
-            iv["seed_var_per_seed"] = seed_var
-            per_metric[metric] = iv
-            comparisons.append({"arm": d.name, "reference": ref, "metric": metric, **iv})
-        line = verdict_line(d.name, ref, per_metric)
+        per_metric = compare_arm(arm, ref, arms, reps, items)
+        line = verdict_line(arm.name, ref.name, per_metric)
         verdicts.append(line)
-        for c in comparisons[-len(per_metric) :]:
-            c["verdict"] = line
-        if len(d.seeds) != len(by_name[ref].seeds):
-            warnings.append(
-                f"unequal seed counts: {d.name} has {len(d.seeds)} finished run(s), {ref} {len(by_name[ref].seeds)}; "
-                "the comparison is unpaired (Welch) and weaker than it could be: finish the missing seeds"
-            )
-        elif d.seeds != by_name[ref].seeds:
-            warnings.append(
-                f"{d.name} and {ref} ran different seeds ({d.seeds} vs {by_name[ref].seeds}): unpaired"
-            )
-    for d in data:
-        for m, why in arms[d.name]["missing_items"].items():
-            warnings.append(f"{METRICS[m][0]} of {d.name}: {why}; its intervals count seed noise only")
+        comparisons += [
+            {"arm": arm.name, "reference": ref.name, "metric": m, **iv, "verdict": line}
+            for m, iv in per_metric.items()
+        ]
+        warnings.append(_seed_warning(arm, ref))
+    for a in data:
+        for m, why in arms[a]["missing_items"].items():
+            warnings.append(f"{METRICS[m][0]} of {a}: {why}; its intervals count seed noise only")
     bundle = next(((r.eval or {}).get("bundle") for r in runs if r.core is not None), None)
     return {
         "experiment": exp.name,
         "fingerprint": exp.fingerprint(),
         "created": time.time(),
-        "reference_arm": ref,
+        "reference_arm": ref.name,
         "arms": arms,
         "comparisons": comparisons,
         "verdict": verdicts,
-        "warnings": list(dict.fromkeys(warnings)),
+        "warnings": list(dict.fromkeys(w for w in warnings if w)),
         "bundle": bundle,
         "resamples": RESAMPLES,
         "bootstrap_seed": SEED,

@@ -167,6 +167,71 @@ def comparison_section(summary: dict[str, Any]) -> Section:
     return sec
 
 
+DATA_HEADER = [
+    "arm",
+    "docs",
+    "chars",
+    "tokens",
+    "chars/doc (mean)",
+    "chars/doc (median)",
+    "tokens/doc (median, sample)",
+    "chars/token (sample)",
+    "score (mean, binned)",
+]
+
+
+def _data_row(arm: str, d: dict[str, Any]) -> list[str]:
+    dc, sc = histogram(d["doc_chars"]), histogram(d["score"])
+    s = d["sample"] or {}
+    tok_med = (s.get("doc_tokens_quantiles") or {}).get("p50")
+    cpt = s["chars"] / s["tokens"] if s.get("tokens") else None
+    return [
+        arm,
+        f"{d['docs']:,}",
+        fmt_count(d["chars"]),
+        ("" if d["tokens_exact"] or d["tokens"] is None else "~") + fmt_count(d["tokens"]),
+        f"{d['chars'] / d['docs']:,.0f}" if d["docs"] else "-",
+        "-" if dc is None else f"{dc.quantile(0.5):,.0f}",
+        "-" if tok_med is None else f"{tok_med:,.0f}",
+        "-" if cpt is None else f"{cpt:.2f}",
+        "-" if sc is None else f"{sc.mean():.3f}",
+    ]
+
+
+def _group_table(data: dict[str, Any], top: int = 15) -> tuple[list[str], list[list[str]]] | None:
+    """Docs per value of the group column per arm (count and share), the most common first."""
+    groups = {a: d["groups"] for a, d in data.items() if d.get("groups")}
+    if not groups:
+        return None
+    column = next(d["group_column"] for d in data.values() if d.get("groups"))
+    totals = {a: max(sum(g.values()), 1) for a, g in groups.items()}
+    names = sorted(
+        {k for g in groups.values() for k in g}, key=lambda k: -sum(g.get(k, 0) for g in groups.values())
+    )
+
+    def cell(n: int, a: str) -> str:
+        return f"{n:,} ({n / totals[a]:.1%})"
+
+    rows = [[k, *(cell(g.get(k, 0), a) for a, g in groups.items())] for k in names[:top]]
+    if len(names) > top:
+        rest = {a: sum(v for k, v in g.items() if k not in names[:top]) for a, g in groups.items()}
+        rows.append([f"({len(names) - top} more)", *(cell(rest[a], a) for a in groups)])
+    return [column, *groups], rows
+
+
+def _overlaps(data: dict[str, Any]) -> list[str]:
+    out, seen = [], set()
+    for a, d in data.items():
+        for b, both in (d.get("overlap") or {}).items():
+            if b in data and (b, a) not in seen:
+                seen.add((a, b))
+                out.append(
+                    f"{a} and {b} share {both:,} documents ({both / max(d['docs'], 1):.1%} of {a}, "
+                    f"{both / max(data[b]['docs'], 1):.1%} of {b})."
+                )
+    return out
+
+
 def data_section(summary: dict[str, Any]) -> Section | None:
     data = (summary.get("data") or {}).get("arms")
     absent = (summary.get("data") or {}).get("absent") or {}
@@ -176,80 +241,17 @@ def data_section(summary: dict[str, Any]) -> Section | None:
     sec.lines += [f"arm {a}: its data is not on this machine ({p}); not shown." for a, p in absent.items()]
     if not data:
         return sec
-    rows = []
-    for a, d in data.items():
-        dc = histogram(d["doc_chars"])
-        sc = histogram(d["score"])
-        s = d["sample"] or {}
-        tok_med = (s.get("doc_tokens_quantiles") or {}).get("p50")
-        cpt = s["chars"] / s["tokens"] if s.get("tokens") else None
-        rows.append(
-            [
-                a,
-                f"{d['docs']:,}",
-                fmt_count(d["chars"]),
-                ("" if d["tokens_exact"] or d["tokens"] is None else "~") + fmt_count(d["tokens"]),
-                f"{d['chars'] / d['docs']:,.0f}" if d["docs"] else "-",
-                "-" if dc is None else f"{dc.quantile(0.5):,.0f}",
-                "-" if tok_med is None else f"{tok_med:,.0f}",
-                "-" if cpt is None else f"{cpt:.2f}",
-                "-" if sc is None else f"{sc.mean():.3f}",
-            ]
-        )
-    sec.tables.append(
-        (
-            [
-                "arm",
-                "docs",
-                "chars",
-                "tokens",
-                "chars/doc (mean)",
-                "chars/doc (median)",
-                "tokens/doc (median, sample)",
-                "chars/token (sample)",
-                "score (mean, binned)",
-            ],
-            rows,
-        )
-    )
+    sec.tables.append((DATA_HEADER, [_data_row(a, d) for a, d in data.items()]))
     n = ", ".join(f"{d['sample']['docs']:,} of {a}" for a, d in data.items() if d.get("sample"))
     sec.lines.append(
         f"docs/chars/tokens from each arm's manifest (`~`: estimated at 4 chars a token); the sample columns "
         f"tokenize documents read now from row groups spread over each arm's shards ({n}) with the "
         "experiment's tokenizer."
     )
-    groups = {a: d["groups"] for a, d in data.items() if d.get("groups")}
+    groups = _group_table(data)
     if groups:
-        column = next(d["group_column"] for d in data.values() if d.get("groups"))
-        totals = {a: sum(g.values()) for a, g in groups.items()}
-        names = sorted(
-            {k for g in groups.values() for k in g}, key=lambda k: -sum(g.get(k, 0) for g in groups.values())
-        )
-        shown = names[:15]
-        rows = [
-            [k, *(f"{g.get(k, 0):,} ({g.get(k, 0) / max(totals[a], 1):.1%})" for a, g in groups.items())]
-            for k in shown
-        ]
-        if len(names) > len(shown):
-            rest = {a: sum(v for k, v in g.items() if k not in shown) for a, g in groups.items()}
-            rows.append(
-                [
-                    f"({len(names) - len(shown)} more)",
-                    *(f"{rest[a]:,} ({rest[a] / max(totals[a], 1):.1%})" for a in groups),
-                ]
-            )
-        sec.tables.append(([f"{column}", *groups], rows))
-    overlaps = []
-    seen = set()
-    for a, d in data.items():
-        for b, n_both in (d.get("overlap") or {}).items():
-            if b in data and (b, a) not in seen:
-                seen.add((a, b))
-                overlaps.append(
-                    f"{a} and {b} share {n_both:,} documents ({n_both / max(d['docs'], 1):.1%} of {a}, "
-                    f"{n_both / max(data[b]['docs'], 1):.1%} of {b})."
-                )
-    sec.lines += overlaps
+        sec.tables.append(groups)
+    sec.lines += _overlaps(data)
     if not any(d.get("doc_chars") for d in data.values()):
         sec.lines.append(
             "The manifests carry no data statistics (prepared by an older armlab): length, score and group "
