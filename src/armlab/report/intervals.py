@@ -24,7 +24,7 @@ The two half-widths, t (seed df) for the seed part and normal for the item part,
 
 Why not a percentile bootstrap over seeds as well (resample seeds, then items): it counts the
 interaction twice (too wide when item noise dominates: 99% coverage) and has only 10 distinct seed
-resamples with 3 seeds, (S-1)/S of the variance (too narrow when seed noise dominates: 75-85%);
+resamples with 3 seeds, (S-1)/S of the variance (too narrow when seed noise dominates: 74-85%);
 `bench/intervals.py` prints both in several regimes.
 
 The bootstrap uses Poisson(1) weights per item (Hanley & MacGibbon 2006; equivalent to the
