@@ -4,6 +4,7 @@ eval.json), for testing status and compare without training."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -44,7 +45,11 @@ def make_run(
     comparability: dict | None = None,
     experiment: str | None = None,
     bundle_sha: str = "b" * 16,
+    core_tasks: dict[str, dict] | None = None,
+    per_doc: tuple[list[float], list[float]] | None = None,
 ) -> Path:
+    """A run dir; `core_tasks` ({label: {correct, random_baseline}}) and `per_doc` ((nats, bytes))
+    give eval.json per-item data, from which its CORE / val bpb are then computed."""
     wd = open_workdir(exp)
     d = wd.run_dir(arm, run_name(arm, seed))
     d.mkdir(parents=True, exist_ok=True)
@@ -58,7 +63,7 @@ def make_run(
             "fingerprint": exp.fingerprint(),
             "comparability": comparability or json.loads(json.dumps(exp.comparability())),
             "tokenizer_fingerprint": "tok0",
-            "config": {"num_iterations": steps},
+            "config": {"num_iterations": steps, "total_batch_size": tokens_per_step},
         },
     )
     now = time.time()
@@ -101,29 +106,44 @@ def make_run(
                 }
             )
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    ev: dict = {"step": steps}
+    if core_tasks is not None:
+        cells = {}
+        for label, t in core_tasks.items():
+            acc = sum(t["correct"]) / len(t["correct"])
+            b = t["random_baseline"] / 100
+            cells[label] = {
+                "accuracy": acc,
+                "centered": (acc - b) / (1 - b),
+                "n": len(t["correct"]),
+                "type": "multiple_choice",
+                "num_fewshot": 0,
+                "random_baseline": t["random_baseline"],
+                "correct": list(t["correct"]),
+            }
+        core = sum(c["centered"] for c in cells.values()) / len(cells)
+    elif core is not None:
+        cells = {
+            "t1": {
+                "accuracy": 0.5,
+                "centered": core,
+                "n": 10,
+                "type": "multiple_choice",
+                "num_fewshot": 0,
+                "random_baseline": 25.0,
+            }
+        }
     if core is not None:
-        atomic_write_json(
-            d / "eval.json",
-            {
-                "val_bpb": bpb,
-                "core": core,
-                "core_tasks": {
-                    "t1": {
-                        "accuracy": 0.5,
-                        "centered": core,
-                        "n": 10,
-                        "type": "multiple_choice",
-                        "num_fewshot": 0,
-                        "random_baseline": 25.0,
-                    }
-                },
-                "bundle": {
-                    "sha256": bundle_sha,
-                    "demo": True,
-                    "name": "demo",
-                    "tasks": ["t1"],
-                    "source": "x",
-                },
-            },
+        ev.update(
+            core=core,
+            core_tasks=cells,
+            bundle={"sha256": bundle_sha, "demo": True, "name": "demo", "tasks": list(cells), "source": "x"},
         )
+    if per_doc is not None:
+        nats, nbytes = per_doc
+        bpb = sum(nats) / (math.log(2) * sum(nbytes))
+        ev.update(val_bpb_per_doc={"nats": list(nats), "bytes": list(nbytes)}, val_bpb_docs=len(nats),
+                  val_bpb_tokens=len(nats) * 10)
+    if core is not None or per_doc is not None:
+        atomic_write_json(d / "eval.json", {**ev, "val_bpb": bpb})
     return d

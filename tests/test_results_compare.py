@@ -11,32 +11,8 @@ import pytest
 
 from armlab.errors import ArmlabError
 from armlab.report.compare import compare
-from armlab.report.stats import difference, mean_ci, t975
+from armlab.report.stats import t_quantile
 from results_util import make_run, tiny_experiment
-
-
-def test_t_quantiles() -> None:
-    # closed forms: df=1 is Cauchy, tan(0.475 pi); df=2: (2p-1) sqrt(2 / (4p(1-p))) at p=0.975
-    assert t975(1) == pytest.approx(math.tan(0.475 * math.pi), abs=1e-4)
-    assert t975(2) == pytest.approx(0.95 * math.sqrt(2 / (4 * 0.975 * 0.025)), abs=1e-4)
-    assert t975(10) == pytest.approx(2.2281, abs=1e-4)  # printed tables
-    assert t975(35) == pytest.approx(2.0301, abs=1e-4)
-    assert t975(1e9) == pytest.approx(1.9600, abs=1e-4)
-    assert 3.1824 < t975(2.5) < 4.3027  # Welch's non-integer df lands between its neighbours
-
-
-def test_mean_ci_and_differences() -> None:
-    e = mean_ci([1.0, 2.0, 3.0])
-    assert e.mean == 2.0 and e.half_width == pytest.approx(t975(2) * 1.0 / math.sqrt(3))
-    assert mean_ci([5.0]).half_width is None
-    # paired by seed: the per-seed differences are 0.1, 0.12, 0.08 -> a tight interval away from 0
-    d = difference({0: 1.1, 1: 1.32, 2: 0.88}, {0: 1.0, 1: 1.2, 2: 0.8})
-    assert d.method == "paired by seed" and d.estimate.mean == pytest.approx(0.1)
-    assert d.estimate.half_width == pytest.approx(t975(2) * 0.02 / math.sqrt(3))
-    assert d.within_noise is False
-    w = difference({0: 1.0, 1: 1.2}, {5: 1.1, 6: 1.0, 7: 0.9})
-    assert w.method == "Welch" and w.within_noise is True
-    assert difference({0: 1.0}, {0: 2.0}).within_noise is None
 
 
 def test_report_with_seeds(tmp_path: Path) -> None:
@@ -50,17 +26,21 @@ def test_report_with_seeds(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0, name
     s = json.loads((out / "summary.json").read_text())
     assert s["reference_arm"] == "random"
-    assert s["arms"]["top"]["val_bpb"]["mean"] == pytest.approx(1.51)
-    assert s["arms"]["top"]["val_bpb"]["half_width"] == pytest.approx(
-        t975(1) * 0.01 / math.sqrt(2) * math.sqrt(2), rel=1e-3
+    top = s["arms"]["top"]["val_bpb"]
+    assert top["estimate"] == pytest.approx(1.51) and top["method"] == "seeds"  # no per-document data
+    assert top["half_width"] == pytest.approx(
+        t_quantile(0.975, 1) * 0.01 / math.sqrt(2) * math.sqrt(2), rel=1e-6
     )
     bpb = next(c for c in s["comparisons"] if c["metric"] == "val_bpb")
-    assert bpb["method"] == "paired by seed" and bpb["mean"] == pytest.approx(-0.095)
-    assert "top is better than random on val bpb" in bpb["verdict"]
+    assert bpb["paired"] and bpb["estimate"] == pytest.approx(-0.095)
+    (line,) = s["verdict"]
+    assert line.startswith("top beats random on CORE by +0.05") and "2 seeds, weak" in line
+    assert "val bpb better by -0.095" in line
     assert [x["run"] for x in s["excluded"]] == ["random-s7"]
     md = (out / "report.md").read_text()
-    assert "CORE (demo tasks)" in md and "| top | top | 0,1 |" in md
+    assert f"- {line}" in md and "CORE (demo tasks)" in md and "| top | top | 0,1 |" in md
     html = (out / "report.html").read_text()
+    assert line in html.replace("&#x27;", "'")
     assert html.count("data:image/png;base64,") == 3 and 'src="curves.png"' not in html
 
 
@@ -71,7 +51,11 @@ def test_within_noise_is_said_plainly(tmp_path: Path) -> None:
         make_run(exp, "random", seed, bpb=br)
     _, s = compare(exp)
     (c,) = s["comparisons"]
-    assert c["within_noise"] is True and "within noise" in c["verdict"]
+    assert c["low"] < 0 < c["high"]
+    assert s["verdict"] == [
+        f"top vs random: val bpb within noise ({c['estimate']:+.3f}, 95% CI {c['low']:+.3f} to "
+        f"{c['high']:+.3f}, 2 seeds, weak, seed noise only)"
+    ]
 
 
 def test_refusals(tmp_path: Path) -> None:
@@ -112,7 +96,7 @@ def test_repeated_seed_is_refused_not_counted_twice(tmp_path: Path) -> None:
         compare(exp)
     shutil.rmtree(again)
     _, summary = compare(exp)
-    assert summary["arms"]["top"]["val_bpb"]["n"] == 2
+    assert summary["arms"]["top"]["val_bpb"]["seeds"] == [2]
 
 
 def test_every_incomparable_run_is_named_at_once(tmp_path: Path) -> None:
@@ -137,7 +121,7 @@ def test_exclude_leaves_named_runs_out(tmp_path: Path) -> None:
     with pytest.raises(ArmlabError, match=r"--exclude RUN"):
         compare(exp)
     _, summary = compare(exp, exclude=[smoke.name])
-    assert summary["arms"]["top"]["val_bpb"]["n"] == 2
+    assert summary["arms"]["top"]["val_bpb"]["seeds"] == [2]
     with pytest.raises(ArmlabError, match=r"--exclude: no run named nope"):
         compare(exp, exclude=["nope"])
 
@@ -151,4 +135,107 @@ def test_runs_of_two_engine_builds_are_refused(tmp_path: Path) -> None:
         info.update(engine={"engine": "nanochat"}, engine_comparable={"commit": commit})
         (d / "run.json").write_text(json.dumps(info))
     with pytest.raises(ArmlabError, match=r"top-s0 \(differs from random-s0 in engine\.commit\)"):
+        compare(exp)
+
+
+def test_one_arm_only_is_refused(tmp_path: Path) -> None:
+    exp = tiny_experiment(tmp_path / "wd")
+    make_run(exp, "top", 0, bpb=1.5)
+    make_run(exp, "top", 1, bpb=1.52)
+    make_run(exp, "random", 0, bpb=1.6, state="running")
+    with pytest.raises(
+        ArmlabError,
+        match=r"only arm 'top' has finished runs \(random: random-s0: running\); nothing to compare",
+    ):
+        compare(exp)
+    assert not (exp.workdir_path / "report").exists()
+
+
+def test_seeds_outside_train_seeds_are_refused(tmp_path: Path) -> None:
+    exp = tiny_experiment(tmp_path / "wd")  # train.seeds = [0, 1]
+    for seed in (0, 1):
+        make_run(exp, "top", seed, bpb=1.5)
+        make_run(exp, "random", seed, bpb=1.6)
+    make_run(exp, "random", 7, bpb=1.6)
+    with pytest.raises(
+        ArmlabError, match=r"random-s7 \(seed 7\): not in train\.seeds \[0, 1\].*--exclude random-s7"
+    ):
+        compare(exp)
+    _, s = compare(exp, exclude=["random-s7"])
+    assert s["arms"]["random"]["val_bpb"]["seeds"] == [2]
+
+
+def test_unequal_seed_counts_are_unpaired_and_warned(tmp_path: Path) -> None:
+    exp = tiny_experiment(tmp_path / "wd", seeds=[0, 1, 2])
+    for seed in (0, 1, 2):
+        make_run(exp, "top", seed, bpb=1.50 + 0.01 * seed)
+    for seed in (0, 1):
+        make_run(exp, "random", seed, bpb=1.60 + 0.01 * seed)
+    _, s = compare(exp)
+    (c,) = s["comparisons"]
+    assert not c["paired"] and c["seeds"] == [3, 2]
+    assert "3 vs 2 seeds, unpaired" in s["verdict"][0]
+    assert any("unequal seed counts: top has 3 finished run(s), random 2" in w for w in s["warnings"])
+
+
+def core_items(rng, p: float, n: int = 60) -> dict:
+    """Two tasks of n items; item i's chance of being right is p + a fixed per-item offset (so the
+    items themselves differ, as real ones do), the outcome a fresh draw per run."""
+    offsets = [((i * 37) % 11 - 5) / 12 for i in range(n)]
+    draw = lambda: [int(rng.random() < min(1.0, max(0.0, p + o))) for o in offsets]  # noqa: E731
+    return {
+        "t1": {"correct": draw(), "random_baseline": 25.0},
+        "t2": {"correct": draw(), "random_baseline": 50.0},
+    }
+
+
+def test_per_item_data_puts_eval_noise_in_every_figure(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(0)
+    exp = tiny_experiment(tmp_path / "wd", seeds=[0, 1, 2])
+    nbytes = [rng.randint(200, 2000) for _ in range(50)]
+    for seed in (0, 1, 2):
+        for arm, p, rate in (("top", 0.75, 0.9), ("random", 0.55, 1.0)):
+            nats = [b * rate * rng.uniform(0.9, 1.1) for b in nbytes]
+            items = core_items(rng, p)
+            if arm == "top":  # top's gain is concentrated on the second half of the items
+                for t in items.values():
+                    t["correct"] = t["correct"][:30] + [int(rng.random() < 0.95) for _ in range(30)]
+            make_run(exp, arm, seed, bpb=0.0, core_tasks=items, per_doc=(nats, nbytes))
+    _, s = compare(exp)
+    for c in s["comparisons"]:
+        assert c["method"] == "seeds+items" and c["paired"] and c["item_var"] > 0, c["metric"]
+        assert c["detectable"] > 0
+    top = s["arms"]["top"]
+    assert top["core"]["method"] == "seeds+items"
+    cell = top["core_tasks"]["t2"]
+    assert cell["method"] == "seeds+items" and cell["low"] < cell["estimate"] < cell["high"] <= 1.0
+    assert top["eval"]["val_bpb_docs"] == 50 and top["eval"]["core_items"] == {"t1": 60, "t2": 60}
+    assert (
+        s["verdict"][0].startswith("top beats random on CORE by +")
+        and "val bpb better by -" in s["verdict"][0]
+    )
+    assert not s["warnings"]
+    # an older run without per-item data: that metric falls back to seeds only, and says so
+    ev = tmp_path / "wd/arms/random/runs/random-s2/eval.json"
+    data = json.loads(ev.read_text())
+    del data["val_bpb_per_doc"]
+    ev.write_text(json.dumps(data))
+    _, s = compare(exp)
+    methods = {c["metric"]: c["method"] for c in s["comparisons"]}
+    assert methods == {"core": "seeds+items", "val_bpb": "seeds"}
+    assert "seed noise only" in s["verdict"][0] or "seeds only" in s["verdict"][0]
+    assert any("no per-document val bpb in eval.json of random-s2" in w for w in s["warnings"])
+
+
+def test_runs_scored_on_different_items_are_refused(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(1)
+    exp = tiny_experiment(tmp_path / "wd")
+    for seed in (0, 1):
+        make_run(exp, "top", seed, bpb=1.5, core_tasks=core_items(rng, 0.7))
+        make_run(exp, "random", seed, bpb=1.6, core_tasks=core_items(rng, 0.5, n=40 if seed else 60))
+    with pytest.raises(ArmlabError, match=r"random-s1/eval\.json: CORE task 't1' was scored on other items"):
         compare(exp)

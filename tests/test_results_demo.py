@@ -61,10 +61,27 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             "demo_coherent_context",
         }
     assert {c["metric"] for c in s["comparisons"]} == {"val_bpb", "core"}
-    assert all(c["method"] == "paired by seed" for c in s["comparisons"])
-    assert s["bundle"]["demo"] is True and "CORE (demo tasks)" in (report / "report.md").read_text()
-    for png in ("curves.png", "final.png", "core_tasks.png"):
+    assert all(c["paired"] and c["low"] is not None for c in s["comparisons"])
+    core = next(c for c in s["comparisons"] if c["metric"] == "core")
+    assert core["method"] == "seeds+items"  # per-item CORE results: eval-item noise is counted
+    md = (report / "report.md").read_text()
+    assert s["bundle"]["demo"] is True and "CORE (demo tasks)" in md
+    # one verdict line, the same on stdout, in report.md, report.html and summary.json
+    (line,) = s["verdict"]
+    assert line.startswith("top40 ") and "random40" in line and "95% CI" in line and "2 seeds, weak" in line
+    assert line in r.stdout.splitlines() and f"- {line}" in md
+    assert line in (report / "report.html").read_text().replace("&#x27;", "'")
+    for png in ("curves.png", "final.png", "core_tasks.png", "data.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # what differs in the data: each arm's docs as its manifest and shards hold them, and a sample
+    # tokenized with the experiment's tokenizer
+    for arm in ("top40", "random40"):
+        shards = sorted((wd / f"arms/{arm}/data").glob("shard_*.parquet"))
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in shards)
+        d = s["data"]["arms"][arm]
+        assert d["docs"] == rows == json.loads((wd / f"arms/{arm}/data/manifest.json").read_text())["rows"]
+        assert d["sample"]["docs"] == min(rows, 2000) and d["sample"]["tokens"] > d["sample"]["docs"]
+        assert f"| {arm} | {rows:,} |" in md.split("## What differs in the data")[1]
     # the top arm holds only good text; the random arm holds the pool's junk too
     top = [
         t
@@ -99,6 +116,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("already done") == 4 and "step 00001" not in again.stdout
     assert json.loads((report / "summary.json").read_text())["arms"] == s["arms"]
+    assert line in again.stdout.splitlines()  # `armlab run` ends with the verdict too
 
     # a run that crashed (state failed, no checkpoint left) is trained again by `armlab run`, then
     # re-evaluated; the other runs are reused

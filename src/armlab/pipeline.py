@@ -135,9 +135,9 @@ def open_bundle(exp: Experiment, source: str | None = None) -> Any:
     """The experiment's CORE bundle (--bundle overrides evaluate.core_bundle); None when neither is set."""
     from armlab.evaluate.bundle import load_bundle
 
-    source = source or exp.evaluate.core_bundle
-    if not source:
-        console.print("evaluate: no CORE bundle (set evaluate.core_bundle or pass --bundle); val bpb only")
+    source = source or exp.evaluate.bundle
+    if not source or source.lower() == "none":
+        console.print("evaluate: CORE off (evaluate.core_bundle / --bundle is \"none\"); val bpb only")
         return None
     return load_bundle(
         source, sha256=exp.evaluate.core_bundle_sha256 if source == exp.evaluate.core_bundle else None
@@ -179,7 +179,7 @@ def run_experiment(
 ) -> Path:
     """Everything, locally; returns the report dir. Raises RunFailed after the others if a run failed."""
     from armlab.data.prepare import prepare
-    from armlab.report.compare import compare
+    from armlab.report.compare import compare, print_verdict
     from armlab.tokenizer import train_experiment_tokenizer
     from armlab.train.plan import resolve_devices
 
@@ -193,7 +193,8 @@ def run_experiment(
         opened = open_bundle(exp, bundle)
         for d in done:
             evaluate_run(exp, d, opened, max_per_task or exp.evaluate.max_per_task, device)
-        out, _ = compare(exp)
+        out, summary = compare(exp)
+        print_verdict(summary)
         console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")
     if failures:
         raise RunFailed(f"{len(failures)} run(s) failed: " + "; ".join(failures))

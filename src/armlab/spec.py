@@ -173,10 +173,25 @@ class TrainSpec(Strict):
         return 10.5
 
 
+# DCLM's CORE eval bundle, where nanochat's scripts/base_eval.py downloads it from (EVAL_BUNDLE_URL)
+DCLM_EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
 class EvaluateSpec(Strict):
-    core_bundle: str | None = None  # local dir or URL of a DCLM-format eval bundle
+    # local dir or URL of a DCLM-format eval bundle; "none" (or "") turns CORE off: val bpb only
+    core_bundle: str | None = DCLM_EVAL_BUNDLE_URL
     core_bundle_sha256: str | None = None
     max_per_task: int | None = Field(None, gt=0)
+
+    @field_validator("core_bundle")
+    @classmethod
+    def _off(cls, v: str | None) -> str:
+        return "none" if v is None or v.strip().lower() in ("", "none") else v  # kept in the frozen file
+
+    @property
+    def bundle(self) -> str | None:
+        """The bundle to score CORE on, None when CORE is off."""
+        return None if self.core_bundle == "none" else self.core_bundle
 
 
 class HostSpec(Strict):

@@ -87,15 +87,48 @@ def check(
 
 
 @app.command()
-def plan(exp: Annotated[Path, typer.Argument(help="experiment file (or its workdir)")]) -> None:
-    """Per arm: docs / chars / tokens available vs tokens one run consumes, and epochs."""
+def plan(
+    exp: Annotated[Path, typer.Argument(help="experiment file (or its workdir)")],
+    detect: Annotated[
+        float | None,
+        typer.Option(
+            "--detect", min=0, help="seeds per arm needed to detect this difference (CORE / val bpb units)"
+        ),
+    ] = None,
+    pilot: Annotated[
+        Path | None,
+        typer.Option(
+            "--pilot",
+            help="experiment file or workdir whose finished runs measure the noise (default: EXP's own)",
+        ),
+    ] = None,
+    mfu: Annotated[
+        list[str] | None,
+        typer.Option("--mfu", help="assumed MFU, e.g. 0.45 or H100=0.45 (repeatable; default 0.4)"),
+    ] = None,
+    gpus: Annotated[
+        int | None, typer.Option("--gpus", min=1, help="GPUs per run (default: the hosts', else 8)")
+    ] = None,
+    usd_per_gpu_hour: Annotated[
+        float,
+        typer.Option("--usd-per-gpu-hour", min=0, help="price of one GPU-hour (nanochat's README: ~$3)"),
+    ] = 3.0,
+) -> None:
+    """Per arm: docs / chars / tokens vs what one run consumes; FLOPs, GPU-hours, wall time and cost per run and
+    for the experiment; the smallest difference its seeds can detect (from a pilot's noise)."""
+    from armlab.cost import costs, parse_mfu, render_costs
     from armlab.data.plan import plan as make_plan
     from armlab.data.plan import render
     from armlab.progress import console
+    from armlab.report.power import plan_power
     from armlab.spec import load_experiment
 
     spec = load_experiment(exp)
-    table, warnings = render(spec, make_plan(spec))
-    print(table)
+    mfus = parse_mfu(mfu)
+    pilot_exp = load_experiment(pilot) if pilot else None
+    priced = render_costs(spec, costs(spec, mfus, gpus), usd_per_gpu_hour)  # from the spec alone
+    noise = plan_power(spec, pilot_exp, detect)
+    table, warnings = render(spec, make_plan(spec))  # reads the pool's metadata for unprepared arms
+    print(f"{table}\n{priced}\n{noise}")
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)

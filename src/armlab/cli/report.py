@@ -109,13 +109,14 @@ def compare(
         list[str] | None, typer.Option("--exclude", help="leave this run out (repeatable), e.g. a smoke test")
     ] = None,
 ) -> None:
-    """Compare the finished runs: table with 95% intervals, verdict, plots, report.md/.html, summary.json."""
+    """Compare the finished runs: verdict, differences with 95% intervals (seed + eval-item noise), what differs in
+    the data, plots; writes report.md/.html and summary.json."""
     from armlab.report.compare import compare as run_compare
+    from armlab.report.compare import print_verdict
     from armlab.spec import load_experiment
 
     report_dir, summary = run_compare(load_experiment(exp), out, exclude=exclude)
-    for c in summary["comparisons"]:
-        print(c["verdict"])
+    print_verdict(summary)
     print(f"report: {report_dir / 'report.md'}")
 
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from armlab.budget import training_budget
-from armlab.data.pool import file_stats, list_pool
+from armlab.data.pool import (
+    BadFile,
+    PoolFile,
+    describe_error,
+    file_stats,
+    list_pool,
+    missing_columns,
+    open_source,
+)
 from armlab.data.select import CHARS_PER_TOKEN
 from armlab.data.shards import MANIFEST
 from armlab.errors import ArmlabError
@@ -46,8 +54,29 @@ class PoolEstimate:
     chars: int
 
 
+def check_columns(exp: Experiment, files: list[PoolFile]) -> None:
+    """The arms' score columns exist, from the first parquet file's footer (a wrong score column
+    would otherwise plan fine and fail only in prepare; the text column is checked by its size
+    below). jsonl pools have no schema to read without reading documents; prepare checks them."""
+    first = next((f for f in files if f.fmt == "parquet"), None)
+    if first is None:
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with open_source(first) as src:
+            names = pq.ParquetFile(src).schema_arrow.names
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise BadFile(first.name, describe_error(e)) from None
+    for a in exp.arms:
+        if a.score_column and a.kind != "prebuilt":
+            missing_columns(first, names, [a.score_column], f"set score_column of arm {a.name!r} to one of them")
+
+
 def pool_estimate(exp: Experiment) -> PoolEstimate:
     files = list_pool(exp.pool)
+    check_columns(exp, files)
     rows = chars = 0
     with progress(transient=True) as bar:
         task = bar.add_task("pool metadata", total=len(files), unit="files")

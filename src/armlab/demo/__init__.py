@@ -58,7 +58,7 @@ def run_demo(workdir: str | Path | None = None, device: str = "cpu", num_iterati
     from armlab.demo.tasks import build_demo_bundle
     from armlab.errors import RunFailed
     from armlab.pipeline import evaluate_experiment, train_runs
-    from armlab.report.compare import compare
+    from armlab.report.compare import compare, print_verdict
     from armlab.tokenizer import train_experiment_tokenizer
     from armlab.workdir import open_workdir
 
@@ -86,7 +86,6 @@ def run_demo(workdir: str | Path | None = None, device: str = "cpu", num_iterati
         ],
     )
     console.print(f"demo: done in {time.time() - t0:.0f}s")
-    for c in summary["comparisons"]:
-        console.print(f"  {c['verdict']}")
+    print_verdict(summary)
     print(f"report: {out / 'report.html'}\n        {out / 'report.md'}\nsummary: {out / 'summary.json'}")
     return out

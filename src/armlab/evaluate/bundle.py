@@ -1,9 +1,11 @@
 """CORE eval bundles: DCLM's format (core.yaml, eval_data/*.jsonl, eval_meta_data.csv).
 
-A bundle is a local dir or a URL (a .zip of such a dir, nanochat's `eval_bundle.zip`). A URL is
+A bundle is a local dir or a URL (a .zip of such a dir). The default is DCLM's bundle at the URL
+nanochat's `scripts/base_eval.py` downloads it from (`spec.DCLM_EVAL_BUNDLE_URL`). A URL is
 downloaded once into a shared cache under a file lock (several ranks or runs may ask at once),
-checked against a sha256 when the experiment gives one, and unpacked to a temp dir that is
-renamed into place, so a killed download never leaves a half-bundle behind a real name.
+checked against a sha256 when the experiment gives one, unpacked to a temp dir that is renamed
+into place (a killed download never leaves a half-bundle behind a real name), and its sha256 is
+recorded and checked on every later use (`fetch_bundle`).
 
 Every problem names the file at fault: a missing core.yaml, a task without `dataset_uri`, a task
 with no random baseline in eval_meta_data.csv, a malformed jsonl line.
@@ -17,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import urllib.parse
 import urllib.request
 import zipfile
@@ -30,6 +33,7 @@ from filelock import FileLock
 from armlab.errors import ArmlabError
 from armlab.workdir import atomic_path
 
+RECORD = ".armlab-bundle.json"  # what a downloaded bundle was: source, archive and content sha256
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # Fields each task type's items must carry (nanochat's core_eval reads exactly these).
 ITEM_FIELDS = {
@@ -57,12 +61,14 @@ class Bundle:
     sha256: str  # of core.yaml + eval_meta_data.csv + every task file, in task order
     demo: bool = False  # armlab demo's own tasks (not DCLM's CORE); the report labels them
     name: str = "core"
+    archive_sha256: str | None = None  # of the zip it was downloaded as (URL sources)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "sha256": self.sha256,
+            "archive_sha256": self.archive_sha256,
             "name": self.name,
             "demo": self.demo,
             "tasks": [t.label for t in self.tasks],
@@ -120,28 +126,69 @@ def redact(url: str) -> str:
     return u._replace(netloc=host, query="", fragment="").geturl()
 
 
-def fetch_bundle(url: str, sha256: str | None = None) -> Path:
-    """Download a zipped bundle once (locked, checksummed, atomically unpacked); return its dir."""
+@dataclass(frozen=True)
+class Download:
+    """A bundle fetched from a URL, as recorded in the cache when it was first downloaded."""
+
+    root: Path  # the unpacked bundle
+    source: str  # the URL, without secrets
+    archive_sha256: str  # of the zip as downloaded
+    content_sha256: str  # of the unpacked files, to notice later edits
+    downloaded: float
+
+
+def tree_sha256(root: Path) -> str:
+    """sha256 over every file under `root` (relative path and bytes, sorted), the record file excepted."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name != RECORD):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _download(url: str, archive: Path, safe: str) -> None:
+    """The URL's bytes into `archive` (atomically), with a progress bar."""
+    from armlab.progress import progress
+
+    try:
+        with (
+            urllib.request.urlopen(url, timeout=60) as r,
+            atomic_path(archive) as tmp,
+            open(tmp, "wb") as f,
+            progress(transient=True) as bar,
+        ):
+            size = int(r.headers.get("Content-Length") or 0) or None
+            job = bar.add_task(f"eval bundle {safe}", total=size, unit="B", bytes=0)
+            done = 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                bar.update(job, advance=len(chunk), bytes=done)
+    except OSError as e:
+        raise ArmlabError(
+            f"{safe}: cannot download the eval bundle ({e}); pass a local dir with --bundle"
+        ) from None
+
+
+def fetch_bundle(url: str, sha256: str | None = None) -> Download:
+    """Download a zipped bundle once into the shared cache and unpack it; return its record.
+
+    Under a file lock (ranks and runs may ask at once; the first downloads, the others wait), the
+    zip is downloaded to a temp name, checked against `sha256` when the experiment gives one,
+    unpacked into a temp dir renamed into place, and recorded (`.armlab-bundle.json`: source,
+    archive and content sha256). Every later call checks the unpacked files against that record
+    (and `sha256` against the recorded archive), so an edited or swapped cache never scores
+    silently. nanochat downloads the same zip with `download_file_with_lock` (no checksum).
+    """
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     safe = redact(url)
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     dest = root / key
     with FileLock(str(root / f"{key}.lock")):
-        if not (dest / ".complete").is_file():
+        if not (dest / RECORD).is_file():
             archive = root / f"{key}.zip"
             if not archive.is_file():
-                try:
-                    with (
-                        urllib.request.urlopen(url, timeout=60) as r,
-                        atomic_path(archive) as tmp,
-                        open(tmp, "wb") as f,
-                    ):
-                        shutil.copyfileobj(r, f, 1 << 20)
-                except OSError as e:
-                    raise ArmlabError(
-                        f"{safe}: cannot download the eval bundle ({e}); pass a local dir with --bundle"
-                    ) from None
+                _download(url, archive, safe)
             got = sha256_file(archive)
             if sha256 and got != sha256:
                 archive.unlink()
@@ -160,9 +207,25 @@ def fetch_bundle(url: str, sha256: str | None = None) -> Path:
                 raise ArmlabError(
                     f"{safe}: not a zip file; an eval bundle URL must point to a .zip of the bundle dir"
                 ) from None
-            (tmp_dir / ".complete").write_text(got + "\n")
+            record = {
+                "source": safe,
+                "archive_sha256": got,
+                "content_sha256": tree_sha256(tmp_dir),
+                "downloaded": time.time(),
+            }
+            (tmp_dir / RECORD).write_text(json.dumps(record, indent=1) + "\n")
             os.replace(tmp_dir, dest)
-    return dest
+        record = json.loads((dest / RECORD).read_text())
+    fix = f"delete {dest} (and {root / (key + '.zip')}) to download it again"
+    if sha256 and record["archive_sha256"] != sha256:
+        raise ArmlabError(
+            f"{dest}: cached eval bundle has sha256 {record['archive_sha256']}, the experiment expects {sha256}; {fix}"
+        )
+    if tree_sha256(dest) != record["content_sha256"]:
+        raise ArmlabError(
+            f"{dest}: cached eval bundle was modified since it was downloaded from {safe}; {fix}"
+        )
+    return Download(dest, safe, record["archive_sha256"], record["content_sha256"], record["downloaded"])
 
 
 def _bundle_dir(root: Path) -> Path:
@@ -196,7 +259,8 @@ def _baselines(path: Path) -> dict[str, float]:
 def load_bundle(source: str | Path, sha256: str | None = None) -> Bundle:
     """Open a bundle from a local dir or a URL; validates core.yaml and the baselines up front."""
     source = str(source)
-    root = fetch_bundle(source, sha256) if _is_url(source) else Path(source).expanduser()
+    download = fetch_bundle(source, sha256) if _is_url(source) else None
+    root = download.root if download else Path(source).expanduser()
     if not root.exists():
         raise ArmlabError(f"{root}: eval bundle dir not found (set evaluate.core_bundle or pass --bundle)")
     root = _bundle_dir(root)
@@ -259,6 +323,7 @@ def load_bundle(source: str | Path, sha256: str | None = None) -> Bundle:
         sha256=h.hexdigest()[:16],
         demo=bool(config.get("armlab_demo", False)),
         name=str(config.get("name", "core")),
+        archive_sha256=download.archive_sha256 if download else None,
     )
 
 

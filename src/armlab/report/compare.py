@@ -1,27 +1,36 @@
-"""`armlab compare`: check the finished runs are comparable, then tabulate, test and plot them.
+"""`armlab compare`: check the finished runs are comparable, then estimate, test and report.
 
 Comparability (DESIGN.md invariant 1): every run must come from this experiment, with the
-experiment's `comparability()` (all but the arm's data), the same tokenizer, and CORE from the
-same bundle. Anything else is refused with the differing keys, never averaged in silently.
+experiment's `comparability()` (all but the arm's data), the same tokenizer, CORE from the same
+bundle on the same items and val bpb over the same eval documents, and seeds from `train.seeds`.
+Anything else is refused with the differing keys, never averaged in silently. Each run's final
+values come from its final records (`complete.final_values`; a torn metrics log is refused).
+
 Differences are reported against a reference arm (the first `random` arm, else the first arm)
-with a 95% t interval, paired by seed when both arms ran the same seeds, else Welch.
+with intervals that count seed and eval-item noise (`intervals`), one verdict line per arm
+(`verdict`), the smallest difference the experiment could detect (`stats.detectable`) and what
+differs in the arms' data (`datadiff`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from armlab.errors import ArmlabError
-from armlab.report.stats import Difference, difference, mean_ci
+from armlab.report.complete import FinalValues, final_values
+from armlab.report.intervals import RESAMPLES, SEED, ItemScores, arm_interval, difference_interval, replicates
+from armlab.report.scores import Scores, bpb_scores, centre, core_scores
+from armlab.report.stats import detectable
+from armlab.report.verdict import METRICS, verdict_line
 from armlab.runs import RUN_JSON, RunRecord, engine_differences, load_run
 from armlab.spec import Experiment, fingerprint_diff
 from armlab.workdir import open_workdir
-
-# metric -> (label, True when lower is better)
-METRICS = {"val_bpb": ("val bpb", True), "core": ("CORE", False)}
 
 
 def _plain(obj: Any) -> Any:
@@ -107,6 +116,32 @@ def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
         )
 
 
+def check_seeds(exp: Experiment, runs: list[RunRecord]) -> None:
+    """Refuse runs of seeds the experiment does not plan: they are not part of its design."""
+    odd = [r for r in runs if r.seed not in exp.train.seeds]
+    if odd:
+        names = ", ".join(f"{r.run} (seed {r.seed})" for r in odd)
+        raise ArmlabError(
+            f"{names}: not in train.seeds {exp.train.seeds}; add the seed to train.seeds in the "
+            f"experiment file, or leave the run out with --exclude {odd[0].run}"
+        )
+
+
+def check_eval_coverage(runs: list[RunRecord]) -> None:
+    """Every run's val bpb must cover the same eval tokens (a capped evaluation is another measure)."""
+    seen: dict[Any, list[str]] = {}
+    for r in runs:
+        ev = r.eval or {}
+        if ev.get("val_bpb_tokens") is not None:
+            seen.setdefault((ev.get("val_bpb_tokens"), ev.get("val_bpb_docs")), []).append(r.run)
+    if len(seen) > 1:
+        shown = "; ".join(f"{t:,} tokens / {d} docs: {', '.join(n)}" for (t, d), n in seen.items())
+        raise ArmlabError(
+            f"runs' val bpb cover different parts of the eval set ({shown}); rerun `armlab evaluate EXP "
+            "--force` with the same --max-tokens for every run"
+        )
+
+
 def reference_arm(exp: Experiment, present: list[str]) -> str:
     for a in exp.arms:
         if a.kind == "random" and a.name in present:
@@ -114,95 +149,231 @@ def reference_arm(exp: Experiment, present: list[str]) -> str:
     return present[0]
 
 
-def verdict(metric: str, arm: str, ref: str, d: Difference) -> str:
-    label, lower_better = METRICS[metric]
-    if d.within_noise is None:
-        return f"{arm} vs {ref} on {label}: {d.estimate.mean:+.4f} from one run each; no interval (run more seeds to tell signal from noise)"
-    if d.within_noise:
-        return (
-            f"{arm} vs {ref} on {label}: {d.estimate.mean:+.4f} (95% CI {d.estimate.low:+.4f} to {d.estimate.high:+.4f}, "
-            f"{d.method}): within noise, the interval includes 0"
+def _mean(xs: list[float | None]) -> dict[str, float] | None:
+    vals = [x for x in xs if x is not None]
+    return {"mean": float(np.mean(vals)), "n": len(vals)} if vals else None
+
+
+class ArmData:
+    """One arm's finished runs, their final values and per-item scores."""
+
+    def __init__(self, exp: Experiment, arm: str, runs: list[RunRecord]):
+        self.name = arm
+        self.kind = exp.arm(arm).kind
+        self.runs = sorted(runs, key=lambda r: r.seed)
+        self.final: list[FinalValues] = [final_values(r) for r in self.runs]
+        self.seeds = tuple(r.seed for r in self.runs)
+        has_core = [f.core is not None for f in self.final]
+        if any(has_core) and not all(has_core):
+            missing = ", ".join(r.run for r, h in zip(self.runs, has_core, strict=True) if not h)
+            raise ArmlabError(
+                f"{missing}: no CORE in eval.json while other runs have it; run `armlab evaluate EXP`"
+            )
+        self.scores: dict[str, Scores] = {"val_bpb": bpb_scores(self.runs)}
+        if all(has_core):
+            self.scores["core"] = core_scores(self.runs)
+
+    def values(self, metric: str) -> dict[int, float]:
+        return {s: getattr(f, metric) for s, f in zip(self.seeds, self.final, strict=True)}
+
+
+def _bounds(metric: str, baselines: list[float], diff: bool) -> tuple[float, float]:
+    """The range of the metric (or of a difference of two arms' values)."""
+    lo, hi = (float(np.mean([centre(b)[1] for b in baselines])), 1.0) if metric == "core" else (0.0, math.inf)
+    return (lo - hi, hi - lo) if diff else (lo, hi)
+
+
+def _baselines(arm: ArmData) -> list[float]:
+    tasks = (arm.runs[0].eval or {}).get("core_tasks") or {}
+    return [float(t["random_baseline"]) for t in tasks.values()]
+
+
+def _item_reps(arms: list[ArmData], metric: str) -> tuple[list[np.ndarray] | None, list[int]]:
+    """Paired item resamples (B, S, K) per arm, weighted to sum to the metric; None if any arm lacks them."""
+    scores: list[ItemScores | None] = [a.scores[metric].scores for a in arms]
+    if any(s is None for s in scores):
+        return None, []
+    reps = replicates(scores, RESAMPLES, SEED)
+    return [r * s.weight for r, s in zip(reps, scores, strict=True)], [st.items for st in scores[0].strata]
+
+
+def arm_summary(
+    exp: Experiment, arm: ArmData, reps: dict[str, np.ndarray | None], items: dict[str, list[int]]
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "kind": arm.kind,
+        "runs": [
+            {
+                "run": r.run,
+                "seed": r.seed,
+                "val_bpb": f.val_bpb,
+                "core": f.core,
+                "tokens": f.tokens,
+                "epoch": f.epoch,
+                "train_time_s": f.train_time_s,
+                "step": f.step,
+            }
+            for r, f in zip(arm.runs, arm.final, strict=True)
+        ],
+        "curves": {r.run: [[m["tokens"], m["val_bpb"]] for m in r.eval_lines] for r in arm.runs},
+        "missing_items": {m: sc.missing for m, sc in arm.scores.items() if sc.missing},
+    }
+    base = _baselines(arm)
+    for metric in METRICS:
+        if metric not in arm.scores:
+            entry[metric] = None
+            continue
+        values = np.array([v for v in arm.values(metric).values()])
+        entry[metric] = arm_interval(
+            values, reps.get(metric), items.get(metric, ()), _bounds(metric, base, False)
+        ).as_dict()
+    for key in ("tokens", "epoch", "train_time_s"):
+        entry[key] = _mean([getattr(f, key) for f in arm.final])
+    entry["core_tasks"] = {}
+    sc = arm.scores.get("core")
+    if sc is not None:
+        tasks = [(r.eval or {}).get("core_tasks") or {} for r in arm.runs]
+        for k, label in enumerate(tasks[0]):
+            values = np.array([float(t[label]["centered"]) for t in tasks])
+            task_reps = None if reps.get("core") is None else reps["core"][:, :, k : k + 1] / sc.scores.weight
+            b = float(tasks[0][label]["random_baseline"])
+            entry["core_tasks"][label] = arm_interval(
+                values,
+                task_reps,
+                items["core"][k : k + 1] if task_reps is not None else (),
+                (centre(b)[1], 1.0),
+            ).as_dict()
+    ev = arm.runs[0].eval or {}
+    entry["eval"] = {
+        "val_bpb_tokens": ev.get("val_bpb_tokens"),
+        "val_bpb_docs": ev.get("val_bpb_docs"),
+        "eval_tokens_cap": ev.get(
+            "max_tokens", ev.get("eval_tokens")
+        ),  # eval.json: max_tokens (older: eval_tokens)
+        "core_items": {label: t.get("n") for label, t in (ev.get("core_tasks") or {}).items()},
+    }
+    return entry
+
+
+def _per_seed_var(diff: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> float | None:
+    """A single seed's difference variance (for planning a paired design), from the intervals."""
+    if diff["paired"] and diff["seed_var"] is not None:
+        return diff["seed_var"] * diff["seeds"][0]
+    if a["seed_var"] is not None and b["seed_var"] is not None:
+        return a["seed_var"] * a["seeds"][0] + b["seed_var"] * b["seeds"][0]  # no pairing gain assumed
+    return None
+
+
+def _refuse_single_arm(exp: Experiment, present: list[str], excluded: list[RunRecord]) -> None:
+    if len(present) < 2:
+        others = [a.name for a in exp.arms if a.name not in present]
+        states = ", ".join(f"{r.run}: {r.state_name}" for r in excluded if r.arm in others) or "no runs"
+        raise ArmlabError(
+            f"only arm {present[0]!r} has finished runs ({', '.join(others)}: {states}); nothing to compare "
+            f"yet: finish the other arms (`armlab run EXP`; `armlab status EXP` shows where they are)"
         )
-    better = (d.estimate.mean < 0) == lower_better
-    return (
-        f"{arm} is {'better' if better else 'worse'} than {ref} on {label}: {d.estimate.mean:+.4f} "
-        f"(95% CI {d.estimate.low:+.4f} to {d.estimate.high:+.4f}, {d.method})"
-    )
+
+
+def compare_arm(
+    arm: ArmData,
+    ref: ArmData,
+    arms: dict[str, Any],
+    reps: dict[str, dict[str, Any]],
+    items: dict[str, list[int]],
+) -> dict[str, dict[str, Any]]:
+    """{metric: the difference arm - ref with its interval and detectable difference}."""
+    out = {}
+    for metric in METRICS:
+        if metric not in arm.scores or metric not in ref.scores:
+            continue
+        iv = difference_interval(
+            arm.values(metric),
+            ref.values(metric),
+            reps[arm.name].get(metric),
+            reps[ref.name].get(metric),
+            items.get(metric, ()),
+            _bounds(metric, _baselines(arm), True),
+        ).as_dict()
+        seed_var = _per_seed_var(iv, arms[arm.name][metric], arms[ref.name][metric])
+        n = min(len(arm.seeds), len(ref.seeds))
+        iv["detectable"] = detectable(seed_var, iv["item_var"] or 0.0, n) if seed_var is not None else None
+        iv["seed_var_per_seed"] = seed_var
+        out[metric] = iv
+    return out
+
+
+def _seed_warning(arm: ArmData, ref: ArmData) -> str | None:
+    if len(arm.seeds) != len(ref.seeds):
+        return (
+            f"unequal seed counts: {arm.name} has {len(arm.seeds)} finished run(s), {ref.name} {len(ref.seeds)}; "
+            "the comparison is unpaired (Welch) and weaker than it could be: finish the missing seeds"
+        )
+    if arm.seeds != ref.seeds:
+        return f"{arm.name} and {ref.name} ran different seeds ({arm.seeds} vs {ref.seeds}): unpaired"
+    return None
 
 
 def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord]) -> dict[str, Any]:
+    """Everything the report shows, as plain data (summary.json); writes nothing."""
     present = [a.name for a in exp.arms if any(r.arm == a.name for r in runs)]
-    arms: dict[str, Any] = {}
-    for arm in present:
-        rs = sorted((r for r in runs if r.arm == arm), key=lambda r: r.seed)
-        entry: dict[str, Any] = {
-            "kind": exp.arm(arm).kind,
-            "runs": [
-                {
-                    "run": r.run,
-                    "seed": r.seed,
-                    "val_bpb": r.final_val_bpb,
-                    "core": r.core,
-                    "tokens": r.tokens,
-                    "epoch": r.epoch,
-                    "train_time_s": r.train_time_s,
-                }
-                for r in rs
-            ],
-            "curves": {r.run: [[m["tokens"], m["val_bpb"]] for m in r.eval_lines] for r in rs},
-        }
-        for key in ("val_bpb", "core", "tokens", "epoch", "train_time_s"):
-            vals = [run[key] for run in entry["runs"] if run[key] is not None]
-            entry[key] = mean_ci(vals).as_dict() if vals else None
-        tasks: dict[str, list[float]] = {}
-        for r in rs:
-            for label, t in ((r.eval or {}).get("core_tasks") or {}).items():
-                tasks.setdefault(label, []).append(float(t["centered"]))
-        entry["core_tasks"] = {label: mean_ci(v).as_dict() for label, v in tasks.items()}
-        arms[arm] = entry
-    ref = reference_arm(exp, present)
-    comparisons = []
-    for arm in present:
-        if arm == ref:
+    _refuse_single_arm(exp, present, excluded)
+    data = {a: ArmData(exp, a, [r for r in runs if r.arm == a]) for a in present}
+    reps: dict[str, dict[str, np.ndarray | None]] = {a: {} for a in data}
+    items: dict[str, list[int]] = {}
+    for metric in METRICS:
+        if all(metric in d.scores for d in data.values()):
+            r, items[metric] = _item_reps(list(data.values()), metric)
+            for a, x in zip(data, r or [None] * len(data), strict=True):
+                reps[a][metric] = x
+    arms = {a: arm_summary(exp, d, reps[a], items) for a, d in data.items()}
+    ref = data[reference_arm(exp, present)]
+    comparisons, verdicts, warnings = [], [], []
+    for arm in data.values():
+        if arm is ref:
             continue
-        for metric in METRICS:
-            a = {r["seed"]: r[metric] for r in arms[arm]["runs"] if r[metric] is not None}
-            b = {r["seed"]: r[metric] for r in arms[ref]["runs"] if r[metric] is not None}
-            if not a or not b:
-                continue
-            d = difference(a, b)
-            comparisons.append(
-                {
-                    "arm": arm,
-                    "reference": ref,
-                    "metric": metric,
-                    **d.as_dict(),
-                    "verdict": verdict(metric, arm, ref, d),
-                }
-            )
+        per_metric = compare_arm(arm, ref, arms, reps, items)
+        line = verdict_line(arm.name, ref.name, per_metric)
+        verdicts.append(line)
+        comparisons += [
+            {"arm": arm.name, "reference": ref.name, "metric": m, **iv, "verdict": line}
+            for m, iv in per_metric.items()
+        ]
+        warnings.append(_seed_warning(arm, ref))
+    for a in data:
+        for m, why in arms[a]["missing_items"].items():
+            warnings.append(f"{METRICS[m][0]} of {a}: {why}; its intervals count seed noise only")
     bundle = next(((r.eval or {}).get("bundle") for r in runs if r.core is not None), None)
     return {
         "experiment": exp.name,
         "fingerprint": exp.fingerprint(),
         "created": time.time(),
-        "reference_arm": ref,
+        "reference_arm": ref.name,
         "arms": arms,
         "comparisons": comparisons,
+        "verdict": verdicts,
+        "warnings": list(dict.fromkeys(w for w in warnings if w)),
         "bundle": bundle,
+        "resamples": RESAMPLES,
+        "bootstrap_seed": SEED,
+        "train_eval_tokens": exp.train.eval_tokens,  # what the training curves' val bpb covers
         "excluded": [
             {"run": r.run, "arm": r.arm, "state": r.state_name, "dir": str(r.dir)} for r in excluded
         ],
     }
 
 
-def compare(
-    exp: Experiment, out: Path | None = None, notes: list[str] | None = None, exclude: list[str] | None = None
-) -> tuple[Path, dict[str, Any]]:
-    """Write report.md, report.html, PNGs and summary.json; returns (report dir, summary).
-    `notes` are extra lines for the report's Notes section (the demo explains itself there);
-    `exclude` names runs to leave out (a smoke test with overrides, say)."""
-    from armlab.report.render import write_report
+def print_verdict(summary: dict[str, Any]) -> None:
+    """The verdict lines on stdout (one per arm against the reference), warnings on stderr."""
+    from armlab.progress import console
 
+    for line in summary["verdict"]:
+        print(line, flush=True)
+    for w in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+
+
+def analyse(exp: Experiment, exclude: list[str] | None = None) -> tuple[dict[str, Any], list[RunRecord]]:
+    """Collect, check and summarise the finished runs (no files written): (summary, finished runs)."""
     finished, excluded = collect_runs(exp, exclude)
     if not finished:
         states = ", ".join(f"{r.run}: {r.state_name}" for r in excluded) or "no runs at all"
@@ -211,7 +382,23 @@ def compare(
             f"run `armlab run` first, or `armlab status` to see progress"
         )
     check_comparable(exp, finished)
-    summary = summarize(exp, finished, excluded)
+    check_seeds(exp, finished)
+    check_eval_coverage(finished)
+    return summarize(exp, finished, excluded), finished
+
+
+def compare(
+    exp: Experiment, out: Path | None = None, notes: list[str] | None = None, exclude: list[str] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Write report.md, report.html, PNGs and summary.json; returns (report dir, summary).
+    `notes` are extra lines for the report's Notes section (the demo explains itself there);
+    `exclude` names runs to leave out (a smoke test with overrides, say). Nothing is written
+    when the runs are refused."""
+    from armlab.report.datadiff import data_difference
+    from armlab.report.render import write_report
+
+    summary, _ = analyse(exp, exclude)
+    summary["data"] = data_difference(exp, list(summary["arms"]))
     summary["notes"] = list(notes or [])
     out = Path(out) if out else open_workdir(exp, create=False).report_dir
     write_report(summary, out)

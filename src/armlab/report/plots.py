@@ -2,7 +2,10 @@
 
 - curves.png: val bpb vs tokens per arm; each seed a thin line, the mean over seeds bold.
 - final.png: final val bpb and CORE per arm, mean with 95% interval, seeds as dots.
-- core_tasks.png: centred accuracy per CORE task per arm.
+- core_tasks.png: centred accuracy per CORE task per arm, with seed + item intervals.
+- data.png: what differs in the data, side by side per arm: document length (chars, from the
+  manifests' histograms), tokens per document (the compare-time sample), score distribution,
+  the mix over the group column.
 """
 
 from __future__ import annotations
@@ -47,11 +50,19 @@ def plot_curves(summary: dict[str, Any], path: Path) -> Path | None:
             mean = [sum(d[t] for d in per) / len(per) for t in common]
             ax.plot(common, mean, color=colors[arm], lw=2.4, label=f"{arm} (mean of {len(curves)})")
     ax.set_xlabel("tokens trained")
-    ax.set_ylabel("val bpb (shared eval set)")
+    cap = summary.get("train_eval_tokens")
+    ax.set_ylabel(f"val bpb (first {cap:,} eval-set tokens)" if cap else "val bpb (shared eval set)")
     ax.set_title(f"{summary['experiment']}: validation bits per byte")
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+def _err(est: dict[str, Any]) -> list[list[float]] | None:
+    """Asymmetric error bars (intervals are clipped to the metric's range, so not symmetric)."""
+    if est["low"] is None:
+        return None
+    return [[est["estimate"] - est["low"]], [est["high"] - est["estimate"]]]
 
 
 def _estimates(ax: Any, arms: dict[str, Any], key: str, colors: dict[str, str], title: str) -> None:
@@ -60,11 +71,10 @@ def _estimates(ax: Any, arms: dict[str, Any], key: str, colors: dict[str, str], 
     names = [a for a in arms if arms[a].get(key)]
     for i, a in enumerate(names):
         est = arms[a][key]
-        err = None if est["half_width"] is None else [[est["half_width"]], [est["half_width"]]]
         if key == "core":
-            ax.bar(i, est["mean"], color=colors[a], alpha=0.75, yerr=err, capsize=6)
+            ax.bar(i, est["estimate"], color=colors[a], alpha=0.75, yerr=_err(est), capsize=6)
         else:
-            ax.errorbar(i, est["mean"], yerr=err, fmt="o", color=colors[a], ms=9, capsize=8, lw=2)
+            ax.errorbar(i, est["estimate"], yerr=_err(est), fmt="o", color=colors[a], ms=9, capsize=8, lw=2)
         seeds = [r[key] for r in arms[a]["runs"] if r[key] is not None]
         ax.scatter([i + 0.12] * len(seeds), seeds, color="black", s=12, zorder=3)
     ax.set_xticks(range(len(names)), names)
@@ -84,7 +94,7 @@ def plot_final(summary: dict[str, Any], path: Path) -> Path:
     if has_core:
         demo = " (demo tasks)" if (summary.get("bundle") or {}).get("demo") else ""
         _estimates(axes[0][1], arms, "core", colors, f"CORE{demo} (higher is better)")
-    fig.suptitle("mean over seeds, 95% t interval; dots are seeds", fontsize=9)
+    fig.suptitle("mean over seeds, 95% interval (seed + eval-item noise); dots are seeds", fontsize=9)
     return _save(fig, path)
 
 
@@ -99,19 +109,97 @@ def plot_core_tasks(summary: dict[str, Any], path: Path) -> Path | None:
     for j, (arm, entry) in enumerate(arms.items()):
         xs = [i + (j - (len(arms) - 1) / 2) * width for i in range(len(labels))]
         ests = [entry["core_tasks"].get(t) for t in labels]
+        lows = [e["estimate"] - e["low"] if e and e["low"] is not None else 0 for e in ests]
+        highs = [e["high"] - e["estimate"] if e and e["low"] is not None else 0 for e in ests]
         ax.bar(
             xs,
-            [e["mean"] if e else 0 for e in ests],
+            [e["estimate"] if e else 0 for e in ests],
             width,
             color=colors[arm],
             label=arm,
-            yerr=[e["half_width"] or 0 if e else 0 for e in ests],
+            yerr=[lows, highs],
             capsize=3,
         )
     ax.axhline(0, color="grey", lw=0.8)
     ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set_ylabel("centred accuracy (0 = chance)")
+    ax.set_ylabel("centred accuracy (0 = chance), 95% CI")
     ax.set_title("CORE tasks")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def _step(ax: Any, edges: list[float], counts: list[int], color: str, label: str) -> None:
+    """A histogram as a share-of-documents outline, so arms of different sizes compare."""
+    total = max(sum(counts), 1)
+    ax.stairs([c / total for c in counts], edges, color=color, lw=1.8, label=label)
+
+
+def _zoom(ax: Any, hists: list[dict[str, Any] | None]) -> None:
+    """Limit a log x axis to the bins that hold documents (fixed edges span 1 to 1e6)."""
+    used = [(h["edges"][i], h["edges"][i + 1]) for h in hists if h for i, c in enumerate(h["counts"]) if c]
+    if used:
+        ax.set_xlim(max(min(a for a, _ in used), 1) / 1.5, max(b for _, b in used) * 1.5)
+
+
+def plot_data(summary: dict[str, Any], path: Path) -> Path | None:
+    """Side-by-side panels of what differs in the arms' data (only panels with data are drawn)."""
+    data = (summary.get("data") or {}).get("arms") or {}
+    if not data:
+        return None
+    colors = _colors(list(data))
+    panels = []
+    if any(d["doc_chars"] for d in data.values()):
+        panels.append("doc_chars")
+    if any((d["sample"] or {}).get("doc_tokens") for d in data.values()):
+        panels.append("doc_tokens")
+    if any(d["score"] for d in data.values()):
+        panels.append("score")
+    if any(d["groups"] for d in data.values()):
+        panels.append("groups")
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        if panel == "groups":
+            names = sorted(
+                {k for d in data.values() for k in d["groups"] or {}},
+                key=lambda k: -sum((d["groups"] or {}).get(k, 0) for d in data.values()),
+            )[:10]
+            width = 0.8 / len(data)
+            for j, (arm, d) in enumerate(data.items()):
+                g = d["groups"] or {}
+                total = max(sum(g.values()), 1)
+                xs = [i + (j - (len(data) - 1) / 2) * width for i in range(len(names))]
+                ax.bar(xs, [g.get(k, 0) / total for k in names], width, color=colors[arm], label=arm)
+            column = next(d["group_column"] for d in data.values() if d["groups"])
+            ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+            ax.set_title(f"mix over {column}")
+        else:
+            for arm, d in data.items():
+                h = (d["sample"] or {}).get("doc_tokens") if panel == "doc_tokens" else d[panel]
+                if h:
+                    _step(ax, h["edges"], h["counts"], colors[arm], arm)
+            if panel in ("doc_chars", "doc_tokens"):
+                ax.set_xscale("log")
+                _zoom(
+                    ax,
+                    [
+                        (d["sample"] or {}).get("doc_tokens") if panel == "doc_tokens" else d[panel]
+                        for d in data.values()
+                    ],
+                )
+            column = next((d["score_column"] for d in data.values() if d["score"]), "score")
+            ax.set_title(
+                {
+                    "doc_chars": "document length (chars)",
+                    "doc_tokens": "tokens per document (sample)",
+                    "score": f"{column} distribution",
+                }[panel]
+            )
+        ax.set_ylabel("share of documents")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{summary['experiment']}: what differs in the data", fontsize=10)
+    fig.tight_layout()
     return _save(fig, path)

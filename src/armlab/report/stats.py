@@ -1,114 +1,94 @@
-"""Means, 95% confidence intervals and arm differences over seeds (Student t).
+"""Small-sample statistics: t quantiles, and the smallest difference an experiment can detect.
 
-scipy is not a dependency, so the two-sided 95% t quantile is computed here: the t density
-integrated with Simpson's rule (numpy, 4,001 points) and inverted by bisection. It handles the
-non-integer degrees of freedom of Welch's test and matches printed tables to 1e-4.
+scipy gives the t and noncentral-t distributions at the non-integer degrees of freedom that
+Welch-Satterthwaite produces; the power calculation needs the noncentral t (the power of a t test
+against a true difference delta is P(|T'| > t_crit) with T' ~ nct(df, delta / se)).
+
+The design being planned: two arms, S seeds each, paired by seed, scored on the same eval items.
+A single seed's difference has variance `seed_var` (training noise plus the seed-by-item
+interaction; see `intervals`); the eval items add `item_var`, which does not shrink with seeds. So
+
+    se(S)^2 = seed_var / S + item_var,   df(S) = (S - 1) * (se^2 / (seed_var / S))^2
+
+(Satterthwaite with the item part's df infinite), and the minimum detectable difference at
+two-sided level alpha and power 1 - beta is the delta where the test's power reaches 1 - beta.
+With large df that is the textbook closed form (z_{1-alpha/2} + z_{1-beta}) * se.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
-import numpy as np
+from scipy import optimize
+from scipy import stats as st
 
-
-def t_cdf(x: float, df: float) -> float:
-    """P(T <= x) for Student's t with `df` degrees of freedom (x >= 0)."""
-    grid = np.linspace(0.0, x, 4001)
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    dens = np.exp(log_c - (df + 1) / 2 * np.log1p(grid**2 / df))
-    h = grid[1] - grid[0]
-    integral = h / 3 * (dens[0] + dens[-1] + 4 * dens[1:-1:2].sum() + 2 * dens[2:-1:2].sum())
-    return 0.5 + float(integral)
+ALPHA = 0.05
+POWER = 0.80
+MAX_SEEDS = 1000
+NORMAL_DF = 1e5
 
 
-def t975(df: float) -> float:
-    """Two-sided 95% Student t quantile (the 0.975 quantile) for real df >= 1."""
-    if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
-    lo, hi = 1.9, 12.8  # t_0.975 lies between the normal's 1.96 and df=1's 12.706
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < 0.975 else (lo, mid)
-    return (lo + hi) / 2
+def t_quantile(p: float, df: float | None) -> float:
+    """The p quantile of Student's t with `df` degrees of freedom (the normal's when df is None/inf)."""
+    if df is None or df > NORMAL_DF:
+        return float(st.norm.ppf(p))
+    return float(st.t.ppf(p, df))
 
 
-@dataclass(frozen=True)
-class Estimate:
-    mean: float
-    n: int
-    half_width: float | None  # 95% CI is mean +- half_width; None with one value
-
-    @property
-    def low(self) -> float | None:
-        return None if self.half_width is None else self.mean - self.half_width
-
-    @property
-    def high(self) -> float | None:
-        return None if self.half_width is None else self.mean + self.half_width
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "low": self.low, "high": self.high}
-
-    def fmt(self, digits: int = 4) -> str:
-        if self.half_width is None:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
+def standard_error(seed_var: float, item_var: float, seeds: int) -> tuple[float, float]:
+    """(se, df) of a paired mean difference over `seeds` seeds."""
+    seed_part = seed_var / seeds
+    se2 = seed_part + item_var
+    if seed_part <= 0:
+        return math.sqrt(se2), math.inf
+    return math.sqrt(se2), (seeds - 1) * (se2 / seed_part) ** 2
 
 
-def _var(xs: list[float]) -> float:
-    m = sum(xs) / len(xs)
-    return sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+def power(delta: float, se: float, df: float, alpha: float = ALPHA) -> float:
+    """Power of the two-sided level-alpha t test (df) when the true difference is `delta`."""
+    if se <= 0:
+        return 1.0
+    crit = t_quantile(1 - alpha / 2, df)
+    nc = abs(delta) / se
+    if df > NORMAL_DF:  # scipy's nct turns to NaN at huge df; the normal is exact to ~1e-5 there
+        return float(st.norm.sf(crit - nc) + st.norm.cdf(-crit - nc))
+    lower = float(st.nct.cdf(-crit, df, nc))  # the wrong-sign rejections: tiny, and NaN in some
+    return float(st.nct.sf(crit, df, nc)) + (0.0 if math.isnan(lower) else lower)  # scipy corners
 
 
-def mean_ci(values: list[float]) -> Estimate:
-    """Mean with a 95% t interval (none for a single value)."""
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_ci needs at least one value")
-    m = sum(values) / n
-    if n == 1:
-        return Estimate(m, 1, None)
-    return Estimate(m, n, t975(n - 1) * math.sqrt(_var(values) / n))
+def detectable(
+    seed_var: float, item_var: float, seeds: int, alpha: float = ALPHA, target: float = POWER
+) -> float | None:
+    """The smallest true difference detected with probability `target` (None with < 2 seeds,
+    where a t test has no degrees of freedom)."""
+    if seeds < 2 and seed_var > 0:
+        return None
+    se, df = standard_error(seed_var, item_var, seeds)
+    if se == 0:
+        return 0.0
+    # power grows with delta; (z + z) * se is close, 20 * se is far past any df >= 1's answer
+    return float(
+        optimize.brentq(lambda d: power(d, se, df, alpha) - target, 1e-9 * se, 50 * se, xtol=1e-12 * se)
+    )
 
 
-@dataclass(frozen=True)
-class Difference:
-    estimate: Estimate  # of (arm - reference)
-    method: str  # "paired by seed" | "Welch" | "single runs"
-    df: float | None
-
-    @property
-    def within_noise(self) -> bool | None:
-        """True when the 95% interval contains 0; None when there is no interval to tell."""
-        e = self.estimate
-        if e.half_width is None:
+def seeds_needed(
+    seed_var: float, item_var: float, delta: float, alpha: float = ALPHA, target: float = POWER
+) -> int | None:
+    """The fewest seeds per arm (>= 2) that detect `delta`, or None when no number of seeds can:
+    the eval items' own noise (item_var) already hides it; more or larger eval tasks would."""
+    floor = (t_quantile(1 - alpha / 2, None) + t_quantile(target, None)) * math.sqrt(item_var)
+    if abs(delta) <= floor:
+        return None
+    lo, hi = 2, 2
+    while (d := detectable(seed_var, item_var, hi, alpha, target)) is not None and d > abs(delta):
+        lo, hi = hi, hi * 2
+        if hi > MAX_SEEDS:
             return None
-        return e.low <= 0.0 <= e.high
-
-    def as_dict(self) -> dict:
-        return {
-            **self.estimate.as_dict(),
-            "method": self.method,
-            "df": self.df,
-            "within_noise": self.within_noise,
-        }
-
-
-def difference(arm: dict[int, float], ref: dict[int, float]) -> Difference:
-    """arm - ref, from per-seed values. Paired by seed when both have the same >= 2 seeds (the
-    seed fixes init and data order, so pairing removes that shared noise); else Welch's t."""
-    if set(arm) == set(ref) and len(arm) >= 2:
-        d = [arm[s] - ref[s] for s in sorted(arm)]
-        return Difference(mean_ci(d), "paired by seed", len(d) - 1)
-    a, b = list(arm.values()), list(ref.values())
-    m = sum(a) / len(a) - sum(b) / len(b)
-    if len(a) < 2 or len(b) < 2:
-        return Difference(Estimate(m, min(len(a), len(b)), None), "single runs", None)
-    va, vb = _var(a) / len(a), _var(b) / len(b)
-    se2 = va + vb
-    if se2 == 0:
-        return Difference(Estimate(m, min(len(a), len(b)), 0.0), "Welch", None)
-    df = se2**2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return Difference(Estimate(m, min(len(a), len(b)), t975(df) * math.sqrt(se2)), "Welch", df)
+    while lo < hi:  # bisect on the monotone detectable(S)
+        mid = (lo + hi) // 2
+        if detectable(seed_var, item_var, mid, alpha, target) <= abs(delta):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi

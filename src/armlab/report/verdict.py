@@ -1,0 +1,78 @@
+"""The one-line verdict per arm, the same in report.md/.html, summary.json and on the terminal.
+
+    top16.5 beats random16.5 on CORE by +0.021 (95% CI +0.008 to +0.034, 3 seeds); val bpb
+    within noise (-0.002, CI -0.006 to +0.002)
+
+The headline metric is CORE when the runs have it, else val bpb; a metric "beats"/"loses to" only
+when its 95% interval excludes 0, else it is "within noise". The parenthesis says how many seeds
+stand behind it and, where it matters, that the interval is weak (< 3 seeds), unpaired (the arms
+ran different seeds), seed-only (no per-item data to count eval noise) or item-only (one seed:
+training noise not counted).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# metric -> (label, True when lower is better); the first present is the headline
+METRICS = {"core": ("CORE", False), "val_bpb": ("val bpb", True)}
+
+
+def digits(low: float | None, high: float | None) -> int:
+    """Decimals that show the interval's half-width to two significant figures (3 to 5)."""
+    if low is None or high is None or high <= low:
+        return 4
+    return min(5, max(3, 1 - math.floor(math.log10((high - low) / 2))))
+
+
+def _num(x: float, d: int) -> str:
+    return f"{x:+.{d}f}"
+
+
+def seeds_note(iv: dict[str, Any]) -> str:
+    sa, sb = iv["seeds"]
+    n = f"{sa} seed{'s' if sa != 1 else ''}" if sa == sb else f"{sa} vs {sb} seeds"
+    notes = [n]
+    if not iv["paired"] and max(sa, sb) > 1:
+        notes.append("unpaired")
+    if iv["method"] == "items":
+        notes.append("training noise not counted")
+    elif min(sa, sb) < 3 and iv["low"] is not None:
+        notes.append("weak")
+    if iv["method"] == "seeds":
+        notes.append("seed noise only")
+    return ", ".join(notes)
+
+
+def metric_phrase(metric: str, iv: dict[str, Any], arm: str, ref: str, headline: bool) -> str:
+    label, lower_better = METRICS[metric]
+    d = digits(iv["low"], iv["high"])
+    est = _num(iv["estimate"], d)
+    if iv["low"] is None:
+        body = f"{est}, no interval: {seeds_note(iv)}"
+        return f"{arm} vs {ref} on {label}: {body}" if headline else f"{label} {body}"
+    ci = f"{'95% CI' if headline else 'CI'} {_num(iv['low'], d)} to {_num(iv['high'], d)}"
+    paren = (
+        f"({ci}, {seeds_note(iv)})"
+        if headline
+        else f"({ci}{'' if iv['method'] == 'seeds+items' else ', ' + iv['method'] + ' only'})"
+    )
+    if iv["low"] <= 0.0 <= iv["high"]:
+        within = f"within noise ({est}, {paren[1:-1]})"
+        return f"{arm} vs {ref}: {label} {within}" if headline else f"{label} {within}"
+    better = (iv["estimate"] < 0) == lower_better
+    if headline:
+        verb = "beats" if better else "loses to"
+        hint = ", lower is better" if lower_better else ""
+        return f"{arm} {verb} {ref} on {label} by {est} {paren[:-1]}{hint})"
+    return f"{label} {'better' if better else 'worse'} by {est} {paren}"
+
+
+def verdict_line(arm: str, ref: str, comparisons: dict[str, dict[str, Any]]) -> str:
+    """One line for `arm` against `ref` from {metric: interval dict} (metrics in METRICS order)."""
+    parts = []
+    for metric in METRICS:
+        if metric in comparisons:
+            parts.append(metric_phrase(metric, comparisons[metric], arm, ref, headline=not parts))
+    return "; ".join(parts)

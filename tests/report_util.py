@@ -1,0 +1,84 @@
+"""Synthetic experiments with known true differences, for checking the report's intervals.
+
+Each simulated experiment draws a fresh eval set from an item population and fresh training seeds,
+so an interval that claims 95% must cover the population difference in ~95% of experiments.
+
+CORE-like: K tasks of I binary items, chance `baseline` percent. Item i of task k has arm-B
+accuracy p_i ~ U(0.3, 0.7) and arm-A accuracy p_i + delta + u_i (u_i ~ N(0, item_sd): arms differ
+item by item, the shared item effect). A seed's model is better or worse everywhere by a_s
+(seed_sd; correlated between the arms' same seed by `seed_corr`, which is what pairing removes).
+Outcomes are Bernoulli, so a seed's model also differs item by item (the interaction).
+The true CORE difference is delta / (1 - baseline/100): centring is linear.
+
+bpb-like: D documents of L_d ~ lognormal bytes; nats per byte r_d ~ U(0.8, 1.2) + arm effect +
+per-document arm effect u_d + seed effect a_s + per-(seed, doc) noise e. The true bpb difference
+is (delta_a - delta_b) / ln 2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from armlab.report.intervals import ItemScores, Stratum
+
+
+def core_experiment(
+    rng: np.random.Generator,
+    seeds_a: int = 3,
+    seeds_b: int = 3,
+    tasks: int = 4,
+    items: int = 100,
+    delta: float = 0.03,
+    item_sd: float = 0.05,
+    seed_sd: float = 0.02,
+    seed_corr: float = 0.5,
+    baseline: float = 25.0,
+) -> tuple[ItemScores, ItemScores, float]:
+    """(arm A, arm B, true difference of A - B) with seeds 0.. per arm (paired when equal)."""
+    n = max(seeds_a, seeds_b)
+    shared = rng.normal(0.0, seed_sd * math.sqrt(seed_corr), n)
+    own = lambda: rng.normal(0.0, seed_sd * math.sqrt(1 - seed_corr), n)  # noqa: E731
+    a_seed, b_seed = (shared + own())[:seeds_a], (shared + own())[:seeds_b]
+    strata_a, strata_b = [], []
+    b = baseline / 100
+    for k in range(tasks):
+        p = rng.uniform(0.3, 0.7, items)
+        pa = p + delta + rng.normal(0.0, item_sd, items)
+        ca = rng.random((seeds_a, items)) < np.clip(pa[None] + a_seed[:, None], 0, 1)
+        cb = rng.random((seeds_b, items)) < np.clip(p[None] + b_seed[:, None], 0, 1)
+        ones = np.ones(items)
+        strata_a.append(Stratum(f"t{k}", ca.astype(np.float64), ones, 1 / (1 - b), -b / (1 - b)))
+        strata_b.append(Stratum(f"t{k}", cb.astype(np.float64), ones, 1 / (1 - b), -b / (1 - b)))
+    arm = lambda s, n: ItemScores(tuple(range(n)), tuple(s), 1 / tasks)  # noqa: E731
+    return arm(strata_a, seeds_a), arm(strata_b, seeds_b), delta / (1 - b)
+
+
+def bpb_experiment(
+    rng: np.random.Generator,
+    seeds: int = 3,
+    docs: int = 400,
+    delta: float = -0.02,
+    doc_sd: float = 0.05,
+    seed_sd: float = 0.01,
+    noise_sd: float = 0.05,
+) -> tuple[ItemScores, ItemScores, float]:
+    """(arm A, arm B, true bpb difference of A - B), paired seeds 0..seeds-1."""
+    length = rng.lognormal(6.0, 0.8, docs)
+    r = rng.uniform(0.8, 1.2, docs)
+    u = rng.normal(0.0, doc_sd, docs)
+    shared = rng.normal(0.0, seed_sd / math.sqrt(2), seeds)
+
+    def arm(effect: float, per_doc: np.ndarray) -> ItemScores:
+        a = shared + rng.normal(0.0, seed_sd / math.sqrt(2), seeds)
+        per_byte = r[None] + effect + per_doc[None] + a[:, None] + rng.normal(0.0, noise_sd, (seeds, docs))
+        nats = per_byte * length[None]
+        return ItemScores(tuple(range(seeds)), (Stratum("eval", nats, length, 1 / math.log(2)),))
+
+    return arm(delta, u), arm(0.0, np.zeros(docs)), delta / math.log(2)
+
+
+def per_seed(arm: ItemScores) -> dict[int, float]:
+    """{seed: metric} of a simulated arm."""
+    return dict(zip(arm.seeds, arm.values().tolist(), strict=True))
