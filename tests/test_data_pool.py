@@ -71,3 +71,16 @@ def test_remote_identity_takes_what_the_store_lists(tmp_path: Path) -> None:
     assert remote_identity({"size": 5, "ETag": '"5f-1a"', "Last-Modified": "Tue"}) == "etag:5f-1a"
     assert remote_identity({"size": 5, "Last-Modified": "Tue, 01 Jul 2025"}) == "mtime:Tue, 01 Jul 2025"
     assert remote_identity({"size": 5}) == ""
+
+
+def test_a_dir_listing_skips_manifests_and_hidden_files(tmp_path: Path) -> None:
+    """An armlab data dir used as a pool holds shards + manifest.json (a JSON object, not jsonl);
+    Spark/Dask dirs hold _SUCCESS / _metadata; leases and temp files start with a dot."""
+    make_pool(tmp_path / "pool" / "sub", 200, n_files=2)
+    for name in ("manifest.json", "sub/manifest.json", ".lease", "_SUCCESS", ".part-9.parquet.123.tmp"):
+        (tmp_path / "pool" / name).write_text("{}")
+    (tmp_path / "pool" / "_metadata").mkdir()
+    (tmp_path / "pool" / "_metadata" / "x.parquet").write_bytes(b"not a pool file")
+    (tmp_path / "pool" / "notes.jsonl").write_text('{"text": "kept: an explicit jsonl file"}\n')
+    assert sorted(identities(tmp_path / "pool")) == ["notes.jsonl", "part-000.parquet", "part-001.parquet"]
+    assert sorted(identities(f"{tmp_path}/pool/**/*.json*")) == ["notes.jsonl"]

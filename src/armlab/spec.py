@@ -34,6 +34,9 @@ class PoolSpec(Strict):
     id_column: str | None = None
     token_count_column: str | None = None
     format: Literal["auto", "parquet", "jsonl"] = "auto"
+    # Remote parquet: "columns" reads only the column chunks each pass needs (ranged requests);
+    # "files" downloads whole files first, for stores without Range support.
+    fetch: Literal["columns", "files"] = "columns"
 
 
 class EvalSpec(Strict):

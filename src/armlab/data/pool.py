@@ -5,12 +5,19 @@ A pool URI is a local file, dir or glob (`/data/pool/*.parquet`), or an fsspec U
 by huggingface_hub itself and never logged), or any other fsspec protocol (`file://...` is
 what the tests use to exercise the remote path without a network).
 
-Remote files take two routes. Passes that need one or two small columns (ids, scores) read
-them in place with ranged reads (parquet column chunks), so the text is never downloaded for
-them. The text pass fetches whole files into a bounded cache under `<workdir>/cache/pool/`,
-prefetching a few files ahead, retrying each download, and deleting each file once it has been
-used (unless keep_cache): a 1.6 TB pool never needs 1.6 TB of disk, and a dropped connection
-costs one file, not the run.
+Remote parquet is read in place, column-pruned (`armlab.data.ranged`): each pass fetches only
+the column chunks it needs (the key pass ids, scores and token counts; the text pass the text),
+with coalesced ranged requests, each retried with backoff, a few row groups ahead; nothing is
+written to disk. `[pool] fetch = "files"` (and any store that ignores Range, which `fetch_plan`
+notices and says once) takes the other route: whole files downloaded into a bounded cache under
+`<workdir>/cache/pool/` a few files ahead (`Prefetcher`), each deleted once used unless
+keep_cache, so a 1.6 TB pool never needs 1.6 TB of disk and a dropped connection costs one file.
+
+How a remote pool is listed: `hf://datasets/<repo>/<glob>` by the hub's tree API (with the LFS
+sha256 of each file); `http(s)://host/dir/` by the links of the server's directory index page
+(nginx `autoindex on`, Apache, `python -m http.server` all serve one), optionally with a glob
+(`http://host/pool/**/*.parquet`), then one HEAD a file for its size and ETag; a single file URL
+is a pool of one file. Other fsspec protocols list as their filesystem does.
 """
 
 from __future__ import annotations
@@ -20,8 +27,7 @@ import glob
 import hashlib
 import json
 import os
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,17 @@ import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from armlab.data.ranged import RemoteParquet
+from armlab.data.remote import (
+    RangesIgnored,
+    Retry,
+    filesystem,
+    network_error,
+    read_range,
+    redact,
+    retrying,
+    transient,
+)
 from armlab.errors import ArmlabError
 from armlab.spec import PoolSpec
 
@@ -56,7 +73,10 @@ class PoolFile:
 
     @property
     def name(self) -> str:
-        return self.path if not self.remote else f"{self.protocol}://{self.path}"
+        """How the file is shown (messages, manifests, fingerprints): its URI without credentials."""
+        if not self.remote:
+            return self.path
+        return redact(self.path if "://" in self.path else f"{self.protocol}://{self.path}")
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size}
@@ -81,14 +101,15 @@ def split_uri(uri: str) -> tuple[str | None, str]:
     return None, os.path.expanduser(os.path.expandvars(uri))
 
 
-def filesystem(protocol: str) -> Any:
-    import fsspec
+# Files a dir or glob listing never takes as pool files: dot/underscore names (`.lease`, Spark's
+# `_SUCCESS`, `_metadata`) and the manifest armlab writes beside its own shards.
+SKIP_NAMES = ("manifest.json",)
+HEAD_THREADS = 16  # listings that give names only (HTTP index pages): HEADs in flight
 
-    if protocol == "hf":
-        from huggingface_hub import HfFileSystem
 
-        return HfFileSystem()  # picks up HF_TOKEN from the environment; never passed through our logs
-    return fsspec.filesystem(protocol)
+def _listable(path: str) -> bool:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return not name.startswith((".", "_")) and name not in SKIP_NAMES
 
 
 def list_pool(spec: PoolSpec) -> list[PoolFile]:
@@ -99,34 +120,58 @@ def list_pool(spec: PoolSpec) -> list[PoolFile]:
         p = Path(path)
         if p.is_file():
             candidates = [str(p)]
-        elif p.is_dir():
-            candidates = sorted(str(q) for q in p.rglob("*") if q.is_file())
         else:
-            candidates = sorted(glob.glob(path, recursive=True))
+            found = p.rglob("*") if p.is_dir() else map(Path, glob.glob(path, recursive=True))
+            rel = (lambda q: q.relative_to(p).parts) if p.is_dir() else (lambda q: (q.name,))
+            candidates = sorted(str(q) for q in found if all(map(_listable, rel(q))))
         for c in candidates:
             fmt = file_format(c, spec.format)
             if fmt and Path(c).is_file():
                 files.append(PoolFile(c, os.path.getsize(c), fmt, identity=local_identity(c, fmt)))
     else:
-        try:
-            fs = filesystem(protocol)
-            if glob.has_magic(path):
-                found = fs.glob(path, detail=True)
-            elif fs.isdir(path):
-                found = fs.find(path, detail=True)
-            else:
-                found = {path: fs.info(path)}
-        except (OSError, ValueError) as e:
-            raise ArmlabError(f"pool.uri {spec.uri!r}: cannot list files ({type(e).__name__}: {e})") from None
-        for name, info in sorted(found.items()):
+        for name, info in sorted(_list_remote(spec, protocol, path).items()):
             fmt = file_format(name, spec.format)
             if fmt and info.get("type", "file") == "file":
                 files.append(PoolFile(name, int(info.get("size") or 0), fmt, protocol, remote_identity(info)))
     if not files:
         raise ArmlabError(
-            f"pool.uri {spec.uri!r}: no parquet or jsonl(.gz/.zst) files found; check the path or glob"
+            f"pool.uri {redact(spec.uri)!r}: no parquet or jsonl(.gz/.zst) files found; check the path or glob"
         )
     return files
+
+
+def _list_remote(spec: PoolSpec, protocol: str, path: str) -> dict[str, dict[str, Any]]:
+    """name -> info for a remote pool URI (a file, a dir or a glob), each info with size and
+    whatever content tags the store gives (see `remote_identity`)."""
+    fs = filesystem(protocol)
+    http = protocol in ("http", "https")
+    if http:
+        path = spec.uri  # fsspec's HTTP filesystem addresses files by their full URL
+
+    def find() -> dict[str, dict[str, Any]]:
+        magic = glob.has_magic(path.split("://", 1)[-1])
+        if (
+            not magic
+            and not path.endswith("/")
+            and (file_format(path, spec.format) if http else not fs.isdir(path))
+        ):
+            return {path: fs.info(path)}
+        root = path[: min((path.find(c) for c in "*?[" if c in path), default=len(path))]
+        root = root if not magic else root.rsplit("/", 1)[0]
+        if http:  # fsspec's walk skips folders it cannot read: read the top one here, so errors surface
+            fs.ls(root)
+        found = fs.glob(path, detail=True) if magic else fs.find(path, detail=True)
+        root = root.rstrip("/")
+        return {n: i for n, i in found.items() if all(map(_listable, n[len(root) :].split("/")))}
+
+    found = retrying(find, spec.uri)
+    # HTTP index pages give names only: one HEAD a file for its size, ETag and Last-Modified.
+    todo = [n for n, i in found.items() if file_format(n, spec.format) and i.get("size") is None]
+    if todo:
+        with ThreadPoolExecutor(HEAD_THREADS) as pool:
+            for n, info in zip(todo, pool.map(lambda n: retrying(lambda: fs.info(n), n), todo), strict=True):
+                found[n] = {**found[n], **info}
+    return found
 
 
 # -- content identity ------------------------------------------------------------------------------
@@ -299,7 +344,14 @@ def iter_columns(
     Single-threaded decoding: parallelism comes from worker processes, and Arrow's thread pool
     would only add contention (measured: 10x the system time for the same read)."""
     try:
-        if pf.fmt == "parquet":
+        if pf.fmt == "parquet" and pf.remote and local is None:
+            rf = RemoteParquet(pf)
+            parquet_columns_check(pf, rf.file.schema_arrow, [*columns, *expect])
+            if whole_file:
+                yield rf.read(columns)
+            else:
+                yield from rf.row_groups(columns)
+        elif pf.fmt == "parquet":
             with open_source(pf, local) as src:
                 f = pq.ParquetFile(src)
                 parquet_columns_check(pf, f.schema_arrow, [*columns, *expect])
@@ -313,6 +365,8 @@ def iter_columns(
     except ArmlabError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
+        if pf.remote and local is None and transient(e):  # the network, not the file
+            raise network_error(e, pf.name) from None
         raise BadFile(pf.name, describe_error(e)) from None
 
 
@@ -341,15 +395,27 @@ class FileStats:
     text_bytes: int  # uncompressed size of the text column (an estimate of its characters)
 
 
-def file_stats(pf: PoolFile, text_column: str) -> FileStats:
+def file_stats(pf: PoolFile, text_column: str, local: Path | None = None) -> FileStats:
     """Rows and text size from parquet metadata only (no data read); jsonl: rows unknown (-1)."""
     if pf.fmt != "parquet":
         return FileStats(rows=-1, text_bytes=pf.size)
+    return stats_from_metadata(parquet_metadata(pf, local), text_column)
+
+
+def parquet_metadata(pf: PoolFile, local: Path | None = None) -> pq.FileMetaData:
+    """The footer of a pool parquet file (remote: one ranged read of its tail; `local`: the
+    downloaded copy)."""
     try:
-        with open_source(pf) as src:
-            md = pq.ParquetFile(src).metadata
+        if pf.remote and local is None:
+            return RemoteParquet(pf).metadata
+        return pq.ParquetFile(str(local or pf.path)).metadata
+    except ArmlabError:
+        raise
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadFile(pf.name, describe_error(e)) from None
+
+
+def stats_from_metadata(md: pq.FileMetaData, text_column: str) -> FileStats:
     idx = [i for i in range(md.num_columns) if md.schema.column(i).path == text_column]
     text_bytes = 0
     for rg in range(md.num_row_groups):
@@ -360,39 +426,78 @@ def file_stats(pf: PoolFile, text_column: str) -> FileStats:
 
 
 # -- fetching --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FetchPlan:
+    """How the passes get each remote file's bytes: read in place (column-pruned ranged reads,
+    or a stream for jsonl) or downloaded whole into the cache first."""
+
+    mode: str  # [pool] fetch: "columns" | "files"
+    ranges: bool = True  # the store honours Range requests
+
+    def downloads(self, pf: PoolFile, text_pass: bool) -> bool:
+        if not pf.remote:
+            return False
+        if not self.ranges or pf.fmt != "parquet":
+            return True  # no ranged reads, or jsonl (read whole anyway; a download retries cleanly)
+        return text_pass and self.mode == "files"  # the key pass reads its few columns in place
+
+
+def fetch_plan(spec: PoolSpec, files: list[PoolFile]) -> FetchPlan:
+    """The plan for this pool: `[pool] fetch`, after one ranged read of a remote parquet file's
+    last 8 bytes to see that the store honours Range (else whole files, said once here)."""
+    probe = next((f for f in files if f.remote and f.fmt == "parquet"), None)
+    if probe is None:
+        return FetchPlan(spec.fetch)
+    try:
+        read_range(probe.protocol or "", probe.path, probe.size, max(0, probe.size - 8), probe.size)
+    except RangesIgnored:
+        from armlab.progress import console
+
+        console.print(
+            f"[yellow]pool.uri {redact(spec.uri)}: the server ignores HTTP Range requests; "
+            "downloading whole files instead (once for the key pass, once for the text pass)",
+            soft_wrap=True,
+        )
+        return FetchPlan("files", ranges=False)
+    return FetchPlan(spec.fetch)
+
+
+def cache_path(pf: PoolFile, cache_dir: Path) -> Path:
+    """Where a downloaded file goes: its URI (credentials redacted) under `cache_dir`."""
+    protocol, rest = split_uri(pf.name)
+    return cache_dir / (protocol or "local") / rest.lstrip("/")
+
+
 def fetch_file(pf: PoolFile, cache_dir: Path, retries: int = 5, backoff: float = 2.0) -> Path:
     """Download a remote pool file into the cache (temp name, then rename), retrying with backoff.
 
     A file already in the cache with the expected size is reused (a resumed prepare).
     """
-    dest = cache_dir / pf.protocol / pf.path.lstrip("/")
+    dest = cache_path(pf, cache_dir)
     if dest.is_file() and (pf.size <= 0 or dest.stat().st_size == pf.size):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    for attempt in range(retries + 1):
+
+    def once() -> Path:
         try:
-            filesystem(pf.protocol).get_file(pf.path, str(tmp))
+            filesystem(pf.protocol or "").get_file(pf.path, str(tmp))
             if pf.size > 0 and tmp.stat().st_size != pf.size:
-                raise OSError(f"size {tmp.stat().st_size} != listed {pf.size}")
+                raise ConnectionError(f"got {tmp.stat().st_size} bytes, listed {pf.size}")
             os.replace(tmp, dest)
             return dest
-        except Exception as e:  # network errors come in many types; every one is retried
+        finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-            if attempt == retries:
-                raise ArmlabError(
-                    f"{pf.name}: download failed after {retries + 1} attempts ({type(e).__name__}: {str(e)[:200]}); "
-                    "rerun to resume (finished files are kept)"
-                ) from None
-            time.sleep(backoff * 2**attempt)
-    raise AssertionError("unreachable")
+
+    return retrying(once, pf.name, Retry(attempts=retries + 1, backoff=backoff))
 
 
 class Prefetcher:
-    """Fetches remote files a few ahead of their use into a bounded cache.
+    """Downloads remote files a few ahead of their use into a bounded cache.
 
-    `get(i)` returns file i's local path (local files: their own path), waiting for its download;
+    `get(i)` returns file i's local path, waiting for its download, or None when the file is
+    read in place (`download(pf)` is false: local files, and remote parquet read column-pruned);
     at most `ahead` downloads are in flight or waiting to be used. `release(i)` deletes a fetched
     file after use unless keep_cache.
     """
@@ -406,29 +511,31 @@ class Prefetcher:
         keep_cache: bool = False,
         retries: int = 5,
         backoff: float = 2.0,
+        download: Callable[[PoolFile], bool] = lambda pf: pf.remote,
     ):
-        self.files, self.order, self.cache_dir = files, order, cache_dir
+        self.files, self.cache_dir, self.download = files, cache_dir, download
+        self.order = [i for i in order if download(files[i])]
         self.ahead, self.keep_cache, self.retries, self.backoff = max(1, ahead), keep_cache, retries, backoff
         self.pool = ThreadPoolExecutor(max_workers=self.ahead)
         self.futures: dict[int, Future[Path]] = {}
         self.next = 0  # position in `order` of the next file to submit
 
+    def _submit(self, i: int) -> None:
+        self.futures[i] = self.pool.submit(
+            fetch_file, self.files[i], self.cache_dir, self.retries, self.backoff
+        )
+
     def _fill(self) -> None:
         while self.next < len(self.order) and len(self.futures) < self.ahead:
-            i = self.order[self.next]
+            self._submit(self.order[self.next])
             self.next += 1
-            pf = self.files[i]
-            if pf.remote:
-                self.futures[i] = self.pool.submit(fetch_file, pf, self.cache_dir, self.retries, self.backoff)
 
-    def get(self, i: int) -> Path:
-        pf = self.files[i]
-        if not pf.remote:
-            self._fill()
-            return Path(pf.path)
+    def get(self, i: int) -> Path | None:
         self._fill()
+        if not self.download(self.files[i]):
+            return None if self.files[i].remote else Path(self.files[i].path)
         if i not in self.futures:  # asked out of order: fetch it now
-            self.futures[i] = self.pool.submit(fetch_file, pf, self.cache_dir, self.retries, self.backoff)
+            self._submit(i)
         return self.futures[i].result()
 
     def release(self, i: int) -> None:
