@@ -1,0 +1,143 @@
+"""Key pass (per pool file, in a worker): the small per-document arrays selection needs.
+
+Reads only the id column (else the text), the score columns and the token counts the arms need,
+and saves keys / scores / weights to a small .npz. Remote parquet is read with ranged column
+reads, so no text is downloaded here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from armlab.data.identity import doc_keys
+from armlab.data.pool import BadFile, PoolFile, file_stats, iter_columns
+from armlab.errors import ArmlabError
+from armlab.spec import ArmSpec, Experiment
+from armlab.workdir import atomic_path
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which pool columns the key pass reads."""
+
+    id: str | None
+    text: str
+    scores: tuple[str, ...]
+    tokens: str | None
+    need_chars: bool  # chars per document are needed (token estimate) -> the key pass reads text
+
+    @property
+    def read(self) -> list[str]:
+        cols = [self.id] if self.id else []
+        if self.id is None or self.need_chars:
+            cols.append(self.text)
+        cols += [c for c in self.scores if c not in cols]
+        if self.tokens and self.tokens not in cols:
+            cols.append(self.tokens)
+        return cols
+
+
+def key_columns(exp: Experiment, arms: list[ArmSpec]) -> Columns:
+    scores = tuple(dict.fromkeys(a.score_column for a in arms if a.score_column))
+    by_tokens = any(a.by == "tokens" or a.max_tokens for a in arms)
+    tokens = exp.pool.token_count_column  # a small integer column: read it when there is one (exact counts)
+    return Columns(
+        id=exp.pool.id_column,
+        text=exp.pool.text_column,
+        scores=scores,
+        tokens=tokens,
+        need_chars=by_tokens and tokens is None,
+    )
+
+
+@dataclass(frozen=True)
+class KeyTask:
+    """One pool file's key pass: read `pf`'s key columns into `out`."""
+
+    unit: int
+    pf: PoolFile
+    cols: Columns
+    out: Path
+    skip_bad_files: bool
+
+
+def run_key_task(task: KeyTask) -> str | None:
+    """The key pass of one file; with skip_bad_files an unreadable file is returned as a reason."""
+    try:
+        key_pass(task.pf, task.cols, task.out)
+    except BadFile as e:
+        if not task.skip_bad_files:
+            raise
+        return f"{e.file} ({e.reason})"
+    return None
+
+
+def key_pass(pf: PoolFile, cols: Columns, out: Path) -> None:
+    """Read the key/score/token columns of one pool file into `out` (.npz, atomic), streaming
+    (memory: one row group or jsonl block plus the small per-row arrays)."""
+    read = cols.read
+    if pf.fmt == "jsonl" and cols.text not in read:
+        read = [*read, cols.text]  # every jsonl line is parsed anyway: take exact chars for free
+    types = {cols.text: pa.string(), **{c: pa.float64() for c in cols.scores}}
+    parts: dict[str, list[np.ndarray]] = {}
+    null_ids = 0
+    # Without text the columns are a few bytes a row: parquet is read whole (coalesced ranged reads).
+    for t in iter_columns(pf, read, expect=(cols.text,), types=types, whole_file=cols.text not in read):
+        if cols.id and t.column(cols.id).null_count:
+            null_ids += t.column(cols.id).null_count
+            continue
+        text = t.column(cols.text) if cols.text in t.column_names else None
+        got = {"keys": doc_keys(t.column(cols.id) if cols.id else None, text)}
+        if text is not None:
+            got["chars"] = pc.fill_null(pc.utf8_length(text), 0).to_numpy().astype(np.int64)
+        for c in cols.scores:
+            col = t.column(c)
+            if not (
+                pa.types.is_integer(col.type)
+                or pa.types.is_floating(col.type)
+                or pa.types.is_decimal(col.type)
+            ):
+                raise ArmlabError(
+                    f"{pf.name}: score column {c!r} has type {col.type}, not a number; point score_column at a numeric column"
+                )
+            got[f"score:{c}"] = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+        if cols.tokens:
+            col = t.column(cols.tokens)
+            if not pa.types.is_integer(col.type):
+                raise ArmlabError(
+                    f"{pf.name}: token_count_column {cols.tokens!r} has type {col.type}, not an integer"
+                )
+            got["tokens"] = pc.fill_null(col, 0).to_numpy().astype(np.int64)
+        for k, v in got.items():
+            parts.setdefault(k, []).append(v)
+    if null_ids:
+        raise ArmlabError(
+            f"{pf.name}: id column {cols.id!r} has {null_ids} null values; fix the data, "
+            "or remove pool.id_column to identify documents by a hash of their text"
+        )
+    empty = {"keys": np.uint64, "chars": np.int64, "tokens": np.int64}
+    wanted = ["keys", *(f"score:{c}" for c in cols.scores)]
+    wanted += ["tokens"] if cols.tokens else []
+    wanted += ["chars"] if cols.text in read else []
+    arrays = {
+        k: np.concatenate(parts[k]) if k in parts else np.zeros(0, dtype=empty.get(k, np.float64))
+        for k in wanted
+    }
+    if "chars" in arrays:
+        arrays["text_bytes"] = np.array(int(arrays["chars"].sum()))
+    else:
+        arrays["text_bytes"] = np.array(
+            file_stats(pf, cols.text).text_bytes
+        )  # parquet metadata, no data read
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_keys(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
