@@ -2,7 +2,7 @@
 
 Reads only the id column (else the text), the score columns and the token counts the arms need,
 and saves keys / scores / weights to a small .npz. Remote parquet is read with ranged column
-reads, so no text is downloaded here.
+reads, so no text is downloaded here (unless the store ignores Range: then `local` is a download).
 """
 
 from __future__ import annotations
@@ -64,12 +64,13 @@ class KeyTask:
     cols: Columns
     out: Path
     skip_bad_files: bool
+    local: Path | None = None  # the downloaded copy, when the fetch plan downloads this file
 
 
 def run_key_task(task: KeyTask) -> str | None:
     """The key pass of one file; with skip_bad_files an unreadable file is returned as a reason."""
     try:
-        key_pass(task.pf, task.cols, task.out)
+        key_pass(task.pf, task.cols, task.out, task.local)
     except BadFile as e:
         if not task.skip_bad_files:
             raise
@@ -77,7 +78,7 @@ def run_key_task(task: KeyTask) -> str | None:
     return None
 
 
-def key_pass(pf: PoolFile, cols: Columns, out: Path) -> None:
+def key_pass(pf: PoolFile, cols: Columns, out: Path, local: Path | None = None) -> None:
     """Read the key/score/token columns of one pool file into `out` (.npz, atomic), streaming
     (memory: one row group or jsonl block plus the small per-row arrays)."""
     read = cols.read
@@ -87,7 +88,8 @@ def key_pass(pf: PoolFile, cols: Columns, out: Path) -> None:
     parts: dict[str, list[np.ndarray]] = {}
     null_ids = 0
     # Without text the columns are a few bytes a row: parquet is read whole (coalesced ranged reads).
-    for t in iter_columns(pf, read, expect=(cols.text,), types=types, whole_file=cols.text not in read):
+    whole = cols.text not in read
+    for t in iter_columns(pf, read, expect=(cols.text,), local=local, types=types, whole_file=whole):
         if cols.id and t.column(cols.id).null_count:
             null_ids += t.column(cols.id).null_count
             continue
@@ -132,7 +134,7 @@ def key_pass(pf: PoolFile, cols: Columns, out: Path) -> None:
         arrays["text_bytes"] = np.array(int(arrays["chars"].sum()))
     else:
         arrays["text_bytes"] = np.array(
-            file_stats(pf, cols.text).text_bytes
+            file_stats(pf, cols.text, local).text_bytes
         )  # parquet metadata, no data read
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)

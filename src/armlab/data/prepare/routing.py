@@ -100,7 +100,7 @@ class TextTask:
 
     unit: int
     pf: PoolFile
-    local: Path  # the file itself, or its fetched copy
+    local: Path | None  # the file itself or its downloaded copy; None: remote, read column-pruned in place
     keys_npz: Path
     rules: Rules
     text_column: str

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from armlab.data.pool import Prefetcher, list_pool
+from armlab.data.pool import Prefetcher, fetch_plan, list_pool
 from armlab.data.prepare.executor import Executor, LocalExecutor
 from armlab.data.prepare.keys import KeyTask, key_columns, run_key_task
 from armlab.data.prepare.options import PrepareOptions
@@ -48,6 +48,7 @@ def prepare_pool(
     """The eval set, the tokenizer sample and the pool arms `arms`: key pass, thresholds, text
     pass, shuffle + write."""
     files = list_pool(exp.pool)
+    fetch = fetch_plan(exp.pool, files)  # remote parquet: ranged column reads, or whole downloads
     pool_fp = pool_fingerprint(exp.pool, files)
     targets = [t for t in plan_targets(exp, wd, arms, pool_fp) if needs_work(t, opts.force, opts.overwrite)]
     if not targets:
@@ -63,16 +64,25 @@ def prepare_pool(
     npz = {i: keys_dir / f"{i:06d}.npz" for i in range(len(files))}
     todo = [i for i in range(len(files)) if not npz[i].is_file()]
     bad: dict[int, str] = {}
+    cache, ahead = wd.cache_dir / "pool", executor.workers + 2
+    # Downloads only where the store cannot serve ranges (or jsonl); else a no-op.
+    key_fetch = Prefetcher(
+        files, todo, cache, ahead, opts.keep_cache, download=lambda f: fetch.downloads(f, False)
+    )
     with progress() as bar:
         task = bar.add_task("key pass", total=len(files), completed=len(files) - len(todo), unit="files")
 
         def keyed(kt: KeyTask, err: str | None) -> None:
             if err is not None:
                 bad[kt.unit] = err
+            key_fetch.release(kt.unit)
             bar.update(task, advance=1)
 
-        tasks = (KeyTask(i, files[i], cols, npz[i], opts.skip_bad_files) for i in todo)
-        executor.map(run_key_task, tasks, keyed)
+        tasks = (KeyTask(i, files[i], cols, npz[i], opts.skip_bad_files, key_fetch.get(i)) for i in todo)
+        try:
+            executor.map(run_key_task, tasks, keyed)
+        finally:
+            key_fetch.close()
     for i in sorted(bad):
         console.print(f"[yellow]skipping unreadable pool file[/] {bad[i]}", soft_wrap=True)
         skipped.append(files[i].name)
@@ -94,7 +104,9 @@ def prepare_pool(
         if p.is_file():
             unit_stats[i] = read_json(p)
     todo = [i for i in live if i not in unit_stats]
-    fetcher = Prefetcher(files, todo, wd.cache_dir / "pool", ahead=executor.workers + 2, keep_cache=opts.keep_cache)
+    fetcher = Prefetcher(
+        files, todo, cache, ahead, opts.keep_cache, download=lambda f: fetch.downloads(f, True)
+    )
     with progress() as bar:
         done_rows = sum(summary.file_rows[i] for i in unit_stats)
         task = bar.add_task(
@@ -104,7 +116,7 @@ def prepare_pool(
 
         def text_tasks() -> Any:
             for i in todo:
-                local = fetcher.get(i)  # waits for this file's download; later ones keep prefetching
+                local = fetcher.get(i)  # waits for a download (files mode); later ones keep prefetching
                 yield TextTask(i, files[i], local, npz[i], rules, exp.pool.text_column, targets, stage)
 
         def routed(tt: TextTask, stats: dict[str, Any]) -> None:

@@ -41,7 +41,8 @@ class Target:
 
 
 def pool_fingerprint(spec: PoolSpec, files: list[PoolFile]) -> str:
-    return fingerprint({"pool": spec.model_dump(), "files": [f.describe() for f in files]})
+    # `fetch` says how the bytes travel, not what they are: switching it keeps prepared data valid
+    return fingerprint({"pool": spec.model_dump(exclude={"fetch"}), "files": [f.describe() for f in files]})
 
 
 def eval_selection(exp: Experiment) -> dict[str, Any]:
