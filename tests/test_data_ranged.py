@@ -40,14 +40,20 @@ def file_bytes(pool: Path) -> int:
     return sum(p.stat().st_size for p in pool.glob("*.parquet"))
 
 
-def prepare_at(tmp: Path, name: str, uri: str, fetch: str = "columns", *args: str, env: dict | None = None):
+def remote_exp(tmp: Path, name: str, uri: str, fetch: str = "columns") -> Path:
+    """`<tmp>/<name>/exp.toml`: the test experiment over `uri` with `[pool] fetch`, workdir beside it."""
     d = tmp / name
     d.mkdir()
     text = experiment_toml(d / "wd", uri).replace("[eval]", f'fetch = "{fetch}"\n\n[eval]', 1)
     (d / "exp.toml").write_text(text)
-    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "prepare", str(d / "exp.toml"), *args]
+    return d / "exp.toml"
+
+
+def prepare_at(tmp: Path, name: str, uri: str, fetch: str = "columns", *args: str, env: dict | None = None):
+    exp = remote_exp(tmp, name, uri, fetch)
+    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "prepare", str(exp), *args]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, **(env or {})})
-    return res, d / "wd"
+    return res, exp.parent / "wd"
 
 
 SOURCE_FIELDS = ("fingerprint", "pool_fingerprint")  # name the pool's URI, so differ by design

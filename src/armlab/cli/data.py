@@ -87,15 +87,26 @@ def check(
 
 
 @app.command()
-def plan(exp: Annotated[Path, typer.Argument(help="experiment file (or its workdir)")]) -> None:
+def plan(
+    exp: Annotated[Path, typer.Argument(help="experiment file (or its workdir)")],
+    link_mbps: Annotated[
+        float,
+        typer.Option(
+            "--link-mbps", help="remote pools: link speed for the download estimate, Mbit/s", min=0.001
+        ),
+    ] = 1000.0,
+) -> None:
     """Per arm: docs / chars / tokens available vs tokens one run consumes, and epochs."""
+    from armlab.data.plan import download_plan, render, render_download
     from armlab.data.plan import plan as make_plan
-    from armlab.data.plan import render
     from armlab.progress import console
     from armlab.spec import load_experiment
 
     spec = load_experiment(exp)
-    table, warnings = render(spec, make_plan(spec))
+    plans = make_plan(spec)
+    table, warnings = render(spec, plans)
     print(table)
+    if any(p.source == "estimate" for p in plans) and (download := download_plan(spec)):
+        print(render_download(download, link_mbps))
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)

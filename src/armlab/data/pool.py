@@ -409,6 +409,12 @@ def parquet_metadata(pf: PoolFile, local: Path | None = None) -> pq.FileMetaData
         if pf.remote and local is None:
             return RemoteParquet(pf).metadata
         return pq.ParquetFile(str(local or pf.path)).metadata
+    except RangesIgnored:
+        raise ArmlabError(
+            f"{pf.name}: the server ignores HTTP Range requests, so this file's footer (its row counts "
+            "and column sizes) can only be read by downloading all of it; `armlab prepare` works "
+            "(it downloads whole files), estimates from the footers do not"
+        ) from None
     except ArmlabError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
