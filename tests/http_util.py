@@ -168,29 +168,28 @@ class PoolServer:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = end - start
         resp.content_type = "application/octet-stream"
+        # Logged before anything is sent, counted as it goes: a client never sees a byte the log lacks.
+        hit = Hit(request.method, request.path, (start, end) if status == 206 else None, status, 0)
+        self.log.add(hit)
         await resp.prepare(request)
         if request.method == "HEAD":
-            self.log.add(Hit("HEAD", request.path, None, status, 0))
             return resp
         cut = self.drops > 0 and status == 206 and end - start > self.drop_after
         if cut:
             self.drops -= 1
-        sent = 0
         with open(path, "rb") as f:
             f.seek(start)
-            while sent < end - start:
-                n = min(CHUNK, end - start - sent)
-                if cut and sent + n > self.drop_after:
-                    n = self.drop_after - sent
+            while hit.sent < end - start:
+                n = min(CHUNK, end - start - hit.sent)
+                if cut and hit.sent + n > self.drop_after:
+                    n = self.drop_after - hit.sent
                 await self.throttle(n)
+                hit.sent += n
                 await resp.write(f.read(n))
-                sent += n
-                if cut and sent >= self.drop_after:
-                    self.log.add(Hit("GET", request.path, (start, start + sent), status, sent))
+                if cut and hit.sent >= self.drop_after:
                     assert request.transport is not None
                     request.transport.abort()  # the connection drops mid-body
                     return resp
-        self.log.add(Hit("GET", request.path, (start, end) if status == 206 else None, status, sent))
         await resp.write_eof()
         return resp
 

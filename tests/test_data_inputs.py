@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
-from armlab.data.pool import PoolFile, Prefetcher, fetch_file, list_pool
+from armlab.data.fetch import Prefetcher, fetch_file
+from armlab.data.pool import PoolFile, list_pool
 from armlab.errors import ArmlabError
 from armlab.spec import PoolSpec
 from data_util import experiment_toml, make_pool

@@ -184,7 +184,7 @@ def download_plan(exp: Experiment) -> DownloadPlan | None:
     remote parquet file's footer with one ranged request (jsonl counts whole, twice)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from armlab.data.pool import fetch_plan
+    from armlab.data.fetch import fetch_plan
     from armlab.data.prepare.keys import key_columns
     from armlab.data.ranged import RemoteParquet
 

@@ -1,17 +1,13 @@
-"""Open a pool by URI: list its files, read only the columns needed, fetch remote files.
+"""Open a pool by URI: list its files (with their content identity), read only the columns needed.
 
 A pool URI is a local file, dir or glob (`/data/pool/*.parquet`), or an fsspec URL:
 `hf://datasets/<repo>/<glob>` for the Hugging Face hub (HF_TOKEN is read from the environment
-by huggingface_hub itself and never logged), or any other fsspec protocol (`file://...` is
-what the tests use to exercise the remote path without a network).
+by huggingface_hub itself and never logged), `http(s)://`, or any other fsspec protocol
+(`file://...` exercises the remote path without a network).
 
-Remote parquet is read in place, column-pruned (`armlab.data.ranged`): each pass fetches only
-the column chunks it needs (the key pass ids, scores and token counts; the text pass the text),
-with coalesced ranged requests, each retried with backoff, a few row groups ahead; nothing is
-written to disk. `[pool] fetch = "files"` (and any store that ignores Range, which `fetch_plan`
-notices and says once) takes the other route: whole files downloaded into a bounded cache under
-`<workdir>/cache/pool/` a few files ahead (`Prefetcher`), each deleted once used unless
-keep_cache, so a 1.6 TB pool never needs 1.6 TB of disk and a dropped connection costs one file.
+Remote parquet read in place is column-pruned (`armlab.data.ranged`): a pass fetches only the
+column chunks it needs (the key pass ids, scores and token counts; the text pass the text).
+Which files are downloaded whole instead, and the download cache, are `armlab.data.fetch`.
 
 How a remote pool is listed: `hf://datasets/<repo>/<glob>` by the hub's tree API (with the LFS
 sha256 of each file); `http(s)://host/dir/` by the links of the server's directory index page
@@ -27,8 +23,8 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,10 +36,8 @@ import pyarrow.parquet as pq
 from armlab.data.ranged import RemoteParquet
 from armlab.data.remote import (
     RangesIgnored,
-    Retry,
     filesystem,
     network_error,
-    read_range,
     redact,
     retrying,
     transient,
@@ -429,135 +423,3 @@ def stats_from_metadata(md: pq.FileMetaData, text_column: str) -> FileStats:
             text_bytes += md.row_group(rg).column(i).total_uncompressed_size
     # Subtract the 4-byte length prefix PLAIN encoding stores per value.
     return FileStats(rows=md.num_rows, text_bytes=max(0, text_bytes - 4 * md.num_rows))
-
-
-# -- fetching --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class FetchPlan:
-    """How the passes get each remote file's bytes: read in place (column-pruned ranged reads,
-    or a stream for jsonl) or downloaded whole into the cache first."""
-
-    mode: str  # [pool] fetch: "columns" | "files"
-    ranges: bool = True  # the store honours Range requests
-
-    def downloads(self, pf: PoolFile, text_pass: bool) -> bool:
-        if not pf.remote:
-            return False
-        if not self.ranges or pf.fmt != "parquet":
-            return True  # no ranged reads, or jsonl (read whole anyway; a download retries cleanly)
-        return text_pass and self.mode == "files"  # the key pass reads its few columns in place
-
-
-def fetch_plan(spec: PoolSpec, files: list[PoolFile]) -> FetchPlan:
-    """The plan for this pool: `[pool] fetch`, after one ranged read of a remote parquet file's
-    last 8 bytes to see that the store honours Range (else whole files, said once here)."""
-    probe = next((f for f in files if f.remote and f.fmt == "parquet"), None)
-    if probe is None:
-        return FetchPlan(spec.fetch)
-    try:
-        read_range(probe.protocol or "", probe.path, probe.size, max(0, probe.size - 8), probe.size)
-    except RangesIgnored:
-        from armlab.progress import console
-
-        console.print(
-            f"[yellow]pool.uri {redact(spec.uri)}: the server ignores HTTP Range requests; "
-            "downloading whole files instead (once for the key pass, once for the text pass)",
-            soft_wrap=True,
-        )
-        return FetchPlan("files", ranges=False)
-    return FetchPlan(spec.fetch)
-
-
-def cache_path(pf: PoolFile, cache_dir: Path) -> Path:
-    """Where a downloaded file goes: its URI (credentials redacted) under `cache_dir`."""
-    protocol, rest = split_uri(pf.name)
-    return cache_dir / (protocol or "local") / rest.lstrip("/")
-
-
-def fetch_file(pf: PoolFile, cache_dir: Path, retries: int = 5, backoff: float = 2.0) -> Path:
-    """Download a remote pool file into the cache (temp name, then rename), retrying with backoff.
-
-    A file already in the cache with the expected size is reused (a resumed prepare).
-    """
-    dest = cache_path(pf, cache_dir)
-    if dest.is_file() and (pf.size <= 0 or dest.stat().st_size == pf.size):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-
-    def once() -> Path:
-        try:
-            filesystem(pf.protocol or "").get_file(pf.path, str(tmp))
-            if pf.size > 0 and tmp.stat().st_size != pf.size:
-                raise ConnectionError(f"got {tmp.stat().st_size} bytes, listed {pf.size}")
-            os.replace(tmp, dest)
-            return dest
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-    return retrying(once, pf.name, Retry(attempts=retries + 1, backoff=backoff))
-
-
-class Prefetcher:
-    """Downloads remote files a few ahead of their use into a bounded cache.
-
-    `get(i)` returns file i's local path, waiting for its download, or None when the file is
-    read in place (`download(pf)` is false: local files, and remote parquet read column-pruned);
-    at most `ahead` downloads are in flight or waiting to be used. `release(i)` deletes a fetched
-    file after use unless keep_cache.
-    """
-
-    def __init__(
-        self,
-        files: list[PoolFile],
-        order: list[int],
-        cache_dir: Path,
-        ahead: int = 3,
-        keep_cache: bool = False,
-        retries: int = 5,
-        backoff: float = 2.0,
-        download: Callable[[PoolFile], bool] = lambda pf: pf.remote,
-    ):
-        self.files, self.cache_dir, self.download = files, cache_dir, download
-        self.order = [i for i in order if download(files[i])]
-        self.ahead, self.keep_cache, self.retries, self.backoff = max(1, ahead), keep_cache, retries, backoff
-        self.pool = ThreadPoolExecutor(max_workers=self.ahead)
-        self.futures: dict[int, Future[Path]] = {}
-        self.next = 0  # position in `order` of the next file to submit
-
-    def _submit(self, i: int) -> None:
-        self.futures[i] = self.pool.submit(
-            fetch_file, self.files[i], self.cache_dir, self.retries, self.backoff
-        )
-
-    def _fill(self) -> None:
-        while self.next < len(self.order) and len(self.futures) < self.ahead:
-            self._submit(self.order[self.next])
-            self.next += 1
-
-    def get(self, i: int) -> Path | None:
-        self._fill()
-        if not self.download(self.files[i]):
-            return None if self.files[i].remote else Path(self.files[i].path)
-        if i not in self.futures:  # asked out of order: fetch it now
-            self._submit(i)
-        return self.futures[i].result()
-
-    def release(self, i: int) -> None:
-        fut = self.futures.pop(i, None)
-        if fut is not None and not self.keep_cache:
-            with contextlib.suppress(Exception):
-                fut.result().unlink()
-        self._fill()
-
-    def close(self) -> None:
-        for fut in self.futures.values():
-            fut.cancel()
-        self.pool.shutdown(wait=True)
-        if not self.keep_cache:
-            for i, fut in list(self.futures.items()):
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        fut.result().unlink()
-                self.futures.pop(i)

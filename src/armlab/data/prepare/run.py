@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from armlab.data.pool import Prefetcher, fetch_plan, list_pool
+from armlab.data.fetch import Prefetcher, fetch_plan
+from armlab.data.pool import list_pool
 from armlab.data.prepare.executor import Executor, LocalExecutor
 from armlab.data.prepare.keys import KeyTask, key_columns, run_key_task
 from armlab.data.prepare.options import PrepareOptions
