@@ -196,3 +196,14 @@ def test_sigkill_mid_fetch_then_rerun_does_not_refetch_finished_units(
         for name in set(names) - finished:
             assert server.log.file_bytes(name) > 0
     same_outputs(local, d / "wd")
+
+
+def test_a_server_that_keeps_dropping_is_one_line_naming_the_file(pool: Path, tmp_path: Path) -> None:
+    from test_data_prepare import assert_refused
+
+    env = {"ARMLAB_NET_ATTEMPTS": "2", "ARMLAB_NET_BACKOFF": "0.05"}
+    with PoolServer(pool, drops=10_000, drop_after=5_000) as server:
+        res, wd = prepare_at(tmp_path, "dead", f"{server.url}/", "columns", "--workers", "2", env=env)
+    line = assert_refused(res, f"{server.url}/part-00", "cannot reach 127.0.0.1 after 2 attempts")
+    assert "rerun the same command to resume" in line
+    assert not (wd / "eval").exists() and not list(wd.glob("arms/*/data"))
