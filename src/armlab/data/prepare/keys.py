@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from armlab.data.identity import doc_keys
-from armlab.data.pool import BadFile, PoolFile, file_stats, iter_columns
+from armlab.data.pool import BadFile, PoolFile, describe_error, file_stats, iter_columns, open_source
 from armlab.errors import ArmlabError
 from armlab.spec import ArmSpec, Experiment
 from armlab.workdir import atomic_path
@@ -55,6 +56,49 @@ def key_columns(exp: Experiment, arms: list[ArmSpec]) -> Columns:
     )
 
 
+def is_text_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def is_bytes_type(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+
+
+def check_text_type(name: str, column: str, t: pa.DataType) -> None:
+    """Documents are strings (or UTF-8 bytes, validated when read); anything else is refused:
+    integers cast to "1345" would otherwise be trained on as documents."""
+    if not (is_text_type(t) or is_bytes_type(t) or pa.types.is_null(t)):
+        raise ArmlabError(
+            f"{name}: text column {column!r} has type {t}, not a string; point pool.text_column at the "
+            "column that holds the documents' text"
+        )
+
+
+def as_text(name: str, column: str, text: pa.Array, where: str) -> pa.Array:
+    """`text` as a string array: UTF-8 bytes are validated (BadFile naming `where` if invalid)."""
+    check_text_type(name, column, text.type)
+    if pa.types.is_string(text.type):
+        return text
+    try:
+        return text.cast(pa.string())
+    except pa.ArrowInvalid:
+        raise BadFile(
+            name, f"invalid UTF-8 in text column {column!r}{', ' + where if where else ''}"
+        ) from None
+
+
+def _parquet_text_type(pf: PoolFile, column: str) -> pa.DataType | None:
+    """The text column's type from a parquet footer (for a key pass that does not read the text)."""
+    if pf.fmt != "parquet":
+        return None
+    try:
+        with open_source(pf) as src:
+            schema = pq.ParquetFile(src).schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise BadFile(pf.name, describe_error(e)) from None
+    return schema.field(column).type if column in schema.names else None
+
+
 @dataclass(frozen=True)
 class KeyTask:
     """One pool file's key pass: read `pf`'s key columns into `out`."""
@@ -87,11 +131,17 @@ def key_pass(pf: PoolFile, cols: Columns, out: Path) -> None:
     parts: dict[str, list[np.ndarray]] = {}
     null_ids = 0
     # Without text the columns are a few bytes a row: parquet is read whole (coalesced ranged reads).
-    for t in iter_columns(pf, read, expect=(cols.text,), types=types, whole_file=cols.text not in read):
+    if cols.text not in read and (tt := _parquet_text_type(pf, cols.text)) is not None:
+        check_text_type(pf.name, cols.text, tt)
+    batches = iter_columns(pf, read, expect=(cols.text,), types=types, whole_file=cols.text not in read)
+    for rg, t in enumerate(batches):
+        text = None
+        if cols.text in t.column_names:  # parquet: one row group a table here
+            where = f"row group {rg}" if pf.fmt == "parquet" else f"block {rg}"
+            text = as_text(pf.name, cols.text, t.column(cols.text).combine_chunks(), where)
         if cols.id and t.column(cols.id).null_count:
             null_ids += t.column(cols.id).null_count
             continue
-        text = t.column(cols.text) if cols.text in t.column_names else None
         got = {"keys": doc_keys(t.column(cols.id) if cols.id else None, text)}
         if text is not None:
             got["chars"] = pc.fill_null(pc.utf8_length(text), 0).to_numpy().astype(np.int64)

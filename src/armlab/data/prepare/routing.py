@@ -17,11 +17,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from armlab.data.identity import mix, text_keys
-from armlab.data.pool import PoolFile, iter_columns
-from armlab.data.prepare.keys import load_keys
+from armlab.data.pool import BadFile, PoolFile, iter_columns, local_identity
+from armlab.data.prepare.keys import as_text, load_keys
 from armlab.data.prepare.targets import EVAL, Target
 from armlab.data.prepare.thresholds import masks
-from armlab.data.select import SALT_SHUFFLE, Rules
+from armlab.data.select import Rules
 from armlab.data.shuffle import StageWriter
 from armlab.errors import ArmlabError
 from armlab.workdir import atomic_write_json
@@ -47,16 +47,21 @@ def route_unit(
     targets: list[Target],
     stage: Path,
     name: str,
+    text_column: str = "text",
+    row_groups: bool = True,
 ) -> dict[str, Any]:
-    """Send each target's selected, non-empty rows of one unit to its stage-1 file; return counts."""
+    """Send each target's selected, non-empty rows of one unit to its stage-1 file; return counts.
+
+    `batches` are the unit's text column in file order (one parquet row group each when
+    `row_groups`, which an invalid-UTF-8 error then names)."""
     writers = {t.name: StageWriter(stage / t.name / f"{unit:06d}.arrow") for t in targets}
     stats = {t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0} for t in targets}
     off = 0
     try:
-        for batch in batches:
-            text = batch.column(0).combine_chunks()
-            if not pa.types.is_string(text.type):
-                text = text.cast(pa.string())
+        for rg, batch in enumerate(batches):
+            text = as_text(
+                name, text_column, batch.column(0).combine_chunks(), f"row group {rg}" if row_groups else ""
+            )
             n = len(text)
             valid = pc.fill_null(pc.greater(pc.binary_length(text), 0), False).to_numpy(zero_copy_only=False)
             for t in targets:
@@ -67,7 +72,7 @@ def route_unit(
                 if not idx.size:
                     continue
                 k = keys[off + idx]
-                h = mix(k, t.shuffle_seed, SALT_SHUFFLE)
+                h = mix(k, t.shuffle_seed, t.salt)
                 order = np.argsort(h, kind="stable")  # stage-1 batches are sorted by h
                 idx, k, h = idx[order], k[order], h[order]
                 sub = text.take(pa.array(idx))
@@ -106,14 +111,32 @@ class TextTask:
     text_column: str
     targets: list[Target]
     stage: Path
+    skip_bad_files: bool = False
+
+
+def run_text_task(task: TextTask) -> dict[str, Any]:
+    """The text pass of one file; with skip_bad_files an unreadable file is returned as
+    {"bad": reason} (its stage files removed, no done marker) instead of raised."""
+    try:
+        return text_pass(task)
+    except BadFile as e:
+        if not task.skip_bad_files:
+            raise
+        return {"bad": f"{e.file} ({e.reason})"}
 
 
 def text_pass(task: TextTask) -> dict[str, Any]:
+    pf = task.pf
+    if not pf.remote and local_identity(pf.path, pf.fmt) != pf.identity:  # one footer read
+        raise ArmlabError(f"{pf.name}: changed while prepare ran (its keys are stale); rerun prepare")
     a = load_keys(task.keys_npz)
     member = masks(task.rules, a, [t.name for t in task.targets])
-    batches = iter_columns(task.pf, [task.text_column], local=task.local, types={task.text_column: pa.string()})
-    stats = route_unit(
-        task.unit, batches, a["keys"], member, a.get("tokens"), task.targets, task.stage, task.pf.name
+    batches = iter_columns(
+        task.pf, [task.text_column], local=task.local, types={task.text_column: pa.string()}
     )
+    stats = route_unit(
+        task.unit, batches, a["keys"], member, a.get("tokens"), task.targets, task.stage, pf.name,
+        task.text_column, row_groups=pf.fmt == "parquet",
+    )  # fmt: skip
     atomic_write_json(done_marker(task.stage, task.unit), stats)
     return stats
