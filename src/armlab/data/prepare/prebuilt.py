@@ -23,6 +23,7 @@ from armlab.data.prepare.executor import Executor
 from armlab.data.prepare.keys import as_text, load_keys
 from armlab.data.prepare.options import PrepareOptions
 from armlab.data.prepare.routing import done_marker, route_unit
+from armlab.data.prepare.stats import StatsSpec
 from armlab.data.prepare.targets import Target, needs_work, prebuilt_target
 from armlab.data.prepare.writing import write_targets
 from armlab.data.select import Threshold, cap_rank, cap_threshold
@@ -83,6 +84,11 @@ def prebuilt_keys(task: PrebuiltKeyTask) -> None:
         np.savez(f, keys=keys[~held], chars=chars[~held])
 
 
+def prebuilt_stats(t: Target) -> StatsSpec:
+    """What a prebuilt arm's files allow: document lengths (no pool scores, groups or peers)."""
+    return StatsSpec(None, None, None, (t.name,))
+
+
 @dataclass(frozen=True)
 class PrebuiltTask:
     unit: int
@@ -103,8 +109,8 @@ def prebuilt_pass(task: PrebuiltTask) -> dict[str, Any]:
         member &= task.cap.accepts(*cap_rank(keys, task.cap_seed))
     t = task.target
     stats = route_unit(
-        task.unit, [pa.table({"text": text})], keys, {t.name: member}, None, [t], task.stage, str(task.path),
-        row_groups=False,
+        task.unit, [pa.table({"text": text})], {"keys": keys}, {t.name: member}, [t], task.stage, str(task.path),
+        row_groups=False, stats_spec=prebuilt_stats(t),
     )  # fmt: skip
     stats[t.name]["eval_removed"] = int(held.sum())
     atomic_write_json(done_marker(task.stage, task.unit), stats)
@@ -188,5 +194,15 @@ def prepare_prebuilt(
         "eval_fingerprint": eval_m.get("fingerprint"),
         **({"cap": cap.to_json()} if cap else {}),
     }
-    write_targets(exp.shards, executor, [t], stage, units, unit_stats, {t.name: extra}, opts.force)
+    write_targets(
+        exp.shards,
+        executor,
+        [t],
+        stage,
+        units,
+        unit_stats,
+        {t.name: extra},
+        opts.force,
+        stats_spec=prebuilt_stats(t),
+    )
     shutil.rmtree(stage, ignore_errors=True)

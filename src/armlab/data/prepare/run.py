@@ -14,10 +14,11 @@ from typing import Any
 
 from armlab.data.pool import PoolFile, Prefetcher, list_pool
 from armlab.data.prepare.executor import Executor, LocalExecutor
-from armlab.data.prepare.keys import Columns, KeyTask, key_columns, run_key_task
+from armlab.data.prepare.keys import Columns, KeyTask, key_columns, run_key_task, stats_score_column
 from armlab.data.prepare.options import PrepareOptions
 from armlab.data.prepare.prebuilt import prepare_prebuilt
 from armlab.data.prepare.routing import TextTask, done_marker, run_text_task
+from armlab.data.prepare.stats import StatsSpec, score_edges
 from armlab.data.prepare.targets import (
     EVAL,
     TOKENIZER,
@@ -113,12 +114,19 @@ def prepare_pool(
         # 2. thresholds
         rules, summary = compute_rules(exp, arms, live, npz)
         need = _check_sizes(exp, rules, summary, targets, live, npz, work)
+        score = stats_score_column(exp)
+        stats_spec = StatsSpec(
+            score,
+            score_edges(score, rules, live, npz),
+            cols.group,
+            tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
+        )
         stage = work / f"stage-{fingerprint([pool_fp, [t.fingerprint for t in targets], sorted(bad)])}"
         # 3. text pass; a file found unreadable here (invalid UTF-8) is skipped with the thresholds
         # chosen again without it: the arms must be the stated share of the files they come from
         try:
             unit_stats, found = _text_pass(
-                exp, wd, files, live, npz, rules, summary, targets, stage, executor, opts
+                exp, wd, files, live, npz, rules, summary, targets, stage, executor, opts, stats_spec
             )
         except OSError as e:
             raise _disk_full(e, work, stage, targets, need) from None
@@ -153,7 +161,9 @@ def prepare_pool(
             extra[name]["threshold"] = th.to_json() if th else None
             extra[name]["cap"] = cap.to_json() if cap else None
     try:
-        write_targets(exp.shards, executor, targets, stage, live, unit_stats, extra, opts.force, budgets)
+        write_targets(
+            exp.shards, executor, targets, stage, live, unit_stats, extra, opts.force, budgets, stats_spec
+        )
     except OSError as e:
         raise _disk_full(e, work, stage, targets, need) from None
     shutil.rmtree(work, ignore_errors=True)  # this run's stage and keys, and any left by older specs
@@ -192,6 +202,7 @@ def _text_pass(
     stage: Path,
     executor: Executor,
     opts: PrepareOptions,
+    stats_spec: StatsSpec,
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
     """Route every live file not done yet; returns each unit's counts, and the files found
     unreadable (with skip_bad_files; else the error is raised)."""
@@ -223,6 +234,7 @@ def _text_pass(
                     targets,
                     stage,
                     opts.skip_bad_files,
+                    stats_spec,
                 )
 
         def routed(tt: TextTask, stats: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from armlab.data.prepare.executor import Executor
+from armlab.data.prepare.stats import StatsSpec, add, manifest_stats
 from armlab.data.prepare.targets import EVAL, TOKENIZER, Target
 from armlab.data.select import CHARS_PER_TOKEN, SALT_TOKENIZER
 from armlab.data.shards import ShardWriter, finish_dir
@@ -87,9 +88,21 @@ def unit_totals(
     for u in units:
         for name, st in unit_stats[u].items():
             if name in totals:
-                for k, v in st.items():
-                    totals[name][k] += v
+                for k in COUNTS:
+                    totals[name][k] += st.get(k, 0)
     return totals
+
+
+def data_stats(
+    spec: StatsSpec | None, name: str, units: list[int], unit_stats: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """The target's `manifest["stats"]`, summed over its units' counts."""
+    counts = None
+    for u in units:
+        part = unit_stats[u].get(name, {}).get("data")
+        if part is not None:
+            counts = add(counts, part)
+    return manifest_stats(spec, counts)
 
 
 def swap_into_place(t: Target, manifest: dict[str, Any], force: bool) -> None:
@@ -133,6 +146,7 @@ def write_targets(
     extra: dict[str, dict[str, Any]],
     force: bool = False,
     budgets: dict[str, CharBudget] | None = None,
+    stats_spec: StatsSpec | None = None,
 ) -> None:
     """Stage 2 for each target (in parallel), then its manifest and the swap into place.
     `budgets`: targets cut at a char budget while written (the tokenizer sample)."""
@@ -170,6 +184,8 @@ def write_targets(
             if merged.capped_chars is not None:
                 manifest["capped_chars"] = merged.capped_chars
                 _say_short_sample(mt, merged.capped_chars)
+            if stats_spec is not None and t.name in stats_spec.arms:
+                manifest["stats"] = data_stats(stats_spec, t.name, units, unit_stats)
             if tot.get("eval_removed"):
                 manifest["eval_removed"] = tot["eval_removed"]
             if extra[t.name].get("tokens_source"):
