@@ -56,7 +56,7 @@ def prepare_at(tmp: Path, name: str, uri: str, fetch: str = "columns", *args: st
     return res, exp.parent / "wd"
 
 
-SOURCE_FIELDS = ("fingerprint", "pool_fingerprint")  # name the pool's URI, so differ by design
+SOURCE_FIELDS = ("fingerprint", "pool_fingerprint", "pool_files")  # name the pool's URI: differ by design
 
 
 def same_outputs(a: Path, b: Path) -> None:

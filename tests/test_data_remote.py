@@ -89,6 +89,9 @@ def test_hub_pool_lists_reads_ranges_and_fingerprints_by_oid(repo: Path, tmp_pat
     for name, size, identity in listed:
         data = (repo / "data" / name.split("/data/", 1)[1]).read_bytes()
         assert size == len(data) and identity == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    # what the arms were derived from, in their manifests (and so in the pool fingerprint)
+    manifest = json.loads((wd / "arms" / "rand" / "data" / "manifest.json").read_text())
+    assert manifest["pool_files"] == listed
     tree = [h for h in hits if "/tree/" in h.path]
     assert len(tree) >= 3  # the listing followed the Link-header pagination (2 entries a page)
     reads = [h for h in hits if "/resolve/" in h.path]

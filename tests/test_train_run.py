@@ -222,9 +222,8 @@ def test_sigterm_stops_the_ranks_and_releases_the_lease(exp_file: Path) -> None:
         wait_for(lambda: max(train_losses(d), default=0) >= 2, timeout=60, what="step 2")
         lease = read_lease(data_dir(exp_file))
         assert lease is not None and lease.pid == proc.pid and lease.run == "term"
-        with pytest.raises(ArmlabError, match="leased by live run 'term'"):  # a second run on this arm now
-            plan_run(experiment(exp_file), ARM, run_name_="other", device="cpu")
-        assert not run_dir(exp_file, "other").exists()  # refused before writing anything
+        with pytest.raises(ArmlabError, match="leased by live run 'term'"):  # no prepare under a live run
+            check_writable(data_dir(exp_file), action="prepare 'rand'")
         workers = worker_procs(d)
         assert len(workers) >= 2
         proc.send_signal(signal.SIGTERM)

@@ -399,10 +399,19 @@ def file_stats(pf: PoolFile, text_column: str, local: Path | None = None) -> Fil
 def parquet_metadata(pf: PoolFile, local: Path | None = None) -> pq.FileMetaData:
     """The footer of a pool parquet file (remote: one ranged read of its tail; `local`: the
     downloaded copy)."""
+    return _parquet_file(pf, local).metadata
+
+
+def parquet_schema(pf: PoolFile, local: Path | None = None) -> pa.Schema:
+    """The Arrow schema a read of the file gives (from its footer, like `parquet_metadata`)."""
+    return _parquet_file(pf, local).schema_arrow
+
+
+def _parquet_file(pf: PoolFile, local: Path | None) -> pq.ParquetFile:
     try:
         if pf.remote and local is None:
-            return RemoteParquet(pf).metadata
-        return pq.ParquetFile(str(local or pf.path)).metadata
+            return RemoteParquet(pf).file
+        return pq.ParquetFile(str(local or pf.path))
     except RangesIgnored:
         raise ArmlabError(
             f"{pf.name}: the server ignores HTTP Range requests, so this file's footer (its row counts "

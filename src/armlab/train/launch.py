@@ -177,10 +177,7 @@ def plan_run(
     accum = grad_accum_steps(
         budget.total_batch_size, eff.train.device_batch_size, eff.model.max_seq_len, world
     )
-    check_feeds(data_dir, world)
-    lease = read_lease(data_dir)  # refuse before writing anything if another live run holds the data
-    if lease is not None and lease.alive and lease.run != run:
-        raise ArmlabError(f"{data_dir}: leased by live {lease.describe()}; wait for it to finish or stop it")
+    check_feeds(data_dir, world)  # other runs reading this arm are no conflict: read leases are shared
     # No port given: torchrun binds port 0 itself (c10d rendezvous), so the kernel hands out a free
     # port atomically; probing for a free port here and passing it on would race other processes.
     port = check_port(master_port) if master_port is not None else None

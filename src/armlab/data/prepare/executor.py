@@ -8,7 +8,8 @@ an iterable that blocks (waiting for a download) holds back only the work behind
 `LocalExecutor` runs tasks inline (workers=1) or on a pool of worker processes forked up front.
 Its workers die with their parent (PR_SET_PDEATHSIG on Linux, and a parent-pid watch where that
 is missing), ignore SIGINT (the parent owns shutdown: a Ctrl-C in a terminal reaches the whole
-process group, and worker tracebacks would bury the one line that matters), and run Arrow
+process group, and worker tracebacks would bury the one line that matters), take SIGTERM's
+default (they are killed, not stopped: the parent is what stops), and run Arrow
 single-threaded (one process per core; Arrow's own pool would only contend).
 """
 
@@ -110,6 +111,8 @@ class LocalExecutor:
 def _worker_init(parent: int | None) -> None:
     pa.set_cpu_count(1)  # one process per core: Arrow's own thread pool would only contend
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in (signal.SIGTERM, signal.SIGHUP):  # not the parent's "stop prepare" handlers
+        signal.signal(s, signal.SIG_DFL)
     die_with_parent(parent or os.getppid())
 
 

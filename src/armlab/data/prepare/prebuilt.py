@@ -20,9 +20,10 @@ import pyarrow.parquet as pq
 from armlab.data.identity import doc_keys, text_keys
 from armlab.data.pool import BadFile, describe_error
 from armlab.data.prepare.executor import Executor
-from armlab.data.prepare.keys import load_keys
+from armlab.data.prepare.keys import as_text, load_keys
 from armlab.data.prepare.options import PrepareOptions
 from armlab.data.prepare.routing import done_marker, route_unit
+from armlab.data.prepare.stats import StatsSpec
 from armlab.data.prepare.targets import Target, needs_work, prebuilt_target
 from armlab.data.prepare.writing import write_targets
 from armlab.data.select import Threshold, cap_rank, cap_threshold
@@ -43,7 +44,7 @@ class EvalKeys:
 
 def _prebuilt_read(
     path: Path, id_column: str | None, ev: EvalKeys
-) -> tuple[pa.ChunkedArray, np.ndarray, np.ndarray]:
+) -> tuple[pa.Array, np.ndarray, np.ndarray]:
     """One prebuilt file: its text, document keys, and which rows are eval docs (by the pool's id
     column when the file has it, else by text hash)."""
     try:
@@ -59,11 +60,11 @@ def _prebuilt_read(
         raise
     except (pa.ArrowException, OSError) as e:
         raise BadFile(str(path), describe_error(e)) from None
-    text = table.column("text")
+    text = as_text(str(path), "text", table.column("text").combine_chunks(), "")
     if use_id:
         keys = doc_keys(table.column(id_column), None)
         return text, keys, np.isin(keys, ev.keys)
-    keys = text_keys(text.combine_chunks().cast(pa.string()).to_pylist())
+    keys = text_keys(text)
     return text, keys, np.isin(keys, ev.text_keys)
 
 
@@ -81,6 +82,11 @@ def prebuilt_keys(task: PrebuiltKeyTask) -> None:
     chars = pc.fill_null(pc.utf8_length(text), 0).to_numpy().astype(np.int64)
     with atomic_path(task.out) as tmp, open(tmp, "wb") as f:
         np.savez(f, keys=keys[~held], chars=chars[~held])
+
+
+def prebuilt_stats(t: Target) -> StatsSpec:
+    """What a prebuilt arm's files allow: document lengths (no pool scores, groups or peers)."""
+    return StatsSpec(None, None, None, (t.name,))
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,9 @@ def prebuilt_pass(task: PrebuiltTask) -> dict[str, Any]:
         member &= task.cap.accepts(*cap_rank(keys, task.cap_seed))
     t = task.target
     stats = route_unit(
-        task.unit, [pa.table({"text": text})], keys, {t.name: member}, None, [t], task.stage, str(task.path)
-    )
+        task.unit, [pa.table({"text": text})], {"keys": keys}, {t.name: member}, [t], task.stage, str(task.path),
+        row_groups=False, stats_spec=prebuilt_stats(t),
+    )  # fmt: skip
     stats[t.name]["eval_removed"] = int(held.sum())
     atomic_write_json(done_marker(task.stage, task.unit), stats)
     return stats
@@ -182,6 +189,20 @@ def prepare_prebuilt(
             (PrebuiltTask(u, paths[u], exp.pool.id_column, ev, t, stage, cap, arm.seed) for u in todo),
             routed,
         )
-    extra = {"source": uri, "eval_fingerprint": eval_m.get("fingerprint"), **({"cap": cap.to_json()} if cap else {})}
-    write_targets(exp.shards, executor, [t], stage, units, unit_stats, {t.name: extra})
+    extra = {
+        "source": uri,
+        "eval_fingerprint": eval_m.get("fingerprint"),
+        **({"cap": cap.to_json()} if cap else {}),
+    }
+    write_targets(
+        exp.shards,
+        executor,
+        [t],
+        stage,
+        units,
+        unit_stats,
+        {t.name: extra},
+        opts.force,
+        stats_spec=prebuilt_stats(t),
+    )
     shutil.rmtree(stage, ignore_errors=True)

@@ -17,11 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from armlab.data.identity import mix, text_keys
-from armlab.data.pool import PoolFile, iter_columns
-from armlab.data.prepare.keys import load_keys
+from armlab.data.pool import BadFile, PoolFile, iter_columns, local_identity
+from armlab.data.prepare.keys import as_text, load_keys
+from armlab.data.prepare.stats import StatsSpec, unit_stats
 from armlab.data.prepare.targets import EVAL, Target
 from armlab.data.prepare.thresholds import masks
-from armlab.data.select import SALT_SHUFFLE, Rules
+from armlab.data.select import Rules
 from armlab.data.shuffle import StageWriter
 from armlab.errors import ArmlabError
 from armlab.workdir import atomic_write_json
@@ -41,24 +42,38 @@ def text_schema(target: Target) -> pa.Schema:
 def route_unit(
     unit: int,
     batches: Iterable[pa.Table],
-    keys: np.ndarray,
+    a: dict[str, np.ndarray],
     member: dict[str, np.ndarray],
-    tokens: np.ndarray | None,
     targets: list[Target],
     stage: Path,
     name: str,
+    text_column: str = "text",
+    row_groups: bool = True,
+    stats_spec: StatsSpec | None = None,
 ) -> dict[str, Any]:
-    """Send each target's selected, non-empty rows of one unit to its stage-1 file; return counts."""
+    """Send each target's selected, non-empty rows of one unit to its stage-1 file; return counts.
+
+    `batches` are the unit's text column in file order (one parquet row group each when
+    `row_groups`, which an invalid-UTF-8 error then names); `a` its per-row arrays (`keys`, and
+    `tokens`, scores, group codes when the key pass read them)."""
+    keys, tokens = a["keys"], a.get("tokens")
     writers = {t.name: StageWriter(stage / t.name / f"{unit:06d}.arrow") for t in targets}
-    stats = {t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0} for t in targets}
+    stats: dict[str, dict[str, Any]] = {
+        t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0} for t in targets
+    }
+    kept = {t.name: np.zeros(len(keys), dtype=bool) for t in targets}
+    doc_chars = np.zeros(len(keys), dtype=np.int64)
     off = 0
     try:
-        for batch in batches:
-            text = batch.column(0).combine_chunks()
-            if not pa.types.is_string(text.type):
-                text = text.cast(pa.string())
+        for rg, batch in enumerate(batches):
+            text = as_text(
+                name, text_column, batch.column(0).combine_chunks(), f"row group {rg}" if row_groups else ""
+            )
             n = len(text)
-            valid = pc.fill_null(pc.greater(pc.binary_length(text), 0), False).to_numpy(zero_copy_only=False)
+            lengths = pc.fill_null(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            if off + n <= len(keys):
+                doc_chars[off : off + n] = lengths
+            valid = lengths > 0
             for t in targets:
                 m = member[t.name][off : off + n]
                 st = stats[t.name]
@@ -67,7 +82,7 @@ def route_unit(
                 if not idx.size:
                     continue
                 k = keys[off + idx]
-                h = mix(k, t.shuffle_seed, SALT_SHUFFLE)
+                h = mix(k, t.shuffle_seed, t.salt)
                 order = np.argsort(h, kind="stable")  # stage-1 batches are sorted by h
                 idx, k, h = idx[order], k[order], h[order]
                 sub = text.take(pa.array(idx))
@@ -76,8 +91,9 @@ def route_unit(
                     cols["key"] = pa.array(k)
                     cols["text_key"] = pa.array(text_keys(sub))
                 writers[t.name].add(pa.table(cols))
+                kept[t.name][off + idx] = True
                 st["rows"] += len(idx)
-                st["chars"] += int(pc.sum(pc.utf8_length(sub)).as_py() or 0)
+                st["chars"] += int(lengths[idx].sum())
                 if tokens is not None:
                     st["tokens"] += int(tokens[off + idx].sum())
             off += n
@@ -91,6 +107,10 @@ def route_unit(
         for w in writers.values():
             w.abort()
         raise
+    if stats_spec is not None:
+        for t in targets:
+            if t.name in stats_spec.arms:
+                stats[t.name]["data"] = unit_stats(stats_spec, t.name, kept, doc_chars, a)
     return stats
 
 
@@ -106,14 +126,33 @@ class TextTask:
     text_column: str
     targets: list[Target]
     stage: Path
+    skip_bad_files: bool = False
+    stats_spec: StatsSpec | None = None
+
+
+def run_text_task(task: TextTask) -> dict[str, Any]:
+    """The text pass of one file; with skip_bad_files an unreadable file is returned as
+    {"bad": reason} (its stage files removed, no done marker) instead of raised."""
+    try:
+        return text_pass(task)
+    except BadFile as e:
+        if not task.skip_bad_files:
+            raise
+        return {"bad": f"{e.file} ({e.reason})"}
 
 
 def text_pass(task: TextTask) -> dict[str, Any]:
+    pf = task.pf
+    if not pf.remote and local_identity(pf.path, pf.fmt) != pf.identity:  # one footer read
+        raise ArmlabError(f"{pf.name}: changed while prepare ran (its keys are stale); rerun prepare")
     a = load_keys(task.keys_npz)
     member = masks(task.rules, a, [t.name for t in task.targets])
-    batches = iter_columns(task.pf, [task.text_column], local=task.local, types={task.text_column: pa.string()})
-    stats = route_unit(
-        task.unit, batches, a["keys"], member, a.get("tokens"), task.targets, task.stage, task.pf.name
+    batches = iter_columns(
+        task.pf, [task.text_column], local=task.local, types={task.text_column: pa.string()}
     )
+    stats = route_unit(
+        task.unit, batches, a, member, task.targets, task.stage, pf.name,
+        task.text_column, row_groups=pf.fmt == "parquet", stats_spec=task.stats_spec,
+    )  # fmt: skip
     atomic_write_json(done_marker(task.stage, task.unit), stats)
     return stats

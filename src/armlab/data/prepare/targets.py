@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.data.pool import PoolFile
+from armlab.data.select import SALT_SHUFFLE, SALT_TOKENIZER
 from armlab.data.shards import MANIFEST
 from armlab.errors import ArmlabError
 from armlab.spec import ArmSpec, Experiment, PoolSpec, fingerprint, fingerprint_diff
@@ -33,6 +34,7 @@ class Target:
     columns: tuple[str, ...]  # columns written to the shards
     selection: dict[str, Any]
     fingerprint: str
+    salt: int = SALT_SHUFFLE  # the shards are in ascending mix(key, shuffle_seed, salt)
 
     @property
     def partial_dir(self) -> Path:
@@ -40,9 +42,31 @@ class Target:
         return self.out_dir.with_name(f".{self.out_dir.name}.partial")
 
 
+def pool_listing(files: list[PoolFile]) -> list[list[Any]]:
+    """[name, size, content identity] of each pool file: what a prepared dir was derived from."""
+    return [[f.name, f.size, f.identity] for f in files]
+
+
 def pool_fingerprint(spec: PoolSpec, files: list[PoolFile]) -> str:
     # `fetch` says how the bytes travel, not what they are: switching it keeps prepared data valid
-    return fingerprint({"pool": spec.model_dump(exclude={"fetch"}), "files": [f.describe() for f in files]})
+    return fingerprint({"pool": spec.model_dump(exclude={"fetch"}), "files": pool_listing(files)})
+
+
+def key_file_fingerprint(pf: PoolFile, columns: list[str]) -> str:
+    """A file's key-pass output depends on its contents and the columns read, nothing else."""
+    return fingerprint([pf.name, pf.size, pf.identity, columns])
+
+
+def pool_changes(old: list[list[Any]] | None, files: list[PoolFile]) -> list[str]:
+    """Which pool files differ from an earlier listing (`pool_listing`): changed, new, gone."""
+    if old is None:
+        return []
+    before = {str(n): (s, i) for n, s, i in old}
+    now = {n: (s, i) for n, s, i in pool_listing(files)}
+    out = [f"{n} changed" for n in sorted(set(before) & set(now)) if before[n] != now[n]]
+    out += [f"{n} is new" for n in sorted(set(now) - set(before))]
+    out += [f"{n} is gone" for n in sorted(set(before) - set(now))]
+    return out
 
 
 def eval_selection(exp: Experiment) -> dict[str, Any]:
@@ -56,11 +80,13 @@ def arm_selection(exp: Experiment, arm: ArmSpec) -> dict[str, Any]:
         sel["semantics"] = "uniform(key, seed) < ratio: each non-eval document independently (binomial size)"
     elif arm.kind == "top":
         sel["semantics"] = (
-            f"exactly the top ratio of the non-eval pool by {arm.score_column} ({arm.by}); ties broken by mix(key, seed)"
+            f"exactly the top ratio of the non-eval pool by {arm.score_column} ({arm.by}); ties broken by mix(key, seed); "
+            "documents without a score rank last"
         )
     elif arm.kind == "sample":
         sel["semantics"] = (
-            f"Gumbel top-k: without replacement, P ~ exp({arm.score_column} / temperature), ratio of the non-eval pool ({arm.by})"
+            f"Gumbel top-k: without replacement, P ~ exp({arm.score_column} / temperature), ratio of the non-eval pool ({arm.by}); "
+            "documents without a score rank last"
         )
     if arm.max_rows or arm.max_tokens:
         sel["cap_semantics"] = (
@@ -90,11 +116,19 @@ def plan_targets(exp: Experiment, wd: Workdir, arms: list[ArmSpec], pool_fp: str
             {
                 "kind": "tokenizer-sample",
                 "train_chars": exp.tokenizer.train_chars,
+                "doc_cap": exp.tokenizer.doc_cap,
                 "seed": exp.tokenizer.seed,
+                "semantics": "the first non-eval documents in ascending mix(key, seed, SALT_TOKENIZER) whose "
+                "chars, each capped at doc_cap, reach train_chars",
             },
             fingerprint(
-                {**common, "target": "tokenizer", "tok": [exp.tokenizer.train_chars, exp.tokenizer.seed]}
+                {
+                    **common,
+                    "target": "tokenizer",
+                    "tok": [exp.tokenizer.train_chars, exp.tokenizer.seed, exp.tokenizer.doc_cap],
+                }
             ),
+            salt=SALT_TOKENIZER,
         ),
     ]
     for arm in arms:
@@ -126,18 +160,26 @@ def prebuilt_target(
     )
 
 
-def needs_work(t: Target, force: bool, overwrite: bool) -> bool:
-    """False when `t.out_dir` is already complete from the same spec; refuses unsafe overwrites."""
+def needs_work(t: Target, force: bool, overwrite: bool, files: list[PoolFile] | None = None) -> bool:
+    """False when `t.out_dir` is already complete from the same spec and pool files; refuses
+    unsafe overwrites, naming the pool files that changed when that is the difference."""
     mpath = t.out_dir / MANIFEST
     if mpath.is_file():
         m = read_json(mpath)
         if m.get("complete") and m.get("fingerprint") == t.fingerprint:
             return False
         if m.get("complete") and not overwrite:
-            diff = fingerprint_diff(m.get("selection", {}), t.selection) or ["pool, eval or shard settings"]
+            diff = fingerprint_diff(m.get("selection", {}), t.selection)
+            changed = pool_changes(m.get("pool_files"), files) if files is not None and not diff else []
+            if changed:
+                more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+                raise ArmlabError(
+                    f"{t.out_dir}: {t.name!r} is out of date: pool file {changed[0]}{more} since it was prepared; "
+                    "rerun with --overwrite to re-prepare it from the pool as it is now"
+                )
             raise ArmlabError(
-                f"{t.out_dir}: holds {t.name!r} prepared from a different spec ({', '.join(diff)} differ); "
-                "rerun with --overwrite to replace it"
+                f"{t.out_dir}: holds {t.name!r} prepared from a different spec "
+                f"({', '.join(diff or ['pool, eval or shard settings'])} differ); rerun with --overwrite to replace it"
             )
     check_writable(t.out_dir, force=force, action=f"prepare {t.name!r}")
     return True
