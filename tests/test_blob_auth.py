@@ -129,3 +129,56 @@ def test_playbook_prebuilt_example_is_valid(repo_root):
     assert parse_az_uri(top.uri).container == "quratingfiltered"
     assert (rand.kind, rand.ratio, rand.seed) == ("random", 0.165, 42)
     assert {h.master_port for h in exp.hosts} == {29500, 29501}
+
+
+@pytest.mark.parametrize(
+    ("env", "where"),
+    [
+        (
+            {"AZURE_STORAGE_CONNECTION_STRING": f"AccountName=a;AccountKey={KEY};BlobEndpoint=http://[::1"},
+            "BlobEndpoint",
+        ),
+        (
+            {
+                "AZURE_STORAGE_CONNECTION_STRING": f"AccountName=a;AccountKey={KEY};BlobEndpoint=127.0.0.1:10000/a"
+            },
+            "BlobEndpoint",
+        ),
+        (
+            {"AZURE_STORAGE_ACCOUNT": "acct", "AZURE_STORAGE_BLOB_ENDPOINT": "https://[fe80::1/x"},
+            "AZURE_STORAGE_BLOB_ENDPOINT",
+        ),
+        ({"AZURE_STORAGE_ACCOUNT": "bad[name"}, "AZURE_STORAGE_ACCOUNT"),
+    ],
+)
+def test_a_malformed_endpoint_is_one_line_naming_its_variable(env, where):
+    with pytest.raises(ArmlabError, match=where) as e:
+        auth_from_env(env)
+    assert "not a valid endpoint URL" in str(e.value) and KEY not in str(e.value)
+
+
+def test_a_malformed_blob_endpoint_through_the_cli(tmp_path, monkeypatch):
+    from data_util import experiment_toml
+    from test_data_prepare import assert_refused, cli
+
+    exp = tmp_path / "exp.toml"
+    exp.write_text(experiment_toml(tmp_path / "wd", str(tmp_path / "pool")))
+    cs = f"AccountName=devstoreaccount1;AccountKey={KEY};BlobEndpoint=http://[::1:10000/devstoreaccount1"
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", cs)
+    res = cli("pull", exp, "--arm", "rand", "--from", "az://armlab-test/rand")
+    assert_refused(res, "AZURE_STORAGE_CONNECTION_STRING's BlobEndpoint", "not a valid endpoint URL")
+    assert KEY not in res.stderr
+
+
+def test_userinfo_in_an_endpoint_never_reaches_a_message():
+    from azure.core.exceptions import ServiceRequestError
+
+    from armlab.data.blob.sdk import _az_error
+
+    env = {
+        "AZURE_STORAGE_CONNECTION_STRING": f"AccountName=a;AccountKey={KEY};BlobEndpoint=https://u:pa55word-xyz@h.example/a"
+    }
+    auth = auth_from_env(env)
+    msg = str(_az_error(ServiceRequestError("Connection refused"), "az://c/x", auth, attempts=3))
+    assert "pa55word-xyz" not in msg and "https://***@h.example/a" in msg
+    assert scrub("see http://user:pw-secret@host/x and hf://x") == "see http://***@host/x and hf://x"

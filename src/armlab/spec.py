@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from armlab.errors import ArmlabError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
 
 
 class Strict(BaseModel):
@@ -34,6 +35,9 @@ class PoolSpec(Strict):
     id_column: str | None = None
     token_count_column: str | None = None
     format: Literal["auto", "parquet", "jsonl"] = "auto"
+    # Remote parquet: "columns" reads only the column chunks each pass needs (ranged requests);
+    # "files" downloads whole files first, for stores without Range support.
+    fetch: Literal["columns", "files"] = "columns"
 
 
 class EvalSpec(Strict):
@@ -90,6 +94,8 @@ class ArmSpec(Strict):
     def _name_ok(cls, v: str) -> str:
         if not NAME_RE.match(v):
             raise ValueError(f"arm name {v!r} must be letters, digits, '.', '_' or '-'")
+        if v in RESERVED_ARM_NAMES:
+            raise ValueError(f"arm name {v!r} is reserved (prepare's eval set and tokenizer sample); rename the arm")
         return v
 
     @field_validator("ratio")
@@ -194,6 +200,12 @@ class EvaluateSpec(Strict):
         return None if self.core_bundle == "none" else self.core_bundle
 
 
+class ReportSpec(Strict):
+    """What the report shows about the arms' data."""
+
+    group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
+
+
 class HostSpec(Strict):
     name: str
     ssh: str  # user@host, or a Host alias from ~/.ssh/config
@@ -218,6 +230,7 @@ class Experiment(Strict):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    report: ReportSpec = ReportSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
 
     @field_validator("name")

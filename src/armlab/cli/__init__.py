@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from armlab.cli.app import app
-from armlab.errors import ArmlabError, RunFailed
+from armlab.errors import ArmlabError, RunFailed, Stopped
 
 # Command modules: importing them registers their commands on `app`, in workflow order
 # (the order `armlab --help` lists them).
@@ -64,6 +64,9 @@ def main() -> None:
     except ArmlabError as e:
         print(f"armlab: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:  # raised below typer, which would turn a KeyboardInterrupt into a silent 130
+        print(f"armlab: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except RunFailed as e:
         print(f"armlab: failed: {e}", file=sys.stderr)
         sys.exit(1)

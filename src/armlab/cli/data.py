@@ -32,6 +32,7 @@ def prepare(
     rows_per_shard: Annotated[int | None, typer.Option(help="override shards.rows_per_shard")] = None,
 ) -> None:
     """Prepare the eval set, the tokenizer sample and the arms' shuffled shards (resumable)."""
+    from armlab.data.prepare import PrepareOptions
     from armlab.data.prepare import prepare as run_prepare
     from armlab.spec import load_experiment, parse_experiment
 
@@ -51,9 +52,7 @@ def prepare(
         if rows_per_shard is not None:
             data["shards"]["rows_per_shard"] = rows_per_shard
         spec = parse_experiment(data, "command line")
-    dirs = run_prepare(
-        spec,
-        arms=arm,
+    options = PrepareOptions(
         workers=workers,
         force=force,
         overwrite=overwrite,
@@ -61,6 +60,7 @@ def prepare(
         keep_cache=keep_cache,
         skip_download=skip_download,
     )
+    dirs = run_prepare(spec, arms=arm, options=options)
     for name, d in dirs.items():
         print(f"{name}\t{d}")
 
@@ -113,12 +113,18 @@ def plan(
         float,
         typer.Option("--usd-per-gpu-hour", min=0, help="price of one GPU-hour (nanochat's README: ~$3)"),
     ] = 3.0,
+    link_mbps: Annotated[
+        float,
+        typer.Option(
+            "--link-mbps", help="remote pools: link speed for the download estimate, Mbit/s", min=0.001
+        ),
+    ] = 1000.0,
 ) -> None:
     """Per arm: docs / chars / tokens vs what one run consumes; FLOPs, GPU-hours, wall time and cost per run and
-    for the experiment; the smallest difference its seeds can detect (from a pilot's noise)."""
+    for the experiment; a remote pool's download; the smallest difference its seeds can detect (from a pilot's noise)."""
     from armlab.cost import costs, parse_mfu, render_costs
+    from armlab.data.plan import download_plan, render, render_download
     from armlab.data.plan import plan as make_plan
-    from armlab.data.plan import render
     from armlab.progress import console
     from armlab.report.power import plan_power
     from armlab.spec import load_experiment
@@ -128,7 +134,10 @@ def plan(
     pilot_exp = load_experiment(pilot) if pilot else None
     priced = render_costs(spec, costs(spec, mfus, gpus), usd_per_gpu_hour)  # from the spec alone
     noise = plan_power(spec, pilot_exp, detect)
-    table, warnings = render(spec, make_plan(spec))  # reads the pool's metadata for unprepared arms
+    plans = make_plan(spec)  # reads the pool's metadata for unprepared arms
+    table, warnings = render(spec, plans)
     print(f"{table}\n{priced}\n{noise}")
+    if any(p.source == "estimate" for p in plans) and (download := download_plan(spec)):
+        print(render_download(download, link_mbps))
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)

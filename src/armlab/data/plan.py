@@ -5,11 +5,16 @@ count column, else chars / 4). Unprepared arms are estimated from the pool's par
 (rows and uncompressed text size, no data read) times the arm's ratio, after the eval holdout
 and any max_rows / max_tokens cap. The run's consumption is `budget.training_budget(exp)`; an
 arm smaller than that is repeated (DESIGN.md invariant 7) and gets a warning.
+
+For a remote pool, `download_plan` adds what `prepare` will fetch in each `[pool] fetch` mode
+(from the parquet footers, one ranged read a file) and how long that takes at a link speed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import pyarrow as pa
 
 from armlab.budget import training_budget
 from armlab.data.pool import (
@@ -19,7 +24,7 @@ from armlab.data.pool import (
     file_stats,
     list_pool,
     missing_columns,
-    open_source,
+    parquet_schema,
 )
 from armlab.data.select import CHARS_PER_TOKEN
 from armlab.data.shards import MANIFEST
@@ -61,14 +66,7 @@ def check_columns(exp: Experiment, files: list[PoolFile]) -> None:
     first = next((f for f in files if f.fmt == "parquet"), None)
     if first is None:
         return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        with open_source(first) as src:
-            names = pq.ParquetFile(src).schema_arrow.names
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise BadFile(first.name, describe_error(e)) from None
+    names = parquet_schema(first).names
     for a in exp.arms:
         if a.score_column and a.kind != "prebuilt":
             missing_columns(first, names, [a.score_column], f"set score_column of arm {a.name!r} to one of them")
@@ -176,3 +174,97 @@ def render(exp: Experiment, plans: list[ArmPlan]) -> tuple[str, list[str]]:
                 f"arm {p.arm!r}: size unknown until prepared (`armlab prepare EXP --arm {p.arm}`)"
             )
     return head + table, warnings
+
+
+# -- the download (remote pools) -------------------------------------------------------------------
+FOOTER_THREADS = 8  # footers read in parallel (one ranged request a file)
+
+
+@dataclass(frozen=True)
+class DownloadPlan:
+    """What `prepare` will fetch of a remote pool, from each file's footer: the key pass's
+    columns, and the text pass's text column or whole files."""
+
+    mode: str  # [pool] fetch
+    ranges: bool  # the store honours Range (else every file is downloaded whole, in both passes)
+    files: int  # remote files
+    file_bytes: int
+    key_bytes: int  # the key pass (its columns, footers included)
+    text_column_bytes: int  # the text pass in "columns" mode (text chunks, footers included)
+
+    def fetched(self, mode: str) -> int:
+        if not self.ranges:
+            return 2 * self.file_bytes
+        return self.key_bytes + (self.text_column_bytes if mode == "columns" else self.file_bytes)
+
+    def seconds(self, mode: str, link_mbps: float) -> float:
+        return self.fetched(mode) * 8 / (link_mbps * 1e6)
+
+
+def download_plan(exp: Experiment) -> DownloadPlan | None:
+    """The bytes a full `prepare` fetches of the pool; None when the pool is local. Reads each
+    remote parquet file's footer with one ranged request (jsonl counts whole, twice)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from armlab.data.fetch import fetch_plan
+    from armlab.data.prepare.keys import key_columns
+    from armlab.data.ranged import RemoteParquet
+
+    files = [f for f in list_pool(exp.pool) if f.remote]
+    if not files:
+        return None
+    fetch = fetch_plan(exp.pool, files)
+    key_cols = key_columns(exp, [a for a in exp.arms if a.kind != "prebuilt"]).read
+    text_cols = [exp.pool.text_column]
+
+    def one(pf: PoolFile) -> tuple[int, int]:
+        if pf.fmt != "parquet" or not fetch.ranges:
+            return pf.size, pf.size
+        try:
+            rf = RemoteParquet(pf)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise BadFile(pf.name, describe_error(e)) from None
+        return rf.planned_bytes(key_cols), rf.planned_bytes(text_cols)
+
+    key = text = 0
+    with progress(transient=True) as bar, ThreadPoolExecutor(FOOTER_THREADS) as pool:
+        task = bar.add_task("pool footers", total=len(files), unit="files")
+        for k, t in pool.map(one, files):
+            key, text = key + k, text + t
+            bar.update(task, advance=1)
+    return DownloadPlan(fetch.mode, fetch.ranges, len(files), sum(f.size for f in files), key, text)
+
+
+def fmt_bytes(n: float) -> str:
+    for scale, unit in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def fmt_duration(s: float) -> str:
+    for scale, unit in ((86400, "days"), (3600, "h"), (60, "min")):
+        if s >= scale:
+            return f"{s / scale:,.1f} {unit}"
+    return f"{s:,.0f} s"
+
+
+def render_download(d: DownloadPlan, link_mbps: float) -> str:
+    """The download lines of `armlab plan`: the chosen mode first, then the other for comparison."""
+    link = f"{link_mbps:,.0f} Mbit/s"
+    head = f"download: {d.files:,} remote files, {fmt_bytes(d.file_bytes)}"
+    if not d.ranges:
+        return (
+            f"{head}; the server ignores Range, so prepare downloads every file whole, once a pass: "
+            f"{fmt_bytes(d.fetched(d.mode))}, ~{fmt_duration(d.seconds(d.mode, link_mbps))} at {link}"
+        )
+    lines = [head]
+    for mode in (d.mode, "files" if d.mode == "columns" else "columns"):
+        what = "key columns + text column" if mode == "columns" else "key columns + whole files"
+        mark = "  (chosen: [pool] fetch)" if mode == d.mode else ""
+        lines.append(
+            f'  fetch = "{mode}": {what} = {fmt_bytes(d.fetched(mode))} '
+            f"({d.fetched(mode) / max(d.file_bytes, 1):.2f}x the files), "
+            f"~{fmt_duration(d.seconds(mode, link_mbps))} at {link}{mark}"
+        )
+    return "\n".join(lines)

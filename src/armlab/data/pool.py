@@ -1,27 +1,30 @@
-"""Open a pool by URI: list its files, read only the columns needed, fetch remote files.
+"""Open a pool by URI: list its files (with their content identity), read only the columns needed.
 
 A pool URI is a local file, dir or glob (`/data/pool/*.parquet`), or an fsspec URL:
 `hf://datasets/<repo>/<glob>` for the Hugging Face hub (HF_TOKEN is read from the environment
-by huggingface_hub itself and never logged), or any other fsspec protocol (`file://...` is
-what the tests use to exercise the remote path without a network).
+by huggingface_hub itself and never logged), `http(s)://`, or any other fsspec protocol
+(`file://...` exercises the remote path without a network).
 
-Remote files take two routes. Passes that need one or two small columns (ids, scores) read
-them in place with ranged reads (parquet column chunks), so the text is never downloaded for
-them. The text pass fetches whole files into a bounded cache under `<workdir>/cache/pool/`,
-prefetching a few files ahead, retrying each download, and deleting each file once it has been
-used (unless keep_cache): a 1.6 TB pool never needs 1.6 TB of disk, and a dropped connection
-costs one file, not the run.
+Remote parquet read in place is column-pruned (`armlab.data.ranged`): a pass fetches only the
+column chunks it needs (the key pass ids, scores and token counts; the text pass the text).
+Which files are downloaded whole instead, and the download cache, are `armlab.data.fetch`.
+
+How a remote pool is listed: `hf://datasets/<repo>/<glob>` by the hub's tree API (with the LFS
+sha256 of each file); `http(s)://host/dir/` by the links of the server's directory index page
+(nginx `autoindex on`, Apache, `python -m http.server` all serve one), optionally with a glob
+(`http://host/pool/**/*.parquet`), then one HEAD a file for its size and ETag; a single file URL
+is a pool of one file. Other fsspec protocols list as their filesystem does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
-import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,15 @@ import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
+from armlab.data.ranged import RemoteParquet
+from armlab.data.remote import (
+    RangesIgnored,
+    filesystem,
+    network_error,
+    redact,
+    retrying,
+    transient,
+)
 from armlab.errors import ArmlabError
 from armlab.spec import PoolSpec
 
@@ -47,6 +59,7 @@ class PoolFile:
     size: int
     fmt: str  # "parquet" | "jsonl"
     protocol: str | None = None  # None: local file
+    identity: str = ""  # the file's content identity (`local_identity` / `remote_identity`)
 
     @property
     def remote(self) -> bool:
@@ -54,7 +67,10 @@ class PoolFile:
 
     @property
     def name(self) -> str:
-        return self.path if not self.remote else f"{self.protocol}://{self.path}"
+        """How the file is shown (messages, manifests, fingerprints): its URI without credentials."""
+        if not self.remote:
+            return self.path
+        return redact(self.path if "://" in self.path else f"{self.protocol}://{self.path}")
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size}
@@ -79,14 +95,15 @@ def split_uri(uri: str) -> tuple[str | None, str]:
     return None, os.path.expanduser(os.path.expandvars(uri))
 
 
-def filesystem(protocol: str) -> Any:
-    import fsspec
+# Files a dir or glob listing never takes as pool files: dot/underscore names (`.lease`, Spark's
+# `_SUCCESS`, `_metadata`) and the manifest armlab writes beside its own shards.
+SKIP_NAMES = ("manifest.json",)
+HEAD_THREADS = 16  # listings that give names only (HTTP index pages): HEADs in flight
 
-    if protocol == "hf":
-        from huggingface_hub import HfFileSystem
 
-        return HfFileSystem()  # picks up HF_TOKEN from the environment; never passed through our logs
-    return fsspec.filesystem(protocol)
+def _listable(path: str) -> bool:
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return not name.startswith((".", "_")) and name not in SKIP_NAMES
 
 
 def list_pool(spec: PoolSpec) -> list[PoolFile]:
@@ -97,34 +114,113 @@ def list_pool(spec: PoolSpec) -> list[PoolFile]:
         p = Path(path)
         if p.is_file():
             candidates = [str(p)]
-        elif p.is_dir():
-            candidates = sorted(str(q) for q in p.rglob("*") if q.is_file())
         else:
-            candidates = sorted(glob.glob(path, recursive=True))
+            found = p.rglob("*") if p.is_dir() else map(Path, glob.glob(path, recursive=True))
+            rel = (lambda q: q.relative_to(p).parts) if p.is_dir() else (lambda q: (q.name,))
+            candidates = sorted(str(q) for q in found if all(map(_listable, rel(q))))
         for c in candidates:
             fmt = file_format(c, spec.format)
             if fmt and Path(c).is_file():
-                files.append(PoolFile(c, os.path.getsize(c), fmt))
+                files.append(PoolFile(c, os.path.getsize(c), fmt, identity=local_identity(c, fmt)))
     else:
-        try:
-            fs = filesystem(protocol)
-            if glob.has_magic(path):
-                found = fs.glob(path, detail=True)
-            elif fs.isdir(path):
-                found = fs.find(path, detail=True)
-            else:
-                found = {path: fs.info(path)}
-        except (OSError, ValueError) as e:
-            raise ArmlabError(f"pool.uri {spec.uri!r}: cannot list files ({type(e).__name__}: {e})") from None
-        for name, info in sorted(found.items()):
+        for name, info in sorted(_list_remote(spec, protocol, path).items()):
             fmt = file_format(name, spec.format)
             if fmt and info.get("type", "file") == "file":
-                files.append(PoolFile(name, int(info.get("size") or 0), fmt, protocol))
+                files.append(PoolFile(name, int(info.get("size") or 0), fmt, protocol, remote_identity(info)))
     if not files:
         raise ArmlabError(
-            f"pool.uri {spec.uri!r}: no parquet or jsonl(.gz/.zst) files found; check the path or glob"
+            f"pool.uri {redact(spec.uri)!r}: no parquet or jsonl(.gz/.zst) files found; check the path or glob"
         )
     return files
+
+
+def _list_remote(spec: PoolSpec, protocol: str, path: str) -> dict[str, dict[str, Any]]:
+    """name -> info for a remote pool URI (a file, a dir or a glob), each info with size and
+    whatever content tags the store gives (see `remote_identity`)."""
+    fs = filesystem(protocol)
+    http = protocol in ("http", "https")
+    if http:
+        path = spec.uri  # fsspec's HTTP filesystem addresses files by their full URL
+
+    def find() -> dict[str, dict[str, Any]]:
+        magic = glob.has_magic(path.split("://", 1)[-1])
+        if (
+            not magic
+            and not path.endswith("/")
+            and (file_format(path, spec.format) if http else not fs.isdir(path))
+        ):
+            return {path: fs.info(path)}
+        root = path[: min((path.find(c) for c in "*?[" if c in path), default=len(path))]
+        root = root if not magic else root.rsplit("/", 1)[0]
+        if http:  # fsspec's walk skips folders it cannot read: read the top one here, so errors surface
+            fs.ls(root)
+        found = fs.glob(path, detail=True) if magic else fs.find(path, detail=True)
+        root = root.rstrip("/")
+        return {n: i for n, i in found.items() if all(map(_listable, n[len(root) :].split("/")))}
+
+    found = retrying(find, spec.uri)
+    # HTTP index pages give names only: one HEAD a file for its size, ETag and Last-Modified.
+    todo = [n for n, i in found.items() if file_format(n, spec.format) and i.get("size") is None]
+    if todo:
+        with ThreadPoolExecutor(HEAD_THREADS) as pool:
+            for n, info in zip(todo, pool.map(lambda n: retrying(lambda: fs.info(n), n), todo), strict=True):
+                found[n] = {**found[n], **info}
+    return found
+
+
+# -- content identity ------------------------------------------------------------------------------
+# What a fingerprint of the pool covers for each file, so that a file rewritten in place (re-scored,
+# re-exported, even at the same size) invalidates what was derived from it, while a rerun over
+# unchanged files costs no more than a listing (and, for local parquet, one footer read a file).
+SAMPLE_BYTES = 64 << 10  # head and tail hashed for files without a footer
+
+
+def local_identity(path: str, fmt: str) -> str:
+    """Local parquet: `pq:<size>:<sha256 of the footer>`. The footer holds every column chunk's
+    offsets, sizes and statistics, so new contents change it unless every chunk kept its exact
+    compressed size and statistics; copying the file (new mtime) keeps it. Other files (jsonl, or
+    parquet without a readable footer): `stat:<size>:<mtime_ns>:<sha256 of head and tail>`."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        if fmt == "parquet" and st.st_size >= 12:
+            f.seek(st.st_size - 8)
+            tail = f.read(8)
+            n = int.from_bytes(tail[:4], "little")
+            if tail[4:] == b"PAR1" and n + 12 <= st.st_size:
+                f.seek(st.st_size - 8 - n)
+                return f"pq:{st.st_size}:{hashlib.sha256(f.read(n)).hexdigest()[:32]}"
+        h = hashlib.sha256(f.read(SAMPLE_BYTES))
+        if st.st_size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, st.st_size - SAMPLE_BYTES))
+            h.update(f.read(SAMPLE_BYTES))
+    return f"stat:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:32]}"
+
+
+def remote_identity(info: dict[str, Any]) -> str:
+    """What the store lists about a file's contents, strongest first: a content hash (the hub's
+    LFS sha256 or xet hash, a Content-MD5), then a version tag (ETag, the hub's git blob id), then
+    the modification time. '' when the store lists none of these (the fingerprint then has only
+    the name and size to go on)."""
+    lfs = info.get("lfs")
+    if isinstance(lfs, dict) and (lfs.get("sha256") or lfs.get("oid")):
+        return f"sha256:{lfs.get('sha256') or lfs.get('oid')}"
+    lower = {str(k).lower(): v for k, v in info.items() if v not in (None, "")}
+    for key, tag in (
+        ("xet_hash", "xet"),
+        ("content-md5", "md5"),
+        ("md5", "md5"),
+        ("etag", "etag"),
+        ("blob_id", "git"),
+        ("last-modified", "mtime"),
+        ("last_modified", "mtime"),
+        ("lastmodified", "mtime"),
+        ("mtime", "mtime"),
+    ):
+        if key in lower:
+            value = lower[key]
+            text = value.isoformat() if hasattr(value, "isoformat") else str(value).replace('"', "")
+            return f"{tag}:{text}"
+    return ""
 
 
 # -- reading ---------------------------------------------------------------------------------------
@@ -242,7 +338,14 @@ def iter_columns(
     Single-threaded decoding: parallelism comes from worker processes, and Arrow's thread pool
     would only add contention (measured: 10x the system time for the same read)."""
     try:
-        if pf.fmt == "parquet":
+        if pf.fmt == "parquet" and pf.remote and local is None:
+            rf = RemoteParquet(pf)
+            parquet_columns_check(pf, rf.file.schema_arrow, [*columns, *expect])
+            if whole_file:
+                yield rf.read(columns)
+            else:
+                yield from rf.row_groups(columns)
+        elif pf.fmt == "parquet":
             with open_source(pf, local) as src:
                 f = pq.ParquetFile(src)
                 parquet_columns_check(pf, f.schema_arrow, [*columns, *expect])
@@ -256,6 +359,8 @@ def iter_columns(
     except ArmlabError:
         raise
     except (pa.ArrowException, OSError, ValueError) as e:
+        if pf.remote and local is None and transient(e):  # the network, not the file
+            raise network_error(e, pf.name) from None
         raise BadFile(pf.name, describe_error(e)) from None
 
 
@@ -284,15 +389,42 @@ class FileStats:
     text_bytes: int  # uncompressed size of the text column (an estimate of its characters)
 
 
-def file_stats(pf: PoolFile, text_column: str) -> FileStats:
+def file_stats(pf: PoolFile, text_column: str, local: Path | None = None) -> FileStats:
     """Rows and text size from parquet metadata only (no data read); jsonl: rows unknown (-1)."""
     if pf.fmt != "parquet":
         return FileStats(rows=-1, text_bytes=pf.size)
+    return stats_from_metadata(parquet_metadata(pf, local), text_column)
+
+
+def parquet_metadata(pf: PoolFile, local: Path | None = None) -> pq.FileMetaData:
+    """The footer of a pool parquet file (remote: one ranged read of its tail; `local`: the
+    downloaded copy)."""
+    return _parquet_file(pf, local).metadata
+
+
+def parquet_schema(pf: PoolFile, local: Path | None = None) -> pa.Schema:
+    """The Arrow schema a read of the file gives (from its footer, like `parquet_metadata`)."""
+    return _parquet_file(pf, local).schema_arrow
+
+
+def _parquet_file(pf: PoolFile, local: Path | None) -> pq.ParquetFile:
     try:
-        with open_source(pf) as src:
-            md = pq.ParquetFile(src).metadata
+        if pf.remote and local is None:
+            return RemoteParquet(pf).file
+        return pq.ParquetFile(str(local or pf.path))
+    except RangesIgnored:
+        raise ArmlabError(
+            f"{pf.name}: the server ignores HTTP Range requests, so this file's footer (its row counts "
+            "and column sizes) can only be read by downloading all of it; `armlab prepare` works "
+            "(it downloads whole files), estimates from the footers do not"
+        ) from None
+    except ArmlabError:
+        raise
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadFile(pf.name, describe_error(e)) from None
+
+
+def stats_from_metadata(md: pq.FileMetaData, text_column: str) -> FileStats:
     idx = [i for i in range(md.num_columns) if md.schema.column(i).path == text_column]
     text_bytes = 0
     for rg in range(md.num_row_groups):
@@ -300,94 +432,3 @@ def file_stats(pf: PoolFile, text_column: str) -> FileStats:
             text_bytes += md.row_group(rg).column(i).total_uncompressed_size
     # Subtract the 4-byte length prefix PLAIN encoding stores per value.
     return FileStats(rows=md.num_rows, text_bytes=max(0, text_bytes - 4 * md.num_rows))
-
-
-# -- fetching --------------------------------------------------------------------------------------
-def fetch_file(pf: PoolFile, cache_dir: Path, retries: int = 5, backoff: float = 2.0) -> Path:
-    """Download a remote pool file into the cache (temp name, then rename), retrying with backoff.
-
-    A file already in the cache with the expected size is reused (a resumed prepare).
-    """
-    dest = cache_dir / pf.protocol / pf.path.lstrip("/")
-    if dest.is_file() and (pf.size <= 0 or dest.stat().st_size == pf.size):
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    for attempt in range(retries + 1):
-        try:
-            filesystem(pf.protocol).get_file(pf.path, str(tmp))
-            if pf.size > 0 and tmp.stat().st_size != pf.size:
-                raise OSError(f"size {tmp.stat().st_size} != listed {pf.size}")
-            os.replace(tmp, dest)
-            return dest
-        except Exception as e:  # network errors come in many types; every one is retried
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            if attempt == retries:
-                raise ArmlabError(
-                    f"{pf.name}: download failed after {retries + 1} attempts ({type(e).__name__}: {str(e)[:200]}); "
-                    "rerun to resume (finished files are kept)"
-                ) from None
-            time.sleep(backoff * 2**attempt)
-    raise AssertionError("unreachable")
-
-
-class Prefetcher:
-    """Fetches remote files a few ahead of their use into a bounded cache.
-
-    `get(i)` returns file i's local path (local files: their own path), waiting for its download;
-    at most `ahead` downloads are in flight or waiting to be used. `release(i)` deletes a fetched
-    file after use unless keep_cache.
-    """
-
-    def __init__(
-        self,
-        files: list[PoolFile],
-        order: list[int],
-        cache_dir: Path,
-        ahead: int = 3,
-        keep_cache: bool = False,
-        retries: int = 5,
-        backoff: float = 2.0,
-    ):
-        self.files, self.order, self.cache_dir = files, order, cache_dir
-        self.ahead, self.keep_cache, self.retries, self.backoff = max(1, ahead), keep_cache, retries, backoff
-        self.pool = ThreadPoolExecutor(max_workers=self.ahead)
-        self.futures: dict[int, Future[Path]] = {}
-        self.next = 0  # position in `order` of the next file to submit
-
-    def _fill(self) -> None:
-        while self.next < len(self.order) and len(self.futures) < self.ahead:
-            i = self.order[self.next]
-            self.next += 1
-            pf = self.files[i]
-            if pf.remote:
-                self.futures[i] = self.pool.submit(fetch_file, pf, self.cache_dir, self.retries, self.backoff)
-
-    def get(self, i: int) -> Path:
-        pf = self.files[i]
-        if not pf.remote:
-            self._fill()
-            return Path(pf.path)
-        self._fill()
-        if i not in self.futures:  # asked out of order: fetch it now
-            self.futures[i] = self.pool.submit(fetch_file, pf, self.cache_dir, self.retries, self.backoff)
-        return self.futures[i].result()
-
-    def release(self, i: int) -> None:
-        fut = self.futures.pop(i, None)
-        if fut is not None and not self.keep_cache:
-            with contextlib.suppress(Exception):
-                fut.result().unlink()
-        self._fill()
-
-    def close(self) -> None:
-        for fut in self.futures.values():
-            fut.cancel()
-        self.pool.shutdown(wait=True)
-        if not self.keep_cache:
-            for i, fut in list(self.futures.items()):
-                if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        fut.result().unlink()
-                self.futures.pop(i)

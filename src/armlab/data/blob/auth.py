@@ -22,7 +22,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+from armlab.data.remote import redact
 from armlab.errors import ArmlabError
 
 ENV_VARS = (
@@ -75,13 +77,31 @@ def _secrets(env: Mapping[str, str]) -> list[str]:
 
 
 def scrub(text: str, env: Mapping[str, str] | None = None) -> str:
-    """`text` with every Azure secret (env values, keys, SAS signatures) replaced by '***'."""
+    """`text` with every Azure secret (env values, keys, SAS signatures) and any URL userinfo
+    (`https://user:pw@host`) replaced by '***'."""
     env = os.environ if env is None else env
     for secret in _secrets(env):
         text = text.replace(secret, "***")
     for pat in _SECRET_PATTERNS:
         text = pat.sub(r"\1***", text)
-    return text
+    return redact(text)
+
+
+def _check_endpoint(url: str, where: str) -> str:
+    """`url` when the SDK can use it as an account URL (http(s)://host[:port][/path]); else one
+    line naming where it came from, without its secrets (urllib would raise "Invalid IPv6 URL"
+    from inside the SDK for `http://[::1`, and a URL without a host fails only at the first call)."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ArmlabError(
+            f"{where} {scrub(url)!r} is not a valid endpoint URL; expected http(s)://<host>[:port][/<account>] "
+            "(e.g. https://<account>.blob.core.windows.net)"
+        )
+    return url
 
 
 def _parse_connection_string(cs: str) -> dict[str, str]:
@@ -116,6 +136,13 @@ def auth_from_env(env: Mapping[str, str] | None = None) -> BlobAuth:
     )
     account = env.get("AZURE_STORAGE_ACCOUNT", "")
     override = " with AZURE_STORAGE_BLOB_ENDPOINT" if env.get("AZURE_STORAGE_BLOB_ENDPOINT") else ""
+    if endpoint:
+        _check_endpoint(
+            endpoint,
+            "AZURE_STORAGE_BLOB_ENDPOINT"
+            if env.get("AZURE_STORAGE_BLOB_ENDPOINT")
+            else "AZURE_STORAGE_ACCOUNT_URL",
+        )
 
     if cs := env.get("AZURE_STORAGE_CONNECTION_STRING"):
         f = _parse_connection_string(cs)
@@ -126,6 +153,8 @@ def auth_from_env(env: Mapping[str, str] | None = None) -> BlobAuth:
                 "give AccountName, AccountKey and BlobEndpoint explicitly"
             )
         url = endpoint or f.get("blobendpoint", "").rstrip("/")
+        if url and not endpoint:
+            _check_endpoint(url, "AZURE_STORAGE_CONNECTION_STRING's BlobEndpoint")
         if not url:
             if not name:
                 raise ArmlabError(
@@ -133,7 +162,10 @@ def auth_from_env(env: Mapping[str, str] | None = None) -> BlobAuth:
                 )
             protocol = f.get("defaultendpointsprotocol", "https")
             suffix = f.get("endpointsuffix", "core.windows.net")
-            url = f"{protocol}://{name}.blob.{suffix}"
+            url = _check_endpoint(
+                f"{protocol}://{name}.blob.{suffix}",
+                "AZURE_STORAGE_CONNECTION_STRING's AccountName / DefaultEndpointsProtocol / EndpointSuffix give",
+            )
         if f.get("accountkey"):
             if not name:
                 raise ArmlabError(
@@ -148,6 +180,8 @@ def auth_from_env(env: Mapping[str, str] | None = None) -> BlobAuth:
         return BlobAuth(url, cred, "AZURE_STORAGE_CONNECTION_STRING" + override)
 
     url = endpoint or (f"https://{account}.blob.core.windows.net" if account else "")
+    if account and not endpoint:
+        _check_endpoint(url, "AZURE_STORAGE_ACCOUNT gives")
     if account and env.get("AZURE_STORAGE_KEY"):
         _check_key(env["AZURE_STORAGE_KEY"], "AZURE_STORAGE_KEY")
         return BlobAuth(

@@ -32,7 +32,7 @@ class _Changed(Exception):
 
 
 def _endpoint(auth: BlobAuth) -> str:
-    return auth.account_url.split("?")[0]
+    return scrub(auth.account_url.split("?")[0])
 
 
 def _first_line(e: BaseException) -> str:
