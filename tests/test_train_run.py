@@ -18,10 +18,11 @@ import psutil
 import pytest
 import torch
 
+from armlab import runs
 from armlab.budget import param_counts
 from armlab.errors import ArmlabError
 from armlab.spec import ModelSpec
-from armlab.train import checkpoint, rundir
+from armlab.train import checkpoint
 from armlab.train.checkpoint import load_model
 from armlab.train.launch import _error_line, plan_run, train
 from armlab.train.loop import Dist, train_loop
@@ -45,7 +46,7 @@ def data_dir(exp_file: Path) -> Path:
 
 
 def worker_procs(run: Path) -> list[psutil.Process]:
-    plan = str(run / rundir.PLAN)
+    plan = str(run / runs.PLAN_JSON)
     out = []
     for p in psutil.process_iter(["cmdline"]):
         if plan in (p.info["cmdline"] or []):
@@ -62,7 +63,7 @@ def test_single_process_trains_and_loss_falls(exp_file: Path) -> None:
     assert sorted(losses) == list(range(1, 25))
     first, last = sum(losses[s] for s in range(1, 5)) / 4, sum(losses[s] for s in range(21, 25)) / 4
     assert last < first - 0.3, (first, last)
-    metrics = rundir.read_metrics(run)
+    metrics = runs.read_metrics(run).records
     train_line = next(m for m in metrics if "train_loss" in m)
     assert {"step", "tokens", "time", "train_loss", "lr_mult", "dt", "tok_per_s", "mfu", "epoch"} <= set(
         train_line

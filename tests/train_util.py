@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from armlab.runs import read_metrics
 from armlab.spec import Experiment, load_experiment
-from armlab.train import rundir
 from armlab.workdir import open_workdir
 from tok_util import stdlib_docs, write_shards
 
@@ -111,7 +111,7 @@ def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["train_loss"] for m in rundir.read_metrics(run_dir) if "train_loss" in m}
+    return {m["step"]: m["train_loss"] for m in read_metrics(run_dir).records if "train_loss" in m}
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.05) -> None:

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError, RunFailed
 from armlab.progress import console
-from armlab.report.runs import load_run
+from armlab.runs import EVAL_JSON, RUN_JSON, RunState, load_run
 from armlab.spec import Experiment, fingerprint_diff
-from armlab.workdir import atomic_write_json, open_workdir, pid_alive, run_name
+from armlab.workdir import atomic_write_json, open_workdir, run_name
 
 
 def default_device() -> str:
@@ -34,19 +33,6 @@ def default_device() -> str:
 def _select(exp: Experiment, arms: list[str] | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
     names = [exp.arm(a).name for a in arms] if arms else [a.name for a in exp.arms]
     return names, list(seeds) if seeds else list(exp.train.seeds)
-
-
-def _live_elsewhere(run_dir: Path) -> int | None:
-    """The pid of a live process on this host that owns the run, if any."""
-    with contextlib.suppress(FileNotFoundError, ArmlabError):
-        st = load_run(run_dir).state or {}
-        if (
-            st.get("state") in ("starting", "running")
-            and st.get("pid")
-            and st.get("host") == socket.gethostname()
-        ):
-            return int(st["pid"]) if pid_alive(int(st["pid"])) else None
-    return None
 
 
 def train_runs(
@@ -61,7 +47,7 @@ def train_runs(
     for arm in arms:
         for seed in seeds:
             run_dir = wd.run_dir(arm, run_name(arm, seed))
-            rec = load_run(run_dir) if (run_dir / "run.json").is_file() else None
+            rec = load_run(run_dir) if (run_dir / RUN_JSON).is_file() else None
             state = (rec.state or {}).get("state") if rec else None
             changed = fingerprint_diff(want, rec.info.get("comparability") or {}) if rec else []
             if changed:
@@ -70,22 +56,21 @@ def train_runs(
                     f"move {run_dir} away to retrain it, or use another workdir"
                 )
                 continue
-            if state == "done":
+            if state == RunState.DONE:
                 console.print(f"run: {run_dir.name} already done")
                 done.append(run_dir)
                 continue
-            pid = _live_elsewhere(run_dir)
-            if pid is not None:
+            if rec is not None and rec.live:
                 failures.append(
-                    f"{run_dir.name}: still running (pid {pid}); wait for it, see `armlab status`"
+                    f"{run_dir.name}: still running (pid {rec.state['pid']}); wait for it, see `armlab status`"
                 )
                 continue
-            resume = (run_dir / "run.json").is_file()
+            resume = rec is not None
             console.print(f"run: {'resuming' if resume else 'training'} {run_dir.name}")
             try:
                 done.append(train(exp, arm, seed=seed, device=device, num_gpus=num_gpus, resume=resume))
             except RunFailed as e:
-                if (load_run(run_dir).state or {}).get("state") == "stopped":
+                if (load_run(run_dir).state or {}).get("state") == RunState.STOPPED:
                     raise  # stopped by a signal (Ctrl-C, kill): stop everything, do not start the next run
                 failures.append(f"{run_dir.name}: {e}")
     return done, failures
@@ -112,7 +97,7 @@ def evaluate_run(
         raise ArmlabError(
             f"{run_dir}: run belongs to experiment {rec.info.get('experiment')!r}, not {exp.name!r}"
         )
-    if rec.state_name != "done":
+    if rec.state_name != RunState.DONE:
         raise ArmlabError(
             f"{run_dir}: run is {rec.state_name}, not done; finish it first (`armlab run` resumes it)"
         )
@@ -158,7 +143,7 @@ def evaluate_run(
             else {"core": None, "core_tasks": {}, "bundle": None}
         )
     result = {**want, "val_bpb": val_bpb, **core}
-    atomic_write_json(run_dir / "eval.json", result)
+    atomic_write_json(run_dir / EVAL_JSON, result)
     core_txt = "" if core["core"] is None else f", CORE {core['core']:.4f}"
     console.print(f"evaluate: {rec.run}: val bpb {val_bpb:.4f}{core_txt}")
     return result
@@ -188,7 +173,7 @@ def evaluate_experiment(
     """Evaluate every finished run of the selected arms; returns their run dirs."""
     names, _ = _select(exp, arms, None)
     wd = open_workdir(exp, create=False)
-    runs = [r.dir for r in map(load_run, wd.all_run_dirs()) if r.arm in names and r.state_name == "done"]
+    runs = [r.dir for r in map(load_run, wd.all_run_dirs()) if r.arm in names and r.state_name == RunState.DONE]
     if not runs:
         raise ArmlabError(
             f"experiment {exp.name!r} has no finished runs{' of ' + ', '.join(arms) if arms else ''} to "

@@ -8,7 +8,7 @@ SIGTERM included), writes run.json / state.json, starts the ranks (directly for 
 through torchrun with a static rendezvous on 127.0.0.1 for several), copies their output into
 train.log, and turns a crashed rank into exit 1 with that rank's error line.
 
-`detach=True` re-runs the launcher as `python -m armlab.train.launch <run dir>/launch.json` in a
+`detach=True` re-runs the launcher as `python -m armlab.train.launch <run dir>/plan.json` in a
 new session (setsid) with output to train.log, so it survives the SSH session; state.json holds
 its pid.
 """
@@ -30,12 +30,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from armlab import __version__
+from armlab import __version__, runs
 from armlab.budget import grad_accum_steps, model_dim, training_budget
 from armlab.errors import ArmlabError, RunFailed
 from armlab.progress import console
 from armlab.spec import Experiment, ModelSpec, TrainSpec, parse_experiment
-from armlab.train import checkpoint, rundir
+from armlab.train import checkpoint
 from armlab.workdir import (
     atomic_write_json,
     leased,
@@ -223,7 +223,7 @@ def plan_run(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_step is None:
-        atomic_write_json(run_dir / rundir.RUN, run_json)
+        atomic_write_json(run_dir / runs.RUN_JSON, run_json)
     plan = {
         "experiment": eff.model_dump(mode="json"),
         "arm": arm,
@@ -241,20 +241,16 @@ def plan_run(
         "config": config,
         "force": force,
     }
-    atomic_write_json(run_dir / rundir.PLAN, plan)
+    atomic_write_json(run_dir / runs.PLAN_JSON, plan)
     return plan
 
 
 def _check_run_dir(run_dir: Path, new: dict[str, Any], resume: bool, force: bool) -> int | None:
     """The checkpoint step to resume from (None: start fresh); refuses mismatched or clobbering runs."""
-    exists = (run_dir / rundir.RUN).is_file()
+    exists = (run_dir / runs.RUN_JSON).is_file()
     if exists and not resume:
-        state = rundir.read_state(run_dir)
-        if (
-            state.get("state") in ("starting", "running")
-            and state.get("pid")
-            and pid_alive(int(state["pid"]))
-        ):
+        state = runs.read_state(run_dir)
+        if runs.is_live(state):
             raise ArmlabError(
                 f"{run_dir}: run {new['run']!r} is live (pid {state['pid']}); watch it with `armlab status EXP`, "
                 "stop it with `armlab stop EXP`, or start another with --run-name NAME"
@@ -270,9 +266,9 @@ def _check_run_dir(run_dir: Path, new: dict[str, Any], resume: bool, force: bool
         if resume:
             console.print(f"train: nothing to resume in {run_dir}; starting a new run")
         return None
-    old = read_json(run_dir / rundir.RUN)
-    state = rundir.read_state(run_dir)
-    if state.get("state") in ("starting", "running") and state.get("pid") and pid_alive(int(state["pid"])):
+    old = read_json(run_dir / runs.RUN_JSON)
+    state = runs.read_state(run_dir)
+    if runs.is_live(state):
         raise ArmlabError(f"{run_dir}: run is still live (pid {state['pid']}); it cannot be resumed twice")
     diffs = [
         k for k in ("fingerprint", "tokenizer_fingerprint", "data_manifest_sha256") if old.get(k) != new[k]
@@ -298,10 +294,10 @@ def _check_run_dir(run_dir: Path, new: dict[str, Any], resume: bool, force: bool
     steps = checkpoint.list_steps(run_dir)
     if not steps:
         console.print(f"train: {run_dir} has no checkpoint yet; restarting it from step 0")
-        rundir.truncate_metrics(run_dir, 0)
+        runs.truncate_metrics(run_dir, 0)
         return None
     step = steps[-1]
-    rundir.truncate_metrics(run_dir, step)
+    runs.truncate_metrics(run_dir, step)
     return step
 
 
@@ -330,7 +326,7 @@ def _check_repeats(manifest_raw: bytes, tokens: int, arm: str, allow: bool) -> N
 
 
 def _command(plan: dict[str, Any]) -> list[str]:
-    worker = ["-m", "armlab.train.worker", str(Path(plan["run_dir"]) / rundir.PLAN)]
+    worker = ["-m", "armlab.train.worker", str(Path(plan["run_dir"]) / runs.PLAN_JSON)]
     if plan["world_size"] == 1:
         return [sys.executable, *worker]
     if plan["master_port"] is None:
@@ -344,16 +340,10 @@ def _command(plan: dict[str, Any]) -> list[str]:
     ]  # fmt: skip
 
 
-def _die_with_parent() -> None:
-    from armlab.train.worker import die_with_parent
-
-    die_with_parent()
-
-
 def run_plan(plan: dict[str, Any], echo: bool = True) -> Path:
     """Own the run: lease, state.json, the ranks' process, train.log; raise on failure."""
     run_dir = Path(plan["run_dir"])
-    shutil.rmtree(run_dir / rundir.ERRORS, ignore_errors=True)
+    runs.clear_rank_errors(run_dir)
 
     def stop(signum: int, _frame: Any) -> None:
         for s in old_handlers:  # a second signal must not interrupt the orderly shutdown
@@ -363,7 +353,7 @@ def run_plan(plan: dict[str, Any], echo: bool = True) -> Path:
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
         with _take_lease(Path(plan["data_dir"]), plan["run"], plan["force"]):
-            rundir.write_state(
+            runs.write_state(
                 run_dir, state="starting", pid=os.getpid(), started=time.time(), ended=None, error=None,
                 step=plan["resume_step"] or 0, num_iterations=plan["config"]["num_iterations"],
             )  # fmt: skip
@@ -373,10 +363,10 @@ def run_plan(plan: dict[str, Any], echo: bool = True) -> Path:
                 # spin-waits and runs several times slower (measured: 4x on 2 busy cores).
                 threads = max(1, (os.cpu_count() or 1) // plan["world_size"] - 1)
                 env.setdefault("OMP_NUM_THREADS", str(threads))
-            with open(run_dir / rundir.LOG, "ab") as log:
+            with open(run_dir / runs.TRAIN_LOG, "ab") as log:
                 proc = subprocess.Popen(
                     _command(plan), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=env, start_new_session=True, preexec_fn=_die_with_parent,
+                    env=env, start_new_session=True, preexec_fn=runs.die_with_parent,
                 )  # fmt: skip
                 assert proc.stdout is not None
                 tail: collections.deque[bytes] = collections.deque(maxlen=200)
@@ -392,19 +382,19 @@ def run_plan(plan: dict[str, Any], echo: bool = True) -> Path:
                 finally:  # on a signal or an error, the ranks go down before the lease is released
                     _terminate(proc)
             if rc == 0:
-                rundir.write_state(
+                runs.write_state(
                     run_dir, state="done", ended=time.time(), step=plan["config"]["num_iterations"]
                 )
                 return run_dir
             _raise_failure(run_dir, rc, tail)
     except Stopped as e:
-        rundir.write_state(run_dir, state="stopped", ended=time.time(), error=f"stopped by {e}")
+        runs.write_state(run_dir, state="stopped", ended=time.time(), error=f"stopped by {e}")
         raise RunFailed(
             f"run {plan['run']!r} stopped by {e}; resume with `armlab train ... --resume`"
         ) from None
     except BaseException as e:
-        if rundir.read_state(run_dir).get("state") not in ("failed", "stopped"):
-            rundir.write_state(
+        if runs.read_state(run_dir).get("state") not in (runs.RunState.FAILED, runs.RunState.STOPPED):
+            runs.write_state(
                 run_dir,
                 state="failed",
                 ended=time.time(),
@@ -443,21 +433,21 @@ def _error_line(lines: Iterable[bytes]) -> str | None:
 
 
 def _raise_failure(run_dir: Path, rc: int, tail: Iterable[bytes] = ()) -> None:
-    errors = rundir.read_rank_errors(run_dir)
+    errors = runs.read_rank_errors(run_dir)
     if errors:
         first = errors[0]
-        rank, msg = first["rank"], first["error"]
-        rundir.write_state(run_dir, state="failed", ended=time.time(), error=f"rank {rank}: {msg}")
-        if first["kind"] == "bad_input":
+        rank, msg = first.rank, first.error
+        runs.write_state(run_dir, state="failed", ended=time.time(), error=f"rank {rank}: {msg}")
+        if first.kind == "bad_input":
             raise ArmlabError(msg)
-        raise RunFailed(f"rank {rank} failed: {msg} (traceback in {run_dir / rundir.LOG})")
+        raise RunFailed(f"rank {rank} failed: {msg} (traceback in {run_dir / runs.TRAIN_LOG})")
     detail = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-    rundir.write_state(
+    runs.write_state(
         run_dir, state="failed", ended=time.time(), error=f"training processes failed ({detail})"
     )
     cause = _error_line(tail)
     raise RunFailed(
-        f"training processes failed ({detail}){': ' + cause if cause else ''}; see {run_dir / rundir.LOG}"
+        f"training processes failed ({detail}){': ' + cause if cause else ''}; see {run_dir / runs.TRAIN_LOG}"
     )
 
 
@@ -482,21 +472,21 @@ def train(
     run_dir = Path(plan["run_dir"])
     if plan["resume_step"] == plan["config"]["num_iterations"]:  # killed after its final checkpoint
         console.print(f"train: {run_dir.name} already has its final checkpoint; nothing to resume")
-        rundir.write_state(run_dir, state="done", error=None, step=plan["resume_step"])
+        runs.write_state(run_dir, state="done", error=None, step=plan["resume_step"])
         return run_dir
     if not detach:
         return run_plan(plan, echo=True)
-    rundir.write_state(run_dir, state="starting", pid=None, started=time.time(), ended=None, error=None)
-    with open(run_dir / rundir.LOG, "ab") as log:  # the detached launcher writes its own pid on start
+    runs.write_state(run_dir, state="starting", pid=None, started=time.time(), ended=None, error=None)
+    with open(run_dir / runs.TRAIN_LOG, "ab") as log:  # the detached launcher writes its own pid on start
         subprocess.Popen(
-            [sys.executable, "-m", "armlab.train.launch", str(run_dir / rundir.PLAN)],
+            [sys.executable, "-m", "armlab.train.launch", str(run_dir / runs.PLAN_JSON)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     return run_dir
 
 
 def _main(plan_path: str) -> int:
-    """Detached launcher: `python -m armlab.train.launch <run dir>/launch.json`."""
+    """Detached launcher: `python -m armlab.train.launch <run dir>/plan.json`."""
     try:
         run_plan(read_json(plan_path), echo=False)
     except (ArmlabError, RunFailed) as e:

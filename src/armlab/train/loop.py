@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from armlab.train import checkpoint, rundir, schedule
+from armlab import runs
+from armlab.train import checkpoint, schedule
 from armlab.train.model import GPT, GPTConfig
 from armlab.train.optim import build_optimizer
 
@@ -134,7 +135,7 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
     from armlab.train.loader import DataLoader
 
     run_dir = Path(plan["run_dir"])
-    exp = parse_experiment(plan["experiment"], str(run_dir / rundir.PLAN))
+    exp = parse_experiment(plan["experiment"], str(run_dir / runs.PLAN_JSON))
     cfg = plan["config"]
     train = exp.train
     n_steps, accum = cfg["num_iterations"], cfg["grad_accum_steps"]
@@ -195,7 +196,7 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
     last_state = 0.0
 
     def log(record: dict[str, Any]) -> None:
-        with open(run_dir / rundir.METRICS, "a") as f:
+        with open(run_dir / runs.METRICS_JSONL, "a") as f:
             f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
             wandb_run.log(record, step=record["step"])
@@ -245,7 +246,7 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
                         },
                     )
             if d.master and (last or time.time() - last_state > STATE_EVERY_S):
-                rundir.write_state(run_dir, state="running", step=step, num_iterations=n_steps)
+                runs.write_state(run_dir, state="running", step=step, num_iterations=n_steps)
                 last_state = time.time()
             if last:
                 break

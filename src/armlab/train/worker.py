@@ -1,4 +1,4 @@
-"""Entry point of one training rank: `python -m armlab.train.worker <run dir>/launch.json`.
+"""Entry point of one training rank: `python -m armlab.train.worker <run dir>/plan.json`.
 
 Started by the launcher, directly for one process or through torchrun for several. It joins
 the process group (gloo on CPU, nccl on CUDA, with a finite timeout so a lost peer is an error,
@@ -9,25 +9,16 @@ torchrun's agent then stops the other ranks at once.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import sys
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
+from armlab.runs import RankError, die_with_parent, write_rank_error
+
 DIST_TIMEOUT_S = int(os.environ.get("ARMLAB_DIST_TIMEOUT_S", "600"))
-
-
-def die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent process dies (no orphaned ranks after a kill -9)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
 
 
 def main(plan_path: str) -> int:
@@ -60,23 +51,11 @@ def main(plan_path: str) -> int:
         return 0
     except BaseException as e:  # noqa: BLE001  every failure is reported to the launcher
         from armlab.errors import ArmlabError
-        from armlab.train.rundir import rank_error_file
-        from armlab.workdir import atomic_write_json
 
         kind = "bad_input" if isinstance(e, ArmlabError) else "error"
         text = str(e) if kind == "bad_input" else f"{type(e).__name__}: {e}"
         line = text.splitlines()[0] if str(e) else type(e).__name__
-        run_dir = Path(plan_path).parent
-        atomic_write_json(
-            rank_error_file(run_dir, rank),
-            {
-                "rank": rank,
-                "kind": kind,
-                "error": line,
-                "time": time.time(),
-                "traceback": traceback.format_exc(),
-            },
-        )
+        write_rank_error(Path(plan_path).parent, RankError(rank, kind, line, time.time(), traceback.format_exc()))
         traceback.print_exc()
         return 1
 
