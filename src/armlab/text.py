@@ -11,8 +11,14 @@ def plural(n: int, word: str, many: str | None = None) -> str:
     return f"{n:,} {word if n == 1 else (many or word + 's')}"
 
 
-def did_you_mean(word: str, options: Iterable[str]) -> str:
-    """` (did you mean 'rows_per_shard'?)` for the closest option, else "" (difflib's ratio >= 0.6,
-    the cut-off Python's own NameError suggestions are close to)."""
+def closest(word: str, options: Iterable[str]) -> str | None:
+    """The option closest to a mistyped `word`, if any is close (difflib's ratio >= 0.6, about
+    where Python's own "Did you mean" suggestions stop)."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, options: Iterable[str]) -> str:
+    """` (did you mean 'top-s0'?)` for the closest option, else ""."""
+    match = closest(word, options)
+    return f" (did you mean {match!r}?)" if match else ""

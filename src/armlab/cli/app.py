@@ -29,12 +29,15 @@ def with_typed_exp(text: str) -> str:
     return re.sub(r"(?<![\w$<])EXP(?![\w>])", lambda _: shlex.quote(_typed_exp), text)
 
 
-def _plain_params(params: list[click.Parameter]) -> list[click.Parameter]:
+def _plain_params(ctx: click.Context, params: list[click.Parameter]) -> list[click.Parameter]:
     for p in params:
         if isinstance(p, TyperArgument) and p.metavar is None:
             p.metavar = p.name.upper()
-        elif isinstance(p, TyperOption) and p.is_flag and p.metavar is None:
-            p.metavar = ""  # typer prints the metavar as the type column: nothing for a flag
+        elif isinstance(p, TyperOption) and p.metavar is None:
+            if p.is_flag:
+                p.metavar = ""  # typer prints the metavar as the type column: nothing for a flag
+            elif p.multiple:  # <list[str]> -> <str>...: the flag takes one value, as often as needed
+                p.metavar = re.sub(r"^<list\[(.*)\]>$", r"<\1>...", p.display_type(ctx))
     return params
 
 
@@ -42,7 +45,7 @@ class Group(TyperGroup):
     """The `armlab` group, with the same plain help as its commands (`--version`, `--help`)."""
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        return _plain_params(super().get_params(ctx))
+        return _plain_params(ctx, super().get_params(ctx))
 
 
 class Command(TyperCommand):
@@ -50,7 +53,7 @@ class Command(TyperCommand):
     flags (they take no value), and Ctrl-C as `Interrupted`."""
 
     def get_params(self, ctx: click.Context) -> list[click.Parameter]:
-        return _plain_params(super().get_params(ctx))
+        return _plain_params(ctx, super().get_params(ctx))
 
     def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
