@@ -246,7 +246,7 @@ def experiment_text(name: str, pool: PoolSummary | None) -> str:
         "[train]",
         "# device_batch_size = 32",
         "# total_batch_size = 524288  # default: nanochat's auto batch size",
-        "# target_param_data_ratio = 10.5   # the horizon: tokens per parameter (or tokens / num_iterations)",
+        "# num_iterations = 1000      # the horizon (default: nanochat's tokens-per-parameter ratio)",
         "seeds = [0, 1]               # a difference is only trusted with more than one seed per arm",
         "",
         "# [[hosts]]                  # for `armlab launch`: one arm per SSH host",
@@ -255,7 +255,13 @@ def experiment_text(name: str, pool: PoolSummary | None) -> str:
         '# arms = ["random50"]',
         "# num_gpus = 8",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(_align(line) for line in lines) + "\n"
+
+
+def _align(line: str, column: int = 32) -> str:
+    """`key = value   # why` with the comments of a file lined up at `column`."""
+    m = re.match(r"^(#? ?[a-z_]+ = (?:\"[^\"]*\"|\[[^\]]*\]|\S+))\s+(# .*)$", line)
+    return f"{m[1]:<{column - 1}} {m[2]}" if m else line
 
 
 def experiment_name(path: Path) -> str:

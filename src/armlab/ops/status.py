@@ -148,7 +148,9 @@ def gpu_status() -> list[dict[str, Any]]:
 def _age(s: float | None) -> str:
     if s is None:
         return "-"
-    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+    if s < 120:
+        return f"{s:.0f}s"
+    return f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h" if s < 172_800 else f"{s / 86400:.1f}d"
 
 
 def _f(v: Any, fmt: str) -> str:
