@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,11 +81,21 @@ def test_workdir_that_is_a_file(tmp_path: Path) -> None:
     assert not usable and c["status"] == "fail" and "is a file, not a directory" in c["detail"]
 
 
-def test_table_shows_brackets_literally(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_output_shows_brackets_literally(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "wd").write_text("")
     r = DoctorReport(host="here", info={})
     check_workdir(r, experiment(tmp_path / "wd"), ["a"])
     r.add("odd", "warn", "a [bold]detail[/bold] in brackets", "see [[hosts]]")
+    render([r])  # captured: not a terminal, so one plain line per check
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"workdir: fail: {tmp_path / 'wd'} is a file") and "(or [[hosts]] workdir)" in lines[0]
+    assert lines[1] == "odd: warn: a [bold]detail[/bold] in brackets (fix: see [[hosts]])"
+    assert lines[2] == "doctor: 1 failed, 1 warning"
+    # on a terminal: the table, with the same text (0.1's table swallowed "[[hosts]]" as markup)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "250")
     render([r])
-    out = " ".join(capsys.readouterr().out.split())  # the table folds long cells
-    assert "(or [[hosts]]" in out and "[bold]detail[/bold]" in out and "see [[hosts]]" in out, out
+    table = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "┃" in table and "see [[hosts]]" in table and "a [bold]detail[/bold] in brackets" in table, table

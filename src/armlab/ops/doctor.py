@@ -551,14 +551,26 @@ def run_doctor(
 
 
 def render(reports: list[DoctorReport], stderr: bool = False) -> None:
-    """One table of every host's checks (stdout for `doctor`, whose result it is; stderr for `launch`)."""
+    """Every host's checks (stdout for `doctor`, whose result it is; stderr for `launch`): a table
+    on a terminal, one plain line per check otherwise (a log or a pipe: nothing folded or coloured)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    multi = len(reports) > 1
+    out = Console(highlight=False, stderr=stderr, width=max(shutil.get_terminal_size((160, 20)).columns, 160))
+    fails = sum(c.status == "fail" for rep in reports for c in rep.checks)
+    warns = sum(c.status == "warn" for rep in reports for c in rep.checks)
+    summary = f"doctor: {fails} failed, {plural(warns, 'warning')}" + ("" if fails else ": ready")
+    if not out.is_terminal:
+        for rep in reports:
+            for c in rep.checks:
+                host = f"{rep.host}: " if multi else ""
+                print(f"{host}{c.name}: {c.status}: {c.detail}" + (f" (fix: {c.fix})" if c.fix else ""), file=out.file)
+        print(summary, file=out.file)
+        return
     style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
     table = Table(show_lines=False, pad_edge=False)
-    multi = len(reports) > 1
     if multi:
         table.add_column("host")
     for col in ("check", "", "detail", "fix"):
@@ -568,8 +580,5 @@ def render(reports: list[DoctorReport], stderr: bool = False) -> None:
             # escape: details and fixes are plain text ("[[hosts]] workdir"), never rich markup
             row = [escape(c.name), f"[{style[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix)]
             table.add_row(*([escape(rep.host)] if multi else []), *row)
-    out = Console(highlight=False, stderr=stderr, width=max(shutil.get_terminal_size((160, 20)).columns, 160))
     out.print(table)
-    fails = sum(c.status == "fail" for rep in reports for c in rep.checks)
-    warns = sum(c.status == "warn" for rep in reports for c in rep.checks)
-    out.print(f"doctor: {fails} failed, {plural(warns, 'warning')}" + ("" if fails else ": ready"))
+    out.print(summary)
