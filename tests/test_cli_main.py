@@ -130,6 +130,9 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
     p = subprocess.Popen(
         [sys.executable, "-c", "from armlab.cli import main; main()", "status", str(exp), "--watch", "--interval", "0.5"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a suite started in the background (`pytest &`) inherits SIGINT ignored, and Python then
+        # keeps ignoring it: give the child the default disposition a terminal's Ctrl-C meets
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         assert p.stdout is not None
@@ -144,6 +147,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
     assert err.strip().splitlines() == ["armlab: interrupted; rerun the same command to resume"], err
 
 
+@pytest.mark.e2e  # ten real CLI processes (~15 s)
 @pytest.mark.parametrize(
     "args",
     [

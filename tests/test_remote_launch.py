@@ -118,18 +118,15 @@ def set_up(cluster):
 
 
 def test_setup_installs_once_and_reports_the_host(cluster, set_up):
-    root, _, _ = cluster
+    root, _, hosts = cluster
     first, second = set_up
     lines = first.stdout.strip().splitlines()
     assert len(lines) == 2
     for host in ("hosta", "hostb"):
         line = next(ln for ln in lines if ln.startswith(host + ":"))
         assert "installed" in line and "torch 2." in line and "CUDA none" in line and "0 GPUs" in line
-        # armlab came from the wheel setup installed in the host's venv, not the project's source tree
-        p = subprocess.run(
-            [str(root / host / "venv/bin/python"), "-c", "import armlab; print(armlab.__file__)"],
-            capture_output=True, text=True,
-        )  # fmt: skip
+        # on the host, armlab comes from the wheel setup installed in its venv, not this source tree
+        p = hosts.ssh(host, f"{root / host / 'venv/bin/python'} -c 'import armlab; print(armlab.__file__)'")
         assert p.stdout.startswith(str(root / host / "venv" / "lib")), p.stdout + p.stderr
     assert second.returncode == 0 and second.stdout.count("already up to date") == 2, (
         second.stdout + second.stderr
@@ -154,7 +151,8 @@ def test_doctor_on_each_host(cluster, set_up):
     )
     p = armlab("launch", str(gpu_exp), "--host", "hosta", "--prepare-mode", "skip")
     assert p.returncode == 2 and "nothing was started" in p.stderr
-    assert "arms ask for 2 GPUs" in p.stderr and "armlab prepare EXP --arm rand" in p.stderr
+    host_exp = root / "hosta" / "work" / "experiment.toml"  # the fix names the host's own copy of the file
+    assert "arms ask for 2 GPUs" in p.stderr and f"armlab prepare {host_exp} --arm rand" in p.stderr, p.stderr
     assert not (root / "hosta" / "work" / "arms" / "rand" / "runs").exists()
 
 

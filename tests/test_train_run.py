@@ -296,7 +296,7 @@ def test_bad_inputs_are_one_line_errors(exp_file: Path, tmp_path: Path) -> None:
         r = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--run-name", "x")
         assert (
             r.returncode == 2
-            and f"run `armlab prepare EXP --arm {ARM}`" in r.stderr
+            and f"run `armlab prepare {exp_file} --arm {ARM}`" in r.stderr
             and "Traceback" not in r.stderr
         )
     finally:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from armlab.data.pool import BadFile, PoolFile, _jsonl_stream, describe_error, list_pool, open_source
 from armlab.errors import ArmlabError
 from armlab.spec import NAME_RE, PoolSpec, parse_experiment
 from armlab.text import plural
@@ -101,9 +102,7 @@ def suggest_columns(cols: list[Column]) -> Columns:
     return Columns(all=tuple(cols), text=text, id=ident, score=score, token_count=tokens)
 
 
-def _parquet_columns(pf: object) -> tuple[list[Column], int]:
-    from armlab.data.pool import open_source
-
+def _parquet_columns(pf: PoolFile) -> tuple[list[Column], int]:
     with open_source(pf) as src:
         f = pq.ParquetFile(src)  # the footer only
         md, schema = f.metadata, f.schema_arrow
@@ -117,9 +116,8 @@ def _parquet_columns(pf: object) -> tuple[list[Column], int]:
     return cols, md.num_rows
 
 
-def _jsonl_columns(pf: object) -> list[Column]:
-    from armlab.data.pool import _jsonl_stream, open_source
-
+def _jsonl_columns(pf: PoolFile) -> list[Column]:
+    # _jsonl_stream: the pool's own choice of decompression by suffix (gz, zst)
     with open_source(pf) as src, _jsonl_stream(src, pf) as stream:
         buf = b""
         while b"\n" not in buf.lstrip(b"\r\n \t"):  # read up to the end of the first non-blank line
@@ -145,8 +143,6 @@ def _jsonl_columns(pf: object) -> list[Column]:
 
 def read_pool(uri: str) -> PoolSummary:
     """List the pool and read the schema of its first file (no data is read)."""
-    from armlab.data.pool import BadFile, describe_error, list_pool
-
     files = list_pool(PoolSpec(uri=uri))
     first = files[0]
     try:
