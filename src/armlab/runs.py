@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError
+from armlab.spec import fingerprint_diff
 from armlab.workdir import atomic_write_json, atomic_write_text, pid_alive, read_json
 
 RUN_JSON = "run.json"
@@ -134,7 +135,9 @@ def observed_state(
 
 def last_activity(run_dir: Path, state: Mapping[str, Any] | None) -> float | None:
     """When the run last logged: newest of metrics.jsonl / train.log, else when it started."""
-    times = [p.stat().st_mtime for p in (Path(run_dir) / METRICS_JSONL, Path(run_dir) / TRAIN_LOG) if p.exists()]
+    times = [
+        p.stat().st_mtime for p in (Path(run_dir) / METRICS_JSONL, Path(run_dir) / TRAIN_LOG) if p.exists()
+    ]
     if times:
         return max(times)
     started = (state or {}).get("started")
@@ -265,6 +268,16 @@ class RunRecord:
         return is_live(self.state)
 
     @property
+    def engine(self) -> str:
+        """The engine that trained the run (runs from before engines were recorded: builtin)."""
+        return str((self.info.get("engine") or {}).get("engine", "builtin"))
+
+    @property
+    def engine_comparable(self) -> dict[str, Any]:
+        """What the engine resolved at run time that every compared run must share."""
+        return dict(self.info.get("engine_comparable") or {})
+
+    @property
     def train_lines(self) -> list[dict[str, Any]]:
         return [m for m in self.metrics if "train_loss" in m]
 
@@ -323,6 +336,22 @@ def load_run(run_dir: Path) -> RunRecord:
     )
 
 
+def engine_differences(records: list[RunRecord]) -> list[str]:
+    """Runs trained by another engine build than the first run (e.g. another nanochat commit or a
+    patched checkout), each as '<run dir> (differs in engine.<key>, ...)'; [] when all agree."""
+    if not records:
+        return []
+    first = records[0]
+    out = []
+    for r in records[1:]:
+        keys = fingerprint_diff(
+            {"name": first.engine, **first.engine_comparable}, {"name": r.engine, **r.engine_comparable}
+        )
+        if keys:
+            out.append(f"{r.dir} (differs from {first.run} in {', '.join('engine.' + k for k in keys)})")
+    return out
+
+
 # -- processes: stop a run, and never outlive a supervisor -----------------------------------------------
 def wait_dead(pid: int, timeout: float) -> bool:
     """Wait up to `timeout` s for `pid` to exit (or turn zombie); True once it has."""
@@ -364,7 +393,9 @@ def stop_run(run_dir: Path, timeout: float) -> Stopped | None:
         return Stopped(pid, f"runs on {st.get('host')}, not here")
     how = stop_process(int(pid), timeout) if owner_alive(st) else "already dead"
     if read_state(run_dir).get("state") in ACTIVE:
-        write_state(run_dir, state=RunState.STOPPED, ended=time.time(), error=f"stopped by armlab stop ({how})")
+        write_state(
+            run_dir, state=RunState.STOPPED, ended=time.time(), error=f"stopped by armlab stop ({how})"
+        )
     return Stopped(pid, f"stopped ({how})")
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from armlab.errors import ArmlabError
 from armlab.report.stats import Difference, difference, mean_ci
-from armlab.runs import RUN_JSON, RunRecord, load_run
+from armlab.runs import RUN_JSON, RunRecord, engine_differences, load_run
 from armlab.spec import Experiment, fingerprint_diff
 from armlab.workdir import open_workdir
 
@@ -72,6 +72,7 @@ def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
         keys = fingerprint_diff(want, got)
         if keys:
             odd.append(f"{r.dir} (differs in {', '.join(keys)})")
+    odd += engine_differences(runs)  # the same engine build, e.g. one nanochat commit, for every run
     if odd:
         raise ArmlabError(
             f"{len(odd)} run(s) are not comparable with experiment {exp.name!r}, e.g. trained with command-line "

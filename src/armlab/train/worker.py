@@ -1,9 +1,9 @@
 """Entry point of one training rank: `python -m armlab.train.worker <run dir>/plan.json`.
 
-Started by the launcher, directly for one process or through torchrun for several. It joins
+The built-in engine's rank, started by the supervisor, directly for one process or through torchrun for several. It joins
 the process group (gloo on CPU, nccl on CUDA, with a finite timeout so a lost peer is an error,
-not a hang), dies with its parent (so a killed launcher never leaves orphan ranks holding
-GPUs), and on any exception records a one-line error for the launcher before exiting 1.
+not a hang), dies with its parent (so a killed supervisor never leaves orphan ranks holding
+GPUs), and on any exception records a one-line error for the supervisor before exiting 1.
 torchrun's agent then stops the other ranks at once.
 """
 
@@ -29,11 +29,11 @@ def main(plan_path: str) -> int:
         import torch.distributed as dist
 
         from armlab.train.loop import Dist, train_loop
-        from armlab.workdir import read_json
+        from armlab.train.plan import RunPlan
 
-        plan = read_json(plan_path)
+        plan = RunPlan.read(plan_path)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if plan["device"] == "cuda":
+        if plan.device == "cuda":
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
@@ -49,7 +49,7 @@ def main(plan_path: str) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
         return 0
-    except BaseException as e:  # noqa: BLE001  every failure is reported to the launcher
+    except BaseException as e:  # noqa: BLE001  every failure is reported to the supervisor
         from armlab.errors import ArmlabError
 
         kind = "bad_input" if isinstance(e, ArmlabError) else "error"
