@@ -245,6 +245,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per line; the median wall time is shown")
     ap.add_argument("--tmp", default=None, help="where the temp pool and outputs go (default: system temp)")
     args = ap.parse_args()
+    if args.tmp is not None:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)  # the temp dir goes inside it: create it first
     print(
         f"# {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, workers={args.workers}"
     )

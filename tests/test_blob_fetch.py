@@ -133,7 +133,7 @@ def test_skip_download_works_offline_and_refuses_missing_or_changed_files(azurit
 
     (dest / "shard_00001.parquet").unlink()
     with pytest.raises(
-        ArmlabError, match=r"1 of 3 blob\(s\) .* not on disk .*shard_00001\.parquet.*without --skip-download"
+        ArmlabError, match=r"1 of 3 blobs .* not on disk .*shard_00001\.parquet.*without --skip-download"
     ):
         download_prefix("az://prebuilt/p", dest, skip_download=True)
 
@@ -199,7 +199,7 @@ def test_bad_blobs_are_named_and_not_kept(azurite, tmp_path):
     with pytest.raises(ArmlabError) as e:
         download_prefix("az://prebuilt/p", dest, retry=FAST)
     msg = str(e.value)
-    assert "3 blob(s) are not usable shards" in msg
+    assert "3 blobs not usable as shards" in msg
     assert "notparquet.parquet (not a parquet file" in msg or "inttext.parquet (column 'text' is int64" in msg
     assert "\n" not in msg
     assert sorted(local_files(dest)) == ["good.parquet"] and hidden(dest) == []

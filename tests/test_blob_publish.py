@@ -97,7 +97,7 @@ def test_publish_and_pull_refusals(azurite, source, tmp_path):
     cc.create_container()
     cc.upload_blob("taken/other.parquet", b"someone else's")
     with pytest.raises(
-        ArmlabError, match=r"already holds 1 blob\(s\) that are not this arm's \(other\.parquet\).*--replace"
+        ArmlabError, match=r"already holds 1 blob that is not this arm's \(other\.parquet\).*--replace"
     ):
         publish(src, "rand", "az://arms/taken", retry=FAST)
     publish(src, "rand", "az://arms/taken", replace=True, retry=FAST)
@@ -150,7 +150,7 @@ def test_publish_and_pull_refusals(azurite, source, tmp_path):
     (target / "manifest.json").unlink()
     with pytest.raises(
         ArmlabError,
-        match=r"1 shard\(s\) differ from the published manifest's sha256 \(shard_00001\.parquet\)",
+        match=r"1 shard differs from the published manifest's sha256 \(shard_00001\.parquet\)",
     ):
         pull(dst, "rand", "az://arms/taken", retry=FAST)
     assert not (target / "shard_00001.parquet").exists() and not (target / "manifest.json").exists()

@@ -34,7 +34,7 @@ def test_playbook_one_row_group_shards_cannot_feed_8_ranks(tmp_path: Path) -> No
     line = assert_refused(
         cli("check", d, "--world-size", "8"), "cannot feed 8 ranks evenly", "armlab prepare"
     )
-    assert "one row group per file" in cli("check", d, "--world-size", "8").stdout
+    assert "one row group per file" in cli("check", d, "--world-size", "8").stderr
     assert "re-shard" in line
 
 
@@ -55,7 +55,7 @@ def test_check_reports_tampering_empty_texts_and_bad_files(tmp_path: Path) -> No
     assert any("1 null or empty texts" in p for p in res.problems)
     assert any("sha256 differs" in p for p in res.problems)
     (d / "shard_00001.parquet").write_bytes(b"PAR1 not really")
-    line = assert_refused(cli("check", d), "more problem(s)")
+    line = assert_refused(cli("check", d), "more problems above")
     assert "shard_00001.parquet: not readable parquet" in cli("check", d).stdout and "re-download" in line
 
 

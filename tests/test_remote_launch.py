@@ -1,8 +1,9 @@
 """End to end on two real sshd "hosts": setup, doctor, launch two CPU arms in parallel, status, logs, stop.
 
-Both hosts are this machine behind two sshd instances, each with its own venv (created by
-`armlab setup --system-site-packages --no-deps`, so it stays offline) and its own workdir.
-Every step goes through the real `armlab` CLI and real SSH; nothing is mocked.
+Both hosts are this machine behind two sshd instances, each with its own venv and workdir. The
+venvs hold what the project installs (`sshd_util.host_venv`: the project's packages, not the
+base interpreter's) and `armlab setup --no-deps` installs armlab's wheel into them, so the test
+stays offline. Every step goes through the real `armlab` CLI and real SSH; nothing is mocked.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pytest
 
 from armlab.spec import load_experiment
 from data_util import make_pool
-from sshd_util import sshd_hosts
+from sshd_util import host_venv, sshd_hosts
 
 pytestmark = pytest.mark.e2e
 
@@ -109,21 +109,25 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def set_up(cluster):
     root, exp, _ = cluster
-    args = ["setup", str(exp), "--system-site-packages", "--no-deps", "--base-python", sys.executable]
+    for host in ("hosta", "hostb"):
+        host_venv(root / host / "venv")
+    args = ["setup", str(exp), "--no-deps"]
     first = armlab(*args, timeout=600)
     assert first.returncode == 0, first.stderr
     return first, armlab(*args, timeout=600)
 
 
 def test_setup_installs_once_and_reports_the_host(cluster, set_up):
-    root, _, _ = cluster
+    root, _, hosts = cluster
     first, second = set_up
     lines = first.stdout.strip().splitlines()
     assert len(lines) == 2
     for host in ("hosta", "hostb"):
         line = next(ln for ln in lines if ln.startswith(host + ":"))
-        assert "installed" in line and "torch 2." in line and "CUDA none" in line and "0 GPU(s)" in line
-        assert (root / host / "venv/bin/python").exists()
+        assert "installed" in line and "torch 2." in line and "CUDA none" in line and "0 GPUs" in line
+        # on the host, armlab comes from the wheel setup installed in its venv, not this source tree
+        p = hosts.ssh(host, f"{root / host / 'venv/bin/python'} -c 'import armlab; print(armlab.__file__)'")
+        assert p.stdout.startswith(str(root / host / "venv" / "lib")), p.stdout + p.stderr
     assert second.returncode == 0 and second.stdout.count("already up to date") == 2, (
         second.stdout + second.stderr
     )
@@ -147,7 +151,8 @@ def test_doctor_on_each_host(cluster, set_up):
     )
     p = armlab("launch", str(gpu_exp), "--host", "hosta", "--prepare-mode", "skip")
     assert p.returncode == 2 and "nothing was started" in p.stderr
-    assert "arms ask for 2 GPU(s)" in p.stderr and "armlab prepare EXP --arm rand" in p.stderr
+    host_exp = root / "hosta" / "work" / "experiment.toml"  # the fix names the host's own copy of the file
+    assert "arms ask for 2 GPUs" in p.stderr and f"armlab prepare {host_exp} --arm rand" in p.stderr, p.stderr
     assert not (root / "hosta" / "work" / "arms" / "rand" / "runs").exists()
 
 

@@ -47,6 +47,7 @@ from armlab.data.blob.sdk import (
 )
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
+from armlab.text import plural
 from armlab.workdir import atomic_write_json, cleanup_temp_files, read_json
 
 RECORD_NAME = ".armlab-blobs.json"
@@ -318,7 +319,7 @@ def download_prefix(
         missing = [n for n in only if n not in by_rel]
         if missing:
             raise ArmlabError(
-                f"{az.uri()}: {len(missing)} expected blob(s) are missing ({_preview(missing)})"
+                f"{az.uri()}: {plural(len(missing), 'expected blob')} missing ({_preview(missing)})"
             )
         blobs, ignored = [by_rel[n] for n in only], []
     if not blobs:
@@ -327,7 +328,7 @@ def download_prefix(
             f"{az.uri()}: no .parquet blobs under this prefix{found}; check the container and prefix"
         )
     if ignored:
-        console.print(f"{az.uri()}: skipping {len(ignored)} non-parquet blob(s): {_preview(ignored)}")
+        console.print(f"{az.uri()}: skipping {plural(len(ignored), 'non-parquet blob')}: {_preview(ignored)}")
 
     dest.mkdir(parents=True, exist_ok=True)
     cleanup_temp_files(dest)  # a record write cut short by a kill (partial blobs are `.part`, kept)
@@ -339,7 +340,7 @@ def download_prefix(
         (dest / rel).unlink(missing_ok=True)
         record.files.pop(rel)
     if stale:
-        console.print(f"{dest}: removed {len(stale)} file(s) no longer under {az.uri()}: {_preview(stale)}")
+        console.print(f"{dest}: removed {plural(len(stale), 'file')} no longer under {az.uri()}: {_preview(stale)}")
     stray = sorted(_local_parquet(dest) - listed) if only is None else []
     if stray:
         raise ArmlabError(
@@ -372,7 +373,7 @@ def download_prefix(
     report.seconds = time.time() - t0
     total = sum(b.size for b in blobs)
     console.print(
-        f"{az.uri()}: {len(blobs)} blob(s), {total / 1e6:,.1f} MB in {dest}: {report.fetched} downloaded "
+        f"{az.uri()}: {plural(len(blobs), 'blob')}, {total / 1e6:,.1f} MB in {dest}: {report.fetched} downloaded "
         f"({report.bytes_fetched / 1e6:,.1f} MB at {report.mb_per_s:,.1f} MB/s), {report.skipped} already verified"
         + (f"; {len(report.no_md5)} had no Content-MD5 (verified by size+ETag)" if report.no_md5 else "")
     )
@@ -437,7 +438,7 @@ def _run_downloads(
         raise e if isinstance(e, ArmlabError) else _az_error(e, az.uri(), auth)
     if bad:
         raise ArmlabError(
-            f"{az.uri()}: {len(bad)} blob(s) are not usable shards: {_preview(bad, 2)}; every .parquet blob needs a "
+            f"{az.uri()}: {plural(len(bad), 'blob')} not usable as shards: {_preview(bad, 2)}; every .parquet blob needs a "
             "string 'text' column: remove them from the prefix (nothing of them was kept)"
         )
 
@@ -459,7 +460,7 @@ def _verify_on_disk(az: AzPath, dest: Path, concurrency: int) -> FetchReport:
     missing = [rel for rel in record.listing if rel not in record.files or not (dest / rel).is_file()]
     if missing:
         raise ArmlabError(
-            f"--skip-download: {len(missing)} of {len(record.listing)} blob(s) of {az.uri()} are not on disk in {dest} "
+            f"--skip-download: {len(missing)} of {plural(len(record.listing), 'blob')} of {az.uri()} not on disk in {dest} "
             f"({_preview(missing)}); rerun without --skip-download to fetch them"
         )
     stray = sorted(_local_parquet(dest) - set(record.listing))
@@ -491,7 +492,7 @@ def _verify_on_disk(az: AzPath, dest: Path, concurrency: int) -> FetchReport:
             record.files.pop(rel)
         record.save()
         raise ArmlabError(
-            f"--skip-download: {len(corrupt)} file(s) in {dest} changed since download ({_preview(corrupt)}); "
+            f"--skip-download: {plural(len(corrupt), 'file')} in {dest} changed since download ({_preview(corrupt)}); "
             "deleted them: rerun without --skip-download to fetch them again"
         )
     report = FetchReport(
@@ -500,7 +501,7 @@ def _verify_on_disk(az: AzPath, dest: Path, concurrency: int) -> FetchReport:
     report.no_md5 = [rel for rel in names if not record.files[rel].get("content_md5")]
     report.seconds = time.time() - t0
     console.print(
-        f"{az.uri()}: --skip-download: {len(names)} file(s) in {dest} verified against the download record"
+        f"{az.uri()}: --skip-download: {plural(len(names), 'file')} in {dest} verified against the download record"
     )
     return report
 

@@ -25,6 +25,7 @@ from armlab.data.blob.download import _hash_file
 from armlab.data.blob.sdk import _retrying
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
+from armlab.text import plural
 from armlab.workdir import open_workdir, read_json
 
 PARQUET_TYPE = "application/vnd.apache.parquet"
@@ -48,7 +49,7 @@ def _local_state(
     missing = [n for n in files if not (directory / n).is_file()]
     if missing:
         raise ArmlabError(
-            f"{directory}: {len(missing)} file(s) of {MANIFEST_NAME} are missing ({_preview(missing)}); {fix}"
+            f"{directory}: {plural(len(missing), 'file')} of {MANIFEST_NAME} missing ({_preview(missing)}); {fix}"
         )
     local: dict[str, tuple[int, str]] = {}
     with progress() as prog, ThreadPoolExecutor(max_workers=concurrency) as ex:
@@ -119,7 +120,7 @@ def _upload_dir(
     others = sorted(set(remote) - set(local))
     if others and not replace:
         raise ArmlabError(
-            f"{az.uri()}: the prefix already holds {len(others)} blob(s) that are not this {kind}'s "
+            f"{az.uri()}: the prefix already holds {plural(len(others), 'blob')} that {'is' if len(others) == 1 else 'are'} not this {kind}'s "
             f"({_preview(others)}); choose an empty prefix, or pass --replace to delete them"
         )
     todo = [n for n in files if remote.get(n) != local[n]]
@@ -192,8 +193,8 @@ def _upload_dir(
         time.time() - t0,
     )
     console.print(
-        f"published {label} to {az.uri()}: {report.files} file(s), {report.uploaded} uploaded, "
-        f"{report.skipped} already there" + (f", {len(others)} other blob(s) deleted" if others else "")
+        f"published {label} to {az.uri()}: {plural(report.files, 'file')}, {report.uploaded} uploaded, "
+        f"{report.skipped} already there" + (f", {plural(len(others), 'other blob')} deleted" if others else "")
     )
     return report
 

@@ -30,6 +30,7 @@ from armlab.data.blob.download import download_prefix, read_download_record
 from armlab.data.blob.sdk import _retrying
 from armlab.errors import ArmlabError
 from armlab.progress import console
+from armlab.text import plural
 from armlab.workdir import atomic_write_bytes, check_writable, open_workdir, read_json, read_lease
 
 
@@ -106,7 +107,7 @@ def _pull_dir(
         for n in wrong:
             (dest / n).unlink(missing_ok=True)
         raise ArmlabError(
-            f"{az.uri()}: {len(wrong)} shard(s) differ from the published manifest's sha256 ({_preview(wrong)}); "
+            f"{az.uri()}: {plural(len(wrong), 'shard')} {'differs' if len(wrong) == 1 else 'differ'} from the published manifest's sha256 ({_preview(wrong)}); "
             "deleted them: publish it again"
         )
     if check is not None:
@@ -166,7 +167,7 @@ def pull(
         concurrency=concurrency or spec.concurrency,
         retry=retry,
     )
-    console.print(f"pulled {arm} from {az.uri()} into {data_dir} ({len(files)} shard(s), sha256 verified)")
+    console.print(f"pulled {arm} from {az.uri()} into {data_dir} ({plural(len(files), 'shard')}, sha256 verified)")
     return data_dir
 
 
@@ -278,7 +279,7 @@ def pull_shared(
             check=a.check,
         )
         console.print(
-            f"pulled the {a.kind} from {a.az.uri()} into {a.dest} ({len(a.files)} file(s), verified)",
+            f"pulled the {a.kind} from {a.az.uri()} into {a.dest} ({plural(len(a.files), 'file')}, verified)",
             soft_wrap=True,
         )
     return {"eval": wd.eval_dir, "tokenizer": wd.tokenizer_dir}

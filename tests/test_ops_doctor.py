@@ -1,0 +1,101 @@
+"""`armlab doctor`'s workdir check tries a real write (a read-only mount is "ready" by its mode
+bits for root), and its table shows details such as `[[hosts]]` literally."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from armlab.ops.doctor import DoctorReport, check_workdir, render
+from armlab.spec import Experiment, parse_experiment
+
+
+def experiment(workdir: Path) -> Experiment:
+    return parse_experiment(
+        {"name": "doc", "workdir": str(workdir), "pool": {"uri": "p"},
+         "arms": [{"name": "a", "kind": "random", "ratio": 0.5}]}  # fmt: skip
+    )
+
+
+@contextlib.contextmanager
+def read_only(d: Path) -> Iterator[None]:
+    """Make `d` refuse writes for this process: a read-only tmpfs mounted on it as root (mode
+    bits do not stop root), mode 0555 otherwise."""
+    d.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        d.chmod(0o555)
+        try:
+            yield
+        finally:
+            d.chmod(0o755)
+        return
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here ({r.stderr.strip()}); run as non-root or where mount is allowed")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", str(d)], check=True)
+
+
+def workdir_check(exp: Experiment) -> tuple[bool, dict]:
+    r = DoctorReport(host="here", info={})
+    usable = check_workdir(r, exp, ["a"])
+    (c,) = r.checks
+    return usable, {"status": c.status, "detail": c.detail, "fix": c.fix}
+
+
+def test_writable_workdir_is_ok(tmp_path: Path) -> None:
+    usable, c = workdir_check(experiment(tmp_path / "wd"))  # not there yet: its parent takes the write
+    assert usable and c["status"] == "ok" and str(tmp_path / "wd") in c["detail"]
+    assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+
+
+def test_read_only_workdir_fails(tmp_path: Path) -> None:
+    wd = tmp_path / "wd"
+    with read_only(wd):
+        usable, c = workdir_check(experiment(wd))
+    assert usable and c["status"] == "fail", c  # 0.1 said "ready" here
+    assert f"cannot write in {wd} (Read-only file system)" in c["detail"] or f"cannot write in {wd}" in c["detail"]
+    assert "make it writable" in c["fix"]
+
+
+def test_read_only_run_dir_fails(tmp_path: Path) -> None:
+    wd = tmp_path / "wd"
+    runs = wd / "arms" / "a" / "runs"
+    with read_only(runs):
+        _, c = workdir_check(experiment(wd))
+    assert c["status"] == "fail" and f"cannot write in {runs}" in c["detail"], c
+    assert f"cannot write in {wd} " not in c["detail"]  # the workdir itself is fine
+
+
+def test_workdir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "wd").write_text("")
+    usable, c = workdir_check(experiment(tmp_path / "wd"))
+    assert not usable and c["status"] == "fail" and "is a file, not a directory" in c["detail"]
+
+
+def test_output_shows_brackets_literally(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "wd").write_text("")
+    r = DoctorReport(host="here", info={})
+    check_workdir(r, experiment(tmp_path / "wd"), ["a"])
+    r.add("odd", "warn", "a [bold]detail[/bold] in brackets", "see [[hosts]]")
+    render([r])  # captured: not a terminal, so one plain line per check
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"workdir: fail: {tmp_path / 'wd'} is a file") and "(or [[hosts]] workdir)" in lines[0]
+    assert lines[1] == "odd: warn: a [bold]detail[/bold] in brackets (fix: see [[hosts]])"
+    assert lines[2] == "doctor: 1 failed, 1 warning"
+    # on a terminal: the table, with the same text (0.1's table swallowed "[[hosts]]" as markup)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "250")
+    render([r])
+    table = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
+    assert "┃" in table and "see [[hosts]]" in table and "a [bold]detail[/bold] in brackets" in table, table
