@@ -133,13 +133,16 @@ def _complete_manifest(directory: Path, fix: str, what: str) -> bytes:
     return raw
 
 
-def _take_lease(data_dir: Path, run: str, force: bool) -> contextlib.AbstractContextManager:
-    """The data lease; a dead lease of this same run on this host (a killed launcher) is taken over."""
+def _take_lease(
+    data_dir: Path, run: str, force: bool, manifest_sha256: str | None = None
+) -> contextlib.AbstractContextManager:
+    """The data lease; a dead lease of this same run on this host (a killed launcher) is taken over.
+    Refused if the data is no longer what the run was planned on (a prepare swapped it since)."""
     lease = read_lease(data_dir)
     if lease is not None and lease.local and lease.run == run and not pid_alive(lease.pid):
         console.print(f"train: taking over the stale lease of run {run!r} (pid {lease.pid} is gone)")
         force = True
-    return leased(data_dir, run, force=force)
+    return leased(data_dir, run, force=force, manifest_sha256=manifest_sha256)
 
 
 def plan_run(
@@ -359,7 +362,8 @@ def run_plan(plan: dict[str, Any], echo: bool = True) -> Path:
 
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        with _take_lease(Path(plan["data_dir"]), plan["run"], plan["force"]):
+        planned_on = read_json(run_dir / rundir.RUN).get("data_manifest_sha256")
+        with _take_lease(Path(plan["data_dir"]), plan["run"], plan["force"], planned_on):
             rundir.write_state(
                 run_dir, state="starting", pid=os.getpid(), started=time.time(), ended=None, error=None,
                 step=plan["resume_step"] or 0, num_iterations=plan["config"]["num_iterations"],

@@ -147,13 +147,12 @@ def compute_rules(
 
 def capped_chars(a: dict[str, np.ndarray], doc_cap: int) -> np.ndarray:
     """Each document's chars as the tokenizer reads them (capped at doc_cap): exact where the key
-    pass read the text, else from its token count, else the file's mean document length."""
+    pass read the text, else from its token count, else its row group's mean document length."""
     if "chars" in a:
         return np.minimum(a["chars"], doc_cap).astype(np.float64)
     if "tokens" in a:
         return np.minimum(a["tokens"] * CHARS_PER_TOKEN, doc_cap)
-    n = len(a["keys"])
-    return np.full(n, min(float(a["text_bytes"]) / max(n, 1), doc_cap))
+    return np.minimum(a["chars_est"], doc_cap)
 
 
 def _tokenizer_cut(rules: Rules, live: list[int], npz: dict[int, Path]) -> tuple[Threshold | None, bool]:
