@@ -375,23 +375,37 @@ def test_a_stopped_prepare_says_rerun_to_resume_and_the_rerun_finishes(tmp_path:
 # -- the tokenizer sample is counted in documents ---------------------------------------------------
 @pytest.mark.parametrize("lengths", ["estimated", "exact"])
 def test_one_huge_document_does_not_shrink_the_tokenizer_sample(tmp_path: Path, lengths: str) -> None:
-    """One 5 M-char document in a pool of ~300-char ones: the sample still holds ~train_chars of
-    text as the tokenizer reads it (documents capped at doc_cap = 10,000), hundreds of documents,
-    whether document lengths come from token counts (estimated) or the text itself (exact)."""
-    paths = make_pool(tmp_path / "pool", 3000, n_files=3, seed=4, with_id=lengths == "estimated")
+    """One 5 M-char document among ~300-char ones, placed early in the sample's seeded order:
+    the sample still holds ~train_chars of text as the tokenizer reads it (documents capped at
+    doc_cap = 10,000), hundreds of documents, whether document lengths come from token counts
+    (estimated: the pool has ids) or from the text itself (exact)."""
+    from armlab.data.holdout import tokenizer_order
+    from armlab.data.identity import text_keys
+    from armlab.spec import TokenizerSpec
+
+    with_id = lengths == "estimated"
+    paths = make_pool(tmp_path / "pool", 3000, n_files=3, seed=4, with_id=with_id)
     t = pq.read_table(paths[1])
     docs = t.column("text").to_pylist()
-    docs[7] = "huge " * 1_000_000
+    spec = TokenizerSpec(vocab_size=512, train_chars=200_000)
+    if with_id:  # the document with the earliest place in the order becomes huge
+        order = tokenizer_order(doc_keys(t.column("id"), None), spec)
+        i, docs[int(np.argmin(order))] = int(np.argmin(order)), "huge " * 1_000_000
+    else:  # no id: the key is the text's hash, so find a huge text that lands among the first 300
+        others = np.sort(tokenizer_order(text_keys(docs), spec))
+        i = 7
+        docs[i] = next(h for n in range(200) if tokenizer_order(text_keys([h := "huge " * 1_000_000 + str(n)]), spec)[0] < others[300])
     tokens = t.column("token_count").to_pylist()
-    tokens[7] = len(docs[7]) // 4
+    tokens[i] = len(docs[i]) // 4
     t = t.set_column(t.schema.get_field_index("text"), "text", pa.array(docs))
     pq.write_table(t.set_column(t.schema.get_field_index("token_count"), "token_count", pa.array(tokens)), paths[1])
     exp = write_exp(tmp_path, tmp_path / "pool", arms=DEFAULT_ARMS, eval_docs=50)
-    if lengths == "exact":
+    if not with_id:
         exp.write_text(exp.read_text().replace('id_column = "id"\n', ""))
     res = cli("prepare", exp, "--workers", "1")
     assert res.returncode == 0, res.stderr
     sample = texts(tmp_path / "wd" / "tokenizer" / "sample")
+    assert docs[i] in sample
     capped = sum(min(len(x), 10_000) for x in sample)
     m = json.loads((tmp_path / "wd" / "tokenizer" / "sample" / "manifest.json").read_text())
     assert m["capped_chars"] == capped and 200_000 <= capped < 200_000 + 10_000
