@@ -145,9 +145,30 @@ def prepare_pool(
         _record_bad(work, files, bad)
 
     # 4. shuffle + write
+    extra, budgets = _manifest_extras(exp, files, pool_fp, sorted(bad), rules, summary, cols, targets)
+    try:
+        write_targets(
+            exp.shards, executor, targets, stage, live, unit_stats, extra, opts.force, budgets, stats_spec
+        )
+    except OSError as e:
+        raise _disk_full(e, work, stage, targets, need) from None
+    shutil.rmtree(work, ignore_errors=True)  # this run's stage and keys, and any left by older specs
+
+
+def _manifest_extras(
+    exp: Experiment,
+    files: list[PoolFile],
+    pool_fp: str,
+    bad: list[int],
+    rules: Rules,
+    summary: PoolSummary,
+    cols: Columns,
+    targets: list[Target],
+) -> tuple[dict[str, dict[str, Any]], dict[str, CharBudget]]:
+    """What each target's manifest records about how it was chosen; the tokenizer sample's budget."""
     common = {
         "pool_fingerprint": pool_fp,
-        "skipped_files": [files[i].name for i in sorted(bad)],
+        "skipped_files": [files[i].name for i in bad],
         "pool_rows": summary.rows,
         "eval_cut": f"{rules.eval_cut:016x}",
         "tokens_source": cols.tokens,
@@ -164,13 +185,7 @@ def prepare_pool(
             th, cap = rules.thresholds.get(name), rules.caps.get(name)
             extra[name]["threshold"] = th.to_json() if th else None
             extra[name]["cap"] = cap.to_json() if cap else None
-    try:
-        write_targets(
-            exp.shards, executor, targets, stage, live, unit_stats, extra, opts.force, budgets, stats_spec
-        )
-    except OSError as e:
-        raise _disk_full(e, work, stage, targets, need) from None
-    shutil.rmtree(work, ignore_errors=True)  # this run's stage and keys, and any left by older specs
+    return extra, budgets
 
 
 def _key_pass(
