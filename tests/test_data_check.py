@@ -194,3 +194,26 @@ def test_foreign_manifest_and_too_few_documents_get_the_right_fix(tmp_path: Path
     # enough documents for 2 ranks: the fix names the row-group size that works (40 // 16 = 2)
     res = check_data_dir(d, world_size=2)
     assert "row groups of <= 2 rows" in res.fix
+
+
+def test_an_incomplete_arm_never_trains_and_check_names_the_files(tmp_path: Path) -> None:
+    """Every file the manifest lists must be there at its size: the loader's start-up check
+    (check_feeds, what training runs before starting ranks) refuses otherwise, as does check."""
+    from armlab.errors import ArmlabError
+    from armlab.train.loader import check_feeds
+
+    pool = tmp_path / "pool"
+    make_pool(pool, 2000, n_files=2)
+    exp = tmp_path / "exp.toml"
+    exp.write_text(experiment_toml(tmp_path / "wd", str(pool), eval_docs=20))
+    assert cli("prepare", exp, "--workers", "1").returncode == 0
+    d = tmp_path / "wd" / "arms" / "rand" / "data"
+    check_feeds(d, 2)
+    (d / "shard_00001.parquet").unlink()  # what a racing prepare left behind in 0.1
+    with pytest.raises(ArmlabError, match=r"incomplete data: shard_00001\.parquet: listed in manifest\.json but missing"):
+        check_feeds(d, 1)
+    shard = d / "shard_00000.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    res = check_data_dir(d)
+    assert any("shard_00000.parquet: " in p and "manifest.json says" in p for p in res.problems), res.problems
+    assert any("shard_00001.parquet: listed in manifest.json but missing" in p for p in res.problems)

@@ -7,11 +7,13 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
@@ -306,3 +308,191 @@ def test_jsonl_is_streamed_in_blocks_and_gives_the_parquet_shards(
         out = prepare_api(load_experiment(exp), options=PrepareOptions(workers=1))
         shas[fmt] = {a: [sha256_file(p) for p in shard_paths(d)] for a, d in out.items()}
     assert shas["js"] == shas["pq"] and all(shas["pq"].values())
+
+
+# -- bad bytes, bad types, unscored and empty documents (issue 12/13) ------------------------------
+def no_id(exp: Path) -> Path:
+    exp.write_text(exp.read_text().replace('id_column = "id"\n', ""))
+    return exp
+
+
+def set_column(path: Path, name: str, values: pa.Array, row_group_size: int | None = None) -> None:
+    t = pq.read_table(path)
+    pq.write_table(t.set_column(t.schema.get_field_index(name), name, values), path, row_group_size=row_group_size)
+
+
+@pytest.mark.parametrize("with_id", [True, False])
+def test_text_column_of_integers_is_refused_naming_column_and_type(tmp_path: Path, with_id: bool) -> None:
+    d = tmp_path / "pool"
+    make_pool(d, 300, n_files=1)
+    set_column(d / "part-000.parquet", "text", pa.array(range(1000, 1300)))
+    exp = exp_file(tmp_path, d)
+    if not with_id:  # then the key pass reads the text itself
+        no_id(exp)
+    assert_refused(prepare(exp), "part-000.parquet", "text column 'text'", "int64", "not a string")
+    assert_nothing_written(tmp_path)
+
+
+def binary_pool(d: Path) -> Path:
+    """Three files; part-001's text is UTF-8 *bytes* (binary), with one invalid row in row group 2."""
+    make_pool(d, 900, n_files=3, seed=2)
+    bad = d / "part-001.parquet"
+    texts = [t.encode() for t in pq.read_table(bad).column("text").to_pylist()]
+    texts[250] = b"caf\xe9 latin-1, not UTF-8"
+    set_column(bad, "text", pa.array(texts, pa.binary()), row_group_size=100)
+    return bad
+
+
+def test_invalid_utf8_is_named_by_file_and_row_group_then_skipped(tmp_path: Path) -> None:
+    d = tmp_path / "pool"
+    bad = binary_pool(d)
+    exp = exp_file(tmp_path, d, arms=RANDOM_ARM + TOP_ARM)
+    assert_refused(prepare(exp), "part-001.parquet", "invalid UTF-8", "'text'", "row group 2", "--skip-bad-files")
+    assert_nothing_written(tmp_path)
+    res = prepare(exp, "--skip-bad-files")
+    assert res.returncode == 0, res.stderr
+    assert "choosing the arms again without it" in res.stderr
+    m = json.loads((tmp_path / "wd" / "arms" / "top" / "data" / "manifest.json").read_text())
+    # the skipped file counts nowhere: the top arm is exactly 0.2 of the other files' non-eval docs
+    assert m["skipped_files"] == [str(bad)] and m["pool_rows"] == 600 and m["rows"] == round(0.2 * 580)
+
+
+def test_invalid_utf8_found_by_the_key_pass(tmp_path: Path) -> None:
+    d = tmp_path / "pool"
+    binary_pool(d)
+    exp = no_id(exp_file(tmp_path, d))
+    assert_refused(prepare(exp), "part-001.parquet", "invalid UTF-8", "row group 2")
+    res = prepare(exp, "--skip-bad-files")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "wd" / "eval" / "manifest.json").read_text())["pool_rows"] == 600
+
+
+def test_unscored_documents_rank_last_and_are_counted(tmp_path: Path) -> None:
+    """A third of the scores NaN or null: the top arm is still 0.2 of the pool (like the random
+    arm of the same ratio), not 0.2 of the scored two thirds, and prepare says so."""
+    d = tmp_path / "pool"
+    make_pool(d, 1200, n_files=1, seed=2)
+    scores = pq.read_table(d / "part-000.parquet").column("score").to_pylist()
+    scores = [None if i % 6 == 0 else float("nan") if i % 3 == 0 else s for i, s in enumerate(scores)]
+    set_column(d / "part-000.parquet", "score", pa.array(scores, pa.float64()))
+    arms = RANDOM_ARM.replace("0.3", "0.2") + TOP_ARM + TOP_ARM.replace('name = "top"', 'name = "most"').replace("0.2", "0.9")
+    res = prepare(exp_file(tmp_path, d, arms=arms))
+    assert res.returncode == 0, res.stderr
+    rows = {a: json.loads((tmp_path / "wd" / "arms" / a / "data" / "manifest.json").read_text())["rows"]
+            for a in ("rand", "top", "most")}  # fmt: skip
+    n = 1200 - 20  # non-eval documents; 1/3 of them unscored
+    assert rows["top"] == round(0.2 * n) and abs(rows["rand"] - 0.2 * n) < 4 * (n * 0.16) ** 0.5
+    assert rows["most"] == round(0.9 * n)
+    warned = [ln for ln in res.stderr.splitlines() if "have no 'score' score" in ln]
+    assert len(warned) == 2 and all(" of 1,180 non-eval documents" in w for w in warned)
+    assert "arm 'top'" in warned[0] + warned[1] and "took 0 of them" in " ".join(warned)
+
+
+def test_all_null_texts_say_so(tmp_path: Path) -> None:
+    d = tmp_path / "pool"
+    make_pool(d, 300, n_files=1)
+    set_column(d / "part-000.parquet", "text", pa.array([None] * 300, pa.string()))
+    line = assert_refused(prepare(exp_file(tmp_path, d)), "arm 'rand'", "null or empty text", "pool.text_column")
+    assert "ratio" not in line
+    assert_nothing_written(tmp_path)
+    (tmp_path / "again").mkdir()
+    exp = no_id(exp_file(tmp_path / "again", d))
+    line = assert_refused(prepare(exp), "all 300 texts in column 'text' are null or empty")
+    assert "ratio" not in line
+
+
+def test_disk_full_names_the_path_and_the_size_and_removes_stage_files(tmp_path: Path) -> None:
+    """ENOSPC on a real (tiny) tmpfs: one line with the place and the size needed; no stage files,
+    partial dirs or data dirs left."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'not root'}); CI runs this as root")
+    try:
+        make_pool(tmp_path / "pool", 6000, n_files=3, seed=2)
+        p = tmp_path / "exp.toml"
+        p.write_text(experiment_toml(small / "wd", str(tmp_path / "pool"), arms=RANDOM_ARM, eval_docs=20))
+        line = assert_refused(prepare(p), "disk full while preparing", "needs about", "MB", "free space")
+        assert line.split("armlab: error: ")[1].startswith(str(small / "wd")), line
+        wd = small / "wd"
+        assert not list((wd / "cache" / "prepare").glob("stage-*")), "stage files removed"
+        assert not [q for q in wd.rglob("*") if ".partial" in q.name or q.name.endswith(".tmp")]
+        assert not (wd / "arms" / "rand" / "data" / "manifest.json").exists()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+# -- a pool file re-scored in place at the same size ------------------------------------------------
+def stable_pool(d: Path) -> list[Path]:
+    """Files written so that new scores keep each file's size (no dictionary, no compression)."""
+    paths = make_pool(d, 1200, n_files=3, seed=5)
+    for p in paths:
+        pq.write_table(pq.read_table(p), p, row_group_size=200, use_dictionary=False, compression="none")
+    return paths
+
+
+def rescore(path: Path) -> None:
+    size = path.stat().st_size
+    t = pq.read_table(path)
+    neg = pa.compute.negate(t.column("score"))
+    t = t.set_column(t.schema.get_field_index("score"), "score", neg)
+    pq.write_table(t, path, row_group_size=200, use_dictionary=False, compression="none")
+    assert path.stat().st_size == size
+
+
+def arm_shards(wd: Path, arm: str) -> list[str]:
+    from armlab.data.shards import sha256_file, shard_paths
+
+    return [sha256_file(p) for p in shard_paths(wd / "arms" / arm / "data")]
+
+
+def clean_run(tmp: Path, pool: Path) -> Path:
+    """A fresh workdir prepared from a copy of `pool` as it is now."""
+    import shutil
+
+    (tmp / "clean").mkdir()
+    shutil.copytree(pool, tmp / "clean" / "pool")
+    exp = exp_file(tmp / "clean", tmp / "clean" / "pool", arms=RANDOM_ARM + TOP_ARM)
+    assert prepare(exp).returncode == 0
+    return tmp / "clean" / "wd"
+
+
+def test_rescored_file_after_a_finished_prepare_is_named_and_reprepared(tmp_path: Path) -> None:
+    paths = stable_pool(tmp_path / "pool")
+    exp = exp_file(tmp_path, tmp_path / "pool", arms=RANDOM_ARM + TOP_ARM)
+    assert prepare(exp).returncode == 0
+    old_top = arm_shards(tmp_path / "wd", "top")
+    rescore(paths[1])
+    assert_refused(prepare(exp), "part-001.parquet changed since it was prepared", "--overwrite")
+    res = prepare(exp, "--overwrite")
+    assert res.returncode == 0, res.stderr
+    assert arm_shards(tmp_path / "wd", "top") != old_top
+    assert arm_shards(tmp_path / "wd", "top") == arm_shards(clean_run(tmp_path, tmp_path / "pool"), "top")
+
+
+def test_rescored_file_between_a_kill_and_the_rerun_is_read_again(tmp_path: Path) -> None:
+    """Killed after its text pass (keys and done units on disk), the pool file re-scored, then
+    the rerun: it says which file changed, reads its keys again, and gives a clean run's shards."""
+    import signal
+
+    paths = stable_pool(tmp_path / "pool")
+    exp = exp_file(tmp_path, tmp_path / "pool", arms=RANDOM_ARM + TOP_ARM)
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "prepare", str(exp), "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "ARMLAB_TEST_PAUSE": f"swap:{pause}"})  # fmt: skip
+    deadline = time.time() + 60
+    while not list(pause.glob("*.paused")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list((tmp_path / "wd" / "cache" / "prepare").glob("stage-*/done/*.json")), "killed after the text pass"
+    rescore(paths[1])
+    res = prepare(exp)
+    assert res.returncode == 0, res.stderr
+    assert "part-001.parquet changed since the interrupted prepare" in res.stderr
+    clean = clean_run(tmp_path, tmp_path / "pool")
+    for arm in ("rand", "top"):
+        assert arm_shards(tmp_path / "wd", arm) == arm_shards(clean, arm), arm

@@ -316,3 +316,130 @@ def test_runner_started_beside_other_threads_uses_a_forkserver() -> None:
             ex.close()
     finally:
         stop.set()
+
+
+# -- clean stops, no orphans ------------------------------------------------------------------------
+def paused_prepare(tmp: Path, workers: int = 2) -> tuple[subprocess.Popen[str], Path]:
+    """A real `armlab prepare` stopped (ARMLAB_TEST_PAUSE) at its first swap, workers alive."""
+    make_pool(tmp / "pool", 2000, n_files=4, seed=3)
+    exp = write_exp(tmp, tmp / "pool", arms=DEFAULT_ARMS)
+    pause = tmp / "pause"
+    pause.mkdir()
+    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "prepare", str(exp), "--workers", str(workers)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "ARMLAB_TEST_PAUSE": f"swap:{pause}"})  # fmt: skip
+    deadline = time.time() + 60
+    while not list(pause.glob("*.paused")):
+        assert time.time() < deadline and proc.poll() is None, "prepare never reached its swap"
+        time.sleep(0.02)
+    return proc, exp
+
+
+def gone_within(pids: list[int], seconds: float) -> list[int]:
+    from armlab.workdir import pid_alive
+
+    deadline = time.time() + seconds
+    while (alive := [p for p in pids if pid_alive(p)]) and time.time() < deadline:
+        time.sleep(0.05)
+    return alive
+
+
+def test_workers_exit_when_prepare_is_killed(tmp_path: Path) -> None:
+    import psutil
+
+    proc, _ = paused_prepare(tmp_path)
+    workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(workers) >= 2
+    proc.kill()  # SIGKILL: no handler runs in the parent
+    proc.wait()
+    assert gone_within(workers, 5) == [], "prepare's workers outlived it"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_prepare_says_rerun_to_resume_and_the_rerun_finishes(tmp_path: Path, sig: signal.Signals) -> None:
+    import psutil
+
+    proc, exp = paused_prepare(tmp_path)
+    workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    os.killpg(proc.pid, sig)  # the whole group, as Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"armlab: prepare stopped ({sig.name}); rerun to resume"
+    assert gone_within(workers, 5) == []
+    res = cli("prepare", exp, "--workers", "2")
+    assert res.returncode == 0, res.stderr
+    assert not [p for p in (tmp_path / "wd" / "arms").rglob("data/*") if p.name.startswith(".")]
+
+
+# -- the tokenizer sample is counted in documents ---------------------------------------------------
+@pytest.mark.parametrize("lengths", ["estimated", "exact"])
+def test_one_huge_document_does_not_shrink_the_tokenizer_sample(tmp_path: Path, lengths: str) -> None:
+    """One 5 M-char document among ~300-char ones, placed early in the sample's seeded order:
+    the sample still holds ~train_chars of text as the tokenizer reads it (documents capped at
+    doc_cap = 10,000), hundreds of documents, whether document lengths come from token counts
+    (estimated: the pool has ids) or from the text itself (exact)."""
+    from armlab.data.holdout import tokenizer_order
+    from armlab.data.identity import text_keys
+    from armlab.spec import TokenizerSpec
+
+    with_id = lengths == "estimated"
+    paths = make_pool(tmp_path / "pool", 3000, n_files=3, seed=4, with_id=with_id)
+    t = pq.read_table(paths[1])
+    docs = t.column("text").to_pylist()
+    spec = TokenizerSpec(vocab_size=512, train_chars=200_000)
+    if with_id:  # the document with the earliest place in the order becomes huge
+        order = tokenizer_order(doc_keys(t.column("id"), None), spec)
+        i, docs[int(np.argmin(order))] = int(np.argmin(order)), "huge " * 1_000_000
+    else:  # no id: the key is the text's hash, so find a huge text that lands among the first 300
+        others = np.sort(tokenizer_order(text_keys(docs), spec))
+        i = 7
+        docs[i] = next(h for n in range(200) if tokenizer_order(text_keys([h := "huge " * 1_000_000 + str(n)]), spec)[0] < others[300])
+    tokens = t.column("token_count").to_pylist()
+    tokens[i] = len(docs[i]) // 4
+    t = t.set_column(t.schema.get_field_index("text"), "text", pa.array(docs))
+    pq.write_table(t.set_column(t.schema.get_field_index("token_count"), "token_count", pa.array(tokens)), paths[1])
+    exp = write_exp(tmp_path, tmp_path / "pool", arms=DEFAULT_ARMS, eval_docs=50)
+    if not with_id:
+        exp.write_text(exp.read_text().replace('id_column = "id"\n', ""))
+    res = cli("prepare", exp, "--workers", "1")
+    assert res.returncode == 0, res.stderr
+    sample = texts(tmp_path / "wd" / "tokenizer" / "sample")
+    assert docs[i] in sample
+    capped = sum(min(len(x), 10_000) for x in sample)
+    m = json.loads((tmp_path / "wd" / "tokenizer" / "sample" / "manifest.json").read_text())
+    assert m["capped_chars"] == capped and 200_000 <= capped < 200_000 + 10_000
+    assert len(sample) > 500  # ~300 chars a document: ~650, not the ~40 a byte fraction would give
+
+
+# -- arm data statistics ----------------------------------------------------------------------------
+def test_manifest_stats_count_what_the_shards_hold(tmp_path: Path) -> None:
+    from armlab.data.prepare.stats import DOC_CHARS_EDGES
+
+    paths = make_pool(tmp_path / "pool", 1500, n_files=3, seed=9)
+    index = pool_index(paths)
+    exp = write_exp(tmp_path, tmp_path / "pool", arms=ARMS.split('[[arms]]\nname = "cap"')[0], report='group_column = "source"')
+    res = cli("prepare", exp, "--workers", "2")
+    assert res.returncode == 0, res.stderr
+    wd = tmp_path / "wd"
+    members = {a: [index[t] for t in texts(wd / "arms" / a / "data")] for a in ("rand", "top", "samp")}
+    edges = None
+    for arm, rows in members.items():
+        st = json.loads((wd / "arms" / arm / "data" / "manifest.json").read_text())["stats"]
+        chars = np.array([len(r["text"]) for r in rows])
+        want = np.histogram(np.clip(chars, 1, DOC_CHARS_EDGES[-1] - 1), bins=DOC_CHARS_EDGES)[0].tolist()
+        assert st["doc_chars"] == {"edges": DOC_CHARS_EDGES, "counts": want}
+        sc = st["score"]
+        assert sc["column"] == "score" and sum(sc["counts"]) == len(rows) and sc["nan"] == 0
+        edges = edges or sc["edges"]
+        assert sc["edges"] == edges  # one set of edges for every arm of the pass
+        assert sc["counts"] == np.histogram([r["score"] for r in rows], bins=edges)[0].tolist()
+        assert st["group"] == {"column": "source", "counts": dict(sorted(Counter(r["source"] for r in rows).items()))}
+        ids = {r["id"] for r in rows}
+        for other, orows in members.items():
+            if other != arm:
+                assert st["overlap"][other] == len(ids & {r["id"] for r in orows})
+    held = {index[t]["id"] for t in texts(wd / "eval")}
+    assert edges[0] == min(r["score"] for r in index.values() if r["id"] not in held)  # the pool's range
+    assert edges[-1] == max(r["score"] for r in index.values() if r["id"] not in held)
+    assert "stats" not in json.loads((wd / "eval" / "manifest.json").read_text())  # the report compares arms

@@ -62,6 +62,18 @@ def test_duplicate_arm(tmp_path: Path) -> None:
     assert "duplicate arm name(s): r" in msg
 
 
+@pytest.mark.parametrize("name", ["eval", "tokenizer"])
+def test_arm_names_of_prepares_own_targets_are_reserved(tmp_path: Path, name: str) -> None:
+    msg = error_of(tmp_path, BASE.replace('name = "r"', f'name = "{name}"'))
+    assert "arms[0].name" in msg and f"arm name {name!r} is reserved" in msg
+
+
+def test_report_group_column(tmp_path: Path) -> None:
+    exp = load_experiment(write(tmp_path, BASE + '[report]\ngroup_column = "dump"\n'))
+    assert exp.report.group_column == "dump"
+    assert load_experiment(write(tmp_path, BASE)).report.group_column is None
+
+
 def test_missing_pool(tmp_path: Path) -> None:
     msg = error_of(tmp_path, 'name = "t"\n[[arms]]\nname = "r"\nkind = "random"\nratio = 0.5\n')
     assert "missing required key 'pool'" in msg

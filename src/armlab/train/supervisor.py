@@ -34,7 +34,7 @@ from armlab.runs import RunState
 from armlab.spec import Experiment
 from armlab.train.engines import Engine, get_engine
 from armlab.train.plan import RunPlan, TrainOptions, plan_run
-from armlab.workdir import leased, pid_alive, read_lease
+from armlab.workdir import leased, read_json
 
 STOP_GRACE_S = 30  # after SIGTERM, how long the ranks get before SIGKILL
 TAIL_LINES = 200  # output lines kept to name a launcher failure that left no rank error
@@ -72,13 +72,12 @@ def detach(plan: RunPlan) -> None:
         )  # fmt: skip
 
 
-def _take_lease(data_dir: Path, run: str, force: bool) -> contextlib.AbstractContextManager:
-    """The data lease; a dead lease of this same run on this host (a killed supervisor) is taken over."""
-    lease = read_lease(data_dir)
-    if lease is not None and lease.local and lease.run == run and not pid_alive(lease.pid):
-        console.print(f"train: taking over the stale lease of run {run!r} (pid {lease.pid} is gone)")
-        force = True
-    return leased(data_dir, run, force=force)
+def _take_lease(plan: RunPlan) -> contextlib.AbstractContextManager:
+    """The run's shared read lease on its arm. A dead lease of this same run on this host (a killed
+    supervisor) is taken over by `workdir.acquire_lease`; refused if the arm's data is no longer what
+    the run was planned on (a prepare swapped it in since)."""
+    planned_on = read_json(plan.run_dir / runs.RUN_JSON).get("data_manifest_sha256")
+    return leased(plan.data_dir, plan.run, force=plan.force, manifest_sha256=planned_on)
 
 
 def supervise(plan: RunPlan, echo: bool = True, engine: Engine | None = None) -> Path:
@@ -96,7 +95,7 @@ def supervise(plan: RunPlan, echo: bool = True, engine: Engine | None = None) ->
 
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        with _take_lease(plan.data_dir, plan.run, plan.force):
+        with _take_lease(plan):
             runs.write_state(
                 run_dir, state=RunState.STARTING, pid=os.getpid(), started=time.time(), ended=None, error=None,
                 step=plan.resume_step or 0, num_iterations=plan.config.num_iterations,

@@ -42,7 +42,7 @@ class Executor(Protocol):
 
     def map(self, fn: Callable[[T], R], tasks: Iterable[T], on_done: Callable[[T, R], None]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, kill: bool = False) -> None: ...
 
 
 class LocalExecutor:
@@ -98,7 +98,7 @@ class LocalExecutor:
             on_done(inflight.pop(f), f.result())
 
     def close(self, kill: bool = False) -> None:
-        """Wait for the workers to exit; `kill` (on an error or a signal) stops them at once."""
+        """Wait for the running tasks and the workers to end; `kill` (on a signal) stops them now."""
         if self.pool is None:
             return
         if kill:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from armlab.data.identity import doc_keys
-from armlab.data.pool import BadFile, PoolFile, file_stats, iter_columns, parquet_schema
+from armlab.data.pool import BadFile, PoolFile, iter_columns, parquet_metadata
 from armlab.errors import ArmlabError
 from armlab.spec import ArmSpec, Experiment
 from armlab.workdir import atomic_path
@@ -95,13 +95,27 @@ def as_text(name: str, column: str, text: pa.Array, where: str) -> pa.Array:
         ) from None
 
 
-def _parquet_text_type(pf: PoolFile, column: str, local: Path | None = None) -> pa.DataType | None:
-    """The text column's type from a parquet footer (for a key pass that does not read the text);
-    a remote footer comes from the one ranged read the pass makes anyway."""
-    if pf.fmt != "parquet":
-        return None
-    schema = parquet_schema(pf, local)
-    return schema.field(column).type if column in schema.names else None
+@dataclass(frozen=True)
+class TextFooter:
+    """What a parquet footer says about the text column, for a key pass that does not read it."""
+
+    type: pa.DataType | None
+    rows: list[int]  # per row group
+    bytes: list[int]  # per row group: uncompressed text bytes (an estimate of its chars)
+
+
+def _parquet_text_footer(pf: PoolFile, column: str, local: Path | None = None) -> TextFooter:
+    """A remote footer comes from the one ranged read the pass makes anyway."""
+    md = parquet_metadata(pf, local)
+    schema = md.schema.to_arrow_schema()
+    idx = [i for i in range(md.num_columns) if md.schema.column(i).path == column]
+    rows, sizes = [], []
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        total = sum(rg.column(i).total_uncompressed_size for i in idx)
+        rows.append(rg.num_rows)
+        sizes.append(max(0, total - 4 * rg.num_rows))  # PLAIN stores a 4-byte length per value
+    return TextFooter(schema.field(column).type if column in schema.names else None, rows, sizes)
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,9 @@ def key_pass(pf: PoolFile, cols: Columns, out: Path, local: Path | None = None) 
     groups: dict[str, int] = {}  # group value -> code, over the whole file
     null_ids = 0
     # Without text the columns are a few bytes a row: parquet is read whole (coalesced ranged reads).
-    if cols.text not in read and (tt := _parquet_text_type(pf, cols.text, local)) is not None:
-        check_text_type(pf.name, cols.text, tt)
+    footer = _parquet_text_footer(pf, cols.text, local) if cols.text not in read else None
+    if footer is not None and footer.type is not None:
+        check_text_type(pf.name, cols.text, footer.type)
     whole = cols.text not in read
     batches = iter_columns(pf, read, expect=(cols.text,), local=local, types=types, whole_file=whole)
     for rg, t in enumerate(batches):
@@ -193,10 +208,16 @@ def key_pass(pf: PoolFile, cols: Columns, out: Path, local: Path | None = None) 
         arrays["group_values"] = np.array(list(groups), dtype=np.str_)
     if "chars" in arrays:
         arrays["text_bytes"] = np.array(int(arrays["chars"].sum()))
-    else:
-        arrays["text_bytes"] = np.array(
-            file_stats(pf, cols.text, local).text_bytes
-        )  # parquet metadata, no data read
+    else:  # parquet metadata, no data read: each document's length estimated by its row group's mean
+        assert footer is not None
+        arrays["text_bytes"] = np.array(sum(footer.bytes))
+        means = [b / max(r, 1) for r, b in zip(footer.rows, footer.bytes, strict=True)]
+        est = np.repeat(np.array(means, dtype=np.float64), footer.rows)
+        arrays["chars_est"] = (
+            est
+            if len(est) == len(arrays["keys"])
+            else np.full(len(arrays["keys"]), est.mean() if len(est) else 0.0)
+        )
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
 

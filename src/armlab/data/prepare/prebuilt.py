@@ -117,14 +117,8 @@ def prebuilt_pass(task: PrebuiltTask) -> dict[str, Any]:
     return stats
 
 
-def prepare_prebuilt(
-    exp: Experiment, wd: Workdir, arm: ArmSpec, executor: Executor, opts: PrepareOptions
-) -> None:
-    eval_manifest = wd.eval_dir / MANIFEST
-    if not eval_manifest.is_file():
-        raise ArmlabError(
-            f"arm {arm.name!r}: the eval set is not prepared yet; run `armlab prepare EXP` without --arm first"
-        )
+def _source_files(wd: Workdir, arm: ArmSpec, opts: PrepareOptions) -> tuple[str, list[Path]]:
+    """The arm's uri and its parquet files (az:// fetched into the arm's download dir first)."""
     uri = arm.uri or ""
     if uri.startswith("az://"):
         from armlab.data.blob import fetch_prebuilt
@@ -141,6 +135,18 @@ def prepare_prebuilt(
     paths = sorted(src.rglob("*.parquet")) if src.is_dir() else []
     if not paths:
         raise ArmlabError(f"arm {arm.name!r}: uri {uri!r} holds no .parquet files")
+    return uri, paths
+
+
+def prepare_prebuilt(
+    exp: Experiment, wd: Workdir, arm: ArmSpec, executor: Executor, opts: PrepareOptions
+) -> None:
+    eval_manifest = wd.eval_dir / MANIFEST
+    if not eval_manifest.is_file():
+        raise ArmlabError(
+            f"arm {arm.name!r}: the eval set is not prepared yet; run `armlab prepare EXP` without --arm first"
+        )
+    uri, paths = _source_files(wd, arm, opts)
     eval_m = read_json(eval_manifest)
     t = prebuilt_target(exp, wd, arm, paths, eval_m.get("fingerprint"))
     if not needs_work(t, opts.force, opts.overwrite):

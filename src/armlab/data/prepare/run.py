@@ -56,10 +56,11 @@ def prepare(
             prepare_pool(exp, wd, pool_arms, executor, opts)
             for arm in prebuilt:
                 prepare_prebuilt(exp, wd, arm, executor, opts)
-        except BaseException:
-            executor.close(kill=True)  # an error or a signal: the workers' work is moot
+        except (Stopped, KeyboardInterrupt):
+            executor.close(kill=True)  # stop now; what the workers had half-written is never read
             raise
-        executor.close()
+        finally:
+            executor.close()  # an error: let the running units finish, so no temp file is left
     return {a.name: wd.data_dir(a.name) for a in chosen}
 
 
@@ -108,7 +109,10 @@ def prepare_pool(
 
     # 1. key pass: cached per file by its content identity, so a changed file is read again
     npz = {i: work / "keys" / f"{key_file_fingerprint(f, cols.read)}.npz" for i, f in enumerate(files)}
-    bad = _key_pass(files, cols, npz, executor, opts, fetch, wd.cache_dir / "pool")
+    try:
+        bad = _key_pass(files, cols, npz, executor, opts, fetch, wd.cache_dir / "pool")
+    except OSError as e:
+        raise _disk_full(e, work, None, targets, None) from None
     if opts.skip_bad_files:
         bad.update(_known_bad(work, files))
     while True:
@@ -143,9 +147,30 @@ def prepare_pool(
         _record_bad(work, files, bad)
 
     # 4. shuffle + write
+    extra, budgets = _manifest_extras(exp, files, pool_fp, sorted(bad), rules, summary, cols, targets)
+    try:
+        write_targets(
+            exp.shards, executor, targets, stage, live, unit_stats, extra, opts.force, budgets, stats_spec
+        )
+    except OSError as e:
+        raise _disk_full(e, work, stage, targets, need) from None
+    shutil.rmtree(work, ignore_errors=True)  # this run's stage and keys, and any left by older specs
+
+
+def _manifest_extras(
+    exp: Experiment,
+    files: list[PoolFile],
+    pool_fp: str,
+    bad: list[int],
+    rules: Rules,
+    summary: PoolSummary,
+    cols: Columns,
+    targets: list[Target],
+) -> tuple[dict[str, dict[str, Any]], dict[str, CharBudget]]:
+    """What each target's manifest records about how it was chosen; the tokenizer sample's budget."""
     common = {
         "pool_fingerprint": pool_fp,
-        "skipped_files": [files[i].name for i in sorted(bad)],
+        "skipped_files": [files[i].name for i in bad],
         "pool_rows": summary.rows,
         "eval_cut": f"{rules.eval_cut:016x}",
         "tokens_source": cols.tokens,
@@ -162,13 +187,7 @@ def prepare_pool(
             th, cap = rules.thresholds.get(name), rules.caps.get(name)
             extra[name]["threshold"] = th.to_json() if th else None
             extra[name]["cap"] = cap.to_json() if cap else None
-    try:
-        write_targets(
-            exp.shards, executor, targets, stage, live, unit_stats, extra, opts.force, budgets, stats_spec
-        )
-    except OSError as e:
-        raise _disk_full(e, work, stage, targets, need) from None
-    shutil.rmtree(work, ignore_errors=True)  # this run's stage and keys, and any left by older specs
+    return extra, budgets
 
 
 def _key_pass(
@@ -337,19 +356,23 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
-def _disk_full(e: OSError, work: Path, stage: Path, targets: list[Target], need: int) -> Exception:
+def _disk_full(
+    e: OSError, work: Path, stage: Path | None, targets: list[Target], need: int | None
+) -> Exception:
     """ENOSPC / EDQUOT: remove this run's stage files and partial dirs, and name the place and
     the size; any other OSError goes on as it was."""
     if e.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left" not in str(e):
         return e
-    shutil.rmtree(stage, ignore_errors=True)
+    if stage is not None:
+        shutil.rmtree(stage, ignore_errors=True)
     for t in targets:
         shutil.rmtree(t.partial_dir, ignore_errors=True)
     where = Path(e.filename).parent if e.filename else work
     free = shutil.disk_usage(work).free if work.exists() else 0
+    size = f"it needs about {_gb(need)} for stage files and shards" if need else "during the key pass"
     return ArmlabError(
-        f"{where}: disk full while preparing: it needs about {_gb(need)} for stage files and shards "
-        f"({_gb(free)} free now, stage files removed); free space or move the workdir, then rerun"
+        f"{where}: disk full while preparing: {size} ({_gb(free)} free now, stage files removed); "
+        "free space or move the workdir, then rerun"
     )
 
 

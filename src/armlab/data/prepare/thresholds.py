@@ -9,7 +9,7 @@ file in the workers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,71 +89,79 @@ def compute_rules(
     rules = Rules(exp.eval, cut, exp.tokenizer, None, {a.name: a for a in arms})
     rules.tokenizer_cut, exact = _tokenizer_cut(rules, live, npz)
 
-    def chunks(arm: ArmSpec, by_tokens: bool) -> Callable[[], Iterable[Chunk]]:
-        def gen() -> Iterable[Chunk]:
-            for i in live:
-                a = load_keys(npz[i])
-                held = holdout.eval_mask(a["keys"], exp.eval, cut)
-                cand, p, s = arm_base(arm, a, held)
-                w = weights(a, by_tokens)
-                yield p, s, (w[cand] if w is not None else None)
-
-        return gen
-
     unscored: dict[str, tuple[int, int]] = {}  # arm -> (unscored, non-eval) documents
     for arm in arms:
-        if arm.kind not in ("top", "sample"):
-            continue
-        total_w, lo, hi, nan, n = 0.0, np.inf, -np.inf, 0, 0
-        for i in live:
-            a = load_keys(npz[i])
-            cand = ~holdout.eval_mask(a["keys"], exp.eval, cut)
-            sc = a[f"score:{arm.score_column}"]
-            scored = cand & ~np.isnan(sc)
-            w = weights(a, arm.by == "tokens")
-            total_w += float(cand.sum() if w is None else w[cand].sum())
-            n, nan = n + int(cand.sum()), nan + int((cand & ~scored).sum())
-            if scored.any():
-                lo, hi = min(lo, float(sc[scored].min())), max(hi, float(sc[scored].max()))
-        if n and nan == n:
-            raise ArmlabError(
-                f"arm {arm.name!r}: score column {arm.score_column!r} is NaN or null for every document; "
-                "check the column (or its scoring job)"
-            )
-        if arm.kind == "top" and lo == hi:
-            raise ArmlabError(
-                f"arm {arm.name!r}: score column {arm.score_column!r} is {lo} for every document, so 'top' would be "
-                "chosen by the tie-break hash alone; check the column, or use kind = 'random'"
-            )
-        target = round(arm.ratio * total_w) if arm.by == "rows" else arm.ratio * total_w
-        rules.thresholds[arm.name] = rank_threshold(chunks(arm, arm.by == "tokens"), target)
-        if nan:
-            unscored[arm.name] = (nan, n)
-
+        if arm.kind in ("top", "sample"):
+            nan, n = _arm_threshold(arm, rules, live, npz)
+            if nan:
+                unscored[arm.name] = (nan, n)
     for arm in arms:
         if arm.max_rows or arm.max_tokens:
-
-            def members(arm: ArmSpec = arm) -> Iterable[dict[str, np.ndarray]]:
-                for i in live:
-                    a = load_keys(npz[i])
-                    m = arm_members(arm, rules, a, holdout.eval_mask(a["keys"], exp.eval, cut), capped=False)
-                    yield {k: a[k][m] for k in ("keys", "tokens", "chars") if k in a}
-
-            rules.caps[arm.name] = cap_threshold(arm, members)
+            rules.caps[arm.name] = _arm_cap(arm, rules, live, npz)
     for name, (nan, n) in unscored.items():
         _warn_unscored(rules.arms[name], rules, live, npz, nan, n)
     return rules, PoolSummary(rows, text_bytes, file_rows, exact)
 
 
+def _arm_threshold(arm: ArmSpec, rules: Rules, live: list[int], npz: dict[int, Path]) -> tuple[int, int]:
+    """A `top` / `sample` arm's exact threshold (into `rules`): `ratio` of the non-eval pool's
+    weight, unscored documents included (they rank last). Returns (unscored, non-eval) docs."""
+    by_tokens = arm.by == "tokens"
+    total_w, lo, hi, nan, n = 0.0, np.inf, -np.inf, 0, 0
+    for i in live:
+        a = load_keys(npz[i])
+        cand = ~holdout.eval_mask(a["keys"], rules.eval_spec, rules.eval_cut)
+        sc = a[f"score:{arm.score_column}"]
+        scored = cand & ~np.isnan(sc)
+        w = weights(a, by_tokens)
+        total_w += float(cand.sum() if w is None else w[cand].sum())
+        n, nan = n + int(cand.sum()), nan + int((cand & ~scored).sum())
+        if scored.any():
+            lo, hi = min(lo, float(sc[scored].min())), max(hi, float(sc[scored].max()))
+    if n and nan == n:
+        raise ArmlabError(
+            f"arm {arm.name!r}: score column {arm.score_column!r} is NaN or null for every document; "
+            "check the column (or its scoring job)"
+        )
+    if arm.kind == "top" and lo == hi:
+        raise ArmlabError(
+            f"arm {arm.name!r}: score column {arm.score_column!r} is {lo} for every document, so 'top' would be "
+            "chosen by the tie-break hash alone; check the column, or use kind = 'random'"
+        )
+
+    def chunks() -> Iterable[Chunk]:
+        for i in live:
+            a = load_keys(npz[i])
+            cand, p, s = arm_base(arm, a, holdout.eval_mask(a["keys"], rules.eval_spec, rules.eval_cut))
+            w = weights(a, by_tokens)
+            yield p, s, (w[cand] if w is not None else None)
+
+    target = round(arm.ratio * total_w) if arm.by == "rows" else arm.ratio * total_w
+    rules.thresholds[arm.name] = rank_threshold(chunks, target)
+    return nan, n
+
+
+def _arm_cap(arm: ArmSpec, rules: Rules, live: list[int], npz: dict[int, Path]) -> Threshold | None:
+    """`max_rows` / `max_tokens`: the cap's threshold over the arm's uncapped members."""
+
+    def members() -> Iterable[dict[str, np.ndarray]]:
+        for i in live:
+            a = load_keys(npz[i])
+            held = holdout.eval_mask(a["keys"], rules.eval_spec, rules.eval_cut)
+            m = arm_members(arm, rules, a, held, capped=False)
+            yield {k: a[k][m] for k in ("keys", "tokens", "chars") if k in a}
+
+    return cap_threshold(arm, members)
+
+
 def capped_chars(a: dict[str, np.ndarray], doc_cap: int) -> np.ndarray:
     """Each document's chars as the tokenizer reads them (capped at doc_cap): exact where the key
-    pass read the text, else from its token count, else the file's mean document length."""
+    pass read the text, else from its token count, else its row group's mean document length."""
     if "chars" in a:
         return np.minimum(a["chars"], doc_cap).astype(np.float64)
     if "tokens" in a:
         return np.minimum(a["tokens"] * CHARS_PER_TOKEN, doc_cap)
-    n = len(a["keys"])
-    return np.full(n, min(float(a["text_bytes"]) / max(n, 1), doc_cap))
+    return np.minimum(a["chars_est"], doc_cap)
 
 
 def _tokenizer_cut(rules: Rules, live: list[int], npz: dict[int, Path]) -> tuple[Threshold | None, bool]:

@@ -109,10 +109,10 @@ def swap_into_place(t: Target, manifest: dict[str, Any], force: bool) -> None:
     """Swap the target's partial dir into place with its manifest. An arm's swap holds the arm's
     lock and re-checks its leases under it: a run that took a lease since prepare started
     refuses the swap (its data stays as it was; the rerun resumes from the stage files)."""
+    _test_pause(t.name, "swap")
     if t.name in (EVAL, TOKENIZER):
         finish_dir(t.partial_dir, t.out_dir, manifest)
         return
-    _test_pause(t.name, "swap")
     with writing(
         t.out_dir,
         force=force,
