@@ -222,7 +222,7 @@ def test_launch_status_logs_stop(cluster, set_up):
     for host, arm in (("hosta", "rand"), ("hostb", "top")):
         work = root / host / "work" / "arms" / arm
         assert json.loads((work / "runs" / f"{arm}-s0" / "state.json").read_text())["state"] == "stopped"
-        assert not (work / "data" / ".lease").exists()
+        assert not list((work / "leases").glob("*.json"))  # the run's read lease is released
     for pid in (pid_a, pid_b):
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     p = armlab("stop", str(exp_path))

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from armlab.spec import Experiment
 from armlab.text import plural
-from armlab.workdir import open_workdir, pid_alive, read_lease
+from armlab.workdir import open_workdir, read_leases
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -333,20 +333,20 @@ def check_shared_inputs(r: DoctorReport, exp: Experiment) -> None:
 
 
 def check_lease(r: DoctorReport, exp: Experiment, arm: str) -> None:
+    """Read leases are shared, so another run reading the arm is no obstacle to a new run; a stale
+    lease (its holder dead on this host) is taken over by the run it belongs to."""
     data_dir = open_workdir(exp, create=False).data_dir(arm)
-    lease = read_lease(data_dir)
+    leases = read_leases(data_dir)
     name = f"lease {arm}"
-    if lease is None:
-        r.add(name, "ok", "no run holds the data")
-    elif lease.local and not pid_alive(lease.pid):
-        r.add(name, "warn", f"stale lease from dead {lease.describe()}", "train takes it over with --force")
+    live = [x for x in leases if x.alive]
+    stale = [x for x in leases if not x.alive]
+    if not leases:
+        r.add(name, "ok", "no run reads the data")
+    elif stale:
+        r.add(name, "warn", f"stale lease from dead {stale[0].describe()}", "rerunning that run takes it over")
     else:
-        r.add(
-            name,
-            "fail",
-            f"data leased by live {lease.describe()}",
-            f"wait for it, or `armlab stop EXP --arm {arm}`",
-        )
+        who = "; ".join(x.describe() for x in live)
+        r.add(name, "ok", f"read by {plural(len(live), 'live run')} ({who}); runs share an arm, prepare waits")
 
 
 def hf_token_source() -> str | None:

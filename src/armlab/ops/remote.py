@@ -51,7 +51,7 @@ from armlab.workdir import (
     atomic_write_text,
     open_workdir,
     read_json,
-    read_lease,
+    read_leases,
     release_lease,
     run_name,
 )
@@ -391,9 +391,9 @@ def stop_local(exp: Experiment, arms: list[str], timeout: float = STOP_TIMEOUT_S
         stopped = stop_run(rd, timeout)
         if stopped is None:
             continue
-        lease = read_lease(wd.data_dir(arm))
-        if lease is not None and lease.local and lease.pid == stopped.pid and owner_alive(read_state(rd)) is False:
-            release_lease(wd.data_dir(arm), lease)
+        for lease in read_leases(wd.data_dir(arm)):
+            if lease.local and lease.pid == stopped.pid and owner_alive(read_state(rd)) is False:
+                release_lease(wd.data_dir(arm), lease)
         results.append({"arm": arm, "run": run, "pid": stopped.pid, "result": stopped.result})
     return results
 

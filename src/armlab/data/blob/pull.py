@@ -31,7 +31,7 @@ from armlab.data.blob.sdk import _retrying
 from armlab.errors import ArmlabError
 from armlab.progress import console
 from armlab.text import plural
-from armlab.workdir import atomic_write_bytes, check_writable, open_workdir, read_json, read_lease
+from armlab.workdir import atomic_write_bytes, check_writable, open_workdir, read_json, read_leases, writing
 
 
 def _remote_manifest(az: AzPath, what: str, retry: RetrySettings) -> tuple[bytes, dict[str, Any]]:
@@ -157,16 +157,18 @@ def pull(
     )
     files = _shard_hashes(manifest, az.uri(MANIFEST_NAME))
     _check_same_spec(exp, spec, wd.eval_dir, manifest, az.uri(MANIFEST_NAME))
-    _pull_dir(
-        az,
-        data_dir,
-        manifest_bytes,
-        sorted(files),
-        files,
-        mode=mode or spec.download_mode,
-        concurrency=concurrency or spec.concurrency,
-        retry=retry,
-    )
+    # Under the arm's lock: a run that starts now waits for the pull instead of leasing half a dir.
+    with writing(data_dir, force=force, action="pull into it"):
+        _pull_dir(
+            az,
+            data_dir,
+            manifest_bytes,
+            sorted(files),
+            files,
+            mode=mode or spec.download_mode,
+            concurrency=concurrency or spec.concurrency,
+            retry=retry,
+        )
     console.print(f"pulled {arm} from {az.uri()} into {data_dir} ({plural(len(files), 'shard')}, sha256 verified)")
     return data_dir
 
@@ -175,8 +177,9 @@ def _refuse_if_training(exp: Any, wd: Any, force: bool, action: str) -> None:
     """No shared asset changes under a live run: every run of the experiment reads them. A lease
     from another host counts as live (as for arms) unless `force`; dead runs' leases do not count."""
     for spec in exp.arms:
-        lease = read_lease(wd.data_dir(spec.name))
-        if lease is not None and lease.alive and (lease.local or not force):
+        for lease in read_leases(wd.data_dir(spec.name)):
+            if not lease.alive or (force and not lease.local):
+                continue
             raise ArmlabError(
                 f"{wd.data_dir(spec.name)}: refusing to {action}: live {lease.describe()} uses it; "
                 "wait for it or stop it" + ("" if lease.local else " (if it is dead, rerun with --force)")
