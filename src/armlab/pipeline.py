@@ -98,10 +98,10 @@ def evaluate_run(
     max_per_task: int | None = None,
     device: str | None = None,
     force: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Final val bpb on the shared eval set and CORE (when a bundle is given) -> <run>/eval.json."""
-    import torch
-
+    """Final val bpb on the shared eval set (all of it, or its first max_tokens tokens) and CORE
+    (when a bundle is given) -> <run>/eval.json."""
     from armlab.evaluate.bpb import evaluate_bpb
     from armlab.evaluate.core import evaluate_core
     from armlab.tokenizer import load_experiment_tokenizer
@@ -122,7 +122,7 @@ def evaluate_run(
         "run_ended": (rec.state or {}).get("ended"),  # a retrained run has new weights at the same step
         "bundle_sha256": bundle.sha256 if bundle else None,
         "max_per_task": max_per_task,
-        "eval_tokens": exp.train.eval_tokens,
+        "max_tokens": max_tokens,  # None: the whole eval set
     }
     if rec.eval and not force and all(rec.eval.get(k) == v for k, v in want.items()):
         return rec.eval
@@ -133,34 +133,30 @@ def evaluate_run(
             f"{run_dir}: trained with tokenizer {rec.info.get('tokenizer_fingerprint')}, "
             f"but the experiment's is now {tok.fingerprint}; it cannot be evaluated comparably"
         )
-    model, _ = load_model(run_dir, device=device)
+    model, _ = load_model(run_dir, device=device)  # bf16 on CUDA like training, no autocast
     wd = open_workdir(exp, create=False)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if str(device).startswith("cuda")
-        else contextlib.nullcontext()
+    bpb = evaluate_bpb(
+        model,
+        tok,
+        wd.eval_dir,
+        max_tokens=max_tokens,
+        batch_size=exp.train.device_batch_size,
+        seq_len=exp.model.max_seq_len,
+        device=device,
     )
-    with autocast:
-        val_bpb = evaluate_bpb(
-            model,
-            tok,
-            wd.eval_dir,
-            max_tokens=exp.train.eval_tokens,
-            batch_size=exp.train.device_batch_size,
-            seq_len=exp.model.max_seq_len,
-            device=device,
+    core = (
+        evaluate_core(
+            model, tok, bundle, device=device, max_per_task=max_per_task, max_len=exp.model.max_seq_len
         )
-        core = (
-            evaluate_core(
-                model, tok, bundle, device=device, max_per_task=max_per_task, max_len=exp.model.max_seq_len
-            )
-            if bundle
-            else {"core": None, "core_tasks": {}, "bundle": None}
-        )
-    result = {**want, "val_bpb": val_bpb, **core}
+        if bundle
+        else {"core": None, "core_tasks": {}, "bundle": None}
+    )
+    result = {**want, **bpb.eval_json(), **core}
     atomic_write_json(run_dir / "eval.json", result)
     core_txt = "" if core["core"] is None else f", CORE {core['core']:.4f}"
-    console.print(f"evaluate: {rec.run}: val bpb {val_bpb:.4f}{core_txt}")
+    console.print(
+        f"evaluate: {rec.run}: val bpb {bpb.bpb:.4f} ({bpb.tokens:,} tokens of {bpb.docs:,} eval docs){core_txt}"
+    )
     return result
 
 
@@ -184,6 +180,7 @@ def evaluate_experiment(
     max_per_task: int | None = None,
     device: str | None = None,
     force: bool = False,
+    max_tokens: int | None = None,
 ) -> list[Path]:
     """Evaluate every finished run of the selected arms; returns their run dirs."""
     names, _ = _select(exp, arms, None)
@@ -197,7 +194,7 @@ def evaluate_experiment(
     opened = open_bundle(exp, bundle)
     per_task = max_per_task or exp.evaluate.max_per_task
     for d in runs:
-        evaluate_run(exp, d, opened, per_task, device, force)
+        evaluate_run(exp, d, opened, per_task, device, force, max_tokens)
     return runs
 
 
