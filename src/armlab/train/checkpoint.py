@@ -32,6 +32,7 @@ from armlab.workdir import atomic_write_json, read_json
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 FILES = ("model.pt", "optim.pt", "state.pt")
 DISK_MARGIN = 1.05  # torch's zip container adds a little to the tensor bytes
+FULL_BELOW = 1 << 20  # a write that failed with less than this left on the filesystem ran out of space
 _WARNED: set[str] = set()
 
 
@@ -159,14 +160,14 @@ def save_checkpoint(
         finally:
             os.close(fd)
     except BaseException as e:
-        written = sum(f.stat().st_size for f in tmp.glob("*") if f.is_file()) if tmp.is_dir() else 0
-        shutil.rmtree(tmp, ignore_errors=True)
         # torch's zip writer reports ENOSPC as a RuntimeError ("unexpected pos ..."): ask the disk
         full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-        if full or (
-            isinstance(e, (OSError, RuntimeError)) and shutil.disk_usage(final.parent).free < needed - written
-        ):
-            raise _disk_full(final.parent, needed) from None
+        if not full and isinstance(e, (OSError, RuntimeError)):
+            full = shutil.disk_usage(final.parent).free < FULL_BELOW
+        written = sum(f.stat().st_size for f in tmp.glob("*") if f.is_file()) if full else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise _disk_full(final.parent, max(needed, written)) from None
         raise
     return final
 
@@ -205,7 +206,7 @@ def load_state(path: Path, device: str | torch.device = "cpu", weights_only: boo
     """torch.load of one checkpoint file; a corrupt one is an ArmlabError naming it."""
     try:
         return torch.load(path, map_location=device, weights_only=weights_only)
-    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # torch.load raises many types for a damaged file (pickle, zip, EOF, ...)
         raise ArmlabError(
             f"{path}: corrupt checkpoint file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
             f"delete {path.parent} to fall back to the previous checkpoint"

@@ -46,7 +46,7 @@ def _check_target(to: Path) -> None:
     parent = to.parent
     if not parent.is_dir():
         raise ArmlabError(f"--to {to}: parent directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK | os.X_EXECUTE) or (to.is_dir() and not os.access(to, os.W_OK)):
+    if not os.access(parent, os.W_OK | os.X_OK) or (to.is_dir() and not os.access(to, os.W_OK)):
         raise ArmlabError(f"--to {to}: {parent if not to.is_dir() else to} is not writable")
 
 
