@@ -34,7 +34,9 @@ def run_dir(exp_file: Path, run: str) -> Path:
 @contextlib.contextmanager
 def small_tmpfs(where: Path, size: str):
     where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, text=True
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs to fill up ({r.stderr.strip() or 'mount failed'}); needs root")
     try:
@@ -63,7 +65,9 @@ def test_a_truncated_latest_checkpoint_is_named_and_resume_falls_back(exp_file: 
     assert f"step_000016: model.pt is {size // 2:,} bytes, {size:,} when written" in out.replace("\n", "")
     assert "resumed from step 8" in out
     after = train_losses(d)
-    assert [after[s] for s in range(1, 17)] == [before[s] for s in range(1, 17)]  # the redo is bitwise the same
+    assert [after[s] for s in range(1, 17)] == [
+        before[s] for s in range(1, 17)
+    ]  # the redo is bitwise the same
     assert checkpoint.list_steps(d) == [8, 16] and read_json(d / "state.json")["state"] == "done"
 
     # a damaged file torch cannot read at all is named too, not a traceback
@@ -71,18 +75,35 @@ def test_a_truncated_latest_checkpoint_is_named_and_resume_falls_back(exp_file: 
     meta_json = read_json(model_pt.parent / "meta.json")
     meta_json["files"]["model.pt"] = model_pt.stat().st_size
     (model_pt.parent / "meta.json").write_text(__import__("json").dumps(meta_json))
-    with pytest.raises(ArmlabError, match=r"model.pt: corrupt checkpoint file .* delete .*step_000016 to fall back"):
+    with pytest.raises(
+        ArmlabError, match=r"model.pt: corrupt checkpoint file .* delete .*step_000016 to fall back"
+    ):
         load_model(d)
 
 
 def test_disk_full_while_saving_names_the_path_and_the_bytes(exp_file: Path, tmp_path: Path) -> None:
     d = run_dir(exp_file, "full")
     with small_tmpfs(d / "checkpoints", "1m") as ckpts:
-        r = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--num-iterations", "8", "--run-name", "full")
+        r = armlab(
+            "train",
+            str(exp_file),
+            "--arm",
+            ARM,
+            "--device",
+            "cpu",
+            "--num-iterations",
+            "8",
+            "--run-name",
+            "full",
+        )
         assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in r.stderr
-        assert f"{ckpts}: disk full: a checkpoint needs ~" in err[0] and "bytes, " in err[0] and " free on that" in err[0]
+        assert (
+            f"{ckpts}: disk full: a checkpoint needs ~" in err[0]
+            and "bytes, " in err[0]
+            and " free on that" in err[0]
+        )
         assert not list(ckpts.iterdir())  # nothing half-written
         assert read_json(d / "state.json")["state"] == "failed"
 
@@ -93,7 +114,9 @@ def test_running_out_of_space_midway_is_cleaned_up_and_reported(tmp_path: Path, 
     from armlab.train.optim import build_optimizer
 
     model = build_model(GPTConfig(depth=2, vocab_size=400, seq_len=64))
-    opt = build_optimizer(model, embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5, weight_decay=0.1)
+    opt = build_optimizer(
+        model, embedding_lr=0.3, unembedding_lr=0.008, matrix_lr=0.02, scalar_lr=0.5, weight_decay=0.1
+    )
     run = tmp_path / "run"
     with small_tmpfs(run / "checkpoints", "1m") as ckpts:
         monkeypatch.setattr(checkpoint, "DISK_MARGIN", 0.0)

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     exp_file = build_workdir(tmp_path_factory.mktemp("export"))
-    r = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--num-iterations", "8", "--run-name", "win")
+    r = armlab(
+        "train", str(exp_file), "--arm", ARM, "--device", "cpu", "--num-iterations", "8", "--run-name", "win"
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return exp_file
 
@@ -103,7 +105,9 @@ def test_bad_input_is_one_line_and_writes_nothing(trained: Path, tmp_path: Path)
 def test_a_read_only_target_is_refused(trained: Path, tmp_path: Path) -> None:
     ro = tmp_path / "ro"
     ro.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True
+    )
     if r.returncode != 0:  # as root every plain directory is writable: a read-only mount is the real case
         pytest.skip(f"cannot mount a read-only tmpfs ({r.stderr.strip() or 'mount failed'}); needs root")
     try:

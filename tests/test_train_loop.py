@@ -36,8 +36,14 @@ def test_bf16_compiled_training_step_on_cpu() -> None:
     counters.clear()
     compiled, model = run(compiled=True, steps=4)
     assert counters["stats"]["unique_graphs"] >= 3  # the model and the AdamW and Muon steps were compiled
-    assert model.transformer.wte.weight.dtype == torch.bfloat16 and model.value_embeds["0"].weight.dtype == torch.bfloat16
-    assert model.lm_head.weight.dtype == torch.float32 and model.transformer.h[0].attn.c_q.weight.dtype == torch.float32
+    assert (
+        model.transformer.wte.weight.dtype == torch.bfloat16
+        and model.value_embeds["0"].weight.dtype == torch.bfloat16
+    )
+    assert (
+        model.lm_head.weight.dtype == torch.float32
+        and model.transformer.h[0].attn.c_q.weight.dtype == torch.float32
+    )
     assert all(torch.isfinite(torch.tensor(compiled))) and compiled[-1] < 0.6 * compiled[0]
     eager, _ = run(compiled=False, steps=4)
     # same weights, same data: compiled and eager bf16 agree to bf16 rounding

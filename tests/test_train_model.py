@@ -76,7 +76,7 @@ def test_init_is_seeded_and_nanochat_like() -> None:
     assert torch.allclose(a.resid_lambdas, torch.tensor([1.15, 1.05]))  # ramps over the layers
     assert torch.allclose(a.x0_lambdas, torch.tensor([0.20, 0.05]))
     assert a.smear_lambda.item() == 0 and a.backout_lambda.item() == pytest.approx(0.2)
-    assert 0 < a.transformer.h[1].attn.ve_gate.weight.min() and a.transformer.h[1].attn.ve_gate.weight.max() < 0.02
+    assert a.transformer.h[1].attn.ve_gate.weight.min() > 0 and a.transformer.h[1].attn.ve_gate.weight.max() < 0.02
     assert a.lm_head.weight.std().item() == pytest.approx(0.001, rel=0.05)
     assert a.transformer.wte.weight.std().item() == pytest.approx(0.8, rel=0.05)
 

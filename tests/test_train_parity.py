@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pytest
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from armlab.budget import flops_per_token, param_counts, training_budget
@@ -50,7 +50,11 @@ def reference_model(nc, cfg: GPTConfig, seed: int, random_weights: bool = True):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, p in ref.named_parameters():
-                scale = p.shape[-1] ** -0.5 if p.ndim == 2 and "wte" not in name and "value_embeds" not in name else 0.5
+                scale = (
+                    p.shape[-1] ** -0.5
+                    if p.ndim == 2 and "wte" not in name and "value_embeds" not in name
+                    else 0.5
+                )
                 p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "resid_lambdas" in name else 0.0))
     return ref.eval()
 
@@ -69,13 +73,19 @@ def test_forward_matches_nanochat_layer_by_layer(depth: int) -> None:
     ref = reference_model(nc, cfg, seed=depth)
     ours = build_model(cfg)
     assert list(ours.state_dict()) == list(ref.state_dict())  # same names, same order
-    assert [w for w, _ in ref.window_sizes] == ours.window_sizes == ([128, 512] if depth == 2 else [128, 128, 128, 512])
+    assert (
+        [w for w, _ in ref.window_sizes]
+        == ours.window_sizes
+        == ([128, 512] if depth == 2 else [128, 128, 128, 512])
+    )
     ours.load_state_dict(ref.state_dict())
     ours.eval()
     outputs: dict[str, dict[int, torch.Tensor]] = {"ref": {}, "ours": {}}
     for side, model in (("ref", ref), ("ours", ours)):
         for i, block in enumerate(model.transformer.h):
-            block.register_forward_hook(lambda m, a, out, i=i, side=side: outputs[side].__setitem__(i, out.detach()))
+            block.register_forward_hook(
+                lambda m, a, out, i=i, side=side: outputs[side].__setitem__(i, out.detach())
+            )
     x = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         logits_ref, logits_ours = ref(x), ours(x)
@@ -122,8 +132,11 @@ def test_three_optimizer_steps_match_nanochat(depth: int) -> None:
     ours = build_model(cfg)
     ours.load_state_dict(ref.state_dict())
     ref_opt = ref.setup_optimizer(
-        unembedding_lr=args.unembedding_lr * bs, embedding_lr=args.embedding_lr * bs,
-        scalar_lr=args.scalar_lr * bs, matrix_lr=args.matrix_lr * bs, weight_decay=ns["weight_decay_scaled"],
+        unembedding_lr=args.unembedding_lr * bs,
+        embedding_lr=args.embedding_lr * bs,
+        scalar_lr=args.scalar_lr * bs,
+        matrix_lr=args.matrix_lr * bs,
+        weight_decay=ns["weight_decay_scaled"],
     )  # fmt: skip  (base_train's call)
     exp = experiment(depth)
     budget = training_budget(exp)
@@ -138,7 +151,12 @@ def test_three_optimizer_steps_match_nanochat(depth: int) -> None:
         for model in (ref, ours):
             for name, p in model.named_parameters():
                 p.grad = grads[name].clone()
-        _set_schedule(ref_opt, ns["get_lr_multiplier"](step), ns["get_muon_momentum"](step), ns["get_weight_decay"](step))
+        _set_schedule(
+            ref_opt,
+            ns["get_lr_multiplier"](step),
+            ns["get_muon_momentum"](step),
+            ns["get_weight_decay"](step),
+        )
         _set_schedule(
             our_opt,
             schedule.lr_multiplier(step, n, hp.warmup_steps, hp.warmdown_ratio, hp.final_lr_frac),
@@ -155,7 +173,8 @@ def test_three_optimizer_steps_match_nanochat(depth: int) -> None:
     start = reference_model(nc, cfg, seed=depth).state_dict()
     ref_sd, our_sd = ref.state_dict(), ours.state_dict()
     rel = max(
-        ((ref_sd[k] - start[k]) - (our_sd[k] - start[k])).abs().max().item() / (ref_sd[k] - start[k]).abs().max().item()
+        ((ref_sd[k] - start[k]) - (our_sd[k] - start[k])).abs().max().item()
+        / (ref_sd[k] - start[k]).abs().max().item()
         for k in start
     )
     moved = min((ref_sd[k] - start[k]).abs().max().item() for k in start)
@@ -188,7 +207,10 @@ def test_hyperparameters_equal_base_train_defaults(depth: int) -> None:
     assert budget.target_tokens == ns["target_tokens"] and budget.reference_tokens == ns["D_REF"]
     assert budget.total_batch_size == ns["total_batch_size"]
     assert budget.num_iterations == ns["num_iterations"]
-    assert grad_accum_steps(budget.total_batch_size, args.device_batch_size, args.max_seq_len, 1) == ns["grad_accum_steps"]
+    assert (
+        grad_accum_steps(budget.total_batch_size, args.device_batch_size, args.max_seq_len, 1)
+        == ns["grad_accum_steps"]
+    )
     assert scale.batch_lr_scale == ns["batch_lr_scale"] and scale.weight_decay == ns["weight_decay_scaled"]
     # the optimiser's groups: same parameters (by name), lr, betas, eps, weight decay, Muon settings
     with torch.device("meta"):
@@ -209,7 +231,9 @@ def test_hyperparameters_equal_base_train_defaults(depth: int) -> None:
          schedule.muon_momentum(s, n, hp.warmdown_ratio), schedule.weight_decay(s, n, scale.weight_decay))
         for s in range(n)
     ]  # fmt: skip
-    ref_sched = [(ns["get_lr_multiplier"](s), ns["get_muon_momentum"](s), ns["get_weight_decay"](s)) for s in range(n)]
+    ref_sched = [
+        (ns["get_lr_multiplier"](s), ns["get_muon_momentum"](s), ns["get_weight_decay"](s)) for s in range(n)
+    ]
     assert ours_sched == ref_sched
     print(f"\nd{depth}: batch {budget.total_batch_size:,} x {n:,} steps (accum {ns['grad_accum_steps']}), "
           f"lr scale {scale.batch_lr_scale:.4f}, weight decay {scale.weight_decay:.6f}, "
@@ -257,7 +281,10 @@ def test_bpb_equals_nanochat_evaluate_bpb(eval_setup) -> None:
     ours.eval()
     rows = eval_rows(eval_dir, tok, 12 * B * T, T)  # 12 full batches
     batches = [
-        (torch.from_numpy(rows[i : i + B, :-1].astype(np.int64)), torch.from_numpy(rows[i : i + B, 1:].astype(np.int64)))
+        (
+            torch.from_numpy(rows[i : i + B, :-1].astype(np.int64)),
+            torch.from_numpy(rows[i : i + B, 1:].astype(np.int64)),
+        )
         for i in range(0, len(rows), B)
     ]
     token_bytes = torch.as_tensor(tok.token_bytes, dtype=torch.int64)
@@ -278,9 +305,13 @@ def test_eval_stream_is_nanochat_val_stream(eval_setup) -> None:
     T, B = 64, 8
     data_dir = nc.base_dir / "base_data_climbmix"
     data_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pq.read_table(eval_dir / "shard_00000.parquet"), data_dir / "shard_00000.parquet", row_group_size=256)
+    pq.write_table(
+        pq.read_table(eval_dir / "shard_00000.parquet"), data_dir / "shard_00000.parquet", row_group_size=256
+    )
     theirs_tok = nc.tokenizer.RustBPETokenizer(tok.enc, "<|bos|>")
-    loader = nc.dataloader.tokenizing_distributed_data_loader_bos_bestfit(theirs_tok, B, T, split="val", device="cpu")
+    loader = nc.dataloader.tokenizing_distributed_data_loader_bos_bestfit(
+        theirs_tok, B, T, split="val", device="cpu"
+    )
     ours = eval_rows(eval_dir, tok, None, T)
     # the rows armlab packed while its buffer could still be refilled (nanochat's never runs dry)
     # (it keeps >= 1000 documents buffered, reading 128 at a time, so it runs dry once it has
@@ -295,7 +326,9 @@ def test_eval_stream_is_nanochat_val_stream(eval_setup) -> None:
     theirs = np.concatenate(theirs)[:n_check]
     assert n_check > 100, f"too few documents ({len(docs)}) for a meaningful comparison"
     mismatched = int((theirs != ours[:n_check]).any(axis=1).sum())
-    print(f"\neval stream: first {n_check} of {len(ours)} rows (T={T}, {len(docs):,} documents) vs nanochat's val "
-          f"loader: {mismatched} rows differ")
+    print(
+        f"\neval stream: first {n_check} of {len(ours)} rows (T={T}, {len(docs):,} documents) vs nanochat's val "
+        f"loader: {mismatched} rows differ"
+    )
     assert mismatched == 0
     # and the rows after: nanochat's second pass mixes in, armlab's stream ends (the documented difference)
