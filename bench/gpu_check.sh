@@ -32,7 +32,9 @@ PATTERN="${WINDOW_PATTERN:-SSSL}"
 BUDGET="${GPU_CHECK_BUDGET_S:-450}"
 START=$(date +%s)
 NEEDED_MODULES="numpy pyarrow pydantic rich xxhash tiktoken rustbpe psutil filelock yaml requests jinja2"
-WHEEL_PACKAGES="numpy pyarrow pydantic rich xxhash tiktoken rustbpe psutil filelock pyyaml requests jinja2"
+# ~80 MB for one Python version, pyarrow and numpy the bulk of it; GPU_CHECK_WHEELS="..." to carry fewer
+# (a torch image usually has numpy, filelock, jinja2 and requests already)
+WHEEL_PACKAGES="${GPU_CHECK_WHEELS:-numpy pyarrow pydantic rich xxhash tiktoken rustbpe psutil filelock pyyaml requests jinja2}"
 
 say() { printf '%s\n' "$*"; }
 elapsed() { echo $(( $(date +%s) - START )); }
