@@ -1,4 +1,4 @@
-"""Model size and token budget (nanochat's Feb-2026 recipe)."""
+"""Model size and token budget (nanochat 92d63d4's recipe; tests/test_train_parity.py checks it against nanochat itself)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def exp(**train):
 def test_horizon_from_ratio_tokens_or_iterations() -> None:
     b = training_budget(exp(total_batch_size=524288))
     assert b.tokens == b.num_iterations * 524288
-    assert abs(b.tokens - 10.5 * b.params.scaling) < 524288
+    assert abs(b.tokens - 12 * b.params.scaling) < 524288  # nanochat 92d63d4's default ratio
     assert training_budget(exp(tokens=10 * 524288, total_batch_size=524288)).num_iterations == 10
     assert training_budget(exp(num_iterations=7, total_batch_size=4096)).tokens == 7 * 4096
 
@@ -39,3 +39,22 @@ def test_grad_accum_refuses_uneven_split_and_says_what_works() -> None:
     assert grad_accum_steps(524288, 16, 2048, 8) == 2
     with pytest.raises(ArmlabError, match=r"device_batch_size in \["):
         grad_accum_steps(524288, 24, 2048, 8)
+
+
+def test_num_iterations_keeps_the_ratio_horizon_for_batch_size_and_reference() -> None:
+    # nanochat sizes the batch (and the weight decay) from the ratio's horizon even when the
+    # steps are given: a short smoke run of d12 still steps 2**19 tokens at a time
+    b = training_budget(exp(num_iterations=5))
+    assert b.total_batch_size == 2**19 and b.num_iterations == 5
+    assert b.target_tokens == int(12 * b.params.scaling) and b.reference_tokens == b.target_tokens
+
+
+def test_window_pattern_changes_flops_not_params() -> None:
+    full, sssl = ModelSpec(depth=4, window_pattern="L"), ModelSpec(depth=4)
+    assert param_counts(full, 32768) == param_counts(sssl, 32768)
+    from armlab.budget import flops_per_token, window_sizes
+
+    assert window_sizes(4, 2048) == [512, 512, 512, 2048]  # SSSL; the last layer always full
+    assert window_sizes(2, 2048, "L") == [2048, 2048]
+    d = 256  # depth 4 x 64
+    assert flops_per_token(full, 32768) - flops_per_token(sssl, 32768) == 3 * 12 * d * (2048 - 512)

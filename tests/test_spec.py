@@ -112,3 +112,19 @@ def test_fingerprint_ignores_arm_and_seeds_but_not_model() -> None:
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint()
     assert fingerprint_diff(a.comparability(), c.comparability()) == ["model.depth"]
+
+
+def test_recipe_fields_default_to_the_engine_and_are_checked(tmp_path: Path) -> None:
+    from armlab.train import recipe
+
+    exp = parse_experiment({"name": "x", "pool": {"uri": "p"}, "arms": [{"name": "r", "kind": "random", "ratio": 0.5}]})
+    assert exp.model.window_pattern is None and exp.train.matrix_lr is None and exp.train.warmup_steps is None
+    assert exp.train.param_data_ratio == 12  # nanochat 92d63d4's horizon
+    hp = recipe.resolve(exp.train)
+    assert (hp.embedding_lr, hp.unembedding_lr, hp.matrix_lr, hp.scalar_lr, hp.weight_decay) == (0.3, 0.008, 0.02, 0.5, 0.28)
+    assert (hp.warmup_steps, hp.warmdown_ratio, hp.final_lr_frac) == (40, 0.65, 0.05)
+    assert recipe.resolve(exp.train.model_copy(update={"matrix_lr": 0.01})).matrix_lr == 0.01
+    assert "window_pattern: must be a non-empty string of S" in error_of(tmp_path, BASE + '[model]\nwindow_pattern = "SXL"\n')
+    assert parse_experiment({**exp.model_dump(), "model": {"window_pattern": "ssl"}}).model.window_pattern == "SSL"
+    assert "unknown key 'train.warmup_ratio'" in error_of(tmp_path, BASE + "[train]\nwarmup_ratio = 0.1\n")
+    assert "train.warmup_steps" in error_of(tmp_path, BASE + "[train]\nwarmup_steps = -1\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 from armlab.errors import ArmlabError
@@ -21,7 +23,8 @@ SEQ = 32
 
 
 class Bigram(nn.Module):
-    """logits of the next token = a table row of the current token (zeros: the uniform model)."""
+    """logits of the next token = a table row of the current token (zeros: the uniform model).
+    Called like nanochat's GPT: model(x, y, loss_reduction="none") -> per-token losses."""
 
     def __init__(self, vocab: int, zero: bool = False):
         super().__init__()
@@ -30,12 +33,18 @@ class Bigram(nn.Module):
         if zero:
             nn.init.zeros_(self.table.weight)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.table(idx)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, loss_reduction: str = "mean") -> torch.Tensor:
+        logits = self.table(idx)
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=loss_reduction)
 
 
 def reference_bpb(model: Bigram, tok: Tokenizer, rows: np.ndarray) -> float:
     """The definition, token by token: sum of -log p(target) over targets with bytes, / (ln 2 * bytes)."""
+    nats, nbytes = reference_sums(model, tok, rows)
+    return nats / (math.log(2) * nbytes)
+
+
+def reference_sums(model: Bigram, tok: Tokenizer, rows: np.ndarray) -> tuple[float, float]:
     table = model.table.weight.detach().double().numpy()
     logp = (
         table
@@ -48,7 +57,7 @@ def reference_bpb(model: Bigram, tok: Tokenizer, rows: np.ndarray) -> float:
             if tok.token_bytes[nxt] > 0:
                 nats -= logp[cur, nxt]
                 nbytes += tok.token_bytes[nxt]
-    return nats / (math.log(2) * nbytes)
+    return nats, nbytes
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +75,7 @@ def test_uniform_model_scores_log2_vocab_per_token(setup):
     targets = rows[:, 1:]
     counted = tok.token_bytes[targets] > 0
     by_hand = math.log2(tok.vocab_size) * counted.sum() / tok.token_bytes[targets].sum()
-    got = evaluate_bpb(Bigram(tok.vocab_size, zero=True), tok, eval_dir, 20 * SEQ, 3, SEQ, "cpu")
+    got = evaluate_bpb(Bigram(tok.vocab_size, zero=True), tok, eval_dir, 20 * SEQ, 3, SEQ, "cpu").bpb
     assert got == pytest.approx(by_hand, rel=1e-6)  # float32 logits
     assert (~counted).any()  # BOS targets occur and are excluded from both sums
 
@@ -74,12 +83,12 @@ def test_uniform_model_scores_log2_vocab_per_token(setup):
 def test_bigram_model_matches_the_definition(setup):
     tok, eval_dir = setup
     model = Bigram(tok.vocab_size)
-    got = evaluate_bpb(model, tok, eval_dir, max_tokens=13 * SEQ + 5, batch_size=4, seq_len=SEQ, device="cpu")
+    got = evaluate_bpb(model, tok, eval_dir, max_tokens=13 * SEQ + 5, batch_size=4, seq_len=SEQ, device="cpu").bpb
     rows = eval_rows(eval_dir, tok, 13 * SEQ, SEQ)
     assert len(rows) == 13
     assert got == pytest.approx(reference_bpb(model, tok, rows), rel=1e-6)  # float32 logits
     # batch size is only a memory knob: same tokens, same answer
-    assert evaluate_bpb(model, tok, eval_dir, 13 * SEQ, 13, SEQ, "cpu") == pytest.approx(got, rel=1e-12)
+    assert evaluate_bpb(model, tok, eval_dir, 13 * SEQ, 13, SEQ, "cpu").bpb == pytest.approx(got, rel=1e-12)
 
 
 def test_eval_tokens_are_fixed_and_unshuffled(setup):
@@ -96,10 +105,42 @@ def test_small_eval_set_uses_what_it_has_and_bad_budget_is_refused(setup, tmp_pa
     small = write_shards(tmp_path / "small", corpus(6, seed=2), files=1, row_group_rows=4)
     rows = eval_rows(small, tok, max_tokens=10_000 * SEQ, seq_len=SEQ)
     assert 0 < len(rows) < 10_000
-    got = evaluate_bpb(Bigram(tok.vocab_size), tok, small, 10_000 * SEQ, 8, SEQ, "cpu")
+    got = evaluate_bpb(Bigram(tok.vocab_size), tok, small, 10_000 * SEQ, 8, SEQ, "cpu").bpb
     assert got == pytest.approx(reference_bpb(Bigram(tok.vocab_size), tok, rows), rel=1e-6)
     with pytest.raises(ArmlabError, match=r"max_tokens \(10\) must be >= seq_len \(32\)"):
         evaluate_bpb(Bigram(tok.vocab_size), tok, small, 10, 8, SEQ, "cpu")
+
+
+def test_whole_set_by_default_with_per_document_sums_in_eval_set_order(setup):
+    """max_tokens=None scores every row of the one-pass stream; the per-document sums add up to
+    the total, follow the eval set's document order and match the definition document by document."""
+    tok, eval_dir = setup
+    model = Bigram(tok.vocab_size)
+    whole = evaluate_bpb(model, tok, eval_dir, None, 5, SEQ, "cpu")
+    es = bpb.eval_set(eval_dir, tok, SEQ)
+    n_docs = 80  # corpus(80) in 3 files
+    assert es.n_docs == n_docs and len(whole.per_doc_nats) == len(whole.per_doc_bytes) == n_docs
+    assert whole.bpb == pytest.approx(reference_bpb(model, tok, es.tokens), rel=1e-9)
+    assert sum(whole.per_doc_nats) / (math.log(2) * sum(whole.per_doc_bytes)) == pytest.approx(whole.bpb, rel=1e-12)
+    targets = es.tokens[:, 1:]
+    assert whole.tokens == int((tok.token_bytes[targets] > 0).sum())
+    assert whole.docs == sum(b > 0 for b in whole.per_doc_bytes) and whole.docs > n_docs // 2
+    # every document's sums, from the tokens the packer placed for it (its BOS first)
+    texts = corpus(80, seed=1)
+    for d in range(n_docs):
+        if whole.per_doc_bytes[d] == 0:
+            continue
+        r, c = np.nonzero(es.docs[:, 1:] == d)
+        placed = targets[r, c]
+        assert whole.per_doc_bytes[d] == int(tok.token_bytes[placed].sum())
+        # the first token of a document is its BOS: the tokens placed for it are a prefix of its text
+        full = tok.encode([texts[d]], prepend_bos=True)[0]
+        rr, cc = np.nonzero(es.docs == d)
+        assert list(es.tokens[rr, cc]) == full[: len(rr)]
+    # a cut scores a prefix of the same stream: fewer docs, same order, per-doc sums only shrink
+    cut = evaluate_bpb(model, tok, eval_dir, 4 * SEQ, 5, SEQ, "cpu")
+    assert cut.tokens < whole.tokens and cut.docs < whole.docs
+    assert all(a <= b for a, b in zip(cut.per_doc_bytes, whole.per_doc_bytes, strict=True))
 
 
 def _rank_main(rank: int, world_size: int, init_file: str, tok_dir: str, eval_dir: str, out: str) -> None:
@@ -110,7 +151,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, tok_dir: str, eval_di
         model = nn.parallel.DistributedDataParallel(Bigram(tok.vocab_size))
         value = evaluate_bpb(model, tok, eval_dir, 7 * SEQ, 2, SEQ, "cpu", rank=rank, world_size=world_size)
         with open(f"{out}.{rank}", "w") as f:
-            f.write(repr(value))
+            f.write(json.dumps(value.eval_json()))
         dist.barrier()  # both ranks done before either tears gloo down
     finally:
         dist.destroy_process_group()
@@ -121,8 +162,11 @@ def test_distributed_bpb_equals_single_process(setup, tmp_path):
     """2 gloo processes, 7 rows, batch 2: rank 1 pads its last batch; the all-reduced bpb is W=1's."""
     tok, eval_dir = setup
     tok_dir = next(p.parent for p in eval_dir.parent.glob("wd/tokenizer/manifest.json"))
-    single = evaluate_bpb(Bigram(tok.vocab_size), tok, eval_dir, 7 * SEQ, 2, SEQ, "cpu")
+    single = evaluate_bpb(Bigram(tok.vocab_size), tok, eval_dir, 7 * SEQ, 2, SEQ, "cpu").eval_json()
     out = tmp_path / "bpb"
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tok_dir), str(eval_dir), str(out)), nprocs=2)
-    values = [float((tmp_path / f"bpb.{r}").read_text()) for r in range(2)]
-    assert values[0] == values[1] == pytest.approx(single, rel=1e-12)
+    values = [json.loads((tmp_path / f"bpb.{r}").read_text()) for r in range(2)]
+    assert values[0] == values[1]
+    assert values[0]["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-12)
+    assert values[0]["val_bpb_per_doc"]["bytes"] == single["val_bpb_per_doc"]["bytes"]
+    assert values[0]["val_bpb_per_doc"]["nats"] == pytest.approx(single["val_bpb_per_doc"]["nats"], rel=1e-12)

@@ -68,7 +68,7 @@ def test_single_process_trains_and_loss_falls(exp_file: Path) -> None:
     bpb = {m["step"]: m["val_bpb"] for m in metrics if "val_bpb" in m}
     assert sorted(bpb) == [0, 8, 16, 24] and bpb[24] < bpb[0]
     log = (run / "train.log").read_text()
-    assert "step 00024/00024 | loss " in log and "| lrm 0.10 | dt " in log and "| mfu - | epoch " in log
+    assert "step 00024/00024 | loss " in log and "| lrm 0.11 | dt " in log and "| mfu - | epoch " in log
     meta = read_json(run / "run.json")
     assert meta["config"]["grad_accum_steps"] == 6 and meta["config"]["world_size"] == 1
     assert meta["config"]["n_params"] == param_counts(ModelSpec(depth=2, max_seq_len=64), 400).total

@@ -1,15 +1,17 @@
-"""Model size and token budget from the experiment file, without building the model.
+"""Model size, FLOPs and token budget from the experiment file, without building the model.
 
 The trainer, `armlab plan` and the token-budget check (DESIGN.md invariant 7) all ask the same
 questions: how many parameters does depth D have, how many tokens will the run consume, in how
 many steps of what batch. One place answers them; `armlab.train.model` asserts that the real
 model has exactly `param_counts(...)` parameters.
 
-Follows nanochat's Feb-2026 base-training recipe: model_dim = depth * aspect_ratio rounded up
-to a multiple of head_dim; value embeddings on alternating layers (always the last) with a
-12-channel gate; scaling parameters = transformer matrices + lm_head; horizon = ratio x
-scaling params; auto batch size from the Power-Lines rule B ~ D^0.383, anchored at d12 with
-2**19 tokens, rounded to a power of two.
+Follows nanochat 92d63d4 (gpt.py, scripts/base_train.py): model_dim = depth * aspect_ratio
+rounded up to a multiple of head_dim; value embeddings on alternating layers (always the last)
+with a 12-channel gate; a 24-channel smear gate and smear/backout scalars; scaling parameters =
+transformer matrices + lm_head; horizon D = ratio (default 12) x scaling params; auto batch size
+from the Power-Lines rule B ~ D^0.383 (arXiv 2505.13738), anchored at d12 with 2**19 tokens,
+rounded to a power of two; FLOPs per token = 6 x matmul weights + 12 h q min(window, T) summed
+over layers (nanochat's estimate_flops, sliding windows counted per layer).
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from dataclasses import dataclass
 
 from armlab.errors import ArmlabError
 from armlab.spec import Experiment, ModelSpec, TrainSpec
+from armlab.train.recipe import WINDOW_PATTERN
 
 VE_GATE_CHANNELS = 12
+SMEAR_CHANNELS = 24  # the smear gate reads the first 24 channels of the normalised embedding
 PAD_VOCAB_TO = 64
 REFERENCE_DEPTH = 12
 REFERENCE_BATCH = 2**19
+WINDOW_TILE = 128  # short windows are rounded up to FlashAttention 3's tile size
 
 
 def model_dim(spec: ModelSpec) -> int:
@@ -40,13 +45,26 @@ def padded_vocab(vocab_size: int) -> int:
     return ((vocab_size + PAD_VOCAB_TO - 1) // PAD_VOCAB_TO) * PAD_VOCAB_TO
 
 
+def window_sizes(n_layer: int, seq_len: int, pattern: str | None = None) -> list[int]:
+    """Tokens each layer attends back to (nanochat's `window_size[0]`, FA3's left window).
+
+    The pattern is tiled over the layers; L = the full context (seq_len), S = a quarter of it
+    rounded up to a multiple of 128; the last layer is always L.
+    """
+    pattern = (pattern or WINDOW_PATTERN).upper()
+    short = -(-seq_len // 4 // WINDOW_TILE) * WINDOW_TILE
+    sizes = [short if pattern[i % len(pattern)] == "S" else seq_len for i in range(n_layer)]
+    sizes[-1] = seq_len
+    return sizes
+
+
 @dataclass(frozen=True)
 class ParamCounts:
     wte: int
     value_embeds: int
     lm_head: int
     transformer_matrices: int
-    scalars: int
+    scalars: int  # resid/x0 lambdas, the smear gate, smear and backout lambdas
 
     @property
     def total(self) -> int:
@@ -56,6 +74,11 @@ class ParamCounts:
     def scaling(self) -> int:
         """Parameters the token horizon scales with (nanochat: matrices + lm_head)."""
         return self.transformer_matrices + self.lm_head
+
+    @property
+    def matmul(self) -> int:
+        """Weights that multiply the token stream (nanochat's num_matmul_params): 2 FLOPs each forward."""
+        return self.transformer_matrices + self.lm_head + SMEAR_CHANNELS
 
 
 def param_counts(spec: ModelSpec, vocab_size: int) -> ParamCounts:
@@ -69,16 +92,17 @@ def param_counts(spec: ModelSpec, vocab_size: int) -> ParamCounts:
         value_embeds=n_ve * v * d,
         lm_head=d * v,
         transformer_matrices=spec.depth * per_layer + n_ve * VE_GATE_CHANNELS * n_head,
-        scalars=2 * spec.depth,
+        scalars=2 * spec.depth + SMEAR_CHANNELS + 2,
     )
 
 
 def flops_per_token(spec: ModelSpec, vocab_size: int) -> int:
-    """Training FLOPs per token: 6 x (matrices + lm_head) + attention (12 h q T per layer)."""
+    """Training FLOPs per token (forward + backward), nanochat's estimate_flops."""
     pc = param_counts(spec, vocab_size)
-    d = model_dim(spec)
-    attn = spec.depth * 12 * d * spec.max_seq_len  # h * q == d
-    return 6 * pc.scaling + attn
+    d = model_dim(spec)  # n_head * head_dim
+    T = spec.max_seq_len
+    attn = sum(12 * d * min(w, T) for w in window_sizes(spec.depth, T, spec.window_pattern))
+    return 6 * pc.matmul + attn
 
 
 @dataclass(frozen=True)
@@ -88,31 +112,35 @@ class Budget:
     num_iterations: int
     tokens: int  # tokens the run consumes = num_iterations * total_batch_size
     flops_per_token: int
+    target_tokens: int  # the horizon D the batch size and weight decay are scaled for
+    reference_tokens: float  # D_ref: d12's horizon at the same ratio
 
 
-def auto_batch_size(spec: ModelSpec, train: TrainSpec, vocab_size: int, target_tokens: int) -> int:
-    ref = ModelSpec(depth=REFERENCE_DEPTH, max_seq_len=spec.max_seq_len, aspect_ratio=spec.aspect_ratio, head_dim=spec.head_dim)
-    d_ref = train.param_data_ratio * param_counts(ref, vocab_size).scaling
-    predicted = REFERENCE_BATCH * (target_tokens / d_ref) ** 0.383
+def reference_tokens(spec: ModelSpec, train: TrainSpec, vocab_size: int) -> float:
+    """D_ref: the horizon of the d12 reference model at this ratio (same width rule and vocab)."""
+    ref = spec.model_copy(update={"depth": REFERENCE_DEPTH})
+    return train.param_data_ratio * param_counts(ref, vocab_size).scaling
+
+
+def auto_batch_size(target_tokens: int, reference: float) -> int:
+    """nanochat's optimal total batch: 2**19 x (D / D_ref)^0.383, rounded to a power of two."""
+    predicted = REFERENCE_BATCH * (target_tokens / reference) ** 0.383
     return 2 ** max(0, round(math.log2(max(predicted, 1.0))))
 
 
 def training_budget(exp: Experiment, vocab_size: int | None = None) -> Budget:
-    """Steps, batch and tokens of one run of this experiment (identical for every arm)."""
+    """Steps, batch and tokens of one run of this experiment (identical for every arm).
+
+    The horizon is `tokens`, else `num_iterations` steps, else ratio x scaling parameters. The
+    auto batch size and the weight-decay scaling use D = `tokens` when given, else the ratio's
+    horizon (as nanochat does when the steps are given explicitly).
+    """
     vocab = vocab_size or exp.tokenizer.vocab_size
     pc = param_counts(exp.model, vocab)
     train = exp.train
-    if train.tokens is not None:
-        target = train.tokens
-    elif train.num_iterations is not None:
-        target = None
-    else:
-        target = int(train.param_data_ratio * pc.scaling)
-    if train.total_batch_size is not None:
-        tbs = train.total_batch_size
-    else:
-        guess = target if target is not None else train.num_iterations * REFERENCE_BATCH
-        tbs = auto_batch_size(exp.model, train, vocab, guess)
+    target = train.tokens if train.tokens is not None else int(train.param_data_ratio * pc.scaling)
+    ref = reference_tokens(exp.model, train, vocab)
+    tbs = train.total_batch_size if train.total_batch_size is not None else auto_batch_size(target, ref)
     tbs = max(tbs, exp.model.max_seq_len)
     steps = train.num_iterations if train.num_iterations is not None else max(1, target // tbs)
     return Budget(
@@ -121,6 +149,8 @@ def training_budget(exp: Experiment, vocab_size: int | None = None) -> Budget:
         num_iterations=steps,
         tokens=steps * tbs,
         flops_per_token=flops_per_token(exp.model, vocab),
+        target_tokens=target,
+        reference_tokens=ref,
     )
 
 
@@ -128,8 +158,13 @@ def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int
     """Micro-steps per optimiser step; refuses a total batch the ranks cannot split evenly."""
     per_step = device_batch_size * seq_len * world_size
     if total_batch_size % per_step:
-        options = sorted({total_batch_size // (seq_len * world_size * k) for k in (1, 2, 4, 8, 16, 32, 64)
-                          if total_batch_size % (seq_len * world_size * k) == 0})
+        options = sorted(
+            {
+                total_batch_size // (seq_len * world_size * k)
+                for k in (1, 2, 4, 8, 16, 32, 64)
+                if total_batch_size % (seq_len * world_size * k) == 0
+            }
+        )
         hint = f"device_batch_size in {options}" if options else f"total_batch_size a multiple of {per_step}"
         raise ArmlabError(
             f"--total-batch-size {total_batch_size} is not divisible by device_batch_size x max_seq_len x world_size "

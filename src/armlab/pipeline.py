@@ -84,8 +84,10 @@ def evaluate_run(
     max_per_task: int | None = None,
     device: str | None = None,
     force: bool = False,
+    max_tokens: int | None = None,
 ) -> dict[str, Any]:
-    """Final val bpb on the shared eval set and CORE (when a bundle is given) -> <run>/eval.json.
+    """Final val bpb on the shared eval set (all of it, or its first max_tokens tokens) and CORE
+    (when a bundle is given) -> <run>/eval.json.
 
     The run's engine evaluates its final checkpoint; what is checked and cached is the same for
     every engine."""
@@ -111,7 +113,7 @@ def evaluate_run(
         "run_ended": (rec.state or {}).get("ended"),  # a retrained run has new weights at the same step
         "bundle_sha256": bundle.sha256 if bundle else None,
         "max_per_task": max_per_task,
-        "eval_tokens": exp.train.eval_tokens,
+        "max_tokens": max_tokens,  # None: the whole eval set
     }
     if rec.eval and not force and all(rec.eval.get(k) == v for k, v in want.items()):
         return rec.eval
@@ -123,11 +125,16 @@ def evaluate_run(
             f"but the experiment's is now {tok.fingerprint}; it cannot be evaluated comparably"
         )
     wd = open_workdir(exp, create=False)
-    request = EvalRequest(run_dir, exp, tok, wd.eval_dir, bundle, max_per_task, device)
+    request = EvalRequest(run_dir, exp, tok, wd.eval_dir, bundle, max_per_task, device, max_tokens)
     result = {**want, **engine.evaluate(request)}
     atomic_write_json(run_dir / EVAL_JSON, result)
     core_txt = "" if result.get("core") is None else f", CORE {result['core']:.4f}"
-    console.print(f"evaluate: {rec.run}: val bpb {result['val_bpb']:.4f}{core_txt}")
+    covered = (
+        f" ({result['val_bpb_tokens']:,} tokens of {result['val_bpb_docs']:,} eval docs)"
+        if result.get("val_bpb_docs") is not None
+        else f" ({result['val_bpb_tokens']:,} tokens)" if result.get("val_bpb_tokens") else ""
+    )
+    console.print(f"evaluate: {rec.run}: val bpb {result['val_bpb']:.4f}{covered}{core_txt}")
     return result
 
 
@@ -151,6 +158,7 @@ def evaluate_experiment(
     max_per_task: int | None = None,
     device: str | None = None,
     force: bool = False,
+    max_tokens: int | None = None,
 ) -> list[Path]:
     """Evaluate every finished run of the selected arms; returns their run dirs."""
     names, _ = _select(exp, arms, None)
@@ -164,7 +172,7 @@ def evaluate_experiment(
     opened = open_bundle(exp, bundle)
     per_task = max_per_task or exp.evaluate.max_per_task
     for d in runs:
-        evaluate_run(exp, d, opened, per_task, device, force)
+        evaluate_run(exp, d, opened, per_task, device, force, max_tokens)
     return runs
 
 

@@ -23,6 +23,8 @@ from armlab.vocab import MIN_VOCAB_SIZE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
+# nanochat's --target-param-data-ratio default since 2026-03-24 (92d63d4: 12; before: 10.5)
+DEFAULT_PARAM_DATA_RATIO = 12.0
 
 
 class Strict(BaseModel):
@@ -131,6 +133,16 @@ class ModelSpec(Strict):
     max_seq_len: int = Field(2048, gt=0)
     aspect_ratio: int = Field(64, gt=0)  # model_dim = depth * aspect_ratio, rounded up to head_dim
     head_dim: int = Field(128, gt=0)
+    # Sliding-window attention, tiled over the layers (the last layer is always L): L = full
+    # context, S = a quarter of it. None: the engine's default (nanochat 92d63d4: "SSSL").
+    window_pattern: str | None = None
+
+    @field_validator("window_pattern")
+    @classmethod
+    def _pattern_ok(cls, v: str | None) -> str | None:
+        if v is not None and (not v or set(v.upper()) - {"S", "L"}):
+            raise ValueError(f"must be a non-empty string of S (short window) and L (full context), got {v!r}")
+        return v.upper() if v is not None else None
 
 
 class TrainSpec(Strict):
@@ -139,22 +151,24 @@ class TrainSpec(Strict):
     engine: Literal["builtin", "nanochat"] = "builtin"
     device_batch_size: int = Field(32, gt=0)
     total_batch_size: int | None = Field(None, gt=0)  # None: nanochat's auto batch size
-    target_param_data_ratio: float | None = Field(None, gt=0)  # default 10.5 when nothing else set
+    target_param_data_ratio: float | None = Field(None, gt=0)  # default 12 when nothing else set
     tokens: int | None = Field(None, gt=0)
     num_iterations: int | None = Field(None, gt=0)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     eval_every: int = Field(250, gt=0)
     eval_tokens: int = Field(20_971_520, gt=0)
     save_every: int = Field(1000, gt=0)
-    # optimiser (nanochat defaults; the trainer documents their meaning)
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.004
-    matrix_lr: float = 0.02
-    scalar_lr: float = 0.5
-    weight_decay: float = 0.2
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmdown_ratio: float = Field(0.4, ge=0, le=1)
-    final_lr_frac: float = Field(0.0, ge=0, le=1)
+    # Optimiser and schedule, in nanochat's terms (learning rates are the d12 / 2**19-token
+    # values before the trainer's batch-size scaling). None: the engine's own default (builtin:
+    # nanochat 92d63d4's, armlab.train.recipe; nanochat engine: the flag is not passed).
+    embedding_lr: float | None = Field(None, gt=0)
+    unembedding_lr: float | None = Field(None, gt=0)
+    matrix_lr: float | None = Field(None, gt=0)
+    scalar_lr: float | None = Field(None, gt=0)
+    weight_decay: float | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    warmdown_ratio: float | None = Field(None, ge=0, le=1)
+    final_lr_frac: float | None = Field(None, ge=0, le=1)
     compile: bool = True
     allow_repeat: bool = False
     wandb_project: str | None = None
@@ -175,10 +189,14 @@ class TrainSpec(Strict):
 
     @property
     def param_data_ratio(self) -> float:
-        """nanochat's default horizon when none is given: 10.5 tokens per scaling parameter."""
+        """The tokens-per-scaling-parameter ratio: the file's, else nanochat 92d63d4's default (12).
+
+        nanochat derives the auto batch size and the weight-decay scaling from this ratio's
+        horizon even when the run's length is given as a number of steps, and so does armlab.
+        """
         if self.target_param_data_ratio is not None:
             return self.target_param_data_ratio
-        return 10.5
+        return DEFAULT_PARAM_DATA_RATIO
 
 
 # DCLM's CORE eval bundle, where nanochat's scripts/base_eval.py downloads it from (EVAL_BUNDLE_URL)

@@ -103,6 +103,9 @@ def evaluate(
     force: Annotated[
         bool, typer.Option(help="re-evaluate runs that already have a matching eval.json")
     ] = False,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", min=1, help="score only the first N eval tokens (default: all)")
+    ] = None,
 ) -> None:
     """Final val bpb on the shared eval set and CORE for every finished run -> <run>/eval.json."""
     from armlab.pipeline import evaluate_experiment
@@ -116,6 +119,7 @@ def evaluate(
         max_per_task=max_per_task,
         device=device,
         force=force,
+        max_tokens=max_tokens,
     ):
         print(d / EVAL_JSON)
 

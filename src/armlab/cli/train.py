@@ -81,3 +81,22 @@ def train(
 
 
 # -- end of train ------------------------------------------------------------------------------------
+
+
+# -- export (owner: recipe engineer) -----------------------------------------------------------------
+@app.command()
+def export(
+    exp: Path = typer.Argument(..., help="experiment file (or its workdir)"),
+    arm: str = typer.Option(..., "--arm", help="the arm whose run to export"),
+    to: Path = typer.Option(..., "--to", help="new (or empty) directory to write the nanochat base dir into"),
+    seed: int | None = typer.Option(None, "--seed", help="the run of this seed (default: the first of train.seeds)"),
+    run: str | None = typer.Option(None, "--run", help="the run by name (default: <arm>-s<seed>)"),
+) -> None:
+    """Write a run's latest checkpoint as a nanochat base dir (base_checkpoints/ + tokenizer/)."""
+    from armlab.spec import load_experiment
+    from armlab.train.export import export_run
+
+    print(export_run(load_experiment(exp), arm, to, seed=seed, run=run))
+
+
+# -- end of export -----------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Distributed pretraining loader: BOS-aligned best-fit packing over (file, row group) work units.
 
-Packing follows nanochat's Feb-2026 dataloader: every row of T+1 tokens starts with a document's
-BOS; from a buffer of tokenized documents the largest one that still fits is placed, and when
-none fits, the shortest is cropped to fill the row exactly (its remainder is dropped). No
-padding: every position is a real token and can attend back to its document's BOS.
+Packing follows nanochat's dataloader (unchanged from 48804bf to 92d63d4: BOS-aligned best fit):
+every row of T+1 tokens starts with a document's BOS; from a buffer of 1000 tokenized documents
+(refilled 128 at a time) the largest one that still fits is placed, and when none fits, the
+shortest is cropped to fill the row exactly (its remainder is dropped). No padding: every
+position is a real token and can attend back to its document's BOS.
 
 Distribution fixes the playbook's hang (DESIGN.md invariant 4). nanochat strides row groups
 *within each file* by rank, so a dir of one-row-group files gives rank 1 nothing and it waits in
@@ -175,6 +176,9 @@ class DataLoader:
         # packing buffer: tokenized documents (BOS first) in arrival order, and their lengths
         self._docs: list[np.ndarray] = []
         self._lens = np.empty(0, dtype=np.int64)
+        # which document each buffered one is: its ordinal in this loader's stream (-1: restored)
+        self._ids: list[int] = []
+        self._n_read = 0
         if state is not None:
             self._load_state(state)
         self._consumed = self._position()  # position after the last batch handed out
@@ -226,13 +230,16 @@ class DataLoader:
         ids = self.tokenizer.encode(texts, prepend_bos=True, num_threads=self.threads)
         self._docs.extend(np.asarray(d, dtype=np.int32) for d in ids)
         self._lens = np.concatenate([self._lens, np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))])
+        self._ids.extend(range(self._n_read, self._n_read + len(ids)))
+        self._n_read += len(ids)
 
-    def _take(self, i: int) -> np.ndarray:
+    def _take(self, i: int) -> tuple[np.ndarray, int]:
         self._lens = np.delete(self._lens, i)
-        return self._docs.pop(i)
+        return self._docs.pop(i), self._ids.pop(i)
 
-    def _fill_row(self, row: np.ndarray) -> bool:
-        """Best-fit pack one row of T+1 tokens; False when a finite stream cannot fill it."""
+    def _fill_row(self, row: np.ndarray, owners: np.ndarray | None = None) -> bool:
+        """Best-fit pack one row of T+1 tokens (and, given `owners`, the stream ordinal of each
+        token's document); False when a finite stream cannot fill it."""
         cap, pos = len(row), 0
         while pos < cap:
             while len(self._docs) < self.buffer_docs and not self._exhausted():
@@ -243,14 +250,36 @@ class DataLoader:
             fits = np.where(self._lens <= remaining, self._lens, -1)
             best = int(np.argmax(fits))  # first of the largest documents that fit entirely
             if fits[best] > 0:
-                doc = self._take(best)
-                row[pos : pos + len(doc)] = doc
-                pos += len(doc)
+                doc, owner = self._take(best)
+                end = pos + len(doc)
+                row[pos:end] = doc
             else:  # nothing fits: crop the shortest document to fill the row exactly
-                doc = self._take(int(np.argmin(self._lens)))
+                doc, owner = self._take(int(np.argmin(self._lens)))
+                end = cap
                 row[pos:] = doc[:remaining]
-                pos = cap
+            if owners is not None:
+                owners[pos:end] = owner
+            pos = end
         return True
+
+    def pack_rows(self, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The rows (R, T+1) of a finite stream packed one after another, up to `max_rows`, and
+        for every token the ordinal of its document in the stream (file order for shuffle=False
+        on one rank: the eval set's document order). No prefetch, no state (the eval set's use)."""
+        if self.epochs is None and max_rows is None:
+            raise ValueError("pack_rows needs a finite stream (epochs=) or max_rows")
+        rows, owners = [], []
+        while max_rows is None or len(rows) < max_rows:
+            row = np.empty(self.T + 1, dtype=np.int32)
+            owner = np.empty(self.T + 1, dtype=np.int32)
+            if not self._fill_row(row, owner):
+                break
+            rows.append(row)
+            owners.append(owner)
+        shape = (len(rows), self.T + 1)
+        return (np.stack(rows) if rows else np.empty(shape, np.int32)), (
+            np.stack(owners) if owners else np.empty(shape, np.int32)
+        )
 
     def _position(self) -> Position:
         unit_rows = len(self._texts) if self._texts is not None else 0
@@ -388,5 +417,6 @@ class DataLoader:
         tokens = np.asarray(state["buffer_tokens"], dtype=np.int32)
         self._lens = lens.copy()
         self._docs = list(np.split(tokens, np.cumsum(lens)[:-1])) if len(lens) else []
+        self._ids = [-1] * len(self._docs)
         if self._row:
             self._texts = self._read_unit()

@@ -1,4 +1,4 @@
-"""The training loop one rank runs (nanochat's base_train, minus the bugs of the postmortem).
+"""The training loop one rank runs: nanochat 92d63d4's base_train, minus the bugs of the postmortem.
 
 Every rank builds the same model from the same seed, reads its own share of the arm through
 the loader, and steps the same optimiser on gradients averaged over all ranks (one all-reduce
@@ -6,18 +6,23 @@ per bucket of gradients after accumulation). Rank 0 logs (train.log line, metric
 optional W&B), evaluates bits-per-byte with every rank on the shared eval set, and writes the
 checkpoints, which hold every rank's loader and RNG state.
 
+The recipe is nanochat 92d63d4's: the model (armlab.train.model), MuonAdamW with its parameter
+groups (armlab.train.optim), the schedules and batch/horizon scaling (armlab.train.schedule),
+the defaults (armlab.train.recipe). Precision follows nanochat too: no autocast; on CUDA the
+embeddings are bf16 and every Linear casts its fp32 weight to the activations' dtype.
+
 Resume is exact on CPU: the schedules are functions of the step, the optimiser and loader
 states are restored, and the loss of every later step matches an uninterrupted run bitwise.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,32 +31,46 @@ import torch
 import torch.distributed as dist
 
 from armlab import runs
-from armlab.train import checkpoint, schedule
-from armlab.train.model import GPT, GPTConfig
-from armlab.train.optim import build_optimizer
+from armlab.train import attention, checkpoint, recipe, schedule
+from armlab.train.model import GPTConfig, build_model, compute_dtype_for
+from armlab.train.optim import MuonAdamW, build_optimizer
 
 if TYPE_CHECKING:
     from armlab.train.plan import RunPlan
 
-# Dense bf16 peak FLOP/s per device, matched against torch.cuda.get_device_name() (first hit
-# wins, so more specific names come first). Unknown devices and CPUs get no MFU.
+# Dense bf16 peak FLOP/s per device, nanochat 92d63d4's table (nanochat/common.py get_peak_flops):
+# every pattern must occur in the lower-cased torch.cuda.get_device_name(); the first row that
+# matches wins, so more specific names come first. Unknown devices and CPUs get no MFU.
 PEAK_FLOPS = (
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("H200", 989e12),
-    ("H100 NVL", 835e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
+    (("gb200",), 2.5e15),
+    (("grace blackwell",), 2.5e15),
+    (("b200",), 2.25e15),
+    (("b100",), 1.8e15),
+    (("h200", "nvl"), 836e12),
+    (("h200", "pcie"), 836e12),
+    (("h200",), 989e12),
+    (("h100", "nvl"), 835e12),
+    (("h100", "pcie"), 756e12),
+    (("h100",), 989e12),
+    (("h800", "nvl"), 989e12),
+    (("h800",), 756e12),
+    (("a100",), 312e12),
+    (("a800",), 312e12),
+    (("a40",), 149.7e12),
+    (("a30",), 165e12),
+    (("l40s",), 362e12),
+    (("l40-s",), 362e12),
+    (("l40 s",), 362e12),
+    (("l4",), 121e12),
+    (("mi355",), 2.5e15),
+    (("mi325",), 1.3074e15),
+    (("mi300x",), 1.3074e15),
+    (("mi300a",), 980.6e12),
+    (("mi250x",), 383e12),
+    (("mi250",), 362.1e12),
+    (("5090",), 209.5e12),
+    (("4090",), 165.2e12),
+    (("3090",), 71e12),
 )
 STATE_EVERY_S = 10.0  # rank 0 rewrites state.json at most this often between evals/saves
 GRAD_BUCKET = 1 << 25  # elements per gradient all-reduce
@@ -60,8 +79,8 @@ GRAD_BUCKET = 1 << 25  # elements per gradient all-reduce
 def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+    name = torch.cuda.get_device_name(device).lower()
+    return next((flops for keys, flops in PEAK_FLOPS if all(k in name for k in keys)), None)
 
 
 @dataclass(frozen=True)
@@ -130,8 +149,60 @@ def fault_injection(rank: int, step: int) -> None:
         time.sleep(delay)
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """What one optimiser step needs besides the model: the horizon and the resolved recipe."""
+
+    num_iterations: int
+    grad_accum_steps: int
+    hp: recipe.Hyperparameters
+    weight_decay: float  # Muon's scaled weight decay at step 0 (schedule.scaling)
+
+
+def train_step(
+    fwd: Any,
+    model: torch.nn.Module,
+    optimizer: MuonAdamW,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    step: int,
+    sched: Schedule,
+    d: Dist,
+) -> tuple[float, float]:
+    """One optimiser step: accumulate gradients over micro-batches, average them over ranks, set
+    the step's learning rates, momentum and weight decay, step. Returns (mean loss, lr multiplier).
+
+    `fwd` is the model or its torch.compile'd wrapper; the model's compute dtype decides the
+    precision (bf16 on CUDA). The same code runs compiled and in bf16 on CPU in the tests.
+    """
+    accum, n = sched.grad_accum_steps, sched.num_iterations
+    loss_sum = torch.zeros((), device=d.device)
+    for _ in range(accum):
+        x, y = next(batches)
+        x, y = x.to(d.device, non_blocking=True), y.to(d.device, non_blocking=True)
+        loss = fwd(x, y)
+        loss_sum += loss.detach()
+        (loss / accum).backward()
+    if d.world_size > 1:
+        all_reduce_grads(list(model.parameters()), d.world_size)
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+        loss_sum /= d.world_size
+    hp = sched.hp
+    lrm = schedule.lr_multiplier(step, n, hp.warmup_steps, hp.warmdown_ratio, hp.final_lr_frac)
+    momentum = schedule.muon_momentum(step, n, hp.warmdown_ratio)
+    weight_decay = schedule.weight_decay(step, n, sched.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = momentum
+            group["weight_decay"] = weight_decay
+    optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return (loss_sum / accum).item(), lrm  # .item() also syncs the device, so the caller's dt is real
+
+
 def train_loop(plan: RunPlan, d: Dist) -> None:
     """Run (or resume) the training described by the supervisor's plan on this rank."""
+    from armlab.budget import training_budget
     from armlab.evaluate.bpb import evaluate_bpb
     from armlab.tokenizer import Tokenizer
     from armlab.train.loader import DataLoader
@@ -143,26 +214,17 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
     n_steps, accum = cfg.num_iterations, cfg.grad_accum_steps
     B, T = cfg.device_batch_size, exp.model.max_seq_len
     device = d.device
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    )
+    compute_dtype = compute_dtype_for(device)  # bf16 on CUDA sm80+, else fp32 (nanochat's choice)
 
     tokenizer = Tokenizer.load(plan.tokenizer_dir)
     torch.manual_seed(plan.seed)  # identical initial weights on every rank
     model_cfg = GPTConfig.from_spec(exp.model, tokenizer.vocab_size)
-    with device:  # allocate on the device directly (a d26 model is slow to build on CPU and copy)
-        model = GPT(model_cfg)
-    model.init_weights()
-    scale = schedule.scaling(exp.model.depth, cfg.total_batch_size, train.weight_decay)
-    optimizer = build_optimizer(
-        model,
-        embedding_lr=train.embedding_lr,
-        unembedding_lr=train.unembedding_lr,
-        matrix_lr=train.matrix_lr,
-        scalar_lr=train.scalar_lr,
-        weight_decay=scale.weight_decay,
-        batch_lr_scale=scale.batch_lr_scale,
-    )
+    model = build_model(model_cfg, device, compute_dtype)  # on the device directly, nanochat's init
+    hp = recipe.resolve(train)
+    budget = training_budget(exp, vocab_size=tokenizer.vocab_size)
+    scale = schedule.scaling(budget, hp.weight_decay)
+    optimizer = build_optimizer(model, **scale.learning_rates(hp))
+    sched = Schedule(n_steps, accum, hp, scale.weight_decay)
 
     start, loop_time, loader_state, val_bpb = 0, 0.0, None, None
     if plan.resume_step is not None:
@@ -190,7 +252,8 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
         print(
             f"train {plan.run}: arm {plan.arm}, {d.world_size} x {device.type}, depth {exp.model.depth} "
             f"({cfg.n_params / 1e6:.1f}M params), {n_steps:,} steps x {cfg.total_batch_size:,} tokens "
-            f"(grad accum {accum}), {cfg.dtype}{', compiled' if fwd is not model else ''}",
+            f"(grad accum {accum}), {str(compute_dtype).removeprefix('torch.')}{', compiled' if fwd is not model else ''}"
+            f", attention {attention.backend(compute_dtype, device)}",
             flush=True,
         )
         if start:
@@ -214,10 +277,9 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
             )  # the resume step was evaluated and saved already
             if fresh and (last or step % train.eval_every == 0):
                 model.eval()
-                with autocast:
-                    val_bpb = evaluate_bpb(
-                        fwd, tokenizer, plan.eval_dir, train.eval_tokens, B, T, device, d.rank, d.world_size
-                    )
+                val_bpb = evaluate_bpb(
+                    fwd, tokenizer, plan.eval_dir, train.eval_tokens, B, T, device, d.rank, d.world_size
+                ).bpb
                 model.train()
                 if d.master:
                     print(f"step {step:05d}/{n_steps:05d} | val bpb {val_bpb:.4f}", flush=True)
@@ -256,29 +318,7 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
             # One optimiser step: accumulate gradients over micro-batches, average over ranks.
             t0 = time.perf_counter()
             fault_injection(d.rank, step)
-            loss_sum = torch.zeros((), device=device)
-            for _ in range(accum):
-                x, y = next(loader)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast:
-                    loss = fwd(x, y)
-                loss_sum += loss.detach()
-                (loss / accum).backward()
-            if d.world_size > 1:
-                all_reduce_grads(list(model.parameters()), d.world_size)
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
-                loss_sum /= d.world_size
-            lrm = schedule.lr_multiplier(
-                step, n_steps, train.warmup_ratio, train.warmdown_ratio, train.final_lr_frac
-            )
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if group["kind"] == "muon":
-                    group["momentum"] = schedule.muon_momentum(step)
-                    group["weight_decay"] = schedule.weight_decay(step, n_steps, scale.weight_decay)
-            optimizer.step()
-            model.zero_grad(set_to_none=True)
-            train_loss = (loss_sum / accum).item()  # also syncs the device, so dt is real
+            train_loss, lrm = train_step(fwd, model, optimizer, loader, step, sched, d)
             dt = time.perf_counter() - t0
             step += 1
             loop_time += dt

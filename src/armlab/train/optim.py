@@ -1,31 +1,34 @@
-"""nanochat's optimiser: Muon for the transformer matrices, AdamW for everything else.
+"""nanochat 92d63d4's optimiser (nanochat/optim.py, 2026-07-03): Muon for the transformer
+matrices, AdamW for everything else, with nanochat's parameter groups (`build_optimizer`).
 
-`torch.optim.Muon` (torch >= 2.9) does not fit nanochat's recipe: it has one fixed quintic
-Newton-Schulz polynomial, no NorMuon variance reduction and plain (not cautious) weight decay.
-So this is a compact re-implementation of nanochat's combined step:
+The two update rules are nanochat's fused steps, op for op (so that the parity tests agree to
+float rounding), written as plain functions and compiled on CUDA as nanochat compiles them:
 
-- Muon (per group of same-shape matrices, stacked): Nesterov momentum -> Polar Express
-  orthogonalisation (5 per-iteration polynomials, arXiv 2505.16932) -> NorMuon per-neuron
-  variance normalisation (arXiv 2510.05491) -> cautious decoupled weight decay (decay only
-  where update and weight agree in sign); lr scaled by sqrt(max(1, rows / cols)).
-- AdamW: betas (0.8, 0.95), eps 1e-10, no weight decay on embeddings, head or scalars.
+- AdamW: decoupled weight decay, lerp moments, bias correction, eps 1e-10; the math in fp32
+  and written back into the parameter's dtype (the embeddings are bf16 on CUDA).
+- Muon, per group of same-shape matrices stacked: Nesterov momentum -> MuonEq row equilibration
+  (each row rescaled to the mean row norm, arXiv 2603.28254) -> Polar Express orthogonalisation
+  (5 per-iteration polynomials, arXiv 2505.16932; in bf16 when training in bf16) -> Muon+
+  renormalisation (Frobenius norm snapped to sqrt(min(rows, cols)), arXiv 2602.21545) ->
+  NorMuon per-neuron variance normalisation (arXiv 2510.05491) -> cautious weight decay (decay
+  only where update and weight agree in sign); lr scaled by sqrt(max(1, rows / cols)).
 
-Under DDP every rank holds the whole optimiser and steps on identical (all-reduced) gradients,
-so states stay identical across ranks and a checkpoint needs rank 0's copy only.
+nanochat shards the optimiser state over ranks (ZeRO-2) and reduces gradients inside the step.
+Here the training loop all-reduces the gradients first and every rank steps the whole
+optimiser on identical gradients, so the states stay identical on every rank, a checkpoint
+needs rank 0's copy only, and a resume is bitwise whatever the world size was.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from armlab.train.model import GPT
-
-ADAM_BETAS = (0.8, 0.95)
-ADAM_EPS = 1e-10
 REFERENCE_DIM = 768  # nanochat tuned the AdamW learning rates at width 768
+ADAM_EPS = 1e-10
 
 # Polar Express coefficients for 5 iterations (safety factor 2e-2, cushion 2), from the paper.
 POLAR_EXPRESS = (
@@ -37,148 +40,206 @@ POLAR_EXPRESS = (
 )
 
 
-def polar_express(g: Tensor, steps: int = 5) -> Tensor:
+def adamw_step(
+    p: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
+    step_t: Tensor, lr_t: Tensor, beta1_t: Tensor, beta2_t: Tensor, eps_t: Tensor, wd_t: Tensor,
+) -> None:  # fmt: skip
+    """One AdamW update of p in place; hyperparameters are 0-D fp32 CPU tensors (no recompiles)."""
+    p32, exp_avg32, exp_avg_sq32, grad32 = p.float(), exp_avg.float(), exp_avg_sq.float(), grad.float()
+    p32.mul_(1 - lr_t * wd_t)
+    exp_avg32.lerp_(grad32, 1 - beta1_t)
+    exp_avg_sq32.lerp_(grad32.square(), 1 - beta2_t)
+    bias1 = 1 - beta1_t**step_t
+    bias2 = 1 - beta2_t**step_t
+    denom = (exp_avg_sq32 / bias2).sqrt() + eps_t
+    step_size = lr_t / bias1
+    p32.add_(exp_avg32 / denom, alpha=-step_size)
+    p.copy_(p32)
+    exp_avg.copy_(exp_avg32)
+    exp_avg_sq.copy_(exp_avg_sq32)
+
+
+def polar_express(X: Tensor, steps: int = 5) -> Tensor:
     """Approximately orthogonalise each matrix of a (N, rows, cols) stack (its polar factor)."""
-    x = g.bfloat16() if g.is_cuda else g  # bf16 is stable here and fast on GPU; CPU keeps fp32
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
-    for a, b, c in POLAR_EXPRESS[:steps]:
-        A = x @ x.mT
-        x = a * x + (b * A + c * (A @ A)) @ x
-    if tall:
-        x = x.mT
-    return x.to(g.dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    if X.size(-2) > X.size(-1):  # tall
+        for a, b, c in POLAR_EXPRESS[:steps]:
+            A = X.mT @ X
+            B = b * A + c * (A @ A)
+            X = a * X + X @ B
+    else:
+        for a, b, c in POLAR_EXPRESS[:steps]:
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+    return X
+
+
+def muon_step(
+    grads: Tensor, params: Tensor, momentum_buffer: Tensor, second_momentum_buffer: Tensor,
+    momentum_t: Tensor, lr_t: Tensor, wd_t: Tensor, beta2_t: Tensor,
+    ns_steps: int, red_dim: int, orthogonalise_dtype: torch.dtype,
+) -> None:  # fmt: skip
+    """One Muon update of a (N, rows, cols) stack of matrices in place (grads is overwritten)."""
+    momentum = momentum_t.to(grads.dtype)
+    momentum_buffer.lerp_(grads, 1 - momentum)
+    g = grads.lerp_(momentum_buffer, momentum)  # Nesterov
+    X = g.to(orthogonalise_dtype)
+    # MuonEq: every row to the mean row norm, so the spectrum entering the iteration is better conditioned
+    target = X.float().norm(dim=(-2, -1), keepdim=True) / (X.size(-2) ** 0.5)
+    row_norm = X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    X = X * (target / row_norm).to(X.dtype)
+    g = polar_express(X, ns_steps).to(params.dtype)
+    # Muon+: an exactly semi-orthogonal matrix has Frobenius norm sqrt(min(rows, cols))
+    target_norm = min(g.size(-2), g.size(-1)) ** 0.5
+    current_norm = g.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    g = g * (target_norm / current_norm).to(g.dtype)
+    # NorMuon: normalise each neuron's update by its running RMS, then restore the total norm
+    beta2 = beta2_t.to(g.dtype)
+    v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
+    red_dim_size = g.size(red_dim)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * red_dim_size).sqrt()
+    second_momentum_buffer.lerp_(v_mean.to(dtype=second_momentum_buffer.dtype), 1 - beta2)
+    step_size = second_momentum_buffer.clamp_min(1e-10).rsqrt()
+    scaled_sq_sum = (v_mean * red_dim_size) * step_size.float().square()
+    v_norm_new = scaled_sq_sum.sum(dim=(-2, -1), keepdim=True).sqrt()
+    g = g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
+    # cautious weight decay + the update
+    lr, wd = lr_t.to(g.dtype), wd_t.to(g.dtype)
+    mask = (g * params) >= 0
+    params.sub_(lr * g + lr * wd * params * mask)
 
 
 class MuonAdamW(torch.optim.Optimizer):
-    """One optimiser over param groups tagged kind='muon' or kind='adamw'.
+    """One optimiser over param groups tagged kind='muon' or kind='adamw' (nanochat's layout).
 
-    Muon groups hold same-shape matrices and take `lr, momentum, beta2, weight_decay`; AdamW
-    groups take `lr, betas, eps, weight_decay`. Every group keeps `initial_lr`; the loop sets
+    Muon groups hold same-shape matrices and take `lr, momentum, ns_steps, beta2, weight_decay`;
+    AdamW groups take `lr, betas, eps, weight_decay`. Every group keeps `initial_lr`; the loop sets
     `lr = initial_lr * lr_multiplier` (and Muon's momentum / weight_decay) before each step.
+    `compute_dtype` bf16 runs the orthogonalisation in bf16, as nanochat does when it trains in bf16.
+    With `compile` (default: on CUDA) the two steps are torch.compile'd like nanochat's fused kernels.
     """
 
-    def __init__(self, param_groups: list[dict[str, Any]]):
+    def __init__(
+        self,
+        param_groups: list[dict[str, Any]],
+        compute_dtype: torch.dtype = torch.float32,
+        compile: bool | None = None,
+    ):
         super().__init__(param_groups, defaults={})
         for group in self.param_groups:
             group.setdefault("initial_lr", group["lr"])
             if group["kind"] == "muon" and len({p.shape for p in group["params"]}) != 1:
                 raise ValueError("a Muon group must hold matrices of one shape")
+        self.orthogonalise_dtype = torch.bfloat16 if compute_dtype == torch.bfloat16 else None
+        if compile is None:
+            compile = any(p.is_cuda for g in self.param_groups for p in g["params"])
+        self._adamw: Callable[..., None] = adamw_step
+        self._muon: Callable[..., None] = muon_step
+        if compile:
+            self._adamw = torch.compile(adamw_step, dynamic=False, fullgraph=True)
+            self._muon = torch.compile(muon_step, dynamic=False, fullgraph=True)
+        # 0-D CPU tensors, refilled every step, so compiled steps never recompile for new values
+        t = lambda: torch.tensor(0.0, dtype=torch.float32, device="cpu")  # noqa: E731
+        self._adamw_t = {k: t() for k in ("step", "lr", "beta1", "beta2", "eps", "wd")}
+        self._muon_t = {k: t() for k in ("momentum", "lr", "wd", "beta2")}
 
     @torch.no_grad()
     def step(self) -> None:  # type: ignore[override]
         for group in self.param_groups:
             if group["kind"] == "muon":
-                self._muon(group)
+                self._step_muon(group)
+            elif group["kind"] == "adamw":
+                self._step_adamw(group)
             else:
-                self._adamw(group)
+                raise ValueError(f"unknown optimizer kind {group['kind']!r}")
 
-    def _adamw(self, group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, wd = group["lr"], group["weight_decay"]
+    def _step_adamw(self, group: dict[str, Any]) -> None:
+        h = self._adamw_t
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
             if not state:
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
             state["step"] += 1
-            t = state["step"]
-            grad, p32 = p.grad.float(), p.float()
-            p32.mul_(1 - lr * wd)
-            state["exp_avg"].lerp_(grad, 1 - beta1)
-            state["exp_avg_sq"].lerp_(grad.square(), 1 - beta2)
-            denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
-            p32.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
-            p.copy_(p32)
+            h["step"].fill_(state["step"])
+            h["lr"].fill_(group["lr"])
+            h["beta1"].fill_(group["betas"][0])
+            h["beta2"].fill_(group["betas"][1])
+            h["eps"].fill_(group["eps"])
+            h["wd"].fill_(group["weight_decay"])
+            self._adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                        h["step"], h["lr"], h["beta1"], h["beta2"], h["eps"], h["wd"])  # fmt: skip
 
-    def _muon(self, group: dict[str, Any]) -> None:
+    def _step_muon(self, group: dict[str, Any]) -> None:
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
-        rows, cols = params[0].shape
-        state = self.state[params[0]]  # group buffers live with the group's first matrix
-        if "momentum" not in state:
-            state["momentum"] = torch.zeros(
-                len(params), rows, cols, dtype=params[0].dtype, device=params[0].device
-            )
-            # NorMuon's second moment, factored over the longer side: one value per neuron.
-            shape = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
-            state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=params[0].device)
+        p = params[0]
+        shape, rows, cols = p.shape, p.shape[-2], p.shape[-1]
+        state = self.state[p]  # the group's stacked buffers live with its first matrix
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros(len(params), *shape, dtype=p.dtype, device=p.device)
+            # NorMuon's second moment, factored over the longer side: one value per neuron
+            factored = (len(params), rows, 1) if rows >= cols else (len(params), 1, cols)
+            state["second_momentum_buffer"] = torch.zeros(factored, dtype=p.dtype, device=p.device)
         red_dim = -1 if rows >= cols else -2
-        grads = torch.stack([p.grad for p in params])
-        weights = torch.stack(params)
-
-        # Nesterov momentum.
-        buf = state["momentum"]
-        buf.lerp_(grads, 1 - group["momentum"])
-        g = grads.lerp_(buf, group["momentum"])
-        g = polar_express(g)
-
-        # NorMuon: normalise each neuron's update by its running RMS, then restore the total norm.
-        v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
-        n_red = g.size(red_dim)
-        v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * n_red).sqrt()
-        state["second_moment"].lerp_(v_mean, 1 - group["beta2"])
-        step_size = state["second_moment"].clamp_min(1e-10).rsqrt()
-        v_norm_new = ((v_mean * n_red) * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-        g = g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
-
-        # Cautious weight decay, then the update; tall matrices get a larger lr.
-        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-        mask = (g * weights) >= 0
-        weights.sub_(lr * g + lr * group["weight_decay"] * weights * mask)
-        torch._foreach_copy_(params, list(weights.unbind(0)))
+        h = self._muon_t
+        h["momentum"].fill_(group["momentum"])
+        h["beta2"].fill_(group["beta2"])
+        h["lr"].fill_(group["lr"] * max(1.0, rows / cols) ** 0.5)  # tall matrices get a larger lr
+        h["wd"].fill_(group["weight_decay"])
+        grads = torch.stack([q.grad for q in params])
+        stacked = torch.stack(params)
+        self._muon(grads, stacked, state["momentum_buffer"], state["second_momentum_buffer"],
+                   h["momentum"], h["lr"], h["wd"], h["beta2"], group["ns_steps"], red_dim,
+                   self.orthogonalise_dtype or grads.dtype)  # fmt: skip
+        torch._foreach_copy_(params, list(stacked.unbind(0)))
 
 
 def build_optimizer(
-    model: GPT,
+    model: torch.nn.Module,
     *,
     embedding_lr: float,
     unembedding_lr: float,
     matrix_lr: float,
     scalar_lr: float,
     weight_decay: float,
-    batch_lr_scale: float = 1.0,
+    compile: bool | None = None,
 ) -> MuonAdamW:
-    """nanochat's parameter groups and learning rates.
+    """nanochat's setup_optimizer: parameter groups, per-group learning rates, betas, decay.
 
-    AdamW learning rates scale as 1/sqrt(model_dim / 768); every learning rate scales by
-    `batch_lr_scale` (sqrt(total_batch / 2**19), see schedule.hyperparameters).
+    The learning rates passed in are already scaled for the batch (nanochat's base_train passes
+    `lr * batch_lr_scale`); the AdamW ones are scaled here by 1/sqrt(model_dim / 768). The smear
+    group's lr (0.2) is fixed, as in nanochat. Muon's weight decay is set per step by the loop.
     """
-    dim_scale = (model.config.model_dim / REFERENCE_DIM) ** -0.5
-    matrices = [p for p in model.transformer.h.parameters()]
-    adam = dict(kind="adamw", betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=0.0)
+    cfg = model.config
+    dim_scale = (cfg.model_dim / REFERENCE_DIM) ** -0.5
+    matrices = list(model.transformer.h.parameters())
+    adamw = dict(kind="adamw", eps=ADAM_EPS)
     groups: list[dict[str, Any]] = [
-        dict(adam, params=list(model.lm_head.parameters()), lr=unembedding_lr * dim_scale * batch_lr_scale),
-        dict(
-            adam,
-            params=list(model.transformer.wte.parameters()),
-            lr=embedding_lr * dim_scale * batch_lr_scale,
-        ),
-        dict(
-            adam, params=list(model.value_embeds.parameters()), lr=embedding_lr * dim_scale * batch_lr_scale
-        ),
-        # The residual scalars move slowly; the x0 scalars get a longer first-moment memory.
-        dict(adam, params=[model.resid_lambdas], lr=scalar_lr * 0.01 * batch_lr_scale),
-        dict(adam, params=[model.x0_lambdas], lr=scalar_lr * batch_lr_scale, betas=(0.96, 0.95)),
-    ]
-    for shape in sorted({tuple(p.shape) for p in matrices}):
+        dict(adamw, params=list(model.lm_head.parameters()), lr=unembedding_lr * dim_scale,
+             betas=(0.8, 0.96), weight_decay=0.01),
+        dict(adamw, params=list(model.transformer.wte.parameters()), lr=embedding_lr * dim_scale,
+             betas=(0.8, 0.995), weight_decay=0.001),
+        dict(adamw, params=list(model.value_embeds.parameters()), lr=embedding_lr * dim_scale * 0.5,
+             betas=(0.8, 0.995), weight_decay=0.01),
+        # the residual scalars move slowly; the x0 scalars get a longer first-moment memory
+        dict(adamw, params=[model.resid_lambdas], lr=scalar_lr * 0.01, betas=(0.8, 0.95), weight_decay=0.05),
+        dict(adamw, params=[model.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0),
+        dict(adamw, params=[model.smear_gate.weight, model.smear_lambda, model.backout_lambda], lr=0.2,
+             betas=(0.8, 0.95), weight_decay=0.0),
+    ]  # fmt: skip
+    for shape in sorted({p.shape for p in matrices}):
         groups.append(
             dict(
-                kind="muon",
-                params=[p for p in matrices if tuple(p.shape) == shape],
-                lr=matrix_lr * batch_lr_scale,
-                momentum=0.95,
-                beta2=0.95,
-                weight_decay=weight_decay,
+                kind="muon", params=[p for p in matrices if p.shape == shape], lr=matrix_lr,
+                momentum=0.95, ns_steps=5, beta2=0.9, weight_decay=weight_decay,
             )
-        )
-    groups = [g for g in groups if g["params"]]
+        )  # fmt: skip
     n_grouped = sum(len(g["params"]) for g in groups)
     assert n_grouped == len(list(model.parameters())), "every parameter belongs to exactly one group"
-    return MuonAdamW(groups)
+    return MuonAdamW(groups, compute_dtype=model.compute_dtype, compile=compile)

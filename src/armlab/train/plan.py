@@ -269,7 +269,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         tokens=budget.tokens,
         world_size=world,
         device=kind,
-        dtype="bfloat16" if kind == "cuda" else "float32",
+        dtype=_compute_dtype(kind),
         compile=bool(eff.train.compile and kind == "cuda"),
     )
     run_json = {
@@ -371,3 +371,10 @@ def _check_repeats(manifest_raw: bytes, tokens: int, arm: str, allow: bool) -> N
             f"or pass --allow-repeat (train.allow_repeat = true)"
         )
     console.print(f"[yellow]train: {what} (allowed; epochs are logged)[/]")
+
+
+def _compute_dtype(device: str) -> str:
+    """What the ranks will compute in (the model's rule: bf16 on CUDA from sm80 on, else fp32)."""
+    from armlab.train.model import compute_dtype_for
+
+    return str(compute_dtype_for(device)).removeprefix("torch.")

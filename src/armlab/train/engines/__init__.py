@@ -101,6 +101,7 @@ class EvalRequest:
     bundle: Any  # armlab.evaluate.bundle CORE bundle, or None: val bpb only
     max_per_task: int | None
     device: str
+    max_tokens: int | None = None  # val bpb over the first max_tokens eval tokens; None: all of them
 
 
 class CheckReport(Protocol):

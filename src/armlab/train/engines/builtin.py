@@ -9,7 +9,6 @@ armlab.train.checkpoint's; evaluation is armlab's own bpb and CORE on the loaded
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import sys
 from collections.abc import Mapping
@@ -67,38 +66,26 @@ class BuiltinEngine(BaseEngine):
         return load_model(run_dir, device=device)
 
     def evaluate(self, request: EvalRequest) -> dict[str, Any]:
-        import torch
-
         from armlab.evaluate.bpb import evaluate_bpb
         from armlab.evaluate.core import evaluate_core
 
         r, exp = request, request.exp
-        model, _ = self.load_model(r.run_dir, device=r.device)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if str(r.device).startswith("cuda")
-            else contextlib.nullcontext()
+        model, _ = self.load_model(r.run_dir, device=r.device)  # bf16 on CUDA like training, no autocast
+        bpb = evaluate_bpb(
+            model,
+            r.tokenizer,
+            r.eval_dir,
+            max_tokens=r.max_tokens,
+            batch_size=exp.train.device_batch_size,
+            seq_len=exp.model.max_seq_len,
+            device=r.device,
         )
-        with autocast:
-            val_bpb = evaluate_bpb(
-                model,
-                r.tokenizer,
-                r.eval_dir,
-                max_tokens=exp.train.eval_tokens,
-                batch_size=exp.train.device_batch_size,
-                seq_len=exp.model.max_seq_len,
-                device=r.device,
-            )
-            core = (
-                evaluate_core(
-                    model,
-                    r.tokenizer,
-                    r.bundle,
-                    device=r.device,
-                    max_per_task=r.max_per_task,
-                    max_len=exp.model.max_seq_len,
-                )  # fmt: skip
-                if r.bundle
-                else {"core": None, "core_tasks": {}, "bundle": None}
-            )
-        return {"val_bpb": val_bpb, **core}
+        core = (
+            evaluate_core(
+                model, r.tokenizer, r.bundle, device=r.device, max_per_task=r.max_per_task,
+                max_len=exp.model.max_seq_len,
+            )  # fmt: skip
+            if r.bundle
+            else {"core": None, "core_tasks": {}, "bundle": None}
+        )
+        return {**bpb.eval_json(), **core}
