@@ -170,6 +170,19 @@ class TrainSpec(Strict):
         return 10.5
 
 
+class NanochatSpec(Strict):
+    """The researcher's own nanochat checkout, for `[train] engine = "nanochat"`."""
+
+    path: str | None = None  # the checkout's root (`~` expanded); per host: [[hosts]] nanochat
+    python: str | None = None  # default: <path>/.venv/bin/python, else the interpreter running armlab
+    extra_args: list[str] = Field(default_factory=list)  # passed to scripts.base_train verbatim
+
+    def comparable(self) -> dict[str, Any]:
+        """What of this section changes the trained model: the extra flags (the path and python
+        differ per host; the checkout's commit and diff are recorded per run by the engine)."""
+        return {"extra_args": list(self.extra_args)}
+
+
 class EvaluateSpec(Strict):
     core_bundle: str | None = None  # local dir or URL of a DCLM-format eval bundle
     core_bundle_sha256: str | None = None
@@ -187,6 +200,7 @@ class HostSpec(Strict):
     port: int | None = Field(None, gt=0, lt=65536)  # ssh port, when not in ~/.ssh/config
     device: Literal["cuda", "cpu"] = "cuda"
     nproc: int = Field(1, gt=0)  # training processes per arm when device = "cpu" (num_gpus is for cuda)
+    nanochat: str | None = None  # the nanochat checkout on this host (default: [nanochat] path)
 
 
 class Experiment(Strict):
@@ -200,6 +214,7 @@ class Experiment(Strict):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    nanochat: NanochatSpec = NanochatSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
 
     @field_validator("name")
