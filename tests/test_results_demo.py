@@ -16,7 +16,7 @@ import pytest
 from armlab.demo.pool import junk_documents, quality_score
 from armlab.evaluate.bundle import load_bundle
 from armlab.ops.status import collect_status
-from armlab.report.runs import read_metrics
+from armlab.runs import read_metrics
 
 
 def armlab(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -151,7 +151,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert live.returncode == 0, live.stderr[-2000:]
     run_dir = wd / "arms/top40/runs/top40-s7"
     try:
-        wait_for(lambda: any("train_loss" in m for m in read_metrics(run_dir / "metrics.jsonl")), 120)
+        wait_for(lambda: any("train_loss" in m for m in read_metrics(run_dir).records), 120)
         launcher = psutil.Process(json.loads((run_dir / "state.json").read_text())["pid"])
         worker = next(
             p for p in launcher.children(recursive=True) if "armlab.train.worker" in " ".join(p.cmdline())

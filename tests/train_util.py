@@ -9,15 +9,17 @@ with ONE row group each (the playbook's hang layout, an odd count), an eval set 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
+from armlab.runs import PLAN_JSON, read_metrics
 from armlab.spec import Experiment, load_experiment
-from armlab.train import rundir
 from armlab.workdir import open_workdir
 from tok_util import stdlib_docs, write_shards
 
@@ -111,7 +113,7 @@ def spawn(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    return {m["step"]: m["train_loss"] for m in rundir.read_metrics(run_dir) if "train_loss" in m}
+    return {m["step"]: m["train_loss"] for m in read_metrics(run_dir).records if "train_loss" in m}
 
 
 def wait_for(pred, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -120,3 +122,23 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.05) -> None:
         if time.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def run_dir(exp_file: Path, run: str) -> Path:
+    return open_workdir(experiment(exp_file), create=False).run_dir(ARM, run)
+
+
+def data_dir(exp_file: Path) -> Path:
+    return open_workdir(experiment(exp_file), create=False).data_dir(ARM)
+
+
+def worker_procs(run: Path) -> list[psutil.Process]:
+    """The built-in engine's rank processes of a run (their command line names its plan.json)."""
+    plan = str(run / PLAN_JSON)
+    return [p for p in psutil.process_iter(["cmdline"]) if plan in (p.info["cmdline"] or [])]
+
+
+def unused_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

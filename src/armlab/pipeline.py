@@ -12,17 +12,15 @@ the others; the failures are reported together at the end (exit 1).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError, RunFailed
 from armlab.progress import console
-from armlab.report.runs import load_run
+from armlab.runs import EVAL_JSON, RUN_JSON, RunState, load_run
 from armlab.spec import Experiment, fingerprint_diff
-from armlab.workdir import atomic_write_json, open_workdir, pid_alive, run_name
+from armlab.workdir import atomic_write_json, open_workdir, run_name
 
 
 def default_device() -> str:
@@ -36,24 +34,12 @@ def _select(exp: Experiment, arms: list[str] | None, seeds: list[int] | None) ->
     return names, list(seeds) if seeds else list(exp.train.seeds)
 
 
-def _live_elsewhere(run_dir: Path) -> int | None:
-    """The pid of a live process on this host that owns the run, if any."""
-    with contextlib.suppress(FileNotFoundError, ArmlabError):
-        st = load_run(run_dir).state or {}
-        if (
-            st.get("state") in ("starting", "running")
-            and st.get("pid")
-            and st.get("host") == socket.gethostname()
-        ):
-            return int(st["pid"]) if pid_alive(int(st["pid"])) else None
-    return None
-
-
 def train_runs(
     exp: Experiment, arms: list[str], seeds: list[int], device: str | None = None, num_gpus: int | None = None
 ) -> tuple[list[Path], list[str]]:
     """Train every arm x seed not yet done; returns (finished run dirs, failure messages)."""
-    from armlab.train.launch import train
+    from armlab.train.plan import TrainOptions
+    from armlab.train.supervisor import train
 
     wd = open_workdir(exp, create=False)
     want = json.loads(json.dumps(exp.comparability(), default=str))
@@ -61,7 +47,7 @@ def train_runs(
     for arm in arms:
         for seed in seeds:
             run_dir = wd.run_dir(arm, run_name(arm, seed))
-            rec = load_run(run_dir) if (run_dir / "run.json").is_file() else None
+            rec = load_run(run_dir) if (run_dir / RUN_JSON).is_file() else None
             state = (rec.state or {}).get("state") if rec else None
             changed = fingerprint_diff(want, rec.info.get("comparability") or {}) if rec else []
             if changed:
@@ -70,22 +56,22 @@ def train_runs(
                     f"move {run_dir} away to retrain it, or use another workdir"
                 )
                 continue
-            if state == "done":
+            if state == RunState.DONE:
                 console.print(f"run: {run_dir.name} already done")
                 done.append(run_dir)
                 continue
-            pid = _live_elsewhere(run_dir)
-            if pid is not None:
+            if rec is not None and rec.live:
                 failures.append(
-                    f"{run_dir.name}: still running (pid {pid}); wait for it, see `armlab status`"
+                    f"{run_dir.name}: still running (pid {rec.state['pid']}); wait for it, see `armlab status`"
                 )
                 continue
-            resume = (run_dir / "run.json").is_file()
+            resume = rec is not None
             console.print(f"run: {'resuming' if resume else 'training'} {run_dir.name}")
             try:
-                done.append(train(exp, arm, seed=seed, device=device, num_gpus=num_gpus, resume=resume))
+                options = TrainOptions(seed=seed, device=device, num_gpus=num_gpus, resume=resume)
+                done.append(train(exp, arm, options))
             except RunFailed as e:
-                if (load_run(run_dir).state or {}).get("state") == "stopped":
+                if (load_run(run_dir).state or {}).get("state") == RunState.STOPPED:
                     raise  # stopped by a signal (Ctrl-C, kill): stop everything, do not start the next run
                 failures.append(f"{run_dir.name}: {e}")
     return done, failures
@@ -99,24 +85,27 @@ def evaluate_run(
     device: str | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Final val bpb on the shared eval set and CORE (when a bundle is given) -> <run>/eval.json."""
-    import torch
+    """Final val bpb on the shared eval set and CORE (when a bundle is given) -> <run>/eval.json.
 
-    from armlab.evaluate.bpb import evaluate_bpb
-    from armlab.evaluate.core import evaluate_core
+    The run's engine evaluates its final checkpoint; what is checked and cached is the same for
+    every engine."""
     from armlab.tokenizer import load_experiment_tokenizer
-    from armlab.train.checkpoint import load_model, read_meta
+    from armlab.train.engines import EvalRequest, get_engine
 
     rec = load_run(run_dir)
     if rec.info.get("experiment") != exp.name:
         raise ArmlabError(
             f"{run_dir}: run belongs to experiment {rec.info.get('experiment')!r}, not {exp.name!r}"
         )
-    if rec.state_name != "done":
+    if rec.state_name != RunState.DONE:
         raise ArmlabError(
             f"{run_dir}: run is {rec.state_name}, not done; finish it first (`armlab run` resumes it)"
         )
-    step = read_meta(run_dir)["step"]
+    engine = get_engine(rec.engine)
+    steps = engine.checkpoint_steps(run_dir)
+    if not steps:
+        raise ArmlabError(f"{run_dir}: no complete checkpoint to evaluate; retrain the run (`armlab run` does)")
+    step = steps[-1]
     want = {  # an eval.json is reused only for this exact checkpoint, bundle and budget
         "step": step,
         "run_ended": (rec.state or {}).get("ended"),  # a retrained run has new weights at the same step
@@ -133,34 +122,12 @@ def evaluate_run(
             f"{run_dir}: trained with tokenizer {rec.info.get('tokenizer_fingerprint')}, "
             f"but the experiment's is now {tok.fingerprint}; it cannot be evaluated comparably"
         )
-    model, _ = load_model(run_dir, device=device)
     wd = open_workdir(exp, create=False)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if str(device).startswith("cuda")
-        else contextlib.nullcontext()
-    )
-    with autocast:
-        val_bpb = evaluate_bpb(
-            model,
-            tok,
-            wd.eval_dir,
-            max_tokens=exp.train.eval_tokens,
-            batch_size=exp.train.device_batch_size,
-            seq_len=exp.model.max_seq_len,
-            device=device,
-        )
-        core = (
-            evaluate_core(
-                model, tok, bundle, device=device, max_per_task=max_per_task, max_len=exp.model.max_seq_len
-            )
-            if bundle
-            else {"core": None, "core_tasks": {}, "bundle": None}
-        )
-    result = {**want, "val_bpb": val_bpb, **core}
-    atomic_write_json(run_dir / "eval.json", result)
-    core_txt = "" if core["core"] is None else f", CORE {core['core']:.4f}"
-    console.print(f"evaluate: {rec.run}: val bpb {val_bpb:.4f}{core_txt}")
+    request = EvalRequest(run_dir, exp, tok, wd.eval_dir, bundle, max_per_task, device)
+    result = {**want, **engine.evaluate(request)}
+    atomic_write_json(run_dir / EVAL_JSON, result)
+    core_txt = "" if result.get("core") is None else f", CORE {result['core']:.4f}"
+    console.print(f"evaluate: {rec.run}: val bpb {result['val_bpb']:.4f}{core_txt}")
     return result
 
 
@@ -188,7 +155,7 @@ def evaluate_experiment(
     """Evaluate every finished run of the selected arms; returns their run dirs."""
     names, _ = _select(exp, arms, None)
     wd = open_workdir(exp, create=False)
-    runs = [r.dir for r in map(load_run, wd.all_run_dirs()) if r.arm in names and r.state_name == "done"]
+    runs = [r.dir for r in map(load_run, wd.all_run_dirs()) if r.arm in names and r.state_name == RunState.DONE]
     if not runs:
         raise ArmlabError(
             f"experiment {exp.name!r} has no finished runs{' of ' + ', '.join(arms) if arms else ''} to "
@@ -214,8 +181,10 @@ def run_experiment(
     from armlab.data.prepare import prepare
     from armlab.report.compare import compare
     from armlab.tokenizer import train_experiment_tokenizer
+    from armlab.train.plan import resolve_devices
 
     names, seed_list = _select(exp, arms, seeds)
+    resolve_devices(num_gpus, device, None)  # --num-gpus 2 on a CPU-only host: refused before any work
     open_workdir(exp)
     prepare(exp, arms=names)
     train_experiment_tokenizer(exp)

@@ -126,6 +126,9 @@ class ModelSpec(Strict):
 
 
 class TrainSpec(Strict):
+    # What trains the model (armlab.train.engines): armlab's own trainer, or the researcher's
+    # nanochat checkout ([nanochat]). Part of the fingerprint: runs of two engines never compare.
+    engine: Literal["builtin", "nanochat"] = "builtin"
     device_batch_size: int = Field(32, gt=0)
     total_batch_size: int | None = Field(None, gt=0)  # None: nanochat's auto batch size
     target_param_data_ratio: float | None = Field(None, gt=0)  # default 10.5 when nothing else set
@@ -256,16 +259,24 @@ class Experiment(Strict):
         """Everything every arm must share (DESIGN.md invariant 1), as plain data.
 
         Excludes what legitimately differs between arms (the arm itself, its data) and what does
-        not affect the result (hosts, wandb project, save cadence, compile).
+        not affect the result (hosts, wandb project, save cadence, compile). `train.engine` is
+        included; an engine with its own section (named after it, e.g. `[nanochat]`) says which of
+        its settings count through that section's `comparable()` (a checkout path differs per
+        host, its extra flags do not). What only the engine can resolve at run time (a checkout's
+        commit) is recorded per run (run.json "engine_comparable") and compared between runs.
         """
         train = self.train.model_dump(exclude={"seeds", "wandb_project", "save_every", "compile", "allow_repeat"})
-        return {
+        out = {
             "pool": self.pool.model_dump(),
             "eval": self.eval.model_dump(),
             "tokenizer": self.tokenizer.model_dump(),
             "model": self.model.model_dump(),
             "train": train,
         }
+        section = getattr(self, self.train.engine, None)  # the engine's own spec section, if it has one
+        if section is not None:
+            out["engine"] = section.comparable()
+        return out
 
     def fingerprint(self) -> str:
         return fingerprint(self.comparability())

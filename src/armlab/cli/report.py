@@ -87,6 +87,7 @@ def evaluate(
 ) -> None:
     """Final val bpb on the shared eval set and CORE for every finished run -> <run>/eval.json."""
     from armlab.pipeline import evaluate_experiment
+    from armlab.runs import EVAL_JSON
     from armlab.spec import load_experiment
 
     for d in evaluate_experiment(
@@ -97,7 +98,7 @@ def evaluate(
         device=device,
         force=force,
     ):
-        print(d / "eval.json")
+        print(d / EVAL_JSON)
 
 
 @app.command()

@@ -47,6 +47,9 @@ def train(
         False, "--detach", help="run in the background (survives SSH); prints the run dir"
     ),
     force: bool = typer.Option(False, "--force", help="start over an existing run / take over a stale lease"),
+    engine: str | None = typer.Option(
+        None, "--engine", help="override train.engine: builtin (armlab's trainer) or nanochat (your checkout)"
+    ),
     depth: int | None = typer.Option(None, "--depth", help="override model.depth"),
     device_batch_size: int | None = typer.Option(
         None, "--device-batch-size", help="override train.device_batch_size"
@@ -63,15 +66,18 @@ def train(
 ) -> None:
     """Train the model on one arm (one seed) with 1..N ranks; resumable, never hangs."""
     from armlab.spec import load_experiment
-    from armlab.train.launch import train as train_arm
+    from armlab.train.plan import TrainOptions
+    from armlab.train.supervisor import train as train_arm
 
-    run_dir = train_arm(
-        load_experiment(exp), arm, seed=seed, run_name=run_name, num_gpus=num_gpus, device=device, nproc=nproc,
-        master_port=master_port, resume=resume, detach=detach, force=force, depth=depth,
-        device_batch_size=device_batch_size, total_batch_size=total_batch_size, num_iterations=num_iterations,
-        allow_repeat=allow_repeat or None,
+    overrides = {
+        "depth": depth, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
+        "num_iterations": num_iterations, "allow_repeat": allow_repeat or None, "engine": engine,
+    }  # fmt: skip
+    options = TrainOptions(
+        seed=seed, run_name=run_name, num_gpus=num_gpus, device=device, nproc=nproc, master_port=master_port,
+        resume=resume, detach=detach, force=force, overrides=overrides,
     )  # fmt: skip
-    print(run_dir)
+    print(train_arm(load_experiment(exp), arm, options))
 
 
 # -- end of train ------------------------------------------------------------------------------------

@@ -42,14 +42,6 @@ REQUIRED = [
 WANDB_V1_MIN = (0, 22, 3)
 HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
 
-# TF32 settings: the legacy API (allow_tf32 flags, set_float32_matmul_precision, the cuBLAS
-# override variable) and the new per-backend `fp32_precision` API (torch >= 2.9). Code that sets
-# both makes torch.compile/inductor raise "you have used mix of the legacy and new APIs to set
-# the TF32 status"; that crash is what the playbook's patch_nanochat.py worked around.
-TF32_LEGACY = re.compile(r"allow_tf32\s*=(?!=)|set_float32_matmul_precision\s*\(")
-TF32_NEW = re.compile(r"fp32_precision\s*=(?!=)")
-
-
 @dataclass
 class Check:
     name: str
@@ -189,9 +181,9 @@ def disk_needed(exp: Experiment, arms: list[str]) -> int:
     Data: ~2 bytes of zstd parquet per training token (text is ~4.5 bytes/token, zstd ~2.3x).
     Checkpoints: fp32 weights + optimiser state, ~12 bytes per parameter, latest and final kept.
     """
-    from armlab.budget import training_budget
+    from armlab.train.engines import get_engine
 
-    budget = training_budget(exp)
+    budget = get_engine(exp.train.engine).budget(exp, exp.tokenizer.vocab_size)
     wd = open_workdir(exp, create=False)
     need = 0
     for arm in arms:
@@ -422,55 +414,6 @@ def check_script(r: DoctorReport, path: Path) -> None:
         r.add(name, "ok", f"{path}: Unix line endings")
 
 
-def tf32_settings(root: Path) -> tuple[list[str], list[str]]:
-    """(legacy, new) TF32 setting sites `file:line` in the Python files under `root`."""
-    legacy: list[str] = []
-    new: list[str] = []
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*.py") if ".venv" not in p.parts)
-    for f in files:
-        try:
-            lines = f.read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        for i, line in enumerate(lines, 1):
-            code = line.split("#", 1)[0]
-            site = f"{f.relative_to(root) if root.is_dir() else f.name}:{i}"
-            if TF32_LEGACY.search(code):
-                legacy.append(site)
-            if TF32_NEW.search(code):
-                new.append(site)
-    return legacy, new
-
-
-def check_tf32(r: DoctorReport, nanochat: Path | None) -> None:
-    """Mixed legacy/new TF32 settings in the code that will run (armlab's trainer, or a nanochat checkout)."""
-    env_legacy = os.environ.get("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE")
-    trees = [("armlab trainer", Path(__file__).resolve().parents[1] / "train")]
-    if nanochat is not None:
-        if not nanochat.is_dir():
-            r.add(
-                "tf32", "fail", f"--nanochat {nanochat}: not a directory", "pass the nanochat checkout's root"
-            )
-            return
-        trees.append((f"nanochat {nanochat}", nanochat))
-    for label, root in trees:
-        if not root.exists():
-            continue
-        legacy, new = tf32_settings(root)
-        if env_legacy and new:
-            legacy = ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE (environment)", *legacy]
-        if legacy and new:
-            r.add(
-                "tf32", "fail",
-                f"{label} sets TF32 with both the legacy API ({', '.join(legacy[:3])}) and the new fp32_precision API "
-                f"({', '.join(new[:3])}): torch.compile fails with 'mix of the legacy and new APIs to set the TF32 status'",
-                "use one API: replace the legacy lines with torch.backends.cuda.matmul.fp32_precision = 'tf32' "
-                "(and cudnn.conv), or unset TORCH_ALLOW_TF32_CUBLAS_OVERRIDE",
-            )  # fmt: skip
-            return
-    r.add("tf32", "ok", "one TF32 API in use" + (f" (checked {nanochat})" if nanochat else ""))
-
-
 # -- the whole preflight -----------------------------------------------------------------------------
 def run_doctor(
     exp: Experiment | None = None,
@@ -485,6 +428,9 @@ def run_doctor(
     expect_data: bool = True,
 ) -> DoctorReport:
     """Run every check that applies on this machine (`expect_data`: the arms must be prepared)."""
+    from armlab.train.engines import get_engine
+    from armlab.train.engines.tf32 import check_tf32
+
     info = host_info()
     r = DoctorReport(host=info["hostname"], info=info)
     check_python(r)
@@ -504,10 +450,12 @@ def run_doctor(
             check_data(r, exp, a, world, expect_data)
             check_lease(r, exp, a)
         check_hf(r, exp)
+        get_engine(exp.train.engine).doctor_checks(r, exp)  # the engine's own checks
     check_wandb(r, exp)
     for s in scripts:
         check_script(r, Path(s))
-    check_tf32(r, nanochat)
+    if nanochat is not None:  # a checkout named by hand (`doctor --nanochat DIR`), experiment or not
+        check_tf32(r, nanochat)
     return r
 
 

@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import shlex
-import signal
 import socket
 import sys
 import threading
@@ -34,18 +33,30 @@ from armlab.errors import ArmlabError
 from armlab.ops.doctor import DoctorReport
 from armlab.ops.ssh import DEFAULT_REMOTE_PYTHON, Remote, rpath
 from armlab.progress import console
+from armlab.runs import (
+    EVAL_JSON,
+    METRICS_JSONL,
+    RUN_JSON,
+    STATE_JSON,
+    TRAIN_LOG,
+    RunState,
+    is_live,
+    owner_alive,
+    read_state,
+    stop_run,
+)
 from armlab.spec import Experiment, HostSpec, load_experiment
 from armlab.workdir import (
     atomic_write_json,
     atomic_write_text,
     open_workdir,
-    pid_alive,
     read_json,
     read_lease,
+    release_lease,
     run_name,
 )
 
-LIVE_STATES = ("starting", "running")
+LAUNCH_RECORD = "launch.json"  # <workdir>/launch.json: where `armlab launch` started each arm
 METRICS_TAIL = 1000  # metrics.jsonl lines mirrored (plus every val_bpb line)
 LOG_TAIL = 200  # train.log lines mirrored
 STOP_TIMEOUT_S = 60  # the launcher itself gives its ranks 30 s after SIGTERM
@@ -294,25 +305,17 @@ def doctor_hosts(exp: Experiment, hosts: list[HostSpec], **kw: Any) -> list[Doct
 
 
 # -- the host-side agent ------------------------------------------------------------------------------------
-def process_alive(pid: int | None) -> bool:
-    """A live, non-zombie process with this pid on this machine."""
-    return bool(pid) and pid_alive(int(pid))
-
-
 def run_dirs(exp: Experiment, arms: list[str]) -> list[Path]:
     wd = open_workdir(exp, create=False)
-    return sorted(p.parent for a in arms for p in wd.runs_dir(a).glob("*/state.json"))
+    return sorted(p.parent for a in arms for p in wd.runs_dir(a).glob(f"*/{STATE_JSON}"))
 
 
 def run_state(run_dir: Path) -> dict[str, Any]:
-    """state.json plus `alive`: its pid is a live process here (False when it ran elsewhere)."""
-    try:
-        st = read_json(run_dir / "state.json")
-    except FileNotFoundError:
+    """state.json plus `alive`: the run is live here (False when it ran elsewhere)."""
+    st = read_state(run_dir)
+    if not st:
         return {"state": None, "alive": False}
-    here = st.get("host") in (None, socket.gethostname())
-    st["alive"] = bool(here and process_alive(st.get("pid")))
-    return st
+    return {**st, "alive": is_live(st)}
 
 
 def probe(exp: Experiment, arms: list[str], runs: list[str]) -> dict[str, Any]:
@@ -348,19 +351,19 @@ def mirror_payload(exp: Experiment, arms: list[str]) -> list[dict[str, Any]]:
     out = []
     for rd in run_dirs(exp, arms):
         files: dict[str, str] = {}
-        for name in ("run.json", "state.json", "eval.json"):
+        for name in (RUN_JSON, STATE_JSON, EVAL_JSON):
             with contextlib.suppress(FileNotFoundError):
                 files[name] = (rd / name).read_text()
-        metrics = rd / "metrics.jsonl"
+        metrics = rd / METRICS_JSONL
         if metrics.exists():
             with open(metrics, errors="replace") as f:
                 lines = [ln.rstrip("\n") for ln in f if ln.strip()]
             tail = lines[-METRICS_TAIL:]
             evals = [ln for ln in lines[:-METRICS_TAIL] if '"val_bpb"' in ln]
-            files["metrics.jsonl"] = "\n".join(evals + tail) + "\n" if lines else ""
-        log = _tail_lines(rd / "train.log", LOG_TAIL)
+            files[METRICS_JSONL] = "\n".join(evals + tail) + "\n" if lines else ""
+        log = _tail_lines(rd / TRAIN_LOG, LOG_TAIL)
         if log:
-            files["train.log"] = "\n".join(log) + "\n"
+            files[TRAIN_LOG] = "\n".join(log) + "\n"
         out.append(
             {
                 "arm": rd.parent.parent.name,
@@ -374,67 +377,35 @@ def mirror_payload(exp: Experiment, arms: list[str]) -> list[dict[str, Any]]:
 
 
 def stop_local(exp: Experiment, arms: list[str], timeout: float = STOP_TIMEOUT_S) -> list[dict[str, Any]]:
-    """Stop this machine's live runs of these arms: SIGTERM the launcher, wait, SIGKILL after timeout.
+    """Stop this machine's live runs of these arms (`armlab.runs.stop_run`: SIGTERM the supervisor,
+    wait, SIGKILL after timeout).
 
-    The launcher handles SIGTERM itself (stops its ranks, releases the lease, writes
-    state "stopped"); after a SIGKILL this cleans up what it could not: a lease held by the dead
-    launcher, and a state.json still saying running.
+    The supervisor handles SIGTERM itself (stops its ranks, releases the lease, writes state
+    "stopped"); after a SIGKILL stop_run marks the state, and the lease the dead supervisor held is
+    released here.
     """
-    from armlab.train import rundir
-
     wd = open_workdir(exp, create=False)
     results = []
     for rd in run_dirs(exp, arms):
-        st = run_state(rd)
         arm, run = rd.parent.parent.name, rd.name
-        if st.get("state") not in LIVE_STATES:
+        stopped = stop_run(rd, timeout)
+        if stopped is None:
             continue
-        pid = st.get("pid")
-        how = "already dead"
-        if st["alive"]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            how = "SIGTERM"
-            if not _wait_dead(pid, timeout):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(os.getpgid(pid), signal.SIGKILL)
-                how = f"SIGKILL after {timeout:.0f}s"
-                _wait_dead(pid, 10)
-        elif st.get("host") not in (None, socket.gethostname()):
-            results.append(
-                {"arm": arm, "run": run, "pid": pid, "result": f"runs on {st.get('host')}, not here"}
-            )
-            continue
-        data_dir = wd.data_dir(arm)
-        lease = read_lease(data_dir)
-        if lease is not None and lease.local and lease.pid == pid and not process_alive(pid):
-            with contextlib.suppress(FileNotFoundError):
-                (data_dir / ".lease").unlink()
-        if rundir.read_state(rd).get("state") in LIVE_STATES:
-            rundir.write_state(
-                rd, state="stopped", ended=time.time(), error=f"stopped by armlab stop ({how})"
-            )
-        results.append({"arm": arm, "run": run, "pid": pid, "result": f"stopped ({how})"})
+        lease = read_lease(wd.data_dir(arm))
+        if lease is not None and lease.local and lease.pid == stopped.pid and owner_alive(read_state(rd)) is False:
+            release_lease(wd.data_dir(arm), lease)
+        results.append({"arm": arm, "run": run, "pid": stopped.pid, "result": stopped.result})
     return results
-
-
-def _wait_dead(pid: int, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not process_alive(pid):
-            return True
-        time.sleep(0.2)
-    return not process_alive(pid)
 
 
 def log_path(exp: Experiment, arm: str, run: str | None) -> Path:
     wd = open_workdir(exp, create=False)
     if run is None:
-        runs = sorted(wd.runs_dir(arm).glob("*/train.log"), key=lambda p: p.stat().st_mtime)
+        runs = sorted(wd.runs_dir(arm).glob(f"*/{TRAIN_LOG}"), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise ArmlabError(f"arm {arm!r} has no run with a train.log yet in {wd.runs_dir(arm)}")
         return runs[-1]
-    path = wd.run_dir(arm, run) / "train.log"
+    path = wd.run_dir(arm, run) / TRAIN_LOG
     if not path.exists():
         raise ArmlabError(f"{path}: no such log (is the run name right? it is <arm>-s<seed>)")
     return path
@@ -495,7 +466,7 @@ def launch(
     hosts: list[str] | None = None,
     extra_doctor: tuple[str, ...] = (),
 ) -> list[LaunchRecord]:
-    """Preflight every host, then start each host's arm detached there; record it in launch.json."""
+    """Preflight every host, then start each host's arm detached there; record it in <workdir>/launch.json."""
     if prepare_mode not in ("prepare", "skip"):
         raise ArmlabError(f"--prepare-mode {prepare_mode}: use prepare or skip")
     if seed is None:
@@ -516,7 +487,7 @@ def launch(
     def state_of(h: HostSpec) -> dict[str, Any]:
         return probes[h.name]["runs"][f"{h.arms[0]}/{runs[h.name]}"]
 
-    todo = [h for h in chosen if not state_of(h)["alive"] and state_of(h).get("state") != "done"]
+    todo = [h for h in chosen if not state_of(h)["alive"] and state_of(h).get("state") != RunState.DONE]
     reports = doctor_hosts(
         exp, chosen, device=device, expect_data=prepare_mode == "skip", extra=extra_doctor
     ) if todo else []  # fmt: skip
@@ -538,7 +509,7 @@ def launch(
             )
 
     wd = open_workdir(exp)
-    record_path = wd.root / "launch.json"
+    record_path = wd.root / LAUNCH_RECORD
     lock = threading.Lock()
     previous = read_json(record_path) if record_path.exists() else {}
     records: dict[str, dict[str, Any]] = {f"{r['host']}/{r['run']}": r for r in previous.get("runs", [])}
@@ -567,7 +538,7 @@ def launch(
         )  # fmt: skip
         if st["alive"]:
             rec.action = "already running"
-        elif st.get("state") == "done":
+        elif st.get("state") == RunState.DONE:
             rec.action = "already done"
         else:
             remote = Remote.from_spec(h)
@@ -623,7 +594,7 @@ def _wait_for_pid(exp: Experiment, h: HostSpec, arm: str, run: str, timeout: flo
         st = call_agent(exp, h, "probe", {"arms": [arm], "runs": [run]})["runs"][f"{arm}/{run}"]
         if st.get("pid"):
             return st["pid"]
-        if st.get("state") == "failed":
+        if st.get("state") == RunState.FAILED:
             raise ArmlabError(
                 f"host {h.name!r}: run {run!r} failed at start: {st.get('error')}; see `armlab logs EXP --arm {arm}`"
             )

@@ -1,15 +1,14 @@
 """`armlab status`: one row per run, from the run dir alone (works on dirs copied from elsewhere).
 
-States: queued (an arm x seed of the experiment with no run dir yet), starting, running, done,
-failed, stopped, STALLED (the process lives, or cannot be checked, but nothing was logged for
-`stall_after_s`: the playbook's "process exists but nothing advances"), dead (state.json says
-running but its pid is gone from this host). Liveness is only checked for pids of this host;
-a run from another host shows `?`.
+States are `armlab.runs.RunState`: queued (an arm x seed of the experiment with no run dir yet),
+starting, running, done, failed, stopped, STALLED (the process lives, or cannot be checked, but
+nothing was logged for `stall_after_s`: the playbook's "process exists but nothing advances"),
+dead (state.json says running but its pid is gone from this host), unreadable. Liveness is only
+checked for pids of this host; a run from another host shows `?`.
 """
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,7 @@ from rich.table import Table
 
 from armlab.errors import ArmlabError
 from armlab.progress import console
-from armlab.report.runs import load_run
-from armlab.workdir import pid_alive
-
-ACTIVE = ("starting", "running")
+from armlab.runs import ACTIVE, RunState, last_activity, load_run, observed_state, owner_alive
 
 
 @dataclass
@@ -44,14 +40,6 @@ class RunStatus:
     alive: bool | None = None  # None: pid on another host (cannot tell)
     host: str | None = None
     error: str | None = None
-
-
-def _last_activity(run_dir: Path, state: dict[str, Any]) -> float | None:
-    """When the run last logged a step: newest of metrics.jsonl / train.log, else its start."""
-    times = [p.stat().st_mtime for p in (run_dir / "metrics.jsonl", run_dir / "train.log") if p.exists()]
-    if times:
-        return max(times)
-    return float(state["started"]) if state.get("started") else None
 
 
 def run_status(run_dir: Path, stall_after_s: float, now: float | None = None) -> RunStatus:
@@ -78,22 +66,14 @@ def run_status(run_dir: Path, stall_after_s: float, now: float | None = None) ->
     s.tok_per_s = last.get("tok_per_s")
     s.mfu = last.get("mfu")
     s.epoch = last.get("epoch")
-    activity = _last_activity(run_dir, st)
+    activity = last_activity(run_dir, st)
     s.last_log_age_s = None if activity is None else max(0.0, now - activity)
-
-    pid = st.get("pid")
-    if pid is not None and st.get("host") == socket.gethostname():
-        s.alive = pid_alive(int(pid))
-    elif pid is not None:
-        s.alive = None
-    if s.state in ACTIVE:
-        if s.alive is False:
-            s.state = "dead"
-        elif s.last_log_age_s is not None and s.last_log_age_s > stall_after_s:
-            s.state = "STALLED"
-        if s.tok_per_s and s.step is not None and s.num_iterations and s.tokens:
-            tokens_per_step = s.tokens / max(s.step, 1)
-            s.eta_s = (s.num_iterations - s.step) * tokens_per_step / s.tok_per_s
+    s.alive = owner_alive(st)
+    s.state = observed_state(st, activity, stall_after_s, now)
+    eta_known = s.tok_per_s and s.step is not None and s.num_iterations and s.tokens
+    if s.state in (*ACTIVE, RunState.STALLED) and eta_known:
+        tokens_per_step = s.tokens / max(s.step, 1)
+        s.eta_s = (s.num_iterations - s.step) * tokens_per_step / s.tok_per_s
     return s
 
 
@@ -106,7 +86,7 @@ def collect_status(run_dirs: list[Path], stall_after_s: float = 600.0) -> list[R
             rows.append(run_status(d, stall_after_s, now))
         except ArmlabError as e:
             rows.append(
-                RunStatus(arm=d.parent.parent.name, run=d.name, dir=d, state="unreadable", error=str(e))
+                RunStatus(arm=d.parent.parent.name, run=d.name, dir=d, state=RunState.UNREADABLE, error=str(e))
             )
     return rows
 
@@ -124,7 +104,7 @@ def experiment_status(
         for seed in exp.train.seeds:
             name = run_name(arm.name, seed)
             if (arm.name, name) not in seen:
-                rows.append(RunStatus(arm=arm.name, run=name, dir=None, state="queued"))
+                rows.append(RunStatus(arm=arm.name, run=name, dir=None, state=RunState.QUEUED))
     order = {a.name: i for i, a in enumerate(exp.arms)}
     return sorted(rows, key=lambda r: (order.get(r.arm, len(order)), r.arm, r.run))
 
@@ -204,7 +184,7 @@ def status_table(rows: list[RunStatus], title: str = "") -> Table:
         step = "-" if r.step is None else f"{r.step}/{r.num_iterations or '?'}"
         alive = (
             "-"
-            if r.state not in (*ACTIVE, "STALLED", "dead")
+            if r.state not in (*ACTIVE, RunState.STALLED, RunState.DEAD)
             else {True: "yes", False: "no", None: "?"}[r.alive]
         )
         state = f"[{STYLE.get(r.state, '')}]{r.state}[/]" if r.state in STYLE else r.state

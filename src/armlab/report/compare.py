@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError
-from armlab.report.runs import RunRecord, load_run
 from armlab.report.stats import Difference, difference, mean_ci
+from armlab.runs import RUN_JSON, RunRecord, engine_differences, load_run
 from armlab.spec import Experiment, fingerprint_diff
 from armlab.workdir import open_workdir
 
@@ -67,11 +67,12 @@ def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
         got = r.info.get("comparability")
         if got is None:
             raise ArmlabError(
-                f"{r.dir / 'run.json'}: no 'comparability' record; rerun this run with this armlab"
+                f"{r.dir / RUN_JSON}: no 'comparability' record; rerun this run with this armlab"
             )
         keys = fingerprint_diff(want, got)
         if keys:
             odd.append(f"{r.dir} (differs in {', '.join(keys)})")
+    odd += engine_differences(runs)  # the same engine build, e.g. one nanochat commit, for every run
     if odd:
         raise ArmlabError(
             f"{len(odd)} run(s) are not comparable with experiment {exp.name!r}, e.g. trained with command-line "

@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from armlab.errors import ArmlabError
+from armlab.runs import CHECKPOINTS
 from armlab.workdir import atomic_write_json, read_json
 
 STEP_RE = re.compile(r"^step_(\d{6,})$")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -13,21 +13,25 @@ states are restored, and the loss of every later step matches an uninterrupted r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from armlab.train import checkpoint, rundir, schedule
+from armlab import runs
+from armlab.train import checkpoint, schedule
 from armlab.train.model import GPT, GPTConfig
 from armlab.train.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from armlab.train.plan import RunPlan
 
 # Dense bf16 peak FLOP/s per device, matched against torch.cuda.get_device_name() (first hit
 # wins, so more specific names come first). Unknown devices and CPUs get no MFU.
@@ -126,31 +130,30 @@ def fault_injection(rank: int, step: int) -> None:
         time.sleep(delay)
 
 
-def train_loop(plan: dict[str, Any], d: Dist) -> None:
-    """Run (or resume) the training described by the launcher's plan on this rank."""
+def train_loop(plan: RunPlan, d: Dist) -> None:
+    """Run (or resume) the training described by the supervisor's plan on this rank."""
     from armlab.evaluate.bpb import evaluate_bpb
-    from armlab.spec import parse_experiment
     from armlab.tokenizer import Tokenizer
     from armlab.train.loader import DataLoader
 
-    run_dir = Path(plan["run_dir"])
-    exp = parse_experiment(plan["experiment"], str(run_dir / rundir.PLAN))
-    cfg = plan["config"]
+    run_dir = plan.run_dir
+    exp = plan.experiment
+    cfg = plan.config
     train = exp.train
-    n_steps, accum = cfg["num_iterations"], cfg["grad_accum_steps"]
-    B, T = cfg["device_batch_size"], exp.model.max_seq_len
+    n_steps, accum = cfg.num_iterations, cfg.grad_accum_steps
+    B, T = cfg.device_batch_size, exp.model.max_seq_len
     device = d.device
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     )
 
-    tokenizer = Tokenizer.load(plan["tokenizer_dir"])
-    torch.manual_seed(plan["seed"])  # identical initial weights on every rank
+    tokenizer = Tokenizer.load(plan.tokenizer_dir)
+    torch.manual_seed(plan.seed)  # identical initial weights on every rank
     model_cfg = GPTConfig.from_spec(exp.model, tokenizer.vocab_size)
     with device:  # allocate on the device directly (a d26 model is slow to build on CPU and copy)
         model = GPT(model_cfg)
     model.init_weights()
-    scale = schedule.scaling(exp.model.depth, cfg["total_batch_size"], train.weight_decay)
+    scale = schedule.scaling(exp.model.depth, cfg.total_batch_size, train.weight_decay)
     optimizer = build_optimizer(
         model,
         embedding_lr=train.embedding_lr,
@@ -162,8 +165,8 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
     )
 
     start, loop_time, loader_state, val_bpb = 0, 0.0, None, None
-    if plan["resume_step"] is not None:
-        ckpt = checkpoint.load_checkpoint(run_dir, plan["resume_step"], device)
+    if plan.resume_step is not None:
+        ckpt = checkpoint.load_checkpoint(run_dir, plan.resume_step, device)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optim"])
         mine = ckpt["ranks"][d.rank]
@@ -176,18 +179,18 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
         )
         del ckpt
     loader = DataLoader(
-        plan["data_dir"], tokenizer, B, T, d.rank, d.world_size, seed=plan["seed"], state=loader_state
+        plan.data_dir, tokenizer, B, T, d.rank, d.world_size, seed=plan.seed, state=loader_state
     )
     fwd = torch.compile(model, dynamic=False) if (device.type == "cuda" and train.compile) else model
 
-    flops_per_token = cfg["flops_per_token"]
+    flops_per_token = cfg.flops_per_token
     peak = peak_flops(device)
     wandb_run = _wandb(exp, plan, d) if train.wandb_project else None
     if d.master:
         print(
-            f"train {plan['run']}: arm {plan['arm']}, {d.world_size} x {device.type}, depth {exp.model.depth} "
-            f"({cfg['n_params'] / 1e6:.1f}M params), {n_steps:,} steps x {cfg['total_batch_size']:,} tokens "
-            f"(grad accum {accum}), {cfg['dtype']}{', compiled' if fwd is not model else ''}",
+            f"train {plan.run}: arm {plan.arm}, {d.world_size} x {device.type}, depth {exp.model.depth} "
+            f"({cfg.n_params / 1e6:.1f}M params), {n_steps:,} steps x {cfg.total_batch_size:,} tokens "
+            f"(grad accum {accum}), {cfg.dtype}{', compiled' if fwd is not model else ''}",
             flush=True,
         )
         if start:
@@ -195,7 +198,7 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
     last_state = 0.0
 
     def log(record: dict[str, Any]) -> None:
-        with open(run_dir / rundir.METRICS, "a") as f:
+        with open(run_dir / runs.METRICS_JSONL, "a") as f:
             f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
             wandb_run.log(record, step=record["step"])
@@ -207,13 +210,13 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
         while True:
             last = step == n_steps
             fresh = (
-                step != start or plan["resume_step"] is None
+                step != start or plan.resume_step is None
             )  # the resume step was evaluated and saved already
             if fresh and (last or step % train.eval_every == 0):
                 model.eval()
                 with autocast:
                     val_bpb = evaluate_bpb(
-                        fwd, tokenizer, plan["eval_dir"], train.eval_tokens, B, T, device, d.rank, d.world_size
+                        fwd, tokenizer, plan.eval_dir, train.eval_tokens, B, T, device, d.rank, d.world_size
                     )
                 model.train()
                 if d.master:
@@ -221,7 +224,7 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
                     log(
                         {
                             "step": step,
-                            "tokens": step * cfg["total_batch_size"],
+                            "tokens": step * cfg.total_batch_size,
                             "time": round(loop_time, 3),
                             "val_bpb": val_bpb,
                         }
@@ -237,15 +240,15 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
                         rank_states=states,
                         meta={
                             "model_config": model_cfg.to_dict(),
-                            "fingerprint": plan["fingerprint"],
-                            "config": cfg,
+                            "fingerprint": plan.fingerprint,
+                            "config": dataclasses.asdict(cfg),
                             "tokenizer_fingerprint": tokenizer.fingerprint,
                             "val_bpb": val_bpb,
                             "loop": {"time": loop_time},
                         },
                     )
             if d.master and (last or time.time() - last_state > STATE_EVERY_S):
-                rundir.write_state(run_dir, state="running", step=step, num_iterations=n_steps)
+                runs.write_state(run_dir, state="running", step=step, num_iterations=n_steps)
                 last_state = time.time()
             if last:
                 break
@@ -279,7 +282,7 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
             dt = time.perf_counter() - t0
             step += 1
             loop_time += dt
-            tok_per_s = cfg["total_batch_size"] / dt
+            tok_per_s = cfg.total_batch_size / dt
             mfu = 100 * flops_per_token * tok_per_s / (peak * d.world_size) if peak else None
             if d.master:
                 mfu_s = f"{mfu:.1f}" if mfu is not None else "-"
@@ -291,7 +294,7 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
                 log(
                     {
                         "step": step,
-                        "tokens": step * cfg["total_batch_size"],
+                        "tokens": step * cfg.total_batch_size,
                         "time": round(loop_time, 3),
                         "train_loss": train_loss,
                         "lr_mult": lrm,
@@ -307,7 +310,7 @@ def train_loop(plan: dict[str, Any], d: Dist) -> None:
         wandb_run.finish()
 
 
-def _wandb(exp: Any, plan: dict[str, Any], d: Dist) -> Any:
+def _wandb(exp: Any, plan: RunPlan, d: Dist) -> Any:
     """W&B on rank 0 when train.wandb_project is set; offline without WANDB_API_KEY."""
     if not d.master:
         return None
@@ -322,13 +325,13 @@ def _wandb(exp: Any, plan: dict[str, Any], d: Dist) -> Any:
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     return wandb.init(
         project=exp.train.wandb_project,
-        name=plan["run"],
+        name=plan.run,
         config={
-            "arm": plan["arm"],
-            "seed": plan["seed"],
-            **plan["config"],
-            "fingerprint": plan["fingerprint"],
+            "arm": plan.arm,
+            "seed": plan.seed,
+            **dataclasses.asdict(plan.config),
+            "fingerprint": plan.fingerprint,
         },
-        dir=plan["run_dir"],
+        dir=str(plan.run_dir),
         mode=os.environ.get("WANDB_MODE", mode),
     )

@@ -1,33 +1,24 @@
-"""Entry point of one training rank: `python -m armlab.train.worker <run dir>/launch.json`.
+"""Entry point of one training rank: `python -m armlab.train.worker <run dir>/plan.json`.
 
-Started by the launcher, directly for one process or through torchrun for several. It joins
+The built-in engine's rank, started by the supervisor, directly for one process or through torchrun for several. It joins
 the process group (gloo on CPU, nccl on CUDA, with a finite timeout so a lost peer is an error,
-not a hang), dies with its parent (so a killed launcher never leaves orphan ranks holding
-GPUs), and on any exception records a one-line error for the launcher before exiting 1.
+not a hang), dies with its parent (so a killed supervisor never leaves orphan ranks holding
+GPUs), and on any exception records a one-line error for the supervisor before exiting 1.
 torchrun's agent then stops the other ranks at once.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import sys
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
-PR_SET_PDEATHSIG = 1
+from armlab.runs import RankError, die_with_parent, write_rank_error
+
 DIST_TIMEOUT_S = int(os.environ.get("ARMLAB_DIST_TIMEOUT_S", "600"))
-
-
-def die_with_parent() -> None:
-    """Linux: get SIGKILL when the parent process dies (no orphaned ranks after a kill -9)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
 
 
 def main(plan_path: str) -> int:
@@ -38,11 +29,11 @@ def main(plan_path: str) -> int:
         import torch.distributed as dist
 
         from armlab.train.loop import Dist, train_loop
-        from armlab.workdir import read_json
+        from armlab.train.plan import RunPlan
 
-        plan = read_json(plan_path)
+        plan = RunPlan.read(plan_path)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if plan["device"] == "cuda":
+        if plan.device == "cuda":
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
@@ -58,25 +49,13 @@ def main(plan_path: str) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
         return 0
-    except BaseException as e:  # noqa: BLE001  every failure is reported to the launcher
+    except BaseException as e:  # noqa: BLE001  every failure is reported to the supervisor
         from armlab.errors import ArmlabError
-        from armlab.train.rundir import rank_error_file
-        from armlab.workdir import atomic_write_json
 
         kind = "bad_input" if isinstance(e, ArmlabError) else "error"
         text = str(e) if kind == "bad_input" else f"{type(e).__name__}: {e}"
         line = text.splitlines()[0] if str(e) else type(e).__name__
-        run_dir = Path(plan_path).parent
-        atomic_write_json(
-            rank_error_file(run_dir, rank),
-            {
-                "rank": rank,
-                "kind": kind,
-                "error": line,
-                "time": time.time(),
-                "traceback": traceback.format_exc(),
-            },
-        )
+        write_rank_error(Path(plan_path).parent, RankError(rank, kind, line, time.time(), traceback.format_exc()))
         traceback.print_exc()
         return 1
 

@@ -1,0 +1,404 @@
+"""A run dir, in one place: its file names, its states, whether it is live, and how it is stopped.
+
+    arms/<arm>/runs/<run>/
+        run.json       what the run is (written once, before it starts): spec, fingerprints, config
+        plan.json      the per-run plan the supervisor and its ranks read (armlab.train.plan.RunPlan)
+        state.json     where it is: state, supervisor pid and host, step; rewritten atomically
+        metrics.jsonl  one JSON object a line, each with a `step` (appended while it runs)
+        train.log      everything the ranks printed, tee'd by the supervisor
+        eval.json      `armlab evaluate`'s result
+        .rank-errors/  one file per rank that died with an exception (its one-line error)
+        checkpoints/   the built-in engine's checkpoints (armlab.train.checkpoint)
+
+`state.json` is written by the supervisor before it starts the ranks and after they exit, and by
+the engine while they run (the built-in trainer's rank 0); the two never overlap. A run is
+*live* when its state is active (starting, running) and its supervisor's pid lives on this host;
+a zombie counts as dead. `armlab status` adds what only an observer sees: STALLED (live, or on
+another host, but nothing logged for a while), dead (active state, pid gone), queued (no run dir
+yet) and unreadable (a torn run.json / state.json).
+
+Readers are tolerant where a live writer may be mid-line (metrics.jsonl: a torn line is skipped
+and counted, so a report can refuse a damaged file) and strict where a file should be whole
+(run.json, written atomically): a torn run.json is an error naming the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from armlab.errors import ArmlabError
+from armlab.spec import fingerprint_diff
+from armlab.workdir import atomic_write_json, atomic_write_text, pid_alive, read_json
+
+RUN_JSON = "run.json"
+PLAN_JSON = "plan.json"
+STATE_JSON = "state.json"
+METRICS_JSONL = "metrics.jsonl"
+TRAIN_LOG = "train.log"
+EVAL_JSON = "eval.json"
+RANK_ERRORS = ".rank-errors"
+CHECKPOINTS = "checkpoints"
+
+PR_SET_PDEATHSIG = 1
+
+
+class RunState(StrEnum):
+    """Every state `armlab status` shows. The first six are written to state.json; the last four
+    only an observer derives (a StrEnum, so `state == "done"` holds for the written strings)."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    QUEUED = "queued"  # an arm x seed of the experiment with no run dir yet
+    STALLED = "STALLED"  # live (or on another host) but nothing logged for stall_after_s
+    DEAD = "dead"  # state.json says active, but its pid is gone from this host
+    UNREADABLE = "unreadable"  # a torn run.json or state.json
+
+
+ACTIVE = frozenset({RunState.STARTING, RunState.RUNNING})  # a supervisor owns the run
+
+
+# -- state.json -------------------------------------------------------------------------------------
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """state.json ({} before the first write); a torn one is an ArmlabError naming it."""
+    try:
+        return read_json(Path(run_dir) / STATE_JSON)
+    except FileNotFoundError:
+        return {}
+
+
+def write_state(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Update state.json with `fields` (and `updated`), keeping the other fields."""
+    state = {
+        "state": RunState.STARTING.value,
+        "pid": None,
+        "host": socket.gethostname(),
+        "started": None,
+        "ended": None,
+        "error": None,
+        "step": 0,
+        "num_iterations": None,
+        **read_state(run_dir),
+        **{k: v.value if isinstance(v, RunState) else v for k, v in fields.items()},
+        "updated": time.time(),
+    }
+    atomic_write_json(Path(run_dir) / STATE_JSON, state)
+    return state
+
+
+def owner_alive(state: Mapping[str, Any] | None) -> bool | None:
+    """Whether the pid in state.json lives: True / False for a pid of this host (a zombie is dead),
+    None when the run belongs to another host or names no pid (cannot tell from here)."""
+    state = state or {}
+    pid, host = state.get("pid"), state.get("host")
+    if not pid or host not in (None, socket.gethostname()):
+        return None
+    return pid_alive(int(pid))
+
+
+def is_live(state: Mapping[str, Any] | None) -> bool:
+    """The one definition: an active state whose supervisor pid lives on this host."""
+    return bool(state) and state.get("state") in ACTIVE and owner_alive(state) is True
+
+
+def observed_state(
+    state: Mapping[str, Any] | None, last_activity: float | None, stall_after_s: float, now: float
+) -> RunState:
+    """What `status` shows for a run dir: the written state, or dead / STALLED for an active one."""
+    try:
+        st = RunState((state or {}).get("state") or RunState.STARTING)
+    except ValueError:  # a state this armlab does not know (a newer writer, a hand edit)
+        return RunState.UNREADABLE
+    if st not in ACTIVE:
+        return st
+    if owner_alive(state) is False:
+        return RunState.DEAD
+    if last_activity is not None and now - last_activity > stall_after_s:
+        return RunState.STALLED
+    return st
+
+
+def last_activity(run_dir: Path, state: Mapping[str, Any] | None) -> float | None:
+    """When the run last logged: newest of metrics.jsonl / train.log, else when it started."""
+    times = [p.stat().st_mtime for p in (Path(run_dir) / METRICS_JSONL, Path(run_dir) / TRAIN_LOG) if p.exists()]
+    if times:
+        return max(times)
+    started = (state or {}).get("started")
+    return float(started) if started else None
+
+
+# -- metrics.jsonl ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Metrics:
+    """metrics.jsonl as read: its records, and the lines that were not one (torn or damaged)."""
+
+    records: list[dict[str, Any]]
+    torn: list[int] = field(default_factory=list)  # 1-based numbers of lines that are no record
+    unterminated: bool = False  # the last line has no newline: a writer mid-line, or a cut copy
+
+    @property
+    def last_step(self) -> int | None:
+        return max((int(r["step"]) for r in self.records), default=None)
+
+
+def read_metrics(run_dir: Path) -> Metrics:
+    """Every record of `<run_dir>/metrics.jsonl`: a JSON object with an integer `step`.
+
+    A line that is not one (half a line from a kill or a live writer, bytes from a damaged copy) is
+    skipped and its number kept in `torn`, so a report can refuse the run instead of silently
+    taking an earlier value as the final one. Undecodable bytes are replaced, never fatal.
+    """
+    try:
+        text = (Path(run_dir) / METRICS_JSONL).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return Metrics([])
+    lines = text.split("\n")
+    unterminated = lines[-1] != ""
+    if not unterminated:
+        lines.pop()
+    records, torn = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and not isinstance(rec["step"], bool):
+            records.append(rec)
+        else:
+            torn.append(i)
+    return Metrics(records, torn, unterminated)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` (the checkpoint a resume starts from), so the
+    file reads as one uninterrupted run; torn lines go too."""
+    kept = [m for m in read_metrics(run_dir).records if m["step"] <= step]
+    atomic_write_text(Path(run_dir) / METRICS_JSONL, "".join(json.dumps(m) + "\n" for m in kept))
+
+
+# -- rank errors ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RankError:
+    """What a rank that died of an exception left for its supervisor."""
+
+    rank: int
+    kind: str  # "bad_input" (an ArmlabError: exit 2) or "error"
+    error: str  # one line
+    time: float
+    traceback: str = ""
+
+
+def rank_error_file(run_dir: Path, rank: int) -> Path:
+    return Path(run_dir) / RANK_ERRORS / f"rank{rank}.json"
+
+
+def write_rank_error(run_dir: Path, err: RankError) -> None:
+    atomic_write_json(rank_error_file(run_dir, err.rank), asdict(err))
+
+
+def read_rank_errors(run_dir: Path) -> list[RankError]:
+    """Errors the ranks recorded before dying, earliest first (the first is usually the cause)."""
+    errors = []
+    for p in sorted((Path(run_dir) / RANK_ERRORS).glob("rank*.json")):
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            d = json.loads(p.read_text())
+            errors.append(RankError(int(d["rank"]), str(d["kind"]), str(d["error"]), float(d["time"]),
+                                    str(d.get("traceback", ""))))  # fmt: skip
+    return sorted(errors, key=lambda e: e.time)
+
+
+def clear_rank_errors(run_dir: Path) -> None:
+    shutil.rmtree(Path(run_dir) / RANK_ERRORS, ignore_errors=True)
+
+
+# -- a run dir, read whole (status, compare, evaluate) ----------------------------------------------------
+def _optional_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        return None
+
+
+@dataclass
+class RunRecord:
+    dir: Path
+    info: dict[str, Any]  # run.json
+    state: dict[str, Any] | None  # state.json
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl records
+    eval: dict[str, Any] | None = None  # eval.json
+    torn_metrics: list[int] = field(default_factory=list)  # metrics.jsonl lines that are no record
+
+    @property
+    def arm(self) -> str:
+        return str(self.info.get("arm", self.dir.parent.parent.name))
+
+    @property
+    def run(self) -> str:
+        return str(self.info.get("run", self.dir.name))
+
+    @property
+    def seed(self) -> int:
+        return int(self.info.get("seed", 0))
+
+    @property
+    def state_name(self) -> str:
+        return str((self.state or {}).get("state", RunState.STARTING))
+
+    @property
+    def live(self) -> bool:
+        return is_live(self.state)
+
+    @property
+    def engine(self) -> str:
+        """The engine that trained the run (runs from before engines were recorded: builtin)."""
+        return str((self.info.get("engine") or {}).get("engine", "builtin"))
+
+    @property
+    def engine_comparable(self) -> dict[str, Any]:
+        """What the engine resolved at run time that every compared run must share."""
+        return dict(self.info.get("engine_comparable") or {})
+
+    @property
+    def train_lines(self) -> list[dict[str, Any]]:
+        return [m for m in self.metrics if "train_loss" in m]
+
+    @property
+    def eval_lines(self) -> list[dict[str, Any]]:
+        return [m for m in self.metrics if m.get("val_bpb") is not None]
+
+    @property
+    def final_val_bpb(self) -> float | None:
+        if self.eval and self.eval.get("val_bpb") is not None:
+            return float(self.eval["val_bpb"])
+        lines = self.eval_lines
+        return float(lines[-1]["val_bpb"]) if lines else None
+
+    @property
+    def core(self) -> float | None:
+        return None if not self.eval or self.eval.get("core") is None else float(self.eval["core"])
+
+    @property
+    def tokens(self) -> int | None:
+        last = self.metrics[-1] if self.metrics else None
+        return int(last["tokens"]) if last and "tokens" in last else None
+
+    @property
+    def epoch(self) -> float | None:
+        lines = [m for m in self.train_lines if m.get("epoch") is not None]
+        return float(lines[-1]["epoch"]) if lines else None
+
+    @property
+    def train_time_s(self) -> float | None:
+        """Wall time from start to end (state.json), else the last metrics line's elapsed time."""
+        st = self.state or {}
+        if st.get("started") and st.get("ended"):
+            return float(st["ended"]) - float(st["started"])
+        return float(self.metrics[-1]["time"]) if self.metrics and "time" in self.metrics[-1] else None
+
+
+def load_run(run_dir: Path) -> RunRecord:
+    """Read a run dir; one without run.json, or with a torn run.json / state.json, is an
+    ArmlabError naming the file."""
+    run_dir = Path(run_dir)
+    try:
+        info = read_json(run_dir / RUN_JSON)
+    except FileNotFoundError:
+        raise ArmlabError(f"{run_dir}: not a run dir (no {RUN_JSON})") from None
+    if not isinstance(info, dict):
+        raise ArmlabError(f"{run_dir / RUN_JSON}: expected a JSON object")
+    metrics = read_metrics(run_dir)
+    return RunRecord(
+        dir=run_dir,
+        info=info,
+        state=_optional_json(run_dir / STATE_JSON),
+        metrics=metrics.records,
+        eval=_optional_json(run_dir / EVAL_JSON),
+        torn_metrics=metrics.torn,
+    )
+
+
+def engine_differences(records: list[RunRecord]) -> list[str]:
+    """Runs trained by another engine build than the first run (e.g. another nanochat commit or a
+    patched checkout), each as '<run dir> (differs in engine.<key>, ...)'; [] when all agree."""
+    if not records:
+        return []
+    first = records[0]
+    out = []
+    for r in records[1:]:
+        keys = fingerprint_diff(
+            {"name": first.engine, **first.engine_comparable}, {"name": r.engine, **r.engine_comparable}
+        )
+        if keys:
+            out.append(f"{r.dir} (differs from {first.run} in {', '.join('engine.' + k for k in keys)})")
+    return out
+
+
+# -- processes: stop a run, and never outlive a supervisor -----------------------------------------------
+def wait_dead(pid: int, timeout: float) -> bool:
+    """Wait up to `timeout` s for `pid` to exit (or turn zombie); True once it has."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.2)
+    return not pid_alive(pid)
+
+
+def stop_process(pid: int, timeout: float) -> str:
+    """SIGTERM `pid` (a supervisor stops its ranks and releases its lease on it), wait `timeout` s,
+    then SIGKILL its whole process group; returns how it went, for the user."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if wait_dead(pid, timeout):
+        return "SIGTERM"
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(os.getpgid(pid), signal.SIGKILL)
+    wait_dead(pid, 10)
+    return f"SIGKILL after {timeout:.0f}s"
+
+
+@dataclass(frozen=True)
+class Stopped:
+    pid: int | None
+    result: str  # "stopped (SIGTERM)", "stopped (already dead)", "runs on <host>, not here"
+
+
+def stop_run(run_dir: Path, timeout: float) -> Stopped | None:
+    """Stop a run of this host (None when it is not active). After a SIGKILL, or when its pid was
+    already gone, state.json still says active: it is set to stopped here."""
+    st = read_state(run_dir)
+    if st.get("state") not in ACTIVE:
+        return None
+    pid = st.get("pid")
+    if st.get("host") not in (None, socket.gethostname()):
+        return Stopped(pid, f"runs on {st.get('host')}, not here")
+    how = stop_process(int(pid), timeout) if owner_alive(st) else "already dead"
+    if read_state(run_dir).get("state") in ACTIVE:
+        write_state(run_dir, state=RunState.STOPPED, ended=time.time(), error=f"stopped by armlab stop ({how})")
+    return Stopped(pid, f"stopped ({how})")
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent process dies (no orphaned ranks after a kill -9 of the
+    supervisor). Call it first thing in a child (or as a Popen preexec_fn)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)

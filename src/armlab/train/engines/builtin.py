@@ -1,0 +1,98 @@
+"""The built-in engine: armlab's own trainer (armlab.train.worker + loop), behind the engine seam.
+
+Its recipe is the spec itself ([model], [train]), so `configure` resolves nothing more and the
+run fingerprints as its spec. Ranks run `python -m armlab.train.worker <run dir>/plan.json` with
+the interpreter running armlab (directly for one rank, under torchrun for several). Rank 0 writes
+metrics.jsonl and state.json itself, so `on_output` has nothing to do. Checkpoints are
+armlab.train.checkpoint's; evaluation is armlab's own bpb and CORE on the loaded model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from armlab.errors import ArmlabError
+from armlab.train.engines import BaseEngine, Command, EngineConfig, EvalRequest, rank_env, torchrun_argv
+
+if TYPE_CHECKING:
+    import torch
+
+    from armlab.budget import Budget
+    from armlab.spec import Experiment
+    from armlab.train.plan import RunPlan
+
+
+@dataclass(frozen=True)
+class BuiltinConfig(EngineConfig):
+    engine: str = "builtin"
+
+
+class BuiltinEngine(BaseEngine):
+    def configure(self, exp: Experiment) -> BuiltinConfig:
+        return BuiltinConfig()
+
+    def load_config(self, data: Mapping[str, Any]) -> BuiltinConfig:
+        return BuiltinConfig(**data)
+
+    def budget(self, exp: Experiment, vocab_size: int) -> Budget:
+        from armlab.budget import training_budget
+
+        return training_budget(exp, vocab_size=vocab_size)
+
+    def checkpoint_steps(self, run_dir: Path) -> list[int]:
+        from armlab.train.checkpoint import list_steps
+
+        return list_steps(run_dir)
+
+    def preflight(self, plan: RunPlan) -> None:
+        if plan.experiment.train.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ArmlabError("train.wandb_project is set but wandb is not installed: pip install 'armlab[wandb]'")
+
+    def command(self, plan: RunPlan) -> Command:
+        worker = ["-m", "armlab.train.worker", str(plan.plan_file)]
+        argv = torchrun_argv(sys.executable, worker, plan.world_size, plan.master_port)
+        return Command(argv, rank_env(plan.device, plan.world_size))
+
+    def load_model(self, run_dir: Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+        from armlab.train.checkpoint import load_model
+
+        return load_model(run_dir, device=device)
+
+    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
+        import torch
+
+        from armlab.evaluate.bpb import evaluate_bpb
+        from armlab.evaluate.core import evaluate_core
+
+        r, exp = request, request.exp
+        model, _ = self.load_model(r.run_dir, device=r.device)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if str(r.device).startswith("cuda")
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            val_bpb = evaluate_bpb(
+                model,
+                r.tokenizer,
+                r.eval_dir,
+                max_tokens=exp.train.eval_tokens,
+                batch_size=exp.train.device_batch_size,
+                seq_len=exp.model.max_seq_len,
+                device=r.device,
+            )
+            core = (
+                evaluate_core(
+                    model, r.tokenizer, r.bundle, device=r.device, max_per_task=r.max_per_task,
+                    max_len=exp.model.max_seq_len,
+                )  # fmt: skip
+                if r.bundle
+                else {"core": None, "core_tasks": {}, "bundle": None}
+            )
+        return {"val_bpb": val_bpb, **core}

@@ -1,0 +1,369 @@
+"""The plan of one training run, and every refusal that can be made before anything starts.
+
+`plan_run` checks, in order, and refuses (ArmlabError: one line, exit 2) with the workdir left
+exactly as it was: unknown arm or override, the engine's settings (`Engine.configure`), an
+unprepared arm or eval set, a missing or foreign tokenizer, more GPUs than visible, a total batch
+the ranks cannot split, a layout that cannot feed the ranks (`check_feeds`), a taken master port,
+a run dir that is live / already holds the run / holds a checkpoint from another config, the
+engine's own preflight, and data that would repeat (DESIGN.md invariant 7). Only then does it
+write: `run.json` (what the run is, once) and `plan.json`, the typed `RunPlan` that the supervisor
+and the ranks read back.
+
+The data lease is not checked here: training leases are shared read leases (armlab.workdir), taken
+by the supervisor for the run's lifetime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from armlab import __version__, runs
+from armlab.budget import grad_accum_steps, model_dim
+from armlab.errors import ArmlabError
+from armlab.progress import console
+from armlab.spec import Experiment, ModelSpec, TrainSpec, fingerprint, parse_experiment
+from armlab.train.engines import Engine, EngineConfig, get_engine
+from armlab.workdir import atomic_write_json, open_workdir, read_json, run_name
+
+MODEL_KEYS = set(ModelSpec.model_fields)
+TRAIN_KEYS = set(TrainSpec.model_fields) - {"seeds"}
+HORIZONS = ("num_iterations", "tokens", "target_param_data_ratio")
+# run.json config keys a resumed run must share with the run that wrote the checkpoint
+RESUME_KEYS = ("depth", "n_params", "total_batch_size", "device_batch_size", "num_iterations", "world_size")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How to train one arm: `armlab train`'s flags (None = the default)."""
+
+    seed: int | None = None  # default: the first of train.seeds
+    run_name: str | None = None  # default: <arm>-s<seed>
+    num_gpus: int | None = None  # N CUDA ranks
+    device: str | None = None  # "cuda" | "cpu" (default: cuda if available)
+    nproc: int | None = None  # ranks with device cpu
+    master_port: int | None = None  # default: torchrun binds a free one
+    resume: bool = False
+    force: bool = False  # start an existing run over / take over a stale lease
+    detach: bool = False
+    # spec keys: a [model] or [train] field name (depth, num_iterations, engine, ...) or
+    # "section.field" for any other section (e.g. "nanochat.path"); None values are not given
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved numbers of a run (run.json "config", checkpoint meta, the ranks)."""
+
+    depth: int
+    model_dim: int
+    max_seq_len: int
+    vocab_size: int
+    n_params: int
+    scaling_params: int
+    flops_per_token: int
+    total_batch_size: int
+    device_batch_size: int
+    grad_accum_steps: int
+    num_iterations: int
+    tokens: int
+    world_size: int
+    device: str
+    dtype: str
+    compile: bool
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything the supervisor and the ranks need, written to `<run dir>/plan.json`."""
+
+    experiment: Experiment  # the effective spec (overrides applied)
+    arm: str
+    seed: int
+    run: str
+    run_dir: Path
+    data_dir: Path
+    eval_dir: Path
+    tokenizer_dir: Path
+    device: str  # "cuda" | "cpu"
+    world_size: int
+    master_port: int | None  # None: torchrun binds a free port
+    resume_step: int | None  # the checkpoint to resume from; None: start fresh
+    fingerprint: str  # run.json's: the spec's comparability + the engine's comparable fields
+    config: RunConfig
+    engine: EngineConfig
+    force: bool
+
+    @property
+    def plan_file(self) -> Path:
+        return self.run_dir / runs.PLAN_JSON
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out.update(
+            experiment=self.experiment.model_dump(mode="json"),
+            config=dataclasses.asdict(self.config),
+            engine=self.engine.to_json(),
+        )
+        return json.loads(json.dumps(out, default=str))
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = runs.PLAN_JSON) -> RunPlan:
+        d = dict(data)
+        d.update({k: Path(d[k]) for k in ("run_dir", "data_dir", "eval_dir", "tokenizer_dir")})
+        d.update(
+            experiment=parse_experiment(d["experiment"], source),
+            config=RunConfig(**d["config"]),
+            engine=get_engine(d["engine"]["engine"]).load_config(d["engine"]),
+        )
+        return cls(**d)
+
+    def write(self) -> Path:
+        atomic_write_json(self.plan_file, self.to_json())
+        return self.plan_file
+
+    @classmethod
+    def read(cls, path: str | Path) -> RunPlan:
+        return cls.from_json(read_json(path), str(path))
+
+
+def apply_overrides(exp: Experiment, overrides: Mapping[str, Any]) -> Experiment:
+    """The experiment with command-line overrides (None = not given), validated as a spec.
+
+    A plain key is a [model] / [train] field; `section.field` reaches any other section. Any one
+    of `num_iterations`, `tokens`, `target_param_data_ratio` replaces the file's horizon.
+    Overrides change the fingerprint, so runs with and without them never compare by accident.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return exp
+    data = exp.model_dump(mode="json")
+    unknown = [
+        k for k in given
+        if ("." not in k and k not in MODEL_KEYS | TRAIN_KEYS)
+        or ("." in k and k.split(".", 1)[0] not in Experiment.model_fields)
+    ]  # fmt: skip
+    if unknown:
+        raise ArmlabError(
+            f"unknown override(s) {', '.join(sorted(unknown))}; allowed: "
+            f"{', '.join(sorted(MODEL_KEYS | TRAIN_KEYS))} or SECTION.FIELD"
+        )
+    if set(given) & set(HORIZONS):
+        data["train"].update(dict.fromkeys(HORIZONS))
+    for key, v in given.items():
+        section, _, name = key.rpartition(".")
+        section = section or ("model" if key in MODEL_KEYS else "train")
+        data[section] = {**(data.get(section) or {}), name: v}
+    return parse_experiment(data, "command-line overrides")
+
+
+def resolve_devices(num_gpus: int | None, device: str | None, nproc: int | None) -> tuple[str, int]:
+    """(device kind, world size): --num-gpus N means N CUDA ranks; --device cpu --nproc N, N CPU ranks."""
+    import os
+
+    import torch
+
+    if num_gpus is not None and device == "cpu":
+        raise ArmlabError("--num-gpus is for CUDA; for CPU ranks use --device cpu --nproc N")
+    if num_gpus is not None and nproc is not None and num_gpus != nproc:
+        raise ArmlabError(f"--num-gpus {num_gpus} and --nproc {nproc} disagree; give one of them")
+    if device is None:
+        device = "cuda" if (num_gpus is not None or torch.cuda.is_available()) else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ArmlabError(f"--device {device!r}: use cpu or cuda")
+    # `is not None`, not `or`: --nproc 0 is a mistake to refuse, not a request for the default
+    world = num_gpus if num_gpus is not None else nproc if nproc is not None else 1
+    if world < 1:
+        raise ArmlabError(f"--num-gpus/--nproc must be >= 1, got {world}")
+    if device == "cuda":
+        visible = torch.cuda.device_count()
+        if world > visible:
+            where = os.environ.get("CUDA_VISIBLE_DEVICES")
+            extra = f" (CUDA_VISIBLE_DEVICES={where})" if where is not None else ""
+            raise ArmlabError(
+                f"--num-gpus {world} but {visible} GPU{'s' if visible != 1 else ''} visible{extra}; "
+                + (f"use --num-gpus {visible}" if visible else "use --device cpu")
+            )
+    return device, world
+
+
+def check_port(port: int) -> int:
+    """Refuse a master port something already listens on (two runs on one port hang)."""
+    if not 0 < port < 65536:
+        raise ArmlabError(f"--master-port {port}: must be in 1..65535")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ArmlabError(
+                f"--master-port {port} is in use on this host (another run?); pick another port or omit "
+                "--master-port to use a free one"
+            ) from None
+    return port
+
+
+def run_fingerprint(exp: Experiment, engine: EngineConfig) -> str:
+    """The run's fingerprint: the spec's, plus what the engine resolved (an engine that resolves
+    nothing beyond the spec, like builtin, fingerprints as the spec)."""
+    extra = engine.comparable()
+    return fingerprint({**exp.comparability(), "engine_run": extra}) if extra else exp.fingerprint()
+
+
+def _complete_manifest(directory: Path, fix: str, what: str) -> bytes:
+    try:
+        raw = (directory / "manifest.json").read_bytes()
+        complete = read_json(directory / "manifest.json").get("complete")
+    except FileNotFoundError:
+        raw, complete = b"", False
+    if not complete:
+        raise ArmlabError(f"{what} is not prepared (no complete manifest.json in {directory}); run `{fix}`")
+    return raw
+
+
+def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) -> RunPlan:
+    """Every check that can fail on bad input, then run.json and plan.json (no rank started)."""
+    from armlab.tokenizer import load_experiment_tokenizer
+    from armlab.train.loader import check_feeds
+
+    o = options
+    exp.arm(arm)  # unknown arm: error naming the arms
+    eff = apply_overrides(exp, o.overrides)
+    engine = get_engine(eff.train.engine)
+    engine_config = engine.configure(eff)
+    seed = eff.train.seeds[0] if o.seed is None else o.seed
+    run = o.run_name or run_name(arm, seed)
+    wd = open_workdir(exp, create=False)
+    data_dir, run_dir = wd.data_dir(arm), wd.run_dir(arm, run)
+    data_manifest = _complete_manifest(data_dir, f"armlab prepare EXP --arm {arm}", f"arm {arm!r}")
+    _complete_manifest(wd.eval_dir, "armlab prepare EXP", "the shared eval set")
+    tok = load_experiment_tokenizer(exp)
+    kind, world = resolve_devices(o.num_gpus, o.device, o.nproc)
+    budget = engine.budget(eff, tok.vocab_size)
+    accum = grad_accum_steps(budget.total_batch_size, eff.train.device_batch_size, eff.model.max_seq_len, world)
+    check_feeds(data_dir, world)
+    port = check_port(o.master_port) if o.master_port is not None else None
+
+    config = RunConfig(
+        depth=eff.model.depth,
+        model_dim=model_dim(eff.model),
+        max_seq_len=eff.model.max_seq_len,
+        vocab_size=tok.vocab_size,
+        n_params=budget.params.total,
+        scaling_params=budget.params.scaling,
+        flops_per_token=budget.flops_per_token,
+        total_batch_size=budget.total_batch_size,
+        device_batch_size=eff.train.device_batch_size,
+        grad_accum_steps=accum,
+        num_iterations=budget.num_iterations,
+        tokens=budget.tokens,
+        world_size=world,
+        device=kind,
+        dtype="bfloat16" if kind == "cuda" else "float32",
+        compile=bool(eff.train.compile and kind == "cuda"),
+    )
+    run_json = {
+        "experiment": exp.name,
+        "arm": arm,
+        "seed": seed,
+        "run": run,
+        "fingerprint": run_fingerprint(eff, engine_config),
+        "comparability": eff.comparability(),
+        "engine": engine_config.to_json(),
+        "engine_comparable": engine_config.comparable(),
+        "tokenizer_fingerprint": tok.fingerprint,
+        "data_manifest_sha256": hashlib.sha256(data_manifest).hexdigest(),
+        "config": dataclasses.asdict(config),
+        "overrides": {k: v for k, v in o.overrides.items() if v is not None},
+        "created": time.time(),
+        "host": socket.gethostname(),
+        "armlab_version": __version__,
+    }
+    resume_step, clobber = _check_run_dir(run_dir, run_json, o.resume, o.force, engine)
+    plan = RunPlan(
+        experiment=eff, arm=arm, seed=seed, run=run, run_dir=run_dir, data_dir=data_dir,
+        eval_dir=wd.eval_dir, tokenizer_dir=wd.tokenizer_dir, device=kind, world_size=world,
+        master_port=port, resume_step=resume_step, fingerprint=run_json["fingerprint"], config=config,
+        engine=engine_config, force=o.force,
+    )  # fmt: skip
+    engine.preflight(plan)
+    _check_repeats(data_manifest, budget.tokens, arm, eff.train.allow_repeat)
+
+    # every check passed: only now is anything written (or a clobbered run deleted)
+    if clobber:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if o.resume and (run_dir / runs.RUN_JSON).is_file():
+        runs.truncate_metrics(run_dir, resume_step or 0)  # the file reads as one uninterrupted run
+    else:
+        atomic_write_json(run_dir / runs.RUN_JSON, run_json)
+    plan.write()
+    return plan
+
+
+def _check_run_dir(
+    run_dir: Path, new: dict[str, Any], resume: bool, force: bool, engine: Engine
+) -> tuple[int | None, bool]:
+    """(checkpoint step to resume from or None, whether the existing run is to be deleted first);
+    refuses live, mismatched or clobbering runs. Writes nothing."""
+    exists = (run_dir / runs.RUN_JSON).is_file()
+    state = runs.read_state(run_dir) if exists else {}
+    if runs.is_live(state):
+        raise ArmlabError(
+            f"{run_dir}: run {new['run']!r} is live (pid {state['pid']}); watch it with `armlab status EXP`, "
+            "stop it with `armlab stop EXP`, or start another with --run-name NAME"
+        )
+    if exists and not resume:
+        if not force:
+            raise ArmlabError(
+                f"{run_dir} already holds run {new['run']!r}; pass --resume to continue it, --run-name NAME for a "
+                "new run, or --force to delete it and start over"
+            )
+        return None, True
+    if not exists:
+        if resume:
+            console.print(f"train: nothing to resume in {run_dir}; starting a new run")
+        return None, False
+    old = read_json(run_dir / runs.RUN_JSON)
+    diffs = [k for k in ("fingerprint", "tokenizer_fingerprint", "data_manifest_sha256") if old.get(k) != new[k]]
+    diffs += [f"config.{k}" for k in RESUME_KEYS if old["config"].get(k) != new["config"][k]]
+    if diffs:
+        raise ArmlabError(
+            f"{run_dir}: cannot resume: its checkpoint is from another config (differs in {', '.join(diffs)}); "
+            "resume with the original settings or start a new run with --run-name"
+        )
+    steps = engine.checkpoint_steps(run_dir)
+    if not steps:
+        console.print(f"train: {run_dir} has no checkpoint yet; restarting it from step 0")
+        return None, False
+    return steps[-1], False
+
+
+def _check_repeats(manifest_raw: bytes, tokens: int, arm: str, allow: bool) -> None:
+    """DESIGN.md invariant 7: a run that would see its arm's data more than once is refused unless
+    repeats are allowed (`--allow-repeat` / `train.allow_repeat`), and then it is said plainly."""
+    manifest = json.loads(manifest_raw)
+    held = manifest.get("tokens")
+    approx = held is None
+    if held is None:
+        held = int(manifest.get("chars", 0)) // 4  # ~4 chars a token for English BPE
+    if not held or tokens <= held:
+        return
+    what = (
+        f"the run consumes {tokens:,} tokens but arm {arm!r} holds {'~' if approx else ''}{held:,}: "
+        f"its data would repeat about {tokens / held:.1f} times"
+    )
+    if not allow:
+        raise ArmlabError(
+            f"{what}; prepare more data for it (raise ratio or max_tokens), shorten the run, "
+            f"or pass --allow-repeat (train.allow_repeat = true)"
+        )
+    console.print(f"[yellow]train: {what} (allowed; epochs are logged)[/]")
