@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from armlab.errors import ArmlabError
@@ -40,6 +41,18 @@ class RunStatus:
     alive: bool | None = None  # None: pid on another host (cannot tell)
     host: str | None = None
     error: str | None = None
+    engine: str | None = None  # the engine build that trains it, described (EngineConfig.describe)
+
+
+def engine_description(info: dict[str, Any]) -> str:
+    """run.json's engine record as one line (an unknown or damaged record: its name)."""
+    from armlab.train.engines import get_engine
+
+    data = info.get("engine") or {"engine": "builtin"}
+    try:
+        return get_engine(str(data["engine"])).load_config(data).describe()
+    except (ArmlabError, KeyError, TypeError):
+        return str(data.get("engine"))
 
 
 def run_status(run_dir: Path, stall_after_s: float, now: float | None = None) -> RunStatus:
@@ -53,6 +66,7 @@ def run_status(run_dir: Path, stall_after_s: float, now: float | None = None) ->
         state=rec.state_name,
         host=st.get("host"),
         error=st.get("error"),
+        engine=engine_description(rec.info),
     )
     train = rec.train_lines
     last = train[-1] if train else {}
@@ -86,7 +100,9 @@ def collect_status(run_dirs: list[Path], stall_after_s: float = 600.0) -> list[R
             rows.append(run_status(d, stall_after_s, now))
         except ArmlabError as e:
             rows.append(
-                RunStatus(arm=d.parent.parent.name, run=d.name, dir=d, state=RunState.UNREADABLE, error=str(e))
+                RunStatus(
+                    arm=d.parent.parent.name, run=d.name, dir=d, state=RunState.UNREADABLE, error=str(e)
+                )
             )
     return rows
 
@@ -206,6 +222,16 @@ def status_table(rows: list[RunStatus], title: str = "") -> Table:
     return t
 
 
+def engine_lines(rows: list[RunStatus]) -> list[str]:
+    """Under the table: which engine build trains which runs, where it says more than its name
+    (a nanochat checkout: commit, path, python)."""
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        if r.engine and " " in r.engine:
+            by.setdefault(r.engine, []).append(r.run)
+    return [escape(f"engine: {desc} ({', '.join(names)})") for desc, names in by.items()]
+
+
 def gpu_table(gpus: list[dict[str, Any]]) -> Table:
     t = Table(title="GPUs (this host)")
     for col in ("gpu", "name", "util %", "memory"):
@@ -240,7 +266,8 @@ def show_status(exp: Any, stall_after_s: float = 600.0, watch: bool = False, int
         rows = experiment_status(exp, stall_after_s, extra_dirs=mirrored_runs(exp))
         gpus = gpu_status()
         table = status_table(rows, title=f"{exp.name} ({time.strftime('%H:%M:%S')})")
-        return Group(table, gpu_table(gpus)) if gpus else Group(table)
+        parts = [table, *engine_lines(rows)]
+        return Group(*parts, gpu_table(gpus)) if gpus else Group(*parts)
 
     out = Console()  # the table is the command's output: stdout
     if not out.is_terminal:

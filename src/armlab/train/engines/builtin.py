@@ -52,7 +52,9 @@ class BuiltinEngine(BaseEngine):
 
     def preflight(self, plan: RunPlan) -> None:
         if plan.experiment.train.wandb_project and importlib.util.find_spec("wandb") is None:
-            raise ArmlabError("train.wandb_project is set but wandb is not installed: pip install 'armlab[wandb]'")
+            raise ArmlabError(
+                "train.wandb_project is set but wandb is not installed: pip install 'armlab[wandb]'"
+            )
 
     def command(self, plan: RunPlan) -> Command:
         worker = ["-m", "armlab.train.worker", str(plan.plan_file)]
@@ -89,7 +91,11 @@ class BuiltinEngine(BaseEngine):
             )
             core = (
                 evaluate_core(
-                    model, r.tokenizer, r.bundle, device=r.device, max_per_task=r.max_per_task,
+                    model,
+                    r.tokenizer,
+                    r.bundle,
+                    device=r.device,
+                    max_per_task=r.max_per_task,
                     max_len=exp.model.max_seq_len,
                 )  # fmt: skip
                 if r.bundle
