@@ -18,7 +18,18 @@ from armlab.workdir import open_workdir
 from tok_util import stdlib_docs, write_shards
 
 ARMS = ("alt", "rand")  # compare's reference is the first random arm: "alt" vs "rand"
-MODULES = ["json", "os", "collections", "pathlib", "functools", "itertools", "textwrap", "argparse", "re", "string"]
+MODULES = [
+    "json",
+    "os",
+    "collections",
+    "pathlib",
+    "functools",
+    "itertools",
+    "textwrap",
+    "argparse",
+    "re",
+    "string",
+]
 
 EXPERIMENT_TOML = """\
 name = "nanochat-test"
@@ -100,8 +111,14 @@ def write_experiment(
     exp_file = root / "exp.toml"
     exp_file.write_text(
         EXPERIMENT_TOML.format(
-            workdir=workdir, checkout=checkout, python=python, steps=steps,
-            eval_every=eval_every, save_every=save_every, train_extra=train_extra, sections=sections,
+            workdir=workdir,
+            checkout=checkout,
+            python=python,
+            steps=steps,
+            eval_every=eval_every,
+            save_every=save_every,
+            train_extra=train_extra,
+            sections=sections,
         )  # fmt: skip
     )
     return exp_file

@@ -10,7 +10,8 @@ requests, filelock, pyyaml come from armlab's install: torch 2.13.0 CPU, never a
 plus what nanochat imports and armlab does not: wandb (imported by base_train, off with
 --run=dummy) and HF tokenizers (imported by 48804bf's tokenizer module). `python -m venv
 --system-site-packages` would not do: from a venv's interpreter it exposes the *base* Python's
-site-packages, not the venv's. Built once (a few seconds from PyPI), reused while armlab's venv
+site-packages, not the venv's. armlab itself imports there too (for the tests that load a
+nanochat checkpoint through the engine). Built once (a few seconds from PyPI), reused while armlab's venv
 and the package list are the same.
 """
 
@@ -71,7 +72,7 @@ def nanochat_python() -> Path:
     """The interpreter nanochat's tests run with (built on first use, see the module docstring)."""
     VENV.parent.mkdir(parents=True, exist_ok=True)
     here = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
-    stamp = {"armlab_python": sys.executable, "site": here, "packages": list(EXTRA_PACKAGES)}
+    stamp = {"armlab_python": sys.executable, "site": here, "packages": list(EXTRA_PACKAGES), "pth": 2}
     with FileLock(str(VENV) + ".lock"):
         stamp_file = VENV / "armlab-stamp.json"
         if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and _python(VENV).exists():
@@ -84,19 +85,18 @@ def nanochat_python() -> Path:
                 check=True, capture_output=True, text=True,
             ).stdout.strip()
         )  # fmt: skip
-        (site / "armlab-venv.pth").write_text("".join(f"{p}\n" for p in dict.fromkeys(here)))
-        subprocess.run(
-            [
-                str(_python(VENV)),
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                *EXTRA_PACKAGES,
-            ],
-            check=True,
-        )
+        # an `import` line of a .pth file runs: addsitedir also reads the .pth files there (armlab's
+        # editable install is one), which a plain path line would not
+        adds = "; ".join(f"site.addsitedir({p!r})" for p in dict.fromkeys(here))
+        (site / "armlab-venv.pth").write_text(f"import site; {adds}\n")
+        pip = subprocess.run(
+            [str(_python(VENV)), "-m", "pip", "install", "-q", "--disable-pip-version-check", *EXTRA_PACKAGES],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if pip.returncode != 0:
+            raise RuntimeError(
+                f"pip install {' '.join(EXTRA_PACKAGES)} into {VENV} failed:\n{pip.stderr[-2000:]}"
+            )
         stamp_file.write_text(json.dumps(stamp))
     return _python(VENV)
 

@@ -60,7 +60,9 @@ def test_write_state_keeps_other_fields_and_writes_plain_strings(tmp_path: Path)
     runs.write_state(tmp_path, state=RunState.RUNNING, pid=7, step=3)
     runs.write_state(tmp_path, step=4)
     st = json.loads((tmp_path / runs.STATE_JSON).read_text())
-    assert st["state"] == "running" and st["pid"] == 7 and st["step"] == 4 and st["host"] == socket.gethostname()
+    assert (
+        st["state"] == "running" and st["pid"] == 7 and st["step"] == 4 and st["host"] == socket.gethostname()
+    )
 
 
 def test_read_metrics_skips_and_counts_torn_lines(tmp_path: Path) -> None:

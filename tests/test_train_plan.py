@@ -37,7 +37,11 @@ def opts(run: str = "x", **kw) -> TrainOptions:
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()} if d.exists() else {}
+    return (
+        {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+        if d.exists()
+        else {}
+    )
 
 
 def test_the_plan_round_trips_through_plan_json(exp_file: Path) -> None:

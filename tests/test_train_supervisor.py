@@ -92,7 +92,9 @@ def test_a_command_that_cannot_start_is_one_line_and_releases_the_lease(exp_file
             return Command(["/nonexistent/python", "-m", "x"], {}, None)
 
     plan = quick_plan(exp_file, "nocmd")
-    with pytest.raises(ArmlabError, match=r"cannot start the builtin engine's command /nonexistent/python: No such"):
+    with pytest.raises(
+        ArmlabError, match=r"cannot start the builtin engine's command /nonexistent/python: No such"
+    ):
         supervise(plan, echo=False, engine=Missing())
     assert runs.read_state(plan.run_dir)["state"] == "failed" and read_lease(data_dir(exp_file)) is None
 

@@ -39,7 +39,11 @@ def test_lease_blocks_writers_while_holder_lives(tmp_path: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lease_file = tmp_path / ".lease"
-        lease_file.write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(), "started": time.time(), "run": "r-s0"}))
+        lease_file.write_text(
+            json.dumps(
+                {"pid": holder.pid, "host": socket.gethostname(), "started": time.time(), "run": "r-s0"}
+            )
+        )
         with pytest.raises(ArmlabError, match="leased by live run 'r-s0'"):
             check_writable(tmp_path)
         with pytest.raises(ArmlabError, match="leased by live"):
@@ -54,7 +58,9 @@ def test_lease_blocks_writers_while_holder_lives(tmp_path: Path) -> None:
 
 
 def test_lease_from_another_host_needs_force(tmp_path: Path) -> None:
-    (tmp_path / ".lease").write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": time.time(), "run": "x"}))
+    (tmp_path / ".lease").write_text(
+        json.dumps({"pid": 1, "host": "elsewhere", "started": time.time(), "run": "x"})
+    )
     with pytest.raises(ArmlabError, match="elsewhere"):
         check_writable(tmp_path)
     check_writable(tmp_path, force=True)
@@ -71,8 +77,14 @@ def test_acquire_is_exclusive_and_released(tmp_path: Path) -> None:
 
 
 def test_open_workdir_freezes_spec_and_refuses_other_experiment(tmp_path: Path) -> None:
-    exp = parse_experiment({"name": "one", "workdir": str(tmp_path / "wd"), "pool": {"uri": "p"},
-                            "arms": [{"name": "r", "kind": "random", "ratio": 0.5, "seed": 42}]})
+    exp = parse_experiment(
+        {
+            "name": "one",
+            "workdir": str(tmp_path / "wd"),
+            "pool": {"uri": "p"},
+            "arms": [{"name": "r", "kind": "random", "ratio": 0.5, "seed": 42}],
+        }
+    )
     wd = open_workdir(exp)
     assert load_experiment(wd.experiment_toml) == exp  # the frozen copy round-trips
     other = parse_experiment({**exp.model_dump(mode="json", exclude_none=True), "name": "two"})
