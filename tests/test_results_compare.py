@@ -140,3 +140,15 @@ def test_exclude_leaves_named_runs_out(tmp_path: Path) -> None:
     assert summary["arms"]["top"]["val_bpb"]["n"] == 2
     with pytest.raises(ArmlabError, match=r"--exclude: no run named nope"):
         compare(exp, exclude=["nope"])
+
+
+def test_runs_of_two_engine_builds_are_refused(tmp_path: Path) -> None:
+    """What an engine resolved at run time (e.g. a nanochat commit) must match across runs."""
+    exp = tiny_experiment(tmp_path / "wd")
+    for arm, commit in (("top", "92d63d4"), ("random", "48804bf")):
+        d = make_run(exp, arm, 0, bpb=1.5)
+        info = json.loads((d / "run.json").read_text())
+        info.update(engine={"engine": "nanochat"}, engine_comparable={"commit": commit})
+        (d / "run.json").write_text(json.dumps(info))
+    with pytest.raises(ArmlabError, match=r"top-s0 \(differs from random-s0 in engine\.commit\)"):
+        compare(exp)

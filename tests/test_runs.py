@@ -150,3 +150,25 @@ def test_stop_run_leaves_other_hosts_alone(tmp_path: Path) -> None:
     runs.write_state(tmp_path, state="running", pid=os.getpid(), host="gpu-box-7")
     assert runs.stop_run(tmp_path, 1.0) == runs.Stopped(os.getpid(), "runs on gpu-box-7, not here")
     assert runs.read_state(tmp_path)["state"] == "running"
+
+
+def test_engine_differences_name_the_run_and_the_key(tmp_path: Path) -> None:
+    def rec(name: str, engine: dict | None, comparable: dict | None) -> runs.RunRecord:
+        info = {
+            "run": name,
+            **({"engine": engine} if engine else {}),
+            **({"engine_comparable": comparable} if comparable else {}),
+        }
+        return runs.RunRecord(dir=tmp_path / name, info=info, state=None)
+
+    old = rec("old-s0", None, None)  # written before engines were recorded: the built-in trainer
+    built = rec("b-s0", {"engine": "builtin"}, {})
+    assert old.engine == "builtin" and runs.engine_differences([old, built]) == []
+    a = rec("a-s0", {"engine": "nanochat"}, {"commit": "92d63d4", "diff_sha256": None})
+    b = rec("b-s1", {"engine": "nanochat"}, {"commit": "48804bf", "diff_sha256": None})
+    c = rec("c-s0", {"engine": "nanochat"}, {"commit": "92d63d4", "diff_sha256": None})
+    assert runs.engine_differences([a, c]) == []
+    assert runs.engine_differences([a, b, c, built]) == [
+        f"{tmp_path / 'b-s1'} (differs from a-s0 in engine.commit)",
+        f"{tmp_path / 'b-s0'} (differs from a-s0 in engine.commit, engine.diff_sha256, engine.name)",
+    ]

@@ -135,7 +135,9 @@ def observed_state(
 
 def last_activity(run_dir: Path, state: Mapping[str, Any] | None) -> float | None:
     """When the run last logged: newest of metrics.jsonl / train.log, else when it started."""
-    times = [p.stat().st_mtime for p in (Path(run_dir) / METRICS_JSONL, Path(run_dir) / TRAIN_LOG) if p.exists()]
+    times = [
+        p.stat().st_mtime for p in (Path(run_dir) / METRICS_JSONL, Path(run_dir) / TRAIN_LOG) if p.exists()
+    ]
     if times:
         return max(times)
     started = (state or {}).get("started")
@@ -403,7 +405,9 @@ def stop_run(run_dir: Path, timeout: float) -> Stopped | None:
         return Stopped(pid, f"runs on {st.get('host')}, not here")
     how = stop_process(int(pid), timeout) if owner_alive(st) else "already dead"
     if read_state(run_dir).get("state") in ACTIVE:
-        write_state(run_dir, state=RunState.STOPPED, ended=time.time(), error=f"stopped by armlab stop ({how})")
+        write_state(
+            run_dir, state=RunState.STOPPED, ended=time.time(), error=f"stopped by armlab stop ({how})"
+        )
     return Stopped(pid, f"stopped ({how})")
 
 

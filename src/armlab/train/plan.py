@@ -248,7 +248,9 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     tok = load_experiment_tokenizer(exp)
     kind, world = resolve_devices(o.num_gpus, o.device, o.nproc)
     budget = engine.budget(eff, tok.vocab_size)
-    accum = grad_accum_steps(budget.total_batch_size, eff.train.device_batch_size, eff.model.max_seq_len, world)
+    accum = grad_accum_steps(
+        budget.total_batch_size, eff.train.device_batch_size, eff.model.max_seq_len, world
+    )
     check_feeds(data_dir, world)
     port = check_port(o.master_port) if o.master_port is not None else None
 
@@ -333,7 +335,9 @@ def _check_run_dir(
             console.print(f"train: nothing to resume in {run_dir}; starting a new run")
         return None, False
     old = read_json(run_dir / runs.RUN_JSON)
-    diffs = [k for k in ("fingerprint", "tokenizer_fingerprint", "data_manifest_sha256") if old.get(k) != new[k]]
+    diffs = [
+        k for k in ("fingerprint", "tokenizer_fingerprint", "data_manifest_sha256") if old.get(k) != new[k]
+    ]
     diffs += [f"config.{k}" for k in RESUME_KEYS if old["config"].get(k) != new["config"][k]]
     if diffs:
         raise ArmlabError(

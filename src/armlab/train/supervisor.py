@@ -60,8 +60,12 @@ def train(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) -> 
 
 def detach(plan: RunPlan) -> None:
     """Start the supervisor of `plan` in a new session and return at once."""
-    runs.write_state(plan.run_dir, state=RunState.STARTING, pid=None, started=time.time(), ended=None, error=None)
-    with open(plan.run_dir / runs.TRAIN_LOG, "ab") as log:  # the detached supervisor writes its own pid on start
+    runs.write_state(
+        plan.run_dir, state=RunState.STARTING, pid=None, started=time.time(), ended=None, error=None
+    )
+    with open(
+        plan.run_dir / runs.TRAIN_LOG, "ab"
+    ) as log:  # the detached supervisor writes its own pid on start
         subprocess.Popen(
             [sys.executable, "-m", "armlab.train.supervisor", str(plan.plan_file)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -117,7 +121,9 @@ def supervise(plan: RunPlan, echo: bool = True, engine: Engine | None = None) ->
                     _terminate(proc)
             engine.on_exit(plan, rc)
             if rc == 0:
-                runs.write_state(run_dir, state=RunState.DONE, ended=time.time(), step=plan.config.num_iterations)
+                runs.write_state(
+                    run_dir, state=RunState.DONE, ended=time.time(), step=plan.config.num_iterations
+                )
                 return run_dir
             _raise_failure(run_dir, rc, tail)
     except Stopped as e:
@@ -189,12 +195,16 @@ def _raise_failure(run_dir: Path, rc: int, tail: Iterable[bytes] = ()) -> None:
     errors = runs.read_rank_errors(run_dir)
     if errors:
         first = errors[0]
-        runs.write_state(run_dir, state=RunState.FAILED, ended=time.time(), error=f"rank {first.rank}: {first.error}")
+        runs.write_state(
+            run_dir, state=RunState.FAILED, ended=time.time(), error=f"rank {first.rank}: {first.error}"
+        )
         if first.kind == "bad_input":
             raise ArmlabError(first.error)
         raise RunFailed(f"rank {first.rank} failed: {first.error} (traceback in {run_dir / runs.TRAIN_LOG})")
     detail = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit code {rc}"
-    runs.write_state(run_dir, state=RunState.FAILED, ended=time.time(), error=f"training processes failed ({detail})")
+    runs.write_state(
+        run_dir, state=RunState.FAILED, ended=time.time(), error=f"training processes failed ({detail})"
+    )
     cause = error_line(tail)
     raise RunFailed(
         f"training processes failed ({detail}){': ' + cause if cause else ''}; see {run_dir / runs.TRAIN_LOG}"
@@ -206,7 +216,9 @@ def main(plan_path: str) -> int:
     try:
         supervise(RunPlan.read(plan_path), echo=False)
     except (ArmlabError, RunFailed) as e:
-        print(f"armlab: {'error' if isinstance(e, ArmlabError) else 'failed'}: {e}", file=sys.stderr, flush=True)
+        print(
+            f"armlab: {'error' if isinstance(e, ArmlabError) else 'failed'}: {e}", file=sys.stderr, flush=True
+        )
         return e.exit_code
     return 0
 
