@@ -91,7 +91,12 @@ class Budget:
 
 
 def auto_batch_size(spec: ModelSpec, train: TrainSpec, vocab_size: int, target_tokens: int) -> int:
-    ref = ModelSpec(depth=REFERENCE_DEPTH, max_seq_len=spec.max_seq_len, aspect_ratio=spec.aspect_ratio, head_dim=spec.head_dim)
+    ref = ModelSpec(
+        depth=REFERENCE_DEPTH,
+        max_seq_len=spec.max_seq_len,
+        aspect_ratio=spec.aspect_ratio,
+        head_dim=spec.head_dim,
+    )
     d_ref = train.param_data_ratio * param_counts(ref, vocab_size).scaling
     predicted = REFERENCE_BATCH * (target_tokens / d_ref) ** 0.383
     return 2 ** max(0, round(math.log2(max(predicted, 1.0))))
@@ -128,8 +133,13 @@ def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int
     """Micro-steps per optimiser step; refuses a total batch the ranks cannot split evenly."""
     per_step = device_batch_size * seq_len * world_size
     if total_batch_size % per_step:
-        options = sorted({total_batch_size // (seq_len * world_size * k) for k in (1, 2, 4, 8, 16, 32, 64)
-                          if total_batch_size % (seq_len * world_size * k) == 0})
+        options = sorted(
+            {
+                total_batch_size // (seq_len * world_size * k)
+                for k in (1, 2, 4, 8, 16, 32, 64)
+                if total_batch_size % (seq_len * world_size * k) == 0
+            }
+        )
         hint = f"device_batch_size in {options}" if options else f"total_batch_size a multiple of {per_step}"
         raise ArmlabError(
             f"--total-batch-size {total_batch_size} is not divisible by device_batch_size x max_seq_len x world_size "

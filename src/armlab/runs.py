@@ -355,13 +355,15 @@ def engine_differences(records: list[RunRecord]) -> list[str]:
 
 def _values(a: Mapping[str, Any], b: Mapping[str, Any], dotted: str) -> str:
     """` (x vs y)` for a differing scalar (a commit, an engine name), '' for lists and tables."""
-    va, vb = a, b
+    missing = object()
+    va: Any = a
+    vb: Any = b
     for part in dotted.split("."):
-        va = va.get(part) if isinstance(va, Mapping) else None
-        vb = vb.get(part) if isinstance(vb, Mapping) else None
+        va = va.get(part, missing) if isinstance(va, Mapping) else missing
+        vb = vb.get(part, missing) if isinstance(vb, Mapping) else missing
     if isinstance(va, Mapping | list) or isinstance(vb, Mapping | list):
         return ""
-    return f" ({va} vs {vb})"
+    return f" ({'none' if va is missing else va} vs {'none' if vb is missing else vb})"
 
 
 # -- processes: stop a run, and never outlive a supervisor -----------------------------------------------

@@ -103,7 +103,9 @@ class ArmSpec(Strict):
     def _kind_fields(self) -> ArmSpec:
         if self.kind == "prebuilt":
             if not self.uri:
-                raise ValueError(f"arm {self.name!r}: kind 'prebuilt' needs uri (az://container/prefix or a dir)")
+                raise ValueError(
+                    f"arm {self.name!r}: kind 'prebuilt' needs uri (az://container/prefix or a dir)"
+                )
             if self.ratio is not None or self.score_column is not None:
                 raise ValueError(f"arm {self.name!r}: kind 'prebuilt' takes no ratio or score_column")
         else:
@@ -160,9 +162,13 @@ class TrainSpec(Strict):
 
     @model_validator(mode="after")
     def _one_horizon(self) -> TrainSpec:
-        given = [k for k in ("target_param_data_ratio", "tokens", "num_iterations") if getattr(self, k) is not None]
+        given = [
+            k for k in ("target_param_data_ratio", "tokens", "num_iterations") if getattr(self, k) is not None
+        ]
         if len(given) > 1:
-            raise ValueError(f"train: set only one of target_param_data_ratio, tokens, num_iterations (got {', '.join(given)})")
+            raise ValueError(
+                f"train: set only one of target_param_data_ratio, tokens, num_iterations (got {', '.join(given)})"
+            )
         return self
 
     @property
@@ -248,7 +254,9 @@ class Experiment(Strict):
         for a in self.arms:
             if a.name == name:
                 return a
-        raise ArmlabError(f"no arm named {name!r} in experiment {self.name!r} (arms: {', '.join(a.name for a in self.arms)})")
+        raise ArmlabError(
+            f"no arm named {name!r} in experiment {self.name!r} (arms: {', '.join(a.name for a in self.arms)})"
+        )
 
     @property
     def workdir_path(self) -> Path:
@@ -265,7 +273,9 @@ class Experiment(Strict):
         host, its extra flags do not). What only the engine can resolve at run time (a checkout's
         commit) is recorded per run (run.json "engine_comparable") and compared between runs.
         """
-        train = self.train.model_dump(exclude={"seeds", "wandb_project", "save_every", "compile", "allow_repeat"})
+        train = self.train.model_dump(
+            exclude={"seeds", "wandb_project", "save_every", "compile", "allow_repeat"}
+        )
         out = {
             "pool": self.pool.model_dump(),
             "eval": self.eval.model_dump(),
@@ -322,7 +332,11 @@ def _error_line(source: str, err: ValidationError) -> str:
     elif e["type"] == "missing":
         line = f"{source}: missing required key '{where}'"
     elif where:
-        line = f"{source}: {where}: {msg} (got {e.get('input')!r})" if e["type"].endswith(("_type", "_parsing")) else f"{source}: {where}: {msg}"
+        line = (
+            f"{source}: {where}: {msg} (got {e.get('input')!r})"
+            if e["type"].endswith(("_type", "_parsing"))
+            else f"{source}: {where}: {msg}"
+        )
     else:
         line = f"{source}: {msg}"
     if len(errors) > 1:
@@ -343,7 +357,9 @@ def load_experiment(path: str | Path) -> Experiment:
     if p.is_dir() and (p / "experiment.toml").is_file():
         p = p / "experiment.toml"  # a workdir holds the frozen copy of its spec
     elif p.is_dir():
-        raise ArmlabError(f"{p}: a directory without experiment.toml; pass the experiment file (or its workdir)")
+        raise ArmlabError(
+            f"{p}: a directory without experiment.toml; pass the experiment file (or its workdir)"
+        )
     try:
         raw = p.read_bytes()
     except FileNotFoundError:

@@ -93,7 +93,9 @@ def open_workdir(exp: Any, create: bool = True) -> Workdir:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise ArmlabError(f"{root}: workdir is not writable ({e.strerror}); make it writable, or set 'workdir' in the experiment file to a writable dir") from None
+            raise ArmlabError(
+                f"{root}: workdir is not writable ({e.strerror}); make it writable, or set 'workdir' in the experiment file to a writable dir"
+            ) from None
         frozen = wd.root / "experiment.json"
         if frozen.exists():
             old = json.loads(frozen.read_text())
@@ -181,7 +183,9 @@ def read_json(path: str | Path) -> Any:
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
-        raise ArmlabError(f"{path}: unreadable JSON ({e}); delete it or rerun the step that writes it") from None
+        raise ArmlabError(
+            f"{path}: unreadable JSON ({e}); delete it or rerun the step that writes it"
+        ) from None
 
 
 def cleanup_temp_files(directory: str | Path) -> int:
@@ -267,12 +271,16 @@ def acquire_lease(data_dir: str | Path, run: str, force: bool = False) -> Lease:
     data_dir = Path(data_dir)
     check_writable(data_dir, force=force, action=f"lease it for run {run!r}")
     lease = Lease(pid=os.getpid(), host=socket.gethostname(), started=time.time(), run=run)
-    body = json.dumps({"pid": lease.pid, "host": lease.host, "started": lease.started, "run": lease.run}).encode()
+    body = json.dumps(
+        {"pid": lease.pid, "host": lease.host, "started": lease.started, "run": lease.run}
+    ).encode()
     try:
         fd = os.open(data_dir / LEASE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
         holder = read_lease(data_dir)
-        raise ArmlabError(f"{data_dir}: already leased by {holder.describe() if holder else 'another run'}") from None
+        raise ArmlabError(
+            f"{data_dir}: already leased by {holder.describe() if holder else 'another run'}"
+        ) from None
     try:
         os.write(fd, body)
         os.fsync(fd)

@@ -51,7 +51,9 @@ def train(
         None, "--engine", help="override train.engine: builtin (armlab's trainer) or nanochat (your checkout)"
     ),
     nanochat: str | None = typer.Option(
-        None, "--nanochat", help="override [nanochat] path: the nanochat checkout that trains (engine nanochat)"
+        None,
+        "--nanochat",
+        help="override [nanochat] path: the nanochat checkout that trains (engine nanochat)",
     ),
     depth: int | None = typer.Option(None, "--depth", help="override model.depth"),
     device_batch_size: int | None = typer.Option(

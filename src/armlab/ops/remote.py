@@ -394,7 +394,12 @@ def stop_local(exp: Experiment, arms: list[str], timeout: float = STOP_TIMEOUT_S
         if stopped is None:
             continue
         lease = read_lease(wd.data_dir(arm))
-        if lease is not None and lease.local and lease.pid == stopped.pid and owner_alive(read_state(rd)) is False:
+        if (
+            lease is not None
+            and lease.local
+            and lease.pid == stopped.pid
+            and owner_alive(read_state(rd)) is False
+        ):
             release_lease(wd.data_dir(arm), lease)
         results.append({"arm": arm, "run": run, "pid": stopped.pid, "result": stopped.result})
     return results
