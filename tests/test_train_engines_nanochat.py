@@ -224,8 +224,24 @@ def test_refusals_are_one_line_and_start_nothing(tmp_path, template, python):
     shutil.rmtree(wd / "arms" / "alt" / "data")
     shutil.copytree(one_group, wd / "arms" / "alt" / "data")
     exp = write_experiment(tmp_path, wd, ck, python)
-    line = unchanged(lambda e: refused("train", e, "--arm", "alt", "--device", "cpu", "--nproc", "2"), exp)
+    line = unchanged(
+        lambda e: refused(
+            "train", e, "--arm", "alt", "--device", "cpu", "--nproc", "2", "--device-batch-size", "2"
+        ),
+        exp,
+    )
     assert "nanochat's loader strides the row groups of each file by rank" in line
+
+    # a layout that feeds 2 ranks, but nanochat runs DDP on CUDA only
+    shutil.rmtree(wd / "arms" / "alt" / "data")
+    shutil.copytree(tpl / "arms" / "alt" / "data", wd / "arms" / "alt" / "data")
+    line = unchanged(
+        lambda e: refused(
+            "train", e, "--arm", "alt", "--device", "cpu", "--nproc", "2", "--device-batch-size", "2"
+        ),
+        exp,
+    )
+    assert "nanochat trains several ranks only on CUDA" in line
 
 
 def _texts(path: Path) -> list[str]:

@@ -148,6 +148,13 @@ class NanochatEngine(BaseEngine):
         from armlab.train.engines.nanochat_layout import check_feeds
 
         check_feeds(plan.data_dir, plan.world_size)
+        if plan.device != "cuda" and plan.world_size > 1:
+            # nanochat's compute_init joins a process group only on CUDA: N CPU ranks would train N
+            # unrelated models and rank 0 would report one of them
+            raise ArmlabError(
+                f"nanochat trains several ranks only on CUDA (its compute_init sets up DDP for cuda alone); "
+                f"on {plan.device} train one process (drop --nproc {plan.world_size}), or use engine builtin"
+            )
         docs = json.loads((plan.eval_dir / "manifest.json").read_text()).get("rows")
         if docs is not None and docs < plan.world_size:
             raise ArmlabError(
