@@ -118,3 +118,17 @@ def test_run_args_and_fingerprint():
     spec = spec_args(exp(evaluate={"max_per_task": 50}), FLAGS["92d63d4"], "92d63d4")
     assert "--save-every=10" in spec and "--core-metric-max-per-task=50" in spec
     assert not {"--save-every=10", "--core-metric-max-per-task=50"} & set(fingerprinted(spec))
+
+
+@pytest.mark.parametrize("commit", ["48804bf", "92d63d4"])
+def test_the_playbook_example_maps_onto_both_commits(commit, repo_root):
+    from armlab.spec import load_experiment
+
+    e = load_experiment(repo_root / "examples" / "playbook-nanochat.toml")
+    assert e.train.engine == "nanochat" and e.hosts[0].nanochat == "~/nanochat"
+    args = as_dict(spec_args(e, FLAGS[commit], commit))
+    assert (args["--depth"], args["--device-batch-size"], args["--target-param-data-ratio"]) == (
+        "26",
+        "32",
+        "10.5",
+    )
