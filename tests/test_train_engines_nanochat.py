@@ -99,7 +99,9 @@ def test_two_arms_at_both_commits_then_compare_refuses_to_mix_them(tmp_path, tem
     for commit, git in (("48804bf", False), ("92d63d4", True)):  # a plain snapshot and a git clone
         root = tmp_path / commit
         ck = copy_checkout(commit, root / "nanochat", git=git)
-        exps[commit] = exp = write_experiment(root, copy_workdir(tpl, root / "wd"), ck, python)
+        # 48804bf's experiment names a CORE bundle: nanochat runs CORE at its last step on it
+        core = f'[evaluate]\ncore_bundle = "{bundle}"\nmax_per_task = 4\n' if commit == "48804bf" else ""
+        exps[commit] = exp = write_experiment(root, copy_workdir(tpl, root / "wd"), ck, python, sections=core)
         for arm in ARMS:
             ok("train", exp, "--arm", arm)
             run = run_dir(exp, arm)
@@ -111,6 +113,7 @@ def test_two_arms_at_both_commits_then_compare_refuses_to_mix_them(tmp_path, tem
             assert info["engine"]["engine"] == "nanochat" and info["engine"]["git"] is git
             assert info["engine_comparable"]["commit"] == info["engine"]["commit"]
             assert checkpoint_steps(BaseDir.of_run(run).checkpoints("d2"), 1) == [4, 8]
+            assert steps(run, "core") == ([8] if core else [])  # "Step 00008 | CORE metric: ..."
         status = ok("status", exp).stdout
         rows = [ln for ln in status.splitlines() if "-s0" in ln and "│" in ln]
         assert len(rows) == 2 and all(" done " in r and "8/8" in r for r in rows), status
@@ -121,13 +124,13 @@ def test_two_arms_at_both_commits_then_compare_refuses_to_mix_them(tmp_path, tem
 
     # evaluate: nanochat's own final val bpb, and CORE from the checkout's scripts.base_eval
     exp48 = exps["48804bf"]
-    ok("evaluate", exp48, "--bundle", bundle)
+    ok("evaluate", exp48)  # the experiment's bundle
     for arm in ARMS:
         ev = json.loads((run_dir(exp48, arm) / "eval.json").read_text())
         last = [m for m in read_metrics(run_dir(exp48, arm)).records if m.get("val_bpb") is not None][-1]
         assert ev["val_bpb"] == last["val_bpb"] and last["step"] == 8
         assert set(ev["core_tasks"]) == {"colour_mc", "count_lm"} and -1 <= ev["core"] <= 1
-        assert ev["core_tasks"]["colour_mc"]["n"] == 6 and ev["bundle"]["name"] == "tiny"
+        assert ev["core_tasks"]["colour_mc"]["n"] == 4 and ev["bundle"]["name"] == "tiny"
         assert ev["core"] == pytest.approx(
             sum(t["centered"] for t in ev["core_tasks"].values()) / 2, abs=1e-5
         )

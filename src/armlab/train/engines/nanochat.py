@@ -82,8 +82,9 @@ class NanochatConfig(EngineConfig):
     @property
     def label(self) -> str:
         """How messages name the build: `48804bf`, `48804bf+dirty(1a2b3c4d)`, `content:...`."""
-        base = self.commit[:7] if self.git else self.commit
-        return f"{base}+dirty({self.diff_sha256[:8]})" if self.dirty and self.diff_sha256 else base
+        from armlab.train.engines.nanochat_checkout import SourceIdentity
+
+        return SourceIdentity(self.commit, self.git, self.dirty, self.diff_sha256).short
 
     def describe(self) -> str:
         return f"nanochat {self.label} at {self.path} (python {self.python}: {self.python_source})"
@@ -161,10 +162,7 @@ class NanochatEngine(BaseEngine):
                 f"{plan.eval_dir}: the shared eval set holds {docs} documents, fewer than the {plan.world_size} "
                 "ranks nanochat validates on; raise eval.docs and rerun `armlab prepare EXP`"
             )
-        if _bundle(plan.experiment) is None and plan.experiment.evaluate.core_bundle:
-            raise ArmlabError(
-                f"evaluate.core_bundle {plan.experiment.evaluate.core_bundle!r}: cannot be opened"
-            )
+        _bundle(plan.experiment)  # a bundle nanochat's in-training CORE cannot read is refused now
         if plan.device == "cpu" and plan.experiment.train.compile:
             console.print(
                 "[yellow]train: nanochat torch.compiles the model on CPU too (a cold compile takes minutes); "
@@ -322,16 +320,13 @@ class NanochatEngine(BaseEngine):
 
 
 def _bundle(exp: Experiment) -> Bundle | None:
-    """The experiment's CORE bundle for nanochat's in-training CORE (None: no bundle, or unusable)."""
+    """The experiment's CORE bundle for nanochat's in-training CORE (None: the experiment has none;
+    a URL is fetched once into armlab's bundle cache, as `armlab evaluate` would)."""
     if not exp.evaluate.core_bundle:
         return None
     from armlab.evaluate.bundle import load_bundle
 
-    try:
-        return load_bundle(exp.evaluate.core_bundle, sha256=exp.evaluate.core_bundle_sha256)
-    except ArmlabError as e:
-        console.print(f"[yellow]train: {e}[/]")
-        return None
+    return load_bundle(exp.evaluate.core_bundle, sha256=exp.evaluate.core_bundle_sha256)
 
 
 def doctor_checkout(report: CheckReport, path: str, python: str | None, exp: Experiment | None) -> None:
