@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
@@ -153,26 +151,20 @@ def test_two_arms_at_both_commits_then_compare_refuses_to_mix_them(tmp_path, tem
     assert f"engine.commit ({c48} vs {c92})" in line, line
 
 
-def test_kill_9_mid_run_then_resume_finishes_from_nanochats_checkpoint(tmp_path, template, python):
+def test_kill_9_of_a_detached_run_then_resume_finishes_from_nanochats_checkpoint(tmp_path, template, python):
     tpl, _ = template
     ck = copy_checkout("92d63d4", tmp_path / "nanochat")
     exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, steps=30, eval_every=10,
                            save_every=5)  # fmt: skip
     run = run_dir(exp, "alt")
     ckpts = BaseDir.of_run(run).checkpoints("d2")
-    argv = [sys.executable, "-c", "from armlab.cli import main; main()", "train", str(exp), "--arm", "alt"]
-    with open(tmp_path / "cli.log", "wb") as out:  # a file, not a pipe nobody reads
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_for(
-                lambda: checkpoint_steps(ckpts, 1) or p.poll() is not None, 180, "nanochat's first checkpoint"
-            )
-            ranks = psutil.Process(p.pid).children(recursive=True)
-            os.kill(p.pid, signal.SIGKILL)  # the supervisor dies without any cleanup
-            p.wait(30)
-        finally:
-            if p.poll() is None:
-                p.kill()
+    ok("train", exp, "--arm", "alt", "--detach")  # the supervisor runs on in its own session
+    wait_for(
+        lambda: checkpoint_steps(ckpts, 1) or read_state(run).get("state") == "done", 180, "a checkpoint"
+    )
+    supervisor = psutil.Process(int(read_state(run)["pid"]))
+    ranks = supervisor.children(recursive=True)
+    supervisor.kill()  # kill -9: no cleanup at all
     assert ranks, "nanochat was not running under the supervisor"
     gone, alive = psutil.wait_procs(ranks, timeout=30)  # PR_SET_PDEATHSIG takes nanochat down with it
     assert not alive

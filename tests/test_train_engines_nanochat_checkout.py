@@ -102,10 +102,14 @@ def test_git_checkout_commit_dirty_and_diff(tmp_path):
 
 def test_default_python_is_the_checkouts_venv_else_armlabs(tmp_path):
     ck = copy_checkout("92d63d4", tmp_path / "nc")
-    with pytest.raises(ArmlabError) as e:  # no .venv: armlab's interpreter, which has no wandb
-        inspect_checkout(ck)
-    msg = str(e.value)
-    assert "armlab's interpreter" in msg and "wandb" in msg and sys.executable in msg and "\n" not in msg
+    try:  # no .venv: armlab's interpreter, which lacks wandb unless armlab[wandb] is installed
+        found = inspect_checkout(ck)
+    except ArmlabError as e:
+        msg = str(e)
+        assert "armlab's interpreter" in msg and sys.executable in msg and "\n" not in msg
+        assert "No module named" in msg  # what it lacks, named
+    else:
+        assert found.python_source == "armlab's interpreter" and found.python == Path(sys.executable)
     os.symlink(nanochat_python().parents[1], ck / ".venv")  # as `uv sync` would leave it
     found = inspect_checkout(ck)
     assert found.python_source == "checkout venv" and found.python == ck / ".venv" / "bin" / "python"
