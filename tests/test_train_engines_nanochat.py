@@ -126,7 +126,7 @@ def test_two_arms_at_both_commits_then_compare_refuses_to_mix_them(tmp_path, tem
     for arm in ARMS:
         ev = json.loads((run_dir(exp48, arm) / "eval.json").read_text())
         last = [m for m in read_metrics(run_dir(exp48, arm)).records if m.get("val_bpb") is not None][-1]
-        assert ev["val_bpb"] == last["val_bpb"] and last["step"] == 8
+        assert ev["val_bpb"] == last["val_bpb"] and last["step"] == 8 and ev["val_bpb_tokens"] == 1024
         assert set(ev["core_tasks"]) == {"colour_mc", "count_lm"} and -1 <= ev["core"] <= 1
         assert ev["core_tasks"]["colour_mc"]["n"] == 4 and ev["bundle"]["name"] == "tiny"
         assert ev["core"] == pytest.approx(

@@ -53,7 +53,7 @@ def train(
     nanochat: str | None = typer.Option(
         None,
         "--nanochat",
-        help="override [nanochat] path: the nanochat checkout that trains (engine nanochat)",
+        help="train with this nanochat checkout (sets [nanochat] path; implies --engine nanochat)",
     ),
     depth: int | None = typer.Option(None, "--depth", help="override model.depth"),
     device_batch_size: int | None = typer.Option(
@@ -76,7 +76,8 @@ def train(
 
     overrides = {
         "depth": depth, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
-        "num_iterations": num_iterations, "allow_repeat": allow_repeat or None, "engine": engine,
+        "num_iterations": num_iterations, "allow_repeat": allow_repeat or None,
+        "engine": engine or ("nanochat" if nanochat else None),  # --nanochat DIR: train with that checkout
         "nanochat.path": nanochat,
     }  # fmt: skip
     options = TrainOptions(

@@ -243,8 +243,13 @@ class NanochatEngine(BaseEngine):
         run_dir = request.run_dir
         cfg, info = self._run_config(run_dir)
         step = self.checkpoint_steps(run_dir)[-1]
+        c = info["config"]
+        per_step = c["device_batch_size"] * c["max_seq_len"] * c["world_size"]  # nanochat's eval batch
         result: dict[str, Any] = {
             "val_bpb": final_val_bpb(run_dir, step),
+            # what nanochat measured: eval_tokens rounded down to whole eval batches (the val loader
+            # wraps around an eval set smaller than that); no per-document sums
+            "val_bpb_tokens": request.exp.train.eval_tokens // per_step * per_step,
             "val_bpb_source": f"nanochat {cfg.label} base_train, step {step}, on the shared eval set",
             "core": None,
             "core_tasks": {},
