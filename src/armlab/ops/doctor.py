@@ -463,6 +463,7 @@ def run_doctor(
 def render(reports: list[DoctorReport], stderr: bool = False) -> None:
     """One table of every host's checks (stdout for `doctor`, whose result it is; stderr for `launch`)."""
     from rich.console import Console
+    from rich.markup import escape  # details quote paths and config keys such as [nanochat] python
     from rich.table import Table
 
     style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
@@ -474,7 +475,7 @@ def render(reports: list[DoctorReport], stderr: bool = False) -> None:
         table.add_column(col, overflow="fold")
     for rep in reports:
         for c in rep.checks:
-            row = [c.name, f"[{style[c.status]}]{c.status}[/]", c.detail, c.fix]
+            row = [escape(c.name), f"[{style[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix)]
             table.add_row(*([rep.host] if multi else []), *row)
     out = Console(highlight=False, stderr=stderr, width=max(shutil.get_terminal_size((160, 20)).columns, 160))
     out.print(table)

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
+
 from armlab import runs
 from armlab.errors import ArmlabError
 from armlab.progress import console
@@ -198,10 +200,7 @@ class NanochatEngine(BaseEngine):
             tokens_per_step=plan.config.total_batch_size, train_files=len(train_files(plan.data_dir)),
             mfu=plan.device == "cuda", time=float(done[-1]["time"]) if done and plan.resume_step else 0.0,
         )  # fmt: skip
-        console.print(
-            f"train: nanochat {cfg.label} ({cfg.path}, python {cfg.python}: {cfg.python_source}), "
-            f"NANOCHAT_BASE_DIR={base.root}"
-        )
+        console.print(escape(f"train: {cfg.describe()}, NANOCHAT_BASE_DIR={base.root}"))
         return Command(
             torchrun_argv(cfg.python, target, plan.world_size, plan.master_port), env, Path(cfg.path)
         )
@@ -234,7 +233,7 @@ class NanochatEngine(BaseEngine):
         runs.write_state(plan.run_dir, unparsed_lines=p.unparsed)
         with open(plan.run_dir / runs.TRAIN_LOG, "a", encoding="utf-8") as log:
             log.write(note + "\n")
-        console.print(f"[yellow]{note}[/]")
+        console.print(f"[yellow]{escape(note)}[/]")
 
     # -- after training ------------------------------------------------------------------------------
     def evaluate(self, request: EvalRequest) -> dict[str, Any]:
