@@ -106,7 +106,10 @@ def test_publish_shared_and_arm_then_pull_both_into_a_fresh_workdir(azurite, sou
 
     # reruns move nothing: publish finds every blob there, pull finds the same assets here
     again = publish_shared(load_experiment(source), "az://exps/datatest", retry=FAST)
-    assert [(rep.uploaded, rep.skipped) for rep in again] == [(0, len(eval_names) - 1), (0, len(TOKENIZER_FILES) - 1)]
+    assert [(rep.uploaded, rep.skipped) for rep in again] == [
+        (0, len(eval_names) - 1),
+        (0, len(TOKENIZER_FILES) - 1),
+    ]
     r = armlab("pull", str(dst_path), "--shared", "--from", "az://exps/datatest", env=env)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("nothing to pull") == 2

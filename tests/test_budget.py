@@ -17,8 +17,15 @@ def test_param_counts_match_nanochat_reference_counts() -> None:
 
 
 def exp(**train):
-    return parse_experiment({"name": "t", "pool": {"uri": "p"}, "arms": [{"name": "r", "kind": "random", "ratio": 0.5}],
-                             "model": {"depth": 12}, "train": train})
+    return parse_experiment(
+        {
+            "name": "t",
+            "pool": {"uri": "p"},
+            "arms": [{"name": "r", "kind": "random", "ratio": 0.5}],
+            "model": {"depth": 12},
+            "train": train,
+        }
+    )
 
 
 def test_horizon_from_ratio_tokens_or_iterations() -> None:

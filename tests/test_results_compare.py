@@ -134,7 +134,9 @@ def test_runs_of_two_engine_builds_are_refused(tmp_path: Path) -> None:
         info = json.loads((d / "run.json").read_text())
         info.update(engine={"engine": "nanochat"}, engine_comparable={"commit": commit})
         (d / "run.json").write_text(json.dumps(info))
-    with pytest.raises(ArmlabError, match=r"top-s0 \(differs from random-s0 in engine\.commit\)"):
+    with pytest.raises(
+        ArmlabError, match=r"top-s0 \(differs from random-s0 in engine\.commit \(48804bf vs 92d63d4\)\)"
+    ):
         compare(exp)
 
 

@@ -169,6 +169,7 @@ def test_engine_differences_name_the_run_and_the_key(tmp_path: Path) -> None:
     c = rec("c-s0", {"engine": "nanochat"}, {"commit": "92d63d4", "diff_sha256": None})
     assert runs.engine_differences([a, c]) == []
     assert runs.engine_differences([a, b, c, built]) == [
-        f"{tmp_path / 'b-s1'} (differs from a-s0 in engine.commit)",
-        f"{tmp_path / 'b-s0'} (differs from a-s0 in engine.commit, engine.diff_sha256, engine.name)",
+        f"{tmp_path / 'b-s1'} (differs from a-s0 in engine.commit (92d63d4 vs 48804bf))",
+        f"{tmp_path / 'b-s0'} (differs from a-s0 in engine.commit (92d63d4 vs none), "
+        "engine.diff_sha256 (None vs none), engine.name (nanochat vs builtin))",
     ]

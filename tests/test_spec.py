@@ -38,7 +38,9 @@ def test_example_loads(repo_root: Path) -> None:
     exp = load_experiment(repo_root / "examples" / "fineweb-edu-top-vs-random.toml")
     assert [a.name for a in exp.arms] == ["random16.5", "edu-top16.5"]
     assert exp.arm("random16.5").seed == 42 and exp.shards.rows_per_shard == 14000
-    assert exp.model.depth == 26 and exp.train.device_batch_size == 32 and exp.train.total_batch_size == 524288
+    assert (
+        exp.model.depth == 26 and exp.train.device_batch_size == 32 and exp.train.total_batch_size == 524288
+    )
 
 
 def test_unknown_key_named(tmp_path: Path) -> None:
@@ -104,11 +106,25 @@ def test_host_unknown_arm(tmp_path: Path) -> None:
 
 
 def test_fingerprint_ignores_arm_and_seeds_but_not_model() -> None:
-    a = parse_experiment({"name": "t", "pool": {"uri": "p"}, "arms": [{"name": "r", "kind": "random", "ratio": 0.5}]})
-    b = parse_experiment(
-        {"name": "t", "pool": {"uri": "p"}, "arms": [{"name": "x", "kind": "random", "ratio": 0.1}], "train": {"seeds": [3, 4]}}
+    a = parse_experiment(
+        {"name": "t", "pool": {"uri": "p"}, "arms": [{"name": "r", "kind": "random", "ratio": 0.5}]}
     )
-    c = parse_experiment({"name": "t", "pool": {"uri": "p"}, "arms": [{"name": "r", "kind": "random", "ratio": 0.5}], "model": {"depth": 4}})
+    b = parse_experiment(
+        {
+            "name": "t",
+            "pool": {"uri": "p"},
+            "arms": [{"name": "x", "kind": "random", "ratio": 0.1}],
+            "train": {"seeds": [3, 4]},
+        }
+    )
+    c = parse_experiment(
+        {
+            "name": "t",
+            "pool": {"uri": "p"},
+            "arms": [{"name": "r", "kind": "random", "ratio": 0.5}],
+            "model": {"depth": 4},
+        }
+    )
     assert a.fingerprint() == b.fingerprint()
     assert a.fingerprint() != c.fingerprint()
     assert fingerprint_diff(a.comparability(), c.comparability()) == ["model.depth"]

@@ -160,8 +160,14 @@ def _wait_for_lock(wd: Workdir, said: list[str]) -> None:
 
 
 def test_open_workdir_freezes_spec_and_refuses_other_experiment(tmp_path: Path) -> None:
-    exp = parse_experiment({"name": "one", "workdir": str(tmp_path / "wd"), "pool": {"uri": "p"},
-                            "arms": [{"name": "r", "kind": "random", "ratio": 0.5, "seed": 42}]})
+    exp = parse_experiment(
+        {
+            "name": "one",
+            "workdir": str(tmp_path / "wd"),
+            "pool": {"uri": "p"},
+            "arms": [{"name": "r", "kind": "random", "ratio": 0.5, "seed": 42}],
+        }
+    )
     wd = open_workdir(exp)
     assert load_experiment(wd.experiment_toml) == exp  # the frozen copy round-trips
     other = parse_experiment({**exp.model_dump(mode="json", exclude_none=True), "name": "two"})

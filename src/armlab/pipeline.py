@@ -106,7 +106,9 @@ def evaluate_run(
     engine = get_engine(rec.engine)
     steps = engine.checkpoint_steps(run_dir)
     if not steps:
-        raise ArmlabError(f"{run_dir}: no complete checkpoint to evaluate; retrain the run (`armlab run` does)")
+        raise ArmlabError(
+            f"{run_dir}: no complete checkpoint to evaluate; retrain the run (`armlab run` does)"
+        )
     step = steps[-1]
     want = {  # an eval.json is reused only for this exact checkpoint, bundle and budget
         "step": step,
@@ -163,7 +165,9 @@ def evaluate_experiment(
     """Evaluate every finished run of the selected arms; returns their run dirs."""
     names, _ = _select(exp, arms, None)
     wd = open_workdir(exp, create=False)
-    runs = [r.dir for r in map(load_run, wd.all_run_dirs()) if r.arm in names and r.state_name == RunState.DONE]
+    runs = [
+        r.dir for r in map(load_run, wd.all_run_dirs()) if r.arm in names and r.state_name == RunState.DONE
+    ]
     if not runs:
         raise ArmlabError(
             f"experiment {exp.name!r} has no finished runs{' of ' + ', '.join(arms) if arms else ''} to "

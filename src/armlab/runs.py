@@ -342,14 +342,28 @@ def engine_differences(records: list[RunRecord]) -> list[str]:
     if not records:
         return []
     first = records[0]
+    want = {"name": first.engine, **first.engine_comparable}
     out = []
     for r in records[1:]:
-        keys = fingerprint_diff(
-            {"name": first.engine, **first.engine_comparable}, {"name": r.engine, **r.engine_comparable}
-        )
+        got = {"name": r.engine, **r.engine_comparable}
+        keys = fingerprint_diff(want, got)
         if keys:
-            out.append(f"{r.dir} (differs from {first.run} in {', '.join('engine.' + k for k in keys)})")
+            named = ", ".join(f"engine.{k}{_values(want, got, k)}" for k in keys)
+            out.append(f"{r.dir} (differs from {first.run} in {named})")
     return out
+
+
+def _values(a: Mapping[str, Any], b: Mapping[str, Any], dotted: str) -> str:
+    """` (x vs y)` for a differing scalar (a commit, an engine name), '' for lists and tables."""
+    missing = object()
+    va: Any = a
+    vb: Any = b
+    for part in dotted.split("."):
+        va = va.get(part, missing) if isinstance(va, Mapping) else missing
+        vb = vb.get(part, missing) if isinstance(vb, Mapping) else missing
+    if isinstance(va, Mapping | list) or isinstance(vb, Mapping | list):
+        return ""
+    return f" ({'none' if va is missing else va} vs {'none' if vb is missing else vb})"
 
 
 # -- processes: stop a run, and never outlive a supervisor -----------------------------------------------

@@ -113,7 +113,9 @@ class ArmSpec(Strict):
     def _kind_fields(self) -> ArmSpec:
         if self.kind == "prebuilt":
             if not self.uri:
-                raise ValueError(f"arm {self.name!r}: kind 'prebuilt' needs uri (az://container/prefix or a dir)")
+                raise ValueError(
+                    f"arm {self.name!r}: kind 'prebuilt' needs uri (az://container/prefix or a dir)"
+                )
             if self.ratio is not None or self.score_column is not None:
                 raise ValueError(f"arm {self.name!r}: kind 'prebuilt' takes no ratio or score_column")
         else:
@@ -182,9 +184,13 @@ class TrainSpec(Strict):
 
     @model_validator(mode="after")
     def _one_horizon(self) -> TrainSpec:
-        given = [k for k in ("target_param_data_ratio", "tokens", "num_iterations") if getattr(self, k) is not None]
+        given = [
+            k for k in ("target_param_data_ratio", "tokens", "num_iterations") if getattr(self, k) is not None
+        ]
         if len(given) > 1:
-            raise ValueError(f"train: set only one of target_param_data_ratio, tokens, num_iterations (got {', '.join(given)})")
+            raise ValueError(
+                f"train: set only one of target_param_data_ratio, tokens, num_iterations (got {', '.join(given)})"
+            )
         return self
 
     @property
@@ -201,6 +207,19 @@ class TrainSpec(Strict):
 
 # DCLM's CORE eval bundle, where nanochat's scripts/base_eval.py downloads it from (EVAL_BUNDLE_URL)
 DCLM_EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+class NanochatSpec(Strict):
+    """The researcher's own nanochat checkout, for `[train] engine = "nanochat"`."""
+
+    path: str | None = None  # the checkout's root (`~` expanded); per host: [[hosts]] nanochat
+    python: str | None = None  # default: <path>/.venv/bin/python, else the interpreter running armlab
+    extra_args: list[str] = Field(default_factory=list)  # passed to scripts.base_train verbatim
+
+    def comparable(self) -> dict[str, Any]:
+        """What of this section changes the trained model: the extra flags (the path and python
+        differ per host; the checkout's commit and diff are recorded per run by the engine)."""
+        return {"extra_args": list(self.extra_args)}
 
 
 class EvaluateSpec(Strict):
@@ -237,6 +256,7 @@ class HostSpec(Strict):
     port: int | None = Field(None, gt=0, lt=65536)  # ssh port, when not in ~/.ssh/config
     device: Literal["cuda", "cpu"] = "cuda"
     nproc: int = Field(1, gt=0)  # training processes per arm when device = "cpu" (num_gpus is for cuda)
+    nanochat: str | None = None  # the nanochat checkout on this host (default: [nanochat] path)
 
 
 class Experiment(Strict):
@@ -251,6 +271,7 @@ class Experiment(Strict):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     report: ReportSpec = ReportSpec()
+    nanochat: NanochatSpec = NanochatSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
 
     @field_validator("name")
@@ -300,7 +321,9 @@ class Experiment(Strict):
         host, its extra flags do not). What only the engine can resolve at run time (a checkout's
         commit) is recorded per run (run.json "engine_comparable") and compared between runs.
         """
-        train = self.train.model_dump(exclude={"seeds", "wandb_project", "save_every", "compile", "allow_repeat"})
+        train = self.train.model_dump(
+            exclude={"seeds", "wandb_project", "save_every", "compile", "allow_repeat"}
+        )
         out = {
             "pool": self.pool.model_dump(),
             "eval": self.eval.model_dump(),
@@ -378,7 +401,11 @@ def _error_line(source: str, err: ValidationError) -> str:
     elif e["type"] == "missing":
         line = f"{source}: missing required key '{where}'"
     elif where:
-        line = f"{source}: {where}: {msg} (got {e.get('input')!r})" if e["type"].endswith(("_type", "_parsing")) else f"{source}: {where}: {msg}"
+        line = (
+            f"{source}: {where}: {msg} (got {e.get('input')!r})"
+            if e["type"].endswith(("_type", "_parsing"))
+            else f"{source}: {where}: {msg}"
+        )
     else:
         line = f"{source}: {msg}"
     if len(errors) > 1:
@@ -399,7 +426,9 @@ def load_experiment(path: str | Path) -> Experiment:
     if p.is_dir() and (p / "experiment.toml").is_file():
         p = p / "experiment.toml"  # a workdir holds the frozen copy of its spec
     elif p.is_dir():
-        raise ArmlabError(f"{p}: a directory without experiment.toml; pass the experiment file (or its workdir)")
+        raise ArmlabError(
+            f"{p}: a directory without experiment.toml; pass the experiment file (or its workdir)"
+        )
     try:
         raw = p.read_bytes()
     except FileNotFoundError:

@@ -93,7 +93,9 @@ def doctor(
         None, "--script", help="shell script to check for Windows line endings (repeatable)"
     ),
     nanochat: Path = typer.Option(
-        None, "--nanochat", help="nanochat checkout to check for the mixed TF32 API clash"
+        None,
+        "--nanochat",
+        help="a nanochat checkout to check: python + torch, base_train --help, commit, GPUs, TF32 API clash",
     ),
     expect_data: bool = typer.Option(
         True, "--expect-data/--no-expect-data", help="arms must already be prepared"

@@ -50,6 +50,11 @@ def train(
     engine: str | None = typer.Option(
         None, "--engine", help="override train.engine: builtin (armlab's trainer) or nanochat (your checkout)"
     ),
+    nanochat: str | None = typer.Option(
+        None,
+        "--nanochat",
+        help="train with this nanochat checkout (sets [nanochat] path; implies --engine nanochat)",
+    ),
     depth: int | None = typer.Option(None, "--depth", help="override model.depth"),
     device_batch_size: int | None = typer.Option(
         None, "--device-batch-size", help="override train.device_batch_size"
@@ -71,7 +76,9 @@ def train(
 
     overrides = {
         "depth": depth, "device_batch_size": device_batch_size, "total_batch_size": total_batch_size,
-        "num_iterations": num_iterations, "allow_repeat": allow_repeat or None, "engine": engine,
+        "num_iterations": num_iterations, "allow_repeat": allow_repeat or None,
+        "engine": engine or ("nanochat" if nanochat else None),  # --nanochat DIR: train with that checkout
+        "nanochat.path": nanochat,
     }  # fmt: skip
     options = TrainOptions(
         seed=seed, run_name=run_name, num_gpus=num_gpus, device=device, nproc=nproc, master_port=master_port,

@@ -44,6 +44,7 @@ REQUIRED = [
 WANDB_V1_MIN = (0, 22, 3)
 HF_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN")
 
+
 @dataclass
 class Check:
     name: str
@@ -467,7 +468,7 @@ def run_doctor(
 ) -> DoctorReport:
     """Run every check that applies on this machine (`expect_data`: the arms must be prepared)."""
     from armlab.train.engines import get_engine
-    from armlab.train.engines.tf32 import check_tf32
+    from armlab.train.engines.nanochat import doctor_checkout
 
     info = host_info()
     r = DoctorReport(host=info["hostname"], info=info)
@@ -494,7 +495,7 @@ def run_doctor(
     for s in scripts:
         check_script(r, Path(s))
     if nanochat is not None:  # a checkout named by hand (`doctor --nanochat DIR`), experiment or not
-        check_tf32(r, nanochat)
+        doctor_checkout(r, str(nanochat), None, None)
     return r
 
 

@@ -79,10 +79,12 @@ def host_experiment_path(exp: Experiment, host: HostSpec) -> str:
 
 
 def host_experiment_toml(exp: Experiment, host: HostSpec) -> str:
-    """The experiment as the host sees it: its own workdir, no [[hosts]] (a plain local experiment)."""
+    """The experiment as the host sees it: its own workdir and nanochat checkout ([[hosts]] nanochat,
+    `~` expanded there), no [[hosts]] (a plain local experiment)."""
     from armlab.workdir import to_toml
 
-    local = exp.model_copy(update={"workdir": host_workdir(exp, host), "hosts": []})
+    nanochat = exp.nanochat.model_copy(update={"path": host.nanochat or exp.nanochat.path})
+    local = exp.model_copy(update={"workdir": host_workdir(exp, host), "hosts": [], "nanochat": nanochat})
     return to_toml(local.model_dump(mode="json", exclude_none=True))
 
 

@@ -42,6 +42,18 @@ class RunStatus:
     alive: bool | None = None  # None: pid on another host (cannot tell)
     host: str | None = None
     error: str | None = None
+    engine: str | None = None  # the engine build that trains it, described (EngineConfig.describe)
+
+
+def engine_description(info: dict[str, Any]) -> str:
+    """run.json's engine record as one line (an unknown or damaged record: its name)."""
+    from armlab.train.engines import get_engine
+
+    data = info.get("engine") or {"engine": "builtin"}
+    try:
+        return get_engine(str(data["engine"])).load_config(data).describe()
+    except (ArmlabError, KeyError, TypeError):
+        return str(data.get("engine"))
 
 
 def run_status(run_dir: Path, stall_after_s: float, now: float | None = None) -> RunStatus:
@@ -55,6 +67,7 @@ def run_status(run_dir: Path, stall_after_s: float, now: float | None = None) ->
         state=rec.state_name,
         host=st.get("host"),
         error=st.get("error"),
+        engine=engine_description(rec.info),
     )
     train = rec.train_lines
     last = train[-1] if train else {}
@@ -88,7 +101,9 @@ def collect_status(run_dirs: list[Path], stall_after_s: float = 600.0) -> list[R
             rows.append(run_status(d, stall_after_s, now))
         except ArmlabError as e:
             rows.append(
-                RunStatus(arm=d.parent.parent.name, run=d.name, dir=d, state=RunState.UNREADABLE, error=str(e))
+                RunStatus(
+                    arm=d.parent.parent.name, run=d.name, dir=d, state=RunState.UNREADABLE, error=str(e)
+                )
             )
     return rows
 
@@ -278,6 +293,16 @@ def status_records(rows: list[RunStatus]) -> list[dict[str, Any]]:
     return out
 
 
+def engine_lines(rows: list[RunStatus]) -> list[str]:
+    """Under the table: which engine build trains which runs, where it says more than its name
+    (a nanochat checkout: commit, path, python)."""
+    by: dict[str, list[str]] = {}
+    for r in rows:
+        if r.engine and " " in r.engine:
+            by.setdefault(r.engine, []).append(r.run)
+    return [f"engine: {desc} ({', '.join(names)})" for desc, names in by.items()]
+
+
 def gpu_table(gpus: list[dict[str, Any]]) -> Table:
     t = Table(title="GPUs (this host)")
     for col in ("gpu", "name", "util %", "memory"):
@@ -337,16 +362,20 @@ def show_status(
     if not out.is_terminal:  # piped or logged: plain lines, a block per refresh
         while True:
             gpus = gpu_status()
-            print(title() + "\n" + plain_table(rows()) + ("\n" + gpu_lines(gpus) if gpus else ""), flush=True)
+            rs = rows()
+            lines = [title(), plain_table(rs), *engine_lines(rs), *([gpu_lines(gpus)] if gpus else [])]
+            print("\n".join(lines), flush=True)
             if not watch:
                 return
             time.sleep(interval)
             print()
 
     def render() -> Group:
-        table = status_table(rows(), title=title(), width=out.size.width)
+        rs = rows()
+        table = status_table(rs, title=title(), width=out.size.width)
         gpus = gpu_status()
-        return Group(table, gpu_table(gpus)) if gpus else Group(table)
+        parts = [table, *map(escape, engine_lines(rs))]
+        return Group(*parts, gpu_table(gpus)) if gpus else Group(*parts)
 
     if not watch:
         out.print(render())

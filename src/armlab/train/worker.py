@@ -55,7 +55,9 @@ def main(plan_path: str) -> int:
         kind = "bad_input" if isinstance(e, ArmlabError) else "error"
         text = str(e) if kind == "bad_input" else f"{type(e).__name__}: {e}"
         line = text.splitlines()[0] if str(e) else type(e).__name__
-        write_rank_error(Path(plan_path).parent, RankError(rank, kind, line, time.time(), traceback.format_exc()))
+        write_rank_error(
+            Path(plan_path).parent, RankError(rank, kind, line, time.time(), traceback.format_exc())
+        )
         traceback.print_exc()
         return 1
 

@@ -77,6 +77,10 @@ class EngineConfig:
         """Fields every compared run must share ({}: the spec says everything)."""
         return {}
 
+    def describe(self) -> str:
+        """One line naming the engine build for people (`armlab status` prints it under the table)."""
+        return self.engine
+
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 

@@ -1,0 +1,314 @@
+"""The nanochat engine end to end: real nanochat (48804bf and 92d63d4) trains armlab arms on CPU.
+
+Every run goes through the real CLI (`armlab train / status / evaluate / compare`), nanochat's
+unmodified `scripts.base_train` (eager: `train.compile = false` sets TORCHDYNAMO_DISABLE=1),
+depth 2, sequence 128, a handful of steps. See nanochat_util for the interpreter nanochat runs
+with and why these tests skip only where the team's nanochat snapshots are absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import psutil
+import pytest
+
+from armlab.evaluate.bundle import write_bundle
+from armlab.runs import read_metrics, read_state
+from armlab.spec import load_experiment
+from armlab.train.engines.nanochat_layout import BaseDir, checkpoint_steps, val_texts
+from armlab.workdir import open_workdir, read_lease
+from nanochat_exp_util import ARMS, build_template, copy_workdir, write_experiment
+from nanochat_util import bare_python, copy_checkout, nanochat_python, snapshot
+from tok_util import write_shards
+from train_util import armlab, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _env(tmp_path_factory):
+    """One --help cache for the module; no W&B; the snapshots must exist (else: skip, saying why)."""
+    for c in ("48804bf", "92d63d4"):
+        snapshot(c)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ARMLAB_CACHE", str(tmp_path_factory.mktemp("armlab-cache")))
+        mp.setenv("WANDB_MODE", "disabled")
+        yield
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> tuple[Path, list[str]]:
+    return build_template(tmp_path_factory.mktemp("template"))
+
+
+@pytest.fixture(scope="module")
+def python() -> Path:
+    return nanochat_python()
+
+
+def tiny_bundle(dest: Path) -> Path:
+    """A 2-task CORE bundle in DCLM's format (what base_eval reads from <base dir>/eval_bundle)."""
+    mc = [
+        {"query": f"Question {i}: which word is a colour?", "choices": ["red", "table"], "gold": 0}
+        for i in range(6)
+    ]
+    lm = [{"context": f"One two three {i}", "continuation": " four"} for i in range(6)]
+    tasks = [
+        {"label": "colour_mc", "icl_task_type": "multiple_choice", "num_fewshot": 0, "random_baseline": 50.0, "items": mc},
+        {"label": "count_lm", "icl_task_type": "language_modeling", "num_fewshot": 1, "random_baseline": 0.0, "items": lm},
+    ]  # fmt: skip
+    return write_bundle(dest, tasks, name="tiny")
+
+
+def run_dir(exp_file: Path, arm: str) -> Path:
+    return open_workdir(load_experiment(exp_file), create=False).run_dir(arm, f"{arm}-s0")
+
+
+def ok(*args: str, **kw) -> subprocess.CompletedProcess:
+    p = armlab(*map(str, args), **kw)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def refused(*args: str) -> str:
+    """The one line a refused command prints (exit 2, no traceback)."""
+    p = armlab(*map(str, args))
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("armlab: error: ") and "Traceback" not in p.stderr, (
+        p.stderr
+    )
+    return lines[0]
+
+
+def steps(run: Path, key: str) -> list[int]:
+    return [m["step"] for m in read_metrics(run).records if m.get(key) is not None]
+
+
+def test_two_arms_at_both_commits_then_compare_refuses_to_mix_them(tmp_path, template, python):
+    tpl, eval_docs = template
+    bundle = tiny_bundle(tmp_path / "bundle")
+    exps = {}
+    for commit, git in (("48804bf", False), ("92d63d4", True)):  # a plain snapshot and a git clone
+        root = tmp_path / commit
+        ck = copy_checkout(commit, root / "nanochat", git=git)
+        # 48804bf's experiment names a CORE bundle: nanochat runs CORE at its last step on it
+        core = f'[evaluate]\ncore_bundle = "{bundle}"\nmax_per_task = 4\n' if commit == "48804bf" else ""
+        exps[commit] = exp = write_experiment(root, copy_workdir(tpl, root / "wd"), ck, python, sections=core)
+        for arm in ARMS:
+            ok("train", exp, "--arm", arm)
+            run = run_dir(exp, arm)
+            assert steps(run, "train_loss") == list(range(1, 9))  # every step, once
+            assert steps(run, "val_bpb") == [0, 4, 8]  # at eval_every and the last step
+            assert read_state(run)["state"] == "done"
+            assert val_texts(BaseDir.of_run(run)) == eval_docs  # validated on exactly the shared docs
+            info = json.loads((run / "run.json").read_text())
+            assert info["engine"]["engine"] == "nanochat" and info["engine"]["git"] is git
+            assert info["engine_comparable"]["commit"] == info["engine"]["commit"]
+            assert checkpoint_steps(BaseDir.of_run(run).checkpoints("d2"), 1) == [4, 8]
+            assert steps(run, "core") == ([8] if core else [])  # "Step 00008 | CORE metric: ..."
+        status = ok("status", exp).stdout
+        rows = [ln.split() for ln in status.splitlines() if ln.split()[1:2] in (["alt-s0"], ["rand-s0"])]
+        assert len(rows) == 2 and all(r[2:4] == ["done", "8/8"] for r in rows), status  # plain lines: piped
+        assert (
+            f"engine: nanochat {info['engine']['commit'][:7] if git else info['engine']['commit']}" in status
+        )
+        print(f"\n[{commit}] status:\n{status}")
+
+    # evaluate: nanochat's own final val bpb, and CORE from the checkout's scripts.base_eval
+    exp48 = exps["48804bf"]
+    ok("evaluate", exp48)  # the experiment's bundle
+    for arm in ARMS:
+        ev = json.loads((run_dir(exp48, arm) / "eval.json").read_text())
+        last = [m for m in read_metrics(run_dir(exp48, arm)).records if m.get("val_bpb") is not None][-1]
+        assert ev["val_bpb"] == last["val_bpb"] and last["step"] == 8 and ev["val_bpb_tokens"] == 1024
+        assert set(ev["core_tasks"]) == {"colour_mc", "count_lm"} and -1 <= ev["core"] <= 1
+        assert ev["core_tasks"]["colour_mc"]["n"] == 4 and ev["bundle"]["name"] == "tiny"
+        assert ev["core"] == pytest.approx(
+            sum(t["centered"] for t in ev["core_tasks"].values()) / 2, abs=1e-5
+        )
+    for commit, exp in exps.items():
+        out = ok("compare", exp).stdout
+        summary = json.loads(
+            (open_workdir(load_experiment(exp), create=False).report_dir / "summary.json").read_text()
+        )
+        assert set(summary["arms"]) == set(ARMS) and out.startswith("rand vs alt on ") and "val bpb" in out.splitlines()[0]
+        print(f"\n[{commit}] compare:\n{out}")
+        print((open_workdir(load_experiment(exp), create=False).report_dir / "report.md").read_text())
+
+    # the 92d63d4 run of `rand` next to the 48804bf run of `alt`: refused, naming both commits
+    mixed = run_dir(exp48, "rand")
+    shutil.rmtree(mixed)
+    shutil.copytree(run_dir(exps["92d63d4"], "rand"), mixed, symlinks=True)
+    line = refused("compare", exp48)
+    c48 = json.loads((run_dir(exp48, "alt") / "run.json").read_text())["engine"]["commit"]
+    c92 = json.loads((mixed / "run.json").read_text())["engine"]["commit"]
+    assert f"engine.commit ({c48} vs {c92})" in line, line
+
+
+def test_kill_9_of_a_detached_run_then_resume_finishes_from_nanochats_checkpoint(tmp_path, template, python):
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat")
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, steps=30, eval_every=10,
+                           save_every=5)  # fmt: skip
+    run = run_dir(exp, "alt")
+    ckpts = BaseDir.of_run(run).checkpoints("d2")
+    ok("train", exp, "--arm", "alt", "--detach")  # the supervisor runs on in its own session
+    wait_for(
+        lambda: checkpoint_steps(ckpts, 1) or read_state(run).get("state") == "done", 180, "a checkpoint"
+    )
+    supervisor = psutil.Process(int(read_state(run)["pid"]))
+    ranks = supervisor.children(recursive=True)
+    supervisor.kill()  # kill -9: no cleanup at all
+    assert ranks, "nanochat was not running under the supervisor"
+    gone, alive = psutil.wait_procs(ranks, timeout=30)  # PR_SET_PDEATHSIG takes nanochat down with it
+    assert not alive
+    saved = checkpoint_steps(ckpts, 1)
+    assert saved and saved[-1] < 30, f"the run finished before the kill ({saved})"
+    assert read_lease(run.parents[1] / "data") is not None  # the dead supervisor's lease is left behind
+
+    ok("train", exp, "--arm", "alt", "--resume")
+    log = (run / "train.log").read_text()
+    assert f"Resuming optimization from step {saved[-1]}" in log
+    assert steps(run, "train_loss") == list(range(1, 31))  # one uninterrupted run, each step once
+    assert steps(run, "val_bpb") == [0, 10, 20, 30]
+    assert read_state(run)["state"] == "done"
+    assert read_lease(run.parents[1] / "data") is None  # released
+
+
+def test_refusals_are_one_line_and_start_nothing(tmp_path, template, python):
+    tpl, _ = template
+    ck = copy_checkout("48804bf", tmp_path / "nanochat")
+    wd = copy_workdir(tpl, tmp_path / "wd")
+
+    def unchanged(line_of, exp):
+        before = sorted(p.relative_to(wd) for p in wd.rglob("*"))
+        line = line_of(exp)
+        assert sorted(p.relative_to(wd) for p in wd.rglob("*")) == before  # nothing written
+        assert not run_dir(exp, "alt").exists() and read_lease(wd / "arms" / "alt" / "data") is None
+        return line
+
+    exp = write_experiment(tmp_path, wd, ck, python)
+    line = unchanged(lambda e: refused("train", e, "--arm", "alt", "--nanochat", tmp_path / "missing"), exp)
+    assert f"nanochat checkout {tmp_path / 'missing'}: no such directory" in line
+    (tmp_path / "not-nanochat").mkdir()
+    line = unchanged(
+        lambda e: refused("train", e, "--arm", "alt", "--nanochat", tmp_path / "not-nanochat"), exp
+    )
+    assert "not a nanochat checkout (no scripts/base_train.py or nanochat)" in line
+
+    bare = bare_python(tmp_path / "bare")
+    exp = write_experiment(tmp_path, wd, ck, bare)
+    line = unchanged(lambda e: refused("train", e, "--arm", "alt"), exp)
+    assert f"nanochat python {bare} ([nanochat] python) cannot import torch" in line
+
+    # a spec field 48804bf's base_train has no flag for
+    exp = write_experiment(tmp_path, wd, ck, python, train_extra="warmup_steps = 10")
+    line = unchanged(lambda e: refused("train", e, "--arm", "alt"), exp)
+    assert "nanochat content:" in line and "has no flag for train.warmup_steps (--warmup-steps)" in line
+
+    # an arm nanochat's loader cannot feed on 2 ranks (one row group a file): refused before it starts
+    one_group = tmp_path / "one-group"
+    docs = [t for f in sorted((wd / "arms" / "alt" / "data").glob("shard_*.parquet")) for t in _texts(f)]
+    write_shards(one_group, docs, files=3, row_group_rows=len(docs), selection={}, pool_fingerprint="test")
+    shutil.rmtree(wd / "arms" / "alt" / "data")
+    shutil.copytree(one_group, wd / "arms" / "alt" / "data")
+    exp = write_experiment(tmp_path, wd, ck, python)
+    line = unchanged(
+        lambda e: refused(
+            "train", e, "--arm", "alt", "--device", "cpu", "--nproc", "2", "--device-batch-size", "2"
+        ),
+        exp,
+    )
+    assert "nanochat's loader strides the row groups of each file by rank" in line
+
+    # a layout that feeds 2 ranks, but nanochat runs DDP on CUDA only
+    shutil.rmtree(wd / "arms" / "alt" / "data")
+    shutil.copytree(tpl / "arms" / "alt" / "data", wd / "arms" / "alt" / "data")
+    line = unchanged(
+        lambda e: refused(
+            "train", e, "--arm", "alt", "--device", "cpu", "--nproc", "2", "--device-batch-size", "2"
+        ),
+        exp,
+    )
+    assert "nanochat trains several ranks only on CUDA" in line
+
+
+def _texts(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+
+
+def test_a_patched_checkout_whose_output_does_not_parse_still_trains(tmp_path, template, python):
+    """A user's patched nanochat (a dirty git clone) that prints a line armlab cannot parse: the
+    run goes on, the line is kept in train.log and counted, and the patch is in the fingerprint."""
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat", git=True)
+    script = ck / "scripts" / "base_train.py"
+    src = script.read_text()
+    anchor = "    # state update\n"
+    assert anchor in src
+    script.write_text(
+        src.replace(
+            anchor, '    print0(f"step {step:05d}/{num_iterations:05d} | loss: (my patch)")\n' + anchor, 1
+        )
+    )
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, steps=4, eval_every=2,
+                           save_every=2)  # fmt: skip
+    ok("train", exp, "--arm", "alt")
+    run = run_dir(exp, "alt")
+    assert steps(run, "train_loss") == [1, 2, 3, 4] and steps(run, "val_bpb") == [0, 2, 4]
+    state = read_state(run)
+    assert state["state"] == "done" and state["unparsed_lines"] == 4
+    log = (run / "train.log").read_text()
+    assert (
+        sum(ln.endswith("| loss: (my patch)") for ln in log.splitlines()) == 4
+        and "4 line(s) of nanochat output looked like metrics" in log
+    )
+    engine = json.loads((run / "run.json").read_text())["engine"]
+    assert (
+        engine["dirty"] is True and engine["diff_sha256"] and engine["changed"] == ["scripts/base_train.py"]
+    )
+
+
+def test_doctor_checks_the_checkout(tmp_path, template, python):
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat", git=True)
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python)
+    rep = json.loads(
+        ok("doctor", exp, "--local", "--json", "--device", "cpu").stdout.strip().splitlines()[-1]
+    )
+    checks = {c["name"]: c for c in rep["checks"]}
+    for name in ("nanochat checkout", "nanochat python", "nanochat gpus", "nanochat base_train", "tf32"):
+        assert checks[name]["status"] == "ok", checks[name]
+    assert (
+        "torch 2." in checks["nanochat python"]["detail"]
+        and "[nanochat] python" in checks["nanochat python"]["detail"]
+    )
+
+    # the playbook's TF32 crash: legacy and new APIs mixed in the checkout (what patch_nanochat.py fixed)
+    common = ck / "nanochat" / "common.py"
+    common.write_text(common.read_text() + "\ntorch.backends.cuda.matmul.allow_tf32 = True\n")
+    gpt = ck / "nanochat" / "gpt.py"
+    gpt.write_text(gpt.read_text() + "\ntorch.backends.cuda.matmul.fp32_precision = 'tf32'\n")
+    os.symlink(python.parents[1], ck / ".venv")  # `doctor --nanochat DIR` uses the checkout's own venv
+    p = armlab("doctor", "--json", "--nanochat", str(ck))
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    checks = {c["name"]: c for c in rep["checks"]}
+    assert p.returncode == 2 and checks["tf32"]["status"] == "fail"
+    assert (
+        "nanochat/common.py:" in checks["tf32"]["detail"] and "nanochat/gpt.py:" in checks["tf32"]["detail"]
+    )
+    assert (
+        checks["nanochat checkout"]["status"] == "warn"
+        and "uncommitted changes" in checks["nanochat checkout"]["detail"]
+    )
+    assert (
+        checks["nanochat python"]["status"] == "ok" and "checkout venv" in checks["nanochat python"]["detail"]
+    )
