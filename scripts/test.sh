@@ -16,4 +16,4 @@ if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends openssh-server openssh-client >/dev/null
 fi
 
-python -m pytest -q "$@"
+python -m pytest -q --durations=10 "$@"   # the 10 slowest tests, every run

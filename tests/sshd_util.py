@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,29 @@ from pathlib import Path
 import pytest
 
 SSHD = "/usr/sbin/sshd"
+
+
+def host_venv(venv: Path) -> Path:
+    """A test host's Python environment, made from what the project installs: a bare venv (no
+    pip, no system site packages) plus a `.pth` file that appends the site-packages dirs this
+    interpreter sees, so the host finds torch, typer, ... without a download, whatever the base
+    interpreter has. armlab itself stays out of reach: a directory named in a `.pth` file is
+    only put on sys.path, its own `.pth` files (the project's editable install) are not run, so
+    the host imports armlab only once `armlab setup` has installed the wheel. The host's pip is
+    the project's, through the same path; it installs into the host venv (sys.prefix).
+
+    Why not `--system-site-packages`: that shows the *base* interpreter's packages, which on a
+    fresh machine have none of armlab's dependencies (0.1's remote tests passed only where they
+    were installed). Why not a wheelhouse: torch alone is ~1 GB to repack per host."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site_dirs = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(purelib) / "_armlab_test_host.pth").write_text("".join(f"{d}\n" for d in site_dirs))
+    return python
 
 
 def free_port() -> int:

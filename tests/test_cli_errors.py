@@ -30,7 +30,7 @@ def assert_one_line(r: subprocess.CompletedProcess, *needles: str) -> None:
     [
         (["prepare", "x.toml", "--workers", "0"], ["--workers", "armlab prepare --help"]),
         (["plan", "x.toml", "--arm", "a"], ["No such option: --arm"]),
-        (["train"], ["Missing argument 'exp'"]),
+        (["train"], ["Missing argument 'EXP'"]),
         (["nosuch"], ["No such command 'nosuch'"]),
         (["train", "x.toml", "--arm", "a", "--device", "tpu"], ["--device", "'tpu': use cpu or cuda"]),
         (["run", "x.toml", "--device", "tpu"], ["--device", "use cpu or cuda"]),

@@ -1,8 +1,9 @@
 """End to end on two real sshd "hosts": setup, doctor, launch two CPU arms in parallel, status, logs, stop.
 
-Both hosts are this machine behind two sshd instances, each with its own venv (created by
-`armlab setup --system-site-packages --no-deps`, so it stays offline) and its own workdir.
-Every step goes through the real `armlab` CLI and real SSH; nothing is mocked.
+Both hosts are this machine behind two sshd instances, each with its own venv and workdir. The
+venvs hold what the project installs (`sshd_util.host_venv`: the project's packages, not the
+base interpreter's) and `armlab setup --no-deps` installs armlab's wheel into them, so the test
+stays offline. Every step goes through the real `armlab` CLI and real SSH; nothing is mocked.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +19,7 @@ import pytest
 
 from armlab.spec import load_experiment
 from data_util import make_pool
-from sshd_util import sshd_hosts
+from sshd_util import host_venv, sshd_hosts
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +109,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def set_up(cluster):
     root, exp, _ = cluster
-    args = ["setup", str(exp), "--system-site-packages", "--no-deps", "--base-python", sys.executable]
+    for host in ("hosta", "hostb"):
+        host_venv(root / host / "venv")
+    args = ["setup", str(exp), "--no-deps"]
     first = armlab(*args, timeout=600)
     assert first.returncode == 0, first.stderr
     return first, armlab(*args, timeout=600)
@@ -122,8 +124,13 @@ def test_setup_installs_once_and_reports_the_host(cluster, set_up):
     assert len(lines) == 2
     for host in ("hosta", "hostb"):
         line = next(ln for ln in lines if ln.startswith(host + ":"))
-        assert "installed" in line and "torch 2." in line and "CUDA none" in line and "0 GPU(s)" in line
-        assert (root / host / "venv/bin/python").exists()
+        assert "installed" in line and "torch 2." in line and "CUDA none" in line and "0 GPUs" in line
+        # armlab came from the wheel setup installed in the host's venv, not the project's source tree
+        p = subprocess.run(
+            [str(root / host / "venv/bin/python"), "-c", "import armlab; print(armlab.__file__)"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert p.stdout.startswith(str(root / host / "venv" / "lib")), p.stdout + p.stderr
     assert second.returncode == 0 and second.stdout.count("already up to date") == 2, (
         second.stdout + second.stderr
     )
@@ -147,7 +154,7 @@ def test_doctor_on_each_host(cluster, set_up):
     )
     p = armlab("launch", str(gpu_exp), "--host", "hosta", "--prepare-mode", "skip")
     assert p.returncode == 2 and "nothing was started" in p.stderr
-    assert "arms ask for 2 GPU(s)" in p.stderr and "armlab prepare EXP --arm rand" in p.stderr
+    assert "arms ask for 2 GPUs" in p.stderr and "armlab prepare EXP --arm rand" in p.stderr
     assert not (root / "hosta" / "work" / "arms" / "rand" / "runs").exists()
 
 

@@ -13,11 +13,13 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from armlab.errors import ArmlabError
+from armlab.text import closest
+from armlab.vocab import MIN_VOCAB_SIZE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -46,7 +48,7 @@ class EvalSpec(Strict):
 class TokenizerSpec(Strict):
     """BPE tokenizer trained once on a neutral sample of the pool (never an arm, never eval)."""
 
-    vocab_size: int = Field(32_768, ge=260)
+    vocab_size: int = Field(32_768, ge=MIN_VOCAB_SIZE)  # 256 byte tokens + the special tokens
     train_chars: int = Field(2_000_000_000, gt=0)
     doc_cap: int = Field(10_000, gt=0)  # chars taken from any one document (nanochat's choice)
     seed: int = 0
@@ -233,7 +235,9 @@ class Experiment(Strict):
         for a in self.arms:
             if a.name == name:
                 return a
-        raise ArmlabError(f"no arm named {name!r} in experiment {self.name!r} (arms: {', '.join(a.name for a in self.arms)})")
+        names = [a.name for a in self.arms]
+        hint = f"did you mean {m!r}? " if (m := closest(name, names)) else ""
+        raise ArmlabError(f"no arm named {name!r} in experiment {self.name!r} ({hint}arms: {', '.join(names)})")
 
     @property
     def workdir_path(self) -> Path:
@@ -296,14 +300,35 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(parts)
 
 
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation: `ArmSpec`, `list[ArmSpec]`, `X | None` -> X."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _model_in(a)) is not None), None)
+
+
+def _keys_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the spec allows at `loc` (e.g. ("arms", 0) -> ArmSpec's fields), for "did you mean"."""
+    model: type[BaseModel] | None = Experiment
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an index into a list of tables: the same model
+        field = model.model_fields.get(part) if model else None
+        model = _model_in(field.annotation) if field else None
+    return list(model.model_fields) if model else []
+
+
 def _error_line(source: str, err: ValidationError) -> str:
-    errors = err.errors()
+    # A typo'd key is also a missing one (`[pol]` -> pool missing): name the typo, it is the cause.
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
     e = errors[0]
     loc = tuple(p for p in e["loc"] if p not in ("function-after",))
     where = _loc(loc)
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
-        line = f"{source}: unknown key '{where}' (check its spelling; every key is in examples/fineweb-edu-top-vs-random.toml and docs/DESIGN.md)"
+        match = closest(str(loc[-1]), _keys_at(loc[:-1]))
+        hint = f"did you mean {match!r}?" if match else "check its spelling"
+        line = f"{source}: unknown key '{where}': {hint} (every key is in examples/fineweb-edu-top-vs-random.toml and docs/DESIGN.md)"
     elif e["type"] == "missing":
         line = f"{source}: missing required key '{where}'"
     elif where:

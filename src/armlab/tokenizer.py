@@ -32,21 +32,8 @@ import tiktoken
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
 from armlab.spec import Experiment, fingerprint_diff
+from armlab.vocab import BOS, SPECIAL_TOKENS
 from armlab.workdir import atomic_path, atomic_write_json, open_workdir, read_json
-
-SPECIAL_TOKENS = [
-    "<|bos|>",  # every document starts with it; it delimits documents in packed rows
-    # the rest are only used by chat finetuning; kept so the vocabulary matches nanochat's layout
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-]
-BOS = "<|bos|>"
 
 # GPT-4's split pattern with nanochat's change: numbers split into groups of 1-2 digits, not 1-3.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""

@@ -86,6 +86,8 @@ def open_workdir(exp: Any, create: bool = True) -> Workdir:
     """
     root = exp.workdir_path
     wd = Workdir(root)
+    if root.exists() and not root.is_dir():
+        raise ArmlabError(f"{root}: the workdir is a file, not a directory; move it, or set 'workdir' in the experiment file to a directory")
     if create:
         try:
             root.mkdir(parents=True, exist_ok=True)

@@ -13,27 +13,37 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app
+from armlab.cli.app import Interrupted, app, with_typed_exp
 from armlab.errors import ArmlabError, RunFailed
 
 # Command modules: importing them registers their commands on `app`, in workflow order
 # (the order `armlab --help` lists them).
-from armlab.cli import data, train, report, blob, remote  # noqa: E402,F401  isort: skip
-
-
-@app.command()
-def version() -> None:
-    """Print armlab's version."""
-    from armlab import __version__
-
-    print(__version__)
-
+from armlab.cli import init, data, train, report, blob, remote  # noqa: E402,F401  isort: skip
 
 # errno values that mean "the user's filesystem said no" (not an armlab bug): one line, exit 2.
-_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+# ENOTDIR/EEXIST: a file sits where armlab needs a directory (a workdir path that is a file).
+_USER_OS_ERRORS = {
+    errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EEXIST,
+}  # fmt: skip
+_FIXES = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space",
+    errno.ENOTDIR: "a file is in the way of a directory: move it",
+    errno.EEXIST: "a file is in the way of a directory: move it",
+}
+
+INTERRUPTED = "armlab: interrupted; rerun the same command to resume"
 
 
 def main() -> None:
+    try:
+        _main()
+    except KeyboardInterrupt:  # Ctrl-C outside a command (while parsing, or while printing an error)
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
+
+
+def _main() -> None:
     try:
         # standalone_mode=False: usage errors reach us as exceptions, so they print as one line like
         # every other bad input instead of typer's multi-line box.
@@ -56,17 +66,17 @@ def main() -> None:
         if where is not None and where.name.startswith(".") and where.suffix == ".tmp":
             where = where.parent  # an atomic write's temp file: the dir is what is not writable
         where = f"{where}: " if where else ""
-        fix = "free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+        fix = _FIXES.get(e.errno, "make it writable")
         print(
             f"armlab: error: {where}{e.strerror}; {fix} (or set 'workdir' / --out elsewhere)", file=sys.stderr
         )
         sys.exit(2)
     except ArmlabError as e:
-        print(f"armlab: error: {e}", file=sys.stderr)
+        print(f"armlab: error: {with_typed_exp(str(e))}", file=sys.stderr)
         sys.exit(2)
     except RunFailed as e:
-        print(f"armlab: failed: {e}", file=sys.stderr)
+        print(f"armlab: failed: {with_typed_exp(str(e))}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("armlab: interrupted (rerun the same command to resume)", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt):
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)

@@ -7,25 +7,29 @@ from typing import Annotated
 
 import typer
 
-from armlab.cli.app import app
+from armlab.cli.app import app, split_list, with_typed_exp
 from armlab.errors import ArmlabError
+from armlab.text import plural
 
 
 @app.command()
 def prepare(
     exp: Annotated[Path, typer.Argument(help="experiment file (or a workdir holding experiment.toml)")],
     arm: Annotated[
-        list[str] | None, typer.Option("--arm", help="arm to prepare (repeatable; default all)")
+        list[str] | None,
+        typer.Option("--arm", callback=split_list, help="arm to prepare (repeatable, or a,b; default: all)"),
     ] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes (default: CPU count)", min=1)] = None,
-    force: Annotated[bool, typer.Option(help="take over a data dir whose lease holder is dead")] = False,
-    overwrite: Annotated[bool, typer.Option(help="replace arms prepared from a different spec")] = False,
+    force: Annotated[bool, typer.Option("--force", help="take over a data dir whose lease holder is dead")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace arms prepared from a different spec")] = False,
     skip_bad_files: Annotated[
-        bool, typer.Option(help="skip unreadable pool files (recorded in the manifests)")
+        bool, typer.Option("--skip-bad-files", help="skip unreadable pool files (recorded in the manifests)")
     ] = False,
-    keep_cache: Annotated[bool, typer.Option(help="keep downloaded pool files in <workdir>/cache")] = False,
+    keep_cache: Annotated[
+        bool, typer.Option("--keep-cache", help="keep downloaded pool files in <workdir>/cache")
+    ] = False,
     skip_download: Annotated[
-        bool, typer.Option(help="prebuilt az:// arms: use what is already downloaded")
+        bool, typer.Option("--skip-download", help="prebuilt az:// arms: use what is already downloaded")
     ] = False,
     ratio: Annotated[float | None, typer.Option(help="override the --arm's ratio")] = None,
     seed: Annotated[int | None, typer.Option(help="override the --arm's seed")] = None,
@@ -77,11 +81,13 @@ def check(
     from armlab.data.check import check_data_dir
 
     res = check_data_dir(data_dir, world_size=world_size, verify_hashes=not no_hashes)
-    print(f"{data_dir}: {res.files} files, {res.rows:,} rows, {res.row_groups:,} row groups")
+    counts = (plural(res.files, "file"), plural(res.rows, "row"), plural(res.row_groups, "row group"))
+    print(f"{data_dir}: {', '.join(counts)}")
     if not res.ok:
-        for p in res.problems:
-            print(f"  problem: {p}")
-        more = f" (and {len(res.problems) - 1} more problem(s) above)" if len(res.problems) > 1 else ""
+        # the first problem is the error line (stderr); the others are listed once, here
+        for p in res.problems[1:]:
+            print(f"  also: {p}")
+        more = f" (and {plural(len(res.problems) - 1, 'more problem')} above)" if len(res.problems) > 1 else ""
         raise ArmlabError(f"{res.problems[0]}{more}; fix: {res.fix}")
     print("ok")
 
@@ -89,6 +95,8 @@ def check(
 @app.command()
 def plan(exp: Annotated[Path, typer.Argument(help="experiment file (or its workdir)")]) -> None:
     """Per arm: docs / chars / tokens available vs tokens one run consumes, and epochs."""
+    from rich.markup import escape
+
     from armlab.data.plan import plan as make_plan
     from armlab.data.plan import render
     from armlab.progress import console
@@ -98,4 +106,4 @@ def plan(exp: Annotated[Path, typer.Argument(help="experiment file (or its workd
     table, warnings = render(spec, make_plan(spec))
     print(table)
     for w in warnings:
-        console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(with_typed_exp(w))}", soft_wrap=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app, check_device
+from armlab.cli.app import app, check_device, split_list, with_typed_exp
 
 
 def _exp_or_target(value: str):  # -> (Experiment | None, str)
@@ -29,12 +29,14 @@ def setup(
     target: str = typer.Argument(
         ..., help="experiment file (sets up its \\[\\[hosts]]) or an SSH target (user@host or alias)"
     ),
-    host: list[str] = typer.Option(None, "--host", help="only these \\[\\[hosts]] entries (by name)"),
+    host: list[str] = typer.Option(
+        None, "--host", callback=split_list, help="only this \\[\\[hosts]] entry, by name (repeatable, or a,b)"
+    ),
     system_site_packages: bool = typer.Option(
         False, "--system-site-packages", help="let the venv see the host's packages (reuse its CUDA torch)"
     ),
-    extras: str = typer.Option(
-        "", "--extras", help="armlab extras to install, comma-separated (e.g. wandb,gpu)"
+    extras: list[str] = typer.Option(
+        None, "--extra", "--extras", callback=split_list, help="armlab extra to install (repeatable, or wandb,gpu)"
     ),
     no_deps: bool = typer.Option(
         False, "--no-deps", help="install armlab only; its dependencies are already there"
@@ -61,7 +63,7 @@ def setup(
     else:
         targets = [(Remote(name=tgt, target=tgt), python or DEFAULT_REMOTE_PYTHON)]
     kw = dict(base_python=base_python, system_site_packages=system_site_packages, no_deps=no_deps, force=force,
-              extras=tuple(e for e in extras.split(",") if e), wheel=wheel)  # fmt: skip
+              extras=tuple(extras or ()), wheel=wheel)  # fmt: skip
     results = parallel(lambda t: setup_host(t[0], python=t[1], **kw), targets)
     for r in results:
         print(r.line())
@@ -73,12 +75,12 @@ def doctor(
         None, help="experiment file (or its workdir); without it, checks this machine only"
     ),
     host: list[str] = typer.Option(
-        None, "--host", help="check these \\[\\[hosts]] entries over SSH (default: all of them)"
+        None, "--host", callback=split_list, help="check this \\[\\[hosts]] entry over SSH (repeatable, or a,b; default: all)"
     ),
     local: bool = typer.Option(
         False, "--local", help="check this machine even when the experiment has \\[\\[hosts]]"
     ),
-    arm: list[str] = typer.Option(None, "--arm", help="only these arms (local checks)"),
+    arm: list[str] = typer.Option(None, "--arm", callback=split_list, help="only this arm (repeatable, or a,b; local checks)"),
     device: str = typer.Option(
         None, "--device", callback=check_device, help="cuda or cpu (what the runs will use)"
     ),
@@ -119,6 +121,8 @@ def doctor(
     else:
         reports = [run_doctor(e, arms=arm or None, device=device, num_gpus=num_gpus, nproc=nproc, master_port=master_port,
                               scripts=tuple(script or ()), nanochat=nanochat, expect_data=expect_data)]  # fmt: skip
+        for c in reports[0].checks:  # this machine's fixes name the experiment path as typed
+            c.fix = with_typed_exp(c.fix)
     if as_json and len(reports) == 1:
         print(reports[0].to_json())
     elif as_json:
@@ -148,7 +152,7 @@ def launch(
     seed: int = typer.Option(
         None, "--seed", help="which of train.seeds to run (needed when there are several)"
     ),
-    host: list[str] = typer.Option(None, "--host", help="only these \\[\\[hosts]] entries"),
+    host: list[str] = typer.Option(None, "--host", callback=split_list, help="only this \\[\\[hosts]] entry (repeatable, or a,b)"),
 ) -> None:
     """Preflight every host, then start each host's arm detached there (survives SSH); rerun-safe."""
     from armlab.ops import remote
@@ -184,7 +188,7 @@ def logs(
 @app.command()
 def stop(
     exp: Path = typer.Argument(..., help="experiment file"),
-    arm: list[str] = typer.Option(None, "--arm", help="only these arms (default: all)"),
+    arm: list[str] = typer.Option(None, "--arm", callback=split_list, help="only this arm (repeatable, or a,b; default: all)"),
     timeout: float = typer.Option(60, "--timeout", help="seconds after SIGTERM before SIGKILL"),
     local: bool = typer.Option(
         False, "--local", help="stop runs on this machine even when the experiment has \\[\\[hosts]]"

@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 
-from armlab.cli.app import app, check_device
-from armlab.errors import ArmlabError
+from armlab.cli.app import app, check_device, split_ints, split_list
 
 ExpArg = Annotated[Path, typer.Argument(help="experiment file (or a workdir holding experiment.toml)")]
 # Options shared by `run` and `evaluate`
@@ -19,21 +18,16 @@ DeviceOpt = Annotated[
 ]
 
 
-def _csv(value: str | None, what: str, cast: type = str) -> list | None:
-    if not value:
-        return None
-    try:
-        return [cast(v.strip()) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ArmlabError(f"{what} {value!r}: expected a comma-separated list of {cast.__name__}s") from None
-
-
 @app.command()
 def run(
     exp: ExpArg,
-    arms: Annotated[str | None, typer.Option("--arms", help="comma-separated arms (default: all)")] = None,
+    arms: Annotated[
+        list[str] | None,
+        typer.Option("--arm", "--arms", callback=split_list, help="arm to run (repeatable, or a,b; default: all)"),
+    ] = None,
     seeds: Annotated[
-        str | None, typer.Option("--seeds", help="comma-separated seeds (default: train.seeds)")
+        list[str] | None,
+        typer.Option("--seed", "--seeds", callback=split_ints, help="seed (repeatable, or 0,1; default: train.seeds)"),
     ] = None,
     device: DeviceOpt = None,
     num_gpus: Annotated[int | None, typer.Option("--num-gpus", min=1, help="CUDA ranks per run")] = None,
@@ -48,8 +42,8 @@ def run(
 
     run_experiment(
         load_experiment(exp),
-        arms=_csv(arms, "--arms"),
-        seeds=_csv(seeds, "--seeds", int),
+        arms=arms,
+        seeds=seeds,
         device=device,
         num_gpus=num_gpus,
         bundle=bundle,
@@ -66,18 +60,43 @@ def status(
         float,
         typer.Option("--stall-after", help="STALLED after this many seconds without a logged step", min=1),
     ] = 600.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="one JSON object per run (every field, unrounded), then exit")
+    ] = False,
 ) -> None:
-    """One row per run: state (queued/running/done/failed/STALLED/dead), progress, loss, bpb, ETA, GPUs."""
+    """One row per run: state (queued/running/done/failed/STALLED/dead), progress, loss, bpb, ETA, GPUs.
+
+    A table fitted to the terminal; plain aligned lines when piped; JSON with --json."""
     from armlab.ops.status import show_status
     from armlab.spec import load_experiment
 
-    show_status(load_experiment(exp), stall_after_s=stall_after, watch=watch, interval=interval)
+    if as_json and watch:
+        raise typer.BadParameter("--json prints once; poll it instead of --watch", param_hint="'--json'")
+    show_status(load_experiment(exp), stall_after_s=stall_after, watch=watch, interval=interval, as_json=as_json)
+
+
+@app.command()
+def rm(
+    exp: ExpArg,
+    arm: Annotated[str, typer.Option("--arm", help="the run's arm")],
+    run: Annotated[str, typer.Option("--run", help="the run to delete, e.g. top-s0 (see `armlab status`)")],
+    force: Annotated[
+        bool, typer.Option("--force", help="delete an active run of another host that this one cannot check")
+    ] = False,
+) -> None:
+    """Delete one run dir (checkpoints, metrics, eval); refuses a live run."""
+    from armlab.ops.remove import remove_run
+    from armlab.spec import load_experiment
+
+    print(f"removed {remove_run(load_experiment(exp), arm, run, force=force)}")
 
 
 @app.command()
 def evaluate(
     exp: ExpArg,
-    arm: Annotated[str | None, typer.Option("--arm", help="only this arm's runs")] = None,
+    arm: Annotated[
+        list[str] | None, typer.Option("--arm", callback=split_list, help="only this arm's runs (repeatable, or a,b)")
+    ] = None,
     bundle: BundleOpt = None,
     max_per_task: MaxPerTaskOpt = None,
     device: DeviceOpt = None,
@@ -92,7 +111,7 @@ def evaluate(
 
     for d in evaluate_experiment(
         load_experiment(exp),
-        arms=[arm] if arm else None,
+        arms=arm,
         bundle=bundle,
         max_per_task=max_per_task,
         device=device,
@@ -106,7 +125,8 @@ def compare(
     exp: ExpArg,
     out: Annotated[Path | None, typer.Option(help="report dir (default: <workdir>/report)")] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="leave this run out (repeatable), e.g. a smoke test")
+        list[str] | None,
+        typer.Option("--exclude", callback=split_list, help="leave this run out (repeatable, or a,b), e.g. a smoke test"),
     ] = None,
 ) -> None:
     """Compare the finished runs: table with 95% intervals, verdict, plots, report.md/.html, summary.json."""

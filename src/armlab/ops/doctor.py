@@ -19,11 +19,13 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from armlab.spec import Experiment
+from armlab.text import plural
 from armlab.workdir import open_workdir, pid_alive, read_lease
 
 Status = Literal["ok", "warn", "fail"]
@@ -136,29 +138,29 @@ def check_packages(r: DoctorReport) -> None:
 def check_gpus(r: DoctorReport, device: str | None, num_gpus: int | None) -> None:
     have, torch_v = r.info["gpus"], r.info["torch"]
     if device == "cpu":
-        r.add("gpus", "ok", f"CPU run requested; {have} GPU(s) visible")
+        r.add("gpus", "ok", f"CPU run requested; {plural(have, 'GPU')} visible")
     elif device == "cuda" and num_gpus:
         if not r.info["cuda_available"]:
             r.add(
-                "gpus", "fail", f"arms ask for {num_gpus} GPU(s) but torch {torch_v} sees no CUDA device",
+                "gpus", "fail", f"arms ask for {plural(num_gpus, 'GPU')} but torch {torch_v} sees no CUDA device",
                 "check `nvidia-smi`; install a CUDA build of torch (armlab setup --system-site-packages reuses the host's) or use --device cpu",
             )  # fmt: skip
         elif have < num_gpus:
             r.add(
-                "gpus", "fail", f"arms ask for {num_gpus} GPU(s) but torch sees {have}",
+                "gpus", "fail", f"arms ask for {plural(num_gpus, 'GPU')} but torch sees {have}",
                 "lower num_gpus in [[hosts]] (or --num-gpus), or check CUDA_VISIBLE_DEVICES and `nvidia-smi`",
             )  # fmt: skip
         else:
             r.add(
                 "gpus",
                 "ok",
-                f"{have} GPU(s) visible, {num_gpus} requested ({', '.join(sorted(set(r.info['gpu_names'])))})",
+                f"{plural(have, 'GPU')} visible, {num_gpus} requested ({', '.join(sorted(set(r.info['gpu_names'])))})",
             )
     elif have:
         r.add(
             "gpus",
             "ok",
-            f"{have} GPU(s) visible: {', '.join(sorted(set(r.info['gpu_names'])))} (CUDA {r.info['cuda']})",
+            f"{plural(have, 'GPU')} visible: {', '.join(sorted(set(r.info['gpu_names'])))} (CUDA {r.info['cuda']})",
         )
     else:
         r.add(
@@ -173,6 +175,42 @@ def _existing_parent(p: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
     return p
+
+
+def _write_probe(d: Path) -> str | None:
+    """None when a file can be created in `d`, or (if `d` does not exist yet) in the nearest dir
+    that would hold it; else why not. Permission bits are not enough: a read-only mount, ACLs or
+    root-squashed NFS all say no only when a write is tried."""
+    target = _existing_parent(d)
+    if not target.is_dir():
+        return f"{target} is a file, not a directory"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".armlab-doctor-", suffix=".tmp", dir=target)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        return f"cannot write in {target} ({e.strerror})"
+    return None
+
+
+def check_workdir(r: DoctorReport, exp: Experiment, arms: list[str]) -> bool:
+    """Try a write in the workdir and in each arm's data dir (the lease) and runs dir; False when
+    the workdir is not a directory at all (the checks that read it are then skipped)."""
+    root = exp.workdir_path
+    if root.exists() and not root.is_dir():
+        r.add("workdir", "fail", f"{root} is a file, not a directory",
+              "move the file, or set 'workdir' in the experiment file (or [[hosts]] workdir) to a directory")  # fmt: skip
+        return False
+    wd = open_workdir(exp, create=False)
+    dirs = [root] + [d for a in arms for d in (wd.data_dir(a), wd.runs_dir(a))]
+    problems = list(dict.fromkeys(p for p in map(_write_probe, dirs) if p))
+    if problems:
+        r.add("workdir", "fail", "; ".join(problems),
+              "make it writable (chmod/chown, or remount read-write), or set 'workdir' in the experiment file "
+              "(or [[hosts]] workdir) to a writable dir")  # fmt: skip
+    else:
+        r.add("workdir", "ok", f"writable: {root} and the arms' data and run dirs")
+    return True
 
 
 def disk_needed(exp: Experiment, arms: list[str]) -> int:
@@ -257,7 +295,7 @@ def check_data(r: DoctorReport, exp: Experiment, arm: str, world_size: int, expe
     if check_data_dir is not None:
         res = check_data_dir(data_dir, world_size=world_size)
         if res.ok:
-            r.add(name, "ok", f"complete, feeds {world_size} rank(s) ({data_dir})")
+            r.add(name, "ok", f"complete, feeds {plural(world_size, 'rank')} ({data_dir})")
         else:
             r.add(
                 name, "fail", f"{data_dir}: {res.problems[0]}", res.fix or "rerun armlab prepare for this arm"
@@ -268,7 +306,7 @@ def check_data(r: DoctorReport, exp: Experiment, arm: str, world_size: int, expe
     m = read_json(data_dir / "manifest.json")
     if m.get("complete"):
         r.add(
-            name, "ok", f"complete: {m.get('rows', 0):,} rows in {len(m.get('files', []))} files ({data_dir})"
+            name, "ok", f"complete: {plural(m.get('rows', 0), 'row')} in {plural(len(m.get('files', [])), 'file')} ({data_dir})"
         )
     else:
         r.add(
@@ -406,7 +444,7 @@ def check_script(r: DoctorReport, path: Path) -> None:
         return
     crlf = raw.count(b"\r\n")
     if crlf:
-        r.add(name, "fail", f"{path} has Windows line endings ({crlf} lines): bash fails with '$'\\r': command not found'",
+        r.add(name, "fail", f"{path} has Windows line endings ({plural(crlf, 'line')}): bash fails with '$'\\r': command not found'",
               f"sed -i 's/\\r$//' {path}")  # fmt: skip
     elif raw.startswith(b"#!") and not os.access(path, os.X_OK):
         r.add(name, "warn", f"{path} has a #! line but is not executable", f"chmod +x {path}")
@@ -441,14 +479,15 @@ def run_doctor(
         for a in arm_names:
             exp.arm(a)  # unknown arm: one-line error
         world = nproc if device == "cpu" else (num_gpus or max(info["gpus"], 1))
-        check_disk(r, exp, arm_names)
+        if check_workdir(r, exp, arm_names):
+            check_disk(r, exp, arm_names)
+            if expect_data:
+                check_shared_inputs(r, exp)
+            for a in arm_names:
+                check_data(r, exp, a, world, expect_data)
+                check_lease(r, exp, a)
         if master_port is not None:
             check_port(r, master_port)
-        if expect_data:
-            check_shared_inputs(r, exp)
-        for a in arm_names:
-            check_data(r, exp, a, world, expect_data)
-            check_lease(r, exp, a)
         check_hf(r, exp)
         get_engine(exp.train.engine).doctor_checks(r, exp)  # the engine's own checks
     check_wandb(r, exp)
@@ -462,6 +501,7 @@ def run_doctor(
 def render(reports: list[DoctorReport], stderr: bool = False) -> None:
     """One table of every host's checks (stdout for `doctor`, whose result it is; stderr for `launch`)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     style = {"ok": "green", "warn": "yellow", "fail": "bold red"}
@@ -473,10 +513,11 @@ def render(reports: list[DoctorReport], stderr: bool = False) -> None:
         table.add_column(col, overflow="fold")
     for rep in reports:
         for c in rep.checks:
-            row = [c.name, f"[{style[c.status]}]{c.status}[/]", c.detail, c.fix]
-            table.add_row(*([rep.host] if multi else []), *row)
+            # escape: details and fixes are plain text ("[[hosts]] workdir"), never rich markup
+            row = [escape(c.name), f"[{style[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix)]
+            table.add_row(*([escape(rep.host)] if multi else []), *row)
     out = Console(highlight=False, stderr=stderr, width=max(shutil.get_terminal_size((160, 20)).columns, 160))
     out.print(table)
     fails = sum(c.status == "fail" for rep in reports for c in rep.checks)
     warns = sum(c.status == "warn" for rep in reports for c in rep.checks)
-    out.print(f"doctor: {fails} failed, {warns} warning(s)" + ("" if fails else ": ready"))
+    out.print(f"doctor: {fails} failed, {plural(warns, 'warning')}" + ("" if fails else ": ready"))

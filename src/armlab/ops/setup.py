@@ -26,6 +26,7 @@ import armlab
 from armlab.errors import ArmlabError
 from armlab.ops.ssh import DEFAULT_REMOTE_PYTHON, Remote, rpath
 from armlab.progress import console
+from armlab.text import plural
 
 PACKAGE_DIR = Path(armlab.__file__).resolve().parent
 
@@ -119,7 +120,8 @@ _PROBE = (
     "    from armlab.ops.setup import source_fingerprint\n"
     "    print(json.dumps({'version': armlab.__version__, 'source': source_fingerprint()}))\n"
     "except Exception as e:\n"
-    "    print(json.dumps({'version': None, 'error': type(e).__name__}))\n"
+    "    print(json.dumps({'version': None, 'error': f'{type(e).__name__}: {e}',\n"
+    "                      'missing': getattr(e, 'name', None)}))\n"
 )
 
 
@@ -132,7 +134,7 @@ class SetupResult:
 
     def line(self) -> str:
         i = self.info
-        gpus = f"{i['gpus']} GPU(s)" + (f" ({i['gpu_names'][0]})" if i.get("gpu_names") else "")
+        gpus = plural(i["gpus"], "GPU") + (f" ({i['gpu_names'][0]})" if i.get("gpu_names") else "")
         what = "installed" if self.installed else "already up to date"
         return (
             f"{self.host}: armlab {i['armlab']} {what} | Python {i['python']} ({self.python}) | torch {i['torch']} "
@@ -221,12 +223,21 @@ def setup_host(
         have = remote_probe(remote, python)
         want["source"] = wheel_fingerprint(whl)  # the tree may have changed since the probe above
         if {k: have.get(k) for k in want} != want:
-            raise ArmlabError(
-                f"host {remote.name!r}: armlab still not importable after install ({have.get('error', have)})"
-            )
+            raise ArmlabError(not_importable(remote.name, python, have, no_deps=no_deps))
         installed = True
     info = remote_host_info(remote, python)
     return SetupResult(host=remote.name, python=python, installed=installed, info=info)
+
+
+def not_importable(host: str, python: str, probe: dict[str, Any], no_deps: bool) -> str:
+    """Why the freshly installed armlab does not import on the host, and what to do about it."""
+    what = probe.get("error") or f"found {probe}"
+    line = f"host {host!r}: armlab still not importable by {python} after install ({what})"
+    if probe.get("missing"):
+        if no_deps:
+            return line + "; --no-deps left its dependencies out: rerun without --no-deps (or use --system-site-packages on a host that has them)"
+        return line + f"; install {probe['missing']!r} into that environment, or rerun with --force"
+    return line
 
 
 def remote_host_info(remote: Remote, python: str) -> dict[str, Any]:

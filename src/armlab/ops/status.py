@@ -10,10 +10,12 @@ checked for pids of this host; a run from another host shows `?`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from armlab.errors import ArmlabError
@@ -139,6 +141,10 @@ def gpu_status() -> list[dict[str, Any]]:
         pynvml.nvmlShutdown()
 
 
+# -- rendering -------------------------------------------------------------------------------------
+# One row per run in three forms: a rich table on a terminal (the full table when it fits, else a
+# narrow one that abbreviates and drops columns by priority, so it fits 80 columns), plain aligned
+# text when stdout is not a terminal (no colour, no box, never wrapped), and JSON (`--json`).
 def _age(s: float | None) -> str:
     if s is None:
         return "-"
@@ -147,6 +153,26 @@ def _age(s: float | None) -> str:
 
 def _f(v: Any, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
+
+
+def _si(v: float | None, fmt: str = ",.0f") -> str:
+    """1234567 -> 1.2M (the narrow layout's numbers); small values as `fmt`."""
+    if v is None:
+        return "-"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:.1f}{unit}"
+    return format(v, fmt)
+
+
+def _step(r: RunStatus, compact: bool) -> str:
+    return "-" if r.step is None else f"{r.step}/{r.num_iterations or '?'}"
+
+
+def _alive(r: RunStatus) -> str:
+    if r.state not in (*ACTIVE, RunState.STALLED, RunState.DEAD):
+        return "-"
+    return {True: "yes", False: "no", None: "?"}[r.alive]
 
 
 STYLE = {
@@ -162,48 +188,92 @@ STYLE = {
 }
 
 
-def status_table(rows: list[RunStatus], title: str = "") -> Table:
-    t = Table(title=title)
-    for col in (
-        "arm",
-        "run",
-        "state",
-        "step",
-        "tokens",
-        "loss",
-        "val bpb",
-        "tok/s",
-        "MFU",
-        "ETA",
-        "epoch",
-        "last log",
-        "alive",
-    ):
-        t.add_column(col, justify="left" if col in ("arm", "run", "state") else "right")
+@dataclass(frozen=True)
+class Column:
+    header: str
+    short: str  # header in the narrow layout
+    drop: int  # the narrow layout drops the highest first (0: never dropped)
+    cell: Callable[[RunStatus, bool], str]  # (row, compact) -> text
+    left: bool = False
+
+
+COLUMNS = (
+    Column("arm", "arm", 8, lambda r, c: r.arm, left=True),
+    Column("run", "run", 0, lambda r, c: r.run, left=True),
+    Column("state", "state", 0, lambda r, c: str(r.state), left=True),
+    Column("step", "step", 1, _step),
+    Column("tokens", "tokens", 12, lambda r, c: _si(r.tokens) if c else _f(r.tokens, ",")),
+    Column("loss", "loss", 4, lambda r, c: _f(r.train_loss, ".3f")),
+    Column("val bpb", "bpb", 2, lambda r, c: _f(r.val_bpb, ".4f")),
+    Column("tok/s", "tok/s", 6, lambda r, c: _si(r.tok_per_s) if c else _f(r.tok_per_s, ",.0f")),
+    Column("MFU", "MFU", 10, lambda r, c: _f(r.mfu, ".1f")),
+    Column("ETA", "ETA", 3, lambda r, c: _age(r.eta_s)),
+    Column("epoch", "epoch", 11, lambda r, c: _f(r.epoch, ".2f")),
+    Column("last log", "log", 5, lambda r, c: _age(r.last_log_age_s)),
+    Column("alive", "alive", 7, lambda r, c: _alive(r)),
+)
+
+
+def _table(rows: list[RunStatus], cols: list[Column], compact: bool, title: str) -> Table:
+    from rich import box
+
+    t = Table(title=title, box=box.SIMPLE_HEAD if compact else box.HEAVY_HEAD, pad_edge=not compact)
+    for col in cols:
+        t.add_column(col.short if compact else col.header, justify="left" if col.left else "right",
+                     no_wrap=True, overflow="ellipsis")  # fmt: skip
     for r in rows:
-        step = "-" if r.step is None else f"{r.step}/{r.num_iterations or '?'}"
-        alive = (
-            "-"
-            if r.state not in (*ACTIVE, RunState.STALLED, RunState.DEAD)
-            else {True: "yes", False: "no", None: "?"}[r.alive]
-        )
-        state = f"[{STYLE.get(r.state, '')}]{r.state}[/]" if r.state in STYLE else r.state
-        t.add_row(
-            r.arm,
-            r.run,
-            state,
-            step,
-            _f(r.tokens, ","),
-            _f(r.train_loss, ".3f"),
-            _f(r.val_bpb, ".4f"),
-            _f(r.tok_per_s, ",.0f"),
-            _f(r.mfu, ".1f"),
-            _age(r.eta_s),
-            _f(r.epoch, ".2f"),
-            _age(r.last_log_age_s),
-            alive,
-        )
+        cells = {col.header: escape(col.cell(r, compact)) for col in cols}
+        if r.state in STYLE:
+            cells["state"] = f"[{STYLE[r.state]}]{r.state}[/]"
+        t.add_row(*cells.values())
     return t
+
+
+def _width(table: Table) -> int:
+    from rich.console import Console
+
+    return Console(width=10_000).measure(table).maximum
+
+
+def status_table(rows: list[RunStatus], title: str = "", width: int | None = None) -> Table:
+    """The full table when it fits `width` (None: always), else the narrow layout: compact numbers,
+    short headers, a light box, and columns dropped by priority (the arm first when every run's
+    name already starts with it) until it fits; run and state always stay."""
+    full = _table(rows, list(COLUMNS), False, title)
+    if width is None or _width(full) <= width:
+        return full
+    arm_in_run = all(r.run.startswith(r.arm) for r in rows)
+    cols = [c for c in COLUMNS if not (c.header == "arm" and arm_in_run)]
+    while True:
+        t = _table(rows, cols, True, title)
+        droppable = [c for c in cols if c.drop]
+        if _width(t) <= width or not droppable:
+            return t
+        cols.remove(max(droppable, key=lambda c: c.drop))
+
+
+def plain_table(rows: list[RunStatus]) -> str:
+    """Every column, aligned with spaces, no colour or box: for pipes, logs and `grep`."""
+    header = [c.header.replace(" ", "_") for c in COLUMNS]  # one word per column, for awk / cut
+    grid = [header] + [[c.cell(r, False) for c in COLUMNS] for r in rows]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(COLUMNS))]
+    out = []
+    for line in grid:
+        cells = [v.ljust(w) if c.left else v.rjust(w) for c, v, w in zip(COLUMNS, line, widths, strict=True)]
+        out.append("  ".join(cells).rstrip())
+    return "\n".join(out)
+
+
+def status_records(rows: list[RunStatus]) -> list[dict[str, Any]]:
+    """`status --json`: one object per run with every field of RunStatus (paths as strings,
+    numbers unrounded, null where unknown)."""
+    out = []
+    for r in rows:
+        d = asdict(r)
+        d["dir"] = None if r.dir is None else str(r.dir)
+        d["state"] = str(r.state)
+        out.append(d)
+    return out
 
 
 def gpu_table(gpus: list[dict[str, Any]]) -> Table:
@@ -215,6 +285,13 @@ def gpu_table(gpus: list[dict[str, Any]]) -> Table:
             str(g["index"]), g["name"], str(g["util"]), f"{g['mem_used_gb']:.1f}/{g['mem_total_gb']:.1f} GiB"
         )
     return t
+
+
+def gpu_lines(gpus: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"gpu {g['index']}  {g['name']}  util {g['util']}%  memory {g['mem_used_gb']:.1f}/{g['mem_total_gb']:.1f} GiB"
+        for g in gpus
+    )
 
 
 def mirrored_runs(exp: Any) -> list[Path]:
@@ -231,20 +308,44 @@ def mirrored_runs(exp: Any) -> list[Path]:
     return mirror_remote_runs(exp)
 
 
-def show_status(exp: Any, stall_after_s: float = 600.0, watch: bool = False, interval: float = 5.0) -> None:
-    """Print the status table (and GPUs) to stdout; with `watch`, refresh every `interval` s until Ctrl-C."""
+def show_status(
+    exp: Any, stall_after_s: float = 600.0, watch: bool = False, interval: float = 5.0, as_json: bool = False
+) -> None:
+    """Print the runs to stdout: a table on a terminal (fitted to its width), plain lines when
+    piped, or JSON; with `watch`, again every `interval` s until Ctrl-C."""
+    import json
+
     from rich.console import Console, Group
     from rich.live import Live
 
+    if not exp.workdir_path.exists():
+        raise ArmlabError(
+            f"{exp.workdir_path}: no such workdir: experiment {exp.name!r} has not been prepared or run here "
+            "(check the experiment file's workdir, or start with `armlab run EXP`)"
+        )
+
+    def rows() -> list[RunStatus]:
+        return experiment_status(exp, stall_after_s, extra_dirs=mirrored_runs(exp))
+
+    if as_json:
+        print(json.dumps(status_records(rows()), indent=2))
+        return
+    out = Console()  # the table is the command's output: stdout
+    title = lambda: f"{exp.name} ({time.strftime('%H:%M:%S')})"  # noqa: E731
+    if not out.is_terminal:  # piped or logged: plain lines, a block per refresh
+        while True:
+            gpus = gpu_status()
+            print(title() + "\n" + plain_table(rows()) + ("\n" + gpu_lines(gpus) if gpus else ""), flush=True)
+            if not watch:
+                return
+            time.sleep(interval)
+            print()
+
     def render() -> Group:
-        rows = experiment_status(exp, stall_after_s, extra_dirs=mirrored_runs(exp))
+        table = status_table(rows(), title=title(), width=out.size.width)
         gpus = gpu_status()
-        table = status_table(rows, title=f"{exp.name} ({time.strftime('%H:%M:%S')})")
         return Group(table, gpu_table(gpus)) if gpus else Group(table)
 
-    out = Console()  # the table is the command's output: stdout
-    if not out.is_terminal:
-        out = Console(width=160)  # piped or logged: do not squeeze the columns to 80
     if not watch:
         out.print(render())
         return
