@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from armlab.data.blob import publish, pull
-from armlab.data.prepare import prepare
+from armlab.data.prepare import PrepareOptions, prepare
 from armlab.data.shards import read_manifest
 from armlab.errors import ArmlabError
 from armlab.spec import load_experiment
@@ -45,7 +45,7 @@ def source(tmp_path: Path) -> Path:
     pool = tmp_path / "pool"
     make_pool(pool, n_docs=2400, n_files=3, with_id=False)
     path = write_exp(tmp_path, "src", pool, RANDOM_ARM)
-    prepare(load_experiment(path), workers=1)
+    prepare(load_experiment(path), options=PrepareOptions(workers=1))
     return path
 
 
@@ -86,7 +86,7 @@ def test_publish_pull_and_prepare_from_published_give_identical_shards(azurite, 
     # (eval docs removed, reshuffled, re-sharded): the same documents in the same order
     prebuilt = '\n[[arms]]\nname = "rand-pub"\nkind = "prebuilt"\nuri = "az://arms/fineweb/rand"\nseed = 42\n'
     pb = load_experiment(write_exp(tmp_path, "pb", pool, prebuilt))
-    out = prepare(pb, workers=1)
+    out = prepare(pb, options=PrepareOptions(workers=1))
     assert shard_hashes(out["rand-pub"]) == want
 
 
@@ -124,7 +124,7 @@ def test_publish_and_pull_refusals(azurite, source, tmp_path):
         moved_eval.read_text().replace("[eval]\ndocs = 50\nseed = 0", "[eval]\ndocs = 50\nseed = 1")
     )
     moved = load_experiment(moved_eval)
-    prepare(moved, arms=["rand"], workers=1)  # prepares its own eval set (seed 1) too
+    prepare(moved, arms=["rand"], options=PrepareOptions(workers=1))  # prepares its own eval set (seed 1) too
     with pytest.raises(ArmlabError, match=r"published from a different spec \(eval_cut differ\)"):
         pull(moved, "rand", "az://arms/taken", retry=FAST, force=True)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from armlab.data.blob import publish_shared, pull_shared
-from armlab.data.prepare import prepare
+from armlab.data.prepare import PrepareOptions, prepare
 from armlab.errors import ArmlabError
 from armlab.spec import load_experiment
 from armlab.tokenizer import Tokenizer, load_experiment_tokenizer, train_experiment_tokenizer
@@ -44,7 +44,7 @@ def source(tmp_path: Path) -> Path:
     make_pool(pool, n_docs=2400, n_files=3, with_id=False)
     path = write_exp(tmp_path, "cpu", pool)
     exp = load_experiment(path)
-    prepare(exp, workers=1)
+    prepare(exp, options=PrepareOptions(workers=1))
     train_experiment_tokenizer(exp)
     return path
 
@@ -149,7 +149,7 @@ def test_shared_refusals_incomplete_different_corrupt_and_leased(azurite, source
     # a different eval set already here (this host prepared from a pool that has since changed):
     # refused, and nothing of it is touched
     make_pool(pool, n_docs=2400, n_files=3, with_id=False, seed=1)
-    prepare(dst_exp, workers=1)
+    prepare(dst_exp, options=PrepareOptions(workers=1))
     mine = files_of(dst.eval_dir)
     assert mine != files_of(src.eval_dir)
     with pytest.raises(

@@ -273,6 +273,7 @@ def test_jsonl_is_streamed_in_blocks_and_gives_the_parquet_shards(
     that is not read may change type between blocks, and a score written as whole numbers in the
     first block is still a float: the shards equal those of the same documents in parquet."""
     from armlab.data import pool as pool_mod
+    from armlab.data.prepare import PrepareOptions
     from armlab.data.prepare import prepare as prepare_api
     from armlab.data.shards import sha256_file, shard_paths
     from armlab.spec import load_experiment
@@ -301,6 +302,6 @@ def test_jsonl_is_streamed_in_blocks_and_gives_the_parquet_shards(
     for fmt in ("pq", "js"):
         (tmp_path / f"exp-{fmt}").mkdir()
         exp = exp_file(tmp_path / f"exp-{fmt}", tmp_path / fmt, arms=RANDOM_ARM + TOP_ARM)
-        out = prepare_api(load_experiment(exp), workers=1)
+        out = prepare_api(load_experiment(exp), options=PrepareOptions(workers=1))
         shas[fmt] = {a: [sha256_file(p) for p in shard_paths(d)] for a, d in out.items()}
     assert shas["js"] == shas["pq"] and all(shas["pq"].values())

@@ -300,19 +300,19 @@ def test_runner_started_beside_other_threads_uses_a_forkserver() -> None:
     armlab) the workers come from a forkserver instead, and still return every result in order."""
     import threading
 
-    from armlab.data.prepare import Runner
+    from armlab.data.prepare.executor import LocalExecutor
 
     stop = threading.Event()
     other = threading.Thread(target=stop.wait, daemon=True)
     other.start()
     try:
-        runner = Runner(2)
+        ex = LocalExecutor(2)
         try:
-            assert runner.pool is not None and runner.pool._mp_context.get_start_method() == "forkserver"
+            assert ex.pool is not None and ex.pool._mp_context.get_start_method() == "forkserver"
             got: dict[int, int] = {}
-            runner.run([3, 1, 2], lambda i: (pow, (i, 2)), got.__setitem__)
-            assert got == {3: 9, 1: 1, 2: 4}
+            ex.map(abs, [-3, 1, -2], got.__setitem__)
+            assert got == {-3: 3, 1: 1, -2: 2}
         finally:
-            runner.close()
+            ex.close()
     finally:
         stop.set()

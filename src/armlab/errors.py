@@ -16,3 +16,10 @@ class RunFailed(Exception):
     """A run (prepare, training, evaluation) started and failed: exit code 1."""
 
     exit_code = 1
+
+
+class Stopped(RunFailed):
+    """A long command stopped by a signal (Ctrl-C, SIGTERM); the CLI prints its one line and exits
+    130. Its message says how to resume."""
+
+    exit_code = 130

@@ -22,6 +22,7 @@ from armlab.text import closest
 from armlab.vocab import MIN_VOCAB_SIZE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
 
 
 class Strict(BaseModel):
@@ -92,6 +93,8 @@ class ArmSpec(Strict):
     def _name_ok(cls, v: str) -> str:
         if not NAME_RE.match(v):
             raise ValueError(f"arm name {v!r} must be letters, digits, '.', '_' or '-'")
+        if v in RESERVED_ARM_NAMES:
+            raise ValueError(f"arm name {v!r} is reserved (prepare's eval set and tokenizer sample); rename the arm")
         return v
 
     @field_validator("ratio")
@@ -181,6 +184,12 @@ class EvaluateSpec(Strict):
     max_per_task: int | None = Field(None, gt=0)
 
 
+class ReportSpec(Strict):
+    """What the report shows about the arms' data."""
+
+    group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
+
+
 class HostSpec(Strict):
     name: str
     ssh: str  # user@host, or a Host alias from ~/.ssh/config
@@ -205,6 +214,7 @@ class Experiment(Strict):
     model: ModelSpec = ModelSpec()
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    report: ReportSpec = ReportSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
 
     @field_validator("name")

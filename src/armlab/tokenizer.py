@@ -6,7 +6,8 @@ rustbpe, nanochat's special tokens appended after the merges (`<|bos|>` first), 
 fast multi-threaded encoding.
 
 It is trained once per experiment on the neutral pool sample `<workdir>/tokenizer/sample/`
-(written by `armlab prepare`; never an arm, never the eval set) and saved as
+(written by `armlab prepare`; never an arm, never the eval set; sized in documents, each capped
+at `doc_cap` chars as read here, see `data/holdout.py`) and saved as
 
     <workdir>/tokenizer/tokenizer.pkl    the tiktoken Encoding (nanochat's format)
     <workdir>/tokenizer/token_bytes.npy  UTF-8 bytes each token id decodes to (0 for specials)
@@ -33,7 +34,7 @@ from armlab.errors import ArmlabError
 from armlab.progress import console, progress
 from armlab.spec import Experiment, fingerprint_diff
 from armlab.vocab import BOS, SPECIAL_TOKENS
-from armlab.workdir import atomic_path, atomic_write_json, open_workdir, read_json
+from armlab.workdir import Workdir, atomic_path, atomic_write_json, open_workdir, read_json, step_lock
 
 # GPT-4's split pattern with nanochat's change: numbers split into groups of 1-2 digits, not 1-3.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -176,7 +177,8 @@ def _sample_manifest(sample_dir: Path) -> dict[str, Any]:
 def _sample_texts(
     files: list[Path], train_chars: int, doc_cap: int, on_chars: Callable[[int], None]
 ) -> Iterator[str]:
-    """Documents of the sample in file order, each capped at doc_cap chars, until train_chars."""
+    """Documents of the sample in file order (its seeded order), each capped at doc_cap chars,
+    until train_chars: whole documents, counted as prepare counted them when it sized the sample."""
     import pyarrow.parquet as pq
 
     left = train_chars
@@ -188,7 +190,7 @@ def _sample_texts(
             texts = []
             for text in batch.column(0).to_pylist():
                 if text and left > 0:
-                    texts.append(text[: min(doc_cap, left)])
+                    texts.append(text[:doc_cap])
                     left -= len(texts[-1])
             on_chars(sum(map(len, texts)))  # one progress update per batch, not per document
             yield from texts
@@ -227,9 +229,14 @@ def train_experiment_tokenizer(exp: Experiment, overwrite: bool = False) -> Toke
     A complete tokenizer trained for the same spec and sample is reused (no-op). One trained for
     another experiment, spec or sample is refused unless `overwrite`.
     """
+    wd = open_workdir(exp)
+    with step_lock(wd, "tokenizer"):  # a second `armlab tokenizer` waits, then finds it up to date
+        return _train(exp, wd, overwrite)
+
+
+def _train(exp: Experiment, wd: Workdir, overwrite: bool) -> Tokenizer:
     import rustbpe
 
-    wd = open_workdir(exp)
     out_dir = wd.tokenizer_dir
     sample_manifest = _sample_manifest(wd.tokenizer_sample_dir)
     spec = _tokenizer_spec(exp, sample_manifest)
@@ -257,7 +264,10 @@ def train_experiment_tokenizer(exp: Experiment, overwrite: bool = False) -> Toke
             f"(256 byte tokens + {len(SPECIAL_TOKENS)} special tokens)"
         )
     files = sorted(wd.tokenizer_sample_dir.glob("shard_*.parquet"))
-    total = min(exp.tokenizer.train_chars, int(sample_manifest.get("chars") or exp.tokenizer.train_chars))
+    sample_chars = (
+        sample_manifest.get("capped_chars") or sample_manifest.get("chars") or exp.tokenizer.train_chars
+    )
+    total = min(exp.tokenizer.train_chars, int(sample_chars))
     t0 = time.time()
     seen = 0
     with progress() as bar:

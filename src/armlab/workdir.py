@@ -1,9 +1,22 @@
-"""The on-disk layout of an experiment (DESIGN.md), atomic writes, and data-dir leases.
+"""The on-disk layout of an experiment (DESIGN.md), atomic writes, step locks and data leases.
 
 Every file armlab writes goes through `atomic_write_*` or `atomic_path` (temp name in the same
 dir, fsync, rename), so a killed process never leaves a half-written file under a real name.
-Training takes a lease on its arm's data dir; every writer of that dir calls `check_writable`
-first (DESIGN.md invariant 5: no data moves under a live run).
+
+Two armlab processes on one workdir never corrupt it (DESIGN.md invariant 5: no data moves
+under a live run):
+
+- **Step locks** (`step_lock`): one OS file lock (flock, via filelock) per experiment step
+  (`prepare`, `tokenizer`, `export`) in `<workdir>/locks/`. A second process waits for it, or
+  refuses in one line naming the holder (pid, host, command, since). The kernel drops a lock
+  when its holder dies, so a killed process never leaves a stale lock behind.
+- **Read leases** (`leased`): a training run holds a shared read lease on its arm while it runs,
+  one file per run in `arms/<arm>/leases/` (beside `data/`, so swapping a new `data/` into place
+  cannot delete it). Any number of runs may read an arm; prepare, pull and delete need it free
+  (`check_writable`, `writing`). Taking a lease and swapping a data dir both happen under the
+  arm's lock (`arms/<arm>/leases/.lock`), and a swap re-checks the leases under it, so a train
+  and a prepare --overwrite of one arm are safe in either order: the train reads the old dir and
+  the swap is refused, or the swap finishes first and the train reads the new dir.
 """
 
 from __future__ import annotations
@@ -11,17 +24,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import socket
+import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError
 
-LEASE_NAME = ".lease"
+LEGACY_LEASE = ".lease"  # armlab 0.1's one exclusive lease, inside the data dir (still honoured)
+LEASES_DIR = "leases"
+LOCKS_DIR = "locks"
+WAIT_NOTICE_S = 0.5  # a lock that is not free within this long gets a "waiting for ..." line
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -65,6 +83,13 @@ class Workdir:
     def run_dir(self, arm: str, run: str) -> Path:
         return self.runs_dir(arm) / run
 
+    def leases_dir(self, arm: str) -> Path:
+        return lease_dir(self.data_dir(arm))
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / LOCKS_DIR
+
     @property
     def report_dir(self) -> Path:
         return self.root / "report"
@@ -95,7 +120,9 @@ def open_workdir(exp: Any, create: bool = True) -> Workdir:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise ArmlabError(f"{root}: workdir is not writable ({e.strerror}); make it writable, or set 'workdir' in the experiment file to a writable dir") from None
+            raise ArmlabError(
+                f"{root}: workdir is not writable ({e.strerror}); make it writable, or set 'workdir' in the experiment file to a writable dir"
+            ) from None
         frozen = wd.root / "experiment.json"
         if frozen.exists():
             old = json.loads(frozen.read_text())
@@ -183,7 +210,9 @@ def read_json(path: str | Path) -> Any:
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
-        raise ArmlabError(f"{path}: unreadable JSON ({e}); delete it or rerun the step that writes it") from None
+        raise ArmlabError(
+            f"{path}: unreadable JSON ({e}); delete it or rerun the step that writes it"
+        ) from None
 
 
 def cleanup_temp_files(directory: str | Path) -> int:
@@ -194,6 +223,101 @@ def cleanup_temp_files(directory: str | Path) -> int:
             p.unlink()
             n += 1
     return n
+
+
+# -- locks ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lock (written beside it by the holder, read by whoever finds it busy)."""
+
+    pid: int
+    host: str
+    command: str
+    since: float
+
+    def describe(self) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(self.since))
+        age = time.time() - self.since
+        ago = f"{age:.0f} s" if age < 120 else f"{age / 60:.0f} min"
+        return f"pid {self.pid} on {self.host} (`{self.command}`, since {when}, {ago} ago)"
+
+
+def _holder_file(lock_path: Path) -> Path:
+    return lock_path.with_name(f"{lock_path.name}.holder")  # not *.json: never read as a lease
+
+
+def _read_holder(lock_path: Path) -> Holder | None:
+    try:
+        d = json.loads(_holder_file(lock_path).read_text())
+        return Holder(int(d["pid"]), str(d["host"]), str(d["command"]), float(d["since"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not written yet (the holder is starting), or torn
+
+
+def _command_line() -> str:
+    argv = [os.path.basename(sys.argv[0]) or "python", *sys.argv[1:]] if sys.argv else ["?"]
+    if argv[0] in ("-c", "__main__.py"):
+        argv[0] = "armlab"
+    line = shlex.join(argv)
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
+@contextlib.contextmanager
+def hold_lock(
+    lock_path: Path, what: str, wait: bool, say: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold the OS file lock `lock_path` (flock: dropped by the kernel when the holder dies).
+
+    When another process holds it: `wait` prints one "waiting for ..." line (after WAIT_NOTICE_S)
+    and blocks; otherwise one ArmlabError line names the holder. Re-entrant within a process.
+    """
+    from filelock import FileLock, Timeout
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(lock_path, thread_local=False, is_singleton=True, preserve_lock_file=True)
+    outer = not lock.is_locked
+    try:
+        lock.acquire(timeout=WAIT_NOTICE_S if wait else 0)
+    except Timeout:
+        holder = _read_holder(lock_path)
+        who = holder.describe() if holder else "another armlab process (starting up)"
+        if not wait:
+            raise ArmlabError(f"{what}: busy: held by {who}; wait for it to finish, or stop it") from None
+        (say or _say)(f"{what}: waiting for {who} to finish")
+        lock.acquire()
+    try:
+        if outer:
+            body = {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "command": _command_line(),
+                "since": time.time(),
+            }
+            atomic_write_json(_holder_file(lock_path), body)
+        yield
+    finally:
+        if outer:
+            with contextlib.suppress(FileNotFoundError):
+                _holder_file(lock_path).unlink()
+        lock.release()
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+STEPS = ("prepare", "tokenizer", "export")
+
+
+def step_lock(wd: Workdir, step: str, wait: bool = True) -> contextlib.AbstractContextManager[None]:
+    """One writer per experiment step (`prepare`, `tokenizer`, `export`) of a workdir.
+
+    `prepare` and `tokenizer` wait (their outputs are idempotent: the second process then finds
+    them up to date and does nothing, which is what a relaunched pane or `launch` on a host where
+    a prepare is still running wants). `export` refuses (two exports at once are a mistake)."""
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}")
+    return hold_lock(wd.locks_dir / f"{step}.lock", f"{step} in {wd.root}", wait)
 
 
 # -- leases ---------------------------------------------------------------------------------------
@@ -212,10 +336,13 @@ def pid_alive(pid: int) -> bool:
 
 @dataclass(frozen=True)
 class Lease:
+    """A training run's read lease on an arm's data dir (one file per run)."""
+
     pid: int
     host: str
     started: float
     run: str
+    path: str = ""  # the lease file
 
     @property
     def local(self) -> bool:
@@ -231,69 +358,135 @@ class Lease:
         return f"run {self.run!r} (pid {self.pid} on {self.host}, started {age / 60:.0f} min ago)"
 
 
-def read_lease(data_dir: str | Path) -> Lease | None:
-    p = Path(data_dir) / LEASE_NAME
+def lease_dir(data_dir: str | Path) -> Path:
+    """`arms/<arm>/leases/` for `arms/<arm>/data/`: beside the data dir, never inside it."""
+    return Path(data_dir).parent / LEASES_DIR
+
+
+def _arm_lock(data_dir: str | Path) -> contextlib.AbstractContextManager[None]:
+    """The short lock under which leases are taken and the data dir is swapped."""
+    return hold_lock(lease_dir(data_dir) / ".lock", f"{data_dir}", wait=True)
+
+
+def _lease_file(data_dir: str | Path, run: str) -> Path:
+    return lease_dir(data_dir) / f"{run.replace('/', '_')}.json"
+
+
+def _parse_lease(p: Path) -> Lease | None:
     try:
         d = json.loads(p.read_text())
-        return Lease(pid=int(d["pid"]), host=str(d["host"]), started=float(d["started"]), run=str(d["run"]))
+        return Lease(int(d["pid"]), str(d["host"]), float(d["started"]), str(d["run"]), str(p))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, KeyError, TypeError):
         # A torn or foreign lease file: treat as held by an unknown live process (safe side).
-        return Lease(pid=-1, host="<unreadable lease>", started=p.stat().st_mtime, run="?")
+        with contextlib.suppress(OSError):
+            return Lease(-1, "<unreadable lease>", p.stat().st_mtime, p.stem, str(p))
+        return None
+
+
+def read_leases(data_dir: str | Path) -> list[Lease]:
+    """Every read lease on a data dir (and armlab 0.1's exclusive `.lease` inside it, if any)."""
+    mine = [p for p in sorted(lease_dir(data_dir).glob("*.json")) if not p.name.startswith(".")]
+    paths = [*mine, Path(data_dir) / LEGACY_LEASE]
+    return [lease for p in paths if (lease := _parse_lease(p)) is not None]
+
+
+def read_lease(data_dir: str | Path) -> Lease | None:
+    """One lease on the data dir, a live one first (for status lines); None when there is none."""
+    leases = read_leases(data_dir)
+    return next((x for x in leases if x.alive), leases[0] if leases else None)
 
 
 def check_writable(data_dir: str | Path, force: bool = False, action: str = "write") -> None:
-    """Refuse to write into a data dir leased by a run (DESIGN.md invariant 5).
+    """Refuse to write into a data dir any run reads (DESIGN.md invariant 5).
 
-    A live holder always refuses. A dead holder (stale lease) refuses unless `force`, which then
-    removes the stale lease.
+    A live holder on this host always refuses. A dead holder (stale lease) or one on another
+    host (which may be dead) refuses unless `force`, which then removes those leases.
     """
-    lease = read_lease(data_dir)
-    if lease is None:
-        return
-    if lease.alive:
-        extra = "" if lease.local else "; it may be dead, then rerun with --force"
-        if lease.local or not force:
-            raise ArmlabError(f"{data_dir}: refusing to {action}: leased by live {lease.describe()}{extra}")
-    elif not force:
+    leases = read_leases(data_dir)
+    live = [x for x in leases if x.alive and x.local]
+    other = [x for x in leases if x.alive and not x.local]
+    dead = [x for x in leases if not x.alive]
+    more = len(live) + len(other) - 1
+    also = f" and {more} more run{'s' if more > 1 else ''}" if more > 0 else ""
+    if live:
+        raise ArmlabError(f"{data_dir}: refusing to {action}: leased by live {live[0].describe()}{also}")
+    if other and not force:
         raise ArmlabError(
-            f"{data_dir}: refusing to {action}: stale lease from dead {lease.describe()}; rerun with --force to take over"
+            f"{data_dir}: refusing to {action}: leased by live {other[0].describe()}{also}; "
+            "it may be dead, then rerun with --force"
         )
-    with contextlib.suppress(FileNotFoundError):
-        (Path(data_dir) / LEASE_NAME).unlink()
+    if dead and not force:
+        raise ArmlabError(
+            f"{data_dir}: refusing to {action}: stale lease from dead {dead[0].describe()}; rerun with --force to take over"
+        )
+    for x in other + dead:
+        with contextlib.suppress(FileNotFoundError):
+            Path(x.path).unlink()
 
 
-def acquire_lease(data_dir: str | Path, run: str, force: bool = False) -> Lease:
-    """Take the data dir's lease for this process (exclusive create; stale leases need `force`)."""
+@contextlib.contextmanager
+def writing(data_dir: str | Path, force: bool = False, action: str = "write") -> Iterator[None]:
+    """Replace or delete a data dir: hold the arm's lock, check no run reads it, then yield (the
+    caller swaps or deletes under the lock, so no lease can be taken in between)."""
+    with _arm_lock(data_dir):
+        check_writable(data_dir, force=force, action=action)
+        yield
+
+
+def acquire_lease(
+    data_dir: str | Path, run: str, force: bool = False, manifest_sha256: str | None = None
+) -> Lease:
+    """Take a shared read lease on the data dir for run `run` of this process.
+
+    Other runs' leases do not matter (readers share). This run's own lease refuses while its
+    holder lives (it is running already); a dead one on this host (a killed launcher) is taken
+    over, one on another host needs `force`. `manifest_sha256`: the data the run was planned
+    on; refused if the dir now holds other data (a prepare swapped it in since).
+    """
     data_dir = Path(data_dir)
-    check_writable(data_dir, force=force, action=f"lease it for run {run!r}")
-    lease = Lease(pid=os.getpid(), host=socket.gethostname(), started=time.time(), run=run)
-    body = json.dumps({"pid": lease.pid, "host": lease.host, "started": lease.started, "run": lease.run}).encode()
-    try:
-        fd = os.open(data_dir / LEASE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        holder = read_lease(data_dir)
-        raise ArmlabError(f"{data_dir}: already leased by {holder.describe() if holder else 'another run'}") from None
-    try:
-        os.write(fd, body)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with _arm_lock(data_dir):
+        for old in read_leases(data_dir):
+            if old.run != run:
+                continue
+            if old.alive and (old.local or not force):
+                extra = "" if old.local else "; if it is dead, rerun with --force"
+                raise ArmlabError(f"{data_dir}: already leased by {old.describe()}{extra}")
+            with contextlib.suppress(FileNotFoundError):
+                Path(old.path).unlink()
+        if manifest_sha256 is not None:
+            import hashlib
+
+            try:
+                now = hashlib.sha256((data_dir / "manifest.json").read_bytes()).hexdigest()
+            except FileNotFoundError:
+                now = None
+            if now != manifest_sha256:
+                raise ArmlabError(
+                    f"{data_dir}: the arm's data changed since run {run!r} was planned (a prepare replaced it); "
+                    "start the run again"
+                )
+        path = _lease_file(data_dir, run)
+        lease = Lease(os.getpid(), socket.gethostname(), time.time(), run, str(path))
+        atomic_write_json(path, {"pid": lease.pid, "host": lease.host, "started": lease.started, "run": run})
     return lease
 
 
 def release_lease(data_dir: str | Path, lease: Lease) -> None:
-    """Remove the lease if it is still ours."""
-    current = read_lease(data_dir)
-    if current is not None and current.pid == lease.pid and current.host == lease.host:
-        with contextlib.suppress(FileNotFoundError):
-            (Path(data_dir) / LEASE_NAME).unlink()
+    """Remove the lease if it is still ours (same run, pid and host)."""
+    for current in read_leases(data_dir):
+        if (current.run, current.pid, current.host) == (lease.run, lease.pid, lease.host):
+            with contextlib.suppress(FileNotFoundError):
+                Path(current.path).unlink()
 
 
 @contextlib.contextmanager
-def leased(data_dir: str | Path, run: str, force: bool = False) -> Iterator[Lease]:
-    lease = acquire_lease(data_dir, run, force=force)
+def leased(
+    data_dir: str | Path, run: str, force: bool = False, manifest_sha256: str | None = None
+) -> Iterator[Lease]:
+    """Hold a shared read lease on the data dir for the block (see `acquire_lease`)."""
+    lease = acquire_lease(data_dir, run, force=force, manifest_sha256=manifest_sha256)
     try:
         yield lease
     finally:

@@ -14,7 +14,7 @@ from pathlib import Path
 import typer
 
 from armlab.cli.app import Interrupted, app, with_typed_exp
-from armlab.errors import ArmlabError, RunFailed
+from armlab.errors import ArmlabError, RunFailed, Stopped
 
 # Command modules: importing them registers their commands on `app`, in workflow order
 # (the order `armlab --help` lists them).
@@ -74,6 +74,9 @@ def _main() -> None:
     except ArmlabError as e:
         print(f"armlab: error: {with_typed_exp(str(e))}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:  # raised below typer, which would turn a KeyboardInterrupt into a silent 130
+        print(f"armlab: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except RunFailed as e:
         print(f"armlab: failed: {with_typed_exp(str(e))}", file=sys.stderr)
         sys.exit(1)

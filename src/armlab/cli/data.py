@@ -36,6 +36,7 @@ def prepare(
     rows_per_shard: Annotated[int | None, typer.Option(help="override shards.rows_per_shard")] = None,
 ) -> None:
     """Prepare the eval set, the tokenizer sample and the arms' shuffled shards (resumable)."""
+    from armlab.data.prepare import PrepareOptions
     from armlab.data.prepare import prepare as run_prepare
     from armlab.spec import load_experiment, parse_experiment
 
@@ -55,9 +56,7 @@ def prepare(
         if rows_per_shard is not None:
             data["shards"]["rows_per_shard"] = rows_per_shard
         spec = parse_experiment(data, "command line")
-    dirs = run_prepare(
-        spec,
-        arms=arm,
+    options = PrepareOptions(
         workers=workers,
         force=force,
         overwrite=overwrite,
@@ -65,6 +64,7 @@ def prepare(
         keep_cache=keep_cache,
         skip_download=skip_download,
     )
+    dirs = run_prepare(spec, arms=arm, options=options)
     for name, d in dirs.items():
         print(f"{name}\t{d}")
 

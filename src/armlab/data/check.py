@@ -2,7 +2,7 @@
 
 Checks what the loader and the playbook's postmortem depend on: every file opens as parquet
 with a string `text` column, no text is null or empty, the manifest (when there is one) matches
-the files (names, rows, sha256) and says `complete`, and the (file, row group) work units can
+the files (names, sizes, rows, sha256) and says `complete`, and the (file, row group) work units can
 be spread evenly over W ranks. The playbook's one-row-group-per-file shards fail the last check:
 with 8 ranks and few groups, ranks run out of data at different steps (the NCCL hang).
 """
@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from armlab.data.shards import MANIFEST, SHARD_GLOB, sha256_file
+from armlab.errors import ArmlabError
 from armlab.workdir import read_json
 
 # Ranks get whole row groups; with fewer than this many groups per rank, the rows each rank
@@ -111,6 +112,40 @@ def check_data_dir(
     return res
 
 
+def listed_file_problems(d: Path, files: list[dict], paths: list[Path]) -> list[str]:
+    """Every file the manifest lists exists at its recorded size, and no shard is unlisted."""
+    listed = {f["name"]: f for f in files}
+    names = {p.name: p for p in paths}
+    out = [f"{n}: listed in manifest.json but missing" for n in sorted(set(listed) - set(names))]
+    out += [f"{n}: not listed in manifest.json" for n in sorted(set(names) - set(listed))]
+    for n in sorted(set(listed) & set(names)):
+        want, got = listed[n].get("bytes"), names[n].stat().st_size
+        if want is not None and want != got:
+            out.append(f"{n}: {got:,} bytes, manifest.json says {want:,} (truncated or replaced)")
+    return out
+
+
+def verify_complete(data_dir: str | Path) -> None:
+    """Refuse (one line) a data dir whose manifest is not complete or whose listed files are not
+    all there at their sizes: an incomplete arm must never train. Cheap (no hashing; `armlab
+    check` also hashes). A dir without a manifest (foreign shards) is left to the loader."""
+    d = Path(data_dir)
+    try:
+        m = read_json(d / MANIFEST)
+    except FileNotFoundError:
+        return
+    files = m.get("files") if isinstance(m, dict) else None
+    if not m.get("complete") or not isinstance(files, list):
+        raise ArmlabError(f"{d}: data is incomplete (manifest.json not complete); rerun `armlab prepare`")
+    problems = listed_file_problems(d, files, sorted(d.glob(SHARD_GLOB)))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ArmlabError(
+            f"{d}: incomplete data: {problems[0]}{more}; run `armlab check {d}`, then re-prepare the arm "
+            "(`armlab prepare EXP --arm ARM --overwrite`)"
+        )
+
+
 def _check_manifest(
     d: Path, paths: list[Path], res: CheckResult, fixes: list[str], verify_hashes: bool
 ) -> None:
@@ -127,11 +162,7 @@ def _check_manifest(
         res.problems.append(f"{mpath}: not complete (prepare was interrupted)")
         fixes.append("rerun `armlab prepare EXP` to finish it")
     listed = {f["name"]: f for f in files}
-    names = {p.name for p in paths}
-    for name in sorted(set(listed) - names):
-        res.problems.append(f"{name}: listed in manifest.json but missing")
-    for name in sorted(names - set(listed)):
-        res.problems.append(f"{name}: not listed in manifest.json")
+    res.problems.extend(listed_file_problems(d, files, paths))
     for p in paths:
         entry = listed.get(p.name)
         if entry is None:

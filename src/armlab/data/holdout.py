@@ -3,16 +3,24 @@
 Eval = the `[eval] docs` documents with the smallest `mix(key, eval.seed, SALT_EVAL)` over the
 whole pool: an exact-size, uniform, deterministic draw that needs only the keys (a running set
 of the `docs` smallest hashes, file by file; the cut is the docs-th smallest of those).
-Every arm excludes these documents. The tokenizer sample is a seeded uniform fraction of the
-non-eval documents sized to about `tokenizer.train_chars` characters.
+Every arm excludes these documents.
+
+The tokenizer sample is counted in documents, not bytes: the first documents of a seeded
+uniform order of the non-eval pool (ascending `mix(key, tokenizer.seed, SALT_TOKENIZER)`) whose
+characters, each document capped at `tokenizer.doc_cap` as the tokenizer reads them, reach
+`tokenizer.train_chars`. One 50 MB document then counts as doc_cap characters, not 50 M, and
+cannot shrink the sample. The cut is a threshold on that order (`tokenizer_rank`) found by
+`select.rank_threshold` over the documents' capped lengths; where the key pass did not read the
+texts, their lengths are estimated (token counts, else each file's mean) and the sample is
+staged with a margin, then cut exactly when its shards are written.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from armlab.data.identity import mix, uniform
-from armlab.data.select import SALT_EVAL, SALT_TOKENIZER
+from armlab.data.identity import mix
+from armlab.data.select import SALT_EVAL, SALT_TOKENIZER, Threshold
 from armlab.errors import ArmlabError
 from armlab.spec import EvalSpec, TokenizerSpec
 
@@ -42,11 +50,19 @@ def eval_mask(keys: np.ndarray, spec: EvalSpec, cut: int) -> np.ndarray:
     return eval_hashes(keys, spec) <= np.uint64(cut)
 
 
-def tokenizer_fraction(spec: TokenizerSpec, non_eval_chars: float) -> float:
-    return 1.0 if non_eval_chars <= 0 else min(1.0, spec.train_chars / non_eval_chars)
+def tokenizer_order(keys: np.ndarray, spec: TokenizerSpec) -> np.ndarray:
+    """The sample's order: ascending, so its shards are written in it (a uniform permutation)."""
+    return mix(keys, spec.seed, SALT_TOKENIZER)
+
+
+def tokenizer_rank(keys: np.ndarray, spec: TokenizerSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(primary, secondary) ranks for `select.rank_threshold`: larger is earlier in the order."""
+    return ~tokenizer_order(keys, spec), np.zeros(len(keys), dtype=np.uint64)
 
 
 def tokenizer_mask(
-    keys: np.ndarray, spec: TokenizerSpec, fraction: float, held_out: np.ndarray
+    keys: np.ndarray, spec: TokenizerSpec, cut: Threshold | None, held_out: np.ndarray
 ) -> np.ndarray:
-    return (uniform(keys, spec.seed, SALT_TOKENIZER) < fraction) & ~held_out
+    if cut is None:
+        return np.zeros(len(keys), dtype=bool)
+    return cut.accepts(*tokenizer_rank(keys, spec)) & ~held_out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import json
 import os
 import time
@@ -47,6 +48,7 @@ class PoolFile:
     size: int
     fmt: str  # "parquet" | "jsonl"
     protocol: str | None = None  # None: local file
+    identity: str = ""  # the file's content identity (`local_identity` / `remote_identity`)
 
     @property
     def remote(self) -> bool:
@@ -104,7 +106,7 @@ def list_pool(spec: PoolSpec) -> list[PoolFile]:
         for c in candidates:
             fmt = file_format(c, spec.format)
             if fmt and Path(c).is_file():
-                files.append(PoolFile(c, os.path.getsize(c), fmt))
+                files.append(PoolFile(c, os.path.getsize(c), fmt, identity=local_identity(c, fmt)))
     else:
         try:
             fs = filesystem(protocol)
@@ -119,12 +121,67 @@ def list_pool(spec: PoolSpec) -> list[PoolFile]:
         for name, info in sorted(found.items()):
             fmt = file_format(name, spec.format)
             if fmt and info.get("type", "file") == "file":
-                files.append(PoolFile(name, int(info.get("size") or 0), fmt, protocol))
+                files.append(PoolFile(name, int(info.get("size") or 0), fmt, protocol, remote_identity(info)))
     if not files:
         raise ArmlabError(
             f"pool.uri {spec.uri!r}: no parquet or jsonl(.gz/.zst) files found; check the path or glob"
         )
     return files
+
+
+# -- content identity ------------------------------------------------------------------------------
+# What a fingerprint of the pool covers for each file, so that a file rewritten in place (re-scored,
+# re-exported, even at the same size) invalidates what was derived from it, while a rerun over
+# unchanged files costs no more than a listing (and, for local parquet, one footer read a file).
+SAMPLE_BYTES = 64 << 10  # head and tail hashed for files without a footer
+
+
+def local_identity(path: str, fmt: str) -> str:
+    """Local parquet: `pq:<size>:<sha256 of the footer>`. The footer holds every column chunk's
+    offsets, sizes and statistics, so new contents change it unless every chunk kept its exact
+    compressed size and statistics; copying the file (new mtime) keeps it. Other files (jsonl, or
+    parquet without a readable footer): `stat:<size>:<mtime_ns>:<sha256 of head and tail>`."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        if fmt == "parquet" and st.st_size >= 12:
+            f.seek(st.st_size - 8)
+            tail = f.read(8)
+            n = int.from_bytes(tail[:4], "little")
+            if tail[4:] == b"PAR1" and n + 12 <= st.st_size:
+                f.seek(st.st_size - 8 - n)
+                return f"pq:{st.st_size}:{hashlib.sha256(f.read(n)).hexdigest()[:32]}"
+        h = hashlib.sha256(f.read(SAMPLE_BYTES))
+        if st.st_size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, st.st_size - SAMPLE_BYTES))
+            h.update(f.read(SAMPLE_BYTES))
+    return f"stat:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:32]}"
+
+
+def remote_identity(info: dict[str, Any]) -> str:
+    """What the store lists about a file's contents, strongest first: a content hash (the hub's
+    LFS sha256 or xet hash, a Content-MD5), then a version tag (ETag, the hub's git blob id), then
+    the modification time. '' when the store lists none of these (the fingerprint then has only
+    the name and size to go on)."""
+    lfs = info.get("lfs")
+    if isinstance(lfs, dict) and (lfs.get("sha256") or lfs.get("oid")):
+        return f"sha256:{lfs.get('sha256') or lfs.get('oid')}"
+    lower = {str(k).lower(): v for k, v in info.items() if v not in (None, "")}
+    for key, tag in (
+        ("xet_hash", "xet"),
+        ("content-md5", "md5"),
+        ("md5", "md5"),
+        ("etag", "etag"),
+        ("blob_id", "git"),
+        ("last-modified", "mtime"),
+        ("last_modified", "mtime"),
+        ("lastmodified", "mtime"),
+        ("mtime", "mtime"),
+    ):
+        if key in lower:
+            value = lower[key]
+            text = value.isoformat() if hasattr(value, "isoformat") else str(value).replace('"', "")
+            return f"{tag}:{text}"
+    return ""
 
 
 # -- reading ---------------------------------------------------------------------------------------

@@ -16,6 +16,11 @@ the thresholds, membership (`members`) depends only on the seed, the key and the
 on the file layout, worker count or order of processing (DESIGN.md invariant 3).
 `random` needs no threshold: uniform(key, seed) < ratio (a binomial number of rows).
 
+A document without a score (NaN or null) is not rankable: it ranks below every scored document
+(primary 0), in seeded uniform order among its kind. So a `top` / `sample` arm is the same share
+of the pool as a `random` arm of the same ratio (comparable sizes), and takes unscored documents
+only when its ratio exceeds the scored share (prepare says how many).
+
 `arm_members` applies an arm (policy, threshold, cap) to one file's arrays; `Rules` carries the
 thresholds to the worker processes.
 """
@@ -53,8 +58,16 @@ def float_bits(x: np.ndarray) -> np.ndarray:
     return np.where(b & SIGN, ~b, b | SIGN)
 
 
+def _ranked(x: np.ndarray) -> np.ndarray:
+    """float_bits, with NaN (no score) at 0: below every number, -inf included."""
+    nan = np.isnan(x)
+    if not nan.any():
+        return float_bits(x)
+    return np.where(nan, np.uint64(0), float_bits(np.where(nan, 0.0, x)))
+
+
 def top_rank(scores: np.ndarray, keys: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    return float_bits(scores), ~mix(keys, seed, SALT_TIE)
+    return _ranked(scores), ~mix(keys, seed, SALT_TIE)
 
 
 def sample_rank(
@@ -62,7 +75,7 @@ def sample_rank(
 ) -> tuple[np.ndarray, np.ndarray]:
     u = np.clip(uniform(keys, seed, SALT_GUMBEL), 1e-300, None)
     gumbel = -np.log(-np.log(u))
-    return float_bits(scores / temperature + gumbel), ~mix(keys, seed, SALT_TIE)
+    return _ranked(scores / temperature + gumbel), ~mix(keys, seed, SALT_TIE)
 
 
 def cap_rank(keys: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +192,7 @@ class Rules:
     eval_spec: EvalSpec
     eval_cut: int
     tokenizer_spec: TokenizerSpec
-    tokenizer_fraction: float
+    tokenizer_cut: Threshold | None  # holdout.tokenizer_rank: the staged tokenizer sample
     arms: dict[str, ArmSpec]
     thresholds: dict[str, Threshold | None] = field(default_factory=dict)
     caps: dict[str, Threshold | None] = field(default_factory=dict)
@@ -222,7 +235,7 @@ def arm_base(
     if arm.kind == "random":
         return random_members(keys, arm.seed, arm.ratio) & ~held
     score = a[f"score:{arm.score_column}"]
-    cand = ~held & ~np.isnan(score)
+    cand = ~held  # unscored documents too: they rank last
     if arm.kind == "top":
         p, s = top_rank(score[cand], keys[cand], arm.seed)
     else:

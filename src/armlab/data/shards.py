@@ -9,8 +9,12 @@ groups of `row_group_rows`, and `manifest.json` with rows, chars, per-file sha25
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from armlab.errors import ArmlabError
-from armlab.workdir import atomic_path, atomic_write_json, read_json
+from armlab.workdir import atomic_path, atomic_write_json, cleanup_temp_files, read_json
 
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard_*.parquet"
@@ -109,6 +113,7 @@ class ShardWriter:
                 "rows": table.num_rows,
                 "row_groups": -(-table.num_rows // self.row_group_rows),
                 "chars": int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0),
+                "bytes": path.stat().st_size,
                 "sha256": sha256_file(path),
             }
         )
@@ -117,15 +122,54 @@ class ShardWriter:
 def finish_dir(partial: Path, final: Path, manifest: dict[str, Any]) -> None:
     """Write the manifest (complete) into `partial` and swap it into place as `final`.
 
-    The old dir (if any) is moved aside first and deleted after the swap, so readers see either
-    the old complete dir or the new complete one, never a mix.
+    `partial` must hold exactly the manifest's files, at their sizes (a leftover temp file, or a
+    shard some other writer removed, refuses the swap). On Linux the two dirs are exchanged in
+    one rename (renameat2 RENAME_EXCHANGE), so readers see the old complete dir or the new
+    complete one, never a missing or mixed one; elsewhere the old dir is moved aside first.
     """
+    cleanup_temp_files(partial)
+    want = {f["name"]: f.get("bytes") for f in manifest["files"]}
+    have = {p.name: p.stat().st_size for p in partial.iterdir() if p.is_file()}
+    have.pop(MANIFEST, None)
+    wrong = sorted(
+        n for n in set(want) | set(have) if n not in have or n not in want or want[n] not in (None, have[n])
+    )
+    if wrong:
+        raise ArmlabError(
+            f"{partial}: does not hold the files its manifest lists ({', '.join(wrong[:3])}); "
+            "another process wrote here: rerun prepare"
+        )
     atomic_write_json(partial / MANIFEST, {**manifest, "complete": True})
     old = final.with_name(f".{final.name}.old")
     if old.exists():
         shutil.rmtree(old)
+    if final.exists() and _exchange(partial, final):
+        shutil.rmtree(partial)  # now the old dir
+        return
     if final.exists():
         final.rename(old)
     partial.rename(final)
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(old)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two paths (Linux renameat2); False where the platform cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel, or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))

@@ -75,8 +75,10 @@ def merge(
     columns: list[str],
     total_bytes: int,
     on_rows: Callable[[int, int], None] | None = None,
+    take: Callable[[pa.Table], int] | None = None,
 ) -> None:
-    """Stage 2: stream the rows of all stage files into `writer`, sorted by `h`."""
+    """Stage 2: stream the rows of all stage files into `writer`, sorted by `h`. `take(rows)`,
+    if given, says how many of the next rows (in order) to keep; fewer than all ends the merge."""
     maps: list[mmap.mmap] = []
     batches: list[tuple[pa.RecordBatch, np.ndarray]] = []
     for f in files:  # in unit order: ties in h then keep a deterministic order
@@ -112,9 +114,13 @@ def merge(
             # the page cache), so RSS stays at one bucket however large the arm is.
             for mm in maps:
                 mm.madvise(mmap.MADV_DONTNEED)
-            writer.write(out)
+            n = take(out) if take is not None else out.num_rows
+            if n:
+                writer.write(out.slice(0, n) if n < out.num_rows else out)
             if on_rows is not None:
-                on_rows(out.num_rows, out.column("text").nbytes)
+                on_rows(n, out.column("text").nbytes)
+            if n < out.num_rows:
+                break
     finally:
         batches.clear()
         for mm in maps:

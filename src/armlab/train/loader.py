@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 import xxhash
 
+from armlab.data.check import verify_complete
 from armlab.data.identity import mix
 from armlab.errors import ArmlabError
 
@@ -88,7 +89,9 @@ def list_units(data_dir: str | Path) -> tuple[list[Path], list[Unit]]:
 
 
 def check_feeds(data_dir: str | Path, world_size: int) -> tuple[list[Path], list[Unit]]:
-    """Refuse (with the fix) a data dir that has fewer work units than ranks; return its units."""
+    """Refuse (with the fix) an incomplete data dir, or one with fewer work units than ranks;
+    return its units."""
+    verify_complete(data_dir)
     files, units = list_units(data_dir)
     if len(units) < world_size:
         rows = sum(u.rows for u in units)

@@ -10,8 +10,10 @@ from typing import Any
 
 from armlab.data.blob.address import MANIFEST_NAME
 from armlab.data.blob.sdk import _first_line
+from armlab.data.prepare.targets import arm_selection, eval_selection
 from armlab.errors import ArmlabError
-from armlab.workdir import open_workdir, read_json
+from armlab.spec import fingerprint_diff
+from armlab.workdir import read_json
 
 
 def _tokenizer_files() -> list[str]:
@@ -57,18 +59,8 @@ def _check_tokenizer_files(directory: Path, manifest: dict[str, Any]) -> None:
         raise ArmlabError(f"{directory / TOKEN_BYTES_FILE}: does not match {ENCODING_FILE}")
 
 
-def _eval_selection(exp: Any) -> dict[str, Any]:
-    """The `selection` an eval manifest records for this experiment (prepare's, not a copy)."""
-    from armlab.data.prepare import EVAL, plan_targets
-
-    wd = open_workdir(exp, create=False)
-    return next(t.selection for t in plan_targets(exp, wd, [], "") if t.name == EVAL)
-
-
 def _check_eval_spec(exp: Any, manifest: dict[str, Any], where: str) -> None:
-    from armlab.spec import fingerprint_diff
-
-    ours = {"selection": _eval_selection(exp), "shards": exp.shards.model_dump()}
+    ours = {"selection": eval_selection(exp), "shards": exp.shards.model_dump()}
     diff = fingerprint_diff(ours, {k: manifest.get(k) for k in ours})
     if diff:
         raise ArmlabError(
@@ -81,9 +73,6 @@ def _check_same_spec(exp: Any, spec: Any, eval_dir: Path, manifest: dict[str, An
     """A published arm must come from this experiment's pool, eval set, shard layout and arm
     selection: one from another eval set may hold this experiment's eval docs (DESIGN.md
     invariant 2). The eval set is compared when it is prepared here (it is what training uses)."""
-    from armlab.data.prepare import arm_selection
-    from armlab.spec import fingerprint_diff
-
     ours: dict[str, Any] = {"shards": exp.shards.model_dump()}
     if spec.kind != "prebuilt":  # a prebuilt arm's selection names its source files, unknown here
         ours["selection"] = arm_selection(exp, spec)

@@ -1,0 +1,136 @@
+"""Where prepare's units of work run: one small interface, `Executor.map(fn, tasks, on_done)`.
+
+The passes only ever call `map`: each task is a picklable value, `fn(task)` runs somewhere (this
+process, a worker process, later perhaps a cluster node) and `on_done(task, result)` runs here, in
+the parent, in completion order. Tasks are drawn from the iterable only when a slot is free, so
+an iterable that blocks (waiting for a download) holds back only the work behind it.
+
+`LocalExecutor` runs tasks inline (workers=1) or on a pool of worker processes forked up front.
+Its workers die with their parent (PR_SET_PDEATHSIG on Linux, and a parent-pid watch where that
+is missing), ignore SIGINT (the parent owns shutdown: a Ctrl-C in a terminal reaches the whole
+process group, and worker tracebacks would bury the one line that matters), take SIGTERM's
+default (they are killed, not stopped: the parent is what stops), and run Arrow
+single-threaded (one process per core; Arrow's own pool would only contend).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any, Protocol, TypeVar
+
+import pyarrow as pa
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+PR_SET_PDEATHSIG = 1
+PARENT_WATCH_S = 1.0
+
+
+class Executor(Protocol):
+    """Runs `fn(task)` for each task, at most `workers` at once; `on_done(task, result)` in the caller."""
+
+    workers: int
+
+    def map(self, fn: Callable[[T], R], tasks: Iterable[T], on_done: Callable[[T, R], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Tasks inline (workers=1) or on forked worker processes of this machine."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        if workers > 1:
+            # On Linux the workers are forked, all of them now, before this process starts any
+            # thread (progress bars, downloads): a fork copies only the forking thread, so forking
+            # later could copy a lock some other thread holds. Forked workers start instantly with
+            # everything imported; a forkserver would spend ~0.3 s re-importing pyarrow first, and
+            # spawn ~1 s per worker. A caller that already runs threads (an app embedding armlab)
+            # gets a forkserver; other platforms their default (spawn on macOS, where fork is unsafe).
+            linux = sys.platform.startswith("linux")
+            method = ("fork" if threading.active_count() == 1 else "forkserver") if linux else None
+            ctx = multiprocessing.get_context(method)
+            self.pool = ProcessPoolExecutor(
+                workers,
+                mp_context=ctx,
+                initializer=_worker_init,
+                # a forked worker's parent is this process; a forkserver's child's is the server
+                initargs=(os.getpid() if method == "fork" else None,),
+            )
+            if method == "fork":
+                # submit() forks every worker at once under the fork method; wait for them here
+                for f in [self.pool.submit(os.getpid) for _ in range(workers)]:
+                    f.result()
+
+    def map(self, fn: Callable[[T], R], tasks: Iterable[T], on_done: Callable[[T, R], None]) -> None:
+        if self.pool is None:
+            for task in tasks:
+                on_done(task, fn(task))
+            return
+        inflight: dict[Future[Any], Any] = {}
+        try:
+            for task in tasks:
+                inflight[self.pool.submit(fn, task)] = task
+                while len(inflight) >= self.workers:
+                    self._drain(inflight, on_done)
+            while inflight:
+                self._drain(inflight, on_done)
+        except BaseException:
+            for f in inflight:
+                f.cancel()
+            raise
+
+    @staticmethod
+    def _drain(inflight: dict[Future[Any], Any], on_done: Callable[[Any, Any], None]) -> None:
+        done, _ = wait(list(inflight), return_when=FIRST_COMPLETED)
+        for f in done:
+            on_done(inflight.pop(f), f.result())
+
+    def close(self, kill: bool = False) -> None:
+        """Wait for the workers to exit; `kill` (on an error or a signal) stops them at once."""
+        if self.pool is None:
+            return
+        if kill:
+            for p in list((self.pool._processes or {}).values()):  # no public API for this
+                with contextlib.suppress(Exception):
+                    p.kill()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(parent: int | None) -> None:
+    pa.set_cpu_count(1)  # one process per core: Arrow's own thread pool would only contend
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for s in (signal.SIGTERM, signal.SIGHUP):  # not the parent's "stop prepare" handlers
+        signal.signal(s, signal.SIG_DFL)
+    die_with_parent(parent or os.getppid())
+
+
+def die_with_parent(parent: int) -> None:
+    """Exit when `parent` exits, however it dies (a kill -9 of prepare must not leave 150 MB
+    workers behind). Linux: the kernel sends SIGKILL (PR_SET_PDEATHSIG); elsewhere a daemon
+    thread polls the parent pid."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+            return
+
+    def watch() -> None:
+        while True:
+            threading.Event().wait(PARENT_WATCH_S)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="armlab-parent-watch", daemon=True).start()

@@ -1,0 +1,223 @@
+"""Key pass (per pool file, in a worker): the small per-document arrays selection needs.
+
+Reads only the id column (else the text), the score columns and the token counts the arms need,
+and saves keys / scores / weights to a small .npz. Remote parquet is read with ranged column
+reads, so no text is downloaded here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from armlab.data.identity import doc_keys
+from armlab.data.pool import BadFile, PoolFile, describe_error, file_stats, iter_columns, open_source
+from armlab.errors import ArmlabError
+from armlab.spec import ArmSpec, Experiment
+from armlab.workdir import atomic_path
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which pool columns the key pass reads."""
+
+    id: str | None
+    text: str
+    scores: tuple[str, ...]
+    tokens: str | None
+    need_chars: bool  # chars per document are needed (token estimate) -> the key pass reads text
+    group: str | None = None  # `[report] group_column`: counted per arm for the report
+
+    @property
+    def read(self) -> list[str]:
+        cols = [self.id] if self.id else []
+        if self.id is None or self.need_chars:
+            cols.append(self.text)
+        cols += [c for c in self.scores if c not in cols]
+        for extra in (self.tokens, self.group):
+            if extra and extra not in cols:
+                cols.append(extra)
+        return cols
+
+
+def stats_score_column(exp: Experiment) -> str | None:
+    """The score the arms' data statistics histogram: the experiment's first arm's that has one."""
+    return next((a.score_column for a in exp.arms if a.score_column), None)
+
+
+def key_columns(exp: Experiment, arms: list[ArmSpec]) -> Columns:
+    wanted = [a.score_column for a in arms if a.score_column] + [stats_score_column(exp)]
+    scores = tuple(dict.fromkeys(c for c in wanted if c))
+    by_tokens = any(a.by == "tokens" or a.max_tokens for a in arms)
+    tokens = exp.pool.token_count_column  # a small integer column: read it when there is one (exact counts)
+    return Columns(
+        id=exp.pool.id_column,
+        text=exp.pool.text_column,
+        scores=scores,
+        tokens=tokens,
+        need_chars=by_tokens and tokens is None,
+        group=exp.report.group_column,
+    )
+
+
+def is_text_type(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def is_bytes_type(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+
+
+def check_text_type(name: str, column: str, t: pa.DataType) -> None:
+    """Documents are strings (or UTF-8 bytes, validated when read); anything else is refused:
+    integers cast to "1345" would otherwise be trained on as documents."""
+    if not (is_text_type(t) or is_bytes_type(t) or pa.types.is_null(t)):
+        raise ArmlabError(
+            f"{name}: text column {column!r} has type {t}, not a string; point pool.text_column at the "
+            "column that holds the documents' text"
+        )
+
+
+def as_text(name: str, column: str, text: pa.Array, where: str) -> pa.Array:
+    """`text` as a string array: UTF-8 bytes are validated (BadFile naming `where` if invalid)."""
+    check_text_type(name, column, text.type)
+    if pa.types.is_string(text.type):
+        return text
+    try:
+        return text.cast(pa.string())
+    except pa.ArrowInvalid:
+        raise BadFile(
+            name, f"invalid UTF-8 in text column {column!r}{', ' + where if where else ''}"
+        ) from None
+
+
+def _parquet_text_type(pf: PoolFile, column: str) -> pa.DataType | None:
+    """The text column's type from a parquet footer (for a key pass that does not read the text)."""
+    if pf.fmt != "parquet":
+        return None
+    try:
+        with open_source(pf) as src:
+            schema = pq.ParquetFile(src).schema_arrow
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise BadFile(pf.name, describe_error(e)) from None
+    return schema.field(column).type if column in schema.names else None
+
+
+@dataclass(frozen=True)
+class KeyTask:
+    """One pool file's key pass: read `pf`'s key columns into `out`."""
+
+    unit: int
+    pf: PoolFile
+    cols: Columns
+    out: Path
+    skip_bad_files: bool
+
+
+def run_key_task(task: KeyTask) -> str | None:
+    """The key pass of one file; with skip_bad_files an unreadable file is returned as a reason."""
+    try:
+        key_pass(task.pf, task.cols, task.out)
+    except BadFile as e:
+        if not task.skip_bad_files:
+            raise
+        return f"{e.file} ({e.reason})"
+    return None
+
+
+def key_pass(pf: PoolFile, cols: Columns, out: Path) -> None:
+    """Read the key/score/token columns of one pool file into `out` (.npz, atomic), streaming
+    (memory: one row group or jsonl block plus the small per-row arrays)."""
+    read = cols.read
+    if pf.fmt == "jsonl" and cols.text not in read:
+        read = [*read, cols.text]  # every jsonl line is parsed anyway: take exact chars for free
+    types = {cols.text: pa.string(), **{c: pa.float64() for c in cols.scores}}
+    parts: dict[str, list[np.ndarray]] = {}
+    groups: dict[str, int] = {}  # group value -> code, over the whole file
+    null_ids = 0
+    # Without text the columns are a few bytes a row: parquet is read whole (coalesced ranged reads).
+    if cols.text not in read and (tt := _parquet_text_type(pf, cols.text)) is not None:
+        check_text_type(pf.name, cols.text, tt)
+    batches = iter_columns(pf, read, expect=(cols.text,), types=types, whole_file=cols.text not in read)
+    for rg, t in enumerate(batches):
+        text = None
+        if cols.text in t.column_names:  # parquet: one row group a table here
+            where = f"row group {rg}" if pf.fmt == "parquet" else f"block {rg}"
+            text = as_text(pf.name, cols.text, t.column(cols.text).combine_chunks(), where)
+        if cols.id and t.column(cols.id).null_count:
+            null_ids += t.column(cols.id).null_count
+            continue
+        got = {"keys": doc_keys(t.column(cols.id) if cols.id else None, text)}
+        if text is not None:
+            got["chars"] = pc.fill_null(pc.utf8_length(text), 0).to_numpy().astype(np.int64)
+        for c in cols.scores:
+            col = t.column(c)
+            if not (
+                pa.types.is_integer(col.type)
+                or pa.types.is_floating(col.type)
+                or pa.types.is_decimal(col.type)
+            ):
+                raise ArmlabError(
+                    f"{pf.name}: score column {c!r} has type {col.type}, not a number; point score_column at a numeric column"
+                )
+            got[f"score:{c}"] = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+        if cols.tokens:
+            col = t.column(cols.tokens)
+            if not pa.types.is_integer(col.type):
+                raise ArmlabError(
+                    f"{pf.name}: token_count_column {cols.tokens!r} has type {col.type}, not an integer"
+                )
+            got["tokens"] = pc.fill_null(col, 0).to_numpy().astype(np.int64)
+        if cols.group:
+            got["group"] = _group_codes(pf, cols.group, t.column(cols.group), groups)
+        for k, v in got.items():
+            parts.setdefault(k, []).append(v)
+    if null_ids:
+        raise ArmlabError(
+            f"{pf.name}: id column {cols.id!r} has {null_ids} null values; fix the data, "
+            "or remove pool.id_column to identify documents by a hash of their text"
+        )
+    empty = {"keys": np.uint64, "chars": np.int64, "tokens": np.int64, "group": np.int32}
+    wanted = ["keys", *(f"score:{c}" for c in cols.scores)]
+    wanted += ["tokens"] if cols.tokens else []
+    wanted += ["group"] if cols.group else []
+    wanted += ["chars"] if cols.text in read else []
+    arrays = {
+        k: np.concatenate(parts[k]) if k in parts else np.zeros(0, dtype=empty.get(k, np.float64))
+        for k in wanted
+    }
+    if cols.group:
+        arrays["group_values"] = np.array(list(groups), dtype=np.str_)
+    if "chars" in arrays:
+        arrays["text_bytes"] = np.array(int(arrays["chars"].sum()))
+    else:
+        arrays["text_bytes"] = np.array(
+            file_stats(pf, cols.text).text_bytes
+        )  # parquet metadata, no data read
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _group_codes(pf: PoolFile, column: str, col: pa.ChunkedArray, groups: dict[str, int]) -> np.ndarray:
+    """Codes of a categorical column's values (-1: null), numbered over the file in `groups`."""
+    enc = pc.dictionary_encode(col.combine_chunks())
+    try:
+        values = pc.cast(enc.dictionary, pa.string()).to_pylist()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise ArmlabError(
+            f"{pf.name}: report.group_column {column!r} has type {col.type}, not a category; "
+            "name a string or integer column"
+        ) from None
+    remap = np.array([groups.setdefault(v, len(groups)) for v in values] + [-1], dtype=np.int32)
+    idx = pc.fill_null(enc.indices, -1).to_numpy(zero_copy_only=False)
+    return remap[idx]  # -1 indexes the trailing -1: null stays null
+
+
+def load_keys(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}

@@ -1,0 +1,15 @@
+"""How a prepare runs (`armlab prepare`'s flags), as one value the passes share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    workers: int | None = None  # worker processes (None: the CPU count)
+    force: bool = False  # take over a data dir whose lease holder is dead
+    overwrite: bool = False  # replace dirs prepared from a different spec
+    skip_bad_files: bool = False  # skip unreadable pool files (recorded in the manifests)
+    keep_cache: bool = False  # keep downloaded pool files in <workdir>/cache
+    skip_download: bool = False  # prebuilt az:// arms: use what is already downloaded

@@ -1,0 +1,158 @@
+"""Text pass (per pool file, in a worker): each file read once for every target.
+
+Membership is a pure function of the file's .npz arrays and the `Rules`; each target's selected,
+non-empty rows go to a stage-1 file sorted by the shuffle hash (`shuffle.StageWriter`). A unit
+is done when its marker (with its counts) is written; a rerun skips done units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from armlab.data.identity import mix, text_keys
+from armlab.data.pool import BadFile, PoolFile, iter_columns, local_identity
+from armlab.data.prepare.keys import as_text, load_keys
+from armlab.data.prepare.stats import StatsSpec, unit_stats
+from armlab.data.prepare.targets import EVAL, Target
+from armlab.data.prepare.thresholds import masks
+from armlab.data.select import Rules
+from armlab.data.shuffle import StageWriter
+from armlab.errors import ArmlabError
+from armlab.workdir import atomic_write_json
+
+
+def done_marker(stage: Path, unit: int) -> Path:
+    return stage / "done" / f"{unit:06d}.json"
+
+
+def text_schema(target: Target) -> pa.Schema:
+    fields = [pa.field("h", pa.uint64()), pa.field("text", pa.string())]
+    if target.name == EVAL:
+        fields += [pa.field("key", pa.uint64()), pa.field("text_key", pa.uint64())]
+    return pa.schema(fields)
+
+
+def route_unit(
+    unit: int,
+    batches: Iterable[pa.Table],
+    a: dict[str, np.ndarray],
+    member: dict[str, np.ndarray],
+    targets: list[Target],
+    stage: Path,
+    name: str,
+    text_column: str = "text",
+    row_groups: bool = True,
+    stats_spec: StatsSpec | None = None,
+) -> dict[str, Any]:
+    """Send each target's selected, non-empty rows of one unit to its stage-1 file; return counts.
+
+    `batches` are the unit's text column in file order (one parquet row group each when
+    `row_groups`, which an invalid-UTF-8 error then names); `a` its per-row arrays (`keys`, and
+    `tokens`, scores, group codes when the key pass read them)."""
+    keys, tokens = a["keys"], a.get("tokens")
+    writers = {t.name: StageWriter(stage / t.name / f"{unit:06d}.arrow") for t in targets}
+    stats: dict[str, dict[str, Any]] = {
+        t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0} for t in targets
+    }
+    kept = {t.name: np.zeros(len(keys), dtype=bool) for t in targets}
+    doc_chars = np.zeros(len(keys), dtype=np.int64)
+    off = 0
+    try:
+        for rg, batch in enumerate(batches):
+            text = as_text(
+                name, text_column, batch.column(0).combine_chunks(), f"row group {rg}" if row_groups else ""
+            )
+            n = len(text)
+            lengths = pc.fill_null(pc.utf8_length(text), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            if off + n <= len(keys):
+                doc_chars[off : off + n] = lengths
+            valid = lengths > 0
+            for t in targets:
+                m = member[t.name][off : off + n]
+                st = stats[t.name]
+                st["dropped_empty"] += int(np.count_nonzero(m & ~valid))
+                idx = np.flatnonzero(m & valid)
+                if not idx.size:
+                    continue
+                k = keys[off + idx]
+                h = mix(k, t.shuffle_seed, t.salt)
+                order = np.argsort(h, kind="stable")  # stage-1 batches are sorted by h
+                idx, k, h = idx[order], k[order], h[order]
+                sub = text.take(pa.array(idx))
+                cols = {"h": pa.array(h), "text": sub}
+                if t.name == EVAL:
+                    cols["key"] = pa.array(k)
+                    cols["text_key"] = pa.array(text_keys(sub))
+                writers[t.name].add(pa.table(cols))
+                kept[t.name][off + idx] = True
+                st["rows"] += len(idx)
+                st["chars"] += int(lengths[idx].sum())
+                if tokens is not None:
+                    st["tokens"] += int(tokens[off + idx].sum())
+            off += n
+        if off != len(keys):
+            raise ArmlabError(
+                f"{name}: has {off} rows but the key pass saw {len(keys)}; the file changed, rerun prepare"
+            )
+        for t in targets:
+            writers[t.name].close(text_schema(t))
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    if stats_spec is not None:
+        for t in targets:
+            if t.name in stats_spec.arms:
+                stats[t.name]["data"] = unit_stats(stats_spec, t.name, kept, doc_chars, a)
+    return stats
+
+
+@dataclass(frozen=True)
+class TextTask:
+    """One pool file's text pass: route its rows for `targets` into `stage`."""
+
+    unit: int
+    pf: PoolFile
+    local: Path  # the file itself, or its fetched copy
+    keys_npz: Path
+    rules: Rules
+    text_column: str
+    targets: list[Target]
+    stage: Path
+    skip_bad_files: bool = False
+    stats_spec: StatsSpec | None = None
+
+
+def run_text_task(task: TextTask) -> dict[str, Any]:
+    """The text pass of one file; with skip_bad_files an unreadable file is returned as
+    {"bad": reason} (its stage files removed, no done marker) instead of raised."""
+    try:
+        return text_pass(task)
+    except BadFile as e:
+        if not task.skip_bad_files:
+            raise
+        return {"bad": f"{e.file} ({e.reason})"}
+
+
+def text_pass(task: TextTask) -> dict[str, Any]:
+    pf = task.pf
+    if not pf.remote and local_identity(pf.path, pf.fmt) != pf.identity:  # one footer read
+        raise ArmlabError(f"{pf.name}: changed while prepare ran (its keys are stale); rerun prepare")
+    a = load_keys(task.keys_npz)
+    member = masks(task.rules, a, [t.name for t in task.targets])
+    batches = iter_columns(
+        task.pf, [task.text_column], local=task.local, types={task.text_column: pa.string()}
+    )
+    stats = route_unit(
+        task.unit, batches, a, member, task.targets, task.stage, pf.name,
+        task.text_column, row_groups=pf.fmt == "parquet", stats_spec=task.stats_spec,
+    )  # fmt: skip
+    atomic_write_json(done_marker(task.stage, task.unit), stats)
+    return stats

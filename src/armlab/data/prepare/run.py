@@ -1,0 +1,344 @@
+"""`prepare()`: the passes in order, for every pool target at once, then each prebuilt arm."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from armlab.data.pool import PoolFile, Prefetcher, list_pool
+from armlab.data.prepare.executor import Executor, LocalExecutor
+from armlab.data.prepare.keys import Columns, KeyTask, key_columns, run_key_task, stats_score_column
+from armlab.data.prepare.options import PrepareOptions
+from armlab.data.prepare.prebuilt import prepare_prebuilt
+from armlab.data.prepare.routing import TextTask, done_marker, run_text_task
+from armlab.data.prepare.stats import StatsSpec, score_edges
+from armlab.data.prepare.targets import (
+    EVAL,
+    TOKENIZER,
+    Target,
+    key_file_fingerprint,
+    needs_work,
+    plan_targets,
+    pool_changes,
+    pool_fingerprint,
+    pool_listing,
+)
+from armlab.data.prepare.thresholds import PoolSummary, compute_rules, count_members
+from armlab.data.prepare.writing import CharBudget, write_targets
+from armlab.data.select import Rules
+from armlab.errors import ArmlabError, Stopped
+from armlab.progress import console, progress
+from armlab.spec import ArmSpec, Experiment, fingerprint
+from armlab.workdir import Workdir, atomic_write_json, check_writable, open_workdir, read_json, step_lock
+
+
+def prepare(
+    exp: Experiment, arms: list[str] | None = None, options: PrepareOptions | None = None
+) -> dict[str, Path]:
+    """Prepare the eval set, the tokenizer sample and the named arms (default all); arm -> data dir."""
+    opts = options or PrepareOptions()
+    wd = open_workdir(exp)
+    chosen = [exp.arm(a) for a in arms] if arms else list(exp.arms)
+    workers = max(1, opts.workers or os.cpu_count() or 1)
+    pool_arms = [a for a in chosen if a.kind != "prebuilt"]
+    prebuilt = [a for a in chosen if a.kind == "prebuilt"]
+    with stop_on_signals("prepare"), step_lock(wd, "prepare"):  # a second prepare waits, then finds it done
+        executor = LocalExecutor(workers)
+        try:
+            prepare_pool(exp, wd, pool_arms, executor, opts)
+            for arm in prebuilt:
+                prepare_prebuilt(exp, wd, arm, executor, opts)
+        except BaseException:
+            executor.close(kill=True)  # an error or a signal: the workers' work is moot
+            raise
+        executor.close()
+    return {a.name: wd.data_dir(a.name) for a in chosen}
+
+
+@contextlib.contextmanager
+def stop_on_signals(what: str) -> Iterator[None]:
+    """SIGINT / SIGTERM / SIGHUP stop `what` with one line ("stopped; rerun to resume", exit 130)
+    instead of a traceback (SIGINT) or silence (SIGTERM). Done units are kept: a rerun resumes."""
+
+    def stop(signum: int, _frame: Any) -> None:
+        raise Stopped(f"{what} stopped ({signal.Signals(signum).name}); rerun to resume")
+
+    handled = (signal.SIGTERM, signal.SIGHUP)
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, stop) for s in handled} if main else {}
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Stopped(f"{what} stopped (SIGINT); rerun to resume") from None
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def prepare_pool(
+    exp: Experiment, wd: Workdir, arms: list[ArmSpec], executor: Executor, opts: PrepareOptions
+) -> None:
+    """The eval set, the tokenizer sample and the pool arms `arms`: key pass, thresholds, text
+    pass, shuffle + write."""
+    files = list_pool(exp.pool)
+    pool_fp = pool_fingerprint(exp.pool, files)
+    targets = [
+        t for t in plan_targets(exp, wd, arms, pool_fp) if needs_work(t, opts.force, opts.overwrite, files)
+    ]
+    if not targets:
+        console.print("prepare: eval set, tokenizer sample and arms are up to date")
+        return
+    if any(t.name == EVAL for t in targets):  # every run of the experiment reads the eval set
+        for a in exp.arms:
+            check_writable(
+                wd.data_dir(a.name), opts.force, "replace the eval set the runs of this experiment read"
+            )
+    cols = key_columns(exp, arms)
+    work = wd.cache_dir / "prepare"
+    _note_pool_changes(work / "pool.json", files)
+
+    # 1. key pass: cached per file by its content identity, so a changed file is read again
+    npz = {i: work / "keys" / f"{key_file_fingerprint(f, cols.read)}.npz" for i, f in enumerate(files)}
+    bad = _key_pass(files, cols, npz, executor, opts)
+    if opts.skip_bad_files:
+        bad.update(_known_bad(work, files))
+    while True:
+        live = [i for i in range(len(files)) if i not in bad]
+        # 2. thresholds
+        rules, summary = compute_rules(exp, arms, live, npz)
+        need = _check_sizes(exp, rules, summary, targets, live, npz, work)
+        score = stats_score_column(exp)
+        stats_spec = StatsSpec(
+            score,
+            score_edges(score, rules, live, npz),
+            cols.group,
+            tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
+        )
+        stage = work / f"stage-{fingerprint([pool_fp, [t.fingerprint for t in targets], sorted(bad)])}"
+        # 3. text pass; a file found unreadable here (invalid UTF-8) is skipped with the thresholds
+        # chosen again without it: the arms must be the stated share of the files they come from
+        try:
+            unit_stats, found = _text_pass(
+                exp, wd, files, live, npz, rules, summary, targets, stage, executor, opts, stats_spec
+            )
+        except OSError as e:
+            raise _disk_full(e, work, stage, targets, need) from None
+        if not found:
+            break
+        for _, reason in sorted(found.items()):
+            console.print(
+                f"[yellow]skipping unreadable pool file[/] {reason}; choosing the arms again without it",
+                soft_wrap=True,
+            )
+        bad.update(found)
+        _record_bad(work, files, bad)
+
+    # 4. shuffle + write
+    common = {
+        "pool_fingerprint": pool_fp,
+        "skipped_files": [files[i].name for i in sorted(bad)],
+        "pool_rows": summary.rows,
+        "eval_cut": f"{rules.eval_cut:016x}",
+        "tokens_source": cols.tokens,
+        "pool_files": pool_listing(files),
+    }
+    extra = {t.name: dict(common) for t in targets}
+    budgets = {}
+    if TOKENIZER in extra:
+        cut = rules.tokenizer_cut
+        extra[TOKENIZER].update(tokenizer_cut=cut.to_json() if cut else None, doc_cap=exp.tokenizer.doc_cap)
+        budgets[TOKENIZER] = CharBudget(exp.tokenizer.doc_cap, exp.tokenizer.train_chars)
+    for name in rules.arms:
+        if name in extra:
+            th, cap = rules.thresholds.get(name), rules.caps.get(name)
+            extra[name]["threshold"] = th.to_json() if th else None
+            extra[name]["cap"] = cap.to_json() if cap else None
+    try:
+        write_targets(
+            exp.shards, executor, targets, stage, live, unit_stats, extra, opts.force, budgets, stats_spec
+        )
+    except OSError as e:
+        raise _disk_full(e, work, stage, targets, need) from None
+    shutil.rmtree(work, ignore_errors=True)  # this run's stage and keys, and any left by older specs
+
+
+def _key_pass(
+    files: list[PoolFile], cols: Columns, npz: dict[int, Path], executor: Executor, opts: PrepareOptions
+) -> dict[int, str]:
+    """The key pass of every file not done yet; returns the unreadable ones skipped (unit -> reason)."""
+    todo = [i for i in range(len(files)) if not npz[i].is_file()]
+    bad: dict[int, str] = {}
+    with progress() as bar:
+        task = bar.add_task("key pass", total=len(files), completed=len(files) - len(todo), unit="files")
+
+        def keyed(kt: KeyTask, err: str | None) -> None:
+            if err is not None:
+                bad[kt.unit] = err
+            bar.update(task, advance=1)
+
+        tasks = (KeyTask(i, files[i], cols, npz[i], opts.skip_bad_files) for i in todo)
+        executor.map(run_key_task, tasks, keyed)
+    for i in sorted(bad):
+        console.print(f"[yellow]skipping unreadable pool file[/] {bad[i]}", soft_wrap=True)
+    return bad
+
+
+def _text_pass(
+    exp: Experiment,
+    wd: Workdir,
+    files: list[PoolFile],
+    live: list[int],
+    npz: dict[int, Path],
+    rules: Rules,
+    summary: PoolSummary,
+    targets: list[Target],
+    stage: Path,
+    executor: Executor,
+    opts: PrepareOptions,
+    stats_spec: StatsSpec,
+) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
+    """Route every live file not done yet; returns each unit's counts, and the files found
+    unreadable (with skip_bad_files; else the error is raised)."""
+    unit_stats: dict[int, dict[str, Any]] = {}
+    for i in live:
+        p = done_marker(stage, i)
+        if p.is_file():
+            unit_stats[i] = read_json(p)
+    todo = [i for i in live if i not in unit_stats]
+    bad: dict[int, str] = {}
+    fetcher = Prefetcher(
+        files, todo, wd.cache_dir / "pool", ahead=executor.workers + 2, keep_cache=opts.keep_cache
+    )
+    with progress() as bar:
+        done_rows = sum(summary.file_rows[i] for i in unit_stats)
+        task = bar.add_task("select + route", total=summary.rows, completed=done_rows, unit="docs", bytes=0)
+        moved = 0
+
+        def text_tasks() -> Iterator[TextTask]:
+            for i in todo:
+                local = fetcher.get(i)  # waits for this file's download; later ones keep prefetching
+                yield TextTask(
+                    i,
+                    files[i],
+                    local,
+                    npz[i],
+                    rules,
+                    exp.pool.text_column,
+                    targets,
+                    stage,
+                    opts.skip_bad_files,
+                    stats_spec,
+                )
+
+        def routed(tt: TextTask, stats: dict[str, Any]) -> None:
+            nonlocal moved
+            if "bad" in stats:
+                bad[tt.unit] = stats["bad"]
+            else:
+                unit_stats[tt.unit] = stats
+            fetcher.release(tt.unit)
+            moved += summary.text_bytes[tt.unit]
+            bar.update(task, advance=summary.file_rows[tt.unit], bytes=moved)
+
+        try:
+            executor.map(run_text_task, text_tasks(), routed)
+        finally:
+            fetcher.close()
+    return unit_stats, bad
+
+
+def _known_bad(work: Path, files: list[PoolFile]) -> dict[int, str]:
+    """Files an interrupted run found unreadable in its text pass, if they are still the same."""
+    try:
+        recorded = {(n, ident): reason for n, ident, reason in read_json(work / "bad_files.json")}
+    except FileNotFoundError:
+        return {}
+    return {
+        i: recorded[(f.name, f.identity)] for i, f in enumerate(files) if (f.name, f.identity) in recorded
+    }
+
+
+def _record_bad(work: Path, files: list[PoolFile], bad: dict[int, str]) -> None:
+    atomic_write_json(
+        work / "bad_files.json", [[files[i].name, files[i].identity, r] for i, r in sorted(bad.items())]
+    )
+
+
+def _check_sizes(
+    exp: Experiment,
+    rules: Rules,
+    summary: PoolSummary,
+    targets: list[Target],
+    live: list[int],
+    npz: dict[int, Path],
+    work: Path,
+) -> int:
+    """Refuse arms that select nothing; return the disk the text pass and the shards need (an
+    estimate, in bytes), warning when the workdir's filesystem has less free."""
+    expected = count_members(rules, live, npz, [t.name for t in targets])
+    for t in targets:
+        if t.name not in (EVAL, TOKENIZER) and expected[t.name] == 0:
+            raise ArmlabError(
+                f"arm {t.name!r} selects no documents from {summary.rows:,} (ratio {rules.arms[t.name].ratio}); raise its ratio"
+            )
+    per_doc = sum(summary.text_bytes.values()) / max(summary.rows, 1) + STAGE_ROW_BYTES
+    sizes = [expected[t.name] * per_doc for t in targets]
+    need = int(sum(sizes) + SHARD_RATIO * max(sizes))  # all stage files + the largest target's shards
+    work.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(work).free
+    if free < need:
+        console.print(
+            f"[yellow]warning:[/] {work}: {_gb(free)} free, prepare needs about {_gb(need)} for its stage "
+            "files and shards; it may run out of space",
+            soft_wrap=True,
+        )
+    return need
+
+
+STAGE_ROW_BYTES = 24  # per staged row besides its text: the hash, Arrow offsets (and eval keys)
+SHARD_RATIO = 0.5  # shard bytes per text byte (zstd), on the safe side
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def _disk_full(e: OSError, work: Path, stage: Path, targets: list[Target], need: int) -> Exception:
+    """ENOSPC / EDQUOT: remove this run's stage files and partial dirs, and name the place and
+    the size; any other OSError goes on as it was."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left" not in str(e):
+        return e
+    shutil.rmtree(stage, ignore_errors=True)
+    for t in targets:
+        shutil.rmtree(t.partial_dir, ignore_errors=True)
+    where = Path(e.filename).parent if e.filename else work
+    free = shutil.disk_usage(work).free if work.exists() else 0
+    return ArmlabError(
+        f"{where}: disk full while preparing: it needs about {_gb(need)} for stage files and shards "
+        f"({_gb(free)} free now, stage files removed); free space or move the workdir, then rerun"
+    )
+
+
+def _note_pool_changes(listing: Path, files: list[PoolFile]) -> None:
+    """Say which pool files changed since an interrupted prepare (their keys are read again, and
+    the text pass starts over: the thresholds may move), then record the listing."""
+    try:
+        old = read_json(listing)
+    except FileNotFoundError:
+        old = None
+    changed = pool_changes(old, files)
+    if changed:
+        more = f" (and {len(changed) - 1} more)" if len(changed) > 1 else ""
+        console.print(
+            f"prepare: pool file {changed[0]}{more} since the interrupted prepare: "
+            "reading its keys again; the text pass starts over",
+            soft_wrap=True,
+        )
+    atomic_write_json(listing, pool_listing(files))
