@@ -374,7 +374,7 @@ def test_launch_trains_seeds_side_by_side_and_one_after_another(cluster, set_up)
         for k in (0, 1)
     ]  # fmt: skip
     if len(os.sched_getaffinity(0)) >= 2:
-        a, b = ({int(c) for c in line.split("on cores ")[1].split(",")} for line in cores)
+        a, b = ({int(c) for c in line.split("on cores ")[1].split(" ")[0].split(",")} for line in cores)
         assert a and b and not a & b, cores
     # status shows each run's lane, from the hosts' lane files
     p = armlab("status", str(exp_path), "--json")

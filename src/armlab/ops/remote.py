@@ -155,7 +155,7 @@ def select_hosts(
 ) -> list[HostSpec]:
     if not exp.hosts:
         raise ArmlabError(
-            f"experiment {exp.name!r} has no [[hosts]]: add one per arm (ssh, arms, num_gpus, master_port), "
+            f"experiment {exp.name!r} has no [[hosts]]: add one (name, ssh, arms, num_gpus, gpus_per_run), "
             "or run on this machine with `armlab train`"
         )
     known = {h.name: h for h in exp.hosts}
