@@ -157,7 +157,7 @@ def test_doctor_on_each_host(cluster, set_up):
     )
     p = armlab("launch", str(gpu_exp), "--host", "hosta", "--prepare-mode", "skip")
     assert p.returncode == 2 and "nothing was started" in p.stderr
-    assert "arms ask for 2 GPUs" in p.stderr and "armlab prepare EXP --arm rand" in p.stderr
+    assert "arms ask for 2 GPUs" in p.stderr and "armlab prepare" in p.stderr and "--arm rand on the host" in p.stderr
     assert not (root / "hosta" / "work" / "arms" / "rand" / "runs").exists()
 
 

@@ -133,7 +133,7 @@ def test_bad_inputs_are_one_line_errors(exp_file: Path) -> None:
     manifest.unlink()
     try:
         r = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--run-name", "x")
-        assert r.returncode == 2 and f"run `armlab prepare EXP --arm {ARM}`" in r.stderr
+        assert r.returncode == 2 and f"run `armlab prepare {exp_file} --arm {ARM}`" in r.stderr  # the CLI names EXP as typed
         assert "Traceback" not in r.stderr
     finally:
         manifest.write_bytes(saved)

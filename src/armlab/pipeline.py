@@ -70,7 +70,8 @@ def train_runs(
     failure messages). One lane trains here, in this process, with the ranks' output on the
     terminal; several train side by side, one runner process each (armlab.ops.lanes), with a line
     here when a run starts or fails. A stop (Ctrl-C, SIGTERM) stops every lane: Stopped."""
-    from armlab.ops.lanes import LaneFiles, LaneState, queue_lane, read_lane_state, run_lane
+    from armlab.ops.lane_runner import run_lane
+    from armlab.ops.lanes import LaneFiles, LaneState, queue_lane, read_lane_state
     from armlab.ops.schedule import group_lanes, plan_schedule
 
     schedule = plan_schedule(exp, [local_machine(exp, arms, device, num_gpus, nproc, runs_at_once)])
@@ -79,11 +80,12 @@ def train_runs(
     wd = open_workdir(exp, create=False)
     if not slots:
         return [], []
-    before = [s.run for s in slots if read_state(wd.run_dir(s.arm, s.run)).get("state") == RunState.DONE]
     console.print(
         f"run: {len(slots)} run(s) on {len(lanes)} lane(s) of {slots[0].world_size} {slots[0].device} rank(s)"
-        + (f"; done already: {', '.join(before)}" if before else "")
     )
+    for s in slots:
+        if read_state(wd.run_dir(s.arm, s.run)).get("state") == RunState.DONE:
+            console.print(f"run: {s.run} already done")
     if len(lanes) == 1:
         run_lane(queue_lane(wd, exp, lanes[0]).queue, echo=True)
         failures: list[str] = []
@@ -107,7 +109,8 @@ def _side_by_side(wd: Workdir, exp: Experiment, lanes: list[list[Slot]]) -> list
     stops every runner, each stopping its run resumably, and raises Stopped."""
     import time
 
-    from armlab.ops.lanes import LaneStopped, read_lanes, start_lanes, stop_on_signals
+    from armlab.ops.lane_runner import LaneStopped, stop_on_signals
+    from armlab.ops.lanes import read_lanes, start_lanes
     from armlab.runs import stop_process
 
     starts = start_lanes(wd, exp, lanes, detach=False, wait_s=0)

@@ -3,7 +3,7 @@
 A *lane* is one set of GPUs (or, on a CPU host, one share of its cores) that trains its runs one
 after another; a host's lanes train side by side. `plan_schedule` is the one place that decides:
 `armlab run` (this machine, one host entry named "local") and `armlab launch` (the `[[hosts]]`)
-both take their slots from it, and `armlab.ops.lanes` runs them.
+both take their slots from it, and `armlab.ops.lanes` / `lane_runner` run them.
 
 The rule:
 
