@@ -112,3 +112,8 @@ def test_each_cuda_lane_gets_its_own_gpus(exp_file: Path, monkeypatch: pytest.Mo
     assert not open_workdir(exp, create=False).run_dir(ARM, f"{ARM}-s7").exists()
     views = {v.id: v for v in read_lanes(open_workdir(exp, create=False).root)}
     assert views["gpu:0"].state == "failed" and f"{ARM}-s7" in views["gpu:0"].failures
+    # status: the refused seed is failed (not queued forever), with its lane and the reason
+    from armlab.ops.status import experiment_status
+
+    row = next(r for r in experiment_status(exp) if r.run == f"{ARM}-s7")
+    assert (row.state, row.lane) == ("failed", "gpu:0") and "CUDA_VISIBLE_DEVICES=4,5" in row.error

@@ -380,8 +380,8 @@ def test_launch_trains_seeds_side_by_side_and_one_after_another(cluster, set_up)
     p = armlab("status", str(exp_path), "--json")
     assert p.returncode == 0, p.stderr
     assert {r["run"]: (r["state"], r["lane"]) for r in json.loads(p.stdout)} == {
-        "rand-s0": ("done", "hosta:0 (done)"), "rand-s1": ("done", "hosta:1 (done)"),
-        "top-s0": ("done", "hostb:0 (done)"), "top-s1": ("done", "hostb:0 (done)"),
+        "rand-s0": ("done", "hosta:0"), "rand-s1": ("done", "hosta:1"),
+        "top-s0": ("done", "hostb:0"), "top-s1": ("done", "hostb:0"),
     }  # fmt: skip
     # a rerun is a no-op: every run reported done, nothing started, no state file touched
     watched = [d / "state.json" for d in runs.values()] + sorted(root.glob("host*/seeds/lanes/*.state.json"))

@@ -275,8 +275,9 @@ class LaneView:
         )
 
     def label(self) -> str:
-        """`gpu-a:1`, with the runner's state when it is not training: `gpu-a:1 (stopped)`."""
-        if self.alive:
+        """`gpu-a:1`; `gpu-a:1 (stopped)` / `(dead)` / `(not started)` when runs wait on a lane
+        whose runner is not alive (a finished lane is plain `gpu-a:1`)."""
+        if self.alive or self.state in (LaneState.DONE, LaneState.FAILED):
             return self.id
         if self.state == LaneState.RUNNING:
             return f"{self.id} (dead)"
