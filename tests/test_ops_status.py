@@ -142,7 +142,7 @@ def test_json_is_one_object_per_run_with_every_field(runs, tmp_path: Path) -> No
     fields = [f.name for f in dataclasses.fields(RunStatus)]
     assert fields == [
         "arm", "run", "dir", "state", "step", "num_iterations", "tokens", "train_loss", "val_bpb",
-        "tok_per_s", "mfu", "eta_s", "epoch", "last_log_age_s", "alive", "host", "error", "engine",
+        "tok_per_s", "mfu", "eta_s", "epoch", "last_log_age_s", "alive", "host", "error", "lane", "engine",
     ]  # fmt: skip  (the schema: a change here is a change for every script that reads it)
     assert [list(d) for d in data] == [fields] * 4
     by_run = {d["run"]: d for d in data}

@@ -23,3 +23,89 @@ def test_run_with_gpus_on_a_cpu_host_refuses_before_anything_starts(tmp_path: Pa
     with pytest.raises(ArmlabError, match=r"--num-gpus is for CUDA"):
         run_experiment(exp, num_gpus=2, device="cpu")
     assert not (tmp_path / "wd").exists()  # no workdir, no prepare, nothing written
+
+
+RUN_TOML = """\
+name = "run-lanes"
+workdir = "{root}/wd"
+
+[pool]
+uri = "{root}/pool"
+id_column = "id"
+
+[eval]
+docs = 60
+
+[tokenizer]
+vocab_size = 300
+train_chars = 60000
+
+[shards]
+rows_per_shard = 200
+row_group_rows = 32
+
+[[arms]]
+name = "rand"
+kind = "random"
+ratio = 0.5
+
+[[arms]]
+name = "top"
+kind = "top"
+ratio = 0.5
+score_column = "score"
+
+[model]
+depth = 1
+max_seq_len = 32
+
+[evaluate]
+core_bundle = "none"  # val bpb only: the default, DCLM's bundle, is online
+
+[train]
+device_batch_size = 2
+total_batch_size = 128
+num_iterations = 4
+eval_every = 4
+eval_tokens = 256
+save_every = 4
+compile = false
+allow_repeat = true
+seeds = [0, 1]
+"""
+
+
+@pytest.mark.e2e
+def test_run_trains_every_arm_and_seed_on_two_lanes(tmp_path: Path) -> None:
+    """`armlab run` on 2 arms x 2 seeds with two CPU runs at once: all four train, seed-major on
+    two lanes (each arm's seeds one after another, the two arms side by side), then evaluate and
+    compare; a rerun trains nothing."""
+    import json
+    import subprocess
+    import sys
+
+    from data_util import make_pool
+
+    make_pool(tmp_path / "pool", n_docs=1200, n_files=2)
+    exp = tmp_path / "exp.toml"
+    exp.write_text(RUN_TOML.format(root=tmp_path))
+    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "run", str(exp), "--device", "cpu",
+           "--runs-at-once", "2"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "run: 4 runs on 2 lanes of 1 cpu rank" in " ".join(p.stderr.split())  # unwrapped
+    d = {r: tmp_path / "wd" / "arms" / r.split("-")[0] / "runs" / r for r in ("rand-s0", "rand-s1", "top-s0", "top-s1")}
+    st = {r: json.loads((rd / "state.json").read_text()) for r, rd in d.items()}
+    assert {s["state"] for s in st.values()} == {"done"}
+    assert all((rd / "eval.json").is_file() for rd in d.values())
+    # lane local:0 trained rand's seeds in order, lane local:1 top's, in two processes at once
+    assert st["rand-s0"]["pid"] == st["rand-s1"]["pid"] != st["top-s0"]["pid"] == st["top-s1"]["pid"]
+    assert st["rand-s1"]["started"] >= st["rand-s0"]["ended"] and st["top-s1"]["started"] >= st["top-s0"]["ended"]
+    assert st["top-s0"]["started"] < st["rand-s0"]["ended"] and st["rand-s0"]["started"] < st["top-s0"]["ended"]
+    assert json.loads((tmp_path / "wd/report/summary.json").read_text())["comparisons"]
+    # a rerun: every run done already, none trained again
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    said = " ".join(p.stderr.split())
+    assert said.count("already done") == 4 and "training" not in said
+    assert {r: json.loads((rd / "state.json").read_text()) for r, rd in d.items()} == st

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from armlab.errors import ArmlabError
-from armlab.ops.remote import check_hosts, select_hosts
+from armlab.ops.remote import machine_labels, select_hosts
+from armlab.ops.schedule import plan_schedule
 from armlab.ops.ssh import Remote
 from armlab.spec import load_experiment
 from sshd_util import SshHosts, sshd_hosts
@@ -90,11 +91,13 @@ def test_same_machine_same_master_port_is_refused(hosts: SshHosts, tmp_path: Pat
             tmp_path, host("x", "hosta", '"a"') + host("y", "127.0.0.1", '"b"', extra=f"port = {sshd_port}\n")
         )
     )
+    machines = machine_labels(exp)
+    assert machines["x"] == machines["y"] == f"127.0.0.1:{sshd_port}"
     with pytest.raises(
         ArmlabError,
         match=r"hosts 'x' and 'y' are the same machine .* master_port 29500.*set master_port = 29501",
     ):
-        check_hosts(exp)
+        plan_schedule(exp, machines=machines)
     # different ports on one machine are fine, and each gets its own block of GPUs
     exp = load_experiment(
         exp_file(
@@ -103,17 +106,20 @@ def test_same_machine_same_master_port_is_refused(hosts: SshHosts, tmp_path: Pat
             + host("y", "127.0.0.1", '"b"', 29501, f"port = {sshd_port}\nnum_gpus = 4\n"),
         )
     )
-    assert check_hosts(exp) == {"x": "0,1,2,3,4,5,6,7", "y": "8,9,10,11"}
-    # two different machines (two sshd) may both use 29500
+    slots = {s.host: s for s in plan_schedule(exp, machines=machine_labels(exp)).slots}
+    assert slots["x"].cuda_visible_devices == "0,1,2,3,4,5,6,7" and slots["y"].cuda_visible_devices == "8,9,10,11"
+    # two different machines (two sshd) may both use 29500, and both count their GPUs from 0
     exp = load_experiment(exp_file(tmp_path, host("x", "hosta", '"a"') + host("y", "hostb", '"b"')))
-    assert check_hosts(exp) == {"x": None, "y": None}
+    slots = {s.host: s for s in plan_schedule(exp, machines=machine_labels(exp)).slots}
+    assert slots["x"].gpus[0] == slots["y"].gpus[0] == 0 and slots["x"].port == slots["y"].port == 29500
 
 
 def test_other_refusals(tmp_path: Path):
-    with pytest.raises(ArmlabError, match="lists 2 arms .* own master_port"):
-        check_hosts(load_experiment(exp_file(tmp_path, host("x", "hosta", '"a", "b"'))))
+    # several arms on one entry are fine now: their runs share its lanes (armlab.ops.schedule)
+    exp = load_experiment(exp_file(tmp_path, host("x", "hosta", '"a", "b"')))
+    assert {s.arm for s in plan_schedule(exp).slots} == {"a", "b"}
     with pytest.raises(ArmlabError, match="arm 'a' is assigned to two hosts"):
-        check_hosts(
+        plan_schedule(
             load_experiment(exp_file(tmp_path, host("x", "hosta", '"a"') + host("y", "hostb", '"a"', 29501)))
         )
     with pytest.raises(ArmlabError, match="unknown arm 'zz'"):

@@ -248,9 +248,11 @@ class ReportSpec(Strict):
 class HostSpec(Strict):
     name: str
     ssh: str  # user@host, or a Host alias from ~/.ssh/config
-    arms: list[str] = Field(min_length=1)
+    arms: list[str] = Field(min_length=1)  # every run (arm x seed) of these arms trains here (armlab.ops.schedule)
     num_gpus: int = Field(8, ge=0)
-    master_port: int = Field(29500, gt=0, lt=65536)
+    gpus_per_run: int | None = Field(None, gt=0)  # cuda: GPUs of one run (default num_gpus: one run at a time)
+    runs_at_once: int = Field(1, gt=0)  # cpu: runs side by side, each of `nproc` processes on its share of the cores
+    master_port: int | None = Field(None, gt=0, lt=65536)  # None: each torchrun binds a free port; P: run k at once uses P + k
     workdir: str | None = None
     python: str | None = None
     port: int | None = Field(None, gt=0, lt=65536)  # ssh port, when not in ~/.ssh/config

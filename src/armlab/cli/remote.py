@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app, check_device, split_list, with_typed_exp
+from armlab.cli.app import app, check_device, split_ints, split_list, with_typed_exp
 
 
 def _exp_or_target(value: str):  # -> (Experiment | None, str)
@@ -151,20 +151,25 @@ def launch(
         callback=check_device,
         help="override every host's device (cpu: `--nproc` processes from \\[\\[hosts]] nproc)",
     ),
-    seed: int = typer.Option(
-        None, "--seed", help="which of train.seeds to run (needed when there are several)"
+    seed: list[str] = typer.Option(
+        None, "--seed", callback=split_ints, help="only this seed of train.seeds (repeatable, or 0,1; default: all)"
     ),
     host: list[str] = typer.Option(None, "--host", callback=split_list, help="only this \\[\\[hosts]] entry (repeatable, or a,b)"),
 ) -> None:
-    """Preflight every host, then start each host's arm detached there (survives SSH); rerun-safe."""
-    from armlab.ops import remote
+    """Preflight every host, then train every arm x seed on its host's lanes, detached (survives SSH); rerun-safe.
+
+    Prints one line per run: host, arm, run, what happened (started, queued, already running,
+    already done, failed: why), pid of its lane's runner, run dir on the host, lane."""
+    from armlab.ops.launch import launch as launch_runs
     from armlab.spec import load_experiment
 
-    records = remote.launch(
-        load_experiment(exp), prepare_mode=prepare_mode, device=device, seed=seed, hosts=host
+    records = launch_runs(
+        load_experiment(exp), prepare_mode=prepare_mode, device=device, seeds=seed or None, hosts=host
     )
     for r in records:
-        print(f"{r.host}\t{r.arm}\t{r.run}\t{r.action}\tpid {r.pid}\t{r.run_dir}")
+        print(f"{r.host}\t{r.arm}\t{r.run}\t{r.action}\tpid {r.pid or '-'}\t{r.run_dir}\t{r.lane}")
+    if any(r.failed for r in records):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -196,7 +201,9 @@ def stop(
         False, "--local", help="stop runs on this machine even when the experiment has \\[\\[hosts]]"
     ),
 ) -> None:
-    """Stop live runs cleanly: SIGTERM to the launcher, wait, SIGKILL after --timeout; lease released."""
+    """Stop live runs cleanly: SIGTERM to each lane's runner, wait, SIGKILL after --timeout; lease released.
+
+    A lane stops whole: the lines also name its queued runs, which do not start (the next launch starts them)."""
     from armlab.ops import remote
     from armlab.spec import load_experiment
 
@@ -204,4 +211,4 @@ def stop(
     if not results:
         print("no live runs")
     for r in results:
-        print(f"{r['host']}\t{r['arm']}\t{r['run']}\tpid {r['pid']}\t{r['result']}")
+        print(f"{r['host']}\t{r['arm']}\t{r['run']}\tpid {r['pid'] or '-'}\t{r['result']}")

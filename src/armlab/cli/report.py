@@ -30,12 +30,20 @@ def run(
         typer.Option("--seed", "--seeds", callback=split_ints, help="seed (repeatable, or 0,1; default: train.seeds)"),
     ] = None,
     device: DeviceOpt = None,
-    num_gpus: Annotated[int | None, typer.Option("--num-gpus", min=1, help="CUDA ranks per run")] = None,
+    num_gpus: Annotated[
+        int | None, typer.Option("--num-gpus", min=1, help="GPUs per run (default: all; more GPUs: runs side by side)")
+    ] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, help="ranks per run with --device cpu")] = None,
+    runs_at_once: Annotated[
+        int | None,
+        typer.Option("--runs-at-once", min=1, help="runs side by side (default: as many as the GPUs fit; CPU: 1)"),
+    ] = None,
     bundle: BundleOpt = None,
     max_per_task: MaxPerTaskOpt = None,
 ) -> None:
     """Everything, locally: prepare -> tokenizer -> train every arm x seed -> evaluate -> compare.
 
+    Runs train one after another, or side by side on disjoint GPU sets (--num-gpus per run).
     Complete steps are skipped and unfinished runs resumed, so rerunning after a crash continues."""
     from armlab.pipeline import run_experiment
     from armlab.spec import load_experiment
@@ -48,6 +56,8 @@ def run(
         num_gpus=num_gpus,
         bundle=bundle,
         max_per_task=max_per_task,
+        nproc=nproc,
+        runs_at_once=runs_at_once,
     )
 
 

@@ -1,16 +1,12 @@
-"""Run an experiment's arms on SSH hosts: `armlab launch`, `logs`, `stop`, and remote `status`.
+"""Run an experiment on SSH hosts: the SSH plumbing of `armlab launch` (armlab.ops.launch),
+`logs`, `stop`, and remote `status`.
 
-Each `[[hosts]]` entry runs one arm. The experiment file is copied to the host with its workdir
-rewritten to the host's and its `[[hosts]]` removed, so on the host it is a plain local
-experiment that the host's own armlab (installed by `armlab setup`) prepares, trains and stops.
-Everything that reads the host's files runs there as `agent()` (one SSH round trip, JSON out),
-so paths are expanded by the host, not guessed here.
-
-Refused before anything starts: a `[[hosts]]` entry with several arms (they would share one
-master_port), two entries that resolve to the same machine with the same master_port (the
-playbook's 29500 clash), one arm on two hosts, more GPUs than the host has (from doctor).
-A rerun of an interrupted launch reads each run's state.json on its host: a live run is
-reported, a finished one left alone, and only the missing ones are started.
+Each `[[hosts]]` entry trains every run (arm x seed) of the arms it lists, on its lanes
+(armlab.ops.schedule). The experiment file is copied to the host with its workdir rewritten to
+the host's and its `[[hosts]]` removed, so on the host it is a plain local experiment that the
+host's own armlab (installed by `armlab setup`) prepares, trains and stops. Everything that reads
+the host's files runs there as `agent()` (one SSH round trip, JSON out), so paths are expanded by
+the host, not guessed here.
 """
 
 from __future__ import annotations
@@ -21,16 +17,15 @@ import os
 import shlex
 import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from armlab.errors import ArmlabError
 from armlab.ops.doctor import DoctorReport
+from armlab.ops.lanes import MIRRORED_LANES
 from armlab.ops.ssh import DEFAULT_REMOTE_PYTHON, Remote, rpath
 from armlab.progress import console
 from armlab.runs import (
@@ -39,9 +34,7 @@ from armlab.runs import (
     RUN_JSON,
     STATE_JSON,
     TRAIN_LOG,
-    RunState,
     is_live,
-    owner_alive,
     read_state,
     stop_run,
 )
@@ -50,13 +43,11 @@ from armlab.workdir import (
     atomic_write_json,
     atomic_write_text,
     open_workdir,
-    read_json,
+    pid_alive,
     read_leases,
     release_lease,
-    run_name,
 )
 
-LAUNCH_RECORD = "launch.json"  # <workdir>/launch.json: where `armlab launch` started each arm
 METRICS_TAIL = 1000  # metrics.jsonl lines mirrored (plus every val_bpb line)
 LOG_TAIL = 200  # train.log lines mirrored
 STOP_TIMEOUT_S = 60  # the launcher itself gives its ranks 30 s after SIGTERM
@@ -166,7 +157,7 @@ def select_hosts(
 ) -> list[HostSpec]:
     if not exp.hosts:
         raise ArmlabError(
-            f"experiment {exp.name!r} has no [[hosts]]: add one per arm (ssh, arms, num_gpus, master_port), "
+            f"experiment {exp.name!r} has no [[hosts]]: add one (name, ssh, arms, num_gpus, gpus_per_run), "
             "or run on this machine with `armlab train`"
         )
     known = {h.name: h for h in exp.hosts}
@@ -181,45 +172,10 @@ def select_hosts(
     ]  # fmt: skip
 
 
-def check_hosts(exp: Experiment) -> dict[str, str | None]:
-    """Refuse host layouts that cannot work; return each host's CUDA_VISIBLE_DEVICES (None: all).
-
-    Entries that resolve to one machine share its GPUs: each gets its own consecutive block.
-    """
-    owner: dict[str, str] = {}
-    for h in exp.hosts:
-        if len(h.arms) > 1:
-            raise ArmlabError(
-                f"host {h.name!r} lists {len(h.arms)} arms ({', '.join(h.arms)}) with one master_port {h.master_port}: "
-                "they would collide; give each arm its own [[hosts]] entry with its own master_port (e.g. 29500, 29501)"
-            )
-        for a in h.arms:
-            if a in owner:
-                raise ArmlabError(
-                    f"arm {a!r} is assigned to two hosts ({owner[a]!r} and {h.name!r}); keep one"
-                )
-            owner[a] = h.name
-    machines: dict[tuple[str, int], list[HostSpec]] = {}
-    for h in exp.hosts:
-        machines.setdefault(_machine(h), []).append(h)
-    devices: dict[str, str | None] = {h.name: None for h in exp.hosts}
-    for (addr, port), group in machines.items():
-        seen: dict[int, str] = {}
-        for h in group:
-            if h.master_port in seen:
-                raise ArmlabError(
-                    f"hosts {seen[h.master_port]!r} and {h.name!r} are the same machine ({addr}:{port}) with the same "
-                    f"master_port {h.master_port}: the second torchrun could not bind it (the playbook's collision); "
-                    f"set master_port = {max(seen) + 1} on {h.name!r}"
-                )
-            seen[h.master_port] = h.name
-        cuda = [h for h in group if h.device == "cuda"]
-        if len(cuda) > 1:
-            start = 0
-            for h in cuda:
-                devices[h.name] = ",".join(str(i) for i in range(start, start + h.num_gpus))
-                start += h.num_gpus
-    return devices
+def machine_labels(exp: Experiment) -> dict[str, str]:
+    """Each entry's machine as `address:ssh-port` (aliases and IPs of one machine compare equal),
+    for the schedule: entries of one machine share its GPUs and ports."""
+    return {h.name: "{}:{}".format(*_machine(h)) for h in exp.hosts}
 
 
 def shared_gpu_problems(exp: Experiment, reports: dict[str, DoctorReport]) -> list[str]:
@@ -265,8 +221,7 @@ def remote_doctor(
         exp_path,
         "--local",
         "--json",
-        "--master-port",
-        str(host.master_port),
+        *(["--master-port", str(host.master_port)] if host.master_port is not None else []),
         *world_args(host, device),
     ]
     for a in host.arms:
@@ -320,19 +275,6 @@ def run_state(run_dir: Path) -> dict[str, Any]:
     return {**st, "alive": is_live(st)}
 
 
-def probe(exp: Experiment, arms: list[str], runs: list[str]) -> dict[str, Any]:
-    """State of the named runs and whether each arm's inputs are there (for launch)."""
-    wd = open_workdir(exp, create=False)
-    out: dict[str, Any] = {"hostname": socket.gethostname(), "runs": {}, "data": {}}
-    for arm, run in zip(arms, runs, strict=True):
-        rd = wd.run_dir(arm, run)
-        out["runs"][f"{arm}/{run}"] = {"run_dir": str(rd), **run_state(rd)}
-        out["data"][arm] = (wd.data_dir(arm) / "manifest.json").exists()
-    tok = wd.tokenizer_dir / "manifest.json"
-    out["tokenizer"] = read_json(tok).get("fingerprint") if tok.exists() else None
-    return out
-
-
 def _tail_lines(path: Path, n: int) -> list[str]:
     try:
         with open(path, "rb") as f:
@@ -348,8 +290,12 @@ def _tail_lines(path: Path, n: int) -> list[str]:
     return data.decode(errors="replace").splitlines()[-n:]
 
 
-def mirror_payload(exp: Experiment, arms: list[str]) -> list[dict[str, Any]]:
-    """Small files of every run of these arms: run.json, state.json, tails of metrics and log."""
+def mirror_payload(exp: Experiment, arms: list[str], host: str | None = None) -> dict[str, Any]:
+    """Small files of every run of these arms (run.json, state.json, tails of metrics and log),
+    and the lanes of host entry `host` as this machine sees them (runner alive or not)."""
+    from armlab.ops.lanes import read_lanes
+
+    lanes = [v.to_json() for v in read_lanes(open_workdir(exp, create=False).root) if v.host == host]
     out = []
     for rd in run_dirs(exp, arms):
         files: dict[str, str] = {}
@@ -375,28 +321,36 @@ def mirror_payload(exp: Experiment, arms: list[str]) -> list[dict[str, Any]]:
                 "state": run_state(rd),
             }
         )
-    return out
+    return {"runs": out, "lanes": lanes}
 
 
 def stop_local(exp: Experiment, arms: list[str], timeout: float = STOP_TIMEOUT_S) -> list[dict[str, Any]]:
-    """Stop this machine's live runs of these arms (`armlab.runs.stop_run`: SIGTERM the supervisor,
-    wait, SIGKILL after timeout).
+    """Stop this machine's lanes and live runs of these arms: first every live lane holding one of
+    their runs (armlab.ops.lanes.stop_lanes: the lane's run stops, its queued runs do not start),
+    then any other live run (`armlab.runs.stop_run`: SIGTERM the supervisor, wait, SIGKILL after
+    timeout).
 
     The supervisor handles SIGTERM itself (stops its ranks, releases the lease, writes state
-    "stopped"); after a SIGKILL stop_run marks the state, and the lease the dead supervisor held is
-    released here.
-    """
+    "stopped"); after a SIGKILL the state is marked here, and the leases the dead process held
+    are released."""
+    from armlab.ops.lanes import stop_lanes
+
     wd = open_workdir(exp, create=False)
-    results = []
+    results = stop_lanes(wd, arms, timeout)
+    handled = {(r["arm"], r["run"]) for r in results}
     for rd in run_dirs(exp, arms):
         arm, run = rd.parent.parent.name, rd.name
-        stopped = stop_run(rd, timeout)
-        if stopped is None:
+        if (arm, run) in handled:
             continue
-        for lease in read_leases(wd.data_dir(arm)):
-            if lease.local and lease.pid == stopped.pid and owner_alive(read_state(rd)) is False:
-                release_lease(wd.data_dir(arm), lease)
-        results.append({"arm": arm, "run": run, "pid": stopped.pid, "result": stopped.result})
+        stopped = stop_run(rd, timeout)
+        if stopped is not None:
+            results.append({"arm": arm, "run": run, "pid": stopped.pid, "result": stopped.result})
+    for r in results:
+        if r["pid"] is None:
+            continue
+        for lease in read_leases(wd.data_dir(r["arm"])):  # a SIGKILLed holder could not release its own
+            if lease.local and lease.pid == r["pid"] and not pid_alive(lease.pid):
+                release_lease(wd.data_dir(r["arm"]), lease)
     return results
 
 
@@ -425,10 +379,14 @@ def agent() -> None:
     op, exp_path, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     try:
         exp = load_experiment(exp_path)
-        if op == "probe":
-            out: Any = probe(exp, params["arms"], params["runs"])
+        if op in ("lanes_probe", "lanes_start"):
+            from armlab.ops.launch import host_probe, host_start
+            from armlab.ops.schedule import Slot
+
+            slots = [Slot.from_json(d) for d in params["slots"]]
+            out: Any = host_probe(exp, slots) if op == "lanes_probe" else host_start(exp, slots)
         elif op == "mirror":
-            out = mirror_payload(exp, params["arms"])
+            out = mirror_payload(exp, params["arms"], params.get("host"))
         elif op == "stop":
             out = stop_local(exp, params["arms"], params.get("timeout", STOP_TIMEOUT_S))
         elif op == "logs":
@@ -442,171 +400,10 @@ def agent() -> None:
     print(json.dumps(out, default=str))
 
 
-# -- launch -----------------------------------------------------------------------------------------------
-@dataclass
-class LaunchRecord:
-    host: str
-    ssh: str
-    arm: str
-    seed: int
-    run: str
-    run_dir: str  # on the host
-    pid: int | None
-    action: str  # started | already running | already done
-    master_port: int
-    device: str
-    world_size: int
-    cuda_visible_devices: str | None
-
-
-def launch(
-    exp: Experiment,
-    *,
-    prepare_mode: str = "prepare",
-    device: str | None = None,
-    seed: int | None = None,
-    hosts: list[str] | None = None,
-    extra_doctor: tuple[str, ...] = (),
-) -> list[LaunchRecord]:
-    """Preflight every host, then start each host's arm detached there; record it in <workdir>/launch.json."""
-    if prepare_mode not in ("prepare", "skip"):
-        raise ArmlabError(f"--prepare-mode {prepare_mode}: use prepare or skip")
-    if seed is None:
-        if len(exp.train.seeds) > 1:
-            raise ArmlabError(f"train.seeds is {exp.train.seeds}: launch one seed at a time with --seed S")
-        seed = exp.train.seeds[0]
-    devices = check_hosts(exp)
-    chosen = select_hosts(exp, hosts)
-    runs = {h.name: run_name(h.arms[0], seed) for h in chosen}
-
-    def first_probe(h: HostSpec) -> dict[str, Any]:
-        push_experiment(exp, h)
-        return call_agent(exp, h, "probe", {"arms": h.arms, "runs": [runs[h.name]]})
-
-    console.print(f"launch: checking {len(chosen)} host(s): {', '.join(h.name for h in chosen)}")
-    probes = dict(zip([h.name for h in chosen], parallel(first_probe, chosen), strict=True))
-
-    def state_of(h: HostSpec) -> dict[str, Any]:
-        return probes[h.name]["runs"][f"{h.arms[0]}/{runs[h.name]}"]
-
-    todo = [h for h in chosen if not state_of(h)["alive"] and state_of(h).get("state") != RunState.DONE]
-    reports = doctor_hosts(
-        exp, chosen, device=device, expect_data=prepare_mode == "skip", extra=extra_doctor
-    ) if todo else []  # fmt: skip
-    live = {h.name for h in chosen if state_of(h)["alive"]}
-    # A live run's port and lease are its own, not a conflict: drop those checks for its host.
-    for rep in reports:
-        if rep.host in live:
-            rep.checks = [
-                c for c in rep.checks if c.name != "master_port" and not c.name.startswith("lease ")
-            ]
-    if reports:
-        from armlab.ops.doctor import render
-
-        render(reports, stderr=True)
-        failed = [rep.host for rep in reports if not rep.ok]
-        if failed:
-            raise ArmlabError(
-                f"preflight failed on {', '.join(failed)}: nothing was started; fix the failures above and rerun"
-            )
-
-    wd = open_workdir(exp)
-    record_path = wd.root / LAUNCH_RECORD
-    lock = threading.Lock()
-    previous = read_json(record_path) if record_path.exists() else {}
-    records: dict[str, dict[str, Any]] = {f"{r['host']}/{r['run']}": r for r in previous.get("runs", [])}
-
-    def save(rec: LaunchRecord) -> None:
-        with lock:
-            records[f"{rec.host}/{rec.run}"] = asdict(rec)
-            atomic_write_json(
-                record_path,
-                {
-                    "experiment": exp.name,
-                    "fingerprint": exp.fingerprint(),
-                    "updated": time.time(),
-                    "runs": list(records.values()),
-                },
-            )
-
-    def start(h: HostSpec) -> LaunchRecord:
-        arm, run = h.arms[0], runs[h.name]
-        st = state_of(h)
-        dev = device or h.device
-        world = h.nproc if dev == "cpu" else h.num_gpus
-        rec = LaunchRecord(
-            host=h.name, ssh=h.ssh, arm=arm, seed=seed, run=run, run_dir=st["run_dir"], pid=st.get("pid"),
-            action="", master_port=h.master_port, device=dev, world_size=world, cuda_visible_devices=devices[h.name],
-        )  # fmt: skip
-        if st["alive"]:
-            rec.action = "already running"
-        elif st.get("state") == RunState.DONE:
-            rec.action = "already done"
-        else:
-            remote = Remote.from_spec(h)
-            exp_path = host_experiment_path(exp, h)
-            spec = exp.arm(arm)
-            if prepare_mode == "prepare":
-                console.print(f"{h.name}: preparing arm {arm} and the tokenizer")
-                remote.run(
-                    armlab_cmd(h, "prepare", exp_path, "--arm", arm), what=f"armlab prepare --arm {arm}"
-                )
-                remote.run(armlab_cmd(h, "tokenizer", exp_path), what="armlab tokenizer")
-            elif not probes[h.name]["data"][arm] and spec.kind == "prebuilt":
-                console.print(f"{h.name}: pulling prebuilt arm {arm}")
-                remote.run(armlab_cmd(h, "pull", exp_path, "--arm", arm), what=f"armlab pull --arm {arm}")
-            args = [
-                "train",
-                exp_path,
-                "--arm",
-                arm,
-                "--seed",
-                str(seed),
-                "--detach",
-                "--master-port",
-                str(h.master_port),
-            ]
-            args += world_args(h, device)
-            if st.get("state") is not None:
-                args.append("--resume")  # a failed or stopped run continues from its last checkpoint
-            env = {"CUDA_VISIBLE_DEVICES": devices[h.name]} if devices[h.name] and dev == "cuda" else None
-            remote.run(armlab_cmd(h, *args, env=env), what=f"armlab train --arm {arm}", timeout=600)
-            rec.pid = _wait_for_pid(exp, h, arm, run)
-            rec.action = "started"
-        save(rec)
-        console.print(f"{h.name}: {arm} ({run}) {rec.action}, pid {rec.pid}")
-        return rec
-
-    started = parallel(start, chosen)
-    tokenizers = {
-        probe["tokenizer"]
-        for probe in (call_agent(exp, h, "probe", {"arms": h.arms, "runs": [runs[h.name]]}) for h in chosen)
-    }
-    if len(tokenizers - {None}) > 1:
-        console.print(
-            f"[bold red]warning[/]: hosts trained different tokenizers ({', '.join(sorted(t for t in tokenizers if t))}); runs will not compare"
-        )
-    return started
-
-
-def _wait_for_pid(exp: Experiment, h: HostSpec, arm: str, run: str, timeout: float = 60) -> int | None:
-    """The detached launcher writes its pid into state.json once it starts: wait for it."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        st = call_agent(exp, h, "probe", {"arms": [arm], "runs": [run]})["runs"][f"{arm}/{run}"]
-        if st.get("pid"):
-            return st["pid"]
-        if st.get("state") == RunState.FAILED:
-            raise ArmlabError(
-                f"host {h.name!r}: run {run!r} failed at start: {st.get('error')}; see `armlab logs EXP --arm {arm}`"
-            )
-        time.sleep(0.5)
-    return None
-
-
 # -- status, logs, stop ---------------------------------------------------------------------------------
 def mirror_remote_runs(exp: Experiment) -> list[Path]:
-    """Copy each remote run's small files into <workdir>/remote/<host>/arms/<arm>/runs/<run>/.
+    """Copy each remote run's small files into <workdir>/remote/<host>/arms/<arm>/runs/<run>/,
+    and the host's lanes into <workdir>/remote/<host>/lanes.json.
 
     An unreachable host is reported on the console and skipped, so `status` still shows the rest.
     """
@@ -616,12 +413,13 @@ def mirror_remote_runs(exp: Experiment) -> list[Path]:
 
     def fetch(h: HostSpec) -> list[Path]:
         try:
-            payload = call_agent(exp, h, "mirror", {"arms": h.arms}, timeout=120)
+            payload = call_agent(exp, h, "mirror", {"arms": h.arms, "host": h.name}, timeout=120)
         except ArmlabError as e:
             console.print(f"[yellow]status[/]: skipped {e}")
             return []
+        atomic_write_json(wd.root / "remote" / h.name / MIRRORED_LANES, payload["lanes"])
         out = []
-        for item in payload:
+        for item in payload["runs"]:
             dest = wd.root / "remote" / h.name / "arms" / item["arm"] / "runs" / item["run"]
             for name, text in item["files"].items():
                 atomic_write_text(dest / name, text)

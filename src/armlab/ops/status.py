@@ -42,6 +42,7 @@ class RunStatus:
     alive: bool | None = None  # None: pid on another host (cannot tell)
     host: str | None = None
     error: str | None = None
+    lane: str | None = None  # the lane that trains (or will train) it: `gpu-a:1`, `gpu-a:1 (stopped)`
     engine: str | None = None  # the engine build that trains it, described (EngineConfig.describe)
 
 
@@ -111,7 +112,10 @@ def collect_status(run_dirs: list[Path], stall_after_s: float = 600.0) -> list[R
 def experiment_status(
     exp: Any, stall_after_s: float = 600.0, extra_dirs: list[Path] | None = None
 ) -> list[RunStatus]:
-    """Every run of the experiment: existing run dirs (plus mirrored ones), and queued arm x seeds."""
+    """Every run of the experiment: existing run dirs (plus mirrored ones), and queued arm x seeds,
+    each with the lane that trains it (armlab.ops.lanes: this workdir's and those mirrored from
+    the hosts). A queued run its lane refused before it started (no run dir) shows as failed."""
+    from armlab.ops.lanes import lanes_by_run
     from armlab.workdir import open_workdir, run_name
 
     wd = open_workdir(exp, create=False)
@@ -122,6 +126,14 @@ def experiment_status(
             name = run_name(arm.name, seed)
             if (arm.name, name) not in seen:
                 rows.append(RunStatus(arm=arm.name, run=name, dir=None, state=RunState.QUEUED))
+    lanes = lanes_by_run(wd.root)
+    for r in rows:
+        lane = lanes.get((r.arm, r.run))
+        if lane is None:
+            continue
+        r.lane = lane.label()
+        if r.state == RunState.QUEUED and r.run in lane.failures:
+            r.state, r.error = RunState.FAILED, lane.failures[r.run]
     order = {a.name: i for i, a in enumerate(exp.arms)}
     return sorted(rows, key=lambda r: (order.get(r.arm, len(order)), r.arm, r.run))
 
@@ -218,6 +230,7 @@ COLUMNS = (
     Column("arm", "arm", 8, lambda r, c: r.arm, left=True),
     Column("run", "run", 0, lambda r, c: r.run, left=True),
     Column("state", "state", 0, lambda r, c: str(r.state), left=True),
+    Column("lane", "lane", 9, lambda r, c: r.lane or "-", left=True),
     Column("step", "step", 1, _step),
     Column("tokens", "tokens", 12, lambda r, c: _si(r.tokens) if c else _f(r.tokens, ",")),
     Column("loss", "loss", 4, lambda r, c: _f(r.train_loss, ".3f")),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import socket
 import time
@@ -101,6 +102,7 @@ class RunPlan:
     config: RunConfig
     engine: EngineConfig
     force: bool
+    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES the ranks see (a lane's GPU set); None: all / CPU
 
     @property
     def plan_file(self) -> Path:
@@ -167,8 +169,6 @@ def apply_overrides(exp: Experiment, overrides: Mapping[str, Any]) -> Experiment
 
 def resolve_devices(num_gpus: int | None, device: str | None, nproc: int | None) -> tuple[str, int]:
     """(device kind, world size): --num-gpus N means N CUDA ranks; --device cpu --nproc N, N CPU ranks."""
-    import os
-
     import torch
 
     if num_gpus is not None and device == "cpu":
@@ -295,6 +295,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         eval_dir=wd.eval_dir, tokenizer_dir=wd.tokenizer_dir, device=kind, world_size=world,
         master_port=port, resume_step=resume_step, fingerprint=run_json["fingerprint"], config=config,
         engine=engine_config, force=o.force,
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") if kind == "cuda" else None,
     )  # fmt: skip
     engine.preflight(plan)
     _check_repeats(data_manifest, budget.tokens, arm, eff.train.allow_repeat)

@@ -44,8 +44,10 @@ class Stopped(Exception):
     """The supervisor got SIGTERM / SIGINT / SIGHUP."""
 
 
-def train(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) -> Path:
-    """Train one arm (one seed); returns the run dir. See the module docstring."""
+def train(exp: Experiment, arm: str, options: TrainOptions = TrainOptions(), echo: bool = True) -> Path:
+    """Train one arm (one seed); returns the run dir. See the module docstring.
+
+    `echo`: also copy the ranks' output to stdout (a lane runner's stdout is its own log: off)."""
     plan = plan_run(exp, arm, options)
     if plan.resume_step is not None and plan.resume_step == plan.config.num_iterations:
         # killed after its final checkpoint: nothing left to train
@@ -55,7 +57,7 @@ def train(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) -> 
     if options.detach:
         detach(plan)
         return plan.run_dir
-    return supervise(plan, echo=True)
+    return supervise(plan, echo=echo)
 
 
 def detach(plan: RunPlan) -> None:
