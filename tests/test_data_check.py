@@ -200,7 +200,7 @@ def test_an_incomplete_arm_never_trains_and_check_names_the_files(tmp_path: Path
     """Every file the manifest lists must be there at its size: the loader's start-up check
     (check_feeds, what training runs before starting ranks) refuses otherwise, as does check."""
     from armlab.errors import ArmlabError
-    from armlab.train.loader import check_feeds
+    from armlab.train.units import check_feeds
 
     pool = tmp_path / "pool"
     make_pool(pool, 2000, n_files=2)

@@ -177,7 +177,7 @@ def test_unequal_seed_counts_are_unpaired_and_warned(tmp_path: Path) -> None:
     (c,) = s["comparisons"]
     assert not c["paired"] and c["seeds"] == [3, 2]
     assert "3 vs 2 seeds, unpaired" in s["verdict"][0]
-    assert any("unequal seed counts: top has 3 finished run(s), random 2" in w for w in s["warnings"])
+    assert any("unequal seed counts: top has 3 finished runs, random 2" in w for w in s["warnings"])
 
 
 def core_items(rng, p: float, n: int = 60) -> dict:

@@ -82,6 +82,11 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         assert d["docs"] == rows == json.loads((wd / f"arms/{arm}/data/manifest.json").read_text())["rows"]
         assert d["sample"]["docs"] == min(rows, 2000) and d["sample"]["tokens"] > d["sample"]["docs"]
         assert f"| {arm} | {rows:,} |" in md.split("## What differs in the data")[1]
+    # each arm's mix of the pool's sources, counted by prepare: the top arm is (nearly) all stdlib prose
+    mix = {arm: s["data"]["arms"][arm]["groups"] for arm in ("top40", "random40")}
+    share = {arm: g["stdlib"] / sum(g.values()) for arm, g in mix.items()}
+    assert share["top40"] > 0.98 and share["random40"] < 0.9, mix
+    assert s["data"]["arms"]["top40"]["group_column"] == "source"
     # the top arm holds only good text; the random arm holds the pool's junk too
     top = [
         t
@@ -110,6 +115,14 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert r2.stderr.count("already done") == 4 and "step 00001" not in r2.stdout
     assert json.loads((report / "summary.json").read_text())["arms"] == s["arms"]
+
+    # the demo again with another horizon: refused before any work, every file as it was (0.1
+    # called the 30-step runs "already done", rewrote experiment.toml, then `compare` refused them)
+    files = {p: p.read_bytes() for p in sorted(wd.rglob("*")) if p.is_file()}
+    other = armlab("demo", "--workdir", str(wd), "--num-iterations", "40")
+    assert other.returncode == 2 and "4 runs here were trained under another spec" in other.stderr, other.stderr
+    assert "differs in train.num_iterations" in other.stderr and len(other.stderr.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in sorted(wd.rglob("*")) if p.is_file()} == files
 
     # `armlab run` on the finished workdir: every step is complete, so it only rewrites the report
     again = armlab("run", str(wd))

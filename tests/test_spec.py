@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from armlab.errors import ArmlabError
-from armlab.spec import fingerprint_diff, load_experiment, parse_experiment
+from armlab.spec import fingerprint_diff, load_experiment, parse_experiment, with_overrides
 
 BASE = """
 name = "t"
@@ -144,3 +144,23 @@ def test_recipe_fields_default_to_the_engine_and_are_checked(tmp_path: Path) -> 
     assert parse_experiment({**exp.model_dump(), "model": {"window_pattern": "ssl"}}).model.window_pattern == "SSL"
     assert "unknown key 'train.warmup_ratio'" in error_of(tmp_path, BASE + "[train]\nwarmup_ratio = 0.1\n")
     assert "train.warmup_steps" in error_of(tmp_path, BASE + "[train]\nwarmup_steps = -1\n")
+
+
+def test_overrides_reach_any_section_one_arm_and_reset_the_horizon(tmp_path: Path) -> None:
+    exp = load_experiment(write(tmp_path, BASE + "[train]\nnum_iterations = 10\n"))
+    eff = with_overrides(exp, {"tokens": 50_000, "eval.docs": 7, "depth": None, "arms.r.ratio": 0.25})
+    assert eff.train.tokens == 50_000 and eff.train.num_iterations is None and eff.eval.docs == 7
+    assert eff.model.depth == exp.model.depth  # None: not given
+    assert eff.arm("r").ratio == 0.25 and exp.arm("r").ratio == 0.5  # a new spec; the old one unchanged
+    assert eff.fingerprint() != exp.fingerprint() or eff.comparability() != exp.comparability()
+    assert with_overrides(exp, {"depth": None}) is exp  # nothing given: the same spec
+    with pytest.raises(ArmlabError, match=r"unknown overrides dept, nosuch.x"):
+        with_overrides(exp, {"dept": 3, "nosuch.x": 1})
+    with pytest.raises(ArmlabError, match=r"command-line overrides: unknown key 'eval.doccs'"):
+        with_overrides(exp, {"eval.doccs": 3})
+    with pytest.raises(ArmlabError, match=r"train.engine: Input should be 'builtin' or 'nanochat'"):
+        with_overrides(exp, {"engine": "nanogpt"})
+    with pytest.raises(ArmlabError, match=r"no arm named 'x'"):
+        with_overrides(exp, {"arms.x.ratio": 0.1})
+    with pytest.raises(ArmlabError, match=r"arms\[0\].ratio"):
+        with_overrides(exp, {"arms.r.ratio": 1.5})

@@ -120,7 +120,7 @@ def test_whole_set_by_default_with_per_document_sums_in_eval_set_order(setup):
     es = bpb.eval_set(eval_dir, tok, SEQ)
     n_docs = 80  # corpus(80) in 3 files
     assert es.n_docs == n_docs and len(whole.per_doc_nats) == len(whole.per_doc_bytes) == n_docs
-    assert whole.bpb == pytest.approx(reference_bpb(model, tok, es.tokens), rel=1e-9)
+    assert whole.bpb == pytest.approx(reference_bpb(model, tok, es.tokens), rel=1e-6)  # float32 logits
     assert sum(whole.per_doc_nats) / (math.log(2) * sum(whole.per_doc_bytes)) == pytest.approx(whole.bpb, rel=1e-12)
     targets = es.tokens[:, 1:]
     assert whole.tokens == int((tok.token_bytes[targets] > 0).sum())

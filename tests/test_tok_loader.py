@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from armlab.errors import ArmlabError
-from armlab.train.loader import DataLoader, check_feeds, list_units
+from armlab.train.loader import DataLoader
+from armlab.train.units import check_feeds, list_units
 from tok_util import corpus, trained_tokenizer, write_shards
 
 

@@ -113,8 +113,10 @@ def test_two_arms_at_both_commits_then_compare_refuses_to_mix_them(tmp_path, tem
             assert checkpoint_steps(BaseDir.of_run(run).checkpoints("d2"), 1) == [4, 8]
             assert steps(run, "core") == ([8] if core else [])  # "Step 00008 | CORE metric: ..."
         status = ok("status", exp).stdout
-        rows = [ln.split() for ln in status.splitlines() if ln.split()[1:2] in (["alt-s0"], ["rand-s0"])]
-        assert len(rows) == 2 and all(r[2:4] == ["done", "8/8"] for r in rows), status  # plain lines: piped
+        lines = [ln.split() for ln in status.splitlines()]
+        header = next(cols for cols in lines if cols[:2] == ["arm", "run"])  # columns by name, not position
+        rows = [dict(zip(header, cols, strict=False)) for cols in lines if cols[1:2] in (["alt-s0"], ["rand-s0"])]
+        assert len(rows) == 2 and all((r["state"], r["step"]) == ("done", "8/8") for r in rows), status
         assert (
             f"engine: nanochat {info['engine']['commit'][:7] if git else info['engine']['commit']}" in status
         )

@@ -20,7 +20,7 @@ from armlab.train.engines.nanochat_layout import (
     val_texts,
     write_val_file,
 )
-from armlab.train.loader import check_feeds as armlab_check_feeds
+from armlab.train.units import check_feeds as armlab_check_feeds
 from nanochat_util import copy_checkout, nanochat_python
 from tok_util import corpus, write_shards
 

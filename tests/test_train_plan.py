@@ -17,7 +17,7 @@ from armlab import runs
 from armlab.errors import ArmlabError
 from armlab.train.engines import cpu_cores, get_engine, rank_env, torchrun_argv
 from armlab.train.engines.builtin import BuiltinConfig
-from armlab.train.plan import RunConfig, RunPlan, TrainOptions, apply_overrides, plan_run, resolve_devices
+from armlab.train.plan import RunConfig, RunPlan, TrainOptions, plan_run, resolve_devices
 from armlab.workdir import open_workdir, read_json
 from train_util import ARM, armlab, build_workdir, experiment, run_dir
 
@@ -57,19 +57,6 @@ def test_the_plan_round_trips_through_plan_json(exp_file: Path) -> None:
     assert info["fingerprint"] == plan.fingerprint == back.experiment.fingerprint()
     assert info["config"] == json.loads(json.dumps(back.to_json()["config"]))
     assert info["overrides"] == {"num_iterations": 4, "depth": 1}
-
-
-def test_overrides_reach_any_section_and_reset_the_horizon(exp_file: Path) -> None:
-    exp = experiment(exp_file)
-    eff = apply_overrides(exp, {"tokens": 50_000, "eval.docs": 7, "depth": None})
-    assert eff.train.tokens == 50_000 and eff.train.num_iterations is None and eff.eval.docs == 7
-    assert eff.model.depth == exp.model.depth  # None: not given
-    with pytest.raises(ArmlabError, match=r"unknown override\(s\) dept, nosuch.x"):
-        apply_overrides(exp, {"dept": 3, "nosuch.x": 1})
-    with pytest.raises(ArmlabError, match=r"command-line overrides: unknown key 'eval.doccs'"):
-        apply_overrides(exp, {"eval.doccs": 3})
-    with pytest.raises(ArmlabError, match=r"train.engine: Input should be 'builtin' or 'nanochat'"):
-        apply_overrides(exp, {"engine": "nanogpt"})
 
 
 def test_the_engine_is_resolved_by_name() -> None:

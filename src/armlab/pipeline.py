@@ -18,10 +18,10 @@ from typing import Any
 from armlab.errors import ArmlabError, RunFailed, Stopped
 from armlab.ops.schedule import Slot
 from armlab.progress import console
-from armlab.runs import EVAL_JSON, RunState, load_run, read_state
+from armlab.runs import EVAL_JSON, RUN_JSON, RunState, load_run, read_state
 from armlab.spec import Experiment, HostSpec
 from armlab.text import plural
-from armlab.workdir import Workdir, atomic_write_json, open_workdir
+from armlab.workdir import Workdir, atomic_write_json, open_workdir, run_name
 
 
 def default_device() -> str:
@@ -33,6 +33,26 @@ def default_device() -> str:
 def _select(exp: Experiment, arms: list[str] | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
     names = [exp.arm(a).name for a in arms] if arms else [a.name for a in exp.arms]
     return names, list(seeds) if seeds else list(exp.train.seeds)
+
+
+def check_runs_match(exp: Experiment, arms: list[str], seeds: list[int]) -> None:
+    """Refuse, before any work, when a run this command would skip as done (or resume) was trained
+    under another spec: `demo --num-iterations 5` over 120-step runs would call them "already done",
+    and `compare` would then refuse every one of them."""
+    wd = open_workdir(exp, create=False)
+    want = exp.comparability()
+    odd = []
+    for arm in arms:
+        for seed in seeds:
+            d = wd.run_dir(arm, run_name(arm, seed))
+            if (d / RUN_JSON).is_file() and (keys := load_run(d).spec_differences(want)):
+                odd.append(f"{d.name} (differs in {', '.join(keys)})")
+    if odd:
+        raise ArmlabError(
+            f"{wd.root}: {plural(len(odd), 'run')} here {'was' if len(odd) == 1 else 'were'} trained under another "
+            f"spec: {'; '.join(odd)}; use a fresh workdir, or delete {'it' if len(odd) == 1 else 'them'} "
+            f"(`armlab rm {wd.root} --arm A --run R`) to train again"
+        )
 
 
 def local_machine(
@@ -76,6 +96,7 @@ def train_runs(
     from armlab.ops.schedule import group_lanes, plan_schedule
 
     schedule = plan_schedule(exp, [local_machine(exp, arms, device, num_gpus, nproc, runs_at_once)])
+    check_runs_match(exp, arms, seeds)
     slots = schedule.select(seeds=seeds)
     lanes = group_lanes(slots)
     wd = open_workdir(exp, create=False)
@@ -268,10 +289,10 @@ def run_experiment(
             f"--seeds {','.join(map(str, unknown))}: not in train.seeds {exp.train.seeds}; add them there first"
         )
     plan_schedule(exp, [local_machine(exp, names, device, num_gpus, nproc, runs_at_once)])
+    check_runs_match(exp, names, seed_list)
     # The CORE bundle first: a bundle that cannot be fetched (offline, say) is refused before hours
     # of training, not after them.
     opened = open_bundle(exp, bundle)
-    open_workdir(exp)
     prepare(exp, arms=names)
     train_experiment_tokenizer(exp)
     done, failures = train_runs(exp, names, seed_list, device, num_gpus, nproc, runs_at_once)

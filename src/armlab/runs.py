@@ -277,6 +277,14 @@ class RunRecord:
         """What the engine resolved at run time that every compared run must share."""
         return dict(self.info.get("engine_comparable") or {})
 
+    def spec_differences(self, comparability: Mapping[str, Any]) -> list[str] | None:
+        """Dotted spec keys where this run was trained differently from `comparability` (an
+        experiment's `comparability()`); None when run.json has no record to compare."""
+        got = self.info.get("comparability")
+        if got is None:
+            return None
+        return fingerprint_diff(json.loads(json.dumps(dict(comparability), default=str)), got)
+
     @property
     def train_lines(self) -> list[dict[str, Any]]:
         return [m for m in self.metrics if "train_loss" in m]

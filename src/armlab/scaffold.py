@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from armlab.data.pool import BadFile, PoolFile, _jsonl_stream, describe_error, list_pool, open_source
+from armlab.data.pool import BadFile, PoolFile, describe_error, jsonl_stream, list_pool, open_source
 from armlab.errors import ArmlabError
 from armlab.spec import NAME_RE, PoolSpec, parse_experiment
 from armlab.text import plural
@@ -117,8 +117,7 @@ def _parquet_columns(pf: PoolFile) -> tuple[list[Column], int]:
 
 
 def _jsonl_columns(pf: PoolFile) -> list[Column]:
-    # _jsonl_stream: the pool's own choice of decompression by suffix (gz, zst)
-    with open_source(pf) as src, _jsonl_stream(src, pf) as stream:
+    with open_source(pf) as src, jsonl_stream(src, pf) as stream:
         buf = b""
         while b"\n" not in buf.lstrip(b"\r\n \t"):  # read up to the end of the first non-blank line
             chunk = stream.read(1 << 16)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -413,6 +414,48 @@ def _error_line(source: str, err: ValidationError) -> str:
     if len(errors) > 1:
         line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
     return line
+
+
+# Command-line overrides, for every command (`train --depth`, `prepare --ratio`, ...): one place.
+MODEL_KEYS = set(ModelSpec.model_fields)
+TRAIN_KEYS = set(TrainSpec.model_fields) - {"seeds"}
+HORIZONS = ("num_iterations", "tokens", "target_param_data_ratio")
+
+
+def with_overrides(exp: Experiment, overrides: Mapping[str, Any]) -> Experiment:
+    """The experiment with command-line overrides (None = not given), validated as a spec.
+
+    A plain key is a [model] / [train] field; `section.field` reaches any other section and
+    `arms.NAME.field` one arm. Any one of `num_iterations`, `tokens`, `target_param_data_ratio`
+    replaces the file's horizon. Overrides change the fingerprint, so runs with and without them
+    never compare by accident. Pure: nothing is written (the frozen spec is the workdir's business).
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if not given:
+        return exp
+    data = exp.model_dump(mode="json")
+    unknown = [
+        k for k in given
+        if ("." not in k and k not in MODEL_KEYS | TRAIN_KEYS)
+        or ("." in k and k.split(".", 1)[0] not in Experiment.model_fields)
+    ]  # fmt: skip
+    if unknown:
+        raise ArmlabError(
+            f"unknown override{'s' if len(unknown) > 1 else ''} {', '.join(sorted(unknown))}; allowed: "
+            f"{', '.join(sorted(MODEL_KEYS | TRAIN_KEYS))}, SECTION.FIELD or arms.NAME.FIELD"
+        )
+    if set(given) & set(HORIZONS):
+        data["train"].update(dict.fromkeys(HORIZONS))
+    for key, v in given.items():
+        if key.startswith("arms."):
+            name, _, fld = key.removeprefix("arms.").rpartition(".")
+            exp.arm(name)  # unknown arm: the standard error naming the arms
+            next(a for a in data["arms"] if a["name"] == name)[fld] = v
+            continue
+        section, _, name = key.rpartition(".")
+        section = section or ("model" if key in MODEL_KEYS else "train")
+        data[section] = {**(data.get(section) or {}), name: v}
+    return parse_experiment(data, "command-line overrides")
 
 
 def parse_experiment(data: dict[str, Any], source: str = "<experiment>") -> Experiment:

@@ -34,7 +34,15 @@ from armlab.errors import ArmlabError
 from armlab.progress import console, progress
 from armlab.spec import Experiment, fingerprint_diff
 from armlab.vocab import BOS, SPECIAL_TOKENS
-from armlab.workdir import Workdir, atomic_path, atomic_write_json, open_workdir, read_json, step_lock
+from armlab.workdir import (
+    Workdir,
+    atomic_path,
+    atomic_write_json,
+    freeze_spec,
+    open_workdir,
+    read_json,
+    step_lock,
+)
 
 # GPT-4's split pattern with nanochat's change: numbers split into groups of 1-2 digits, not 1-3.
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -229,9 +237,12 @@ def train_experiment_tokenizer(exp: Experiment, overwrite: bool = False) -> Toke
     A complete tokenizer trained for the same spec and sample is reused (no-op). One trained for
     another experiment, spec or sample is refused unless `overwrite`.
     """
-    wd = open_workdir(exp)
+    wd = open_workdir(exp, create=False)
+    _sample_manifest(wd.tokenizer_sample_dir)  # no sample yet: refused before anything is written
     with step_lock(wd, "tokenizer"):  # a second `armlab tokenizer` waits, then finds it up to date
-        return _train(exp, wd, overwrite)
+        tok = _train(exp, wd, overwrite)
+        freeze_spec(wd, exp)
+    return tok
 
 
 def _train(exp: Experiment, wd: Workdir, overwrite: bool) -> Tokenizer:

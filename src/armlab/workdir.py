@@ -105,14 +105,23 @@ def run_name(arm: str, seed: int) -> str:
 
 
 def open_workdir(exp: Any, create: bool = True) -> Workdir:
-    """The experiment's workdir; on create, freezes a copy of the spec as experiment.toml.
+    """The experiment's workdir; `create` makes the dir (and proves it writable).
 
-    A workdir that already holds a different experiment (another name) is refused.
+    A workdir that already holds a different experiment (another name) is refused. Nothing else is
+    written here: the frozen spec is written by `freeze_spec`, which a command calls once its input
+    has proved valid, so a refused command leaves the workdir as it was.
     """
     root = exp.workdir_path
     wd = Workdir(root)
     if root.exists() and not root.is_dir():
         raise ArmlabError(f"{root}: the workdir is a file, not a directory; move it, or set 'workdir' in the experiment file to a directory")
+    frozen = wd.root / "experiment.json"
+    if frozen.is_file():
+        old = json.loads(frozen.read_text())
+        if old.get("name") != exp.name:
+            raise ArmlabError(
+                f"{root}: workdir belongs to experiment {old.get('name')!r}, not {exp.name!r}; choose another workdir"
+            )
     if create:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -123,16 +132,19 @@ def open_workdir(exp: Any, create: bool = True) -> Workdir:
             raise ArmlabError(
                 f"{root}: workdir is not writable ({e.strerror}); make it writable, or set 'workdir' in the experiment file to a writable dir"
             ) from None
-        frozen = wd.root / "experiment.json"
-        if frozen.exists():
-            old = json.loads(frozen.read_text())
-            if old.get("name") != exp.name:
-                raise ArmlabError(
-                    f"{root}: workdir belongs to experiment {old.get('name')!r}, not {exp.name!r}; choose another workdir"
-                )
-        atomic_write_json(frozen, exp.model_dump(mode="json"))
-        atomic_write_text(wd.experiment_toml, to_toml(exp.model_dump(mode="json", exclude_none=True)))
     return wd
+
+
+def freeze_spec(wd: Workdir, exp: Any) -> None:
+    """Write the spec the workdir now holds as experiment.json + experiment.toml (`armlab status
+    WORKDIR` and the other commands read it back). Called by a command that has done, or is about
+    to do, work under `exp`: never by a refused one."""
+    data = exp.model_dump(mode="json")
+    frozen = wd.root / "experiment.json"
+    if frozen.is_file() and read_json(frozen) == json.loads(json.dumps(data)) and wd.experiment_toml.is_file():
+        return  # unchanged: not even the mtime moves
+    atomic_write_json(frozen, data)
+    atomic_write_text(wd.experiment_toml, to_toml(exp.model_dump(mode="json", exclude_none=True)))
 
 
 def to_toml(data: dict[str, Any]) -> str:

@@ -38,24 +38,13 @@ def prepare(
     """Prepare the eval set, the tokenizer sample and the arms' shuffled shards (resumable)."""
     from armlab.data.prepare import PrepareOptions
     from armlab.data.prepare import prepare as run_prepare
-    from armlab.spec import load_experiment, parse_experiment
+    from armlab.spec import load_experiment, with_overrides
 
-    spec = load_experiment(exp)
-    if ratio is not None or seed is not None or rows_per_shard is not None:
-        data = spec.model_dump(mode="json")
-        if ratio is not None or seed is not None:
-            if not arm or len(arm) != 1:
-                raise ArmlabError("--ratio / --seed apply to one arm: name it with a single --arm")
-            target = next((a for a in data["arms"] if a["name"] == arm[0]), None)
-            if target is None:
-                spec.arm(arm[0])  # raises the standard "no arm named" error
-            if ratio is not None:
-                target["ratio"] = ratio
-            if seed is not None:
-                target["seed"] = seed
-        if rows_per_shard is not None:
-            data["shards"]["rows_per_shard"] = rows_per_shard
-        spec = parse_experiment(data, "command line")
+    if (ratio is not None or seed is not None) and (not arm or len(arm) != 1):
+        raise ArmlabError("--ratio / --seed apply to one arm: name it with a single --arm")
+    one = arm[0] if arm else ""
+    overrides = {f"arms.{one}.ratio": ratio, f"arms.{one}.seed": seed, "shards.rows_per_shard": rows_per_shard}
+    spec = with_overrides(load_experiment(exp), overrides)
     options = PrepareOptions(
         workers=workers,
         force=force,

@@ -244,7 +244,8 @@ def parquet_columns_check(pf: PoolFile, schema: pa.Schema, columns: list[str]) -
     missing_columns(pf, schema.names, columns, "fix the column name in [pool] or the arm")
 
 
-def _jsonl_stream(src: Any, pf: PoolFile) -> pa.NativeFile:
+def jsonl_stream(src: Any, pf: PoolFile) -> pa.NativeFile:
+    """A jsonl pool file's text stream, decompressed by its suffix (.gz, .zst)."""
     compression = "gzip" if pf.path.endswith(".gz") else "zstd" if pf.path.endswith(".zst") else None
     return pa.input_stream(src, compression=compression)
 
@@ -279,7 +280,7 @@ def _jsonl_tables(
     The first record names the fields and their types; the file is then read with an explicit
     schema of just `columns`, so fields that are not read may change type or appear late without
     failing the parse, and memory is one block however large the file."""
-    with open_source(pf, local) as src, _jsonl_stream(src, pf) as stream:
+    with open_source(pf, local) as src, jsonl_stream(src, pf) as stream:
         buf, line = b"", b""
         while not line.strip():
             chunk = stream.read(1 << 16)
@@ -302,7 +303,7 @@ def _jsonl_tables(
         try:
             with open_source(pf, local) as src:
                 reader = pajson.open_json(
-                    _jsonl_stream(src, pf),
+                    jsonl_stream(src, pf),
                     read_options=pajson.ReadOptions(block_size=block),
                     parse_options=parse,
                 )

@@ -46,6 +46,8 @@ def demo_experiment(workdir: Path, num_iterations: int = 120) -> Experiment:
                 "allow_repeat": True,  # the pool's size depends on the Python version's stdlib; never refuse the demo
             },
             "evaluate": {"core_bundle": str(workdir / "demo_bundle")},
+            # each arm's mix of the pool's sources (stdlib prose vs the three kinds of junk) in the report
+            "report": {"group_column": "source"},
         },
         source="armlab demo",
     )
@@ -57,7 +59,7 @@ def run_demo(workdir: str | Path | None = None, device: str = "cpu", num_iterati
     from armlab.demo.pool import build_pool
     from armlab.demo.tasks import build_demo_bundle
     from armlab.errors import RunFailed
-    from armlab.pipeline import evaluate_experiment, train_runs
+    from armlab.pipeline import check_runs_match, evaluate_experiment, train_runs
     from armlab.report.compare import compare, print_verdict
     from armlab.tokenizer import train_experiment_tokenizer
     from armlab.workdir import open_workdir
@@ -65,7 +67,8 @@ def run_demo(workdir: str | Path | None = None, device: str = "cpu", num_iterati
     t0 = time.time()
     root = Path(workdir or DEFAULT_WORKDIR).expanduser().resolve()
     exp = demo_experiment(root, num_iterations)
-    wd = open_workdir(exp)
+    wd = open_workdir(exp, create=False)  # another experiment's workdir: refused, nothing written
+    check_runs_match(exp, [a.name for a in exp.arms], exp.train.seeds)  # another --num-iterations
     build_pool(root / "pool")
     prepare(exp)
     train_experiment_tokenizer(exp)

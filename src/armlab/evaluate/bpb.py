@@ -34,7 +34,8 @@ import torch
 
 from armlab.errors import ArmlabError
 from armlab.progress import console
-from armlab.train.loader import DataLoader, list_units, units_fingerprint
+from armlab.train.loader import DataLoader
+from armlab.train.units import list_units, units_fingerprint
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,8 @@ from armlab.ops.ssh import Remote
 from armlab.progress import console
 from armlab.runs import RunState
 from armlab.spec import Experiment, HostSpec
-from armlab.workdir import atomic_write_json, open_workdir, read_json
+from armlab.text import plural
+from armlab.workdir import atomic_write_json, freeze_spec, open_workdir, read_json
 
 LAUNCH_RECORD = "launch.json"  # <workdir>/launch.json: where `armlab launch` started each run
 
@@ -135,6 +136,7 @@ def host_start(exp: Experiment, slots: list[Slot]) -> dict[str, Any]:
     wd = open_workdir(exp)
     lanes = [_merged(LaneFiles.of(wd.root, lane[0]), lane) for lane in group_lanes(slots)]
     starts = start_lanes(wd, exp, lanes, detach=True)
+    freeze_spec(wd, exp)
     out = {}
     for lane, start in zip(lanes, starts, strict=True):
         st = read_lane_state(LaneFiles.of(wd.root, lane[0]))
@@ -206,7 +208,7 @@ def launch(
         push_experiment(exp, h)
         return call_agent(exp, h, "lanes_probe", {"slots": [s.to_json() for s in slots[h.name]]})
 
-    console.print(f"launch: checking {len(chosen)} host(s): {', '.join(h.name for h in chosen)}")
+    console.print(f"launch: checking {plural(len(chosen), 'host')}: {', '.join(h.name for h in chosen)}")
     probes = dict(zip([h.name for h in chosen], parallel(first_probe, chosen), strict=True))
     todo = [h for h in chosen if any(_pending(probes[h.name]["runs"][s.run]) for s in slots[h.name])]
     starting = [h for h in todo if any(lane["starts"] for lane in probes[h.name]["lanes"].values())]
@@ -288,6 +290,7 @@ def _records(
 def _save(exp: Experiment, records: list[LaunchRecord]) -> None:
     """<workdir>/launch.json: every run ever launched, the latest record of each (host/run)."""
     wd = open_workdir(exp)
+    freeze_spec(wd, exp)  # the launched experiment: `armlab status WORKDIR` reads it
     path = wd.root / LAUNCH_RECORD
     previous = read_json(path) if path.exists() else {}
     kept = {f"{r['host']}/{r['run']}": r for r in previous.get("runs", [])}

@@ -409,7 +409,7 @@ def mirror_remote_runs(exp: Experiment) -> list[Path]:
     """
     if not exp.hosts:
         return []
-    wd = open_workdir(exp)
+    wd = open_workdir(exp)  # the mirror is the local side's cache of the hosts; the spec is not frozen here
 
     def fetch(h: HostSpec) -> list[Path]:
         try:

@@ -14,7 +14,6 @@ differs in the arms' data (`datadiff`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -29,12 +28,9 @@ from armlab.report.scores import Scores, bpb_scores, centre, core_scores
 from armlab.report.stats import detectable
 from armlab.report.verdict import METRICS, verdict_line
 from armlab.runs import RUN_JSON, RunRecord, engine_differences, load_run
-from armlab.spec import Experiment, fingerprint_diff
+from armlab.spec import Experiment
+from armlab.text import plural
 from armlab.workdir import open_workdir
-
-
-def _plain(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
 
 
 def collect_runs(
@@ -70,21 +66,20 @@ def collect_runs(
 
 
 def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
-    want = _plain(exp.comparability())
+    want = exp.comparability()
     odd = []  # every offending run in one message, so the user fixes them all in one go
     for r in runs:
-        got = r.info.get("comparability")
-        if got is None:
+        keys = r.spec_differences(want)
+        if keys is None:
             raise ArmlabError(
                 f"{r.dir / RUN_JSON}: no 'comparability' record; rerun this run with this armlab"
             )
-        keys = fingerprint_diff(want, got)
         if keys:
             odd.append(f"{r.dir} (differs in {', '.join(keys)})")
     odd += engine_differences(runs)  # the same engine build, e.g. one nanochat commit, for every run
     if odd:
         raise ArmlabError(
-            f"{len(odd)} run(s) are not comparable with experiment {exp.name!r}, e.g. trained with command-line "
+            f"{plural(len(odd), 'run')} {'is' if len(odd) == 1 else 'are'} not comparable with experiment {exp.name!r}, e.g. trained with command-line "
             f"overrides such as --num-iterations: {'; '.join(odd)}; leave them out with --exclude RUN (or move "
             "them out of the workdir) to compare the others"
         )
@@ -305,7 +300,7 @@ def compare_arm(
 def _seed_warning(arm: ArmData, ref: ArmData) -> str | None:
     if len(arm.seeds) != len(ref.seeds):
         return (
-            f"unequal seed counts: {arm.name} has {len(arm.seeds)} finished run(s), {ref.name} {len(ref.seeds)}; "
+            f"unequal seed counts: {arm.name} has {plural(len(arm.seeds), 'finished run')}, {ref.name} {len(ref.seeds)}; "
             "the comparison is unpaired (Welch) and weaker than it could be: finish the missing seeds"
         )
     if arm.seeds != ref.seeds:

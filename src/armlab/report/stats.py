@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import math
 
-from scipy import optimize
-from scipy import stats as st
-
 ALPHA = 0.05
 POWER = 0.80
 MAX_SEEDS = 1000
@@ -30,6 +27,8 @@ NORMAL_DF = 1e5
 
 def t_quantile(p: float, df: float | None) -> float:
     """The p quantile of Student's t with `df` degrees of freedom (the normal's when df is None/inf)."""
+    from scipy import stats as st  # here, not at the top: scipy costs ~0.7 s of every command's start
+
     if df is None or df > NORMAL_DF:
         return float(st.norm.ppf(p))
     return float(st.t.ppf(p, df))
@@ -48,6 +47,8 @@ def power(delta: float, se: float, df: float, alpha: float = ALPHA) -> float:
     """Power of the two-sided level-alpha t test (df) when the true difference is `delta`."""
     if se <= 0:
         return 1.0
+    from scipy import stats as st
+
     crit = t_quantile(1 - alpha / 2, df)
     nc = abs(delta) / se
     if df > NORMAL_DF:  # scipy's nct turns to NaN at huge df; the normal is exact to ~1e-5 there
@@ -63,6 +64,8 @@ def detectable(
     where a t test has no degrees of freedom)."""
     if seeds < 2 and seed_var > 0:
         return None
+    from scipy import optimize
+
     se, df = standard_error(seed_var, item_var, seeds)
     if se == 0:
         return 0.0

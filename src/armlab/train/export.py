@@ -112,9 +112,10 @@ def export_run(
             f"{run_dir}: trained with tokenizer {ckpt_meta.get('tokenizer_fingerprint')}, the experiment's is now "
             f"{tok_fp}; the model cannot be exported with it"
         )
+    to = Path(to).expanduser().absolute()
+    _check_target(to)  # before the lock: a refused export leaves the workdir as it was
     with step_lock(wd, "export", wait=False):  # two exports of one workdir at once are a mistake
-        to = Path(to).expanduser().absolute()
-        _check_target(to)
+        _check_target(to)  # again: another export may have written it meanwhile
         state = checkpoint.load_state(ckpt / "model.pt")
 
         tmp = to.parent / f".{to.name}.armlab-export-{os.getpid()}"

@@ -31,13 +31,10 @@ from armlab import __version__, runs
 from armlab.budget import grad_accum_steps, model_dim
 from armlab.errors import ArmlabError
 from armlab.progress import console
-from armlab.spec import Experiment, ModelSpec, TrainSpec, fingerprint, parse_experiment
+from armlab.spec import Experiment, fingerprint, parse_experiment, with_overrides
 from armlab.train.engines import Engine, EngineConfig, get_engine
 from armlab.workdir import atomic_write_json, open_workdir, read_json, run_name
 
-MODEL_KEYS = set(ModelSpec.model_fields)
-TRAIN_KEYS = set(TrainSpec.model_fields) - {"seeds"}
-HORIZONS = ("num_iterations", "tokens", "target_param_data_ratio")
 # run.json config keys a resumed run must share with the run that wrote the checkpoint
 RESUME_KEYS = ("depth", "n_params", "total_batch_size", "device_batch_size", "num_iterations", "world_size")
 
@@ -137,36 +134,6 @@ class RunPlan:
         return cls.from_json(read_json(path), str(path))
 
 
-def apply_overrides(exp: Experiment, overrides: Mapping[str, Any]) -> Experiment:
-    """The experiment with command-line overrides (None = not given), validated as a spec.
-
-    A plain key is a [model] / [train] field; `section.field` reaches any other section. Any one
-    of `num_iterations`, `tokens`, `target_param_data_ratio` replaces the file's horizon.
-    Overrides change the fingerprint, so runs with and without them never compare by accident.
-    """
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if not given:
-        return exp
-    data = exp.model_dump(mode="json")
-    unknown = [
-        k for k in given
-        if ("." not in k and k not in MODEL_KEYS | TRAIN_KEYS)
-        or ("." in k and k.split(".", 1)[0] not in Experiment.model_fields)
-    ]  # fmt: skip
-    if unknown:
-        raise ArmlabError(
-            f"unknown override(s) {', '.join(sorted(unknown))}; allowed: "
-            f"{', '.join(sorted(MODEL_KEYS | TRAIN_KEYS))} or SECTION.FIELD"
-        )
-    if set(given) & set(HORIZONS):
-        data["train"].update(dict.fromkeys(HORIZONS))
-    for key, v in given.items():
-        section, _, name = key.rpartition(".")
-        section = section or ("model" if key in MODEL_KEYS else "train")
-        data[section] = {**(data.get(section) or {}), name: v}
-    return parse_experiment(data, "command-line overrides")
-
-
 def resolve_devices(num_gpus: int | None, device: str | None, nproc: int | None) -> tuple[str, int]:
     """(device kind, world size): --num-gpus N means N CUDA ranks; --device cpu --nproc N, N CPU ranks."""
     import torch
@@ -232,11 +199,11 @@ def _complete_manifest(directory: Path, fix: str, what: str) -> bytes:
 def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) -> RunPlan:
     """Every check that can fail on bad input, then run.json and plan.json (no rank started)."""
     from armlab.tokenizer import load_experiment_tokenizer
-    from armlab.train.loader import check_feeds
+    from armlab.train.units import check_feeds
 
     o = options
     exp.arm(arm)  # unknown arm: error naming the arms
-    eff = apply_overrides(exp, o.overrides)
+    eff = with_overrides(exp, o.overrides)
     engine = get_engine(eff.train.engine)
     engine_config = engine.configure(eff)
     seed = eff.train.seeds[0] if o.seed is None else o.seed

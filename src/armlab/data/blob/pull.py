@@ -31,7 +31,15 @@ from armlab.data.blob.sdk import _retrying
 from armlab.errors import ArmlabError
 from armlab.progress import console
 from armlab.text import plural
-from armlab.workdir import atomic_write_bytes, check_writable, open_workdir, read_json, read_leases, writing
+from armlab.workdir import (
+    atomic_write_bytes,
+    check_writable,
+    freeze_spec,
+    open_workdir,
+    read_json,
+    read_leases,
+    writing,
+)
 
 
 def _remote_manifest(az: AzPath, what: str, retry: RetrySettings) -> tuple[bytes, dict[str, Any]]:
@@ -145,7 +153,7 @@ def pull(
         )
     az = parse_az_uri(uri)
     retry = retry or RetrySettings()
-    wd = open_workdir(exp)
+    wd = open_workdir(exp, create=False)  # created once the published arm is found and fits
     data_dir = wd.data_dir(arm)
     check_writable(data_dir, force=force, action="pull into it")
 
@@ -157,6 +165,7 @@ def pull(
     )
     files = _shard_hashes(manifest, az.uri(MANIFEST_NAME))
     _check_same_spec(exp, spec, wd.eval_dir, manifest, az.uri(MANIFEST_NAME))
+    freeze_spec(open_workdir(exp), exp)
     # Under the arm's lock: a run that starts now waits for the pull instead of leasing half a dir.
     with writing(data_dir, force=force, action="pull into it"):
         _pull_dir(
@@ -227,7 +236,7 @@ def pull_shared(
     """
     uris = shared_uris(from_uri)
     retry = retry or RetrySettings()
-    wd = open_workdir(exp)
+    wd = open_workdir(exp, create=False)  # created once both published dirs are found and fit
     how = f"run `armlab publish EXP --shared --to {from_uri}` on the host that prepared the experiment"
     ev_az, tok_az = parse_az_uri(uris["eval"]), parse_az_uri(uris["tokenizer"])
     ev_bytes, ev_manifest = _remote_manifest(ev_az, f"a published eval set; {how}", retry)
@@ -269,6 +278,7 @@ def pull_shared(
             )
     if todo:
         _refuse_if_training(exp, wd, force, f"write the experiment's {' and '.join(a.kind for a in todo)}")
+        freeze_spec(open_workdir(exp), exp)
     for a in todo:
         _pull_dir(
             a.az,

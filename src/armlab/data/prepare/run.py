@@ -37,7 +37,15 @@ from armlab.data.select import Rules
 from armlab.errors import ArmlabError, Stopped
 from armlab.progress import console, progress
 from armlab.spec import ArmSpec, Experiment, fingerprint
-from armlab.workdir import Workdir, atomic_write_json, check_writable, open_workdir, read_json, step_lock
+from armlab.workdir import (
+    Workdir,
+    atomic_write_json,
+    check_writable,
+    freeze_spec,
+    open_workdir,
+    read_json,
+    step_lock,
+)
 
 
 def prepare(
@@ -45,15 +53,18 @@ def prepare(
 ) -> dict[str, Path]:
     """Prepare the eval set, the tokenizer sample and the named arms (default all); arm -> data dir."""
     opts = options or PrepareOptions()
-    wd = open_workdir(exp)
+    # The input first (an unknown arm, a pool path that is not there, an offline hub): a refused
+    # prepare must leave no workdir behind, not even an empty one.
     chosen = [exp.arm(a) for a in arms] if arms else list(exp.arms)
+    files = list_pool(exp.pool)
+    wd = open_workdir(exp)
     workers = max(1, opts.workers or os.cpu_count() or 1)
     pool_arms = [a for a in chosen if a.kind != "prebuilt"]
     prebuilt = [a for a in chosen if a.kind == "prebuilt"]
     with stop_on_signals("prepare"), step_lock(wd, "prepare"):  # a second prepare waits, then finds it done
         executor = LocalExecutor(workers)
         try:
-            prepare_pool(exp, wd, pool_arms, executor, opts)
+            prepare_pool(exp, wd, pool_arms, executor, opts, files)
             for arm in prebuilt:
                 prepare_prebuilt(exp, wd, arm, executor, opts)
         except (Stopped, KeyboardInterrupt):
@@ -61,6 +72,7 @@ def prepare(
             raise
         finally:
             executor.close()  # an error: let the running units finish, so no temp file is left
+        freeze_spec(wd, exp)  # the workdir's data is now this spec's
     return {a.name: wd.data_dir(a.name) for a in chosen}
 
 
@@ -85,11 +97,15 @@ def stop_on_signals(what: str) -> Iterator[None]:
 
 
 def prepare_pool(
-    exp: Experiment, wd: Workdir, arms: list[ArmSpec], executor: Executor, opts: PrepareOptions
+    exp: Experiment,
+    wd: Workdir,
+    arms: list[ArmSpec],
+    executor: Executor,
+    opts: PrepareOptions,
+    files: list[PoolFile],
 ) -> None:
-    """The eval set, the tokenizer sample and the pool arms `arms`: key pass, thresholds, text
-    pass, shuffle + write."""
-    files = list_pool(exp.pool)
+    """The eval set, the tokenizer sample and the pool arms `arms` from the pool's `files`: key
+    pass, thresholds, text pass, shuffle + write."""
     fetch = fetch_plan(exp.pool, files)  # remote parquet: ranged column reads, or whole downloads
     pool_fp = pool_fingerprint(exp.pool, files)
     targets = [

@@ -26,6 +26,7 @@ from armlab.data.shuffle import merge
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
 from armlab.spec import ShardSpec
+from armlab.text import plural
 from armlab.workdir import writing
 
 COUNTS = ("rows", "chars", "tokens", "dropped_empty", "eval_removed")
@@ -198,8 +199,8 @@ def write_targets(
             shutil.rmtree(stage / t.name, ignore_errors=True)
             bar.update(task, advance=1)
             console.print(
-                f"prepare: {t.name}: {manifest['rows']:,} docs, {manifest['chars'] / 1e6:,.1f}M chars, "
-                f"{len(files)} shards -> {t.out_dir}",
+                f"prepare: {t.name}: {plural(manifest['rows'], 'doc')}, {manifest['chars'] / 1e6:,.1f}M chars, "
+                f"{plural(len(files), 'shard')} -> {t.out_dir}",
                 soft_wrap=True,
             )
 

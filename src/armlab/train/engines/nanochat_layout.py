@@ -79,7 +79,7 @@ class BaseDir:
 
 def train_files(data_dir: Path) -> list[Path]:
     """The arm's shard files nanochat trains on, in nanochat's (sorted-name) order."""
-    from armlab.train.loader import list_units
+    from armlab.train.units import list_units
 
     files, _ = list_units(data_dir)  # refuses an incomplete, empty or foreign data dir
     return files
@@ -87,7 +87,7 @@ def train_files(data_dir: Path) -> list[Path]:
 
 def check_feeds(data_dir: Path, world_size: int) -> list[Path]:
     """Refuse an arm nanochat's loader cannot feed on `world_size` ranks (see the module docstring)."""
-    from armlab.train.loader import check_feeds as check_units
+    from armlab.train.units import check_feeds as check_units
 
     check_units(data_dir, world_size)  # armlab's own rule: at least one row group per rank
     files = train_files(data_dir)
