@@ -19,6 +19,7 @@ from typer.core import TyperOption
 from armlab import __version__
 from armlab.cli import app
 from armlab.cli.app import split_ints, split_list
+from data_util import make_pool
 
 
 def armlab(*args: str, cwd: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
@@ -168,6 +169,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path: Path) -> None:
 def test_workdir_that_is_a_file(tmp_path: Path, args: list[str]) -> None:
     workdir = tmp_path / "wd"
     workdir.write_text("not a dir")
+    make_pool(tmp_path / "pool", n_docs=40, n_files=1)  # a valid pool: prepare checks it before the workdir
     exp = write_exp(tmp_path, workdir)
     r = armlab(*[a.replace("{exp}", str(exp)) for a in args], cwd=tmp_path)
     if args[0] == "doctor":  # doctor reports it as a failed check, and skips the checks that read it

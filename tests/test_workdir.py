@@ -21,6 +21,7 @@ from armlab.workdir import (
     acquire_lease,
     atomic_path,
     check_writable,
+    freeze_spec,
     leased,
     open_workdir,
     read_lease,
@@ -159,7 +160,7 @@ def _wait_for_lock(wd: Workdir, said: list[str]) -> None:
         said.append("got it")
 
 
-def test_open_workdir_freezes_spec_and_refuses_other_experiment(tmp_path: Path) -> None:
+def test_freeze_spec_writes_once_and_open_workdir_refuses_other_experiment(tmp_path: Path) -> None:
     exp = parse_experiment(
         {
             "name": "one",
@@ -169,7 +170,12 @@ def test_open_workdir_freezes_spec_and_refuses_other_experiment(tmp_path: Path) 
         }
     )
     wd = open_workdir(exp)
+    assert not wd.experiment_toml.exists()  # opening writes no spec: a command freezes it once its work is done
+    freeze_spec(wd, exp)
     assert load_experiment(wd.experiment_toml) == exp  # the frozen copy round-trips
+    stamp = wd.experiment_toml.stat().st_mtime_ns
+    freeze_spec(wd, exp)
+    assert wd.experiment_toml.stat().st_mtime_ns == stamp  # unchanged spec: the files are not rewritten
     other = parse_experiment({**exp.model_dump(mode="json", exclude_none=True), "name": "two"})
     with pytest.raises(ArmlabError, match="belongs to experiment 'one'"):
         open_workdir(other)

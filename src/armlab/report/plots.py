@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 from armlab.workdir import atomic_path  # noqa: E402
 
@@ -182,6 +183,11 @@ def plot_data(summary: dict[str, Any], path: Path) -> Path | None:
                     _step(ax, h["edges"], h["counts"], colors[arm], arm)
             if panel in ("doc_chars", "doc_tokens"):
                 ax.set_xscale("log")
+                # plain numbers at 1, 2, 5 x 10^k: under a decade matplotlib's own log labels
+                # either collide (2x10^2 3x10^2 ...) or leave a single tick
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0), numticks=8))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())
                 _zoom(
                     ax,
                     [
