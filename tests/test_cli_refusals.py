@@ -80,6 +80,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
     """(argv, a word the error line must hold) for refusals of a prepared, trained workdir."""
     wd = str(root / "wd")
+    # the same experiment with another horizon: `run` would call rand-s0 "already done"
+    longer = root / "longer.toml"
+    longer.write_text(Path(exp).read_text().replace("num_iterations = 3", "num_iterations = 4"))
     return [
         (["prepare", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["prepare", exp, "--arm", "top", "--ratio", "0.35"], "--overwrite"),  # the arm exists, from ratio 0.2
@@ -93,6 +96,7 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["train", exp, "--arm", "top", "--total-batch-size", "100"], "total_batch_size"),
         (["train", exp, "--arm", "rand", "--num-gpus", "2", "--seed", "5"], "GPU"),
         (["run", exp, "--num-gpus", "2"], "GPU"),
+        (["run", str(longer), "--arm", "rand", "--seeds", "0"], "differs in train.num_iterations"),
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["compare", exp], "top"),  # one arm has finished runs, the other none
         (["rm", exp, "--arm", "rand", "--run", "nosuch"], "nosuch"),

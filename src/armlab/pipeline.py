@@ -48,9 +48,10 @@ def check_runs_match(exp: Experiment, arms: list[str], seeds: list[int]) -> None
             if (d / RUN_JSON).is_file() and (keys := load_run(d).spec_differences(want)):
                 odd.append(f"{d.name} (differs in {', '.join(keys)})")
     if odd:
+        one = len(odd) == 1
         raise ArmlabError(
-            f"{wd.root}: {plural(len(odd), 'run')} here {'was' if len(odd) == 1 else 'were'} trained under another "
-            f"spec: {'; '.join(odd)}; use a fresh workdir, or delete {'it' if len(odd) == 1 else 'them'} "
+            f"{wd.root}: {plural(len(odd), 'run')} here {'was' if one else 'were'} trained under another "
+            f"spec: {'; '.join(odd)}; use a fresh workdir, or delete {'it' if one else 'them'} "
             f"(`armlab rm {wd.root} --arm A --run R`) to train again"
         )
 
@@ -90,13 +91,13 @@ def train_runs(
     """Train every arm x seed not yet done on this machine's lanes; returns (finished run dirs,
     failure messages). One lane trains here, in this process, with the ranks' output on the
     terminal; several train side by side, one runner process each (armlab.ops.lanes), with a line
-    here when a run starts or fails. A stop (Ctrl-C, SIGTERM) stops every lane: Stopped."""
+    here when a run starts or fails. A stop (Ctrl-C, SIGTERM) stops every lane: Stopped. Callers
+    run `check_runs_match` first, before their own expensive steps (prepare, the CORE bundle)."""
     from armlab.ops.lane_runner import run_lane
     from armlab.ops.lanes import LaneFiles, LaneState, queue_lane, read_lane_state
     from armlab.ops.schedule import group_lanes, plan_schedule
 
     schedule = plan_schedule(exp, [local_machine(exp, arms, device, num_gpus, nproc, runs_at_once)])
-    check_runs_match(exp, arms, seeds)
     slots = schedule.select(seeds=seeds)
     lanes = group_lanes(slots)
     wd = open_workdir(exp, create=False)
