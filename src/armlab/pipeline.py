@@ -192,9 +192,15 @@ def run_experiment(
     if done:
         for d in done:
             evaluate_run(exp, d, opened, max_per_task or exp.evaluate.max_per_task, device)
-        out, summary = compare(exp)
-        print_verdict(summary)
-        console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")
+        try:
+            out, summary = compare(exp)
+        except ArmlabError as e:
+            if not failures:
+                raise
+            console.print(f"compare: {e}")  # the failed runs below are why
+        else:
+            print_verdict(summary)
+            console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")
     if failures:
         raise RunFailed(f"{plural(len(failures), 'run')} failed: " + "; ".join(failures))
     return open_workdir(exp, create=False).report_dir

@@ -329,7 +329,7 @@ def local_host(
     on a CPU host, a batch the ranks cannot split) before anything is touched."""
     from armlab.ops.hosts.local import LocalHost, this_machine
 
-    host = LocalHost(exp, this_machine(exp, arms, device, num_gpus, nproc, runs_at_once))
+    host = LocalHost(exp, this_machine(exp, arms, device, num_gpus, nproc, runs_at_once), attach=True)
     plan_schedule(exp, [host.spec])
     return host
 

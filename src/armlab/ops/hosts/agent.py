@@ -231,15 +231,14 @@ def log_path(exp: Experiment, arm: str, run: str | None) -> Path:
     return path
 
 
-def tail_file(path: Path, lines: int, follow: bool) -> None:
-    """Replace this process with `tail` (Ctrl-C ends it cleanly, locally or over SSH)."""
-    argv = ["tail", "-n", str(lines), *(["-F"] if follow else []), str(path)]
-    sys.stdout.flush()
-    os.execvp("tail", argv)
+def tail_argv(path: Path, lines: int, follow: bool) -> list[str]:
+    return ["tail", "-n", str(lines), *(["-F"] if follow else []), str(path)]
 
 
 def logs(exp: Experiment, req: LogsRequest) -> None:
-    tail_file(log_path(exp, req.arm, req.run), req.lines, req.follow)
+    """Replace this process (the agent's, on the host) with `tail`: Ctrl-C over SSH ends it cleanly."""
+    sys.stdout.flush()
+    os.execvp("tail", tail_argv(log_path(exp, req.arm, req.run), req.lines, req.follow))
 
 
 # -- the table ----------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""This machine as the one host of `armlab run`: lanes here, attached to the command.
+"""This machine as a host: lanes here, with the agent (armlab.ops.hosts.agent) in this process.
 
-`start` trains the lanes and returns when they end: one lane in this very process (the ranks'
-output on the terminal), several side by side, one runner process each (children of this one:
-they die with it), with a line here when a lane starts a run. A signal (Ctrl-C, SIGTERM) stops
-every lane, each stopping its run resumably. A runner that dies (kill -9) is said as such: its
-lane's run is named, with how to resume it.
+Detached (the default), `start` is what it is on every backend: queue the lanes, start a
+runner for each, return. Attached (`armlab run`), `start` trains the lanes and returns when they
+end: one lane in this very process (the ranks' output on the terminal), several side by side,
+one runner process each (children of this one: they die with it), with a line here when a lane
+starts a run. A signal (Ctrl-C, SIGTERM) stops every lane, each stopping its run resumably. A
+runner that dies (kill -9) is said as such: its lane's run is named, with how to resume it.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ def this_machine(
 
 
 class LocalHost(AgentHost):
-    def __init__(self, exp: Experiment, spec: HostSpec) -> None:
+    def __init__(self, exp: Experiment, spec: HostSpec, attach: bool = False) -> None:
         super().__init__(exp, spec)
         self._agent = LocalAgent(exp)
+        self.attach = attach
 
     @property
     def agent(self) -> LocalAgent:
@@ -92,8 +94,10 @@ class LocalHost(AgentHost):
             train_experiment_tokenizer(self.exp)
 
     def start(self, slots: list[Slot]) -> StartResult:
-        """Train every lane of `slots` to its end (see the module docstring); a stop raises
-        LaneStopped once every lane has stopped its run."""
+        """Detached: start the lanes' runners. Attached: train every lane of `slots` to its end
+        (see the module docstring); a stop raises LaneStopped once every lane stopped its run."""
+        if not self.attach:
+            return super().start(slots)
         wd = open_workdir(self.exp, create=False)
         lanes = group_lanes(slots)
         if len(lanes) == 1:

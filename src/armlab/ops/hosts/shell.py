@@ -18,6 +18,7 @@ from typing import Protocol
 
 from armlab.errors import ArmlabError
 from armlab.ops.hosts import agent
+from armlab.ops.hosts.messages import LogsRequest
 from armlab.ops.ssh import rpath
 from armlab.records import Record
 from armlab.spec import Experiment
@@ -106,9 +107,15 @@ class LocalAgent:
     def call(self, op: str, request: Record, timeout: float | None = None) -> Record | None:
         return agent.call(op, self.exp, request)
 
-    def stream(self, op: str, request: Record) -> int:
-        agent.call(op, self.exp, request)  # logs: replaces this process with `tail`
-        return 0
+    def stream(self, op: str, request: LogsRequest) -> int:
+        """`logs` here: `tail` as a child of this process (Ctrl-C ends it, quietly)."""
+        if op != "logs":
+            raise ValueError(f"agent op {op} does not stream")
+        path = agent.log_path(self.exp, request.arm, request.run)
+        try:
+            return subprocess.run(agent.tail_argv(path, request.lines, request.follow)).returncode
+        except KeyboardInterrupt:
+            return 0
 
 
 class ShellAgent:
