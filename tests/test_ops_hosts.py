@@ -82,14 +82,14 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "pool"
 
 
-def _local(root: Path, pool: Path) -> Iterator[Host]:
+def _local(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     path = root / "exp.toml"
     path.write_text(EXPERIMENT.format(workdir=root / "wd", pool=pool))
     exp = load_experiment(path)
     yield LocalHost(exp, local_host(exp, ["rand"], device="cpu", visible_gpus=0))
 
 
-def _ssh(root: Path, pool: Path) -> Iterator[Host]:
+def _ssh(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     with sshd_hosts(root / "sshd", aliases=("hosta",)) as hosts:
         old = os.environ.get("ARMLAB_SSH_CONFIG")
         os.environ["ARMLAB_SSH_CONFIG"] = str(hosts.config)
@@ -116,12 +116,29 @@ def _ssh(root: Path, pool: Path) -> Iterator[Host]:
                 os.environ["ARMLAB_SSH_CONFIG"] = old
 
 
-BACKENDS = {"local": _local, "ssh": _ssh}
+def _slurm(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    cluster = request.getfixturevalue("slurm")  # the session's test cluster (tests/slurm_util.py)
+    mp = request.getfixturevalue("monkeypatch")
+    mp.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])  # the login node's clients: this machine's
+    path = root / "exp.toml"
+    path.write_text(
+        EXPERIMENT.format(workdir=root / "wd", pool=pool)
+        + '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\npartition = "cpu"\narms = ["rand"]\ndevice = "cpu"\n'
+    )
+    exp = load_experiment(path)
+    host = get_host(exp, exp.hosts[0])
+    try:
+        yield host
+    finally:
+        host.stop(["rand"], 20)
+
+
+BACKENDS = {"local": _local, "ssh": _ssh, "slurm": _slurm}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def host(request: pytest.FixtureRequest, tmp_path: Path, pool: Path) -> Iterator[Host]:
-    yield from BACKENDS[request.param](tmp_path, pool)
+    yield from BACKENDS[request.param](tmp_path, pool, request)
 
 
 def _until(what: str, fn, timeout: float = 240):

@@ -349,6 +349,8 @@ class HostSpec(Strict):
                 raise ValueError(f"{where}: nodes is for ssh entries; a Slurm entry asks for nodes_per_run")
             if not self.partition:
                 raise ValueError(f"{where}: a Slurm entry needs partition (`sinfo -s` lists them)")
+            if self.master_port is not None:
+                raise ValueError(f"{where}: master_port is for ssh entries; a Slurm job picks its port from its job id")
             if self.runs_at_once > 1 or self.gpus_per_run is not None:
                 raise ValueError(
                     f"{where}: runs_at_once and gpus_per_run are for ssh entries; on Slurm each run is a job "
@@ -365,11 +367,10 @@ class HostSpec(Strict):
     def nodes_of_run(self) -> int:
         return self.nodes_per_run or (len(self.nodes) if self.nodes else 1)
 
-    @property
-    def ranks_per_node(self) -> int:
-        """Ranks on each node of a run: nproc on CPU; GPUs (gpus_per_node on Slurm, else
-        gpus_per_run, else num_gpus) on CUDA."""
-        if self.device == "cpu":
+    def ranks_per_node(self, device: str | None = None) -> int:
+        """Ranks on each node of a run (`device` overrides the entry's): nproc on CPU; GPUs
+        (gpus_per_node on Slurm, else gpus_per_run, else num_gpus) on CUDA."""
+        if (device or self.device) == "cpu":
             return self.nproc
         if self.scheduler == "slurm":
             return self.gpus_per_node if self.gpus_per_node is not None else self.num_gpus

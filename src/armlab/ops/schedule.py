@@ -58,6 +58,7 @@ class Slot(Record):
     gpus: tuple[int, ...]  # CUDA device indices of the machine (empty on CPU)
     port: int | None  # master port; None: torchrun binds a free one
     cpu_share: tuple[int, int] | None = None  # CPU lanes: (this lane, lanes on the machine)
+    nnodes: int = 1  # machines the run spans (world_size / nnodes ranks on each)
 
     @property
     def lane_id(self) -> str:
@@ -101,8 +102,13 @@ def _device(host: HostSpec, override: str | None) -> str:
     return override or host.device
 
 
-def _lane_count(host: HostSpec, device: str) -> int:
-    """Lanes of one entry, refusing layouts that cannot work."""
+def _lane_count(host: HostSpec, device: str, runs: int) -> int:
+    """Lanes of one entry, refusing layouts that cannot work. On Slurm every run is its own job:
+    a lane each (the scheduler, not armlab, decides where and when it runs)."""
+    if host.scheduler == "slurm":
+        if device == "cuda" and host.ranks_per_node(device) < 1:
+            raise ArmlabError(f'host {host.name!r}: device cuda with gpus_per_node = 0; set it, or device = "cpu"')
+        return max(runs, 1)
     if device == "cpu":
         if host.gpus_per_run is not None and host.device == "cpu":
             raise ArmlabError(
@@ -136,7 +142,7 @@ def _lane_count(host: HostSpec, device: str) -> int:
 
 
 def _world(host: HostSpec, device: str) -> int:
-    return host.nproc if device == "cpu" else (host.gpus_per_run or host.num_gpus)
+    return host.ranks_per_node(device) * host.nodes_of_run
 
 
 def _check_batch(exp: Experiment, hosts: Sequence[HostSpec], device: str | None) -> None:
@@ -186,13 +192,18 @@ def plan_schedule(
     hosts = list(exp.hosts if hosts is None else hosts)
     machines = machines or {h.name: f"{h.target or 'localhost'}:{h.port or 22}" for h in hosts}
     owner = _owners(exp, hosts)
-    lanes = {h.name: _lane_count(h, _device(h, device)) for h in hosts}
+    orders = {
+        h.name: [(arm.name, seed) for seed in exp.train.seeds for arm in exp.arms if owner.get(arm.name) is h]
+        for h in hosts
+    }
+    lanes = {h.name: _lane_count(h, _device(h, device), len(orders[h.name])) for h in hosts}
     _check_batch(exp, hosts, device)
 
-    # GPU blocks and CPU shares per machine, in file order
+    # GPU blocks and CPU shares per machine, in file order (a scheduler's nodes are its own)
     by_machine: dict[str, list[HostSpec]] = collections.defaultdict(list)
     for h in hosts:
-        by_machine[machines[h.name]].append(h)
+        if h.scheduler != "slurm":
+            by_machine[machines[h.name]].append(h)
     gpu_offset: dict[str, int] = {}
     cpu_first: dict[
         str, tuple[int, int]
@@ -213,16 +224,16 @@ def plan_schedule(
     slots: list[Slot] = []
     for h in hosts:
         dev, n = _device(h, device), lanes[h.name]
-        order = [(arm.name, seed) for seed in exp.train.seeds for arm in exp.arms if owner.get(arm.name) is h]
         per = h.gpus_per_run or h.num_gpus
-        for i, (arm, seed) in enumerate(order):
+        slurm = h.scheduler == "slurm"
+        for i, (arm, seed) in enumerate(orders[h.name]):
             k = i % n
             gpus = (
                 tuple(range(gpu_offset[h.name] + k * per, gpu_offset[h.name] + (k + 1) * per))
-                if dev == "cuda"
+                if dev == "cuda" and not slurm
                 else ()
             )
-            share = (cpu_first[h.name][0] + k, cpu_first[h.name][1]) if dev == "cpu" else None
+            share = (cpu_first[h.name][0] + k, cpu_first[h.name][1]) if dev == "cpu" and not slurm else None
             slots.append(
                 Slot(
                     host=h.name,
@@ -236,6 +247,7 @@ def plan_schedule(
                     gpus=gpus,
                     port=None if h.master_port is None else h.master_port + k,
                     cpu_share=share,
+                    nnodes=h.nodes_of_run,
                 )  # fmt: skip
             )
     unassigned = tuple(a.name for a in exp.arms if a.name not in owner)

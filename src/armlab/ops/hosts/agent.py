@@ -15,6 +15,7 @@ The experiment is the host's own (its workdir, no [[hosts]]): a plain local expe
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import socket
@@ -199,10 +200,10 @@ def stop(exp: Experiment, req: StopRequest) -> StopResult:
         for lease in read_leases(wd.data_dir(r.arm)):  # a SIGKILLed holder could not release its own
             if lease.local and lease.pid == r.pid and not pid_alive(lease.pid):
                 release_lease(wd.data_dir(r.arm), lease)
-    return StopResult([_with_restart(wd.run_dir(r.arm, r.run), r) for r in rows])
+    return StopResult([with_restart(wd.run_dir(r.arm, r.run), r) for r in rows])
 
 
-def _with_restart(run_dir: Path, row: StopRow) -> StopRow:
+def with_restart(run_dir: Path, row: StopRow) -> StopRow:
     """A stopped run with no checkpoint yet restarts from step 0: the stop says so."""
     import dataclasses
 
@@ -242,24 +243,30 @@ def logs(exp: Experiment, req: LogsRequest) -> None:
 
 
 # -- the table ----------------------------------------------------------------------------------------
-OPS: dict[str, tuple[type[Record], Callable[[Experiment, Any], Record | None]]] = {
-    "probe": (SlotsRequest, probe),
-    "start": (SlotsRequest, start),
-    "mirror": (MirrorRequest, mirror),
-    "stop": (StopRequest, stop),
-    "logs": (LogsRequest, logs),
+Op = tuple[type[Record], Callable[[Experiment, Any], Record | None], type[Record] | None]  # request, fn, answer
+OPS: dict[str, Op] = {
+    "probe": (SlotsRequest, probe, HostProbe),
+    "start": (SlotsRequest, start, StartResult),
+    "mirror": (MirrorRequest, mirror, MirrorPayload),
+    "stop": (StopRequest, stop, StopResult),
+    "logs": (LogsRequest, logs, None),  # replaces the process with `tail`: no answer
 }
-ANSWERS: dict[str, type[Record] | None] = {
-    "probe": HostProbe, "start": StartResult, "mirror": MirrorPayload, "stop": StopResult, "logs": None,
-}  # fmt: skip
+# A backend's own host-side ops, as "<backend>.<op>": its module's OPS table (same shape).
+BACKEND_OPS = {"slurm": "armlab.ops.hosts.slurm_jobs"}
+
+
+def lookup(op: str) -> Op:
+    backend, dot, name = op.rpartition(".")
+    try:
+        table = importlib.import_module(BACKEND_OPS[backend]).OPS if dot else OPS
+        return table[name]
+    except KeyError:
+        raise ArmlabError(f"unknown agent op {op!r}; is armlab the same version on both sides?") from None
 
 
 def call(op: str, exp: Experiment, request: Record) -> Record | None:
     """Run one op in this process."""
-    try:
-        kind, fn = OPS[op]
-    except KeyError:
-        raise ArmlabError(f"unknown agent op {op!r} (ops: {', '.join(OPS)})") from None
+    kind, fn, _ = lookup(op)
     if not isinstance(request, kind):
         raise TypeError(f"agent op {op}: expected {kind.__name__}, got {type(request).__name__}")
     return fn(exp, request)
@@ -270,9 +277,7 @@ def main(argv: list[str]) -> int:
     as one JSON line on stdout; a refusal as one line on stderr, exit 2."""
     try:
         op, exp_path = argv
-        kind = OPS[op][0] if op in OPS else None
-        if kind is None:
-            raise ArmlabError(f"unknown agent op {op!r} (ops: {', '.join(OPS)}); is armlab the same version here?")
+        kind = lookup(op)[0]
         request = kind.from_json(json.loads(sys.stdin.read() or "{}"), f"agent {op} request")
         answer = call(op, load_experiment(exp_path), request)
     except ArmlabError as e:

@@ -66,7 +66,7 @@ class ShellHost(AgentHost):
         args = [
             "doctor", self.push(), "--local", "--json",
             *(["--master-port", str(self.spec.master_port)] if self.spec.master_port is not None else []),
-            *world_args(self.spec, device), *(f"--arm={a}" for a in self.spec.arms),
+            *self.world_args(device), *(f"--arm={a}" for a in self.spec.arms),
             *([] if expect_data else ["--no-expect-data"]), *extra,
         ]  # fmt: skip
         p = self.armlab(*args, timeout=DOCTOR_TIMEOUT_S, check=False)
@@ -89,6 +89,12 @@ class ShellHost(AgentHost):
             rep.add("armlab", "ok", f"same armlab as this machine ({__version__}, source {source_fingerprint()})")
         return rep
 
+    def world_args(self, device: str | None) -> list[str]:
+        """`armlab doctor`'s flags: the entry's device and all its GPUs (or one run's CPU ranks)."""
+        if (device or self.spec.device) == "cpu":
+            return ["--device", "cpu", "--nproc", str(self.spec.nproc)]
+        return ["--device", "cuda", "--num-gpus", str(self.spec.num_gpus)]
+
     def prepare(self, arms: list[str], mode: str) -> None:
         """prepare: the arms and the tokenizer there; skip: pull the prebuilt ones of `arms`
         (the orchestrator passes those whose data is missing)."""
@@ -102,13 +108,6 @@ class ShellHost(AgentHost):
             if self.exp.arm(a).kind == "prebuilt":
                 console.print(f"{self.name}: pulling prebuilt arm {a}")
                 self.armlab("pull", exp_path, "--arm", a)
-
-
-def world_args(spec: HostSpec, device: str | None) -> list[str]:
-    """`armlab doctor`'s flags: the entry's device and all its GPUs (or one run's CPU ranks)."""
-    if (device or spec.device) == "cpu":
-        return ["--device", "cpu", "--nproc", str(spec.nproc)]
-    return ["--device", "cuda", "--num-gpus", str(spec.num_gpus)]
 
 
 class SshHost(ShellHost):
