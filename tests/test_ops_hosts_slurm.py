@@ -1,0 +1,200 @@
+"""`armlab launch` on a real Slurm cluster (tests/slurm_util.py: slurmctld + slurmd on loopback, this
+machine as the login node): 2 arms x 2 seeds as four jobs, through to `compare`, and the refusals
+made before anything is submitted.
+
+Waits are bounded polls on what Slurm and the run dirs say, never sleeps: the test asserts what
+happened, not when. A job that cannot start is made so by a job holding every CPU of the node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from data_util import make_pool
+from slurm_util import SlurmCluster
+
+pytestmark = pytest.mark.e2e
+
+EXPERIMENT = """\
+name = "slurm-e2e"
+workdir = "{root}/wd"
+
+[pool]
+uri = "{root}/pool"
+id_column = "id"
+
+[eval]
+docs = 60
+
+[tokenizer]
+vocab_size = 300
+train_chars = 60000
+
+[shards]
+rows_per_shard = 200
+row_group_rows = 32
+
+[[arms]]
+name = "rand"
+kind = "random"
+ratio = 0.5
+
+[[arms]]
+name = "top"
+kind = "top"
+ratio = 0.5
+score_column = "score"
+
+[model]
+depth = 1
+max_seq_len = 32
+
+[evaluate]
+core_bundle = "none"
+
+[train]
+device_batch_size = 2
+total_batch_size = {batch}
+num_iterations = 12
+eval_every = 12
+eval_tokens = 256
+save_every = 4
+compile = false
+allow_repeat = true
+seeds = [0, 1]
+
+[[hosts]]
+name = "cluster"
+scheduler = "slurm"
+partition = "{partition}"
+arms = ["rand", "top"]
+device = "cpu"
+nproc = {nproc}
+cpus_per_task = 2       # the node's 4 CPUs hold two runs at a time
+{extra}
+"""
+RUNS = ("rand-s0", "top-s0", "rand-s1", "top-s1")
+
+
+def armlab(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def rows(p: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
+    """`armlab launch`'s lines by run: host, arm, run, action, pid, run dir, lane."""
+    return {r[2]: r for r in (ln.split("\t") for ln in p.stdout.strip().splitlines())}
+
+
+def status(env: dict[str, str], exp: Path) -> dict[str, dict]:
+    p = armlab(env, "status", str(exp), "--json")
+    assert p.returncode == 0, p.stderr
+    return {r["run"]: r for r in json.loads(p.stdout)}
+
+
+def until(what: str, fn, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while not (value := fn()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+    return value
+
+
+@pytest.fixture
+def setup(slurm: SlurmCluster, tmp_path: Path):
+    make_pool(tmp_path / "pool", n_docs=1200, n_files=2)
+    env = {**slurm.env, "OMP_NUM_THREADS": "1", "ARMLAB_TEST_STEP_DELAY": "0.2"}
+
+    def write(partition: str = "cpu", extra: str = "", nproc: int = 1) -> Path:
+        exp = tmp_path / "exp.toml"
+        batch = 64 * nproc  # device batch 2 x 32 tokens, one micro-step per rank
+        exp.write_text(EXPERIMENT.format(root=tmp_path, partition=partition, extra=extra, nproc=nproc, batch=batch))
+        return exp
+
+    return tmp_path, env, write
+
+
+def test_refusals_before_anything_is_submitted(slurm: SlurmCluster, setup) -> None:
+    root, env, write = setup
+    p = armlab(env, "launch", str(write(partition="gpu-a100")))
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "host 'cluster': partition = 'gpu-a100' is not a partition of this cluster (sinfo lists: cpu, gpu)" in p.stderr
+    p = armlab(env, "launch", str(write(extra='prepare_partition = "bigmem"')))
+    assert p.returncode == 2 and "prepare_partition = 'bigmem' is not a partition" in p.stderr, p.stderr
+    # more ranks than the arm's shards can feed: refused once the data is there, before any job
+    p = armlab(env, "launch", str(write(nproc=32)), timeout=600)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "host 'cluster': nodes_per_run (1) x nproc (32) = 32 ranks per run" in p.stderr and "row group" in p.stderr
+    assert not slurm.squeue("%i", "--states=all", "-n", "armlab-rand-s0,armlab-top-s0")
+    assert not (root / "wd" / "arms" / "rand" / "runs").exists()
+
+
+def test_launch_status_stop_logs_compare(slurm: SlurmCluster, setup) -> None:
+    root, env, write = setup
+    exp = write()
+    # a job holding the node's every CPU: launch's jobs stay PENDING until it ends
+    go = root / "go"
+    blocker = slurm.sbatch(f"-n{slurm.cpus_per_node}", "-o", "/dev/null", "--wrap", f"while [ ! -e {go} ]; do sleep 0.2; done")
+    slurm.wait_job(blocker, {"RUNNING"})
+    p = armlab(env, "launch", str(exp), timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    first = rows(p)
+    assert {r: first[r][3] for r in RUNS} == dict.fromkeys(RUNS, "started: job pending")
+    ids = {r: s["job"]["job_id"] for r, s in status(env, exp).items()}
+    queued = {r[0]: r for r in slurm.squeue("%i|%T|%r|%j", "-j", ",".join(ids.values()))}
+    assert {queued[ids[r]][1] for r in RUNS} == {"PENDING"}
+    assert queued[ids["rand-s0"]][3] == "armlab-rand-s0"
+    st = status(env, exp)  # the scheduler's view joined with the runs: queued, their job pending, why
+    assert {(st[r]["state"], st[r]["job"]["state"]) for r in RUNS} == {("queued", "PENDING")}
+    assert {st[r]["job"]["reason"] for r in RUNS} <= {"Resources", "Priority"}
+
+    # a rerun submits nothing new: every run's job is pending
+    p = armlab(env, "launch", str(exp), timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert {r: rows(p)[r][3] for r in RUNS} == dict.fromkeys(RUNS, "already submitted: job pending")
+    assert {r: s["job"]["job_id"] for r, s in status(env, exp).items()} == ids
+
+    # the node frees: two runs at a time; status shows a running job with its node
+    go.touch()
+    job_ids = ",".join(ids.values())
+    until("a running job", lambda: any(r[1] == "RUNNING" for r in slurm.squeue("%i|%T", "-j", job_ids)))
+    running = [s for s in status(env, exp).values() if s["job"]["state"] in ("RUNNING", "COMPLETED")]
+    assert running and running[0]["job"]["nodes"] == "n1" and running[0]["job"]["link"] == 1
+
+    # stop top: its running job stops (SIGTERM to the trainer) and ends, its pending one is cancelled
+    p = armlab(env, "stop", str(exp), "--arm", "top", "--timeout", "60")
+    assert p.returncode == 0, p.stderr
+    stopped = {ln.split("\t")[2]: ln.split("\t")[4] for ln in p.stdout.strip().splitlines()}
+    assert set(stopped) <= {"top-s0", "top-s1"} and stopped, p.stdout
+    for run, result in stopped.items():
+        assert result.startswith(("stopped (SIGTERM)", "cancelled (pending)")) and f"job {ids[run]}" in result
+    ended = {r[0]: r[1] for r in slurm.squeue("%i|%T", "--states=all", "-j", f"{ids['top-s0']},{ids['top-s1']}")}
+    assert not {ended[ids[r]] for r in ("top-s0", "top-s1")} & {"PENDING", "RUNNING", "COMPLETING"}
+
+    # logs: the output of a run's job (the trainer's lines in it)
+    until("rand-s0's job to write a step", lambda: "step " in armlab(env, "logs", str(exp), "--arm", "rand",
+                                                                   "--run", "rand-s0", "-n", "50").stdout)  # fmt: skip
+
+    # launch again: the stopped runs get new jobs (resuming), the others keep theirs; all finish
+    p = armlab(env, "launch", str(exp), timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    again = rows(p)
+    for run in ("top-s0", "top-s1"):
+        assert again[run][3].startswith("started: job"), again[run]
+    states = lambda: {r: json.loads((root / "wd/arms" / r.split("-")[0] / "runs" / r / "state.json").read_text())  # noqa: E731
+                      .get("state") if (root / "wd/arms" / r.split("-")[0] / "runs" / r / "state.json").exists() else None
+                      for r in RUNS}  # fmt: skip
+    until("every run done", lambda: set(states().values()) == {"done"}, timeout=600)
+    p = armlab(env, "evaluate", str(exp))
+    assert p.returncode == 0, p.stderr
+    p = armlab(env, "compare", str(exp))
+    assert p.returncode == 0, p.stderr
+    assert "top" in p.stdout + p.stderr and "rand" in p.stdout + p.stderr
+    assert json.loads((root / "wd/report/summary.json").read_text())["comparisons"]
