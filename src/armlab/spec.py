@@ -342,6 +342,11 @@ class HostSpec(Strict):
                     f"{where}: nodes_per_run = {self.nodes_per_run} but nodes lists {len(self.nodes)}; every run "
                     "spans the listed nodes: list exactly nodes_per_run of them (another entry for the rest)"
                 )
+            if self.nodes and self.master_port is None:
+                raise ValueError(
+                    f"{where}: a run across nodes meets at node 0's master_port (lane k at master_port + k): set "
+                    "master_port to a port free on node 0"
+                )
             if not self.nodes and (self.nodes_per_run or 1) > 1:
                 raise ValueError(f'{where}: nodes_per_run > 1 needs nodes = ["user@a", "user@b", ...]')
         else:

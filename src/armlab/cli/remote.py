@@ -60,7 +60,12 @@ def setup(
 
     exp, tgt = _exp_or_target(target)
     if exp is not None:
-        targets = [(Remote.from_spec(h), python or host_python(h)) for h in select_hosts(exp, host)]
+        targets = []
+        for h in select_hosts(exp, host):
+            if h.target is None:  # a Slurm login node armlab runs on: this armlab is its armlab
+                print(f"{h.name}: runs on this machine (a Slurm login node): nothing to set up")
+            for node in h.nodes or ([h.target] if h.target else []):  # every node of a multi-node entry
+                targets.append((Remote(name=h.name, target=node, port=h.port), python or host_python(h)))
     else:
         targets = [(Remote(name=tgt, target=tgt), python or DEFAULT_REMOTE_PYTHON)]
     kw = dict(base_python=base_python, system_site_packages=system_site_packages, no_deps=no_deps, force=force,

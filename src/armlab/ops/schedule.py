@@ -59,6 +59,7 @@ class Slot(Record):
     port: int | None  # master port; None: torchrun binds a free one
     cpu_share: tuple[int, int] | None = None  # CPU lanes: (this lane, lanes on the machine)
     nnodes: int = 1  # machines the run spans (world_size / nnodes ranks on each)
+    rdzv: str | None = None  # HOST:PORT where a multi-node run's nodes meet (node 0's); None: one node
 
     @property
     def lane_id(self) -> str:
@@ -248,10 +249,20 @@ def plan_schedule(
                     port=None if h.master_port is None else h.master_port + k,
                     cpu_share=share,
                     nnodes=h.nodes_of_run,
+                    rdzv=_rdzv(h, machines[h.name], k),
                 )  # fmt: skip
             )
     unassigned = tuple(a.name for a in exp.arms if a.name not in owner)
     return Schedule(tuple(slots), unassigned)
+
+
+def _rdzv(h: HostSpec, machine: str, lane: int) -> str | None:
+    """Node 0's address and lane k's port, where the nodes of a run over SSH meet (Slurm's jobs
+    find theirs when they start)."""
+    if h.scheduler != "ssh" or h.nodes_of_run == 1 or h.master_port is None:
+        return None
+    address = machine.rsplit(":", 1)[0].rpartition("@")[2]
+    return f"{address}:{h.master_port + lane}"
 
 
 def _check_ports(hosts: Sequence[HostSpec], lanes: Mapping[str, int], machines: Mapping[str, str]) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from armlab.errors import ArmlabError
 from armlab.ops.hosts.messages import (
+    FollowRequest,
     HostProbe,
     LaneProbe,
     LaneStarted,
@@ -46,6 +47,7 @@ from armlab.ops.lanes import (
     read_lane_state,
     read_lanes,
     read_queue,
+    start_followers,
     start_lanes,
     stop_lanes,
 )
@@ -130,6 +132,13 @@ def start(exp: Experiment, req: SlotsRequest, detach: bool = True) -> StartResul
         mine = st.pid == s.pid  # the failures of this lane's runner (not of an older one)
         out[s.lane] = LaneStarted(s.lane, s.action, s.pid, s.error, dict(st.failures) if mine else {})
     return StartResult(out, _tokenizer(exp))
+
+
+def follow(exp: Experiment, req: FollowRequest) -> StartResult:
+    """On node `req.node_rank` of runs across machines: a follower runner for each lane (node 0's
+    runner leads; see armlab.ops.lane_runner.follow_lane)."""
+    starts = start_followers(open_workdir(exp, create=False), group_lanes(req.slots), req.node_rank)
+    return StartResult({s.lane: LaneStarted(s.lane, s.action, s.pid) for s in starts}, None)
 
 
 # -- mirror -------------------------------------------------------------------------------------------
@@ -247,6 +256,7 @@ Op = tuple[type[Record], Callable[[Experiment, Any], Record | None], type[Record
 OPS: dict[str, Op] = {
     "probe": (SlotsRequest, probe, HostProbe),
     "start": (SlotsRequest, start, StartResult),
+    "follow": (FollowRequest, follow, StartResult),
     "mirror": (MirrorRequest, mirror, MirrorPayload),
     "stop": (StopRequest, stop, StopResult),
     "logs": (LogsRequest, logs, None),  # replaces the process with `tail`: no answer

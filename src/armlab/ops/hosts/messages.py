@@ -21,6 +21,14 @@ class SlotsRequest(Record):
 
 
 @dataclass(frozen=True)
+class FollowRequest(Record):
+    """follow: on node `node_rank` (> 0) of runs across machines, a runner for each lane of these slots."""
+
+    slots: list[Slot]
+    node_rank: int
+
+
+@dataclass(frozen=True)
 class MirrorRequest(Record):
     arms: list[str]
     host: str | None = None  # the [[hosts]] entry whose lanes to include
