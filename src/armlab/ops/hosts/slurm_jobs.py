@@ -10,10 +10,12 @@ run dir, `arms/<arm>/runs/<run>.jobs/` holds its Slurm side:
     stop         present once `armlab stop` asked the run to stop: the chain ends there
 
 The driver (`python -m armlab.ops.hosts.slurm_jobs CHAIN`, the batch step) runs `armlab train
---resume` under `srun`, one task per node (node 0's address and a port from the job id as the
-rendezvous of a multi-node run), and forwards to it what Slurm signals the batch step with
-(`--signal=B:USR1@<warning>` before the time limit, SIGTERM on preemption or scancel --full);
-srun forwards them to the trainers, which finish the step, checkpoint and exit 130 (resumable).
+--resume` under `srun`, one task per node (a multi-node run meets at node 0's address, its
+NodeAddr, and a port free there: torchrun's static rendezvous, node rank = $SLURM_NODEID), and
+forwards to it what Slurm signals the batch step with (`--signal=B:USR1@<warning>` before the
+time limit, SIGTERM on preemption or `scancel --full`); srun passes them to the trainers, which
+finish the step, checkpoint and exit 130 (resumable). `scancel --signal=USR1 <job>` reaches the
+trainers directly (the steps, not the batch step): the same stop.
 On a resumable exit, unless `armlab stop` asked for it, the driver submits the chain's next job
 with `--dependency=afterany:<this job>` and records it before its own job ends, so at every
 moment the chain's last job is the live one, and a rerun of `launch` (which submits only for a
@@ -62,7 +64,6 @@ ACTIVE = frozenset({
     "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
     "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED",
 })  # fmt: skip
-PORT_BASE, PORT_SPAN = 20000, 20000  # a multi-node run meets at PORT_BASE + job id % PORT_SPAN
 STOP_POLL_S = 0.5
 
 
@@ -337,13 +338,23 @@ def _head_address() -> str:
     return fields.get("NodeAddr") or nodes[0]
 
 
-def train_argv(s: JobSettings, job_id: str) -> list[str]:
+def _free_port() -> int:
+    """A port free on this node (the batch step runs on node 0, where the rendezvous is served);
+    node 0's torchrun binds it a moment later."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def train_argv(s: JobSettings) -> list[str]:
     """`srun ... armlab train --resume` on every node of the job."""
     code = "import sys; sys.argv[0] = 'armlab'; from armlab.cli import main; main()"
     ranks = ["--num-gpus", str(s.ranks_per_node)] if s.device == "cuda" else ["--nproc", str(s.ranks_per_node)]
     nodes = []
-    if s.nnodes > 1:  # node rank: $SLURM_NODEID, read by `armlab train`
-        nodes = ["--nnodes", str(s.nnodes), "--rdzv-endpoint", f"{_head_address()}:{PORT_BASE + int(job_id) % PORT_SPAN}"]
+    if s.nnodes > 1:  # node rank: $SLURM_NODEID, read by `armlab train`; a static rendezvous at node 0
+        nodes = ["--nnodes", str(s.nnodes), "--rdzv-endpoint", f"{_head_address()}:{_free_port()}"]
     srun = ["srun", f"--nodes={s.nnodes}", "--ntasks-per-node=1"]
     srun += [f"--cpus-per-task={s.cpus_per_task}"] if s.cpus_per_task else []
     return [
@@ -364,7 +375,7 @@ def job_main(chain_path: str) -> int:
     link = next((i for i, x in enumerate(chain.links, 1) if x.job_id == job_id), len(chain.links))
     print(f"armlab: {s.run}: job {job_id}, link {link} of its chain, on {os.environ.get('SLURM_JOB_NODELIST')}",
           flush=True)  # fmt: skip
-    proc = subprocess.Popen(train_argv(s, job_id))
+    proc = subprocess.Popen(train_argv(s))
     warned = False
 
     def forward(signum: int, _frame: object) -> None:
