@@ -380,7 +380,10 @@ def job_main(chain_path: str) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal warned
-        warned = warned or signum == signal.SIGUSR1  # the time limit is near
+        if signum == signal.SIGUSR1 and not warned:
+            warned = True
+            print(f"armlab: {s.run}: the time limit is near (SIGUSR1): the trainers checkpoint and stop; the "
+                  "next job continues", flush=True)  # fmt: skip
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)  # srun passes it to the trainers on every node
 
