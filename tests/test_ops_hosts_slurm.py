@@ -9,7 +9,7 @@ happened, not when. A job that cannot start is made so by a job holding every CP
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
 import time
@@ -198,3 +198,143 @@ def test_launch_status_stop_logs_compare(slurm: SlurmCluster, setup) -> None:
     assert p.returncode == 0, p.stderr
     assert "top" in p.stdout + p.stderr and "rand" in p.stdout + p.stderr
     assert json.loads((root / "wd/report/summary.json").read_text())["comparisons"]
+
+
+CHAIN_EXPERIMENT = """\
+name = "slurm-chain"
+workdir = "{root}/wd"
+
+[pool]
+uri = "{root}/pool"
+id_column = "id"
+
+[eval]
+docs = 60
+
+[tokenizer]
+vocab_size = 300
+train_chars = 60000
+
+[shards]
+rows_per_shard = 200
+row_group_rows = 32
+
+[[arms]]
+name = "rand"
+kind = "random"
+ratio = 0.5
+
+[model]
+depth = 1
+max_seq_len = 32
+
+[evaluate]
+core_bundle = "none"
+
+[train]
+device_batch_size = 2
+total_batch_size = {batch}
+num_iterations = {steps}
+eval_every = {steps}
+eval_tokens = 256
+save_every = {steps}     # no checkpoint but the stops' own and the last
+compile = false
+allow_repeat = true
+seeds = [0]
+
+[[hosts]]
+name = "cluster"
+scheduler = "slurm"
+partition = "cpu"
+arms = ["rand"]
+device = "cpu"
+nproc = {nproc}
+{extra}
+"""
+
+
+def chain_setup(root: Path, env: dict[str, str], steps: int, nproc: int = 1, extra: str = "") -> Path:
+    make_pool(root / "pool", n_docs=1200, n_files=2)
+    exp = root / "exp.toml"
+    exp.write_text(CHAIN_EXPERIMENT.format(root=root, steps=steps, nproc=nproc, extra=extra, batch=64 * max(nproc, 2)))
+    p = armlab(env, "launch", str(exp), timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return exp
+
+
+def reference(env: dict[str, str], exp: Path, name: str, *args: str) -> subprocess.Popen:
+    """The same run, uninterrupted, on this machine (`armlab train`, no scheduler)."""
+    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "train", str(exp), "--arm", "rand",
+           "--seed", "0", "--run-name", name, "--device", "cpu", *args]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={k: v for k, v in env.items() if k != "ARMLAB_TEST_STEP_DELAY"})  # fmt: skip
+
+
+def same_run(a: Path, b: Path, step: int) -> float:
+    """Max abs difference of two runs' weights at `step`; their loss curves must be equal."""
+    import torch
+
+    from armlab.train import checkpoint
+    from train_util import train_losses
+
+    assert train_losses(a) == train_losses(b) and len(train_losses(a)) == step
+    wa, wb = (torch.load(checkpoint.checkpoint_dir(d, step) / "model.pt") for d in (a, b))
+    assert wa.keys() == wb.keys()
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+def test_preemption_and_time_limit_chain_equal_an_uninterrupted_run(slurm: SlurmCluster, tmp_path: Path) -> None:
+    """One run, a chain of three jobs or more: one is preempted (`scancel --signal=USR1` of the job
+    running once the run is a few steps in: its trainer checkpoints, exits 130, the next job is
+    submitted after it) and one meets its walltime (`time = "2"`: Slurm warns the batch step, which
+    passes SIGUSR1 on, 30 to 60 s in); the last finishes. Its loss curve and final weights are
+    those of the same run trained uninterrupted, bitwise. Which job gets which stop depends on
+    when Slurm's time-limit tick comes; that both happen does not: the run's 75 s of steps do not
+    fit in one job's 30-60 s."""
+    steps = 150  # 0.5 s a step
+    env = {**slurm.env, "OMP_NUM_THREADS": "1", "ARMLAB_TEST_STEP_DELAY": "0.5"}
+    exp = chain_setup(tmp_path, env, steps, extra='time = "2"')
+    ref = reference(env, exp, "uninterrupted", "--num-iterations", str(steps))
+    run = tmp_path / "wd/arms/rand/runs/rand-s0"
+    jobs = tmp_path / "wd/arms/rand/runs/rand-s0.jobs"
+    chain = lambda: json.loads((jobs / "chain.json").read_text())["links"]  # noqa: E731
+    state = lambda: json.loads((run / "state.json").read_text()) if (run / "state.json").exists() else {}  # noqa: E731
+    until("the run to train a few steps", lambda: state().get("state") == "running" and state().get("step", 0) >= 3)
+    preempted = chain()[-1]["job_id"]
+    slurm.run("scancel", "--signal=USR1", preempted)
+    until("the run to finish", lambda: state().get("state") == "done", timeout=600)
+    links = [x["job_id"] for x in chain()]
+    outs = {j: (jobs / f"{j}.out").read_text() for j in links}
+    assert len(links) >= 3 and links[-1] != preempted, outs
+    assert "stopped resumably; link" in outs[preempted] and "time limit is near" not in outs[preempted]
+    timed = [j for j in links if "the time limit is near (SIGUSR1)" in outs[j] and "stopped resumably" in outs[j]]
+    assert timed, outs
+    assert [x["after"] for x in chain()] == [None, *links[:-1]] and all(slurm.job(j)["Requeue"] == "0" for j in links)
+    st = status(env, exp)["rand-s0"]
+    assert st["state"] == "done" and st["job"]["link"] == len(links) and st["job"]["job_id"] == links[-1]
+    assert ref.wait(600) == 0, ref.stdout.read()[-2000:]
+    stops = [int(m) for j in links for m in re.findall(r"stopped at step (\d+) by", outs[j])]
+    diff = same_run(run, tmp_path / "wd/arms/rand/runs/uninterrupted", steps)
+    print(f"chain of {len(links)} jobs (stopped at steps {stops}) vs uninterrupted: max abs weight difference {diff}")
+    assert diff == 0.0
+
+
+def test_a_two_node_job_trains_as_one_node_of_two_ranks(slurm_2nodes: SlurmCluster, tmp_path: Path) -> None:
+    """nodes_per_run = 2: one job, one `armlab train` per node under srun (a task each), 1 gloo rank
+    each, meeting at node 0: the weights after the run equal a one-node two-rank run's bitwise."""
+    steps = 8
+    env = {**slurm_2nodes.env, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}  # gloo on loopback
+    exp = chain_setup(tmp_path, env, steps, extra="nodes_per_run = 2")
+    ref = reference(env, exp, "one-node", "--nproc", "2", "--num-iterations", str(steps))
+    run = tmp_path / "wd/arms/rand/runs/rand-s0"
+    until("the 2-node run to finish", lambda: (run / "state.json").exists()
+          and json.loads((run / "state.json").read_text())["state"] in ("done", "failed"), timeout=300)  # fmt: skip
+    (job,) = [x["job_id"] for x in json.loads((tmp_path / "wd/arms/rand/runs/rand-s0.jobs/chain.json").read_text())["links"]]
+    rec = slurm_2nodes.wait_job(job)
+    out = (tmp_path / f"wd/arms/rand/runs/rand-s0.jobs/{job}.out").read_text()
+    assert (rec["JobState"], rec["NodeList"], rec["NumNodes"]) == ("COMPLETED", "n[1-2]", "2"), out
+    assert json.loads((run / "run.json").read_text())["config"]["world_size"] == 2
+    assert ref.wait(600) == 0, ref.stdout.read()[-2000:]
+    diff = same_run(run, tmp_path / "wd/arms/rand/runs/one-node", steps)
+    print(f"2 nodes x 1 rank (Slurm) vs 1 node x 2 ranks: max abs weight difference {diff}")
+    assert diff == 0.0

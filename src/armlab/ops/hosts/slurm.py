@@ -73,9 +73,17 @@ class SlurmHost(ShellHost):
         self._check_walltime(slots)
 
     def _check_walltime(self, slots: list[Slot]) -> None:
+        from armlab.ops.hosts.slurm_jobs import MIN_WALLTIME_S, SLURM_EARLY_S
+
         wall = self.spec.walltime_s
         if wall is None or not slots:
             return
+        if wall < MIN_WALLTIME_S:
+            raise ArmlabError(
+                f"host {self.name!r}: time = {self.spec.time!r} ({wall} s) is too short: Slurm warns a job of its "
+                f"time limit up to {SLURM_EARLY_S} s early, so it could be stopped as it starts; use at least "
+                f"{MIN_WALLTIME_S // 60} minutes"
+            )
         step_s, how = self._step_time(slots[0])
         if step_s is None:
             return

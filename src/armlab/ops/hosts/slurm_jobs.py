@@ -244,10 +244,14 @@ def start(exp: Experiment, req: SubmitRequest) -> StartResult:
     return StartResult({}, agent.probe(exp, SlotsRequest(req.slots)).tokenizer, jobs)
 
 
+SLURM_EARLY_S = 60  # sbatch(1) --signal: "the signal may be sent up to 60 seconds earlier than specified"
+MIN_WALLTIME_S = 120  # below it a job could be warned at its start (armlab.ops.hosts.slurm refuses it)
+
+
 def warning_s(walltime: int | None) -> int | None:
-    """How long before the time limit Slurm warns a job: 2 min, at most half the walltime (Slurm
-    sends it on its time-limit tick, up to a minute early)."""
-    return None if walltime is None else max(1, min(120, walltime // 2))
+    """How long before the time limit Slurm warns a job: 2 min, at most a quarter of the walltime,
+    so a job trains at least walltime - warning - SLURM_EARLY_S before it is asked to stop."""
+    return None if walltime is None else max(1, min(120, walltime // 4))
 
 
 def submit(d: Path, settings: JobSettings, after: str | None) -> JobLink:
@@ -329,6 +333,10 @@ OPS = {
 }
 
 
+def _run_dir(jobs: Path) -> Path:
+    return jobs.with_name(jobs.name.removesuffix(JOBS_SUFFIX))
+
+
 # -- the job's batch step ---------------------------------------------------------------------------------
 def _head_address() -> str:
     """Node 0's address: the first node of the job, as Slurm reaches it (its NodeAddr)."""
@@ -375,6 +383,7 @@ def job_main(chain_path: str) -> int:
     link = next((i for i, x in enumerate(chain.links, 1) if x.job_id == job_id), len(chain.links))
     print(f"armlab: {s.run}: job {job_id}, link {link} of its chain, on {os.environ.get('SLURM_JOB_NODELIST')}",
           flush=True)  # fmt: skip
+    before = read_state(_run_dir(d)).get("resume_step")  # where the last job stopped
     proc = subprocess.Popen(train_argv(s))
     warned = False
 
@@ -394,6 +403,11 @@ def job_main(chain_path: str) -> int:
     if not resumable or (d / STOP).exists():
         print(f"armlab: {s.run}: job {job_id} ends (exit {rc}){'; stopped by armlab stop' if resumable else ''}",
               flush=True)  # fmt: skip
+        return rc
+    after = read_state(_run_dir(d)).get("resume_step")
+    if link > 1 and after is not None and after == before:  # a job too short to train a step: no endless chain
+        print(f"armlab: {s.run}: job {job_id} made no progress (still at step {after}); no next job: raise the "
+              "entry's time, then `armlab launch` again", flush=True)  # fmt: skip
         return rc
     nxt = submit(d, s, after=job_id)
     print(f"armlab: {s.run}: stopped resumably; link {link + 1} is job {nxt.job_id} (after {job_id})", flush=True)
