@@ -91,6 +91,9 @@ def _start_sshd(root: Path, name: str, host_key: Path, authorized: Path) -> tupl
                     "StrictModes no",
                     "UsePAM no",
                     "LogLevel ERROR",
+                    # gloo binds the address the hostname resolves to unless told: keep the test
+                    # hosts' ranks (a run across two "nodes" included) on loopback
+                    "SetEnv GLOO_SOCKET_IFNAME=lo",
                     "",
                 ]
             )

@@ -322,7 +322,7 @@ def test_preemption_and_time_limit_chain_equal_an_uninterrupted_run(slurm: Slurm
 def test_a_two_node_job_trains_as_one_node_of_two_ranks(slurm_2nodes: SlurmCluster, tmp_path: Path) -> None:
     """nodes_per_run = 2: one job, one `armlab train` per node under srun (a task each), 1 gloo rank
     each, meeting at node 0: the weights after the run equal a one-node two-rank run's bitwise."""
-    steps = 8
+    steps = 4
     env = {**slurm_2nodes.env, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}  # gloo on loopback
     exp = chain_setup(tmp_path, env, steps, extra="nodes_per_run = 2")
     ref = reference(env, exp, "one-node", "--nproc", "2", "--num-iterations", str(steps))
