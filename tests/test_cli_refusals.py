@@ -83,6 +83,9 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
     # the same experiment with another horizon: `run` would call rand-s0 "already done"
     longer = root / "longer.toml"
     longer.write_text(Path(exp).read_text().replace("num_iterations = 3", "num_iterations = 4"))
+    slurm, nodes = root / "slurm.toml", root / "nodes.toml"  # [[hosts]] entries that cannot work
+    slurm.write_text(Path(exp).read_text() + '[[hosts]]\nname = "c"\nscheduler = "slurm"\narms = ["rand"]\n')
+    nodes.write_text(Path(exp).read_text() + '[[hosts]]\nname = "p"\nnodes = ["a", "b"]\narms = ["rand"]\n')
     return [
         (["prepare", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["prepare", exp, "--arm", "top", "--ratio", "0.35"], "--overwrite"),  # the arm exists, from ratio 0.2
@@ -104,6 +107,8 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["export", exp, "--arm", "rand", "--to", exp], "exp.toml"),
         (["plan", exp, "--mfu", "fast"], "--mfu"),
         (["launch", exp], "hosts"),
+        (["launch", str(slurm)], "needs partition"),
+        (["launch", str(nodes)], "master_port"),
         (["demo", "--workdir", wd], "belongs to experiment 'datatest'"),
         (["demo", "--workdir", wd, "--num-iterations", "5"], "belongs to experiment 'datatest'"),
         (["init", exp], "exists"),

@@ -123,6 +123,7 @@ def setup(slurm: SlurmCluster, tmp_path: Path):
 
 def test_refusals_before_anything_is_submitted(slurm: SlurmCluster, setup) -> None:
     root, env, write = setup
+    jobs_before = slurm.squeue("%i", "--states=all")  # the session's cluster: other tests' jobs too
     p = armlab(env, "launch", str(write(partition="gpu-a100")))
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "host 'cluster': partition = 'gpu-a100' is not a partition of this cluster (sinfo lists: cpu, gpu)" in p.stderr
@@ -132,7 +133,7 @@ def test_refusals_before_anything_is_submitted(slurm: SlurmCluster, setup) -> No
     p = armlab(env, "launch", str(write(nproc=32)), timeout=600)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "host 'cluster': nodes_per_run (1) x nproc (32) = 32 ranks per run" in p.stderr and "row group" in p.stderr
-    assert not slurm.squeue("%i", "--states=all", "-n", "armlab-rand-s0,armlab-top-s0")
+    assert slurm.squeue("%i", "--states=all") == jobs_before  # nothing was submitted
     assert not (root / "wd" / "arms" / "rand" / "runs").exists()
 
 
