@@ -10,8 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from armlab.data.pool import list_pool, remote_identity
+from armlab.data.pool import list_pool
 from armlab.spec import PoolSpec
+from armlab.store.fsspec import version_of as remote_identity
 from data_util import make_pool
 
 

@@ -1,0 +1,313 @@
+"""The storage seam: every byte armlab reads from or writes to a remote store goes through one
+interface, `Store`, with one retry / timeout / error layer (`armlab.store.net`) and one redaction
+function (`armlab.store.redact`).
+
+    store = open_store("https://host/pool/")      # by the URL's scheme
+    files = store.list("https://host/pool/")      # Entry(url, size, version, md5, name) each
+    data = store.read(files[0], 0, 1024)          # refused if the file is no longer that version
+
+Backends, one file each: `fsspec` (any fsspec protocol: file://, s3://, gs://, ...), `http`
+(http(s)://: fsspec's listing, our own conditional ranged GETs), `hf` (the Hugging Face hub,
+reads pinned to the commit that was listed), `azure` (az://container/prefix, the Azure SDK).
+On top, for any store: `download` (verified, resumable downloads of a prefix or one file into a
+local dir, with a record of what was listed) and `upload` (a dir with its manifest last).
+
+What the seam promises, whatever the backend:
+
+- every call is retried on transient failures (`Retry`: ARMLAB_NET_ATTEMPTS / _BACKOFF /
+  _TIMEOUT) and ends, when it cannot succeed, in one redacted line naming the URL;
+- a read is of the version that was listed (`Entry.version`: an ETag, a content hash, a
+  modification time): a file replaced since raises `Changed` instead of mixing two versions;
+- a URL's secrets (userinfo, query tokens) go on the request only: names shown and recorded are
+  `Entry.name`, redacted. `${VAR}` in a URL is taken from the environment at request time, so an
+  experiment file (and its frozen copy) can name a secret without holding it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import threading
+from dataclasses import dataclass, replace
+from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
+
+from armlab.errors import ArmlabError
+from armlab.store.net import Changed, RangesIgnored, Retry, retrying
+from armlab.store.redact import MASK, redact
+
+T = TypeVar("T")
+
+__all__ = [
+    "Changed",
+    "Entry",
+    "RangesIgnored",
+    "Retry",
+    "Store",
+    "expand",
+    "is_remote",
+    "open_store",
+    "probe",
+    "redact",
+]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of a store, as listed."""
+
+    url: str  # what requests use: the full URL (it may carry credentials, so it is never shown)
+    size: int
+    version: str = ""  # what identifies these bytes ("etag:..", "sha256:..", "mtime:.."; '' unknown)
+    md5: str | None = None  # hex Content-MD5 when the store keeps one
+    name: str = ""  # shown and recorded; '' means redact(url)
+
+    @property
+    def shown(self) -> str:
+        return self.name or redact(self.url)
+
+
+class Store:
+    """One backend. Public calls retry (one layer, `Retry`); subclasses implement the single
+    attempts (`_list`, `_info`, `_read`, `_get`, `_cat`, `_put`, `_delete`) and raise their
+    library's errors, or `Changed` / `RangesIgnored`."""
+
+    scheme = ""
+    endpoint = ""  # where the store lives, for messages when its URLs do not say (Azure's account)
+    writable = False
+
+    def __init__(self, retry: Retry | None = None):
+        self.retry = retry or Retry.from_env()
+
+    # -- what subclasses give
+    def _list(self, url: str) -> list[Entry]:
+        raise NotImplementedError
+
+    def _info(self, url: str) -> Entry:
+        raise NotImplementedError
+
+    def _read(self, entry: Entry, start: int, end: int) -> bytes:
+        raise NotImplementedError
+
+    def _get(self, entry: Entry, f: IO[bytes], start: int, end: int, on_bytes: Any, concurrency: int) -> None:
+        """Write bytes [start, end) of `entry` into `f` at its position."""
+        f.write(self._read(entry, start, end))
+        on_bytes(end - start)
+
+    def _cat(self, url: str) -> bytes | None:
+        raise NotImplementedError
+
+    def _put(self, path: str, url: str, md5: str, content_type: str, on_bytes: Any, concurrency: int) -> None:
+        raise ArmlabError(
+            f"{redact(url)}: {self.scheme}:// is read-only to armlab; publish to az:// or file://"
+        )
+
+    def _delete(self, url: str) -> None:
+        raise ArmlabError(f"{redact(url)}: {self.scheme}:// is read-only to armlab")
+
+    def explain(self, e: BaseException, where: str) -> ArmlabError | None:
+        """This store's own one line for an error it knows (None: the generic message)."""
+        return None
+
+    # -- the seam
+    def call(self, fn: Any, url: str, abort: threading.Event | None = None) -> Any:
+        return retrying(fn, url, self.retry, abort=abort, endpoint=self.endpoint, explain=self.explain)
+
+    def list(self, url: str) -> list[Entry]:
+        """Every file of a dir, prefix or glob, or the one file `url` names; sorted by URL."""
+        return sorted(self.call(lambda: self._list(expand(url)), url), key=lambda e: e.url)
+
+    def info(self, url: str) -> Entry:
+        return self.call(lambda: self._info(expand(url)), url)
+
+    def read(self, entry: Entry, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the listed version of `entry`; a short read is retried."""
+
+        def once() -> bytes:
+            data = self._read(entry, start, end)
+            if len(data) > end - start:
+                raise RangesIgnored(entry.url)
+            if len(data) < end - start:
+                raise ConnectionError(f"short read: {len(data)} of {end - start} bytes at offset {start}")
+            return data
+
+        return self.call(once, entry.shown)
+
+    def get(
+        self,
+        entry: Entry,
+        f: IO[bytes],
+        start: int,
+        end: int,
+        on_bytes: Any = None,
+        concurrency: int = 1,
+        abort: threading.Event | None = None,
+    ) -> None:
+        """Write bytes [start, end) of the listed version of `entry` into `f` at `start`; a failed
+        attempt is retried from `start` (its bytes are rewritten, `on_bytes` told to take them back)."""
+        sent = 0
+
+        def count(n: int) -> None:
+            nonlocal sent
+            sent += n
+            if on_bytes is not None:
+                on_bytes(n)
+
+        def once() -> None:
+            nonlocal sent
+            if sent:
+                count(-sent)
+            f.seek(start)
+            self._get(entry, f, start, end, count, concurrency)
+            if f.tell() != end:
+                raise ConnectionError(
+                    f"short read: {f.tell() - start} of {end - start} bytes at offset {start}"
+                )
+
+        self.call(once, entry.shown, abort)
+
+    def cat(self, url: str) -> bytes | None:
+        """A small file's bytes, or None when there is no such file."""
+        return self.call(lambda: self._cat(expand(url)), url)
+
+    def put(
+        self, path: str, url: str, md5: str, content_type: str = "", on_bytes: Any = None,
+        concurrency: int = 1, abort: threading.Event | None = None,
+    ) -> None:  # fmt: skip
+        """Upload local file `path` to `url`, with its hex `md5` checked by the store where it can."""
+        self.call(
+            lambda: self._put(
+                path, expand(url), md5, content_type, on_bytes or (lambda n: None), concurrency
+            ),
+            url,
+            abort,
+        )
+
+    def delete(self, url: str) -> None:
+        self.call(lambda: self._delete(expand(url)), url)
+
+    def reader(self, entry: Entry) -> io.RawIOBase:
+        """A seekable read-only file of `entry` (wrap it in io.BufferedReader): each read is a
+        `read` of the listed version."""
+        return _Reader(self, entry)
+
+
+class _Reader(io.RawIOBase):
+    def __init__(self, store: Store, entry: Entry):
+        super().__init__()
+        self.store, self.entry, self.pos = store, entry, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.entry.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b: Any) -> int:
+        end = min(self.entry.size, self.pos + len(b))
+        if end <= self.pos:
+            return 0
+        data = self.store.read(self.entry, self.pos, end)
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+# -- which store --------------------------------------------------------------------------------------
+def is_remote(uri: str) -> bool:
+    """A URL with a scheme (`hf://`, `https://`, `az://`, `file://`, ...), not a local path."""
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", uri or ""))
+
+
+def scheme_of(uri: str) -> str:
+    return uri.split("://", 1)[0].lower()
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def expand(url: str) -> str:
+    """`url` with `${VAR}` / `$VAR` taken from the environment (for the request only); an unset
+    variable is one line naming it, and so is a secret that was redacted (a copy armlab wrote)."""
+    if MASK in url:
+        raise ArmlabError(
+            f"{url}: its secret was redacted (armlab writes no secrets, so copies such as a workdir's "
+            "experiment.toml have ***); use the experiment file, or put the secret in an environment "
+            "variable and name it in the URL, e.g. ?token=${POOL_TOKEN}"
+        )
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name not in os.environ:
+            raise ArmlabError(f"{redact(url)}: ${name} is not set; export it (it holds this URL's secret)")
+        return os.environ[name]
+
+    return _VAR.sub(sub, url) if "$" in url else url
+
+
+def probe(uri: str) -> str | None:
+    """None when `uri` can be listed now (one attempt), else the one line saying why (doctor)."""
+    try:
+        open_store(uri, replace(Retry.from_env(), attempts=1)).list(uri)
+    except ArmlabError as e:
+        return str(e)
+    return None
+
+
+_STORES: dict[tuple[Any, ...], Store] = {}
+_LOCK = threading.Lock()
+
+
+def open_store(uri: str, retry: Retry | None = None) -> Store:
+    """The store for `uri`'s scheme (cached per process: a forked worker opens its own)."""
+    scheme = scheme_of(uri)
+    key: tuple[Any, ...] = (os.getpid(), scheme, retry, _config_key(uri, scheme))
+    with _LOCK:
+        if key not in _STORES:
+            try:
+                _STORES[key] = _new_store(scheme, uri, retry)
+            except ArmlabError as e:
+                raise ArmlabError(f"{redact(uri)}: {e}") from None
+        return _STORES[key]
+
+
+def _config_key(uri: str, scheme: str) -> Any:
+    """What else makes a store: an http(s) URL's query (a token there goes on every request of
+    that pool), Azure's credentials and endpoint from the environment."""
+    if scheme == "az":
+        from armlab.store.azure_auth import ENV_VARS
+
+        return tuple(os.environ.get(v) for v in ENV_VARS)
+    if scheme not in ("http", "https"):
+        return ""
+    try:
+        return expand(urlsplit(uri).query)
+    except ValueError:
+        return ""
+
+
+def _new_store(scheme: str, uri: str, retry: Retry | None) -> Store:
+    if scheme in ("http", "https"):
+        from armlab.store.http import HttpStore
+
+        return HttpStore(scheme, expand(urlsplit(uri).query), retry)
+    if scheme == "hf":
+        from armlab.store.hf import HfStore
+
+        return HfStore(retry)
+    if scheme == "az":
+        from armlab.store.azure import AzureStore
+
+        return AzureStore(retry)
+    from armlab.store.fsspec import FsspecStore
+
+    return FsspecStore(scheme, retry)
