@@ -26,7 +26,7 @@ from pathlib import Path
 from armlab.data.pool import PoolFile, split_uri
 from armlab.spec import PoolSpec
 from armlab.store import RangesIgnored, Retry, open_store, redact
-from armlab.store.download import Downloader, Record
+from armlab.store.download import Downloader, Record, part_path
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,12 @@ def fetch_file(pf: PoolFile, cache_dir: Path, retry: Retry | None = None, record
     if record.current(entry, rel, cache_dir):
         return dest
     downloader = Downloader(open_store(entry.url, retry), cache_dir, record, follow_changes=False, sha256=False)
-    return downloader.fetch(entry, rel)
+    try:
+        return downloader.fetch(entry, rel)
+    except BaseException:
+        part_path(cache_dir, rel).unlink(missing_ok=True)  # the cache holds nothing half-written
+        record.forget(rel)
+        raise
 
 
 class Prefetcher:

@@ -140,6 +140,27 @@ def list_pool(spec: PoolSpec) -> list[PoolFile]:
     return files
 
 
+def check_workdir_outside(spec: PoolSpec, workdir: Path) -> None:
+    """Refuse a workdir inside a local pool's dir: from the second prepare on, the listing would
+    take the workdir's own shards for pool files."""
+    protocol, path = split_uri(spec.uri)
+    if protocol not in (None, "file") or Path(path).is_file():
+        return
+    root, wd = Path(_glob_root(path) or "/").resolve(), workdir.expanduser().resolve()
+    if wd == root or root in wd.parents:
+        raise ArmlabError(
+            f"workdir {workdir} is inside the pool dir {root} (pool.uri {redact(spec.uri)!r}): prepare would "
+            "read its own shards as pool files; set workdir in the experiment file to a dir outside the pool"
+        )
+
+
+def deleted(pf: PoolFile) -> ArmlabError:
+    return ArmlabError(
+        f"{pf.name}: deleted while prepare ran (it was listed at the start); restore it, or rerun "
+        "prepare to list the pool again (the arms are then chosen without it)"
+    )
+
+
 def _glob_root(uri: str) -> str:
     """The part of a URI before its first glob character, up to the last "/" before it."""
     magic = glob.has_magic(uri.split("://", 1)[-1])
@@ -313,6 +334,8 @@ def iter_columns(
             yield from _jsonl_tables(pf, local, columns, list(expect), types or {})
     except ArmlabError:
         raise  # the store's own one line (the network, a file changed since it was listed)
+    except FileNotFoundError:
+        raise (deleted(pf) if local is None else BadFile(pf.name, "its downloaded copy is gone")) from None
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadFile(pf.name, describe_error(e)) from None
 
@@ -373,6 +396,8 @@ def _parquet_file(pf: PoolFile, local: Path | None) -> pq.ParquetFile:
         ) from None
     except ArmlabError:
         raise
+    except FileNotFoundError:
+        raise deleted(pf) from None
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadFile(pf.name, describe_error(e)) from None
 

@@ -232,11 +232,11 @@ def scheme_of(uri: str) -> str:
     return uri.split("://", 1)[0].lower()
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def expand(url: str) -> str:
-    """`url` with `${VAR}` / `$VAR` taken from the environment (for the request only); an unset
+    """`url` with each `${VAR}` taken from the environment (for the request only); an unset
     variable is one line naming it, and so is a secret that was redacted (a copy armlab wrote)."""
     if MASK in url:
         raise ArmlabError(
@@ -246,12 +246,14 @@ def expand(url: str) -> str:
         )
 
     def sub(m: re.Match[str]) -> str:
-        name = m.group(1) or m.group(2)
+        name = m.group(1)
         if name not in os.environ:
-            raise ArmlabError(f"{redact(url)}: ${name} is not set; export it (it holds this URL's secret)")
+            raise ArmlabError(
+                f"{redact(url)}: ${{{name}}} is not set; export {name} (it holds this URL's secret)"
+            )
         return os.environ[name]
 
-    return _VAR.sub(sub, url) if "$" in url else url
+    return _VAR.sub(sub, url) if "${" in url else url
 
 
 def probe(uri: str) -> str | None:

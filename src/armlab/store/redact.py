@@ -10,6 +10,8 @@ manifests, the frozen experiment, `init --from`'s scaffold, cache paths) gets `r
 - auth headers quoted in errors: `Bearer ...`, `SharedKey account:...`;
 - the literal values of the secrets armlab reads from the environment (HF_TOKEN, the Azure key,
   SAS token and connection string's key), plain and URL-encoded, wherever they appear.
+
+A `${VAR}` in their place is kept: it names the secret, the request takes its value.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ MASK = "***"
 # Environment variables whose values are secrets (never shown, wherever they turn up).
 SECRET_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN")
 
-_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s'\"]+@", re.I)
+_VAR = r"\$\{[A-Za-z_]\w*\}"  # `${VAR}`: a name for a secret, not one (kept)
+_USERINFO = re.compile(rf"(\b[a-z][a-z0-9+.-]*://)(?!{_VAR}(?::{_VAR})?@)[^/@\s'\"]+@", re.I)
 # name=value after ?, &, ; or the start of a word: the value goes when the name says secret.
 _SECRET_PARAM = re.compile(
     r"((?:^|(?<=[?&;\s\"']))(?:[\w.-]*(?:token|secret|passw(?:or)?d|pwd|signature|credential|key)[\w.-]*"
-    r"|sig|code|auth|x-amz-[\w-]+|x-goog-[\w-]+)=)([^&;\s#'\"]+)",
+    rf"|sig|code|auth|x-amz-[\w-]+|x-goog-[\w-]+)=)(?!{_VAR})([^&;\s#'\"]+)",
     re.I,
 )
 _HEADERS = [
