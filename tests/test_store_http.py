@@ -158,3 +158,20 @@ def test_disk_full_during_a_download_names_the_cache_and_the_bytes(tmp_path: Pat
     finally:
         subprocess.run(["umount", str(cache)], check=True)
         shutil.rmtree(tmp_path / "wd", ignore_errors=True)
+
+
+def test_download_file_is_verified_and_reused_while_the_version_holds(tmp_path: Path) -> None:
+    """The one-file download others use (model weights, bundles): the bytes, then no second GET."""
+    from armlab.errors import ArmlabError
+    from armlab.store.download import download_file
+
+    (src,) = make_pool(tmp_path / "srv", 300, n_files=1)
+    dest = tmp_path / "models" / "m.parquet"
+    with PoolServer(tmp_path / "srv") as server:
+        assert download_file(f"{server.url}/{src.name}", dest).read_bytes() == src.read_bytes()
+        server.log.clear()
+        assert download_file(f"{server.url}/{src.name}", dest) == dest
+        assert server.log.file_bytes(src.name) == 0  # one HEAD: still the version downloaded
+        with pytest.raises(ArmlabError, match=r"/nope\.bin: not found"):
+            download_file(f"{server.url}/nope.bin", tmp_path / "nope.bin")
+    assert sorted(p.name for p in dest.parent.iterdir()) == [".armlab-blobs.json", "m.parquet"]

@@ -75,7 +75,6 @@ class Store:
 
     scheme = ""
     endpoint = ""  # where the store lives, for messages when its URLs do not say (Azure's account)
-    writable = False
 
     def __init__(self, retry: Retry | None = None):
         self.retry = retry or Retry.from_env()
@@ -133,39 +132,6 @@ class Store:
             return data
 
         return self.call(once, entry.shown)
-
-    def get(
-        self,
-        entry: Entry,
-        f: IO[bytes],
-        start: int,
-        end: int,
-        on_bytes: Any = None,
-        concurrency: int = 1,
-        abort: threading.Event | None = None,
-    ) -> None:
-        """Write bytes [start, end) of the listed version of `entry` into `f` at `start`; a failed
-        attempt is retried from `start` (its bytes are rewritten, `on_bytes` told to take them back)."""
-        sent = 0
-
-        def count(n: int) -> None:
-            nonlocal sent
-            sent += n
-            if on_bytes is not None:
-                on_bytes(n)
-
-        def once() -> None:
-            nonlocal sent
-            if sent:
-                count(-sent)
-            f.seek(start)
-            self._get(entry, f, start, end, count, concurrency)
-            if f.tell() != end:
-                raise ConnectionError(
-                    f"short read: {f.tell() - start} of {end - start} bytes at offset {start}"
-                )
-
-        self.call(once, entry.shown, abort)
 
     def cat(self, url: str) -> bytes | None:
         """A small file's bytes, or None when there is no such file."""

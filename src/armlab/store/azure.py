@@ -62,7 +62,6 @@ def _split(url: str) -> tuple[str, str]:
 
 class AzureStore(Store):
     scheme = "az"
-    writable = True
 
     def __init__(self, retry: Retry | None = None):
         super().__init__(retry)

@@ -294,6 +294,28 @@ class Downloader:
             raise
 
 
+def download_file(url: str, dest: Path, retry: Retry | None = None) -> Path:
+    """The one file at `url` into `dest` (model weights, a bundle): verified and resumable like
+    any download here (the record sits beside `dest`), with a progress bar; reused while the
+    store still lists the same version."""
+    store = open_store(url, retry)
+    entry = store.info(url)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    record = Record(dest.parent, "")
+    if record.current(entry, dest.name, dest.parent):
+        return dest
+    with progress(transient=True) as bar:
+        task = bar.add_task(f"download {entry.shown}", total=entry.size, unit="B", bytes=0)
+        moved = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal moved
+            moved += n
+            bar.update(task, completed=moved, bytes=moved)
+
+        return Downloader(store, dest.parent, record, on_bytes=on_bytes, sha256=False).fetch(entry, dest.name)
+
+
 def download_prefix(
     uri: str,
     dest: str | Path,

@@ -45,8 +45,6 @@ def version_of(info: dict[str, Any]) -> str:
 
 
 class FsspecStore(Store):
-    writable = True
-
     def __init__(self, protocol: str, retry: Retry | None = None):
         super().__init__(retry)
         self.scheme = protocol

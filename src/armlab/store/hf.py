@@ -22,8 +22,6 @@ PINNED = re.compile(r"@[0-9a-f]{40}(/|$)")
 
 
 class HfStore(FsspecStore):
-    writable = False
-
     def __init__(self, retry: Retry | None = None):
         super().__init__("hf", retry)
 

@@ -34,8 +34,6 @@ def strip_query(url: str) -> str:
 
 
 class HttpStore(FsspecStore):
-    writable = False
-
     def __init__(self, scheme: str, query: str = "", retry: Retry | None = None):
         self.query = query
         self.params = dict(parse_qsl(query, keep_blank_values=True))

@@ -212,11 +212,11 @@ def network_error(
             f"(after {attempts} attempt{'s' if attempts > 1 else ''}); "
             "check the server and the network (ARMLAB_NET_TIMEOUT sets the wait), then rerun the same command to resume"
         )
-    if attempts > 1 and transient(e):
+    if attempts and transient(e):
         reach = f"cannot reach {host}" if host else "failed"
+        after = f" after {attempts} attempts" if attempts > 1 else ""
         return ArmlabError(
-            f"{where}: {reach} after {attempts} attempts ({describe(e)}); "
-            "check the network, then rerun the same command to resume"
+            f"{where}: {reach}{after} ({describe(e)}); check the network, then rerun the same command to resume"
         )
     return ArmlabError(f"{where}: {describe(e)}")
 
