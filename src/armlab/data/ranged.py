@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from armlab.errors import ArmlabError
 from armlab.store import open_store
 
 if TYPE_CHECKING:
@@ -152,8 +153,13 @@ class RemoteParquet:
         assert pf.protocol is not None
         self.pf, self.entry = pf, pf.entry
         self.store = open_store(self.entry.url)
-        if self.entry.size <= 0:  # a store that lists no sizes: ask (the version stays the listed one)
+        if self.entry.size < 0:  # a listing without sizes: ask (the version stays the listed one)
             self.entry = replace(self.entry, size=self.store.info(self.entry.url).size)
+        if self.entry.size < 0:
+            raise ArmlabError(
+                f"{pf.name}: the server does not give this file's size (no Content-Length), so it can be "
+                "neither read in ranges nor verified; serve it with one"
+            )
         size = self.size = self.entry.size
         self.src = KnownRanges(pf.name, size)
         self.fetched = 0  # bytes received, for the benches and `plan`

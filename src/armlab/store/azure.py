@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from armlab.errors import ArmlabError
-from armlab.store import Entry, Store
 from armlab.store.azure_auth import auth_from_env
+from armlab.store.base import Entry, Store
 from armlab.store.net import Changed, Retry
 from armlab.store.redact import redact
 

@@ -186,6 +186,11 @@ class Downloader:
     def _fetch(self, entry: Entry, rel: str) -> Path:
         if self.abort.is_set():
             raise Aborted
+        if entry.size < 0:
+            raise ArmlabError(
+                f"{entry.shown}: the store does not give this file's size, so a download of it cannot be "
+                "verified or resumed; serve it with a Content-Length"
+            )
         final, part = self.dest / rel, part_path(self.dest, rel)
         final.parent.mkdir(parents=True, exist_ok=True)
         for try_no in (1, 2):

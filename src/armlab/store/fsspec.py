@@ -12,7 +12,7 @@ import os
 from typing import IO, Any
 
 from armlab.errors import ArmlabError
-from armlab.store import Entry, Store
+from armlab.store.base import Entry, Store
 from armlab.store.net import Changed, Retry, describe
 
 CHUNK = 8 << 20  # bytes a `get` asks for at a time
@@ -64,7 +64,8 @@ class FsspecStore(Store):
         return path if "://" in path else f"{self.scheme}://{path}"
 
     def entry(self, info: dict[str, Any]) -> Entry:
-        return Entry(self.url_of(info["name"]), int(info.get("size") or 0), version_of(info))
+        size = info.get("size")  # None: the store does not say (an HTTP answer without Content-Length)
+        return Entry(self.url_of(info["name"]), -1 if size is None else int(size), version_of(info))
 
     # -- listing
     def _list(self, url: str) -> list[Entry]:

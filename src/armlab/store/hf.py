@@ -14,7 +14,7 @@ import re
 from dataclasses import replace
 from typing import Any
 
-from armlab.store import Entry
+from armlab.store.base import Entry
 from armlab.store.fsspec import FsspecStore
 from armlab.store.net import Retry
 

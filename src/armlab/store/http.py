@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from armlab.store import Entry
+from armlab.store.base import Entry
 from armlab.store.fsspec import FsspecStore, version_of
 from armlab.store.net import Changed, RangesIgnored, Retry
 
@@ -101,7 +101,7 @@ class HttpStore(FsspecStore):
             if r.status == 412:
                 raise Changed(entry.url, f"the server no longer has {entry.version}")
             if r.status == 404:
-                raise FileNotFoundError(f"{url}: 404 (deleted since it was listed?)")
+                raise FileNotFoundError("404: deleted on the server since it was listed")
             r.raise_for_status()
             self._check_answer(entry, r, whole)
             async for chunk in r.content.iter_chunked(CHUNK):
