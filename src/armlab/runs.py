@@ -199,10 +199,12 @@ def last_activity(run_dir: Path, state: Mapping[str, Any] | None) -> float | Non
 # -- metrics.jsonl ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MetricsRecord:
-    """One line of metrics.jsonl. A training step has `train_loss` (and the speed fields), an
-    evaluation `val_bpb` or `core`; every record has the step (optimiser steps done), the tokens
-    trained on and `time` (seconds of training steps so far). Fields that are None are left out of
-    the line, so `"train_loss" in line` tells a training record."""
+    """One line of metrics.jsonl. A training step has `train_loss` and the speed fields (written
+    even when None: `mfu` is null on CPU), an evaluation `val_bpb` or `core`; every record has the
+    step (optimiser steps done), the tokens trained on and `time` (seconds of training steps so
+    far). Other fields that are None are left out, so `"train_loss" in line` tells a training record."""
+
+    TRAIN_FIELDS = ("lr_mult", "dt", "tok_per_s", "mfu", "epoch")
 
     step: int
     tokens: int
@@ -217,7 +219,10 @@ class MetricsRecord:
     core: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None}
+        keep = self.TRAIN_FIELDS if self.train_loss is not None else ()
+        return {
+            f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None or f.name in keep
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MetricsRecord:

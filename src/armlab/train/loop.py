@@ -408,6 +408,8 @@ class _Loop:
     # -- how it ends ----------------------------------------------------------------------------------
     def _stopped(self, reason: str) -> None:
         p = self.progress
+        if self.d.local_rank == 0:  # a request says why better than the signal that came with it
+            reason = runs.read_stop_request(self.plan.run_dir) or reason
         resume = p.saved_at  # a stop saves first: this step, or the checkpoint it resumed from
         if self.d.master:
             self._state(state=RunState.STOPPED, phase=None, resume_step=resume, stop_reason=reason,
@@ -436,7 +438,8 @@ class _Loop:
             self.wandb_run.log(record.to_json(), step=record.step)
 
     def _state(self, **fields: Any) -> None:
-        """state.json (rank 0 only), with the current step."""
+        """state.json (rank 0 only), with the current step (and "running" unless said otherwise)."""
+        fields.setdefault("state", RunState.RUNNING)
         if self.d.master:
             runs.write_state(
                 self.plan.run_dir, step=self.progress.step, num_iterations=self.n_steps, **fields
