@@ -236,6 +236,10 @@ def _run_ranks(
     plan: RunPlan, cmd: Command, engine: Engine, stopper: _Stopper, echo: bool
 ) -> tuple[_Output, int]:
     with open(plan.log_file, "ab") as log:
+        if plan.nnodes > 1:
+            first, per = plan.node_rank * plan.nproc_per_node, plan.nproc_per_node
+            log.write(f"armlab: node {plan.node_rank} of {plan.nnodes} of run {plan.run}: ranks {first}..{first + per - 1}, "
+                      f"rendezvous at {plan.rdzv_endpoint}\n".encode())  # fmt: skip
         try:
             proc = subprocess.Popen(
                 cmd.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
