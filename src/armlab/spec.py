@@ -259,9 +259,40 @@ class ReportSpec(Strict):
     group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
 
 
+WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def walltime_seconds(value: str) -> int:
+    """Slurm's time formats (sbatch --time): minutes, minutes:seconds, hours:minutes:seconds,
+    days-hours, days-hours:minutes, days-hours:minutes:seconds -> seconds."""
+    m = WALLTIME_RE.match(value.strip())
+    if not m:
+        raise ValueError(
+            f"time {value!r} is not a Slurm walltime (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)"
+        )
+    days, a, b, c = (int(x) if x is not None else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # HH:MM:SS
+        return a * 3600 + b * 60 + c
+    if b is not None:  # MM:SS
+        return a * 60 + b
+    return a * 60  # minutes
+
+
+SLURM_KEYS = ("partition", "prepare_partition", "account", "qos", "time", "gpus_per_node", "cpus_per_task",
+              "extra_sbatch")  # fmt: skip
+
+
 class HostSpec(Strict):
+    """A `[[hosts]]` entry: where the runs of some arms train (armlab.ops.hosts: one backend per
+    `scheduler`)."""
+
     name: str
-    ssh: str  # user@host, or a Host alias from ~/.ssh/config
+    scheduler: Literal["ssh", "slurm"] = "ssh"
+    # ssh: user@host or a Host alias from ~/.ssh/config. slurm: the login node to reach over SSH;
+    # unset, armlab runs on the login node itself.
+    ssh: str | None = None
     arms: list[str] = Field(min_length=1)  # every run (arm x seed) of these arms trains here (armlab.ops.schedule)
     num_gpus: int = Field(8, ge=0)
     gpus_per_run: int | None = Field(None, gt=0)  # cuda: GPUs of one run (default num_gpus: one run at a time)
@@ -273,6 +304,93 @@ class HostSpec(Strict):
     device: Literal["cuda", "cpu"] = "cuda"
     nproc: int = Field(1, gt=0)  # training processes per arm when device = "cpu" (num_gpus is for cuda)
     nanochat: str | None = None  # the nanochat checkout on this host (default: [nanochat] path)
+    # several machines per run: ssh lists them (`nodes`, the first is node 0); slurm asks for them
+    nodes: list[str] | None = Field(None, min_length=2)  # ssh: every run spans these machines
+    nodes_per_run: int | None = Field(None, gt=0)  # default: len(nodes) (ssh), 1 (slurm)
+    # slurm
+    partition: str | None = None  # where the runs' jobs go
+    prepare_partition: str | None = None  # prepare as a CPU job there (unset: on the login node)
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None  # walltime of one job; a longer run continues as a chain of jobs
+    gpus_per_node: int | None = Field(None, ge=0)  # cuda: GPUs of each node of a run (default num_gpus)
+    cpus_per_task: int | None = Field(None, gt=0)
+    extra_sbatch: list[str] = Field(default_factory=list)  # verbatim `#SBATCH ...` lines
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"host name {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("time")
+    @classmethod
+    def _time_ok(cls, v: str | None) -> str | None:
+        if v is not None:
+            walltime_seconds(v)
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _sbatch_lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if not line.startswith("#SBATCH ") or "\n" in line:
+                raise ValueError(f"extra_sbatch line {line!r} must be one line starting '#SBATCH '")
+        return v
+
+    @model_validator(mode="after")
+    def _scheduler_keys(self) -> HostSpec:
+        where = f"host {self.name!r}"
+        if self.scheduler == "ssh":
+            if self.ssh is None and not self.nodes:
+                raise ValueError(f'{where}: set ssh (user@host or an alias), or nodes = ["user@a", "user@b"]')
+            if self.ssh is not None and self.nodes:
+                raise ValueError(f"{where}: set ssh or nodes, not both (nodes lists every machine, node 0 first)")
+            slurm_only = [k for k in SLURM_KEYS if getattr(self, k) not in (None, [])]
+            if slurm_only:
+                raise ValueError(f'{where}: {", ".join(slurm_only)} need scheduler = "slurm"')
+            if self.nodes and self.nodes_per_run not in (None, len(self.nodes)):
+                raise ValueError(
+                    f"{where}: nodes_per_run = {self.nodes_per_run} but nodes lists {len(self.nodes)}; every run "
+                    "spans the listed nodes: list exactly nodes_per_run of them (another entry for the rest)"
+                )
+            if not self.nodes and (self.nodes_per_run or 1) > 1:
+                raise ValueError(f'{where}: nodes_per_run > 1 needs nodes = ["user@a", "user@b", ...]')
+        else:
+            if self.nodes:
+                raise ValueError(f"{where}: nodes is for ssh entries; a Slurm entry asks for nodes_per_run")
+            if not self.partition:
+                raise ValueError(f"{where}: a Slurm entry needs partition (`sinfo -s` lists them)")
+            if self.runs_at_once > 1 or self.gpus_per_run is not None:
+                raise ValueError(
+                    f"{where}: runs_at_once and gpus_per_run are for ssh entries; on Slurm each run is a job "
+                    "(nodes_per_run x gpus_per_node)"
+                )
+        return self
+
+    @property
+    def target(self) -> str | None:
+        """The SSH target of node 0 (None: a Slurm login node armlab runs on)."""
+        return self.nodes[0] if self.nodes else self.ssh
+
+    @property
+    def nodes_of_run(self) -> int:
+        return self.nodes_per_run or (len(self.nodes) if self.nodes else 1)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks on each node of a run: nproc on CPU; GPUs (gpus_per_node on Slurm, else
+        gpus_per_run, else num_gpus) on CUDA."""
+        if self.device == "cpu":
+            return self.nproc
+        if self.scheduler == "slurm":
+            return self.gpus_per_node if self.gpus_per_node is not None else self.num_gpus
+        return self.gpus_per_run or self.num_gpus
+
+    @property
+    def walltime_s(self) -> int | None:
+        return None if self.time is None else walltime_seconds(self.time)
 
 
 class Experiment(Strict):

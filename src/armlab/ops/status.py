@@ -19,7 +19,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from armlab.errors import ArmlabError
-from armlab.progress import console
 from armlab.runs import ACTIVE, RunState, last_activity, load_run, observed_state, owner_alive
 
 
@@ -336,17 +335,10 @@ def gpu_lines(gpus: list[dict[str, Any]]) -> str:
 
 
 def mirrored_runs(exp: Any) -> list[Path]:
-    """Run dirs mirrored from the experiment's SSH hosts (none without hosts or without the remote module)."""
-    if not exp.hosts:
-        return []
-    try:
-        from armlab.ops.remote import mirror_remote_runs
-    except ImportError:
-        console.print(
-            "status: hosts are configured but armlab.ops.remote is unavailable; showing local runs only"
-        )
-        return []
-    return mirror_remote_runs(exp)
+    """Run dirs mirrored from the experiment's hosts (none without hosts)."""
+    from armlab.ops.orchestrator import mirror_hosts
+
+    return mirror_hosts(exp)
 
 
 def show_status(
