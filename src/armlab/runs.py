@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError
+from armlab.records import Record
 from armlab.spec import fingerprint_diff
 from armlab.workdir import atomic_write_json, atomic_write_text, pid_alive, read_json
 
@@ -94,7 +95,7 @@ class Phase(StrEnum):
 
 
 @dataclass(frozen=True)
-class StateRecord:
+class StateRecord(Record):
     """state.json, typed. `state` is kept as written (a state a newer armlab writes reads back as
     itself; `observed_state` calls it unreadable); fields this armlab does not know are kept in
     `extra` and written back unchanged."""
@@ -115,26 +116,27 @@ class StateRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
-        return {**self.extra, **out}
+        out = super().to_json()
+        return {**out.pop("extra"), **out}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> StateRecord:
+    def from_json(cls, data: Any, source: str = STATE_JSON) -> StateRecord:
+        if not isinstance(data, Mapping):
+            raise ArmlabError(f"{source}: expected a JSON object")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+        rec = super().from_json({k: v for k, v in data.items() if k in names}, source)
+        return dataclasses.replace(rec, extra={k: v for k, v in data.items() if k not in names})
 
 
 def read_run_state(run_dir: Path) -> StateRecord | None:
     """state.json as a `StateRecord` (None before the first write); a torn one is an ArmlabError
     naming it."""
+    path = Path(run_dir) / STATE_JSON
     try:
-        data = read_json(Path(run_dir) / STATE_JSON)
+        data = read_json(path)
     except FileNotFoundError:
         return None
-    if not isinstance(data, dict):
-        raise ArmlabError(f"{Path(run_dir) / STATE_JSON}: expected a JSON object")
-    return StateRecord.from_json(data)
+    return StateRecord.from_json(data, str(path))
 
 
 def read_state(run_dir: Path) -> dict[str, Any]:
@@ -198,7 +200,7 @@ def last_activity(run_dir: Path, state: Mapping[str, Any] | None) -> float | Non
 
 # -- metrics.jsonl ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class MetricsRecord:
+class MetricsRecord(Record):
     """One line of metrics.jsonl. A training step has `train_loss` and the speed fields (written
     even when None: `mfu` is null on CPU), an evaluation `val_bpb` or `core`; every record has the
     step (optimiser steps done), the tokens trained on and `time` (seconds of training steps so
@@ -220,14 +222,7 @@ class MetricsRecord:
 
     def to_json(self) -> dict[str, Any]:
         keep = self.TRAIN_FIELDS if self.train_loss is not None else ()
-        return {
-            f.name: v for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None or f.name in keep
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> MetricsRecord:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return {k: v for k, v in super().to_json().items() if v is not None or k in keep}
 
 
 class MetricsLog:
