@@ -100,6 +100,11 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["compare", exp], "top"),  # one arm has finished runs, the other none
         (["rm", exp, "--arm", "rand", "--run", "nosuch"], "nosuch"),
+        # names that would leave their directory (0.2 trained `--run-name ../data` into the shard dir)
+        *[(["train", exp, "--arm", "rand", "--run-name", bad], f"--run-name {bad!r} is not a valid name")
+          for bad in ("../data", "../../x", "..", "a/b")],  # fmt: skip
+        (["export", exp, "--arm", "rand", "--run", "../top", "--to", str(root / "x")], "--run '../top'"),
+        (["rm", exp, "--arm", "rand", "--run", ".."], "--run '..'"),
         (["export", exp, "--arm", "top", "--to", str(root / "wd" / "export")], "top"),
         (["export", exp, "--arm", "rand", "--to", exp], "exp.toml"),
         (["plan", exp, "--mfu", "fast"], "--mfu"),
@@ -170,6 +175,7 @@ print("ok")
         f"compare {exp}",
         f"plan {exp} --mfu fast",
         f"rm {wd} --arm rand --run nosuch",
+        f"train {exp} --arm rand --run-name ../data",
         f"launch {exp}",
     ]
     r = subprocess.run([sys.executable, "-c", probe, "|".join(argvs)], capture_output=True, text=True, timeout=120)

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 
 from armlab.data.pool import BadFile, PoolFile, describe_error, jsonl_stream, list_pool, open_source
 from armlab.errors import ArmlabError
-from armlab.spec import NAME_RE, PoolSpec, parse_experiment
+from armlab.names import MAX_NAME, check_name
+from armlab.spec import PoolSpec, parse_experiment
 from armlab.text import plural
 
 TEXT_NAMES = ("text", "content", "document", "raw_content", "body", "markdown")
@@ -261,8 +262,8 @@ def _align(line: str, column: int = 32) -> str:
 
 def experiment_name(path: Path) -> str:
     """The experiment's name from its file name: `my exp.toml` -> `my-exp`."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "experiment"
-    return name if NAME_RE.match(name) else f"exp-{name}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._")[:MAX_NAME].rstrip("-._")
+    return check_name(name or "experiment", "experiment name")
 
 
 def init_experiment(path: str | Path, pool_uri: str | None = None) -> Path:

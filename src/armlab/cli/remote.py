@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app, check_device, split_ints, split_list, with_typed_exp
+from armlab.cli.app import app, check_device, name_flag, split_ints, split_list, with_typed_exp
 
 
 def _exp_or_target(value: str):  # -> (Experiment | None, str)
@@ -177,7 +177,7 @@ def launch(
 def logs(
     exp: Path = typer.Argument(..., help="experiment file"),
     arm: str = typer.Option(..., "--arm", help="the arm whose train.log to show"),
-    run: str = typer.Option(None, "--run", help="run name (default: the arm's latest run)"),
+    run: str = typer.Option(None, "--run", help="run name (default: the arm's latest run)", callback=name_flag),
     follow: bool = typer.Option(False, "-f", "--follow", help="keep streaming new lines (Ctrl-C to stop)"),
     lines: int = typer.Option(50, "-n", "--lines", help="how many last lines to show"),
     local: bool = typer.Option(
