@@ -104,6 +104,9 @@ def doctor(
     as_json: bool = typer.Option(
         False, "--json", help="print the report as JSON (what launch reads over SSH)"
     ),
+    core_bundle: bool = typer.Option(
+        True, "--core-bundle/--no-core-bundle", help="check the CORE eval bundle is cached or reachable"
+    ),
 ) -> None:
     """Preflight checks, each ok / warn / fail with a one-line fix; exit 2 when any fails."""
     from armlab.ops.doctor import render, run_doctor
@@ -123,7 +126,8 @@ def doctor(
             reports.append(here)
     else:
         reports = [run_doctor(e, arms=arm or None, device=device, num_gpus=num_gpus, nproc=nproc, master_port=master_port,
-                              scripts=tuple(script or ()), nanochat=nanochat, expect_data=expect_data)]  # fmt: skip
+                              scripts=tuple(script or ()), nanochat=nanochat, expect_data=expect_data,
+                              bundle=core_bundle)]  # fmt: skip
         for c in reports[0].checks:  # this machine's fixes name the experiment path as typed
             c.fix = with_typed_exp(c.fix)
     if as_json and len(reports) == 1:
