@@ -83,6 +83,8 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
     # the same experiment with another horizon: `run` would call rand-s0 "already done"
     longer = root / "longer.toml"
     longer.write_text(Path(exp).read_text().replace("num_iterations = 3", "num_iterations = 4"))
+    odd = root / "odd.toml"  # a total batch no rank count splits: plan refuses what train would
+    odd.write_text(Path(exp).read_text().replace("total_batch_size = 256", "total_batch_size = 1000"))
     return [
         (["prepare", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["prepare", exp, "--arm", "top", "--ratio", "0.35"], "--overwrite"),  # the arm exists, from ratio 0.2
@@ -108,6 +110,7 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["export", exp, "--arm", "top", "--to", str(root / "wd" / "export")], "top"),
         (["export", exp, "--arm", "rand", "--to", exp], "exp.toml"),
         (["plan", exp, "--mfu", "fast"], "--mfu"),
+        (["plan", str(odd)], "train.total_batch_size = 1000 is not divisible"),
         (["launch", exp], "hosts"),
         (["demo", "--workdir", wd], "belongs to experiment 'datatest'"),
         (["demo", "--workdir", wd, "--num-iterations", "5"], "belongs to experiment 'datatest'"),
