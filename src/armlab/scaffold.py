@@ -37,6 +37,7 @@ from armlab.pilot import (
     size_pilot,
 )
 from armlab.spec import DCLM_EVAL_BUNDLE_URL, PoolSpec, parse_experiment
+from armlab.store.redact import redact
 from armlab.text import plural
 
 TEXT_NAMES = ("text", "content", "document", "raw_content", "body", "markdown")
@@ -165,7 +166,8 @@ def read_pool(uri: str) -> PoolSummary:
             cols, rows = _jsonl_columns(first), None
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadFile(first.name, describe_error(e)) from None
-    return PoolSummary(uri, len(files), sum(f.size for f in files), first.fmt, rows, suggest_columns(cols))
+    # The file written holds no secret: a token in the URL becomes *** (name it as ${VAR} instead).
+    return PoolSummary(redact(uri), len(files), sum(f.size for f in files), first.fmt, rows, suggest_columns(cols))
 
 
 def _q(value: str) -> str:

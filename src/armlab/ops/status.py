@@ -1,7 +1,7 @@
 """`armlab status`: one row per run, from the run dir alone (works on dirs copied from elsewhere).
 
 States are `armlab.runs.RunState`: queued (an arm x seed of the experiment with no run dir yet),
-starting, running, done, failed, stopped, STALLED (the process lives, or cannot be checked, but
+starting, running, done, failed, diverged (its loss became NaN/inf), stopped, STALLED (the process lives, or cannot be checked, but
 nothing was logged for `stall_after_s`: the playbook's "process exists but nothing advances"),
 dead (state.json says running but its pid is gone from this host), unreadable. Liveness is only
 checked for pids of this host; a run from another host shows `?`.
@@ -243,6 +243,7 @@ STYLE = {
     "STALLED": "bold red",
     "dead": "bold red",
     "failed": "red",
+    "diverged": "bold red",
     "queued": "dim",
     "starting": "yellow",
     "stopped": "yellow",
