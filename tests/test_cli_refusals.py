@@ -83,6 +83,8 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
     # the same experiment with another horizon: `run` would call rand-s0 "already done"
     longer = root / "longer.toml"
     longer.write_text(Path(exp).read_text().replace("num_iterations = 3", "num_iterations = 4"))
+    odd = root / "odd.toml"  # a total batch no rank count splits: plan refuses what train would
+    odd.write_text(Path(exp).read_text().replace("total_batch_size = 256", "total_batch_size = 1000"))
     # the pool dir holds the workdir: from the second prepare on it would read its own shards
     inside = root / "inside.toml"
     inside.write_text(Path(exp).read_text().replace(str(root / "pool" / "*.parquet"), str(root)))
@@ -106,9 +108,15 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["compare", exp], "top"),  # one arm has finished runs, the other none
         (["rm", exp, "--arm", "rand", "--run", "nosuch"], "nosuch"),
+        # names that would leave their directory (0.2 trained `--run-name ../data` into the shard dir)
+        *[(["train", exp, "--arm", "rand", "--run-name", bad], f"--run-name {bad!r} is not a valid name")
+          for bad in ("../data", "../../x", "..", "a/b")],  # fmt: skip
+        (["export", exp, "--arm", "rand", "--run", "../top", "--to", str(root / "x")], "--run '../top'"),
+        (["rm", exp, "--arm", "rand", "--run", ".."], "--run '..'"),
         (["export", exp, "--arm", "top", "--to", str(root / "wd" / "export")], "top"),
         (["export", exp, "--arm", "rand", "--to", exp], "exp.toml"),
         (["plan", exp, "--mfu", "fast"], "--mfu"),
+        (["plan", str(odd)], "train.total_batch_size = 1000 is not divisible"),
         (["launch", exp], "hosts"),
         (["demo", "--workdir", wd], "belongs to experiment 'datatest'"),
         (["demo", "--workdir", wd, "--num-iterations", "5"], "belongs to experiment 'datatest'"),
@@ -176,6 +184,7 @@ print("ok")
         f"compare {exp}",
         f"plan {exp} --mfu fast",
         f"rm {wd} --arm rand --run nosuch",
+        f"train {exp} --arm rand --run-name ../data",
         f"launch {exp}",
     ]
     r = subprocess.run([sys.executable, "-c", probe, "|".join(argvs)], capture_output=True, text=True, timeout=120)
