@@ -86,26 +86,40 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
     slurm, nodes = root / "slurm.toml", root / "nodes.toml"  # [[hosts]] entries that cannot work
     slurm.write_text(Path(exp).read_text() + '[[hosts]]\nname = "c"\nscheduler = "slurm"\narms = ["rand"]\n')
     nodes.write_text(Path(exp).read_text() + '[[hosts]]\nname = "p"\nnodes = ["a", "b"]\narms = ["rand"]\n')
+    odd = root / "odd.toml"  # a total batch no rank count splits: plan refuses what train would
+    odd.write_text(Path(exp).read_text().replace("total_batch_size = 256", "total_batch_size = 1000"))
+    # the pool dir holds the workdir: from the second prepare on it would read its own shards
+    inside = root / "inside.toml"
+    inside.write_text(Path(exp).read_text().replace(str(root / "pool" / "*.parquet"), str(root)))
     return [
         (["prepare", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["prepare", exp, "--arm", "top", "--ratio", "0.35"], "--overwrite"),  # the arm exists, from ratio 0.2
         (["prepare", exp, "--ratio", "0.35"], "single --arm"),
         (["prepare", exp, "--arm", "top", "--ratio", "1.5"], "ratio"),
         (["prepare", exp, "--rows-per-shard", "100"], "--overwrite"),
+        (["prepare", str(inside)], "is inside the pool dir"),
         (["tokenizer", wd + "/nosuch"], "nosuch"),
         (["train", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["train", exp, "--arm", "rand"], "rand-s0"),  # done already
         (["train", exp, "--arm", "rand", "--depth", "3"], "rand-s0"),
         (["train", exp, "--arm", "top", "--total-batch-size", "100"], "total_batch_size"),
         (["train", exp, "--arm", "rand", "--num-gpus", "2", "--seed", "5"], "GPU"),
+        (["train", exp, "--arm", "rand", "--seed", "5", "--nnodes", "2", "--node-rank", "0"], "--rdzv-endpoint"),
+        (["train", exp, "--arm", "rand", "--seed", "5", "--num-iterations", str(10**30)], "num_iterations"),
         (["run", exp, "--num-gpus", "2"], "GPU"),
         (["run", str(longer), "--arm", "rand", "--seeds", "0"], "differs in train.num_iterations"),
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["compare", exp], "top"),  # one arm has finished runs, the other none
         (["rm", exp, "--arm", "rand", "--run", "nosuch"], "nosuch"),
+        # names that would leave their directory (0.2 trained `--run-name ../data` into the shard dir)
+        *[(["train", exp, "--arm", "rand", "--run-name", bad], f"--run-name {bad!r} is not a valid name")
+          for bad in ("../data", "../../x", "..", "a/b")],  # fmt: skip
+        (["export", exp, "--arm", "rand", "--run", "../top", "--to", str(root / "x")], "--run '../top'"),
+        (["rm", exp, "--arm", "rand", "--run", ".."], "--run '..'"),
         (["export", exp, "--arm", "top", "--to", str(root / "wd" / "export")], "top"),
         (["export", exp, "--arm", "rand", "--to", exp], "exp.toml"),
         (["plan", exp, "--mfu", "fast"], "--mfu"),
+        (["plan", str(odd)], "train.total_batch_size = 1000 is not divisible"),
         (["launch", exp], "hosts"),
         (["launch", str(slurm)], "needs partition"),
         (["launch", str(nodes)], "master_port"),
@@ -175,6 +189,7 @@ print("ok")
         f"compare {exp}",
         f"plan {exp} --mfu fast",
         f"rm {wd} --arm rand --run nosuch",
+        f"train {exp} --arm rand --run-name ../data",
         f"launch {exp}",
     ]
     r = subprocess.run([sys.executable, "-c", probe, "|".join(argvs)], capture_output=True, text=True, timeout=120)

@@ -163,3 +163,18 @@ def progress(transient: bool = False) -> Progress | PlainProgress:
         console=console,
         transient=transient,
     )
+
+
+def byte_counter(bar: Progress | PlainProgress, task: int, also_completed: bool = False) -> Any:
+    """`on_bytes(n)` for threads that move bytes together: adds `n` to the task's `bytes` field
+    (and to its count, `also_completed`, for a task counted in bytes)."""
+    lock = threading.Lock()
+    moved = 0
+
+    def on_bytes(n: int) -> None:
+        nonlocal moved
+        with lock:
+            moved += n
+            bar.update(task, bytes=moved, **({"completed": moved} if also_completed else {}))
+
+    return on_bytes

@@ -16,13 +16,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from armlab.errors import ArmlabError
+from armlab.names import NAME_RE as NAME_RE  # re-exported: the one rule lives in armlab.names
+from armlab.names import check_name
+from armlab.store.redact import redact
 from armlab.text import closest
 from armlab.vocab import MIN_VOCAB_SIZE
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
 # nanochat's --target-param-data-ratio default since 2026-03-24 (92d63d4: 12; before: 10.5)
 DEFAULT_PARAM_DATA_RATIO = 12.0
@@ -43,6 +53,10 @@ class PoolSpec(Strict):
     # Remote parquet: "columns" reads only the column chunks each pass needs (ranged requests);
     # "files" downloads whole files first, for stores without Range support.
     fetch: Literal["columns", "files"] = "columns"
+
+    @field_serializer("uri")
+    def _uri_without_secrets(self, uri: str) -> str:
+        return redact(uri)  # every copy armlab writes, and every fingerprint; requests read `.uri`
 
 
 class EvalSpec(Strict):
@@ -94,11 +108,14 @@ class ArmSpec(Strict):
     download_mode: Literal["bulk", "sequential"] = "bulk"
     concurrency: int = Field(8, gt=0)
 
+    @field_serializer("uri")
+    def _uri_without_secrets(self, uri: str | None) -> str | None:
+        return None if uri is None else redact(uri)  # as PoolSpec's
+
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"arm name {v!r} must be letters, digits, '.', '_' or '-'")
+        check_name(v, "arm name")
         if v in RESERVED_ARM_NAMES:
             raise ValueError(f"arm name {v!r} is reserved (prepare's eval set and tokenizer sample); rename the arm")
         return v
@@ -131,11 +148,18 @@ class ArmSpec(Strict):
         return self
 
 
+# Upper bounds of the recipe's numbers: far beyond any sane run, so a value past one is a typo or
+# a unit mistake (e.g. `num_iterations = 10**30`, `matrix_lr = inf`), refused before anything runs.
+MAX_STEPS = 10**9
+MAX_TOKENS = 10**16
+MAX_LR = 10.0  # nanochat's largest default is 0.5 (scalar_lr)
+
+
 class ModelSpec(Strict):
-    depth: int = Field(20, gt=0)
-    max_seq_len: int = Field(2048, gt=0)
-    aspect_ratio: int = Field(64, gt=0)  # model_dim = depth * aspect_ratio, rounded up to head_dim
-    head_dim: int = Field(128, gt=0)
+    depth: int = Field(20, gt=0, le=1024)
+    max_seq_len: int = Field(2048, gt=0, le=1 << 20)
+    aspect_ratio: int = Field(64, gt=0, le=4096)  # model_dim = depth * aspect_ratio, rounded up to head_dim
+    head_dim: int = Field(128, gt=0, le=4096)
     # Sliding-window attention, tiled over the layers (the last layer is always L): L = full
     # context, S = a quarter of it. None: the engine's default (nanochat 92d63d4: "SSSL").
     window_pattern: str | None = None
@@ -148,30 +172,36 @@ class ModelSpec(Strict):
         return v.upper() if v is not None else None
 
 
+def _rate(upper: float) -> Any:
+    """A recipe number: None (the engine's default) or finite in (0, upper]."""
+    return Field(None, gt=0, le=upper, allow_inf_nan=False)
+
+
 class TrainSpec(Strict):
     # What trains the model (armlab.train.engines): armlab's own trainer, or the researcher's
     # nanochat checkout ([nanochat]). Part of the fingerprint: runs of two engines never compare.
     engine: Literal["builtin", "nanochat"] = "builtin"
-    device_batch_size: int = Field(32, gt=0)
-    total_batch_size: int | None = Field(None, gt=0)  # None: nanochat's auto batch size
-    target_param_data_ratio: float | None = Field(None, gt=0)  # default 12 when nothing else set
-    tokens: int | None = Field(None, gt=0)
-    num_iterations: int | None = Field(None, gt=0)
+    device_batch_size: int = Field(32, gt=0, le=1 << 16)
+    total_batch_size: int | None = Field(None, gt=0, le=1 << 40)  # None: nanochat's auto batch size
+    target_param_data_ratio: float | None = _rate(10_000.0)  # default 12 when nothing else set
+    tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
+    num_iterations: int | None = Field(None, gt=0, le=MAX_STEPS)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    eval_every: int = Field(250, gt=0)
-    eval_tokens: int = Field(20_971_520, gt=0)
-    save_every: int = Field(1000, gt=0)
+    eval_every: int = Field(250, gt=0, le=MAX_STEPS)
+    eval_tokens: int = Field(20_971_520, gt=0, le=MAX_TOKENS)
+    save_every: int = Field(1000, gt=0, le=MAX_STEPS)
     # Optimiser and schedule, in nanochat's terms (learning rates are the d12 / 2**19-token
     # values before the trainer's batch-size scaling). None: the engine's own default (builtin:
-    # nanochat 92d63d4's, armlab.train.recipe; nanochat engine: the flag is not passed).
-    embedding_lr: float | None = Field(None, gt=0)
-    unembedding_lr: float | None = Field(None, gt=0)
-    matrix_lr: float | None = Field(None, gt=0)
-    scalar_lr: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
-    warmup_steps: int | None = Field(None, ge=0)
-    warmdown_ratio: float | None = Field(None, ge=0, le=1)
-    final_lr_frac: float | None = Field(None, ge=0, le=1)
+    # nanochat 92d63d4's, armlab.train.recipe; nanochat engine: the flag is not passed). Finite
+    # and bounded: a diverging run is stopped (state "diverged"), a nonsensical one never starts.
+    embedding_lr: float | None = _rate(MAX_LR)
+    unembedding_lr: float | None = _rate(MAX_LR)
+    matrix_lr: float | None = _rate(MAX_LR)
+    scalar_lr: float | None = _rate(MAX_LR)
+    weight_decay: float | None = Field(None, ge=0, le=MAX_LR, allow_inf_nan=False)
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS)
+    warmdown_ratio: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    final_lr_frac: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     compile: bool = True
     allow_repeat: bool = False
     wandb_project: str | None = None
@@ -307,9 +337,7 @@ class HostSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"host name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "host name")
 
     @field_validator("time")
     @classmethod
@@ -404,9 +432,7 @@ class Experiment(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"experiment name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "experiment name")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Experiment:

@@ -116,6 +116,13 @@ def plan(
             "--link-mbps", help="remote pools: link speed for the download estimate, Mbit/s", min=0.001
         ),
     ] = 1000.0,
+    cpu_probe: Annotated[
+        bool | None,
+        typer.Option(
+            "--cpu-probe/--no-cpu-probe",
+            help="time a few training steps on this CPU (default: when the model is small enough to take a moment)",
+        ),
+    ] = None,
 ) -> None:
     """Per arm: docs / chars / tokens vs what one run consumes; FLOPs, GPU-hours, wall time and cost per run and
     for the experiment; a remote pool's download; the smallest difference its seeds can detect (from a pilot's noise)."""
@@ -124,18 +131,24 @@ def plan(
     from armlab.cost import costs, parse_mfu, render_costs
     from armlab.data.plan import download_plan, render, render_download
     from armlab.data.plan import plan as make_plan
+    from armlab.plan_checks import check_plan, gpus_to_price, plan_budget
     from armlab.progress import console
     from armlab.report.power import plan_power
     from armlab.spec import load_experiment
+    from armlab.train.probe import cpu_estimate
 
     spec = load_experiment(exp)
     mfus = parse_mfu(mfu)
     pilot_exp = load_experiment(pilot) if pilot else None
-    priced = render_costs(spec, costs(spec, mfus, gpus), usd_per_gpu_hour)  # from the spec alone
+    budget, vocab, source = plan_budget(spec)  # the trained tokenizer's vocabulary once it exists
+    checked = check_plan(spec, budget, gpus)  # refuses what train / launch would refuse
+    priced = render_costs(spec, costs(spec, mfus, gpus_to_price(spec, budget, gpus), budget), usd_per_gpu_hour, budget)
     noise = plan_power(spec, pilot_exp, detect)
-    plans = make_plan(spec)  # reads the pool's metadata for unprepared arms
-    table, warnings = render(spec, plans)
-    print(f"{table}\n{priced}\n{noise}")
+    plans = make_plan(spec, budget)  # reads the pool's metadata for unprepared arms
+    table, warnings = render(spec, plans, budget, (vocab, source))
+    cpu = cpu_estimate(spec, budget, vocab, cpu_probe)  # a few real training steps on this CPU, timed
+    print(f"{table}\n{priced}\n{cpu}\n{noise}", flush=True)
+    warnings = checked + warnings
     if any(p.source == "estimate" for p in plans) and (download := download_plan(spec)):
         print(render_download(download, link_mbps))
     for w in warnings:
