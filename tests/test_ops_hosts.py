@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,49 +23,13 @@ from armlab.ops.schedule import local_host, plan_schedule
 from armlab.records import Record
 from armlab.spec import Experiment, load_experiment
 from data_util import make_pool
+from hosts_util import tiny_toml, until
 from sshd_util import host_venv, sshd_hosts
 
 pytestmark = pytest.mark.e2e
 
-EXPERIMENT = """\
-name = "contract"
-workdir = "{workdir}"
-
-[pool]
-uri = "{pool}"
-id_column = "id"
-
-[eval]
-docs = 60
-
-[tokenizer]
-vocab_size = 300
-train_chars = 60000
-
-[shards]
-rows_per_shard = 200
-row_group_rows = 32
-
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.5
-
-[model]
-depth = 1
-max_seq_len = 32
-
-[train]
-device_batch_size = 2
-total_batch_size = 64
-num_iterations = 100000   # runs until stopped
-eval_every = 100000
-eval_tokens = 256
-save_every = 5
-compile = false
-allow_repeat = true
-seeds = [0]
-"""
+def experiment(workdir: Path, pool: Path, hosts: str = "") -> str:
+    return tiny_toml("contract", workdir, pool, steps=100_000, save_every=5, hosts=hosts)  # runs until stopped
 
 
 def roundtrip(answer: Record) -> None:
@@ -84,7 +47,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _local(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     path = root / "exp.toml"
-    path.write_text(EXPERIMENT.format(workdir=root / "wd", pool=pool))
+    path.write_text(experiment(root / "wd", pool))
     exp = load_experiment(path)
     yield LocalHost(exp, local_host(exp, ["rand"], device="cpu", visible_gpus=0))
 
@@ -96,11 +59,10 @@ def _ssh(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Hos
         try:
             python = host_venv(root / "venv")
             path = root / "exp.toml"
-            path.write_text(
-                EXPERIMENT.format(workdir=root / "local", pool=pool)
-                + f'[[hosts]]\nname = "hosta"\nssh = "hosta"\narms = ["rand"]\ndevice = "cpu"\nnum_gpus = 0\n'
-                f'python = "{python}"\nworkdir = "{root / "host-wd"}"\n'
-            )
+            path.write_text(experiment(
+                root / "local", pool, f'[[hosts]]\nname = "hosta"\nssh = "hosta"\narms = ["rand"]\ndevice = "cpu"\n'
+                f'num_gpus = 0\npython = "{python}"\nworkdir = "{root / "host-wd"}"\n',
+            ))  # fmt: skip
             p = subprocess.run(["armlab", "setup", str(path), "--no-deps"], capture_output=True, text=True, timeout=600)
             assert p.returncode == 0, p.stdout + p.stderr
             exp = load_experiment(path)
@@ -121,10 +83,10 @@ def _slurm(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[H
     mp = request.getfixturevalue("monkeypatch")
     mp.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])  # the login node's clients: this machine's
     path = root / "exp.toml"
-    path.write_text(
-        EXPERIMENT.format(workdir=root / "wd", pool=pool)
-        + '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\npartition = "cpu"\narms = ["rand"]\ndevice = "cpu"\n'
-    )
+    path.write_text(experiment(
+        root / "wd", pool, '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\npartition = "cpu"\narms = ["rand"]\n'
+        'device = "cpu"\n',
+    ))  # fmt: skip
     exp = load_experiment(path)
     host = get_host(exp, exp.hosts[0])
     try:
@@ -139,14 +101,6 @@ BACKENDS = {"local": _local, "ssh": _ssh, "slurm": _slurm}
 @pytest.fixture(params=sorted(BACKENDS))
 def host(request: pytest.FixtureRequest, tmp_path: Path, pool: Path) -> Iterator[Host]:
     yield from BACKENDS[request.param](tmp_path, pool, request)
-
-
-def _until(what: str, fn, timeout: float = 240):
-    deadline = time.time() + timeout
-    while not (value := fn()):
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-    return value
 
 
 def test_every_backend_honours_the_seam(host: Host, capfd: pytest.CaptureFixture[str]) -> None:
@@ -170,7 +124,7 @@ def test_every_backend_honours_the_seam(host: Host, capfd: pytest.CaptureFixture
     # start: detached, the run trains there; a second start starts nothing new
     started = host.start(slots)
     roundtrip(started)
-    live = _until("the run to be live", lambda: (p := host.probe(slots)).runs[run].alive and p)
+    live = until("the run to be live", lambda: (p := host.probe(slots)).runs[run].alive and p)
     again = host.start(slots)
     roundtrip(again)
     after = host.probe(slots)
@@ -186,7 +140,7 @@ def test_every_backend_honours_the_seam(host: Host, capfd: pytest.CaptureFixture
         state = json.loads(item.files.get("state.json", "{}")) if item else {}
         return m if state.get("step", 0) >= 1 and "train.log" in item.files else None
 
-    mirrored = _until("a step in the mirror", stepped)
+    mirrored = until("a step in the mirror", stepped)
     roundtrip(mirrored)
     item = next(i for i in mirrored.runs if i.run == run)
     assert item.alive and json.loads(item.files["state.json"])["state"] == "running" and item.arm == "rand"

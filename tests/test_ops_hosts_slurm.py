@@ -12,80 +12,29 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from data_util import make_pool
+from hosts_util import armlab, same_run, tiny_toml, until
 from slurm_util import SlurmCluster
 
 pytestmark = pytest.mark.e2e
 
-EXPERIMENT = """\
-name = "slurm-e2e"
-workdir = "{root}/wd"
-
-[pool]
-uri = "{root}/pool"
-id_column = "id"
-
-[eval]
-docs = 60
-
-[tokenizer]
-vocab_size = 300
-train_chars = 60000
-
-[shards]
-rows_per_shard = 200
-row_group_rows = 32
-
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.5
-
-[[arms]]
-name = "top"
-kind = "top"
-ratio = 0.5
-score_column = "score"
-
-[model]
-depth = 1
-max_seq_len = 32
-
-[evaluate]
-core_bundle = "none"
-
-[train]
-device_batch_size = 2
-total_batch_size = {batch}
-num_iterations = 12
-eval_every = 12
-eval_tokens = 256
-save_every = 4
-compile = false
-allow_repeat = true
-seeds = [0, 1]
-
+SLURM_HOST = """
 [[hosts]]
 name = "cluster"
 scheduler = "slurm"
 partition = "{partition}"
-arms = ["rand", "top"]
+arms = ["rand"{top}]
 device = "cpu"
 nproc = {nproc}
-cpus_per_task = 2       # the node's 4 CPUs hold two runs at a time
 {extra}
 """
+
+
 RUNS = ("rand-s0", "top-s0", "rand-s1", "top-s1")
-
-
-def armlab(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def rows(p: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
@@ -94,17 +43,9 @@ def rows(p: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
 
 
 def status(env: dict[str, str], exp: Path) -> dict[str, dict]:
-    p = armlab(env, "status", str(exp), "--json")
+    p = armlab("status", str(exp), "--json", env=env)
     assert p.returncode == 0, p.stderr
     return {r["run"]: r for r in json.loads(p.stdout)}
-
-
-def until(what: str, fn, timeout: float = 300):
-    deadline = time.monotonic() + timeout
-    while not (value := fn()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-    return value
 
 
 @pytest.fixture
@@ -114,8 +55,11 @@ def setup(slurm: SlurmCluster, tmp_path: Path):
 
     def write(partition: str = "cpu", extra: str = "", nproc: int = 1) -> Path:
         exp = tmp_path / "exp.toml"
+        host = SLURM_HOST.format(partition=partition, top=', "top"', nproc=nproc,
+                                 extra="cpus_per_task = 2  # the node's 4 CPUs hold two runs at a time\n" + extra)  # fmt: skip
         batch = 64 * nproc  # device batch 2 x 32 tokens, one micro-step per rank
-        exp.write_text(EXPERIMENT.format(root=tmp_path, partition=partition, extra=extra, nproc=nproc, batch=batch))
+        exp.write_text(tiny_toml("slurm-e2e", tmp_path / "wd", tmp_path / "pool", top=True, steps=12, batch=batch,
+                                 seeds="[0, 1]", save_every=4, hosts=host))  # fmt: skip
         return exp
 
     return tmp_path, env, write
@@ -124,13 +68,13 @@ def setup(slurm: SlurmCluster, tmp_path: Path):
 def test_refusals_before_anything_is_submitted(slurm: SlurmCluster, setup) -> None:
     root, env, write = setup
     jobs_before = slurm.squeue("%i", "--states=all")  # the session's cluster: other tests' jobs too
-    p = armlab(env, "launch", str(write(partition="gpu-a100")))
+    p = armlab("launch", str(write(partition="gpu-a100")), env=env)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "host 'cluster': partition = 'gpu-a100' is not a partition of this cluster (sinfo lists: cpu, gpu)" in p.stderr
-    p = armlab(env, "launch", str(write(extra='prepare_partition = "bigmem"')))
+    p = armlab("launch", str(write(extra='prepare_partition = "bigmem"')), env=env)
     assert p.returncode == 2 and "prepare_partition = 'bigmem' is not a partition" in p.stderr, p.stderr
     # more ranks than the arm's shards can feed: refused once the data is there, before any job
-    p = armlab(env, "launch", str(write(nproc=32)), timeout=600)
+    p = armlab("launch", str(write(nproc=32)), env=env)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "host 'cluster': nodes_per_run (1) x nproc (32) = 32 ranks per run" in p.stderr and "row group" in p.stderr
     assert slurm.squeue("%i", "--states=all") == jobs_before  # nothing was submitted
@@ -144,7 +88,7 @@ def test_launch_status_stop_logs_compare(slurm: SlurmCluster, setup) -> None:
     go = root / "go"
     blocker = slurm.sbatch(f"-n{slurm.cpus_per_node}", "-o", "/dev/null", "--wrap", f"while [ ! -e {go} ]; do sleep 0.2; done")
     slurm.wait_job(blocker, {"RUNNING"})
-    p = armlab(env, "launch", str(exp), timeout=600)
+    p = armlab("launch", str(exp), env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     first = rows(p)
     assert {r: first[r][3] for r in RUNS} == dict.fromkeys(RUNS, "started: job pending")
@@ -157,7 +101,7 @@ def test_launch_status_stop_logs_compare(slurm: SlurmCluster, setup) -> None:
     assert {st[r]["job"]["reason"] for r in RUNS} <= {"Resources", "Priority"}
 
     # a rerun submits nothing new: every run's job is pending
-    p = armlab(env, "launch", str(exp), timeout=600)
+    p = armlab("launch", str(exp), env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     assert {r: rows(p)[r][3] for r in RUNS} == dict.fromkeys(RUNS, "already submitted: job pending")
     assert {r: s["job"]["job_id"] for r, s in status(env, exp).items()} == ids
@@ -170,7 +114,7 @@ def test_launch_status_stop_logs_compare(slurm: SlurmCluster, setup) -> None:
     assert running and running[0]["job"]["nodes"] == "n1" and running[0]["job"]["link"] == 1
 
     # stop top: its running job stops (SIGTERM to the trainer) and ends, its pending one is cancelled
-    p = armlab(env, "stop", str(exp), "--arm", "top", "--timeout", "60")
+    p = armlab("stop", str(exp), "--arm", "top", "--timeout", "60", env=env)
     assert p.returncode == 0, p.stderr
     stopped = {ln.split("\t")[2]: ln.split("\t")[4] for ln in p.stdout.strip().splitlines()}
     assert set(stopped) <= {"top-s0", "top-s1"} and stopped, p.stdout
@@ -180,11 +124,11 @@ def test_launch_status_stop_logs_compare(slurm: SlurmCluster, setup) -> None:
     assert not {ended[ids[r]] for r in ("top-s0", "top-s1")} & {"PENDING", "RUNNING", "COMPLETING"}
 
     # logs: the output of a run's job (the trainer's lines in it)
-    until("rand-s0's job to write a step", lambda: "step " in armlab(env, "logs", str(exp), "--arm", "rand",
-                                                                   "--run", "rand-s0", "-n", "50").stdout)  # fmt: skip
+    logs = lambda: armlab("logs", str(exp), "--arm", "rand", "--run", "rand-s0", "-n", "50", env=env).stdout  # noqa: E731
+    until("rand-s0's job to write a step", lambda: "step " in logs())
 
     # launch again: the stopped runs get new jobs (resuming), the others keep theirs; all finish
-    p = armlab(env, "launch", str(exp), timeout=600)
+    p = armlab("launch", str(exp), env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     again = rows(p)
     for run in ("top-s0", "top-s1"):
@@ -193,72 +137,20 @@ def test_launch_status_stop_logs_compare(slurm: SlurmCluster, setup) -> None:
                       .get("state") if (root / "wd/arms" / r.split("-")[0] / "runs" / r / "state.json").exists() else None
                       for r in RUNS}  # fmt: skip
     until("every run done", lambda: set(states().values()) == {"done"}, timeout=600)
-    p = armlab(env, "evaluate", str(exp))
+    p = armlab("evaluate", str(exp), env=env)
     assert p.returncode == 0, p.stderr
-    p = armlab(env, "compare", str(exp))
+    p = armlab("compare", str(exp), env=env)
     assert p.returncode == 0, p.stderr
     assert "top" in p.stdout + p.stderr and "rand" in p.stdout + p.stderr
     assert json.loads((root / "wd/report/summary.json").read_text())["comparisons"]
 
 
-CHAIN_EXPERIMENT = """\
-name = "slurm-chain"
-workdir = "{root}/wd"
-
-[pool]
-uri = "{root}/pool"
-id_column = "id"
-
-[eval]
-docs = 60
-
-[tokenizer]
-vocab_size = 300
-train_chars = 60000
-
-[shards]
-rows_per_shard = 200
-row_group_rows = 32
-
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.5
-
-[model]
-depth = 1
-max_seq_len = 32
-
-[evaluate]
-core_bundle = "none"
-
-[train]
-device_batch_size = 2
-total_batch_size = {batch}
-num_iterations = {steps}
-eval_every = {steps}
-eval_tokens = 256
-save_every = {steps}     # no checkpoint but the stops' own and the last
-compile = false
-allow_repeat = true
-seeds = [0]
-
-[[hosts]]
-name = "cluster"
-scheduler = "slurm"
-partition = "cpu"
-arms = ["rand"]
-device = "cpu"
-nproc = {nproc}
-{extra}
-"""
-
-
 def chain_setup(root: Path, env: dict[str, str], steps: int, nproc: int = 1, extra: str = "") -> Path:
     make_pool(root / "pool", n_docs=1200, n_files=2)
     exp = root / "exp.toml"
-    exp.write_text(CHAIN_EXPERIMENT.format(root=root, steps=steps, nproc=nproc, extra=extra, batch=64 * max(nproc, 2)))
-    p = armlab(env, "launch", str(exp), timeout=600)
+    host = SLURM_HOST.format(partition="cpu", top="", nproc=nproc, extra=extra)
+    exp.write_text(tiny_toml("slurm-chain", root / "wd", root / "pool", steps=steps, batch=128, hosts=host))
+    p = armlab("launch", str(exp), env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     return exp
 
@@ -269,19 +161,6 @@ def reference(env: dict[str, str], exp: Path, name: str, *args: str) -> subproce
            "--seed", "0", "--run-name", name, "--device", "cpu", *args]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={k: v for k, v in env.items() if k != "ARMLAB_TEST_STEP_DELAY"})  # fmt: skip
-
-
-def same_run(a: Path, b: Path, step: int) -> float:
-    """Max abs difference of two runs' weights at `step`; their loss curves must be equal."""
-    import torch
-
-    from armlab.train import checkpoint
-    from train_util import train_losses
-
-    assert train_losses(a) == train_losses(b) and len(train_losses(a)) == step
-    wa, wb = (torch.load(checkpoint.checkpoint_dir(d, step) / "model.pt") for d in (a, b))
-    assert wa.keys() == wb.keys()
-    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
 
 
 def test_preemption_and_time_limit_chain_equal_an_uninterrupted_run(slurm: SlurmCluster, tmp_path: Path) -> None:

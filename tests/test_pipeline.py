@@ -25,54 +25,10 @@ def test_run_with_gpus_on_a_cpu_host_refuses_before_anything_starts(tmp_path: Pa
     assert not (tmp_path / "wd").exists()  # no workdir, no prepare, nothing written
 
 
-RUN_TOML = """\
-name = "run-lanes"
-workdir = "{root}/wd"
+def run_toml(root: Path, steps: int = 4, seeds: str = "[0, 1]") -> str:
+    from hosts_util import tiny_toml
 
-[pool]
-uri = "{root}/pool"
-id_column = "id"
-
-[eval]
-docs = 60
-
-[tokenizer]
-vocab_size = 300
-train_chars = 60000
-
-[shards]
-rows_per_shard = 200
-row_group_rows = 32
-
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.5
-
-[[arms]]
-name = "top"
-kind = "top"
-ratio = 0.5
-score_column = "score"
-
-[model]
-depth = 1
-max_seq_len = 32
-
-[evaluate]
-core_bundle = "none"  # val bpb only: the default, DCLM's bundle, is online
-
-[train]
-device_batch_size = 2
-total_batch_size = 128
-num_iterations = 4
-eval_every = 4
-eval_tokens = 256
-save_every = 4
-compile = false
-allow_repeat = true
-seeds = [0, 1]
-"""
+    return tiny_toml("run-lanes", root / "wd", root / "pool", top=True, steps=steps, batch=128, seeds=seeds)
 
 
 @pytest.mark.e2e
@@ -88,7 +44,7 @@ def test_run_trains_every_arm_and_seed_on_two_lanes(tmp_path: Path) -> None:
 
     make_pool(tmp_path / "pool", n_docs=1200, n_files=2)
     exp = tmp_path / "exp.toml"
-    exp.write_text(RUN_TOML.format(root=tmp_path))
+    exp.write_text(run_toml(tmp_path))
     cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "run", str(exp), "--device", "cpu",
            "--runs-at-once", "2"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -128,8 +84,7 @@ def test_a_second_run_is_refused_and_a_killed_lane_is_named(tmp_path: Path) -> N
 
     make_pool(tmp_path / "pool", n_docs=1200, n_files=2)
     exp = tmp_path / "exp.toml"
-    exp.write_text(RUN_TOML.format(root=tmp_path).replace("seeds = [0, 1]", "seeds = [0]")
-                   .replace("num_iterations = 4", "num_iterations = 200"))  # fmt: skip
+    exp.write_text(run_toml(tmp_path, steps=200, seeds="[0]"))
     cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "run", str(exp), "--device", "cpu",
            "--runs-at-once", "2"]  # fmt: skip
     env = {**os.environ, "ARMLAB_TEST_STEP_DELAY": "0.2"}  # slow steps: the runs are mid-way below
