@@ -200,7 +200,7 @@ def launch(
 
     console.print(f"launch: checking {plural(len(chosen), 'host')}: {', '.join(h.name for h in chosen)}")
     probes = dict(zip([h.name for h in chosen], parallel(lambda h: h.probe(slots[h.name]), chosen), strict=True))
-    todo = [h for h in chosen if any(probes[h.name].runs[s.run].pending for s in slots[h.name])]
+    todo = [h for h in chosen if any(_to_start(probes[h.name], s) for s in slots[h.name])]
     starting = [h for h in todo if _starts(probes[h.name], slots[h.name])]
     reports = doctor_hosts(exp, starting, device=device, expect_data=prepare_mode == "skip", extra=extra_doctor)
     _check_ports(reports, probes)
@@ -230,22 +230,28 @@ def launch(
     return records
 
 
+def _to_start(probe: HostProbe, slot: Slot) -> bool:
+    """The slot's run is still to train here and nothing will train it yet (no live runner, no
+    pending or running job)."""
+    return probe.runs[slot.run].pending and slot.run not in probe.jobs
+
+
 def _starts(probe: HostProbe, slots: list[Slot]) -> bool:
     """Whether starting would start something on the host (a lane runner or a job)."""
     if probe.lanes:
         return any(lane.starts for lane in probe.lanes.values())
-    return any(probe.runs[s.run].pending and s.run not in probe.jobs for s in slots)
+    return any(_to_start(probe, s) for s in slots)
 
 
 def _pending_slots(slots: list[Slot], probe: HostProbe) -> list[Slot]:
-    """The slots of every lane with a run still to train (a lane is queued whole)."""
-    lanes = [lane for lane in group_lanes(slots) if any(probe.runs[s.run].pending for s in lane)]
+    """The slots of every lane with a run still to start (a lane is queued whole)."""
+    lanes = [lane for lane in group_lanes(slots) if any(_to_start(probe, s) for s in lane)]
     return [s for lane in lanes for s in lane]
 
 
 def _prepare_and_start(h: Host, slots: list[Slot], probe: HostProbe, mode: str) -> StartResult:
     todo = _pending_slots(slots, probe)
-    arms = sorted({s.arm for s in todo if probe.runs[s.run].pending})
+    arms = sorted({s.arm for s in todo if _to_start(probe, s)})
     h.prepare(arms if mode == "prepare" else [a for a in arms if not probe.data.get(a)], mode)
     return h.start(todo)
 
