@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from armlab.cli.app import app, split_list, with_typed_exp
+from armlab.cli.app import app, check_device, split_list, with_typed_exp
 from armlab.errors import ArmlabError
 from armlab.text import plural
 
@@ -34,6 +34,9 @@ def prepare(
     ratio: Annotated[float | None, typer.Option(help="override the --arm's ratio")] = None,
     seed: Annotated[int | None, typer.Option(help="override the --arm's seed")] = None,
     rows_per_shard: Annotated[int | None, typer.Option(help="override shards.rows_per_shard")] = None,
+    scores_dir: Annotated[
+        Path | None, typer.Option("--scores-dir", help="where `armlab score` wrote the scores (override score.scores_dir)")
+    ] = None,
 ) -> None:
     """Prepare the eval set, the tokenizer sample and the arms' shuffled shards (resumable)."""
     from armlab.data.prepare import PrepareOptions
@@ -43,7 +46,12 @@ def prepare(
     if (ratio is not None or seed is not None) and (not arm or len(arm) != 1):
         raise ArmlabError("--ratio / --seed apply to one arm: name it with a single --arm")
     one = arm[0] if arm else ""
-    overrides = {f"arms.{one}.ratio": ratio, f"arms.{one}.seed": seed, "shards.rows_per_shard": rows_per_shard}
+    overrides = {
+        f"arms.{one}.ratio": ratio,
+        f"arms.{one}.seed": seed,
+        "shards.rows_per_shard": rows_per_shard,
+        "score.scores_dir": str(scores_dir) if scores_dir else None,
+    }
     spec = with_overrides(load_experiment(exp), overrides)
     options = PrepareOptions(
         workers=workers,
@@ -55,6 +63,41 @@ def prepare(
     )
     dirs = run_prepare(spec, arms=arm, options=options)
     for name, d in dirs.items():
+        print(f"{name}\t{d}")
+
+
+@app.command()
+def score(
+    exp: Annotated[Path, typer.Argument(help="experiment file (or a workdir holding experiment.toml)")],
+    scorer: Annotated[
+        list[str] | None,
+        typer.Option("--scorer", callback=split_list, help="scorer to run (repeatable, or a,b; default: all)"),
+    ] = None,
+    scores_dir: Annotated[
+        Path | None,
+        typer.Option("--scores-dir", help="where the scores go (override score.scores_dir; default <workdir>/scores)"),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="worker processes (default: one per core; hf on CUDA: one per GPU)", min=1)
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(callback=check_device, help="hf scorers: cpu or cuda (default: cuda when there is a GPU)")
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="replace scores of another model or settings")
+    ] = False,
+    keep_cache: Annotated[
+        bool, typer.Option("--keep-cache", help="keep downloaded pool files")
+    ] = False,
+) -> None:
+    """Score every pool document with the experiment's scorers (fastText, hf classifiers, heads over embeddings; resumable)."""
+    from armlab.data.score.run import ScoreOptions
+    from armlab.data.score.run import score as run_score
+    from armlab.spec import load_experiment, with_overrides
+
+    spec = with_overrides(load_experiment(exp), {"score.scores_dir": str(scores_dir) if scores_dir else None})
+    options = ScoreOptions(workers=workers, device=device, overwrite=overwrite, keep_cache=keep_cache)
+    for name, d in run_score(spec, names=scorer, options=options).items():
         print(f"{name}\t{d}")
 
 
