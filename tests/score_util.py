@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import tqdm
+
+# save_pretrained's progress bar would start tqdm's monitor thread, and a test process running a
+# thread gets a forkserver for `score`'s workers (each re-importing torch) instead of a fork
+tqdm.tqdm.monitor_interval = 0
 
 
 def demo_documents(n_junk: int = 150, seed: int = 0) -> tuple[list[str], list[str]]:

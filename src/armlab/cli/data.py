@@ -161,7 +161,8 @@ def plan(
     ] = 1000.0,
 ) -> None:
     """Per arm: docs / chars / tokens vs what one run consumes; FLOPs, GPU-hours, wall time and cost per run and
-    for the experiment; a remote pool's download; the smallest difference its seeds can detect (from a pilot's noise)."""
+    for the experiment; a remote pool's download; scoring's docs/s and CPU/GPU-hours (a probe of each scorer here);
+    the smallest difference its seeds can detect (from a pilot's noise)."""
     from rich.markup import escape
 
     from armlab.cost import costs, parse_mfu, render_costs
@@ -181,5 +182,9 @@ def plan(
     print(f"{table}\n{priced}\n{noise}")
     if any(p.source == "estimate" for p in plans) and (download := download_plan(spec)):
         print(render_download(download, link_mbps))
+    if spec.scorers:  # each scorer's model, timed on the first pool documents here
+        from armlab.data.score.probe import render_scoring, scoring_plan
+
+        print(render_scoring(scoring_plan(spec)))
     for w in warnings:
         console.print(f"[yellow]warning:[/] {escape(with_typed_exp(w))}", soft_wrap=True)

@@ -189,6 +189,11 @@ def fetch_hub(s: ScorerSpec) -> Path:
         RevisionNotFoundError,
     )
 
+    import tqdm
+
+    # Its bars stay, without tqdm's monitor thread: `score` forks its workers next, and a process
+    # that runs a thread gets a slower forkserver (executor.LocalExecutor).
+    tqdm.tqdm.monitor_interval = 0
     what = f"scorer {s.name!r}: hub model {s.model!r}" + (f" (revision {s.revision!r})" if s.revision else "")
     try:
         return Path(snapshot_download(s.model, revision=s.revision, allow_patterns=HUB_FILES))

@@ -60,8 +60,12 @@ class HeadBackend:
 
 def read_head(path: Path, who: str) -> tuple[dict[str, np.ndarray], list[str]]:
     """The file's tensors (float64) and its label names, if it lists any."""
+    from safetensors import SafetensorError
+
+    with open(path, "rb") as f:
+        zipped = f.read(2) == b"PK"  # an .npz is a zip, whatever its name
     try:
-        if path.suffix == ".npz" or path.read_bytes()[:2] == b"PK":
+        if path.suffix == ".npz" or zipped:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
             labels = [str(x) for x in arrays.pop("labels", np.array([], dtype=str)).tolist()]
@@ -72,7 +76,7 @@ def read_head(path: Path, who: str) -> tuple[dict[str, np.ndarray], list[str]]:
                 arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
                 meta = f.metadata() or {}
             labels = [str(x) for x in json.loads(meta.get("labels", "[]"))]
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise ArmlabError(f"{who}: {path} is not a .safetensors or .npz head ({str(e)[:200]})") from None
     return {k: np.asarray(v, dtype=np.float64) for k, v in arrays.items()}, labels
 

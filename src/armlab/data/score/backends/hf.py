@@ -123,20 +123,20 @@ class HFModel:
         self.model = model.to(self.device).eval()
         self.torch = torch
         cfg = model.config
+        labels = {str(v): int(k) for k, v in (cfg.id2label or {}).items()}  # name -> output index
         if scorer.label is None:
             if cfg.num_labels != 1:
                 raise ArmlabError(
                     f"scorer {scorer.name!r}: the model has {cfg.num_labels} labels, not one regression "
-                    f"output; set label to one of {', '.join(map(str, cfg.label2id))}"
+                    f"output; set label to one of {', '.join(labels)}"
                 )
             self.label_index = None
         else:
-            if scorer.label not in cfg.label2id:
+            if scorer.label not in labels:
                 raise ArmlabError(
-                    f"scorer {scorer.name!r}: the model has no label {scorer.label!r} "
-                    f"(labels: {', '.join(map(str, cfg.label2id))})"
+                    f"scorer {scorer.name!r}: the model has no label {scorer.label!r} (labels: {', '.join(labels)})"
                 )
-            self.label_index = int(cfg.label2id[scorer.label])
+            self.label_index = labels[scorer.label]
         limit = getattr(cfg, "max_position_embeddings", None) or scorer.max_length
         self.max_length = min(scorer.max_length, limit)
         self.batch_size = scorer.batch_size
