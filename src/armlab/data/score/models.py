@@ -2,7 +2,9 @@
 Hugging Face hub id; its content hash.
 
 - A local path (file, or a dir saved with `save_pretrained`) is used in place.
-- An http(s) URL (a fastText .bin, a head's .safetensors / .npz) is downloaded once into
+- An http(s) URL (a fastText .bin, a head's .safetensors / .npz; `$VARS` in it are expanded from
+  the environment when it is fetched, so a signed URL's token need not be in the experiment
+  file, nor in the frozen copy of it in the workdir) is downloaded once into
   `$ARMLAB_CACHE/models/url/` (default ~/.cache/armlab) under a file lock (the workers of one
   host may ask at once), to a temp name renamed when complete, with its sha256 recorded.
 - A hub id (`org/name`, kind "hf") goes through huggingface_hub's `snapshot_download` with the
@@ -19,6 +21,7 @@ local path and the content sha256 of what was actually loaded; workers resolve o
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
 import re
@@ -36,6 +39,8 @@ from armlab.workdir import atomic_path, atomic_write_json, read_json
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a sequence classifier needs from a hub repo (not its ONNX / TF / duplicate .bin weights).
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# What a model dir's content hash covers: the files a model loads from (not its README, say)
+MODEL_FILES = (*HUB_FILES, "*.bin")
 
 
 def cache_root() -> Path:
@@ -82,8 +87,8 @@ class Resolved:
 def resolve(s: ScorerSpec) -> Resolved:
     """Download (once) or find the model; its local path and content hash."""
     src = source_of(s)
-    if src == "url":
-        path = fetch_url(s.model, f"scorer {s.name!r}")
+    if src == "url":  # $VARS expanded only here: a signed URL's token stays in the environment
+        path = fetch_url(os.path.expandvars(s.model), f"scorer {s.name!r}")
         return Resolved(path, content_sha256(path), shown(s.model))
     if src == "hub":
         path = fetch_hub(s)
@@ -104,12 +109,14 @@ def _existing(s: ScorerSpec) -> Path:
 
 # -- content hashes --------------------------------------------------------------------------------
 def content_sha256(path: Path) -> str:
-    """sha256 of a file, or of a dir's files (relative path and each file's sha256, sorted).
-    Cached by (path, size, mtime) in the models cache: a 1 GB fastText model is hashed once."""
+    """sha256 of a file, or of a dir's model files (MODEL_FILES: relative path and each file's
+    sha256, sorted; the same for a hub snapshot and a copy of the repo on disk). Cached by
+    (path, size, mtime) in the models cache: a 1 GB fastText model is hashed once."""
     if path.is_file():
         return _file_sha256(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")):
+    files = [q for q in path.rglob("*") if q.is_file() and not q.name.startswith(".")]
+    for p in sorted(q for q in files if any(fnmatch.fnmatch(q.name, m) for m in MODEL_FILES)):
         h.update(p.relative_to(path).as_posix().encode() + b"\0" + _file_sha256(p).encode() + b"\n")
     return h.hexdigest()
 
@@ -180,6 +187,7 @@ def _download(url: str, dest: Path, safe: str, who: str) -> None:
 
 def fetch_hub(s: ScorerSpec) -> Path:
     """`snapshot_download` of the scorer's hub model at its revision (the hub's own cache)."""
+    import tqdm
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -188,8 +196,6 @@ def fetch_hub(s: ScorerSpec) -> Path:
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
-
-    import tqdm
 
     # Its bars stay, without tqdm's monitor thread: `score` forks its workers next, and a process
     # that runs a thread gets a slower forkserver (executor.LocalExecutor).
