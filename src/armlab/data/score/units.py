@@ -30,8 +30,6 @@ from armlab.data.score.sidecar import write_sidecar
 from armlab.errors import ArmlabError
 from armlab.spec import PoolSpec, ScorerSpec
 
-BLOCK_DOCS = 4096  # documents handed to the model at once (hf sorts each block by length)
-
 
 @dataclass(frozen=True)
 class ScoreTask:
@@ -91,6 +89,7 @@ def read_columns(scorer: ScorerSpec, pool: PoolSpec) -> tuple[list[str], list[st
 def run_score_task(task: ScoreTask) -> UnitResult:
     """Score one unit and write its sidecar (or part); errors name the pool file."""
     model, dtype = worker_model(task)
+    block_docs = get_backend(task.scorer.kind).block_docs
     read, scored = read_columns(task.scorer, task.pool)
     text_col = task.pool.text_column
     keys: list[np.ndarray] = []
@@ -120,7 +119,7 @@ def run_score_task(task: ScoreTask) -> UnitResult:
     for t in batches:
         block.append(t)
         rows += t.num_rows
-        if sum(b.num_rows for b in block) >= BLOCK_DOCS:
+        if sum(b.num_rows for b in block) >= block_docs:
             flush()
     if block:
         flush()

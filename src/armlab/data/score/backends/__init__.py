@@ -10,8 +10,9 @@ branches on a scorer's kind: it asks the backend.
     score.run.plan_units       backend.columns(scorer, pool)    pool columns read per unit
                                backend.identity(scorer, pool)   what the scores depend on
                                backend.devices(requested)       ("cpu", n) or ("cuda", n): workers
-    score.run.run_score_task   backend.load(scorer, path, dev)  once per worker process (cached)
-                               model.score(table)               float32 per row, NaN = no score
+    score.units.run_score_task backend.load(scorer, path, dev)  once per worker process (cached)
+                               model.score(table)               float32 per row, NaN = no score,
+                                                                blocks of >= backend.block_docs rows
 
 A loaded model is kept per worker process, keyed by the scorer's identity (which holds the
 model's content hash) and the device, so a pool worker or a Ray actor loads it once.
@@ -49,6 +50,9 @@ class Model(Protocol):
 
 class Backend(Protocol):
     kind: str
+    # rows handed to `Model.score` at once, at least (whole row groups; 0: one row group at a time).
+    # hf sorts each block by length; per-row scorers gain nothing from bigger blocks.
+    block_docs: int
 
     def columns(self, scorer: ScorerSpec, pool: PoolSpec) -> list[str]:
         """The pool columns the scores are computed from."""

@@ -31,6 +31,7 @@ PREPROCESS = "dclm: ' '.join(text.strip().splitlines()) + '\\n'"
 
 class FastTextBackend:
     kind = "fasttext"
+    block_docs = 0
 
     def columns(self, scorer: ScorerSpec, pool: PoolSpec) -> list[str]:
         return [pool.text_column]

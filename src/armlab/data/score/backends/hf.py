@@ -41,6 +41,7 @@ PAD_MULTIPLE_CUDA = 8  # pad batches to a multiple of 8 tokens on CUDA (tensor-c
 
 class HFBackend:
     kind = "hf"
+    block_docs = SORT_DOCS
 
     def columns(self, scorer: ScorerSpec, pool: PoolSpec) -> list[str]:
         return [pool.text_column]
