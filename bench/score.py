@@ -74,6 +74,35 @@ def write_pool(root: Path, docs: list[str], files: int, rows_per_group: int = 10
     return paths
 
 
+def web_mix(corpus: list[str], n: int, model_dir: Path, median: float = 400, sigma: float = 1.0) -> list[str]:
+    """`n` documents whose lengths in the model's tokens are log-normal, median `median`, sigma
+    `sigma` (general web text's shape: FineWeb / DCLM-pool documents run ~400 tokens at the
+    median with a long tail; fineweb-edu's run longer), cut from the corpus' text. Prints the
+    lengths as the tokenizer counts them and the share truncated at 512."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    text = "\n".join(corpus)
+    sample = text[:200_000]
+    chars_per_token = len(sample) / len(tok(sample, add_special_tokens=False)["input_ids"])
+    rng = np.random.default_rng(0)
+    want = np.exp(rng.normal(np.log(median), sigma, size=n))
+    docs, at = [], 0
+    for t in want:
+        c = max(20, int(t * chars_per_token))
+        if at + c > len(text):
+            at = 0
+        docs.append(text[at : at + c])
+        at += c
+    got = np.array([len(x) for x in tok(docs, add_special_tokens=True)["input_ids"]])
+    print(
+        f"hf pool: {n:,} docs of log-normal length (median {median:.0f} tokens, sigma {sigma}): tokens p10/p50/p90 "
+        f"{np.percentile(got, 10):,.0f}/{np.percentile(got, 50):,.0f}/{np.percentile(got, 90):,.0f}, "
+        f"{(got > 512).mean():.0%} truncated at max_length 512"
+    )
+    return docs
+
+
 def experiment(root: Path, scorer: str, batch_size: int) -> Path:
     text = f"""name = "bench-score"
 workdir = "{root}/wd"
@@ -174,7 +203,7 @@ def _fasttext_job(files: list[str]) -> int:
     return n
 
 
-def _pipeline_job(files: list[str], batch_size: int) -> int:
+def _pipeline_job(batch_size: int, files: list[str]) -> int:
     pipe = MODEL["pipe"]
     n = 0
     for path in files:
@@ -271,10 +300,11 @@ def main() -> None:
             )  # fmt: skip
         if "hf" in only:
             hf_root = root / "hf"
-            hf_files = write_pool(hf_root / "pool", corpus[:n_hf], files=2 * args.workers, rows_per_group=256)
+            make_bert(hf_root / "bert", corpus[:2000], hidden=256, layers=4, max_position=512, vocab_size=8000)
+            docs = web_mix(corpus, n_hf, hf_root / "bert")
+            hf_files = write_pool(hf_root / "pool", docs, files=2 * args.workers, rows_per_group=256)
             shutil.copy(root / "quality.bin", hf_root / "quality.bin")
             shutil.copy(root / "head.safetensors", hf_root / "head.safetensors")
-            make_bert(hf_root / "bert", corpus[:2000], hidden=256, layers=4, max_position=512, vocab_size=8000)
             hf_exp = experiment(hf_root, "", args.batch_size)
             import torch
 
@@ -319,7 +349,7 @@ def gpu_bench(root: Path, corpus: list[str], args: argparse.Namespace) -> None:
     print(f"gpu: armlab score, BERT-base-sized, bf16, batch 256: {run['docs_per_s'] / gpus:,.0f} docs/s per GPU ({gpus} GPUs, {n:,} docs)")
     load_pipeline(str(g_root / "bert"), "cuda:0")
     t0 = time.perf_counter()
-    _pipeline_job([str(p) for p in files], 256)
+    _pipeline_job(256, [str(p) for p in files])
     print(f"gpu: transformers pipeline, bf16, batch 256, one GPU (model loaded first): {n / (time.perf_counter() - t0):,.0f} docs/s")
 
 
