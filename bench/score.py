@@ -79,8 +79,10 @@ def web_mix(corpus: list[str], n: int, model_dir: Path, median: float = 400, sig
     `sigma` (general web text's shape: FineWeb / DCLM-pool documents run ~400 tokens at the
     median with a long tail; fineweb-edu's run longer), cut from the corpus' text. Prints the
     lengths as the tokenizer counts them and the share truncated at 512."""
+    import transformers
     from transformers import AutoTokenizer
 
+    transformers.logging.set_verbosity_error()  # the 200k-char sample is longer than 512 tokens: on purpose
     tok = AutoTokenizer.from_pretrained(model_dir)
     text = "\n".join(corpus)
     sample = text[:200_000]

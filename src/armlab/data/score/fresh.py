@@ -124,10 +124,9 @@ def check_scores(
         if scored is not None:
             out[s.name] = scored
         elif s.name in used:
-            arms_named = ", ".join(repr(a) for a in used[s.name])
-            raise ArmlabError(
-                f"arm {arms_named} selects on scorer {s.name!r}, which {problem}; run {fix} first"
-            )
+            names = used[s.name]
+            who = f"arm {names[0]!r} selects" if len(names) == 1 else f"arms {', '.join(map(repr, names))} select"
+            raise ArmlabError(f"{who} on scorer {s.name!r}, which {problem}; run {fix} first")
         else:
             notes.append(
                 f"scorer {s.name!r} {problem}: its distribution is left out of the arms' statistics (run {fix})"
