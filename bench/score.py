@@ -138,26 +138,12 @@ ratio = 0.5
 
 
 # -- the armlab side ---------------------------------------------------------------------------------
-def preload(exp_file: Path, name: str) -> None:
-    """Load the scorer's model in this process, where `score`'s forked workers find it (units.
-    worker_model's cache): both sides of a line then time reading + scoring + writing only, not
-    interpreter start-up, imports or model loading (a fixed cost that a real pool amortises)."""
-    from armlab.data.pool import list_pool
-    from armlab.data.score import models, units
-    from armlab.data.score.sidecar import identity
-    from armlab.spec import load_experiment
-
-    exp = load_experiment(exp_file)
-    s = exp.scorer(name)
-    resolved = models.resolve(s)
-    pf = list_pool(exp.pool)[0]
-    task = units.ScoreTask(0, pf, None, None, s, identity(s, exp, models.ref(s)), resolved.sha256, exp.pool, "cpu", Path(), {})
-    units.worker_model(task)
-
-
 def armlab_score(exp_file: Path, scorer: str, workers: int) -> float:
     """Seconds for `score(exp, [scorer])` in this process from a clean scores dir: forking the
-    workers, reading the pool, scoring, writing the sidecars and the manifest."""
+    workers, reading the pool, scoring, writing the sidecars and the manifest. `score` loads the
+    model in this process before it forks (once: later rounds find it loaded), as the plain side
+    loads its model before its pool forks: both lines time reading + scoring (+ writing), not
+    interpreter start-up, imports or model loading (a fixed cost that a real pool amortises)."""
     from armlab.data.score.run import ScoreOptions, score
     from armlab.spec import load_experiment
 
@@ -169,7 +155,7 @@ def armlab_score(exp_file: Path, scorer: str, workers: int) -> float:
 
 
 # -- the plain contenders (one process per worker, each with its share of the files) ---------------
-MODEL: dict[str, object] = {}  # loaded in the parent before the fork, like `preload`
+MODEL: dict[str, object] = {}  # loaded in the parent before the fork, as `score` does
 
 
 def load_fasttext(path: str) -> None:
@@ -286,7 +272,6 @@ def main() -> None:
         exp = experiment(root, "", args.batch_size)
 
         if "fasttext" in only:
-            preload(exp, "ft")
             load_fasttext(str(root / "quality.bin"))
             race(
                 "fasttext", n_docs, lambda: armlab_score(exp, "ft", args.workers),
@@ -294,7 +279,6 @@ def main() -> None:
                 rounds, "fastText's own predict, same docs: goal >= 0.9x",
             )  # fmt: skip
         if "head" in only:
-            preload(exp, "head")
             race(
                 "head", n_docs, lambda: armlab_score(exp, "head", args.workers),
                 lambda: plain(_embedding_job, files, args.workers),
@@ -311,7 +295,6 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(1)  # the forked workers inherit it: one core each, on both sides
-            preload(hf_exp, "hf")
             load_pipeline(str(hf_root / "bert"))
             race(
                 "hf (cpu)", n_hf, lambda: armlab_score(hf_exp, "hf", args.workers),

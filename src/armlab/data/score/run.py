@@ -39,7 +39,7 @@ from armlab.data.score.sidecar import (
     sidecar_meta,
     sidecar_rel,
 )
-from armlab.data.score.units import ScoreTask, UnitResult, read_columns, run_score_task
+from armlab.data.score.units import ScoreTask, UnitResult, read_columns, run_score_task, worker_model
 from armlab.errors import ArmlabError, Stopped
 from armlab.progress import console, progress
 from armlab.spec import Experiment, ScorerSpec, fingerprint_diff
@@ -121,6 +121,8 @@ def score_one(
             return directory
         # CPU: one worker per core (or --workers); CUDA: one per GPU, at most (each claims its own)
         workers = min(opts.workers or slots, slots) if device == "cuda" else opts.workers or slots
+        if device == "cpu":  # loaded here, shared by the forked workers (a CUDA parent could not fork)
+            worker_model(scorer, ident, resolved.sha256, device)
         executor = LocalExecutor(workers)
         try:
             _run(

@@ -58,21 +58,22 @@ class UnitResult:
 _MODELS: dict[tuple[str, str], tuple[Model, str]] = {}  # (identity, device) -> (model, dtype)
 
 
-def worker_model(task: ScoreTask) -> tuple[Model, str]:
-    """This process's copy of the task's model, loaded on first use (one model kept at a time)."""
-    key = (task.identity, task.device)
+def worker_model(scorer: ScorerSpec, identity: str, model_sha256: str, device: str) -> tuple[Model, str]:
+    """This process's copy of the scorer's model, loaded on first use (one model kept at a time).
+    A CPU run loads it in the parent before its workers fork (`run.score_one`): they share its
+    memory copy-on-write, so a 2.4 GB fastText model is in memory once, not once per core."""
+    key = (identity, device)
     if key not in _MODELS:
-        resolved = models.resolve(task.scorer)
-        if resolved.sha256 != task.model_sha256:
+        resolved = models.resolve(scorer)
+        if resolved.sha256 != model_sha256:
             raise ArmlabError(
-                f"scorer {task.scorer.name!r}: the model here ({resolved.source}) has sha256 "
-                f"{resolved.sha256[:12]}..., the run scores with {task.model_sha256[:12]}...; "
+                f"scorer {scorer.name!r}: the model here ({resolved.source}) has sha256 "
+                f"{resolved.sha256[:12]}..., the run scores with {model_sha256[:12]}...; "
                 "make every host's copy the same file"
             )
         _MODELS.clear()  # a worker serves one scorer at a time; free the last one's memory
-        model = get_backend(task.scorer.kind).load(task.scorer, resolved.path, task.device)
-        dtype = "bfloat16" if task.device.startswith("cuda") else "float32"
-        _MODELS[key] = (model, dtype)
+        model = get_backend(scorer.kind).load(scorer, resolved.path, device)
+        _MODELS[key] = (model, "bfloat16" if device.startswith("cuda") else "float32")
     return _MODELS[key]
 
 
@@ -88,7 +89,7 @@ def read_columns(scorer: ScorerSpec, pool: PoolSpec) -> tuple[list[str], list[st
 
 def run_score_task(task: ScoreTask) -> UnitResult:
     """Score one unit and write its sidecar (or part); errors name the pool file."""
-    model, dtype = worker_model(task)
+    model, dtype = worker_model(task.scorer, task.identity, task.model_sha256, task.device)
     block_docs = get_backend(task.scorer.kind).block_docs
     read, scored = read_columns(task.scorer, task.pool)
     text_col = task.pool.text_column
