@@ -19,6 +19,7 @@ from armlab.data.prepare import PrepareOptions, prepare
 from armlab.data.score.run import ScoreOptions, score
 from armlab.errors import ArmlabError
 from armlab.report.datadiff import data_difference, score_table
+from armlab.report.render import data_section
 from armlab.spec import load_experiment
 from score_util import demo_documents, make_head, make_scored_pool, train_fasttext
 from test_cli_refusals import refuse, tree_hash
@@ -93,6 +94,8 @@ def test_top_on_a_scorer_selects_as_top_on_the_same_scores_in_a_column(root: Pat
         ["scorer emb", "top-ft"], ["scorer emb", "rand"], ["scorer ft", "top-ft"], ["scorer ft", "rand"],
     ]  # fmt: skip
     assert float(rows[2][3]) > float(rows[3][3]) + 0.1  # the top arm's mean P(hq) is higher
+    sec = data_section({"data": {"arms": data}})  # the report's "what differs in the data"
+    assert (header, rows) in sec.tables
 
 
 def test_unscored_and_stale_scores_are_refused_naming_the_fix(root: Path, capsys, monkeypatch) -> None:

@@ -125,7 +125,11 @@ def check_scores(
             out[s.name] = scored
         elif s.name in used:
             names = used[s.name]
-            who = f"arm {names[0]!r} selects" if len(names) == 1 else f"arms {', '.join(map(repr, names))} select"
+            who = (
+                f"arm {names[0]!r} selects"
+                if len(names) == 1
+                else f"arms {', '.join(map(repr, names))} select"
+            )
             raise ArmlabError(f"{who} on scorer {s.name!r}, which {problem}; run {fix} first")
         else:
             notes.append(

@@ -69,7 +69,11 @@ def probe(exp: Experiment, scorer: ScorerSpec, files: list[PoolFile]) -> Probe:
     block = max(WARMUP_DOCS, scorer.batch_size if scorer.kind == "hf" else 128)
 
     def unit(t: pa.Table) -> None:  # what units.run_score_task does with a block
-        texts = as_text(files[0].name, text, t.column(text).combine_chunks(), "") if text in t.column_names else None
+        texts = (
+            as_text(files[0].name, text, t.column(text).combine_chunks(), "")
+            if text in t.column_names
+            else None
+        )
         doc_keys(t.column(exp.pool.id_column) if exp.pool.id_column else None, texts)
         model.score(t.select(scored))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,10 +78,17 @@ class FileWork:
     results: list[UnitResult] = field(default_factory=list)
 
 
+ExecutorFactory = Callable[[int, str], Executor]  # (workers, device) -> where the units run
+
+
 def score(
-    exp: Experiment, names: list[str] | None = None, options: ScoreOptions | None = None
+    exp: Experiment,
+    names: list[str] | None = None,
+    options: ScoreOptions | None = None,
+    make_executor: ExecutorFactory | None = None,
 ) -> dict[str, Path]:
-    """Score the pool with the named scorers (default all); scorer -> its scores dir."""
+    """Score the pool with the named scorers (default all); scorer -> its scores dir.
+    `make_executor(workers, device)`: where the units run (default: this machine's processes)."""
     from armlab.data.prepare.run import stop_on_signals
 
     opts = options or ScoreOptions()
@@ -97,14 +105,20 @@ def score(
     with stop_on_signals("score"):
         for s in chosen:
             device, slots = backends[s.name]
-            out[s.name] = score_one(exp, s, files, opts, device, slots)
+            out[s.name] = score_one(exp, s, files, opts, device, slots, make_executor)
     if wd is not None:
         freeze_spec(wd, exp)
     return out
 
 
 def score_one(
-    exp: Experiment, scorer: ScorerSpec, files: list[PoolFile], opts: ScoreOptions, device: str, slots: int
+    exp: Experiment,
+    scorer: ScorerSpec,
+    files: list[PoolFile],
+    opts: ScoreOptions,
+    device: str,
+    slots: int,
+    make_executor: ExecutorFactory | None = None,
 ) -> Path:
     directory = scorer_dir(exp, scorer.name)
     resolved = models.resolve(scorer)
@@ -123,7 +137,7 @@ def score_one(
         workers = min(opts.workers or slots, slots) if device == "cuda" else opts.workers or slots
         if device == "cpu":  # loaded here, shared by the forked workers (a CUDA parent could not fork)
             worker_model(scorer, ident, resolved.sha256, device)
-        executor = LocalExecutor(workers)
+        executor = (make_executor or _local)(workers, device)
         try:
             _run(
                 exp, scorer, files, todo, names, manifest, directory, ident, resolved, executor, opts, device
@@ -139,6 +153,10 @@ def score_one(
 
                 release_claims(os.getpid())
     return directory
+
+
+def _local(workers: int, device: str) -> Executor:
+    return LocalExecutor(workers)
 
 
 def _open_manifest(
