@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -231,3 +232,29 @@ def read_range(
         return data
 
     return retrying(once, url, retry)
+
+
+def download(url: str, dest: Path, label: str) -> None:
+    """The URL's bytes into `dest` (atomically: a temp name renamed when complete), with a
+    progress bar named `label`; a body shorter than its Content-Length raises ConnectionError.
+    Errors are the transport's (OSError, ValueError for a bad URL): callers name what failed."""
+    import urllib.request
+
+    from armlab.progress import progress
+    from armlab.workdir import atomic_path
+
+    with (
+        urllib.request.urlopen(url, timeout=60) as r,
+        atomic_path(dest) as tmp,
+        open(tmp, "wb") as f,
+        progress(transient=True) as bar,
+    ):
+        size = int(r.headers.get("Content-Length") or 0) or None
+        job = bar.add_task(label, total=size, unit="B", bytes=0)
+        done = 0
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+            done += len(chunk)
+            bar.update(job, advance=len(chunk), bytes=done)
+        if size is not None and done != size:
+            raise ConnectionError(f"got {done} of {size} bytes")

@@ -26,15 +26,14 @@ import hashlib
 import os
 import re
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from armlab.data.remote import redact
+from armlab.data.remote import download, redact
 from armlab.data.shards import sha256_file
 from armlab.errors import ArmlabError
 from armlab.spec import ScorerSpec
-from armlab.workdir import atomic_path, atomic_write_json, read_json
+from armlab.workdir import atomic_write_json, read_json
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a sequence classifier needs from a hub repo (not its ONNX / TF / duplicate .bin weights).
@@ -158,26 +157,11 @@ def fetch_url(url: str, who: str) -> Path:
 
 
 def _download(url: str, dest: Path, safe: str, who: str) -> None:
-    from armlab.progress import progress
-
     try:
-        with (
-            urllib.request.urlopen(url, timeout=60) as r,
-            atomic_path(dest) as tmp,
-            open(tmp, "wb") as f,
-            progress(transient=True) as bar,
-        ):
-            size = int(r.headers.get("Content-Length") or 0) or None
-            job = bar.add_task(f"model {Path(dest).name}", total=size, unit="B", bytes=0)
-            done = 0
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                bar.update(job, advance=len(chunk), bytes=done)
-            if size is not None and done != size:
-                raise ConnectionError(f"got {done} of {size} bytes")
+        download(url, dest, f"model {dest.name}")
     except (OSError, ValueError) as e:
-        reason = f"HTTP {e.code}" if hasattr(e, "code") and isinstance(e.code, int) else type(e).__name__
+        code = getattr(e, "code", None)
+        reason = f"HTTP {code}" if isinstance(code, int) else type(e).__name__
         detail = getattr(e, "reason", None) or str(e)
         raise ArmlabError(
             f"{who}: cannot download model {safe} ({reason}: {redact(str(detail))[:200]}); "
