@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,40 @@ def test_score_refuses_another_models_scores_unless_overwrite(scored_root: Path,
     score(other, names=["emb"], options=ScoreOptions(overwrite=True))
     after = hashes(tmp_path / "s" / "emb")
     assert sorted(after) == sorted(before) and after != before
+
+
+def test_a_remote_pool_scores_as_the_same_pool_on_disk(scored_root: Path, monkeypatch) -> None:
+    """http pool (ranged reads of only the columns a unit needs, in row-group ranges): the same
+    keys and scores as the local copy, sidecars named by the files' paths under the pool root."""
+    from http_util import PoolServer, widen
+
+    exp = load_experiment(experiment(scored_root))
+    score(with_overrides(exp, {"score.scores_dir": str(scored_root / "loc")}), names=["ft"])
+    served = scored_root / "served"
+    shutil.copytree(scored_root / "pool", served)
+    widen(sorted(served.glob("*.parquet")), 4000)  # a wide column no scorer reads
+    monkeypatch.setattr(score_run, "UNIT_ROWS", 80)  # 3 units a file: ranged reads of row groups [lo, hi)
+    with PoolServer(served) as server:
+        remote = with_overrides(exp, {"pool.uri": f"{server.url}/", "score.scores_dir": str(scored_root / "rem")})
+        score(remote, names=["ft"], options=ScoreOptions(workers=2))
+        sent = server.log.file_bytes(".parquet")
+    for name in ("part-000.parquet", "part-001.parquet"):
+        a = pq.read_table(scored_root / "loc" / "ft" / "files" / name)
+        b = pq.read_table(scored_root / "rem" / "ft" / "files" / name)
+        assert a.equals(b.replace_schema_metadata(a.schema.metadata))
+    assert sent < 0.5 * sum(p.stat().st_size for p in served.glob("*.parquet"))  # the wide column stayed there
+
+
+def test_relative_names_follow_the_pool_root() -> None:
+    from armlab.data.pool import PoolFile
+    from armlab.data.score.sidecar import relative_names, sidecar_rel
+
+    local = [PoolFile("/data/pool/a.parquet", 1, "parquet"), PoolFile("/data/pool/sub/b.jsonl.gz", 1, "jsonl")]
+    assert relative_names("/data/pool", local) == {"/data/pool/a.parquet": "a.parquet", "/data/pool/sub/b.jsonl.gz": "sub/b.jsonl.gz"}
+    assert relative_names("/data/pool/**/*.parquet", local[:1]) == {"/data/pool/a.parquet": "a.parquet"}
+    assert relative_names("/data/pool/a.parquet", local[:1]) == {"/data/pool/a.parquet": "a.parquet"}
+    hub = [PoolFile("datasets/o/d/data/CC-1/x.parquet", 1, "parquet", "hf")]
+    assert list(relative_names("hf://datasets/o/d/data/**/*.parquet", hub).values()) == ["CC-1/x.parquet"]
+    http = [PoolFile("http://h:1/pool/x.parquet", 1, "parquet", "http")]
+    assert list(relative_names("http://h:1/pool/", http).values()) == ["x.parquet"]
+    assert sidecar_rel("sub/b.jsonl.gz") == "files/sub/b.jsonl.gz.parquet" and sidecar_rel("a.parquet") == "files/a.parquet"
