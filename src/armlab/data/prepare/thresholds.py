@@ -196,9 +196,9 @@ def _warn_unscored(
         a = load_keys(npz[i])
         m = arm_members(arm, rules, a, holdout.eval_mask(a["keys"], rules.eval_spec, rules.eval_cut))
         taken += int((m & np.isnan(a[score_key(arm)])).sum())
+    what = f"{arm.score_column!r} score" if arm.score_column else f"score from scorer {arm.score!r}"
     console.print(
-        f"[yellow]warning:[/] arm {arm.name!r}: {nan:,} of {n:,} non-eval documents have no score from {score_label(arm)} "
-        f"(NaN or null); they rank below every scored one, so the arm is still {arm.ratio:g} of the pool "
+        f"[yellow]warning:[/] arm {arm.name!r}: {nan:,} of {n:,} non-eval documents have no {what} (NaN or null); they rank below every scored one, so the arm is still {arm.ratio:g} of the pool "
         f"({arm.by}), and it took {taken:,} of them",
         soft_wrap=True,
     )
