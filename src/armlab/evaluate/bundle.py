@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import time
 import urllib.parse
+import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import yaml
 from filelock import FileLock
 
 from armlab.errors import ArmlabError
+from armlab.workdir import atomic_path
 
 RECORD = ".armlab-bundle.json"  # what a downloaded bundle was: source, archive and content sha256
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -145,10 +147,22 @@ def tree_sha256(root: Path) -> str:
 
 def _download(url: str, archive: Path, safe: str) -> None:
     """The URL's bytes into `archive` (atomically), with a progress bar."""
-    from armlab.data.remote import download
+    from armlab.progress import progress
 
     try:
-        download(url, archive, f"eval bundle {safe}")
+        with (
+            urllib.request.urlopen(url, timeout=60) as r,
+            atomic_path(archive) as tmp,
+            open(tmp, "wb") as f,
+            progress(transient=True) as bar,
+        ):
+            size = int(r.headers.get("Content-Length") or 0) or None
+            job = bar.add_task(f"eval bundle {safe}", total=size, unit="B", bytes=0)
+            done = 0
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                done += len(chunk)
+                bar.update(job, advance=len(chunk), bytes=done)
     except OSError as e:
         raise ArmlabError(
             f"{safe}: cannot download the eval bundle ({e}); pass a local dir with --bundle"

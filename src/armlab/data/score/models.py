@@ -4,9 +4,11 @@ Hugging Face hub id; its content hash.
 - A local path (file, or a dir saved with `save_pretrained`) is used in place.
 - An http(s) URL (a fastText .bin, a head's .safetensors / .npz; `$VARS` in it are expanded from
   the environment when it is fetched, so a signed URL's token need not be in the experiment
-  file, nor in the frozen copy of it in the workdir) is downloaded once into
-  `$ARMLAB_CACHE/models/url/` (default ~/.cache/armlab) under a file lock (the workers of one
-  host may ask at once), to a temp name renamed when complete, with its sha256 recorded.
+  file, nor in the frozen copy of it in the workdir) is downloaded into
+  `$ARMLAB_CACHE/models/url/` (default ~/.cache/armlab) by the storage seam's `download_file`
+  (verified, resumable, reused while the server lists the same version; a new version is
+  downloaded again, and `score` then sees another model), under a file lock (the workers of
+  one host may ask at once).
 - A hub id (`org/name`, kind "hf") goes through huggingface_hub's `snapshot_download` with the
   scorer's `revision` into the hub's own cache (HF_HOME / HF_HUB_CACHE; HF_TOKEN and HF_ENDPOINT
   from the environment, read by huggingface_hub itself, never logged). Only the files a sequence
@@ -29,10 +31,10 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from armlab.data.remote import download, redact
 from armlab.data.shards import sha256_file
 from armlab.errors import ArmlabError
 from armlab.spec import ScorerSpec
+from armlab.store.redact import redact
 from armlab.workdir import atomic_write_json, read_json
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -139,8 +141,11 @@ def _file_sha256(path: Path) -> str:
 
 # -- downloads -------------------------------------------------------------------------------------
 def fetch_url(url: str, who: str) -> Path:
-    """The URL's file in the models cache, downloaded once (under a lock; temp name, then rename)."""
+    """The URL's file in the models cache: `store.download.download_file` (verified, resumable,
+    reused while the server lists the same version), one process per file at a time."""
     from filelock import FileLock
+
+    from armlab.store.download import download_file
 
     safe = shown(url)
     key = hashlib.sha256(safe.encode()).hexdigest()[:16]
@@ -148,25 +153,10 @@ def fetch_url(url: str, who: str) -> Path:
     dest = cache_root() / "url" / key / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest.parent / ".lock")):
-        record = dest.parent / ".source.json"
-        if dest.is_file() and record.is_file():
-            return dest
-        _download(url, dest, safe, who)
-        atomic_write_json(record, {"source": safe, "sha256": sha256_file(dest), "size": dest.stat().st_size})
-    return dest
-
-
-def _download(url: str, dest: Path, safe: str, who: str) -> None:
-    try:
-        download(url, dest, f"model {dest.name}")
-    except (OSError, ValueError) as e:
-        code = getattr(e, "code", None)
-        reason = f"HTTP {code}" if isinstance(code, int) else type(e).__name__
-        detail = getattr(e, "reason", None) or str(e)
-        raise ArmlabError(
-            f"{who}: cannot download model {safe} ({reason}: {redact(str(detail))[:200]}); "
-            "check the URL, or download it and set model to the local file"
-        ) from None
+        try:
+            return download_file(url, dest)
+        except ArmlabError as e:
+            raise ArmlabError(f"{who}: cannot download model {safe}: {redact(str(e))}") from None
 
 
 def fetch_hub(s: ScorerSpec) -> Path:

@@ -25,7 +25,6 @@ import pyarrow.parquet as pq
 from armlab.data.fetch import FetchPlan, Prefetcher, fetch_plan
 from armlab.data.pool import PoolFile, list_pool, parquet_metadata
 from armlab.data.prepare.executor import Executor, LocalExecutor
-from armlab.data.remote import redact
 from armlab.data.score import models
 from armlab.data.score.backends import get_backend
 from armlab.data.score.sidecar import (
@@ -44,6 +43,7 @@ from armlab.data.score.units import ScoreTask, UnitResult, read_columns, run_sco
 from armlab.errors import ArmlabError, Stopped
 from armlab.progress import console, progress
 from armlab.spec import Experiment, ScorerSpec, fingerprint_diff
+from armlab.store.redact import redact
 from armlab.text import plural
 from armlab.workdir import freeze_spec, hold_lock, open_workdir
 
