@@ -45,7 +45,8 @@ def train_classifier(pool: Path, out: Path, seed: int = 0) -> Path:
             label = "__label__hq" if src == "stdlib" else "__label__cc"
             f.write(f"{label} {' '.join(text.split())}\n")  # fastText reads one document a line
     model = fasttext.train_supervised(
-        str(train), epoch=10, lr=0.5, wordNgrams=2, dim=32, minCount=1, thread=1, seed=seed, verbose=0
+        str(train), epoch=10, lr=0.5, wordNgrams=2, dim=32, minCount=1, bucket=200_000, thread=1, seed=seed,
+        verbose=0,
     )
     model.save_model(str(out))
     train.unlink()

@@ -43,8 +43,9 @@ def train_fasttext(path: Path, good: list[str], junk: list[str], seed: int = 0) 
         for label, text in rows:
             f.write(f"{label} {' '.join(text.split())}\n")
     model = fasttext.train_supervised(
-        str(train), epoch=10, lr=0.5, wordNgrams=2, dim=16, minCount=1, thread=1, seed=seed, verbose=0
-    )
+        str(train), epoch=10, lr=0.5, wordNgrams=2, dim=16, minCount=1, bucket=100_000, thread=1, seed=seed,
+        verbose=0,
+    )  # 100k n-gram buckets: a 7 MB model (fastText's default 2M makes it 128 MB)
     model.save_model(str(path))
     train.unlink()
     return path

@@ -156,7 +156,7 @@ def fetch_url(url: str, who: str) -> Path:
         try:
             return download_file(url, dest)
         except ArmlabError as e:
-            raise ArmlabError(f"{who}: cannot download model {safe}: {redact(str(e))}") from None
+            raise ArmlabError(f"{who}: cannot download its model: {redact(str(e))}") from None
 
 
 def fetch_hub(s: ScorerSpec) -> Path:
