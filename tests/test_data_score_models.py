@@ -54,7 +54,8 @@ def test_fasttext_from_a_url_is_downloaded_once_and_its_token_never_shown(
         (pool_root / "wd" / "scores" / "ft" / "manifest.json").unlink()  # a rerun resolves the model again
         score(exp)
         got = sum(h.sent for h in server.log.hits if h.method == "GET" and h.path.endswith("quality.bin"))
-        assert got == (pool_root / "models" / "quality.bin").stat().st_size  # once: the rerun reused it
+        size = (pool_root / "models" / "quality.bin").stat().st_size
+        assert got == size, server.log.hits  # once: the rerun reused it
         bad = f'[[scorers]]\nname = "ft"\nkind = "fasttext"\nmodel = "{server.url}/nosuch.bin?token=$MODEL_SIG"\nlabel = "x"\n'
         with pytest.raises(ArmlabError, match=r"scorer 'ft': cannot download its model: http://127.0.0.1:\d+/nosuch.bin\?token=\*\*\* not found"):
             score(load_experiment(experiment(pool_root, bad, name="bad.toml")))

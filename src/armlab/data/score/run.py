@@ -136,7 +136,7 @@ def score_one(
         # CPU: one worker per core (or --workers); CUDA: one per GPU, at most (each claims its own)
         workers = min(opts.workers or slots, slots) if device == "cuda" else opts.workers or slots
         if device == "cpu":  # loaded here, shared by the forked workers (a CUDA parent could not fork)
-            worker_model(scorer, ident, resolved.sha256, device)
+            worker_model(scorer, ident, resolved.sha256, device, str(resolved.path))
         executor = (make_executor or _local)(workers, device)
         try:
             _run(
@@ -300,7 +300,7 @@ def _run(
                 u = work[i].units[j]
                 yield ScoreTask(
                     i, files[i], fetcher.get(i), u.row_groups, scorer, ident, resolved.sha256,
-                    exp.pool, device, u.out, _meta(names, files[i], scorer, ident, u),
+                    exp.pool, device, u.out, _meta(names, files[i], scorer, ident, u), str(resolved.path),
                 )  # fmt: skip
 
         def finished(task: ScoreTask, res: UnitResult) -> None:

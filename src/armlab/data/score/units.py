@@ -46,6 +46,7 @@ class ScoreTask:
     device: str  # "cpu" | "cuda"
     out: Path
     meta: dict[str, Any]  # the sidecar's footer
+    model_path: str = ""  # where the parent found the model: used when it is there on the worker's host
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,22 @@ class UnitResult:
 _MODELS: dict[tuple[str, str], tuple[Model, str]] = {}  # (identity, device) -> (model, dtype)
 
 
-def worker_model(scorer: ScorerSpec, identity: str, model_sha256: str, device: str) -> tuple[Model, str]:
+def worker_model(
+    scorer: ScorerSpec, identity: str, model_sha256: str, device: str, hint: str = ""
+) -> tuple[Model, str]:
     """This process's copy of the scorer's model, loaded on first use (one model kept at a time).
     A CPU run loads it in the parent before its workers fork (`run.score_one`): they share its
-    memory copy-on-write, so a 2.4 GB fastText model is in memory once, not once per core."""
+    memory copy-on-write, so a 2.4 GB fastText model is in memory once, not once per core. A
+    worker that did not inherit it (a forkserver's, a Ray actor's) loads the parent's copy when
+    `hint` is on its host and holds the same bytes, else resolves the model itself."""
     key = (identity, device)
     if key not in _MODELS:
-        resolved = models.resolve(scorer)
+        here = Path(hint) if hint and Path(hint).exists() else None
+        resolved = (
+            models.Resolved(here, model_sha256, str(here))
+            if here is not None and models.content_sha256(here) == model_sha256
+            else models.resolve(scorer)
+        )
         if resolved.sha256 != model_sha256:
             raise ArmlabError(
                 f"scorer {scorer.name!r}: the model here ({resolved.source}) has sha256 "
@@ -89,7 +99,7 @@ def read_columns(scorer: ScorerSpec, pool: PoolSpec) -> tuple[list[str], list[st
 
 def run_score_task(task: ScoreTask) -> UnitResult:
     """Score one unit and write its sidecar (or part); errors name the pool file."""
-    model, dtype = worker_model(task.scorer, task.identity, task.model_sha256, task.device)
+    model, dtype = worker_model(task.scorer, task.identity, task.model_sha256, task.device, task.model_path)
     block_docs = get_backend(task.scorer.kind).block_docs
     read, scored = read_columns(task.scorer, task.pool)
     text_col = task.pool.text_column
