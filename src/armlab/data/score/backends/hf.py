@@ -138,8 +138,10 @@ class HFModel:
                     f"scorer {scorer.name!r}: the model has no label {scorer.label!r} (labels: {', '.join(labels)})"
                 )
             self.label_index = labels[scorer.label]
-        limit = getattr(cfg, "max_position_embeddings", None) or scorer.max_length
-        self.max_length = min(scorer.max_length, limit)
+        # never past what the model can place: its positions, and its tokenizer's own limit
+        # (RoBERTa-style models have 514 positions but take 512 tokens)
+        limits = [getattr(cfg, "max_position_embeddings", None), getattr(self.tok, "model_max_length", None)]
+        self.max_length = min([scorer.max_length] + [int(x) for x in limits if x and x < 1_000_000])
         self.batch_size = scorer.batch_size
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.pad_multiple = PAD_MULTIPLE_CUDA if self.device.type == "cuda" else 1
@@ -164,7 +166,7 @@ class HFModel:
         scores = np.empty(len(ids), dtype=np.float32)
         for b in range(0, len(order), self.batch_size):
             idx = order[b : b + self.batch_size]
-            width = -(-int(lengths[idx[0]]) // self.pad_multiple) * self.pad_multiple
+            width = min(-(-int(lengths[idx[0]]) // self.pad_multiple) * self.pad_multiple, self.max_length)
             batch = np.full((len(idx), max(width, 1)), self.pad_id, dtype=np.int64)
             mask = np.zeros_like(batch)
             for row, i in enumerate(idx):
