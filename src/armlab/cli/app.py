@@ -109,6 +109,13 @@ def check_device(value: str | None) -> str | None:
     return value
 
 
+def check_executor(value: str | None) -> str | None:
+    """`--executor` callback (prepare, score): local or ray, refused at parse time."""
+    if value is not None and value not in ("local", "ray"):
+        raise typer.BadParameter(f"{value!r}: use local or ray")
+    return value
+
+
 # -- list flags ---------------------------------------------------------------------------------
 # Every flag that takes several values is repeatable (`--arm a --arm b`), like `pip install -e`
 # or `docker -e`; names also take a comma-separated list (`--arm a,b`). Paths are repeat-only

@@ -130,20 +130,27 @@ class KeyTask:
     local: Path | None = None  # the downloaded copy, when the fetch plan downloads this file
 
 
-def run_key_task(task: KeyTask) -> str | None:
-    """The key pass of one file; with skip_bad_files an unreadable file is returned as a reason."""
+@dataclass(frozen=True)
+class KeyDone:
+    """One file's key pass: the documents it keyed, or why it was skipped (skip_bad_files)."""
+
+    rows: int
+    bad: str | None = None
+
+
+def run_key_task(task: KeyTask) -> KeyDone:
+    """The key pass of one file; with skip_bad_files an unreadable file is returned with a reason."""
     try:
-        key_pass(task.pf, task.cols, task.out, task.local)
+        return KeyDone(key_pass(task.pf, task.cols, task.out, task.local))
     except BadFile as e:
         if not task.skip_bad_files:
             raise
-        return f"{e.file} ({e.reason})"
-    return None
+        return KeyDone(0, f"{e.file} ({e.reason})")
 
 
-def key_pass(pf: PoolFile, cols: Columns, out: Path, local: Path | None = None) -> None:
+def key_pass(pf: PoolFile, cols: Columns, out: Path, local: Path | None = None) -> int:
     """Read the key/score/token columns of one pool file into `out` (.npz, atomic), streaming
-    (memory: one row group or jsonl block plus the small per-row arrays)."""
+    (memory: one row group or jsonl block plus the small per-row arrays); returns its rows."""
     read = cols.read
     if pf.fmt == "jsonl" and cols.text not in read:
         read = [*read, cols.text]  # every jsonl line is parsed anyway: take exact chars for free
@@ -220,6 +227,7 @@ def key_pass(pf: PoolFile, cols: Columns, out: Path, local: Path | None = None) 
         )
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
+    return len(arrays["keys"])
 
 
 def _group_codes(pf: PoolFile, column: str, col: pa.ChunkedArray, groups: dict[str, int]) -> np.ndarray:

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from armlab.data.identity import mix, text_keys
 from armlab.data.pool import BadFile, PoolFile, iter_columns, local_identity
+from armlab.data.prepare.executor import kill_point
 from armlab.data.prepare.keys import as_text, load_keys
 from armlab.data.prepare.stats import StatsSpec, unit_stats
 from armlab.data.prepare.targets import EVAL, Target
@@ -91,6 +92,7 @@ def route_unit(
                     cols["key"] = pa.array(k)
                     cols["text_key"] = pa.array(text_keys(sub))
                 writers[t.name].add(pa.table(cols))
+                kill_point("text")
                 kept[t.name][off + idx] = True
                 st["rows"] += len(idx)
                 st["chars"] += int(lengths[idx].sum())
