@@ -68,7 +68,7 @@ def free_range(hosts: tuple[str, ...], n: int) -> int:
     raise RuntimeError("no free port range for Ray workers")
 
 
-def node_args(ip: str, temp_dir: Path, worker_base: int) -> list[str]:
+def node_args(ip: str, temp_dir: Path, worker_base: int, cpus: int = 1) -> list[str]:
     nm, om, mx, dal, dag, rea = free_ports(ip, 6)
     return [
         "--block",
@@ -81,7 +81,7 @@ def node_args(ip: str, temp_dir: Path, worker_base: int) -> list[str]:
         "--runtime-env-agent-port", str(rea),
         "--min-worker-port", str(worker_base),
         "--max-worker-port", str(worker_base + WORKER_PORTS - 1),
-        "--num-cpus", "1",
+        "--num-cpus", str(cpus),
         "--object-store-memory", str(OBJECT_STORE_BYTES),
         "--disable-usage-stats",
         "--temp-dir", str(temp_dir),
@@ -96,15 +96,21 @@ class RayCluster:
     startup_s: float = 0.0
     private: Path | None = None  # seen by the head, not by the second node (None: unshare not permitted)
 
-    def session_pids(self) -> list[int]:
-        """Every live process of this cluster: the sessions its `ray start` processes lead."""
+    def session_pids(self) -> dict[int, int]:
+        """Every live process of this cluster (pid -> the session, i.e. the node, it belongs to):
+        the sessions its `ray start` processes lead."""
         sids = {p.pid for p in self.procs}
-        out = []
+        out = {}
         for proc in psutil.process_iter(["pid", "status"]):
             with contextlib.suppress(OSError, psutil.Error):
-                if os.getsid(proc.pid) in sids and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                    out.append(proc.pid)
+                if (sid := os.getsid(proc.pid)) in sids and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    out[proc.pid] = sid
         return out
+
+    def node_pids(self) -> list[list[int]]:
+        """Each node's live processes, head first."""
+        pids = self.session_pids()
+        return [[pid for pid, sid in pids.items() if sid == p.pid] for p in self.procs]
 
     def log_tail(self) -> str:
         return "\n".join(
@@ -138,8 +144,9 @@ print(json.dumps([alive, ray.get(where.options(resources={"node2": 1}).remote())
 """
 
 
-def start_cluster() -> RayCluster:
-    """Head on 127.0.0.2, a second node on 127.0.0.3; returns once a task has run on each."""
+def start_cluster(cpus: int = 1) -> RayCluster:
+    """Head on 127.0.0.2, a second node on 127.0.0.3, `cpus` CPUs each; returns once a task has
+    run on each (bench/prepare.py starts one too)."""
     t0 = time.monotonic()
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -160,7 +167,8 @@ def start_cluster() -> RayCluster:
         ):
             temp = Path(tempfile.mkdtemp(prefix="armlab-ray-", dir="/tmp"))  # short: Unix socket paths live here
             cluster.temp_dirs.append(temp)
-            cmd = [ray_bin, "start", *extra, *node_args(ip, temp, free_range((HEAD_IP, NODE2_IP), WORKER_PORTS))]
+            ports = free_range((HEAD_IP, NODE2_IP), WORKER_PORTS)
+            cmd = [ray_bin, "start", *extra, *node_args(ip, temp, ports, cpus)]
             if ip == NODE2_IP:
                 cmd = [*hide, *cmd]
             log = open(f"{temp}.log", "wb")  # noqa: SIM115 (the node outlives this function)

@@ -14,7 +14,15 @@ from typing import Any
 from armlab.data.fetch import FetchPlan, Prefetcher, fetch_plan
 from armlab.data.pool import PoolFile, list_pool
 from armlab.data.prepare.executor import Executor, open_executor
-from armlab.data.prepare.keys import Columns, KeyDone, KeyTask, key_columns, run_key_task, stats_score_column
+from armlab.data.prepare.keys import (
+    Columns,
+    KeyDone,
+    KeyTask,
+    cached_keys,
+    key_columns,
+    run_key_task,
+    stats_score_column,
+)
 from armlab.data.prepare.options import PrepareOptions
 from armlab.data.prepare.prebuilt import prepare_prebuilt
 from armlab.data.prepare.routing import TextTask, done_marker, run_text_task
@@ -156,16 +164,17 @@ def prepare_pool(
         bad.update(_known_bad(work, files))
     while True:
         live = [i for i in range(len(files)) if i not in bad]
-        # 2. thresholds
-        rules, summary = compute_rules(exp, arms, live, npz)
-        need = _check_sizes(exp, rules, summary, targets, live, npz, work)
-        score = stats_score_column(exp)
-        stats_spec = StatsSpec(
-            score,
-            score_edges(score, rules, live, npz),
-            cols.group,
-            tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
-        )
+        # 2. thresholds (several passes over the key arrays: kept in memory while they fit)
+        with cached_keys():
+            rules, summary = compute_rules(exp, arms, live, npz)
+            need = _check_sizes(exp, rules, summary, targets, live, npz, work)
+            score = stats_score_column(exp)
+            stats_spec = StatsSpec(
+                score,
+                score_edges(score, rules, live, npz),
+                cols.group,
+                tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
+            )
         stage = work / f"stage-{fingerprint([pool_fp, [t.fingerprint for t in targets], sorted(bad)])}"
         # 3. text pass; a file found unreadable here (invalid UTF-8) is skipped with the thresholds
         # chosen again without it: the arms must be the stated share of the files they come from
