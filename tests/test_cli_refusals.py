@@ -84,6 +84,9 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
     # the same experiment with another horizon: `run` would call rand-s0 "already done"
     longer = root / "longer.toml"
     longer.write_text(Path(exp).read_text().replace("num_iterations = 3", "num_iterations = 4"))
+    # the pool dir holds the workdir: from the second prepare on it would read its own shards
+    inside = root / "inside.toml"
+    inside.write_text(Path(exp).read_text().replace(str(root / "pool" / "*.parquet"), str(root)))
     return [
         (["prepare", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["prepare", exp, "--arm", "top", "--ratio", "0.35"], "--overwrite"),  # the arm exists, from ratio 0.2
@@ -92,12 +95,15 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["prepare", exp, "--rows-per-shard", "100"], "--overwrite"),
         (["prepare", exp, "--executor", "ray", "--ray-address", dead_address()], "no Ray head answers there"),
         (["prepare", exp, "--executor", "cluster"], "use local or ray"),
+        (["prepare", str(inside)], "is inside the pool dir"),
         (["tokenizer", wd + "/nosuch"], "nosuch"),
         (["train", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["train", exp, "--arm", "rand"], "rand-s0"),  # done already
         (["train", exp, "--arm", "rand", "--depth", "3"], "rand-s0"),
         (["train", exp, "--arm", "top", "--total-batch-size", "100"], "total_batch_size"),
         (["train", exp, "--arm", "rand", "--num-gpus", "2", "--seed", "5"], "GPU"),
+        (["train", exp, "--arm", "rand", "--seed", "5", "--nnodes", "2", "--node-rank", "0"], "--rdzv-endpoint"),
+        (["train", exp, "--arm", "rand", "--seed", "5", "--num-iterations", str(10**30)], "num_iterations"),
         (["run", exp, "--num-gpus", "2"], "GPU"),
         (["run", str(longer), "--arm", "rand", "--seeds", "0"], "differs in train.num_iterations"),
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from armlab.data.identity import mix, text_keys
-from armlab.data.pool import BadFile, PoolFile, iter_columns, local_identity, parquet_metadata
+from armlab.data.pool import BadFile, PoolFile, deleted, iter_columns, local_identity, parquet_metadata
 from armlab.data.prepare.executor import kill_point
 from armlab.data.prepare.keys import as_text, load_keys
 from armlab.data.prepare.stats import StatsSpec, unit_stats
@@ -106,7 +106,6 @@ def route_unit(
                     cols["key"] = pa.array(k)
                     cols["text_key"] = pa.array(text_keys(sub))
                 writers[t.name].add(pa.table(cols))
-                kill_point("text")
                 chars = pc.utf8_length(sub).to_numpy(zero_copy_only=False)
                 doc_chars[off + idx] = chars
                 kept[t.name][off + idx] = True
@@ -120,8 +119,10 @@ def route_unit(
             raise ArmlabError(
                 f"{name}: has {has} rows but the key pass saw {len(keys)}; the file changed, rerun prepare"
             )
-        for w in writers.values():
+        for i, w in enumerate(writers.values()):
             w.close()
+            if i == 0:
+                kill_point("text")  # test hook: one stage file in place, the unit not done
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -162,8 +163,13 @@ def run_text_task(task: TextTask) -> dict[str, Any]:
 
 def text_pass(task: TextTask) -> dict[str, Any]:
     pf = task.pf
-    if not pf.remote and local_identity(pf.path, pf.fmt) != pf.identity:  # one footer read
-        raise ArmlabError(f"{pf.name}: changed while prepare ran (its keys are stale); rerun prepare")
+    if not pf.remote:
+        try:
+            same = local_identity(pf.path, pf.fmt) == pf.identity  # one footer read
+        except FileNotFoundError:
+            raise deleted(pf) from None
+        if not same:
+            raise ArmlabError(f"{pf.name}: changed while prepare ran (its keys are stale); rerun prepare")
     a = load_keys(task.keys_npz)
     member = masks(task.rules, a, [t.name for t in task.targets])
     batches = iter_columns(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.data.fetch import FetchPlan, Prefetcher, fetch_plan
-from armlab.data.pool import PoolFile, list_pool
+from armlab.data.pool import PoolFile, check_workdir_outside, list_pool
 from armlab.data.prepare.executor import Executor, open_executor
 from armlab.data.prepare.keys import (
     Columns,
@@ -63,6 +63,7 @@ def prepare(
     # The input first (an unknown arm, a pool path that is not there, an offline hub): a refused
     # prepare must leave no workdir behind, not even an empty one.
     chosen = [exp.arm(a) for a in arms] if arms else list(exp.arms)
+    check_workdir_outside(exp.pool, exp.workdir_path)
     files = list_pool(exp.pool)
     pool_arms = [a for a in chosen if a.kind != "prebuilt"]
     prebuilt = [a for a in chosen if a.kind == "prebuilt"]
