@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from data_util import all_shas, experiment_toml, make_pool
@@ -109,3 +110,25 @@ def test_a_workdir_one_node_cannot_see_is_refused_before_anything_is_written(
     assert line.startswith("armlab: error: ") and f"Ray node {NODE2_IP} does not see {ray_cluster.private}" in line
     assert "filesystem every node mounts" in line, line
     assert sorted(p.name for p in ray_cluster.private.iterdir()) == ["exp.toml"]  # no workdir, no probe left
+
+
+def test_a_stopped_prepare_on_ray_ends_its_units_and_the_rerun_resumes(
+    ray_cluster: RayCluster, local: dict, tmp_path: Path
+) -> None:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    exp = write_exp(tmp_path, local["pool"], tmp_path / "wd")
+    proc = ray_prepare(ray_cluster, exp, env={"ARMLAB_TEST_KILL": f"text:{hook}"})
+    deadline = time.monotonic() + 240
+    while not (hook / "pid").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, finish(proc)[1]
+        time.sleep(0.05)
+    unit = psutil.Process(int((hook / "pid").read_text()))  # a Ray worker, in the middle of a unit
+    proc.send_signal(signal.SIGTERM)
+    rc, err = finish(proc)
+    assert rc == 130 and "prepare stopped (SIGTERM); rerun to resume" in err, err
+    assert "Traceback" not in err, err
+    unit.wait(timeout=60)  # the unit's worker is ended with the run, not left writing
+    rc, err = finish(ray_prepare(ray_cluster, exp))
+    assert rc == 0, err
+    assert all_shas(tmp_path / "wd") == local["shas"]

@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -38,13 +39,15 @@ from typing import Any, TypeVar
 
 import pyarrow as pa
 
-from armlab.errors import ArmlabError
+from armlab.errors import ArmlabError, RunFailed
 from armlab.progress import on_node
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 MAX_RETRIES = 3  # attempts after a worker process or node dies mid-unit
+CLOSE_WAIT_S = 600  # after an error, how long close() waits for the units still running
+PROBE_PREFIX = ".armlab-ray-probe-"  # check_nodes' files, removed before any unit runs
 CONNECT_TIMEOUT_S = 5.0  # the head's GCS port must answer within this
 FLAG = "--ray-address / [prepare] ray_address"
 
@@ -137,19 +140,28 @@ class UnitActor:
         return run_unit(fn, task, cwd)
 
 
-def probe_node(paths: list[tuple[str, str]]) -> tuple[str, list[str]]:
-    """On one node: which of `paths` (path, expected content or size) it does not see as the
-    driver does."""
+def _probe(paths: list[tuple[str, str]], version: str) -> tuple[str, str | None, list[str]]:
+    """On one node: (its address, why it cannot run armlab's units, the `paths` (path, expected
+    content or size) it does not see as the driver does). Shipped by value (`check_nodes`), so it
+    runs, and says so, where armlab is not installed."""
+    import ray
+
+    node = ray.util.get_node_ip_address()
+    try:
+        import armlab
+    except ImportError as e:
+        return node, f"cannot import armlab ({e})", []
+    if armlab.__version__ != version:
+        return node, f"runs armlab {armlab.__version__}, this machine {version}", []
     missing = []
     for path, want in paths:
-        p = Path(path)
         try:
-            got = p.read_text() if want.startswith("probe:") else str(p.stat().st_size)
+            got = Path(path).read_text() if want.startswith("probe:") else str(Path(path).stat().st_size)
         except OSError:
             got = None
         if got != want:
             missing.append(path)
-    return _node_address(), missing
+    return node, None, missing
 
 
 class RayExecutor:
@@ -197,7 +209,7 @@ class RayExecutor:
             num_cpus=1, max_retries=MAX_RETRIES, retry_exceptions=False, scheduling_strategy="SPREAD"
         )
         try:
-            self.check_shared(shared)
+            self.check_nodes(shared)
         except BaseException:
             ray.shutdown()
             raise
@@ -205,12 +217,14 @@ class RayExecutor:
     def nodes(self) -> list[dict[str, Any]]:
         return [n for n in self.ray.nodes() if n.get("Alive")]
 
-    def check_shared(self, shared: Sequence[Path]) -> None:
-        """Every alive node must see `shared` as this machine does: a probe file written into
-        each directory is read back on every node; a file must have the same size there."""
-        if not shared:
-            return
+    def check_nodes(self, shared: Sequence[Path]) -> None:
+        """Every alive node must run armlab (the same version as here) and see `shared` as this
+        machine does: a probe file written into each directory is read back on every node; a
+        file must have the same size there."""
+        from ray import cloudpickle
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        import armlab
 
         token = f"probe:{uuid.uuid4().hex}"
         probes: list[Path] = []
@@ -219,23 +233,33 @@ class RayExecutor:
             for p in shared:
                 p = Path(p).absolute()
                 if p.is_dir():
-                    probe = p / f".armlab-ray-probe-{uuid.uuid4().hex[:12]}"
+                    probe = p / f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
                     probe.write_text(token)
                     probes.append(probe)
                     paths.append((str(probe), token))
                 else:
                     paths.append((str(p), str(p.stat().st_size)))
-            probe_fn = self.ray.remote(probe_node)
-            refs = [
-                probe_fn.options(
-                    num_cpus=0,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False),
-                ).remote(paths)
-                for n in self.nodes()
-            ]
-            for node, missing in self.ray.get(refs):
+            module = sys.modules[__name__]
+            cloudpickle.register_pickle_by_value(module)  # `_probe` goes by value: no import of armlab
+            try:
+                probe_fn = self.ray.remote(_probe)
+                refs = [
+                    probe_fn.options(
+                        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                    ).remote(paths, armlab.__version__)
+                    for n in self.nodes()
+                ]
+            finally:
+                cloudpickle.unregister_pickle_by_value(module)
+            for node, why, missing in self.ray.get(refs):
+                if why:
+                    raise ArmlabError(
+                        f"--executor ray: Ray node {node} {why}; install this armlab in the Python every "
+                        "Ray node runs (pip install 'armlab[ray]' there)"
+                    )
                 if missing:
-                    where = Path(missing[0]).parent if Path(missing[0]).name.startswith(".armlab-ray-probe-") else missing[0]
+                    where = Path(missing[0])
+                    where = where.parent if where.name.startswith(PROBE_PREFIX) else where
                     raise ArmlabError(
                         f"--executor ray: Ray node {node} does not see {where} as this machine does; "
                         "the workdir (and a local pool) must be on a filesystem every node mounts at the "
@@ -247,16 +271,14 @@ class RayExecutor:
 
     # -- the seam ---------------------------------------------------------------------------------
     def map(self, fn: Callable[[T], R], tasks: Iterable[T], on_done: Callable[[T, R], None]) -> None:
-        try:
-            for task in tasks:
-                self.inflight[self._submit(fn, task)] = task
-                while len(self.inflight) >= self.workers:
-                    self._drain(on_done)
-            while self.inflight:
+        """On an error, the units still running stay in `inflight`: `close` waits for them (or,
+        on a stop, ends the job, and Ray ends its workers)."""
+        for task in tasks:
+            self.inflight[self._submit(fn, task)] = task
+            while len(self.inflight) >= self.workers:
                 self._drain(on_done)
-        except BaseException:
-            self._cancel(force=False)  # queued units never start; running ones clean up and stop
-            raise
+        while self.inflight:
+            self._drain(on_done)
 
     def _submit(self, fn: Callable[[T], R], task: T) -> Any:
         if not self.gpus:
@@ -291,36 +313,36 @@ class RayExecutor:
 
     def _get(self, ref: Any) -> Any:
         """The unit's result; a unit's own error is raised as itself (not wrapped in Ray's
-        RayTaskError, whose message carries the remote traceback)."""
+        RayTaskError, whose message carries the remote traceback); a unit whose worker died on
+        every attempt (the OOM killer, a lost node) fails the run in one line."""
+        ray = self.ray
         try:
-            return self.ray.get(ref)
-        except self.ray.exceptions.RayTaskError as e:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
             if isinstance(cause, BaseException):
                 raise cause from None
             raise
+        except ray.exceptions.RayError as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise RunFailed(
+                f"a unit's Ray worker died {MAX_RETRIES + 1} times ({type(e).__name__}: {first}); "
+                "the units done are kept: rerun to resume (the nodes' Ray logs say why it died)"
+            ) from None
 
-    def _cancel(self, force: bool) -> None:
-        for ref in list(self.inflight):
-            with contextlib.suppress(Exception):
-                self.ray.cancel(ref, force=force and not self.gpus)
-        if not force:  # let the running units finish their cleanup (no temp file left behind)
-            deadline = time.monotonic() + 60
+    def close(self, kill: bool = False) -> None:
+        """Wait for the units still running (their temp files are then gone), or with `kill` (a
+        stop) end now: disconnecting ends this job, and Ray ends every worker process it ran (a
+        per-task `ray.cancel(force=True)` racing a unit's reply crashed Ray's core worker)."""
+        if not self.ray.is_initialized():
+            return
+        if not kill:
+            deadline = time.monotonic() + CLOSE_WAIT_S
             while self.inflight and time.monotonic() < deadline:
                 done, _ = self.ray.wait(list(self.inflight), num_returns=1, timeout=1.0)
                 for ref in done:
                     self.inflight.pop(ref, None)
         self.inflight.clear()
-
-    def close(self, kill: bool = False) -> None:
-        """Wait for the running units (or stop them now: `kill`), then disconnect from the cluster."""
-        if not self.ray.is_initialized():
-            return
-        if self.inflight:
-            self._cancel(force=kill)
-        for actor in self.actors:
-            with contextlib.suppress(Exception):
-                self.ray.kill(actor)
         self.ray.shutdown()
 
 
