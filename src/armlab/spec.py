@@ -276,6 +276,19 @@ class ReportSpec(Strict):
     group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
 
 
+ExecutorKind = Literal["local", "ray"]
+EXECUTORS: tuple[str, ...] = get_args(ExecutorKind)
+
+
+class PrepareSpec(Strict):
+    """Where `armlab prepare` (and `armlab score`) run their units of work (the `[prepare]` table)."""
+
+    executor: ExecutorKind = "local"  # local: this machine's processes; ray: a Ray cluster's nodes
+    # ray: the head's GCS host:port, or "auto" (a cluster started on this machine); default RAY_ADDRESS, else auto
+    ray_address: str | None = None
+    workers: int | None = Field(None, gt=0)  # units at once (local: default the CPU count; ray: the cluster's CPUs)
+
+
 WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
@@ -420,6 +433,7 @@ class Experiment(Strict):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     report: ReportSpec = ReportSpec()
+    prepare: PrepareSpec = PrepareSpec()
     nanochat: NanochatSpec = NanochatSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
 

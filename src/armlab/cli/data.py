@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from armlab.cli.app import app, split_list, with_typed_exp
+from armlab.cli.app import app, check_executor, split_list, with_typed_exp
 from armlab.errors import ArmlabError
 from armlab.text import plural
 
@@ -19,7 +19,16 @@ def prepare(
         list[str] | None,
         typer.Option("--arm", callback=split_list, help="arm to prepare (repeatable, or a,b; default: all)"),
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="worker processes (default: CPU count)", min=1)] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="units at once (default: prepare.workers, else the CPUs)", min=1)
+    ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(callback=check_executor, help="local | ray: where the units run (default: prepare.executor, else local)"),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--executor ray: the head's host:port (default: prepare.ray_address, else RAY_ADDRESS, else auto)")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="take over a data dir whose lease holder is dead")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace arms prepared from a different spec")] = False,
     skip_bad_files: Annotated[
@@ -47,6 +56,8 @@ def prepare(
     spec = with_overrides(load_experiment(exp), overrides)
     options = PrepareOptions(
         workers=workers,
+        executor=executor,
+        ray_address=ray_address,
         force=force,
         overwrite=overwrite,
         skip_bad_files=skip_bad_files,
