@@ -76,6 +76,14 @@ def test_report_group_column(tmp_path: Path) -> None:
     assert load_experiment(write(tmp_path, BASE)).report.group_column is None
 
 
+def test_prepare_executor(tmp_path: Path) -> None:
+    exp = load_experiment(write(tmp_path, BASE + '[prepare]\nexecutor = "ray"\nray_address = "10.0.0.1:6379"\n'))
+    assert (exp.prepare.executor, exp.prepare.ray_address) == ("ray", "10.0.0.1:6379")
+    assert exp.fingerprint() == load_experiment(write(tmp_path, BASE)).fingerprint()  # where, not what
+    assert "prepare.executor" in error_of(tmp_path, BASE + '[prepare]\nexecutor = "slurm"\n')
+    assert "prepare.workers" in error_of(tmp_path, BASE + "[prepare]\nworkers = 0\n")
+
+
 def test_missing_pool(tmp_path: Path) -> None:
     msg = error_of(tmp_path, 'name = "t"\n[[arms]]\nname = "r"\nkind = "random"\nratio = 0.5\n')
     assert "missing required key 'pool'" in msg

@@ -27,11 +27,12 @@ from pydantic import (
 )
 
 from armlab.errors import ArmlabError
+from armlab.names import NAME_RE as NAME_RE  # re-exported: the one rule lives in armlab.names
+from armlab.names import check_name
 from armlab.store.redact import redact
 from armlab.text import closest
 from armlab.vocab import MIN_VOCAB_SIZE
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
 # nanochat's --target-param-data-ratio default since 2026-03-24 (92d63d4: 12; before: 10.5)
 DEFAULT_PARAM_DATA_RATIO = 12.0
@@ -115,8 +116,7 @@ class ArmSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"arm name {v!r} must be letters, digits, '.', '_' or '-'")
+        check_name(v, "arm name")
         if v in RESERVED_ARM_NAMES:
             raise ValueError(f"arm name {v!r} is reserved (prepare's eval set and tokenizer sample); rename the arm")
         return v
@@ -341,6 +341,19 @@ class ReportSpec(Strict):
     group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
 
 
+ExecutorKind = Literal["local", "ray"]
+EXECUTORS: tuple[str, ...] = get_args(ExecutorKind)
+
+
+class PrepareSpec(Strict):
+    """Where `armlab prepare` (and `armlab score`) run their units of work (the `[prepare]` table)."""
+
+    executor: ExecutorKind = "local"  # local: this machine's processes; ray: a Ray cluster's nodes
+    # ray: the head's GCS host:port, or "auto" (a cluster started on this machine); default RAY_ADDRESS, else auto
+    ray_address: str | None = None
+    workers: int | None = Field(None, gt=0)  # units at once (local: default the CPU count; ray: the cluster's CPUs)
+
+
 WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
@@ -402,9 +415,7 @@ class HostSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"host name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "host name")
 
     @field_validator("time")
     @classmethod
@@ -487,6 +498,7 @@ class Experiment(Strict):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     report: ReportSpec = ReportSpec()
+    prepare: PrepareSpec = PrepareSpec()
     nanochat: NanochatSpec = NanochatSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
     scorers: list[ScorerSpec] = Field(default_factory=list)
@@ -495,9 +507,7 @@ class Experiment(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"experiment name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "experiment name")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Experiment:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from armlab.cli.app import app, check_device, split_list, with_typed_exp
+from armlab.cli.app import app, check_device, check_executor, split_list, with_typed_exp
 from armlab.errors import ArmlabError
 from armlab.text import plural
 
@@ -19,7 +19,16 @@ def prepare(
         list[str] | None,
         typer.Option("--arm", callback=split_list, help="arm to prepare (repeatable, or a,b; default: all)"),
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="worker processes (default: CPU count)", min=1)] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="units at once (default: prepare.workers, else the CPUs)", min=1)
+    ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(callback=check_executor, help="local | ray: where the units run (default: prepare.executor, else local)"),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--executor ray: the head's host:port (default: prepare.ray_address, else RAY_ADDRESS, else auto)")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="take over a data dir whose lease holder is dead")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace arms prepared from a different spec")] = False,
     skip_bad_files: Annotated[
@@ -55,6 +64,8 @@ def prepare(
     spec = with_overrides(load_experiment(exp), overrides)
     options = PrepareOptions(
         workers=workers,
+        executor=executor,
+        ray_address=ray_address,
         force=force,
         overwrite=overwrite,
         skip_bad_files=skip_bad_files,
@@ -159,6 +170,13 @@ def plan(
             "--link-mbps", help="remote pools: link speed for the download estimate, Mbit/s", min=0.001
         ),
     ] = 1000.0,
+    cpu_probe: Annotated[
+        bool | None,
+        typer.Option(
+            "--cpu-probe/--no-cpu-probe",
+            help="time a few training steps on this CPU (default: when the model is small enough to take a moment)",
+        ),
+    ] = None,
 ) -> None:
     """Per arm: docs / chars / tokens vs what one run consumes; FLOPs, GPU-hours, wall time and cost per run and
     for the experiment; a remote pool's download; scoring's docs/s and CPU/GPU-hours (a probe of each scorer here);
@@ -168,18 +186,24 @@ def plan(
     from armlab.cost import costs, parse_mfu, render_costs
     from armlab.data.plan import download_plan, render, render_download
     from armlab.data.plan import plan as make_plan
+    from armlab.plan_checks import check_plan, gpus_to_price, plan_budget
     from armlab.progress import console
     from armlab.report.power import plan_power
     from armlab.spec import load_experiment
+    from armlab.train.probe import cpu_estimate
 
     spec = load_experiment(exp)
     mfus = parse_mfu(mfu)
     pilot_exp = load_experiment(pilot) if pilot else None
-    priced = render_costs(spec, costs(spec, mfus, gpus), usd_per_gpu_hour)  # from the spec alone
+    budget, vocab, source = plan_budget(spec)  # the trained tokenizer's vocabulary once it exists
+    checked = check_plan(spec, budget, gpus)  # refuses what train / launch would refuse
+    priced = render_costs(spec, costs(spec, mfus, gpus_to_price(spec, budget, gpus), budget), usd_per_gpu_hour, budget)
     noise = plan_power(spec, pilot_exp, detect)
-    plans = make_plan(spec)  # reads the pool's metadata for unprepared arms
-    table, warnings = render(spec, plans)
-    print(f"{table}\n{priced}\n{noise}")
+    plans = make_plan(spec, budget)  # reads the pool's metadata for unprepared arms
+    table, warnings = render(spec, plans, budget, (vocab, source))
+    cpu = cpu_estimate(spec, budget, vocab, cpu_probe)  # a few real training steps on this CPU, timed
+    print(f"{table}\n{priced}\n{cpu}\n{noise}", flush=True)
+    warnings = checked + warnings
     if any(p.source == "estimate" for p in plans) and (download := download_plan(spec)):
         print(render_download(download, link_mbps))
     if spec.scorers:  # each scorer's model, timed on the first pool documents here

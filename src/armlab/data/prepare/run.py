@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import os
 import shutil
 import signal
 import threading
@@ -15,8 +14,16 @@ from typing import Any
 
 from armlab.data.fetch import FetchPlan, Prefetcher, fetch_plan
 from armlab.data.pool import PoolFile, check_workdir_outside, list_pool
-from armlab.data.prepare.executor import Executor, LocalExecutor
-from armlab.data.prepare.keys import Columns, KeyTask, key_columns, run_key_task, stats_score_column
+from armlab.data.prepare.executor import Executor, open_executor
+from armlab.data.prepare.keys import (
+    Columns,
+    KeyDone,
+    KeyTask,
+    cached_keys,
+    key_columns,
+    run_key_task,
+    stats_score_column,
+)
 from armlab.data.prepare.options import PrepareOptions
 from armlab.data.prepare.prebuilt import prepare_prebuilt
 from armlab.data.prepare.routing import TextTask, done_marker, run_text_task
@@ -62,22 +69,46 @@ def prepare(
     files = list_pool(exp.pool)
     pool_arms = [a for a in chosen if a.kind != "prebuilt"]
     scores = check_scores(exp, pool_arms, files)  # an arm on a scorer that has not scored: refused here
-    wd = open_workdir(exp)
-    workers = max(1, opts.workers or os.cpu_count() or 1)
     prebuilt = [a for a in chosen if a.kind == "prebuilt"]
-    with stop_on_signals("prepare"), step_lock(wd, "prepare"):  # a second prepare waits, then finds it done
-        executor = LocalExecutor(workers)
-        try:
-            prepare_pool(exp, wd, pool_arms, executor, opts, files, scores)
-            for arm in prebuilt:
-                prepare_prebuilt(exp, wd, arm, executor, opts)
-        except (Stopped, KeyboardInterrupt):
-            executor.close(kill=True)  # stop now; what the workers had half-written is never read
-            raise
-        finally:
-            executor.close()  # an error: let the running units finish, so no temp file is left
-        freeze_spec(wd, exp)  # the workdir's data is now this spec's
+    # So is a cluster that cannot run it (Ray missing, unreachable, a node that cannot see the workdir)
+    executor = open_prepare_executor(exp, opts, [existing_dir(exp.workdir_path), *_local_pool_file(files)])
+    try:
+        wd = open_workdir(exp)
+        with stop_on_signals("prepare"), step_lock(wd, "prepare"):  # a second prepare waits, then finds it done
+            try:
+                prepare_pool(exp, wd, pool_arms, executor, opts, files, scores)
+                for arm in prebuilt:
+                    prepare_prebuilt(exp, wd, arm, executor, opts)
+            except (Stopped, KeyboardInterrupt):
+                executor.close(kill=True)  # stop now; what the workers had half-written is never read
+                raise
+            finally:
+                executor.close()  # an error: let the running units finish, so no temp file is left
+            freeze_spec(wd, exp)  # the workdir's data is now this spec's
+    finally:
+        executor.close()  # refused before the passes (a workdir of another experiment)
     return {a.name: wd.data_dir(a.name) for a in chosen}
+
+
+def open_prepare_executor(exp: Experiment, opts: PrepareOptions, shared: list[Path]) -> Executor:
+    """The executor `[prepare]` names, with the command line's --executor / --ray-address / --workers
+    over it. `shared`: the paths every Ray node must see (the workdir, a local pool)."""
+    spec = exp.prepare
+    kind = opts.executor or spec.executor
+    return open_executor(kind, opts.workers or spec.workers, opts.ray_address or spec.ray_address, shared)
+
+
+def existing_dir(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (a workdir not made yet: where it will be)."""
+    path = path.absolute()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _local_pool_file(files: list[PoolFile]) -> list[Path]:
+    """A local pool's first file (Ray nodes must see the pool too); remote pools are read by URL."""
+    return [Path(f.path) for f in files[:1] if not f.remote]
 
 
 @contextlib.contextmanager
@@ -144,17 +175,18 @@ def prepare_pool(
         bad.update(_known_bad(work, files))
     while True:
         live = [i for i in range(len(files)) if i not in bad]
-        # 2. thresholds
-        rules, summary = compute_rules(exp, arms, live, npz)
-        need = _check_sizes(exp, rules, summary, targets, live, npz, work)
-        score = stats_score_column(exp)
-        stats_spec = StatsSpec(
-            score,
-            score_edges(score, rules, live, npz),
-            cols.group,
-            tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
-            {n: e for n in scored if (e := score_edges(None, rules, live, npz, key=f"scorer:{n}")) is not None},
-        )
+        # 2. thresholds (several passes over the key arrays: kept in memory while they fit)
+        with cached_keys():
+            rules, summary = compute_rules(exp, arms, live, npz)
+            need = _check_sizes(exp, rules, summary, targets, live, npz, work)
+            score = stats_score_column(exp)
+            stats_spec = StatsSpec(
+                score,
+                score_edges(score, rules, live, npz),
+                cols.group,
+                tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
+                {n: e for n in scored if (e := score_edges(None, rules, live, npz, key=f"scorer:{n}")) is not None},
+            )
         stage = work / f"stage-{fingerprint([pool_fp, [t.fingerprint for t in targets], sorted(bad)])}"
         # 3. text pass; a file found unreadable here (invalid UTF-8) is skipped with the thresholds
         # chosen again without it: the arms must be the stated share of the files they come from
@@ -244,13 +276,17 @@ def _key_pass(
         download=lambda f: fetch.downloads(f, False),
     )
     with progress() as bar:
-        task = bar.add_task("key pass", total=len(files), completed=len(files) - len(todo), unit="files")
+        done = len(files) - len(todo)
+        task = bar.add_task("key pass", total=len(files), completed=done, unit="files", docs=0, bytes=0)
+        docs = nbytes = 0  # this run's: the figures are rates
 
-        def keyed(kt: KeyTask, err: str | None) -> None:
-            if err is not None:
-                bad[kt.unit] = err
+        def keyed(kt: KeyTask, kd: KeyDone) -> None:
+            nonlocal docs, nbytes
+            if kd.bad is not None:
+                bad[kt.unit] = kd.bad
             key_fetch.release(kt.unit)
-            bar.update(task, advance=1)
+            docs, nbytes = docs + kd.rows, nbytes + max(kt.pf.size, 0)  # bytes: the pool files' own
+            bar.update(task, advance=1, docs=docs, bytes=nbytes)
 
         tasks = (
             KeyTask(
