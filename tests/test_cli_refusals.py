@@ -124,6 +124,7 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["demo", "--workdir", wd], "belongs to experiment 'datatest'"),
         (["demo", "--workdir", wd, "--num-iterations", "5"], "belongs to experiment 'datatest'"),
         (["init", exp], "exists"),
+        (["score", exp], "has no [[scorers]]"),
     ]
 
 
@@ -157,6 +158,7 @@ def test_refusals_on_a_fresh_machine_leave_no_workdir(tmp_path, capsys, monkeypa
         (["evaluate", str(exp)], ""),
         (["launch", str(exp)], "hosts"),
         (["demo", "--workdir", str(tmp_path / "demo"), "--num-iterations", "0"], "--num-iterations"),
+        (["score", str(exp), "--scorer", "edu"], "has no [[scorers]]"),
     ]:
         line = refuse(capsys, monkeypatch, *argv)
         assert needle in line, (argv, line)
@@ -205,6 +207,7 @@ print("ok")
         f"rm {wd} --arm rand --run nosuch",
         f"train {exp} --arm rand --run-name ../data",
         f"launch {exp}",
+        f"score {exp}",
     ]
     r = subprocess.run([sys.executable, "-c", probe, "|".join(argvs)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

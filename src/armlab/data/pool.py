@@ -303,6 +303,7 @@ def iter_columns(
     local: Path | None = None,
     types: dict[str, pa.DataType] | None = None,
     whole_file: bool = False,
+    row_groups: tuple[int, int] | None = None,
     batch_rows: int | None = None,
 ) -> Iterator[pa.Table]:
     """Stream only `columns` of a pool file in file order, one parquet row group or jsonl block
@@ -310,7 +311,8 @@ def iter_columns(
     and `expect` (needed later) all exist. Remote parquet is read with ranged column-chunk
     reads; `local` is the fetched copy of a remote file. `whole_file` reads parquet in one go,
     for small columns (ids, scores) of remote files: one coalesced set of ranged reads rather
-    than one request per row group. `batch_rows`: a local parquet file comes in tables of at most
+    than one request per row group. `row_groups` = (lo, hi) reads only parquet row groups [lo, hi).
+    `batch_rows`: a local parquet file comes in tables of at most
     that many rows, each within one row group (the reader's buffers are then reused; whole row
     groups of text are fresh allocations, and their page faults cost as much as decoding).
 
@@ -323,7 +325,7 @@ def iter_columns(
             if whole_file:
                 yield rf.read(columns)
             else:
-                yield from rf.row_groups(columns)
+                yield from rf.row_groups(columns, groups=row_groups)
         elif pf.fmt == "parquet":
             with open_source(pf, local) as src:
                 f = pq.ParquetFile(src)
@@ -331,7 +333,7 @@ def iter_columns(
                 if whole_file:
                     yield f.read(columns=columns, use_threads=False)
                     return
-                for i in range(f.num_row_groups):
+                for i in range(*(row_groups or (0, f.num_row_groups))):
                     if batch_rows is None:
                         yield f.read_row_group(i, columns=columns, use_threads=False)
                         continue

@@ -3,6 +3,8 @@
 Reads only the id column (else the text), the score columns and the token counts the arms need,
 and saves keys / scores / weights to a small .npz. Remote parquet is read with ranged column
 reads, so no text is downloaded here (unless the store ignores Range: then `local` is a download).
+A scorer's scores (`armlab score`) join here: the file's sidecar holds one (key, score) per row in
+the file's order, so the join is positional, checked key by key (`scorer:<name>` arrays).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pyarrow.compute as pc
 
 from armlab.data.identity import doc_keys
 from armlab.data.pool import BadFile, PoolFile, iter_columns, parquet_metadata
+from armlab.data.score.fresh import SidecarRead
+from armlab.data.score.sidecar import read_sidecar
 from armlab.errors import ArmlabError
 from armlab.spec import ArmSpec, Experiment
 from armlab.workdir import atomic_path
@@ -33,6 +37,7 @@ class Columns:
     tokens: str | None
     need_chars: bool  # chars per document are needed (token estimate) -> the key pass reads text
     group: str | None = None  # `[report] group_column`: counted per arm for the report
+    scorers: tuple[str, ...] = ()  # scorers whose sidecars join the arrays (`scorer:<name>`)
 
     @property
     def read(self) -> list[str]:
@@ -130,6 +135,7 @@ class KeyTask:
     out: Path
     skip_bad_files: bool
     local: Path | None = None  # the downloaded copy, when the fetch plan downloads this file
+    sidecars: tuple[SidecarRead, ...] = ()  # this file's scores, one per scorer in cols.scorers
 
 
 @dataclass(frozen=True)
@@ -143,14 +149,16 @@ class KeyDone:
 def run_key_task(task: KeyTask) -> KeyDone:
     """The key pass of one file; with skip_bad_files an unreadable file is returned with a reason."""
     try:
-        return KeyDone(key_pass(task.pf, task.cols, task.out, task.local))
+        return KeyDone(key_pass(task.pf, task.cols, task.out, task.local, task.sidecars))
     except BadFile as e:
         if not task.skip_bad_files:
             raise
         return KeyDone(0, f"{e.file} ({e.reason})")
 
 
-def key_pass(pf: PoolFile, cols: Columns, out: Path, local: Path | None = None) -> int:
+def key_pass(
+    pf: PoolFile, cols: Columns, out: Path, local: Path | None = None, sidecars: tuple[SidecarRead, ...] = ()
+) -> int:
     """Read the key/score/token columns of one pool file into `out` (.npz, atomic), streaming
     (memory: one row group or jsonl block plus the small per-row arrays); returns its rows."""
     read = cols.read
@@ -213,6 +221,8 @@ def key_pass(pf: PoolFile, cols: Columns, out: Path, local: Path | None = None) 
         k: np.concatenate(parts[k]) if k in parts else np.zeros(0, dtype=empty.get(k, np.float64))
         for k in wanted
     }
+    for sc in sidecars:
+        arrays[f"scorer:{sc.scorer}"] = _joined_scores(pf, sc, arrays["keys"])
     if cols.group:
         arrays["group_values"] = np.array(list(groups), dtype=np.str_)
     if "chars" in arrays:
@@ -230,6 +240,17 @@ def key_pass(pf: PoolFile, cols: Columns, out: Path, local: Path | None = None) 
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     return len(arrays["keys"])
+
+
+def _joined_scores(pf: PoolFile, sc: SidecarRead, keys: np.ndarray) -> np.ndarray:
+    """The scorer's scores of this file's rows, from its sidecar (same rows, same order)."""
+    skeys, scores = read_sidecar(sc.path, sc.expect)
+    if len(skeys) != len(keys) or not np.array_equal(skeys, keys):
+        raise ArmlabError(
+            f"{sc.path}: its document keys are not those of {pf.name} (the pool's id column changed?); "
+            f"run `armlab score EXP --scorer {sc.scorer} --overwrite`"
+        )
+    return scores
 
 
 def _group_codes(pf: PoolFile, column: str, col: pa.ChunkedArray, groups: dict[str, int]) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import shutil
 import signal
@@ -40,6 +41,7 @@ from armlab.data.prepare.targets import (
 )
 from armlab.data.prepare.thresholds import PoolSummary, compute_rules, count_members
 from armlab.data.prepare.writing import CharBudget, write_targets
+from armlab.data.score.fresh import Scored, check_scores
 from armlab.data.select import Rules
 from armlab.errors import ArmlabError, Stopped
 from armlab.progress import console, progress
@@ -66,6 +68,7 @@ def prepare(
     check_workdir_outside(exp.pool, exp.workdir_path)
     files = list_pool(exp.pool)
     pool_arms = [a for a in chosen if a.kind != "prebuilt"]
+    scores = check_scores(exp, pool_arms, files)  # an arm on a scorer that has not scored: refused here
     prebuilt = [a for a in chosen if a.kind == "prebuilt"]
     # So is a cluster that cannot run it (Ray missing, unreachable, a node that cannot see the workdir)
     executor = open_prepare_executor(exp, opts, [existing_dir(exp.workdir_path), *_local_pool_file(files)])
@@ -73,7 +76,7 @@ def prepare(
         wd = open_workdir(exp)
         with stop_on_signals("prepare"), step_lock(wd, "prepare"):  # a second prepare waits, then finds it done
             try:
-                prepare_pool(exp, wd, pool_arms, executor, opts, files)
+                prepare_pool(exp, wd, pool_arms, executor, opts, files, scores)
                 for arm in prebuilt:
                     prepare_prebuilt(exp, wd, arm, executor, opts)
             except (Stopped, KeyboardInterrupt):
@@ -135,30 +138,37 @@ def prepare_pool(
     executor: Executor,
     opts: PrepareOptions,
     files: list[PoolFile],
+    scores: tuple[dict[str, Scored], list[str]] | None = None,
 ) -> None:
     """The eval set, the tokenizer sample and the pool arms `arms` from the pool's `files`: key
-    pass, thresholds, text pass, shuffle + write."""
+    pass, thresholds, text pass, shuffle + write. `scores`: `check_scores` (made here if None)."""
     fetch = fetch_plan(exp.pool, files)  # remote parquet: ranged column reads, or whole downloads
     pool_fp = pool_fingerprint(exp.pool, files)
+    scored, score_notes = scores if scores is not None else check_scores(exp, arms, files)
     targets = [
-        t for t in plan_targets(exp, wd, arms, pool_fp) if needs_work(t, opts.force, opts.overwrite, files)
+        t
+        for t in plan_targets(exp, wd, arms, pool_fp, scored)
+        if needs_work(t, opts.force, opts.overwrite, files)
     ]
     if not targets:
         console.print("prepare: eval set, tokenizer sample and arms are up to date")
         return
+    for note in score_notes:
+        console.print(f"prepare: {note}", soft_wrap=True, markup=False)
     if any(t.name == EVAL for t in targets):  # every run of the experiment reads the eval set
         for a in exp.arms:
             check_writable(
                 wd.data_dir(a.name), opts.force, "replace the eval set the runs of this experiment read"
             )
-    cols = key_columns(exp, arms)
+    cols = dataclasses.replace(key_columns(exp, arms), scorers=tuple(scored))
     work = wd.cache_dir / "prepare"
     _note_pool_changes(work / "pool.json", files)
 
-    # 1. key pass: cached per file by its content identity, so a changed file is read again
-    npz = {i: work / "keys" / f"{key_file_fingerprint(f, cols.read)}.npz" for i, f in enumerate(files)}
+    # 1. key pass: cached per file by its content identity (and its scores'), so a changed file is read again
+    read = cols.read + [f"scorer:{n}:{sc.identity}" for n, sc in scored.items()]
+    npz = {i: work / "keys" / f"{key_file_fingerprint(f, read)}.npz" for i, f in enumerate(files)}
     try:
-        bad = _key_pass(files, cols, npz, executor, opts, fetch, wd.cache_dir / "pool")
+        bad = _key_pass(files, cols, npz, executor, opts, fetch, wd.cache_dir / "pool", scored)
     except OSError as e:
         raise _disk_full(e, work, None, targets, None) from None
     if opts.skip_bad_files:
@@ -175,6 +185,7 @@ def prepare_pool(
                 score_edges(score, rules, live, npz),
                 cols.group,
                 tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
+                {n: e for n in scored if (e := score_edges(None, rules, live, npz, key=f"scorer:{n}")) is not None},
             )
         stage = work / f"stage-{fingerprint([pool_fp, [t.fingerprint for t in targets], sorted(bad)])}"
         # 3. text pass; a file found unreadable here (invalid UTF-8) is skipped with the thresholds
@@ -236,6 +247,9 @@ def _manifest_extras(
             th, cap = rules.thresholds.get(name), rules.caps.get(name)
             extra[name]["threshold"] = th.to_json() if th else None
             extra[name]["cap"] = cap.to_json() if cap else None
+    for t in targets:
+        if t.scorer is not None:
+            extra[t.name]["scorer"] = t.scorer  # the scores it was selected on
     return extra, budgets
 
 
@@ -247,6 +261,7 @@ def _key_pass(
     opts: PrepareOptions,
     fetch: FetchPlan,
     cache: Path,
+    scored: dict[str, Scored] | None = None,
 ) -> dict[int, str]:
     """The key pass of every file not done yet; returns the unreadable ones skipped (unit -> reason)."""
     todo = [i for i in range(len(files)) if not npz[i].is_file()]
@@ -273,7 +288,13 @@ def _key_pass(
             docs, nbytes = docs + kd.rows, nbytes + max(kt.pf.size, 0)  # bytes: the pool files' own
             bar.update(task, advance=1, docs=docs, bytes=nbytes)
 
-        tasks = (KeyTask(i, files[i], cols, npz[i], opts.skip_bad_files, key_fetch.get(i)) for i in todo)
+        tasks = (
+            KeyTask(
+                i, files[i], cols, npz[i], opts.skip_bad_files, key_fetch.get(i),
+                tuple(sc.sidecar(files[i]) for sc in (scored or {}).values()),
+            )
+            for i in todo
+        )  # fmt: skip
         try:
             executor.map(run_key_task, tasks, keyed)
         finally:
