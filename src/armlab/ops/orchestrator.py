@@ -219,7 +219,8 @@ def launch(
     records = [r for h in chosen for r in _records(h, slots[h.name], probes[h.name], started.get(h.name))]
     _save(exp, records)
     for r in records:
-        console.print(f"{r.host}: {r.run} on lane {r.lane}: {r.action}" + (f", pid {r.pid}" if r.pid else "")
+        where = f" on lane {r.lane}" if r.job is None else ""  # a scheduler's job has no lane
+        console.print(f"{r.host}: {r.run}{where}: {r.action}" + (f", pid {r.pid}" if r.pid else "")
                       + (f", job {r.job}" if r.job else ""))  # fmt: skip
     latest = {h: p.tokenizer for h, p in probes.items()} | {h: s.tokenizer for h, s in started.items()}
     tokenizers = set(latest.values()) - {None}
