@@ -206,12 +206,14 @@ def logs(
 def stop(
     exp: Path = typer.Argument(..., help="experiment file"),
     arm: list[str] = typer.Option(None, "--arm", callback=split_list, help="only this arm (repeatable, or a,b; default: all)"),
-    timeout: float = typer.Option(60, "--timeout", help="seconds after SIGTERM before SIGKILL"),
+    timeout: float = typer.Option(
+        None, "--timeout", help="seconds after SIGTERM before SIGKILL (default: the trainer's checkpoint grace + 60)"
+    ),
     local: bool = typer.Option(
         False, "--local", help="stop runs on this machine even when the experiment has \\[\\[hosts]]"
     ),
 ) -> None:
-    """Stop live runs cleanly: SIGTERM to each lane's runner, wait, SIGKILL after --timeout; lease released.
+    """Stop live runs cleanly: each run checkpoints, then exits (SIGKILL after --timeout); lease released.
 
     A lane stops whole: the lines also name its queued runs, which do not start (the next launch starts them)."""
     from armlab.ops import orchestrator

@@ -392,8 +392,9 @@ class StopRow(Record):
 
 
 def stop_lanes(wd: Workdir, arms: Sequence[str], timeout: float) -> list[StopRow]:
-    """Stop every live lane that holds a run of these arms: SIGTERM its runner (which stops the
-    run it trains, resumably), SIGKILL after `timeout`. A lane stops whole: its queued runs,
+    """Stop every live lane that holds a run of these arms: a stop request to the run it trains
+    (armlab.runs.request_stop), SIGTERM to its runner (the run's supervisor: the ranks finish the
+    step, checkpoint and exit), SIGKILL after `timeout`. A lane stops whole: its queued runs,
     of any arm, are listed as not started; the next launch / run starts them."""
     rows = []
     views = read_lanes(wd.root)
@@ -401,6 +402,8 @@ def stop_lanes(wd: Workdir, arms: Sequence[str], timeout: float) -> list[StopRow
         if not view.alive or not any(a in arms for a, _ in view.runs):
             continue
         files = LaneFiles(wd.root / LANES_DIR, view.host, view.lane)
+        if view.current:  # the run's ranks (every node's) read it at their step's end: checkpoint, stop
+            runs.request_stop(wd.run_dir(*view.current), "armlab stop")
         how = runs.stop_process(int(view.pid or -1), timeout)
         if read_lane_state(files).state == LaneState.RUNNING:  # SIGKILLed: say so for it
             write_lane_state(

@@ -422,10 +422,15 @@ def mirror_hosts(exp: Experiment) -> list[Path]:
     return [p for paths in parallel(fetch, hosts_of(exp)) for p in paths]
 
 
-def stop(exp: Experiment, arms: list[str] | None = None, timeout: float = 60, local: bool = False) -> list[StopRow]:
+def stop(
+    exp: Experiment, arms: list[str] | None = None, timeout: float | None = None, local: bool = False
+) -> list[StopRow]:
     """Stop live runs of the arms (all by default) on their hosts, or on this machine with `local`:
-    each run checkpoints first (the trainer's stop), and a stop of a run with no checkpoint yet
-    says that it restarts from step 0."""
+    each run checkpoints first (the trainer's stop; SIGKILL after `timeout`, default
+    agent.stop_timeout()), and a stop says where a restart resumes, or that it begins at step 0."""
+    from armlab.ops.hosts.agent import stop_timeout
+
+    timeout = timeout or stop_timeout()
     names = arms or [a.name for a in exp.arms]
     for a in names:
         exp.arm(a)

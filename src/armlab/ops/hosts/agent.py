@@ -68,7 +68,6 @@ from armlab.workdir import freeze_spec, open_workdir, pid_alive, read_json, read
 
 METRICS_TAIL = 1000  # metrics.jsonl lines mirrored (plus every val_bpb line)
 LOG_TAIL = 200  # train.log lines mirrored
-STOP_TIMEOUT_S = 60  # the supervisor itself gives its ranks 30 s after SIGTERM
 
 
 # -- probe --------------------------------------------------------------------------------------------
@@ -188,6 +187,14 @@ def mirror(exp: Experiment, req: MirrorRequest) -> MirrorPayload:
 
 
 # -- stop ---------------------------------------------------------------------------------------------
+def stop_timeout() -> float:
+    """How long a stop waits before SIGKILL: the trainer's grace to checkpoint (armlab.train.stop
+    GRACE_S; a d26 checkpoint is ~10 GB), plus a minute."""
+    from armlab.train.stop import GRACE_S
+
+    return GRACE_S + 60.0
+
+
 def stop(exp: Experiment, req: StopRequest) -> StopResult:
     """Stop this machine's lanes and live runs of these arms: first every live lane holding one of
     their runs (armlab.ops.lanes.stop_lanes: the lane's run stops, its queued runs do not start),

@@ -52,7 +52,7 @@ from armlab.ops.hosts.messages import (
 from armlab.ops.lanes import StopRow
 from armlab.ops.schedule import Slot
 from armlab.records import Record
-from armlab.runs import RunState, read_state
+from armlab.runs import RunState, read_state, request_stop
 from armlab.spec import Experiment, HostSpec
 from armlab.workdir import Workdir, atomic_write_json, atomic_write_text, freeze_spec, open_workdir, read_json
 
@@ -292,7 +292,9 @@ def stop(exp: Experiment, req: StopRequest) -> StopResult:
     chains = _chains(wd, found)
     live = {r: v for r, v in views(chains).items() if v.state in ACTIVE}
     for v in live.values():
-        (jobs_dir(wd, v.arm, v.run) / STOP).touch()
+        (jobs_dir(wd, v.arm, v.run) / STOP).touch()  # no next job
+        if v.state != "PENDING":  # read by every node's ranks at their step's end, as the signal is
+            request_stop(wd.run_dir(v.arm, v.run), "armlab stop")
     for v in live.values():
         slurm("scancel", v.job_id) if v.state == "PENDING" else slurm("scancel", "--signal=TERM", v.job_id)
     deadline = time.time() + req.timeout
