@@ -154,9 +154,8 @@ def test_every_backend_honours_the_seam(host: Host, capfd: pytest.CaptureFixture
     # stop: the run stops resumably; it is pending again (the next start resumes it)
     rows = host.stop(["rand"], 30)
     assert [(r.host, r.arm, r.run) for r in rows] == [(host.name, "rand", run)]
-    assert rows[0].result.startswith("stopped"), rows
-    if "resume_step" in json.loads(host.mirror().runs[0].files["state.json"]):  # a trainer that checkpoints at a stop
-        assert "; resumes from step " in rows[0].result, rows
+    resume = json.loads(host.mirror().runs[0].files["state.json"])["resume_step"]  # it checkpointed first
+    assert rows[0].result.startswith("stopped") and rows[0].result.endswith(f"; resumes from step {resume}"), rows
     stopped = host.probe(slots)
     assert stopped.runs[run].state == "stopped" and stopped.runs[run].pending and not stopped.jobs
     assert host.stop(["rand"], 30) == []  # nothing lives any more
