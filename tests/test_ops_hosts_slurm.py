@@ -120,6 +120,8 @@ def test_launch_status_stop_logs_compare(slurm: SlurmCluster, setup) -> None:
     assert set(stopped) <= {"top-s0", "top-s1"} and stopped, p.stdout
     for run, result in stopped.items():
         assert result.startswith(("stopped (SIGTERM)", "cancelled (pending)")) and f"job {ids[run]}" in result
+        if result.startswith("stopped"):  # it checkpointed before its job ended, or says it had nothing to keep
+            assert "; resumes from step " in result or "no checkpoint yet: a restart begins at step 0" in result
     ended = {r[0]: r[1] for r in slurm.squeue("%i|%T", "--states=all", "-j", f"{ids['top-s0']},{ids['top-s1']}")}
     assert not {ended[ids[r]] for r in ("top-s0", "top-s1")} & {"PENDING", "RUNNING", "COMPLETING"}
 
