@@ -366,7 +366,8 @@ def train_argv(s: JobSettings) -> list[str]:
     if s.nnodes > 1:  # node rank: $SLURM_NODEID, read by `armlab train`; a static rendezvous at node 0
         nodes = ["--nnodes", str(s.nnodes), "--rdzv-endpoint", f"{_head_address()}:{_free_port()}"]
     srun = ["srun", f"--nodes={s.nnodes}", "--ntasks-per-node=1"]
-    srun += [f"--cpus-per-task={s.cpus_per_task}"] if s.cpus_per_task else []
+    srun += [f"--cpus-per-task={s.cpus_per_task}"] if s.cpus_per_task else []  # srun does not inherit it (22.05)
+    srun += [f"--gpus-per-node={s.ranks_per_node}"] if s.device == "cuda" else []  # the step's own GPUs
     return [
         *srun, s.python, "-c", code, "train", s.exp_path, "--arm", s.arm, "--seed", str(s.seed),
         "--run-name", s.run, "--resume", "--device", s.device, *ranks, *nodes,
