@@ -23,8 +23,10 @@ def test_a_stop_says_where_a_restart_begins(tmp_path: Path) -> None:
     assert agent.with_restart(tmp_path, row).result == (
         "stopped (SIGTERM); no checkpoint yet: a restart begins at step 0"
     )
-    write_state(tmp_path, state="failed")
-    assert agent.with_restart(tmp_path, row) == row  # not a stop: nothing to add
+    write_state(tmp_path, state="starting")  # killed before its trainer could answer the stop
+    assert agent.with_restart(tmp_path, row).result.endswith("no checkpoint yet: a restart begins at step 0")
+    queued = StopRow("rand", "rand-s1", None, "queued on lane local:0: not started")
+    assert agent.with_restart(tmp_path, queued) == queued  # nothing stopped: nothing to add
 
 
 def test_the_agent_speaks_typed_json_and_refuses_in_one_line(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ The experiment is the host's own (its workdir, no [[hosts]]): a plain local expe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -220,18 +221,27 @@ def stop(exp: Experiment, req: StopRequest) -> StopResult:
 
 
 def with_restart(run_dir: Path, row: StopRow) -> StopRow:
-    """A stopped run with no checkpoint yet restarts from step 0: the stop says so."""
-    import dataclasses
-
-    st = read_state(run_dir)
-    if not row.result.startswith("stopped") or st.get("state") != "stopped":
+    """A stop says where a restart resumes: the checkpoint the stop saved (state.json's
+    `resume_step`), else the run's last one; with none, that it begins at step 0."""
+    if not row.result.startswith(("stopped", "cancelled")):
         return row
-    resume = st.get("resume_step")
-    if "resume_step" in st and resume is None:
-        return dataclasses.replace(row, result=f"{row.result}; no checkpoint yet: a restart begins at step 0")
-    if resume:
-        return dataclasses.replace(row, result=f"{row.result}; resumes from step {resume}")
-    return row
+    st = read_state(run_dir)
+    step = st.get("resume_step") if st.get("state") == "stopped" else None
+    if step is None:
+        step = _last_checkpoint(run_dir)
+    tail = f"resumes from step {step}" if step else "no checkpoint yet: a restart begins at step 0"
+    return dataclasses.replace(row, result=f"{row.result}; {tail}")
+
+
+def _last_checkpoint(run_dir: Path) -> int | None:
+    from armlab.runs import load_run
+    from armlab.train.engines import get_engine
+
+    try:
+        steps = get_engine(load_run(run_dir).engine).checkpoint_steps(run_dir)
+    except ArmlabError:  # no run.json yet: nothing trained
+        return None
+    return steps[-1] if steps else None
 
 
 # -- logs ---------------------------------------------------------------------------------------------
