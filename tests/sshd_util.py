@@ -91,9 +91,10 @@ def _start_sshd(root: Path, name: str, host_key: Path, authorized: Path) -> tupl
                     "StrictModes no",
                     "UsePAM no",
                     "LogLevel ERROR",
-                    # gloo binds the address the hostname resolves to unless told: keep the test
-                    # hosts' ranks (a run across two "nodes" included) on loopback
-                    "SetEnv GLOO_SOCKET_IFNAME=lo",
+                    # The test hosts' sessions as the test process itself (conftest.py): one thread
+                    # a rank (the "hosts" share this machine's cores), and gloo on loopback (it binds
+                    # the address the hostname resolves to unless told; two "nodes" of one run too)
+                    "SetEnv OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=lo",
                     "",
                 ]
             )
