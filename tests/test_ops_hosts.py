@@ -1,6 +1,6 @@
 """The host seam's contract (armlab.ops.hosts), one suite run against every backend: this machine,
-SSH (a real sshd on loopback, armlab installed on the "host" by `armlab setup`) and Slurm (the
-real test cluster). Each step calls the `Host` protocol the orchestrator calls, checks the typed
+SSH (a real sshd on loopback) and Slurm (the real test cluster), its login node this machine or
+reached over SSH. Each step calls the `Host` protocol the orchestrator calls, checks the typed
 answer, and checks that the answer survives its JSON form (what crosses a shell).
 
     check -> probe (nothing there) -> prepare -> probe (data, tokenizer) -> start -> start again
@@ -93,7 +93,26 @@ def _slurm(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[H
         host.stop(["rand"], 20)
 
 
-BACKENDS = {"local": _local, "ssh": _ssh, "slurm": _slurm}
+def _slurm_over_ssh(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    """The cluster's login node over SSH (a real sshd whose sessions see the test cluster)."""
+    cluster = request.getfixturevalue("slurm")
+    with sshd_hosts(root / "sshd", aliases=("login",), env={"SLURM_CONF": cluster.env["SLURM_CONF"]}) as hosts:
+        mp = request.getfixturevalue("monkeypatch")
+        mp.setenv("ARMLAB_SSH_CONFIG", str(hosts.config))
+        path = root / "exp.toml"
+        path.write_text(experiment(
+            root / "local", pool, '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\nssh = "login"\npartition = "cpu"\n'
+            f'arms = ["rand"]\ndevice = "cpu"\npython = "{sys.executable}"\nworkdir = "{root / "cluster-wd"}"\n',
+        ))  # fmt: skip
+        exp = load_experiment(path)
+        host = get_host(exp, exp.hosts[0])
+        try:
+            yield host
+        finally:
+            host.stop(["rand"], 20)
+
+
+BACKENDS = {"local": _local, "ssh": _ssh, "slurm": _slurm, "slurm_over_ssh": _slurm_over_ssh}
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -73,6 +73,17 @@ def test_refusals_before_anything_is_submitted(slurm: SlurmCluster, setup) -> No
     assert "host 'cluster': partition = 'gpu-a100' is not a partition of this cluster (sinfo lists: cpu, gpu)" in p.stderr
     p = armlab("launch", str(write(extra='prepare_partition = "bigmem"')), env=env)
     assert p.returncode == 2 and "prepare_partition = 'bigmem' is not a partition" in p.stderr, p.stderr
+    # walltimes: under Slurm's warning resolution, and shorter than one checkpoint interval of a
+    # d26 on 8 GPUs (save_every = 5000 steps of 0.86 s at H100 peak x 40%: ~72 min)
+    p = armlab("launch", str(write(extra='time = "1"')), env=env)
+    assert p.returncode == 2 and "time = '1' (60 s) is too short" in p.stderr, p.stderr
+    d26 = write(extra='time = "20"').read_text().replace("depth = 1\n", "depth = 26\n").replace(
+        'device = "cpu"\nnproc = 1', 'device = "cuda"\ngpus_per_node = 8').replace("save_every = 4", "save_every = 5000")
+    (root / "d26.toml").write_text(d26.replace("total_batch_size = 64", "total_batch_size = 524288"))
+    p = armlab("launch", str(root / "d26.toml"), env=env)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "time = '20' (1200 s) is shorter than one checkpoint interval (train.save_every = 5000 steps x 0.862 s a step" in p.stderr
+    assert "estimated from the budget at H100 peak x MFU 40%" in p.stderr and "raise time, or lower train.save_every" in p.stderr
     # more ranks than the arm's shards can feed: refused once the data is there, before any job
     p = armlab("launch", str(write(nproc=32)), env=env)
     assert p.returncode == 2, p.stdout + p.stderr
