@@ -284,6 +284,12 @@ def experiment_text(name: str, pool: PoolSummary | None, pilot: CpuPilot | None 
         ]
     lines += _pilot_sections(pilot) if pilot else [
         "",
+        "# [[scorers]]                # a model to select on: `armlab score`, then an arm with score = \"dclm\"",
+        '# name = "dclm"',
+        '# kind = "fasttext"          # fasttext | hf (a hub or saved classifier) | head (over an embedding column)',
+        '# model = "https://huggingface.co/mlfoundations/fasttext-oh-eli5/resolve/main/openhermes_reddit_eli5_vs_rw_v2_bigram_200k_train.bin"',
+        '# label = "__label__hq"      # the score: its probability (DCLM\'s quality classifier)',
+        "",
         "[model]",
         "# depth = 20                 # nanochat's GPT; width = depth x 64",
         "# max_seq_len = 2048",

@@ -117,6 +117,13 @@ def name_flag(param: typer.CallbackParam, value: str | None) -> str | None:
     return None if value is None else check_name(value, param.opts[0] if param.opts else str(param.name))
 
 
+def check_executor(value: str | None) -> str | None:
+    """`--executor` callback (prepare, score): local or ray, refused at parse time."""
+    if value is not None and value not in ("local", "ray"):
+        raise typer.BadParameter(f"{value!r}: use local or ray")
+    return value
+
+
 # -- list flags ---------------------------------------------------------------------------------
 # Every flag that takes several values is repeatable (`--arm a --arm b`), like `pip install -e`
 # or `docker -e`; names also take a comma-separated list (`--arm a,b`). Paths are repeat-only
