@@ -82,3 +82,28 @@ def bpb_experiment(
 def per_seed(arm: ItemScores) -> dict[int, float]:
     """{seed: metric} of a simulated arm."""
     return dict(zip(arm.seeds, arm.values().tolist(), strict=True))
+
+
+def make_summary(
+    curves: dict[str, dict[str, list[tuple[float, float]]]] | None = None,
+    data: dict | None = None,
+    train_eval_tokens: int = 8192,
+    val_bpb_tokens: int | None = 50_000,
+):
+    """A report summary with just enough in it for the figures (two arms, top and random)."""
+    from armlab.report.summary import ArmResult, EvalCoverage, RunResult, Summary
+
+    curves = curves or {}
+    arms = {}
+    for arm in ("top", "random"):
+        runs = [RunResult(run=f"{arm}-s{s}", seed=s, val_bpb=1.0, core=None, tokens=100, epoch=None,
+                          train_time_s=None, step=10) for s in (0, 1)]  # fmt: skip
+        arms[arm] = ArmResult(
+            kind=arm, runs=runs, planned_seeds=[0, 1], curves=curves.get(arm, {}), val_bpb=None, core=None,
+            eval=EvalCoverage(val_bpb_tokens=val_bpb_tokens),
+        )  # fmt: skip
+    return Summary(
+        experiment="tiny", fingerprint="f" * 16, created=0.0, reference_arm="random", arms=arms, comparisons=[],
+        verdict=[], warnings=[], bundle=None, resamples=10, bootstrap_seed=0, train_eval_tokens=train_eval_tokens,
+        excluded=[], data=data,
+    )  # fmt: skip

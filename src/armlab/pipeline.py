@@ -280,7 +280,6 @@ def run_experiment(
     before any work."""
     from armlab.data.prepare import prepare
     from armlab.ops.schedule import plan_schedule
-    from armlab.report.compare import compare, print_verdict
     from armlab.tokenizer import train_experiment_tokenizer
 
     names, seed_list = _select(exp, arms, seeds)
@@ -300,9 +299,23 @@ def run_experiment(
     if done:
         for d in done:
             evaluate_run(exp, d, opened, max_per_task or exp.evaluate.max_per_task, device)
-        out, summary = compare(exp)
-        print_verdict(summary)
-        console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")
+        report(exp)
     if failures:
         raise RunFailed(f"{plural(len(failures), 'run')} failed: " + "; ".join(failures))
     return open_workdir(exp, create=False).report_dir
+
+
+def report(exp: Experiment) -> Any:
+    """Compare the finished runs and print the verdict; returns the summary, or None when fewer
+    than two arms have finished runs: a run of one arm (`armlab run EXP --arm A`) is a success
+    with nothing to compare yet, not a refusal."""
+    from armlab.report.compare import NothingToCompare, compare, print_verdict
+
+    try:
+        out, summary = compare(exp)
+    except NothingToCompare as e:
+        console.print(f"run: {e}")
+        return None
+    print_verdict(summary)
+    console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")
+    return summary

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -47,6 +48,7 @@ RESAMPLES = 2000
 SEED = 20240229  # any fixed value: reports are reproducible
 CHUNK_WEIGHTS = 1 << 22  # item weights drawn at once (16 MiB of float32)
 WEAK_BELOW = 3  # fewer seeds per arm than this: the interval is said to be weak
+LEVEL = 0.95
 
 
 def _poisson_table() -> np.ndarray:
@@ -148,8 +150,10 @@ class Interval:
     item_var: float | None  # the item part of se^2 (None: no per-item data)
     seeds: tuple[int, ...]  # seeds per arm: (S,) for one arm, (S_a, S_b) for a difference
     paired: bool
-    method: str  # "seeds+items", "seeds", "items" or "none"
+    method: str  # "seeds+items", "seeds", "items" or "none" (no noise measured: no interval)
     clipped: bool = False
+    clipped_side: str | None = None  # "low", "high" or "both": where the metric's range cut it
+    level: float = LEVEL  # 0.95; per-group intervals are wider (Bonferroni)
 
     @property
     def half_width(self) -> float | None:
@@ -162,6 +166,14 @@ class Interval:
     @property
     def excludes_zero(self) -> bool | None:
         return None if self.low is None else not (self.low <= 0.0 <= self.high)
+
+    @classmethod
+    def from_json(cls, d: Any) -> Interval:
+        """An `as_dict()` back (its derived keys dropped); an Interval passes through."""
+        if isinstance(d, Interval):
+            return d
+        keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**{**keep, "seeds": tuple(keep["seeds"])})
 
     def as_dict(self) -> dict:
         return {
@@ -176,6 +188,8 @@ class Interval:
             "paired": self.paired,
             "method": self.method,
             "clipped": self.clipped,
+            "clipped_side": self.clipped_side,
+            "level": self.level,
             "weak": self.weak,
             "half_width": self.half_width,
         }
@@ -260,6 +274,7 @@ def _finish(
     seeds: tuple[int, ...],
     paired: bool,
     bounds: tuple[float, float],
+    level: float = LEVEL,
 ) -> Interval:
     """Combine the parts, each at its own quantile, in quadrature; clip to `bounds`.
 
@@ -276,10 +291,17 @@ def _finish(
         return Interval(estimate, None, None, None, None, None, None, seeds, paired, method)
     seed_var = seed.var if seed else 0.0
     item_var = item.var if item else 0.0
-    t = t_quantile(0.975, seed.df) if seed else 0.0
-    half = math.sqrt(t * t * seed_var + t_quantile(0.975, None) ** 2 * item_var)
+    q = 1 - (1 - level) / 2
+    t = t_quantile(q, seed.df) if seed else 0.0
+    half = math.sqrt(t * t * seed_var + t_quantile(q, None) ** 2 * item_var)
+    if half <= 1e-12 * max(1.0, abs(estimate)):
+        # no noise measured at all (seeds identical in effect, no per-item data): an interval of
+        # zero width would turn any difference into a verdict
+        return Interval(estimate, None, None, None, None, None, None, seeds, paired, "none")
     low, high = estimate - half, estimate + half
-    clipped = low < bounds[0] or high > bounds[1]
+    side = {(True, False): "low", (False, True): "high", (True, True): "both"}.get(
+        (low < bounds[0], high > bounds[1])
+    )
     low, high = max(low, bounds[0]), min(high, bounds[1])
     return Interval(
         estimate,
@@ -292,7 +314,9 @@ def _finish(
         seeds,
         paired,
         method,
-        clipped,
+        side is not None,
+        side,
+        level,
     )
 
 
@@ -301,20 +325,27 @@ def arm_interval(
     reps: np.ndarray | None = None,
     items: Sequence[int] = (),
     bounds: tuple[float, float] = (-math.inf, math.inf),
+    level: float = LEVEL,
 ) -> Interval:
     """One arm's mean over seeds. `values` (S,) per seed; `reps` (B, S, K) its item resamples
     (already weighted so that they sum over K to the metric) or None."""
     values = np.asarray(values, dtype=np.float64)
     parts = None if reps is None else item_parts([reps], items)
     seed = seed_component(values)
-    return _finish(
-        float(values.mean()),
-        seed,
-        parts.shared if parts else None,
-        (len(values),),
-        False,
-        bounds,
-    )
+    return _finish(float(values.mean()), seed, parts.shared if parts else None, (len(values),), False, bounds, level)
+
+
+def replicate_seeds(arm: ItemScores) -> list[list[int]]:
+    """Groups of seeds whose per-item results are identical in every stratum: the same run again
+    (an engine that ignores the seed, a copied run dir), not independent samples. Their seed
+    spread of 0 would pass for a noiseless experiment, and an interval from them covers the truth
+    about half the time (`tests/test_report_coverage.py`); compare refuses them by name. Per-item
+    data, not per-seed values, decide: two seeds of a 0/1 metric can tie by chance."""
+    groups: dict[bytes, list[int]] = {}
+    for row, seed in enumerate(arm.seeds):
+        key = b"".join(np.ascontiguousarray(s.num[row]).tobytes() for s in arm.strata)
+        groups.setdefault(key, []).append(seed)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def difference_interval(
@@ -324,6 +355,7 @@ def difference_interval(
     reps_b: np.ndarray | None = None,
     items: Sequence[int] = (),
     bounds: tuple[float, float] = (-math.inf, math.inf),
+    level: float = LEVEL,
 ) -> Interval:
     """mean(a) - mean(b) from per-seed values {seed: value}; `reps_*` (B, S, K) item resamples
     with seeds in sorted order (item draws shared by the arms), or None when an arm has none.
@@ -336,8 +368,9 @@ def difference_interval(
         d = va - vb
         parts = item_parts([reps_a - reps_b], items) if have_items else None
         seed = seed_component(d)
-        return _finish(float(d.mean()), seed, parts.shared if parts else None, seeds, True, bounds)
+        return _finish(float(d.mean()), seed, parts.shared if parts else None, seeds, True, bounds, level)
     parts = item_parts([reps_a, reps_b], items, signs=(1, -1)) if have_items else None
     comps = [seed_component(va), seed_component(vb)]
     seed = None if None in comps else _welch(comps)
-    return _finish(float(va.mean() - vb.mean()), seed, parts.shared if parts else None, seeds, False, bounds)
+    est = float(va.mean() - vb.mean())
+    return _finish(est, seed, parts.shared if parts else None, seeds, False, bounds, level)

@@ -11,10 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from armlab.report.datadiff import histogram
-from armlab.report.plots import plot_core_tasks, plot_curves, plot_data, plot_final
+from armlab.report.intervals import Interval
+from armlab.report.plots import (
+    plot_core_tasks,
+    plot_curves,
+    plot_data,
+    plot_differences,
+    plot_final,
+    plot_groups,
+)
+from armlab.report.summary import Summary
 from armlab.report.verdict import METRICS, digits
 from armlab.spec import DCLM_EVAL_BUNDLE_URL
-from armlab.workdir import atomic_write_json, atomic_write_text
+from armlab.workdir import atomic_write_text
 
 METHOD_NAMES = {
     "seeds+items": "seeds + items",
@@ -22,6 +31,7 @@ METHOD_NAMES = {
     "items": "items only",
     "none": "no interval",
 }
+CLIP_MARK = "†"  # an interval end cut at the metric's range (CORE's 1.0, bpb's 0)
 
 
 @dataclass
@@ -32,14 +42,17 @@ class Section:
     bullets: bool = False
 
 
-def fmt_interval(iv: dict[str, Any] | None, d: int | None = None, sign: str = "") -> str:
-    """`0.1234 [0.1100, 0.1368]`, or the estimate alone without an interval; sign="+" for differences."""
-    if not iv:
+def fmt_interval(iv: Interval | None, d: int | None = None, sign: str = "") -> str:
+    """`0.1234 [0.1100, 0.1368]`, or the estimate alone without an interval; sign="+" for
+    differences; an end cut at the metric's range is marked with CLIP_MARK."""
+    if iv is None:
         return "-"
-    d = d or digits(iv["low"], iv["high"])
-    if iv["low"] is None:
-        return f"{iv['estimate']:{sign}.{d}f}"
-    return f"{iv['estimate']:{sign}.{d}f} [{iv['low']:{sign}.{d}f}, {iv['high']:{sign}.{d}f}]"
+    d = d or digits(iv.low, iv.high)
+    if iv.low is None or iv.high is None:
+        return f"{iv.estimate:{sign}.{d}f}"
+    lo_mark = CLIP_MARK if iv.clipped_side in ("low", "both") else ""
+    hi_mark = CLIP_MARK if iv.clipped_side in ("high", "both") else ""
+    return f"{iv.estimate:{sign}.{d}f} [{iv.low:{sign}.{d}f}{lo_mark}, {iv.high:{sign}.{d}f}{hi_mark}]"
 
 
 def fmt_count(v: float | None) -> str:
@@ -57,80 +70,64 @@ def _duration(s: float | None) -> str:
     return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
-def core_name(summary: dict[str, Any]) -> str:
-    return "CORE (demo tasks)" if (summary.get("bundle") or {}).get("demo") else "CORE"
+def core_name(summary: Summary) -> str:
+    return "CORE (demo tasks)" if (summary.bundle or {}).get("demo") else "CORE"
 
 
-def coverage_note(summary: dict[str, Any]) -> str:
+def coverage_note(summary: Summary) -> str:
     """What the val bpb figures cover (the same for every run: compare refuses otherwise)."""
-    ev = next(iter(summary["arms"].values()))["eval"]
-    if ev.get("val_bpb_tokens"):
-        docs = f" in {ev['val_bpb_docs']:,} documents" if ev.get("val_bpb_docs") else ""
-        return (
-            f"val bpb: the final evaluation over {ev['val_bpb_tokens']:,} tokens{docs} of the shared eval set"
-        )
-    cap = ev.get("eval_tokens_cap")
+    ev = next(iter(summary.arms.values())).eval
+    if ev.val_bpb_tokens:
+        docs = f" in {ev.val_bpb_docs:,} documents" if ev.val_bpb_docs else ""
+        return f"val bpb: the final evaluation over {ev.val_bpb_tokens:,} tokens{docs} of the shared eval set"
+    cap = ev.eval_tokens_cap
     cap_txt = f"at most the first {cap:,} tokens" if cap else "an unrecorded part"
-    return (
-        f"val bpb: {cap_txt} of the shared eval set (eval.json from an older armlab records no exact count)"
-    )
+    return f"val bpb: {cap_txt} of the shared eval set (eval.json from an older armlab records no exact count)"
 
 
-def arms_section(summary: dict[str, Any]) -> Section:
-    arms = summary["arms"]
-    header = [
-        "arm",
-        "kind",
-        "seeds",
-        "final val bpb",
-        core_name(summary),
-        "tokens trained",
-        "epochs",
-        "training time",
-    ]
+def arms_section(summary: Summary) -> Section:
+    arms = summary.arms
+    header = ["arm", "kind", "seeds", "final val bpb", core_name(summary), "tokens trained", "epochs", "training time"]
     rows = [
         [
             a,
-            e["kind"],
-            ",".join(str(r["seed"]) for r in e["runs"]),
-            fmt_interval(e["val_bpb"]),
-            fmt_interval(e["core"]),
-            fmt_count((e["tokens"] or {}).get("mean")),
-            "-" if not e["epoch"] else f"{e['epoch']['mean']:.2f}",
-            _duration((e["train_time_s"] or {}).get("mean")),
+            e.kind,
+            ",".join(str(s) for s in e.seeds)
+            + (f" (of {len(e.planned_seeds)} planned)" if len(e.runs) < len(e.planned_seeds) else ""),
+            fmt_interval(e.val_bpb),
+            fmt_interval(e.core),
+            fmt_count(e.tokens),
+            "-" if not e.epoch else f"{e.epoch:.2f}",
+            _duration(e.train_time_s),
         ]
         for a, e in arms.items()
     ]
     runs = [
         [
             a,
-            r["run"],
-            str(r["seed"]),
-            f"{r['step']:,}",
-            "-" if r["val_bpb"] is None else f"{r['val_bpb']:.4f}",
-            "-" if r["core"] is None else f"{r['core']:.4f}",
-            "-" if r["tokens"] is None else f"{r['tokens']:,}",
+            r.run,
+            str(r.seed),
+            f"{r.step:,}",
+            "-" if r.val_bpb is None else f"{r.val_bpb:.4f}",
+            "-" if r.core is None else f"{r.core:.4f}",
+            "-" if r.tokens is None else f"{r.tokens:,}",
         ]
         for a, e in arms.items()
-        for r in e["runs"]
+        for r in e.runs
     ]
     sec = Section("Arms (mean over seeds [95% CI])", [coverage_note(summary) + "."])
     sec.tables += [
         (header, rows),
         (["arm", "run", "seed", "steps", "final val bpb", core_name(summary), "tokens"], runs),
     ]
-    labels = list(dict.fromkeys(t for e in arms.values() for t in e["core_tasks"]))
+    labels = list(dict.fromkeys(t for e in arms.values() for t in e.core_tasks))
     if labels:
-        items = next(iter(arms.values()))["eval"]["core_items"]
+        items = next(iter(arms.values())).eval.core_items
         sec.tables.append(
             (
                 ["task", "items", *[f"{a}: centred accuracy" for a in arms]],
                 [
-                    [
-                        t,
-                        str(items.get(t, "-")),
-                        *(fmt_interval(e["core_tasks"].get(t)) for e in arms.values()),
-                    ]
+                    [t, str(items.get(t, "-")), *(fmt_interval(e.core_tasks.get(t)) for e in arms.values())]
                     for t in labels
                 ],
             )
@@ -138,32 +135,78 @@ def arms_section(summary: dict[str, Any]) -> Section:
     return sec
 
 
-def comparison_section(summary: dict[str, Any]) -> Section:
+def fmt_detectable(c: Any, d: int) -> str:
+    det = c.detectable
+    if det is None:
+        return "-"
+    if det.low is None or det.high is None:
+        return f"{det.value:.{d}f}"
+    return f"{det.value:.{d}f} ({det.low:.{d}f}-{det.high:.{d}f})"
+
+
+def comparison_section(summary: Summary) -> Section:
     rows = []
-    for c in summary["comparisons"]:
-        label = METRICS[c["metric"]][0] if c["metric"] != "core" else core_name(summary)
-        d = digits(c["low"], c["high"])
-        det = c.get("detectable")
+    for c in summary.comparisons:
+        iv = c.interval
+        label = METRICS[c.metric][0] if c.metric != "core" else core_name(summary)
+        d = digits(iv.low, iv.high)
         rows.append(
             [
-                f"{c['arm']} - {c['reference']}",
+                f"{c.arm} - {c.reference}",
                 label,
-                fmt_interval(c, d, sign="+"),
-                "paired" if c["paired"] else "unpaired",
-                METHOD_NAMES[c["method"]],
-                "-" if c["df"] is None else f"{c['df']:.1f}",
-                "-" if det is None else f"{det:.{d}f}",
+                fmt_interval(iv, d, sign="+"),
+                "paired" if iv.paired else "unpaired",
+                METHOD_NAMES[iv.method],
+                "-" if iv.df is None else f"{iv.df:.1f}",
+                fmt_detectable(c, d),
             ]
         )
     sec = Section("Differences against the reference arm")
     sec.tables.append(
-        (["arms", "metric", "difference [95% CI]", "seeds", "noise counted", "df", "detectable"], rows)
+        (["arms", "metric", "difference [95% CI]", "seeds", "noise counted", "df", "detectable (range)"], rows)
     )
     sec.lines.append(
         "`detectable`: the smallest true difference this design (its seeds, its eval set) detects at 95% "
-        "two-sided with 80% power, from the observed noise; `armlab plan EXP --detect X` says how many "
-        "seeds a smaller one needs."
+        "two-sided with 80% power, from the observed noise; in brackets the same at both ends of the seed "
+        "noise's own 95% interval (with 3 seeds the seed SD is known only to within ~0.5x-6x, so this range "
+        "is wide: a second set of 3 seeds can give a detectable difference 4x the first's). "
+        "`armlab plan EXP --detect X` says how many seeds a smaller difference needs."
     )
+    if any(c.interval.clipped for c in summary.comparisons) or any(
+        iv is not None and iv.clipped for e in summary.arms.values() for iv in (e.val_bpb, e.core)
+    ):
+        sec.lines.append(f"{CLIP_MARK}: that end of the interval is cut at the metric's range (CORE <= 1, bpb >= 0).")
+    return sec
+
+
+def groups_section(summary: Summary) -> Section | None:
+    """Val bpb per group of eval documents: where each arm wins and loses."""
+    g = summary.groups
+    if g is None:
+        if summary.groups_missing:
+            return Section("Val bpb per group", [f"No per-group results: {summary.groups_missing}."])
+        return None
+    arms = list(summary.arms)
+    others = [a for a in arms if a != summary.reference_arm]
+    header = [g.column, "eval docs", "share of bytes", *[f"{a}" for a in arms], *[f"{a} - {summary.reference_arm}" for a in others]]
+    rows = []
+    for r in g.groups:
+        rows.append(
+            [
+                r.label,
+                f"{r.docs:,}",
+                f"{r.byte_share:.1%}",
+                *(fmt_interval(r.arms.get(a)) for a in arms),
+                *(fmt_interval(r.differences.get(a), sign="+") for a in others),
+            ]
+        )
+    what = f"quantile bins of {g.column} over the eval documents" if g.binned else f"values of {g.column}"
+    sec = Section(f"Val bpb per {g.column}", list(g.verdict))
+    sec.lines.append(
+        f"Groups are {what}; each interval counts seed and eval-document noise as the pooled one does, at "
+        f"{g.level:.2%} (Bonferroni over {len(g.groups)} groups), so all the groups' claims hold together at 95%."
+    )
+    sec.tables.append((header, rows))
     return sec
 
 
@@ -232,9 +275,9 @@ def _overlaps(data: dict[str, Any]) -> list[str]:
     return out
 
 
-def data_section(summary: dict[str, Any]) -> Section | None:
-    data = (summary.get("data") or {}).get("arms")
-    absent = (summary.get("data") or {}).get("absent") or {}
+def data_section(summary: Summary) -> Section | None:
+    data = (summary.data or {}).get("arms")
+    absent = (summary.data or {}).get("absent") or {}
     if not data and not absent:
         return None
     sec = Section("What differs in the data")
@@ -260,9 +303,9 @@ def data_section(summary: dict[str, Any]) -> Section | None:
     return sec
 
 
-def notes(summary: dict[str, Any]) -> list[str]:
-    out = list(summary.get("notes", []))
-    b = summary.get("bundle")
+def notes(summary: Summary) -> list[str]:
+    out = list(summary.notes)
+    b = summary.bundle
     if b and b.get("demo"):
         out.append(
             "CORE here is computed on armlab demo's own small tasks (built from held-out eval documents) "
@@ -283,7 +326,7 @@ def notes(summary: dict[str, Any]) -> list[str]:
             f"CORE bundle: {b.get('name')} ({len(b.get('tasks', []))} tasks) from {b.get('source')}{dclm}, {sha}."
         )
     out.append(
-        f"Intervals ({summary['resamples']:,} paired resamples, seed {summary['bootstrap_seed']}): seed noise from the "
+        f"Intervals ({summary.resamples:,} paired resamples, seed {summary.bootstrap_seed}): seed noise from the "
         "spread of per-seed values (paired by seed when both arms ran the same seeds, else Welch) plus the eval "
         "items' own noise from a paired bootstrap over items within each CORE task / over eval documents, the "
         "seed-by-item interaction counted once; the seed half-width (t, seed df) and the item half-width (normal) "
@@ -291,21 +334,27 @@ def notes(summary: dict[str, Any]) -> list[str]:
         "`seeds only`: no per-item data in eval.json; `items only`: one seed, training noise not counted. "
         "With fewer than 3 seeds an interval is weak (its seed noise is a 1-df guess)."
     )
-    out.append(f"Differences are against the reference arm `{summary['reference_arm']}`.")
-    for x in summary["excluded"]:
-        out.append(f"Excluded run `{x['run']}` (arm {x['arm']}): state {x['state']}.")
+    out.append(f"Differences are against the reference arm `{summary.reference_arm}`.")
+    for x in summary.excluded:
+        out.append(f"Excluded run `{x.run}` (arm {x.arm}): state {x.state}.")
     return out
 
 
-def sections(summary: dict[str, Any]) -> list[Section]:
+def sections(summary: Summary) -> list[Section]:
     out = [
         Section(
             "Verdict",
-            list(summary["verdict"]) + [f"warning: {w}" for w in summary.get("warnings", [])],
+            list(summary.verdict)
+            + (list(summary.groups.verdict) if summary.groups else [])
+            + [f"warning: {w}" for w in summary.warnings],
             bullets=True,
         )
     ]
-    out += [comparison_section(summary), arms_section(summary)]
+    out += [comparison_section(summary)]
+    groups = groups_section(summary)
+    if groups:
+        out.append(groups)
+    out.append(arms_section(summary))
     data = data_section(summary)
     if data:
         out.append(data)
@@ -318,12 +367,12 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(summary: dict[str, Any], figures: list[Path]) -> str:
+def render_markdown(summary: Summary, figures: list[Path]) -> str:
     parts = [
-        f"# {summary['experiment']}: comparison report",
+        f"# {summary.experiment}: comparison report",
         "",
-        f"Experiment fingerprint `{summary['fingerprint']}`; generated "
-        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(summary['created']))}.",
+        f"Experiment fingerprint `{summary.fingerprint}`; generated "
+        f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(summary.created))}.",
         "",
     ]
     for sec in sections(summary):
@@ -332,16 +381,33 @@ def render_markdown(summary: dict[str, Any], figures: list[Path]) -> str:
         parts += [""] if sec.bullets else []
         for header, rows in sec.tables:
             parts += [_md_table(header, rows), ""]
-    parts += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
+    parts += ["## Figures", ""]
+    for f in figures:
+        parts += [f"![{f.stem}]({f.name})", "", f"*{FIGURE_CAPTIONS.get(f.stem, f.stem)}*", ""]
     parts += ["## Notes", ""] + [f"- {n}" for n in notes(summary)] + [""]
     return "\n".join(parts)
 
 
-def render_html(summary: dict[str, Any], figures: list[Path]) -> str:
+FIGURE_CAPTIONS = {
+    "differences": "The verdict's evidence: each arm minus the reference, per metric, with its 95% interval "
+    "(seed + eval-item noise, paired by seed); dots are the per-seed differences. An interval that "
+    "crosses 0 is within noise, even where the per-arm intervals in final.png do not overlap, and the "
+    "other way round.",
+    "final": "Each arm on its own: mean over seeds with its 95% interval; dots are seeds. Overlapping "
+    "per-arm intervals do not mean 'no difference': the paired difference (differences.png) is the test.",
+    "groups": "Val bpb difference per group of eval documents, each with its interval (Bonferroni over "
+    "the groups): where the arm wins and where it loses.",
+    "curves": "Val bpb during training (the in-training eval sample), per seed and mean per arm.",
+    "core_tasks": "Centred accuracy per CORE task per arm (0 = chance), 95% intervals.",
+    "data": "What differs in the arms' data.",
+}
+
+
+def render_html(summary: Summary, figures: list[Path]) -> str:
     e = html.escape
     body = [
-        f"<h1>{e(summary['experiment'])}: comparison report</h1>",
-        f"<p>Experiment fingerprint <code>{e(summary['fingerprint'])}</code>.</p>",
+        f"<h1>{e(summary.experiment)}: comparison report</h1>",
+        f"<p>Experiment fingerprint <code>{e(summary.fingerprint)}</code>.</p>",
     ]
     for sec in sections(summary):
         body.append(f"<h2>{e(sec.title)}</h2>")
@@ -360,32 +426,38 @@ def render_html(summary: dict[str, Any], figures: list[Path]) -> str:
     body.append("<h2>Figures</h2>")
     for f in figures:
         data = base64.b64encode(f.read_bytes()).decode()
-        body.append(f'<p><img alt="{e(f.stem)}" src="data:image/png;base64,{data}"></p>')
+        cap = e(FIGURE_CAPTIONS.get(f.stem, f.stem))
+        body.append(
+            f'<figure><img alt="{e(f.stem)}" src="data:image/png;base64,{data}"><figcaption>{cap}</figcaption></figure>'
+        )
     body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes(summary)) + "</ul>")
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "td:first-child,th:first-child{text-align:left}img{max-width:100%}"
+        "figure{margin:1.5em 0}figcaption{color:#444;font-size:0.9em;max-width:900px}"
     )
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(summary['experiment'])}</title>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{e(summary.experiment)}</title>"
         f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n"
     )
 
 
-def write_report(summary: dict[str, Any], out: Path) -> list[Path]:
+def write_report(summary: Summary, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     figures = [
         p
         for p in (
-            plot_curves(summary, out / "curves.png"),
+            plot_differences(summary, out / "differences.png"),
             plot_final(summary, out / "final.png"),
+            plot_groups(summary, out / "groups.png"),
+            plot_curves(summary, out / "curves.png"),
             plot_core_tasks(summary, out / "core_tasks.png"),
             plot_data(summary, out / "data.png"),
         )
         if p is not None
     ]
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.json", summary.to_json() + "\n")
     atomic_write_text(out / "report.md", render_markdown(summary, figures))
     atomic_write_text(out / "report.html", render_html(summary, figures))
     return [out / "summary.json", out / "report.md", out / "report.html", *figures]

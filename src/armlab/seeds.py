@@ -1,0 +1,69 @@
+"""The seeds an experiment plans per arm: `train.seeds`, plus the seeds `armlab run --until-decided`
+added to the arms it could not yet tell apart, recorded in `<workdir>/seeds.json`.
+
+The file, not the experiment file, holds them, so the user's experiment stays as written and a
+rerun of `run --until-decided` goes on from where it was; `seeds` is not part of any fingerprint,
+so an added seed's run compares with the others. Every command that lists an experiment's runs
+(`compare`, `status`, the schedule of `run` and `launch`) asks `planned_seeds`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from armlab.workdir import Workdir, atomic_write_text, read_json
+
+SEEDS_JSON = "seeds.json"
+
+
+@dataclass(frozen=True)
+class Round:
+    """One decision of `run --until-decided`: what it saw and what it did."""
+
+    seeds: dict[str, int]  # arm -> finished seeds it saw
+    undecided: list[str]  # arms whose difference interval straddled 0
+    added: dict[str, int]  # arm -> the seed added (empty: it stopped)
+    reason: str  # the line it printed
+
+
+@dataclass(frozen=True)
+class ExtraSeeds:
+    """Seeds beyond `train.seeds`, per arm, in the order they were added."""
+
+    arms: dict[str, list[int]] = field(default_factory=dict)
+    rounds: list[Round] = field(default_factory=list)
+
+    def of(self, arm: str) -> list[int]:
+        return list(self.arms.get(arm, []))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ExtraSeeds:
+        return cls(
+            {a: [int(s) for s in v] for a, v in (d.get("arms") or {}).items()},
+            [Round(**r) for r in d.get("rounds") or []],
+        )
+
+
+def read_extra_seeds(wd: Workdir) -> ExtraSeeds:
+    path = wd.root / SEEDS_JSON
+    return ExtraSeeds.from_json(read_json(path)) if path.is_file() else ExtraSeeds()
+
+
+def write_extra_seeds(wd: Workdir, extra: ExtraSeeds) -> None:
+    atomic_write_text(wd.root / SEEDS_JSON, extra.to_json() + "\n")
+
+
+def planned_seeds(exp: Any) -> dict[str, list[int]]:
+    """arm -> the seeds the experiment plans for it: train.seeds, then any added ones."""
+    from armlab.workdir import open_workdir
+
+    extra = ExtraSeeds()
+    if exp.workdir_path.is_dir():
+        extra = read_extra_seeds(open_workdir(exp, create=False))
+    return {a.name: list(exp.train.seeds) + [s for s in extra.of(a.name) if s not in exp.train.seeds]
+            for a in exp.arms}  # fmt: skip
