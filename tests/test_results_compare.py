@@ -11,8 +11,8 @@ import pytest
 
 from armlab.errors import ArmlabError
 from armlab.report.compare import compare
-from armlab.report.summary import Summary
 from armlab.report.stats import t_quantile
+from armlab.report.summary import Summary
 from results_util import make_run, tiny_experiment
 
 

@@ -241,9 +241,27 @@ class EvaluateSpec(Strict):
 
 
 class ReportSpec(Strict):
-    """What the report shows about the arms' data."""
+    """What the report shows about the arms' data, and how it splits the eval set."""
 
-    group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
+    # A pool column that groups documents: categorical (e.g. fineweb's `dump`, a `source`): each
+    # arm's mix, and val bpb per value of it on the eval set; numeric with `group_bins`: val bpb
+    # per quantile bin of it (e.g. the quality score) on the eval set.
+    group_column: str | None = None
+    group_bins: int | None = Field(None, ge=2, le=20)  # quantile bins of a numeric group_column
+    max_groups: int = Field(8, ge=2, le=50)  # groups shown, the largest first; the rest pooled as "other"
+
+    @model_validator(mode="after")
+    def _bins_need_a_column(self) -> ReportSpec:
+        if self.group_bins is not None and not self.group_column:
+            raise ValueError("report.group_bins needs report.group_column (the numeric column to bin)")
+        return self
+
+    @property
+    def group_label(self) -> str | None:
+        """The eval shards' column that labels each document's group (see data/prepare/targets.py)."""
+        if not self.group_column:
+            return None
+        return f"{'score' if self.group_bins else 'group'}:{self.group_column}"
 
 
 class HostSpec(Strict):

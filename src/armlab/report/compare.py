@@ -23,6 +23,7 @@ import numpy as np
 
 from armlab.errors import ArmlabError
 from armlab.report.complete import FinalValues, final_values
+from armlab.report.groups import group_results, read_labels
 from armlab.report.intervals import (
     RESAMPLES,
     SEED,
@@ -41,6 +42,7 @@ from armlab.report.summary import (
     Detectable,
     EvalCoverage,
     ExcludedRun,
+    Groups,
     RunResult,
     Summary,
 )
@@ -454,6 +456,7 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
         for m, why in e.missing_items.items():
             warnings.append(f"{METRICS[m][0]} of {a}: {why}; its intervals count seed noise only")
     bundle = next(((r.eval or {}).get("bundle") for r in runs if r.core is not None), None)
+    groups, groups_missing = per_group(exp, data, ref.name)
     return Summary(
         experiment=exp.name,
         fingerprint=exp.fingerprint(),
@@ -468,7 +471,23 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
         bootstrap_seed=SEED,
         train_eval_tokens=exp.train.eval_tokens,  # what the training curves' val bpb covers
         excluded=[ExcludedRun(run=r.run, arm=r.arm, state=r.state_name, dir=str(r.dir)) for r in excluded],
+        groups=groups,
+        groups_missing=groups_missing,
     )
+
+
+def per_group(exp: Experiment, data: dict[str, ArmData], ref: str) -> tuple[Groups | None, str | None]:
+    """Val bpb per `[report] group_column` group (`groups`), or why there is none."""
+    if not exp.report.group_column:
+        return None, None
+    lacking = [a.scores["val_bpb"].missing for a in data.values() if a.scores["val_bpb"].scores is None]
+    if lacking:
+        return None, lacking[0]
+    labels = read_labels(exp)
+    if isinstance(labels, str):
+        return None, labels
+    res = group_results(labels, {a: d.scores["val_bpb"].scores for a, d in data.items()}, ref)
+    return (None, res) if isinstance(res, str) else (res, None)
 
 
 def print_verdict(summary: Summary) -> None:

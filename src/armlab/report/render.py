@@ -330,7 +330,8 @@ def notes(summary: Summary) -> list[str]:
         "spread of per-seed values (paired by seed when both arms ran the same seeds, else Welch) plus the eval "
         "items' own noise from a paired bootstrap over items within each CORE task / over eval documents, the "
         "seed-by-item interaction counted once; the seed half-width (t, seed df) and the item half-width (normal) "
-        "add in quadrature, clipped to the metric's range. "
+        "combine as a p-norm (p from the seed df: 95% whatever the mix of the two noises), clipped to the metric's "
+        "range. "
         "`seeds only`: no per-item data in eval.json; `items only`: one seed, training noise not counted. "
         "With fewer than 3 seeds an interval is weak (its seed noise is a 1-df guess)."
     )

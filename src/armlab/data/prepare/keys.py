@@ -50,7 +50,8 @@ def stats_score_column(exp: Experiment) -> str | None:
 
 
 def key_columns(exp: Experiment, arms: list[ArmSpec]) -> Columns:
-    wanted = [a.score_column for a in arms if a.score_column] + [stats_score_column(exp)]
+    binned = exp.report.group_column if exp.report.group_bins else None  # a numeric group: read as a score
+    wanted = [a.score_column for a in arms if a.score_column] + [stats_score_column(exp), binned]
     scores = tuple(dict.fromkeys(c for c in wanted if c))
     by_tokens = any(a.by == "tokens" or a.max_tokens for a in arms)
     tokens = exp.pool.token_count_column  # a small integer column: read it when there is one (exact counts)
@@ -60,7 +61,7 @@ def key_columns(exp: Experiment, arms: list[ArmSpec]) -> Columns:
         scores=scores,
         tokens=tokens,
         need_chars=by_tokens and tokens is None,
-        group=exp.report.group_column,
+        group=None if binned else exp.report.group_column,
     )
 
 

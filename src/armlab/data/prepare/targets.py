@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.data.pool import PoolFile
+from armlab.data.prepare.keys import key_columns
 from armlab.data.select import SALT_SHUFFLE, SALT_TOKENIZER
 from armlab.data.shards import MANIFEST
 from armlab.errors import ArmlabError
@@ -35,6 +36,11 @@ class Target:
     selection: dict[str, Any]
     fingerprint: str
     salt: int = SALT_SHUFFLE  # the shards are in ascending mix(key, shuffle_seed, salt)
+    # The eval set only: label columns its shards must carry (`report.group_label`). They are
+    # not part of the fingerprint: labels say which group a document is in, not which documents
+    # the eval set holds, so adding them re-writes the eval set's shards (same texts, same order)
+    # without making any run's evaluation stale.
+    labels: tuple[str, ...] = ()
 
     @property
     def partial_dir(self) -> Path:
@@ -95,6 +101,14 @@ def arm_selection(exp: Experiment, arm: ArmSpec) -> dict[str, Any]:
     return sel
 
 
+def eval_labels(exp: Experiment, arms: list[ArmSpec]) -> tuple[str, ...]:
+    """The label columns written beside each eval document: every score the key pass reads
+    (`score:<column>`, float) and the categorical group column (`group:<column>`, string), so
+    `compare` can split val bpb by them (`report/groups.py`)."""
+    cols = key_columns(exp, arms)
+    return (*(f"score:{c}" for c in cols.scores), *((f"group:{cols.group}",) if cols.group else ()))
+
+
 def plan_targets(exp: Experiment, wd: Workdir, arms: list[ArmSpec], pool_fp: str) -> list[Target]:
     """The eval set, the tokenizer sample and each pool arm, fingerprinted over the pool `pool_fp`."""
     shards = exp.shards.model_dump()
@@ -104,9 +118,10 @@ def plan_targets(exp: Experiment, wd: Workdir, arms: list[ArmSpec], pool_fp: str
             EVAL,
             wd.eval_dir,
             exp.eval.seed,
-            ("text", "key", "text_key"),
+            ("text", "key", "text_key", *eval_labels(exp, arms)),
             eval_selection(exp),
             fingerprint({**common, "target": "eval"}),
+            labels=(exp.report.group_label,) if exp.report.group_label else (),
         ),
         Target(
             TOKENIZER,
@@ -166,9 +181,11 @@ def needs_work(t: Target, force: bool, overwrite: bool, files: list[PoolFile] | 
     mpath = t.out_dir / MANIFEST
     if mpath.is_file():
         m = read_json(mpath)
-        if m.get("complete") and m.get("fingerprint") == t.fingerprint:
+        same = m.get("complete") and m.get("fingerprint") == t.fingerprint
+        if same and set(t.labels) <= set(m.get("columns") or ()):
             return False
-        if m.get("complete") and not overwrite:
+        # same documents but without the label columns the report needs: written again, below
+        if m.get("complete") and not same and not overwrite:
             diff = fingerprint_diff(m.get("selection", {}), t.selection)
             changed = pool_changes(m.get("pool_files"), files) if files is not None and not diff else []
             if changed:
