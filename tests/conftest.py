@@ -18,3 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
+
+
+# A private Slurm cluster (tests/slurm_util.py) per pytest-xdist worker, started on first use.
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """One node (n1, 4 CPUs), partitions `cpu` (default) and `gpu`."""
+    from slurm_util import slurm_cluster
+
+    with slurm_cluster(tmp_path_factory.mktemp("slurm"), nodes=1) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm_2nodes(tmp_path_factory):
+    """Two nodes (n1, n2: two slurmd on this machine, 4 CPUs each), same partitions."""
+    from slurm_util import slurm_cluster
+
+    with slurm_cluster(tmp_path_factory.mktemp("slurm2"), nodes=2) as cluster:
+        yield cluster
