@@ -21,7 +21,7 @@ from armlab.progress import console
 from armlab.runs import EVAL_JSON, RUN_JSON, RunState, load_run, read_state
 from armlab.spec import Experiment, HostSpec
 from armlab.text import plural
-from armlab.workdir import Workdir, atomic_write_json, open_workdir, run_name
+from armlab.workdir import Workdir, atomic_write_json, open_workdir
 
 
 def default_device() -> str:
@@ -31,8 +31,13 @@ def default_device() -> str:
 
 
 def _select(exp: Experiment, arms: list[str] | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
+    """The arms and seeds to run: the named ones, else every arm and every planned seed
+    (train.seeds and those `--until-decided` added: `armlab.seeds`)."""
+    from armlab.seeds import planned_seeds
+
     names = [exp.arm(a).name for a in arms] if arms else [a.name for a in exp.arms]
-    return names, list(seeds) if seeds else list(exp.train.seeds)
+    planned = list(dict.fromkeys(s for a in names for s in planned_seeds(exp)[a]))
+    return names, list(seeds) if seeds else planned
 
 
 def check_runs_match(exp: Experiment, arms: list[str], seeds: list[int]) -> None:
@@ -44,7 +49,7 @@ def check_runs_match(exp: Experiment, arms: list[str], seeds: list[int]) -> None
     odd = []
     for arm in arms:
         for seed in seeds:
-            d = wd.run_dir(arm, run_name(arm, seed))
+            d = wd.run_dir(arm, exp.run_name(arm, seed))
             if (d / RUN_JSON).is_file() and (keys := load_run(d).spec_differences(want)):
                 odd.append(f"{d.name} (differs in {', '.join(keys)})")
     if odd:
@@ -96,9 +101,10 @@ def train_runs(
     from armlab.ops.lane_runner import run_lane
     from armlab.ops.lanes import LaneFiles, LaneState, queue_lane, read_lane_state
     from armlab.ops.schedule import group_lanes, plan_schedule
+    from armlab.seeds import planned_seeds
 
-    schedule = plan_schedule(exp, [local_machine(exp, arms, device, num_gpus, nproc, runs_at_once)])
-    slots = schedule.select(seeds=seeds)
+    machine = local_machine(exp, arms, device, num_gpus, nproc, runs_at_once)
+    slots = plan_schedule(exp, [machine], seeds=planned_seeds(exp)).select(seeds=seeds)
     lanes = group_lanes(slots)
     wd = open_workdir(exp, create=False)
     if not slots:
@@ -272,8 +278,11 @@ def run_experiment(
     max_per_task: int | None = None,
     nproc: int | None = None,
     runs_at_once: int | None = None,
+    max_seeds: int | None = None,
 ) -> Path:
     """Everything, locally; returns the report dir. Raises RunFailed after the others if a run failed.
+    With `max_seeds` (`--until-decided --max-seeds N`), seeds are then added to the arms the runs
+    cannot yet tell apart, until decided or until N seeds could not (`armlab.decide`).
 
     Every selected arm x seed trains on this machine's lanes (`train_runs`); a schedule that
     cannot work (--num-gpus 2 on a CPU-only host, a batch the ranks cannot split) is refused
@@ -283,11 +292,13 @@ def run_experiment(
     from armlab.tokenizer import train_experiment_tokenizer
 
     names, seed_list = _select(exp, arms, seeds)
-    unknown = sorted(set(seed_list) - set(exp.train.seeds))
+    unknown = sorted(set(seed_list) - set(_select(exp, arms, None)[1]))
     if unknown:
         raise ArmlabError(
             f"--seeds {','.join(map(str, unknown))}: not in train.seeds {exp.train.seeds}; add them there first"
         )
+    if max_seeds is not None and (arms or seeds):
+        raise ArmlabError("--until-decided decides between every arm over the seeds it adds: leave out --arm and --seed")
     plan_schedule(exp, [local_machine(exp, names, device, num_gpus, nproc, runs_at_once)])
     check_runs_match(exp, names, seed_list)
     # The CORE bundle first: a bundle that cannot be fetched (offline, say) is refused before hours
@@ -295,11 +306,22 @@ def run_experiment(
     opened = open_bundle(exp, bundle)
     prepare(exp, arms=names)
     train_experiment_tokenizer(exp)
+    per_task = max_per_task or exp.evaluate.max_per_task
     done, failures = train_runs(exp, names, seed_list, device, num_gpus, nproc, runs_at_once)
-    if done:
-        for d in done:
-            evaluate_run(exp, d, opened, max_per_task or exp.evaluate.max_per_task, device)
-        report(exp)
+    for d in done:
+        evaluate_run(exp, d, opened, per_task, device)
+    summary = report(exp) if done else None
+    if max_seeds is not None and not failures:
+        from armlab.decide import run_until_decided
+
+        def train_round(add: dict[str, int]) -> Any:
+            more, failed = train_runs(exp, list(add), sorted(set(add.values())), device, num_gpus, nproc, runs_at_once)
+            failures.extend(failed)
+            for d in more:
+                evaluate_run(exp, d, opened, per_task, device)
+            return None if failed else report(exp)
+
+        run_until_decided(exp, max_seeds, summary, train_round, console.print)
     if failures:
         raise RunFailed(f"{plural(len(failures), 'run')} failed: " + "; ".join(failures))
     return open_workdir(exp, create=False).report_dir

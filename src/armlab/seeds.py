@@ -67,3 +67,10 @@ def planned_seeds(exp: Any) -> dict[str, list[int]]:
         extra = read_extra_seeds(open_workdir(exp, create=False))
     return {a.name: list(exp.train.seeds) + [s for s in extra.of(a.name) if s not in exp.train.seeds]
             for a in exp.arms}  # fmt: skip
+
+
+def planned_runs(exp: Any) -> list[tuple[str, int, str]]:
+    """(arm, seed, run name) of every run the experiment plans: each ladder rung (or the one
+    experiment) x arm x planned seed."""
+    seeds = planned_seeds(exp)
+    return [(a.name, s, rung.run_name(a.name, s)) for rung in exp.rungs() for a in exp.arms for s in seeds[a.name]]

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from armlab.errors import ArmlabError
 from armlab.text import closest
 from armlab.vocab import MIN_VOCAB_SIZE
+from armlab.workdir import run_name
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
@@ -264,6 +265,22 @@ class ReportSpec(Strict):
         return f"{'score' if self.group_bins else 'group'}:{self.group_column}"
 
 
+class LadderSpec(Strict):
+    """The same arms at several depths (DataDecide's scale ladder, on the user's own data): does the
+    ranking hold from the small models to the depth the experiment is about (`model.depth`)?"""
+
+    depths: list[int] = Field(default_factory=list)  # e.g. [4, 6, 8]; each trains ratio x its params
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_ok(cls, v: list[int]) -> list[int]:
+        if v and (len(set(v)) != len(v) or min(v) < 1):
+            raise ValueError(f"depths must be distinct positive integers, got {v}")
+        if len(v) == 1:
+            raise ValueError(f"a ladder needs two or more depths, got {v}")
+        return sorted(v)
+
+
 class HostSpec(Strict):
     name: str
     ssh: str  # user@host, or a Host alias from ~/.ssh/config
@@ -292,6 +309,7 @@ class Experiment(Strict):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     report: ReportSpec = ReportSpec()
+    ladder: LadderSpec = LadderSpec()
     nanochat: NanochatSpec = NanochatSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
 
@@ -316,6 +334,18 @@ class Experiment(Strict):
             for a in h.arms:
                 if a not in names:
                     raise ValueError(f"host {h.name!r} names unknown arm {a!r} (arms: {', '.join(names)})")
+        if self.ladder.depths:
+            if self.model.depth not in self.ladder.depths:
+                raise ValueError(
+                    f"ladder.depths {self.ladder.depths} must include model.depth ({self.model.depth}): the depth "
+                    "the verdict is about, the ladder's top rung"
+                )
+            fixed = [k for k in ("tokens", "num_iterations") if getattr(self.train, k) is not None]
+            if fixed:
+                raise ValueError(
+                    f"a [ladder] trains each depth for target_param_data_ratio x its parameters; remove train.{fixed[0]} "
+                    "(a fixed horizon would give the small depths far more tokens per parameter than the large)"
+                )
         return self
 
     # -- conveniences -----------------------------------------------------------------------
@@ -326,6 +356,19 @@ class Experiment(Strict):
         names = [a.name for a in self.arms]
         hint = f"did you mean {m!r}? " if (m := closest(name, names)) else ""
         raise ArmlabError(f"no arm named {name!r} in experiment {self.name!r} ({hint}arms: {', '.join(names)})")
+
+    def run_name(self, arm: str, seed: int) -> str:
+        """A run's name: `arm-sS`; in a ladder `arm-dD-sS`, so the rungs' runs never collide."""
+        return run_name(arm, seed, self.model.depth if self.ladder.depths else None)
+
+    def at_depth(self, depth: int) -> Experiment:
+        """The ladder rung at `depth`: the same experiment with `model.depth = depth` (its horizon
+        follows from the ratio; its fingerprint differs, so each rung compares only with itself)."""
+        return self.model_copy(update={"model": self.model.model_copy(update={"depth": depth})})
+
+    def rungs(self) -> list[Experiment]:
+        """Every rung of the ladder, smallest first; [self] without a ladder."""
+        return [self.at_depth(d) for d in self.ladder.depths] if self.ladder.depths else [self]
 
     @property
     def workdir_path(self) -> Path:

@@ -45,6 +45,7 @@ from armlab.ops.schedule import Slot, group_lanes, plan_schedule
 from armlab.ops.ssh import Remote
 from armlab.progress import console
 from armlab.runs import RunState
+from armlab.seeds import planned_seeds
 from armlab.spec import Experiment, HostSpec
 from armlab.text import plural
 from armlab.workdir import atomic_write_json, freeze_spec, open_workdir, read_json
@@ -190,13 +191,14 @@ def launch(
     """Preflight every host, then start each host's lanes detached there; see the module docstring."""
     if prepare_mode not in ("prepare", "skip"):
         raise ArmlabError(f"--prepare-mode {prepare_mode}: use prepare or skip")
-    unknown = sorted(set(seeds or []) - set(exp.train.seeds))
+    planned = planned_seeds(exp)  # train.seeds and the seeds `run --until-decided` added
+    unknown = sorted(set(seeds or []) - {s for v in planned.values() for s in v})
     if unknown:
         raise ArmlabError(
             f"--seed {','.join(map(str, unknown))}: not in train.seeds {exp.train.seeds}; add it there first"
         )
     chosen = select_hosts(exp, hosts)
-    schedule = plan_schedule(exp, device=device, machines=machine_labels(exp))
+    schedule = plan_schedule(exp, device=device, machines=machine_labels(exp), seeds=planned)
     if schedule.unassigned and not hosts:
         console.print(
             f"[yellow]launch[/]: arm(s) {', '.join(schedule.unassigned)} are on no [[hosts]] entry and are not launched"

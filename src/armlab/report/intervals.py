@@ -396,3 +396,13 @@ def difference_interval(
     seed = None if None in comps else _welch(comps)
     est = float(va.mean() - vb.mean())
     return _finish(est, seed, parts.shared if parts else None, seeds, False, bounds, level)
+
+
+def at_level(iv: Interval, level: float) -> Interval:
+    """The same estimate and noise parts at another level, unclipped (the sequential stopping rule
+    of `armlab.decide` looks at 1 - 0.05 / looks)."""
+    if iv.low is None or iv.high is None:
+        return iv
+    seed = None if iv.seed_var is None else Component(iv.seed_var, 0.0, math.inf if iv.df is None else iv.df)
+    item = None if iv.item_var is None else Component(iv.item_var, 0.0)
+    return _finish(iv.estimate, seed, item, iv.seeds, iv.paired, (-math.inf, math.inf), level)
