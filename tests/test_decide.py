@@ -33,7 +33,7 @@ def test_a_clear_difference_is_decided_without_more_seeds(tmp_path: Path) -> Non
     runs(exp, [0, 1, 2], effect=-0.10)
     summary, _ = analyse(exp)
     add, (d,) = next_round(exp, summary, max_seeds=6)
-    assert add == {} and d.state == "decided" and d.line.startswith("top: decided on val bpb with 3 seeds")
+    assert add == {} and d.state == "decided" and d.line.startswith("top vs random: decided on val bpb with 3 seeds")
     assert "98.75% CI" in d.line  # Bonferroni over the 4 looks 3..6 seeds can take
 
 
@@ -44,7 +44,7 @@ def test_a_difference_within_noise_gets_a_seed_for_both_arms_and_compare_accepts
     add, (d,) = next_round(exp, summary, max_seeds=8)
     assert d.state == "more" and "still within noise with 2 seeds" in d.line
     assert add == {"random": 2, "top": 2}  # the reference too: the design stays paired
-    record(exp, summary, add, [d])
+    record(exp, summary, add, [d], 8)
     saved = json.loads((tmp_path / "wd/seeds.json").read_text())
     assert saved["arms"] == {"random": [2], "top": [2]} and saved["rounds"][0]["added"] == add
     assert planned_seeds(exp) == {"top": [0, 1, 2], "random": [0, 1, 2]}
@@ -57,6 +57,9 @@ def test_a_difference_within_noise_gets_a_seed_for_both_arms_and_compare_accepts
     runs(exp, [0, 1, 2], effect=-0.012, noise=0.01)
     summary, _ = analyse(exp)  # seed 2 is planned now: no "not in train.seeds" refusal
     assert summary.arms["top"].planned_seeds == [0, 1, 2] and summary.arms["top"].seeds == [0, 1, 2]
+    # the differences are now at the sequential level: 95% over the 7 looks 2..8 seeds can take
+    iv = summary.comparison("top", "val_bpb").interval
+    assert iv.level == pytest.approx(1 - 0.05 / 7) and f"{100 * iv.level:.4g}% CI" in summary.verdict[0]
 
 
 def test_a_difference_no_affordable_seed_count_resolves_stops_with_the_bound(tmp_path: Path) -> None:
@@ -70,14 +73,14 @@ def test_a_difference_no_affordable_seed_count_resolves_stops_with_the_bound(tmp
 
 def test_the_loop_adds_seeds_until_it_stops(tmp_path: Path) -> None:
     exp = tiny_experiment(tmp_path / "wd", seeds=[0, 1])
-    runs(exp, [0, 1], effect=-0.012, noise=0.01)
+    runs(exp, [0, 1], effect=-0.02, noise=0.01)
     said: list[str] = []
     rounds: list[dict] = []
 
     def train_round(add: dict[str, int]):
         rounds.append(add)
         seeds = sorted({s for v in planned_seeds(exp).values() for s in v})
-        runs(exp, seeds, effect=-0.012, noise=0.01)
+        runs(exp, seeds, effect=-0.02, noise=0.01)
         return analyse(exp)[0]
 
     last = run_until_decided(exp, 5, analyse(exp)[0], train_round, said.append)

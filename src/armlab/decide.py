@@ -18,7 +18,9 @@ val bpb):
 Looking again after every seed and stopping at the first interval that excludes 0 would make a
 false "beats" likelier than 5% (optional stopping). So the stopping rule uses intervals at level
 1 - 0.05 / L, L the most looks the loop can take (Bonferroni over the looks): every claim it
-stops on holds at 95% however many looks it took. The report's own 95% intervals are unchanged.
+stops on holds at 95% however many looks it took. `seeds.json` records L, and `compare` then
+makes every difference interval of the experiment at that level (`ExtraSeeds.level`), so the
+report's verdict and the loop's never disagree.
 
 The seeds it adds are recorded in `<workdir>/seeds.json` (`armlab.seeds`): the run set that the
 schedule, `status` and `compare` see. `run_until_decided` is the loop; `next_round` the decision,
@@ -67,24 +69,25 @@ def decide(summary: Summary, max_seeds: int, start: int) -> list[Decision]:
         iv = c.interval
         n = min(iv.seeds)
         d = digits(iv.low, iv.high)
+        vs = f"{c.arm} vs {c.reference}"
         seq = at_level(iv, level)
         if seq.low is not None and not (seq.low <= 0 <= seq.high):
-            out.append(Decision(c.arm, metric, "decided", f"{c.arm}: decided on {label} with {n} seeds "
+            out.append(Decision(c.arm, metric, "decided", f"{vs}: decided on {label} with {n} seeds "
                                 f"({iv.estimate:+.{d}f}, {level:.2%} CI {seq.low:+.{d}f} to {seq.high:+.{d}f})"))  # fmt: skip
             continue
         if c.seed_var_per_seed is None:  # fewer than 2 seeds: no seed noise measured yet
             state = "more" if n < max_seeds else "cannot"
-            out.append(Decision(c.arm, metric, state, f"{c.arm}: {n} seed(s), no seed noise measured yet"))
+            out.append(Decision(c.arm, metric, state, f"{vs}: {n} seed each, no seed noise measured yet"))
             continue
         item = iv.item_var or 0.0
         need = seeds_needed(c.seed_var_per_seed, item, abs(iv.estimate), alpha=1 - level)
         if n < max_seeds and need is not None and need <= max_seeds:
-            out.append(Decision(c.arm, metric, "more", f"{c.arm}: {label} {iv.estimate:+.{d}f} still within noise "
+            out.append(Decision(c.arm, metric, "more", f"{vs}: {label} {iv.estimate:+.{d}f} still within noise "
                                 f"with {n} seeds; ~{need} seeds would detect a difference that size"))  # fmt: skip
             continue
         x = detectable(c.seed_var_per_seed, item, max_seeds, alpha=1 - level)
         bound = f"{x:.{d}f}" if x is not None else "?"
-        out.append(Decision(c.arm, metric, "cannot", f"{c.arm} vs {c.reference}: cannot be decided within "
+        out.append(Decision(c.arm, metric, "cannot", f"{vs}: cannot be decided within "
                             f"{max_seeds} seeds: |difference| < {bound} on {label} (estimate {iv.estimate:+.{d}f})"))  # fmt: skip
     return out
 
@@ -101,7 +104,9 @@ def next_round(exp: Experiment, summary: Summary, max_seeds: int) -> tuple[dict[
     return {a: seed for a in [summary.reference_arm, *more]}, decisions
 
 
-def record(exp: Experiment, summary: Summary, add: dict[str, int], decisions: list[Decision]) -> None:
+def record(
+    exp: Experiment, summary: Summary, add: dict[str, int], decisions: list[Decision], max_seeds: int
+) -> None:
     """Add the round's seeds (and the round) to `<workdir>/seeds.json`."""
     wd = open_workdir(exp, create=False)
     old = read_extra_seeds(wd)
@@ -115,7 +120,7 @@ def record(exp: Experiment, summary: Summary, add: dict[str, int], decisions: li
         added=dict(add),
         reason=reason,
     )
-    write_extra_seeds(wd, ExtraSeeds(arms, [*old.rounds, rnd]))
+    write_extra_seeds(wd, ExtraSeeds(arms, [*old.rounds, rnd], max_seeds, len(exp.train.seeds)))
 
 
 def run_until_decided(
@@ -135,7 +140,7 @@ def run_until_decided(
         add, decisions = next_round(exp, summary, max_seeds)
         for d in decisions:
             say(f"decide: {d.line}")
-        record(exp, summary, add, decisions)
+        record(exp, summary, add, decisions, max_seeds)
         if not add:
             undecided = [d for d in decisions if d.state != "decided"]
             say("decide: stop: " + ("every arm is decided" if not undecided else

@@ -310,8 +310,9 @@ def run_experiment(
     done, failures = train_runs(exp, names, seed_list, device, num_gpus, nproc, runs_at_once)
     for d in done:
         evaluate_run(exp, d, opened, per_task, device)
-    summary = report(exp) if done else None
-    if max_seeds is not None and not failures:
+    loop = max_seeds is not None and not failures
+    summary = report(exp, quiet=loop) if done else None
+    if loop:
         from armlab.decide import run_until_decided
 
         def train_round(add: dict[str, int]) -> Any:
@@ -319,21 +320,24 @@ def run_experiment(
             failures.extend(failed)
             for d in more:
                 evaluate_run(exp, d, opened, per_task, device)
-            return None if failed else report(exp)
+            return None if failed else report(exp, quiet=True)
 
-        run_until_decided(exp, max_seeds, summary, train_round, console.print)
+        if run_until_decided(exp, max_seeds, summary, train_round, console.print) is not None:
+            report(exp)  # the final report: its intervals at the loop's level, its rounds in the notes
     if failures:
         raise RunFailed(f"{plural(len(failures), 'run')} failed: " + "; ".join(failures))
     return open_workdir(exp, create=False).report_dir
 
 
-def report(exp: Experiment) -> Any:
-    """Compare the finished runs and print the verdict; returns the summary, or None when fewer
-    than two arms have finished runs: a run of one arm (`armlab run EXP --arm A`) is a success
-    with nothing to compare yet, not a refusal."""
-    from armlab.report.compare import NothingToCompare, compare, print_verdict
+def report(exp: Experiment, quiet: bool = False) -> Any:
+    """Compare the finished runs and print the verdict (`quiet`: not); returns the summary, or
+    None when fewer than two arms have finished runs: a run of one arm (`armlab run EXP --arm A`)
+    is a success with nothing to compare yet, not a refusal."""
+    from armlab.report.compare import NothingToCompare, analyse, compare, print_verdict
 
     try:
+        if quiet:
+            return analyse(exp)[0]
         out, summary = compare(exp)
     except NothingToCompare as e:
         console.print(f"run: {e}")

@@ -34,6 +34,21 @@ class ExtraSeeds:
 
     arms: dict[str, list[int]] = field(default_factory=dict)
     rounds: list[Round] = field(default_factory=list)
+    max_seeds: int | None = None  # `--max-seeds` of the run that added them
+    start: int | None = None  # seeds per arm before the first added one (len(train.seeds))
+
+    @property
+    def looks(self) -> int:
+        """How many times the loop could look at the difference: at `start` seeds, then after each
+        seed up to `max_seeds` (1 when no loop ran)."""
+        return max(1, (self.max_seeds or 0) - (self.start or 0) + 1) if self.max_seeds else 1
+
+    @property
+    def level(self) -> float:
+        """The level of every difference interval of an experiment that added seeds until decided:
+        95% over all its looks together (Bonferroni), since stopping at the first look whose 95%
+        interval excludes 0 would claim differences more often than 5% of the time."""
+        return 1 - 0.05 / self.looks
 
     def of(self, arm: str) -> list[int]:
         return list(self.arms.get(arm, []))
@@ -46,6 +61,8 @@ class ExtraSeeds:
         return cls(
             {a: [int(s) for s in v] for a, v in (d.get("arms") or {}).items()},
             [Round(**r) for r in d.get("rounds") or []],
+            d.get("max_seeds"),
+            d.get("start"),
         )
 
 
@@ -58,13 +75,18 @@ def write_extra_seeds(wd: Workdir, extra: ExtraSeeds) -> None:
     atomic_write_text(wd.root / SEEDS_JSON, extra.to_json() + "\n")
 
 
-def planned_seeds(exp: Any) -> dict[str, list[int]]:
-    """arm -> the seeds the experiment plans for it: train.seeds, then any added ones."""
+def extra_seeds(exp: Any) -> ExtraSeeds:
+    """The experiment's `seeds.json` (empty when there is none)."""
     from armlab.workdir import open_workdir
 
-    extra = ExtraSeeds()
-    if exp.workdir_path.is_dir():
-        extra = read_extra_seeds(open_workdir(exp, create=False))
+    if not exp.workdir_path.is_dir():
+        return ExtraSeeds()
+    return read_extra_seeds(open_workdir(exp, create=False))
+
+
+def planned_seeds(exp: Any) -> dict[str, list[int]]:
+    """arm -> the seeds the experiment plans for it: train.seeds, then any added ones."""
+    extra = extra_seeds(exp)
     return {a.name: list(exp.train.seeds) + [s for s in extra.of(a.name) if s not in exp.train.seeds]
             for a in exp.arms}  # fmt: skip
 

@@ -48,7 +48,7 @@ from armlab.report.summary import (
 )
 from armlab.report.verdict import METRICS, verdict_line
 from armlab.runs import RUN_JSON, RunRecord, engine_differences, load_run
-from armlab.seeds import planned_seeds
+from armlab.seeds import extra_seeds, planned_seeds
 from armlab.spec import Experiment
 from armlab.text import plural
 from armlab.workdir import open_workdir
@@ -377,8 +377,10 @@ def compare_arm(
     arms: dict[str, ArmResult],
     reps: dict[str, dict[str, Any]],
     items: dict[str, list[int]],
+    level: float = 0.95,
 ) -> list[Comparison]:
-    """Per metric, the difference arm - ref with its interval and detectable difference."""
+    """Per metric, the difference arm - ref with its interval (at `level`: 95%, or over the looks
+    of `run --until-decided`) and detectable difference."""
     out = []
     for metric in METRICS:
         if metric not in arm.scores or metric not in ref.scores:
@@ -390,6 +392,7 @@ def compare_arm(
             reps[ref.name].get(metric),
             items.get(metric, ()),
             _bounds(metric, _baselines(arm), True),
+            level,
         )
         per = _per_seed_var(iv, arms[arm.name].interval(metric), arms[ref.name].interval(metric))
         n = min(len(arm.seeds), len(ref.seeds))
@@ -448,7 +451,7 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
     for arm in data.values():
         if arm is ref:
             continue
-        per_metric = compare_arm(arm, ref, arms, reps, items)
+        per_metric = compare_arm(arm, ref, arms, reps, items, extra_seeds(exp).level)
         verdicts.append(verdict_line(arm.name, ref.name, {c.metric: c.interval for c in per_metric}, note))
         comparisons += per_metric
         warnings.append(_seed_warning(arm, ref))
@@ -473,6 +476,7 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
         excluded=[ExcludedRun(run=r.run, arm=r.arm, state=r.state_name, dir=str(r.dir)) for r in excluded],
         groups=groups,
         groups_missing=groups_missing,
+        decided=[r.reason for r in extra_seeds(exp).rounds],
     )
 
 

@@ -336,6 +336,15 @@ def notes(summary: Summary) -> list[str]:
         "With fewer than 3 seeds an interval is weak (its seed noise is a 1-df guess)."
     )
     out.append(f"Differences are against the reference arm `{summary.reference_arm}`.")
+    levels = {c.interval.level for c in summary.comparisons}
+    if summary.decided:
+        level = max(levels)
+        out.append(
+            f"Seeds were added until decided (`armlab run --until-decided`): the difference intervals are at "
+            f"{100 * level:.4g}% each, 95% over every look the loop could take (Bonferroni), since stopping at the "
+            "first 95% interval that excludes 0 would claim a difference too often. Its rounds: "
+            + " | ".join(summary.decided)
+        )
     for x in summary.excluded:
         out.append(f"Excluded run `{x.run}` (arm {x.arm}): state {x.state}.")
     return out

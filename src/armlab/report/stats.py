@@ -69,10 +69,12 @@ def detectable(
     se, df = standard_error(seed_var, item_var, seeds)
     if se == 0:
         return 0.0
-    # power grows with delta; (z + z) * se is close, 20 * se is far past any df >= 1's answer
-    return float(
-        optimize.brentq(lambda d: power(d, se, df, alpha) - target, 1e-9 * se, 50 * se, xtol=1e-12 * se)
-    )
+    # power grows with delta: widen the bracket until it holds the answer (at 1 df and a small
+    # alpha, e.g. a sequential design's 0.0125, that is past 100 se)
+    hi = 50 * se
+    while power(hi, se, df, alpha) < target:
+        hi *= 4
+    return float(optimize.brentq(lambda d: power(d, se, df, alpha) - target, 1e-9 * se, hi, xtol=1e-12 * se))
 
 
 def seeds_needed(

@@ -137,6 +137,7 @@ class Summary(Record):
     groups_missing: str | None = None  # why there are no per-group results although asked for
     data: dict[str, Any] | None = None  # datadiff.data_difference
     notes: list[str] = Field(default_factory=list)
+    decided: list[str] = Field(default_factory=list)  # each round of `run --until-decided`, as it said
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)

@@ -63,7 +63,7 @@ def metric_phrase(
         body = f"{est}, no interval: {why}"
         return f"{arm} vs {ref} on {label}: {body}" if headline else f"{label} {body}"
     clip = ", clipped at the metric's range" if iv.clipped else ""
-    ci = f"{'95% CI' if headline else 'CI'} {_num(iv.low, d)} to {_num(iv.high, d)}{clip}"
+    ci = f"{f'{100 * iv.level:.4g}% CI' if headline else 'CI'} {_num(iv.low, d)} to {_num(iv.high, d)}{clip}"
     paren = (
         f"({ci}, {seeds_note(iv, planned)})"
         if headline
