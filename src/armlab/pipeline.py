@@ -264,7 +264,7 @@ def evaluate_experiment(
     opened = open_bundle(exp, bundle)
     per_task = max_per_task or exp.evaluate.max_per_task
     for d in runs:
-        evaluate_run(exp, d, opened, per_task, device, force, max_tokens)
+        evaluate_run(rung_of(exp, d), d, opened, per_task, device, force, max_tokens)
     return runs
 
 
@@ -297,33 +297,46 @@ def run_experiment(
         raise ArmlabError(
             f"--seeds {','.join(map(str, unknown))}: not in train.seeds {exp.train.seeds}; add them there first"
         )
-    if max_seeds is not None and (arms or seeds):
-        raise ArmlabError("--until-decided decides between every arm over the seeds it adds: leave out --arm and --seed")
-    plan_schedule(exp, [local_machine(exp, names, device, num_gpus, nproc, runs_at_once)])
-    check_runs_match(exp, names, seed_list)
+    if max_seeds is not None and (arms or seeds or exp.ladder.depths):
+        raise ArmlabError(
+            "--until-decided decides between every arm at one depth over the seeds it adds: leave out --arm, "
+            "--seed (and [ladder])"
+        )
+    for rung in exp.rungs():  # the experiment, or each depth of its ladder
+        plan_schedule(rung, [local_machine(rung, names, device, num_gpus, nproc, runs_at_once)])
+        check_runs_match(rung, names, seed_list)
     # The CORE bundle first: a bundle that cannot be fetched (offline, say) is refused before hours
     # of training, not after them.
     opened = open_bundle(exp, bundle)
     prepare(exp, arms=names)
     train_experiment_tokenizer(exp)
-    per_task = max_per_task or exp.evaluate.max_per_task
-    done, failures = train_runs(exp, names, seed_list, device, num_gpus, nproc, runs_at_once)
-    for d in done:
-        evaluate_run(exp, d, opened, per_task, device)
-    loop = max_seeds is not None and not failures
-    summary = report(exp, quiet=loop) if done else None
-    if loop:
+    failures: list[str] = []
+
+    def train(arms: list[str], seeds: list[int]) -> bool:
+        """Train and evaluate these runs at every depth; True when any run is done."""
+        done = []
+        for rung in exp.rungs():
+            if exp.ladder.depths:
+                console.print(f"run: ladder depth {rung.model.depth}")
+            finished, failed = train_runs(rung, arms, seeds, device, num_gpus, nproc, runs_at_once)
+            failures.extend(failed)
+            for d in finished:
+                evaluate_run(rung, d, opened, max_per_task or exp.evaluate.max_per_task, device)
+            done += finished
+        return bool(done)
+
+    done = train(names, seed_list)
+    if max_seeds is not None and done and not failures:
         from armlab.decide import run_until_decided
 
         def train_round(add: dict[str, int]) -> Any:
-            more, failed = train_runs(exp, list(add), sorted(set(add.values())), device, num_gpus, nproc, runs_at_once)
-            failures.extend(failed)
-            for d in more:
-                evaluate_run(exp, d, opened, per_task, device)
-            return None if failed else report(exp, quiet=True)
+            train(list(add), sorted(set(add.values())))
+            return None if failures else report(exp, quiet=True)
 
-        if run_until_decided(exp, max_seeds, summary, train_round, console.print) is not None:
+        if run_until_decided(exp, max_seeds, report(exp, quiet=True), train_round, console.print) is not None:
             report(exp)  # the final report: its intervals at the loop's level, its rounds in the notes
+    elif done:
+        report(exp)
     if failures:
         raise RunFailed(f"{plural(len(failures), 'run')} failed: " + "; ".join(failures))
     return open_workdir(exp, create=False).report_dir
@@ -345,3 +358,11 @@ def report(exp: Experiment, quiet: bool = False) -> Any:
     print_verdict(summary)
     console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")
     return summary
+
+
+def rung_of(exp: Experiment, run_dir: Path) -> Experiment:
+    """The experiment a run was trained as: its ladder rung (the depth in its run.json), else `exp`."""
+    if not exp.ladder.depths:
+        return exp
+    depth = ((load_run(run_dir).info.get("comparability") or {}).get("model") or {}).get("depth")
+    return exp.at_depth(depth) if depth in exp.ladder.depths else exp

@@ -121,7 +121,7 @@ def plan(
     for the experiment; a remote pool's download; the smallest difference its seeds can detect (from a pilot's noise)."""
     from rich.markup import escape
 
-    from armlab.cost import costs, parse_mfu, render_costs
+    from armlab.cost import costs, parse_mfu, render_costs, render_ladder
     from armlab.data.plan import download_plan, render, render_download
     from armlab.data.plan import plan as make_plan
     from armlab.progress import console
@@ -132,6 +132,8 @@ def plan(
     mfus = parse_mfu(mfu)
     pilot_exp = load_experiment(pilot) if pilot else None
     priced = render_costs(spec, costs(spec, mfus, gpus), usd_per_gpu_hour)  # from the spec alone
+    if spec.ladder.depths:
+        priced += "\n" + render_ladder(spec, mfus, gpus)
     noise = plan_power(spec, pilot_exp, detect)
     plans = make_plan(spec)  # reads the pool's metadata for unprepared arms
     table, warnings = render(spec, plans)

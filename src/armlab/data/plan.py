@@ -109,7 +109,7 @@ def _estimate(exp: Experiment, arm: ArmSpec, pool: PoolEstimate) -> tuple[int, i
 
 def plan(exp: Experiment) -> list[ArmPlan]:
     wd = open_workdir(exp, create=False)
-    budget = training_budget(exp).tokens
+    budget = max(training_budget(r).tokens for r in exp.rungs())  # a ladder: its largest depth consumes most
     pool: PoolEstimate | None = None
     out = []
     for arm in exp.arms:

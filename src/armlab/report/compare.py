@@ -75,6 +75,8 @@ def collect_runs(
     finished, other = [], []
     for d in wd.all_run_dirs():
         rec = load_run(d)
+        if other_rung(exp, rec):
+            continue  # a ladder's run at another depth: compared in its own rung
         if d.name in (exclude or []):
             other.append(rec)
             continue
@@ -100,6 +102,12 @@ def collect_runs(
             f"with a lower learning rate, or leave it out with --exclude {diverged[0].run} (the report says so)"
         )
     return finished, other
+
+
+def other_rung(exp: Experiment, rec: RunRecord) -> bool:
+    """A run of the experiment's ladder at another depth than `exp`'s (each rung compares alone)."""
+    depth = ((rec.info.get("comparability") or {}).get("model") or {}).get("depth")
+    return bool(exp.ladder.depths) and depth != exp.model.depth and depth in exp.ladder.depths
 
 
 def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
@@ -531,6 +539,10 @@ def compare(
 
     summary, _ = analyse(exp, exclude)
     summary = summary.with_(data=data_difference(exp, list(summary.arms)), notes=list(notes or []))
+    if exp.ladder.depths:
+        from armlab.report.ladder import ladder
+
+        summary = summary.with_(ladder=ladder(exp))
     out = Path(out) if out else open_workdir(exp, create=False).report_dir
     write_report(summary, out)
     return out, summary

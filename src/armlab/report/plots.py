@@ -244,6 +244,44 @@ def plot_groups(summary: Summary, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_ladder(summary: Summary, path: Path) -> Path | None:
+    """Per metric a panel: arm - reference at each depth of the ladder, with its interval."""
+    lad = summary.ladder
+    if lad is None:
+        return None
+    metrics = [m for m in METRICS if any(m in r.differences for r in lad.rungs)]
+    if not metrics:
+        return None
+    depths = [r.depth for r in lad.rungs]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.8 * len(metrics), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        label, lower_better = METRICS[metric]
+        others = list(dict.fromkeys(a for r in lad.rungs for a in r.differences.get(metric, {})))
+        for j, arm in enumerate(others):
+            off = (j - (len(others) - 1) / 2) * 0.12
+            for x, r in enumerate(lad.rungs):
+                iv = r.differences.get(metric, {}).get(arm)
+                if iv is None or iv.low is None or iv.high is None:
+                    continue
+                color = _verdict_color(iv, lower_better)
+                ax.errorbar(x + off, iv.estimate, yerr=[[iv.estimate - iv.low], [iv.high - iv.estimate]], fmt="o",
+                            color=color, ms=7, capsize=5, lw=2, label=arm if x == 0 and len(others) > 1 else None)  # fmt: skip
+            ys = [r.differences.get(metric, {}).get(arm) for r in lad.rungs]
+            pts = [(x + off, iv.estimate) for x, iv in enumerate(ys) if iv is not None]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color="grey", lw=0.8, alpha=0.6)
+        ax.axhline(0, color="black", lw=0.9)
+        ax.set_xticks(range(len(depths)), [f"d{d}{chr(10) + '(target)' if d == lad.target else ''}" for d in depths])
+        ax.set_xlim(-0.5, len(depths) - 0.5)
+        better = "down" if lower_better else "up"
+        ax.set_title(f"{label}: arm - {lad.reference} by depth ({better} is better)", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        if len(others) > 1:
+            ax.legend(fontsize=8)
+    fig.suptitle("ladder: the paired difference at each depth, 95% intervals", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_core_tasks(summary: Summary, path: Path) -> Path | None:
     arms = summary.arms
     labels = sorted({t for a in arms.values() for t in a.core_tasks})

@@ -112,6 +112,26 @@ class Groups(Record):
     verdict: list[str]
 
 
+class Rung(Record):
+    """One depth of a ladder: what a run there costs, and its comparison (`report/ladder.py`)."""
+
+    depth: int
+    params: int  # scaling parameters (the horizon is ratio x these)
+    tokens: int  # per run
+    flops: float  # per run
+    arms: dict[str, dict[str, IntervalField]] = Field(default_factory=dict)  # metric -> arm -> interval
+    differences: dict[str, dict[str, IntervalField]] = Field(default_factory=dict)  # metric -> arm -> arm - ref
+    seeds: dict[str, int] = Field(default_factory=dict)  # finished seeds per arm
+    missing: str | None = None  # why this depth has no comparison (yet)
+
+
+class Ladder(Record):
+    reference: str
+    target: int  # model.depth: the depth the experiment's verdict is about
+    rungs: list[Rung]
+    verdict: list[str]
+
+
 class ExcludedRun(Record):
     run: str
     arm: str
@@ -138,6 +158,7 @@ class Summary(Record):
     data: dict[str, Any] | None = None  # datadiff.data_difference
     notes: list[str] = Field(default_factory=list)
     decided: list[str] = Field(default_factory=list)  # each round of `run --until-decided`, as it said
+    ladder: Ladder | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
