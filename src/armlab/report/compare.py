@@ -503,10 +503,12 @@ def per_group(exp: Experiment, data: dict[str, ArmData], ref: str) -> tuple[Grou
 
 
 def print_verdict(summary: Summary) -> None:
-    """The verdict lines on stdout (one per arm against the reference), warnings on stderr."""
+    """The verdict lines on stdout (one per arm against the reference, then per group and per
+    ladder depth), warnings on stderr."""
     from armlab.progress import console
 
-    for line in summary.verdict:
+    extra = (summary.groups.verdict if summary.groups else []) + (summary.ladder.verdict if summary.ladder else [])
+    for line in [*summary.verdict, *extra]:
         print(line, flush=True)
     for w in summary.warnings:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)

@@ -159,6 +159,7 @@ def plot_final(summary: Summary, path: Path) -> Path:
         "the verdict is about the paired difference: see differences.png",
         fontsize=9,
     )
+    fig.tight_layout(rect=(0, 0, 1, 0.9))  # the two-line title above the panels' own titles
     return _save(fig, path)
 
 
@@ -348,7 +349,12 @@ def data_figure(summary: Summary) -> Any:
         panels.append("groups")
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    cols = min(2, len(panels))  # two panels a row: four in one row shrink to unreadable on a page
+    rows = -(-len(panels) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    axes = [list(grid.flat)[: len(panels)]]
+    for ax in list(grid.flat)[len(panels) :]:
+        ax.set_visible(False)
     for ax, panel in zip(axes[0], panels, strict=True):
         if panel == "groups":
             names = sorted(

@@ -51,9 +51,10 @@ def fmt_interval(iv: Interval | None, d: int | None = None, sign: str = "") -> s
     d = d or digits(iv.low, iv.high)
     if iv.low is None or iv.high is None:
         return f"{iv.estimate:{sign}.{d}f}"
+    low, high = iv.low + 0.0, iv.high + 0.0  # a bound at -0.0 prints as 0
     lo_mark = CLIP_MARK if iv.clipped_side in ("low", "both") else ""
     hi_mark = CLIP_MARK if iv.clipped_side in ("high", "both") else ""
-    return f"{iv.estimate:{sign}.{d}f} [{iv.low:{sign}.{d}f}{lo_mark}, {iv.high:{sign}.{d}f}{hi_mark}]"
+    return f"{iv.estimate:{sign}.{d}f} [{low:{sign}.{d}f}{lo_mark}, {high:{sign}.{d}f}{hi_mark}]"
 
 
 def fmt_count(v: float | None) -> str:
@@ -453,6 +454,12 @@ FIGURE_CAPTIONS = {
 }
 
 
+def _inline(text: str) -> str:
+    """Escaped text with markdown's `code` spans as <code> (the sections are written for both)."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts)) if len(parts) % 2 else html.escape(text)
+
+
 def render_html(summary: Summary, figures: list[Path]) -> str:
     e = html.escape
     body = [
@@ -462,9 +469,9 @@ def render_html(summary: Summary, figures: list[Path]) -> str:
     for sec in sections(summary):
         body.append(f"<h2>{e(sec.title)}</h2>")
         if sec.bullets:
-            body.append("<ul>" + "".join(f"<li>{e(x)}</li>" for x in sec.lines) + "</ul>")
+            body.append("<ul>" + "".join(f"<li>{_inline(x)}</li>" for x in sec.lines) + "</ul>")
         else:
-            body += [f"<p>{e(x)}</p>" for x in sec.lines]
+            body += [f"<p>{_inline(x)}</p>" for x in sec.lines]
         for header, rows in sec.tables:
             body.append(
                 "<table><tr>"
@@ -480,7 +487,7 @@ def render_html(summary: Summary, figures: list[Path]) -> str:
         body.append(
             f'<figure><img alt="{e(f.stem)}" src="data:image/png;base64,{data}"><figcaption>{cap}</figcaption></figure>'
         )
-    body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes(summary)) + "</ul>")
+    body.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_inline(n)}</li>" for n in notes(summary)) + "</ul>")
     style = (
         "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
