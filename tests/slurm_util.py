@@ -7,15 +7,16 @@
         c.wait_job(job)["JobState"]           # 'COMPLETED'
         subprocess.run(["squeue"], env=c.env)  # any Slurm client, pointed at this cluster by SLURM_CONF
 
-What runs (all under `root`, all stopped by pid on exit):
+What runs (files under `root`, sockets under a short `run_dir`; every daemon stopped by pid on exit):
 - `munged -F` with its own key, socket, pid and seed files; Slurm finds it through
   `AuthInfo=socket=...` (slurm.conf(5): "socket: Path name to a MUNGE daemon socket to use ... Used by
   auth/munge and cred/munge"), so the machine's own munged (if any) is never involved.
 - `slurmctld -D` on a free loopback port (`SlurmctldHost=<this host>(127.0.0.1)`: slurmctld only
   runs where the name matches its hostname; the address in brackets is what everyone connects to).
 - one `slurmd -D -N nK` per node, each on its own free port (`NodeName=nK NodeAddr=127.0.0.1 Port=`).
-  Several slurmd on one host work with Debian's 22.05 build: every path takes `%n` (the node name),
-  and a `--nodes=2` job gets tasks on both (tests/test_slurm_cluster.py proves it).
+  Several slurmd on one host work with Debian's 22.05 build (it even accepts two nodes with the
+  same NodeHostname, which only --enable-multiple-slurmd builds allow): the spool and pid paths take
+  `%n` (the node name), and a `--nodes=2` job gets tasks on both (tests/test_slurm_cluster.py).
 
 Nodes offer `cpus` CPUs each (default 4, more than this machine's 2 cores: `SlurmdParameters=
 config_overrides` makes Slurm believe slurm.conf, "generally only useful for testing purposes"), so two
@@ -32,10 +33,9 @@ port, socket, spool/state dir, pid and log file, the ClusterName, and the job id
 random, so job-id-derived names differ between clusters). Clients reach it only through `env`
 (`SLURM_CONF=<root>/slurm.conf`; every inherited SLURM_*/SBATCH_*/SRUN_*/SQUEUE_* variable removed).
 
-The daemons run as the current user (`SlurmUser`/`SlurmdUser`). As root (CI, this machine) all of it
-works; as another user slurmctld and munged run, but slurmd's job launch needs root for setuid/
-setgroups (see the report of the `slurm` helper); the fixture then fails with slurmd's log, never skips.
-Missing packages FAIL the fixture ("run scripts/test.sh"); a skipped Slurm test must never count as a pass.
+The daemons run as the current user (`SlurmUser`/`SlurmdUser`): as root (CI) and as an ordinary user
+(seen: `nobody` ran a 2-node job with srun steps), since every job is that user's own. Missing
+packages FAIL the fixture ("run scripts/test.sh"); a skipped Slurm test must never count as a pass.
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from sshd_util import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "slurmstepd")
 CLIENTS = ("sbatch", "srun", "squeue", "scontrol", "scancel", "sinfo")
@@ -80,12 +82,6 @@ START_TIMEOUT_S = 60  # generous: the 2-core machine may be busy with other help
 _CLIENT_ENV = re.compile(r"^(SLURM|SBATCH|SRUN|SALLOC|SQUEUE|SINFO|SCANCEL|SCONTROL)_")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _binary(name: str) -> str:
     found = shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if Path(p).exists()), None
@@ -98,7 +94,7 @@ def _binary(name: str) -> str:
 def parse_job(line: str) -> dict[str, str]:
     """`scontrol show job -o <id>`'s one line as {field: value}. Values may hold spaces (Command=, WorkDir=),
     so a field starts only where a space is followed by `Name=` (names hold letters, digits, `:` and `/`:
-    `AllocNode:Sid`, `CPUs/Task`)."""
+    `AllocNode:Sid`, `CPUs/Task`). A value that itself holds " name=" (a --comment could) would split."""
     fields = re.split(r" (?=[A-Za-z][A-Za-z0-9:/_]*=)", line.strip())
     return dict(f.split("=", 1) for f in fields if "=" in f)
 

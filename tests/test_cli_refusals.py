@@ -95,6 +95,8 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["train", exp, "--arm", "rand", "--depth", "3"], "rand-s0"),
         (["train", exp, "--arm", "top", "--total-batch-size", "100"], "total_batch_size"),
         (["train", exp, "--arm", "rand", "--num-gpus", "2", "--seed", "5"], "GPU"),
+        (["train", exp, "--arm", "rand", "--seed", "5", "--nnodes", "2", "--node-rank", "0"], "--rdzv-endpoint"),
+        (["train", exp, "--arm", "rand", "--seed", "5", "--num-iterations", str(10**30)], "num_iterations"),
         (["run", exp, "--num-gpus", "2"], "GPU"),
         (["run", str(longer), "--arm", "rand", "--seeds", "0"], "differs in train.num_iterations"),
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),

@@ -58,6 +58,9 @@ def test_batch_jobs_end_with_their_output_and_records(slurm: SlurmCluster, tmp_p
     # Ended jobs stay listed (MinJobAge): squeue --states=all, with the fields status needs.
     rows = {r[0]: r for r in slurm.squeue("%i|%T|%P|%N", "--states=all", "-j", f"{ok},{bad}")}
     assert rows == {ok: [ok, "COMPLETED", "cpu", "n1"], bad: [bad, "FAILED", "gpu", "n1"]}
+    # A job the controller no longer knows (purged MinJobAge after its end; 300 s by default): exit 1.
+    r = slurm.run("scontrol", "show", "job", "-o", "1", check=False)
+    assert (r.returncode, r.stderr.strip()) == (1, "slurm_load_jobs error: Invalid job id specified")
 
 
 def test_srun_in_a_job_starts_one_process_per_task(slurm: SlurmCluster, tmp_path: Path):
@@ -138,28 +141,33 @@ def test_time_limit_signals_the_shell_with_B_and_the_steps_without(slurm: SlurmC
 
 
 def test_requeue_reruns_the_same_job_id_with_a_restart_count(slurm: SlurmCluster, tmp_path: Path):
-    """`scontrol requeuehold` puts a running job back to PENDING (held, so the test sees
-    it there without racing the restart), `scontrol release` lets it run again under the same id with
+    """A job requeues itself (`scontrol requeuehold $SLURM_JOB_ID`: held, so the test sees it PENDING
+    without racing the restart); its batch shell gets SIGTERM at once (then SIGKILL after KillWait),
+    so a requeue is a script's last act. `scontrol release` runs it again under the same id with
     SLURM_RESTART_COUNT=1; --open-mode=append keeps the first run's output."""
-    out, started = tmp_path / "out", tmp_path / "started"
+    out = tmp_path / "out"
     job = slurm.sbatch(
         "--requeue", "--open-mode=append", "-o", str(out),
-        script=f"""#!/bin/bash
-echo "run ${{SLURM_RESTART_COUNT:-0}} of job $SLURM_JOB_ID"
-[ -n "$SLURM_RESTART_COUNT" ] && exit 0
-touch {started}
+        script="""#!/bin/bash
+echo "run ${SLURM_RESTART_COUNT:-0} of job $SLURM_JOB_ID"
+[ -n "${SLURM_RESTART_COUNT:-}" ] && exit 0
+trap 'echo "shell: TERM"; exit 1' TERM
+scontrol requeuehold "$SLURM_JOB_ID"
 while :; do sleep 0.2; done
 """,
     )  # fmt: skip
-    wait_file(started)
-    slurm.run("scontrol", "requeuehold", job)
+    # COMPLETING while the first run's processes are killed, then PENDING. squeue words the reason
+    # with spaces, scontrol with underscores.
+    wait_reason(slurm, job, "job requeued in held state")
     rec = slurm.wait_job(job, {"PENDING"})
-    assert (rec["Reason"], rec["Restarts"], rec["Requeue"]) == ("job_requeued_in_held_state", "1", "1")
+    assert (rec["JobState"], rec["Reason"], rec["Restarts"]) == ("PENDING", "job_requeued_in_held_state", "1")
     slurm.run("scontrol", "release", job)
     rec = slurm.wait_job(job)
-    assert (rec["JobState"], rec["Restarts"]) == ("COMPLETED", "1")
-    assert out.read_text().splitlines()[0] == f"run 0 of job {job}"
-    assert out.read_text().splitlines()[-1] == f"run 1 of job {job}"
+    assert (rec["JobState"], rec["Restarts"], rec["ExitCode"]) == ("COMPLETED", "1", "0:0")
+    lines = (
+        out.read_text().splitlines()
+    )  # also slurmstepd's "CANCELLED ... DUE TO JOB REQUEUE", bash's "Terminated"
+    assert (lines[0], lines[-1]) == (f"run 0 of job {job}", f"run 1 of job {job}") and "shell: TERM" in lines
     # --no-requeue: scontrol requeue is refused
     never = slurm.sbatch("--no-requeue", "-o", "/dev/null", "--wrap", "sleep 300")
     slurm.wait_job(never, {"RUNNING"})

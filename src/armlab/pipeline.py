@@ -15,19 +15,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from armlab.errors import ArmlabError, RunFailed, Stopped
-from armlab.ops.schedule import Slot
+from armlab.errors import ArmlabError, RunFailed
 from armlab.progress import console
-from armlab.runs import EVAL_JSON, RUN_JSON, RunState, load_run, read_state
-from armlab.spec import Experiment, HostSpec
+from armlab.runs import EVAL_JSON, RUN_JSON, RunState, load_run
+from armlab.spec import Experiment
 from armlab.text import plural
-from armlab.workdir import Workdir, atomic_write_json, open_workdir
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+from armlab.workdir import atomic_write_json, open_workdir
 
 
 def _select(exp: Experiment, arms: list[str] | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
@@ -61,108 +54,10 @@ def check_runs_match(exp: Experiment, arms: list[str], seeds: list[int]) -> None
         )
 
 
-def local_machine(
-    exp: Experiment,
-    arms: list[str],
-    device: str | None = None,
-    num_gpus: int | None = None,
-    nproc: int | None = None,
-    runs_at_once: int | None = None,
-) -> HostSpec:
-    """This machine as the one host of `armlab run` (armlab.ops.schedule.local_host): runs of
-    `num_gpus` GPUs each (default: all visible), as many side by side as fit; on CPU, runs of
-    `nproc` processes, `runs_at_once` side by side."""
+def torch_cuda() -> bool:
     import torch
 
-    from armlab.ops.schedule import local_host
-
-    if device not in (None, "cpu", "cuda"):
-        raise ArmlabError(f"--device {device!r}: use cpu or cuda")
-    device = device or ("cuda" if num_gpus is not None or torch.cuda.is_available() else "cpu")
-    visible = torch.cuda.device_count() if device == "cuda" else 0
-    return local_host(exp, arms, device=device, visible_gpus=visible, gpus_per_run=num_gpus, nproc=nproc,
-                      runs_at_once=runs_at_once)  # fmt: skip
-
-
-def train_runs(
-    exp: Experiment,
-    arms: list[str],
-    seeds: list[int],
-    device: str | None = None,
-    num_gpus: int | None = None,
-    nproc: int | None = None,
-    runs_at_once: int | None = None,
-) -> tuple[list[Path], list[str]]:
-    """Train every arm x seed not yet done on this machine's lanes; returns (finished run dirs,
-    failure messages). One lane trains here, in this process, with the ranks' output on the
-    terminal; several train side by side, one runner process each (armlab.ops.lanes), with a line
-    here when a run starts or fails. A stop (Ctrl-C, SIGTERM) stops every lane: Stopped. Callers
-    run `check_runs_match` first, before their own expensive steps (prepare, the CORE bundle)."""
-    from armlab.ops.lane_runner import run_lane
-    from armlab.ops.lanes import LaneFiles, LaneState, queue_lane, read_lane_state
-    from armlab.ops.schedule import group_lanes, plan_schedule
-    from armlab.seeds import planned_seeds
-
-    machine = local_machine(exp, arms, device, num_gpus, nproc, runs_at_once)
-    slots = plan_schedule(exp, [machine], seeds=planned_seeds(exp)).select(seeds=seeds)
-    lanes = group_lanes(slots)
-    wd = open_workdir(exp, create=False)
-    if not slots:
-        return [], []
-    console.print(
-        f"run: {plural(len(slots), 'run')} on {plural(len(lanes), 'lane')} of "
-        f"{plural(slots[0].world_size, slots[0].device + ' rank')}"
-    )
-    for s in slots:
-        if read_state(wd.run_dir(s.arm, s.run)).get("state") == RunState.DONE:
-            console.print(f"run: {s.run} already done")
-    if len(lanes) == 1:
-        run_lane(queue_lane(wd, exp, lanes[0]).queue, echo=True)
-        failures: list[str] = []
-    else:
-        failures = _side_by_side(wd, exp, lanes)
-    done = []
-    for lane in lanes:
-        st = read_lane_state(LaneFiles.of(wd.root, lane[0]))
-        if st.get("state") == LaneState.STOPPED:
-            raise Stopped("armlab run stopped; rerun it to resume the stopped runs")
-        failures += list((st.get("failures") or {}).values())
-        done += [
-            d for d in (wd.run_dir(s.arm, s.run) for s in lane) if read_state(d).get("state") == RunState.DONE
-        ]
-    return done, failures
-
-
-def _side_by_side(wd: Workdir, exp: Experiment, lanes: list[list[Slot]]) -> list[str]:
-    """Each lane in its own runner process (children of this one: they die with it), a line here
-    when a lane starts a run; returns notes on lanes another process already trains. A signal
-    stops every runner, each stopping its run resumably, and raises Stopped."""
-    import time
-
-    from armlab.ops.lane_runner import LaneStopped, stop_on_signals
-    from armlab.ops.lanes import read_lanes, start_lanes
-    from armlab.runs import stop_process
-
-    starts = start_lanes(wd, exp, lanes, detach=False, wait_s=0)
-    notes = [f"lane {s.lane} is trained by pid {s.pid} (another armlab run); not waited for"
-             for s in starts if s.action == "running"]  # fmt: skip
-    procs = {s.lane: s.proc for s in starts if s.proc is not None}
-    shown: dict[str, tuple[str, str] | None] = {}
-    try:
-        with stop_on_signals():
-            while any(p.poll() is None for p in procs.values()):
-                for view in read_lanes(wd.root):
-                    if view.id in procs and view.current and shown.get(view.id) != view.current:
-                        console.print(f"run: lane {view.id} training {view.current[1]}")
-                    shown[view.id] = view.current
-                time.sleep(1)
-    except (LaneStopped, KeyboardInterrupt):
-        for p in procs.values():
-            if p.poll() is None:
-                stop_process(p.pid, 60)  # SIGTERM (Ctrl-C sent them SIGINT already), SIGKILL after 60 s
-            p.wait()
-        raise Stopped("armlab run stopped; rerun it to resume the stopped runs") from None
-    return notes
+    return torch.cuda.is_available()
 
 
 def evaluate_run(
@@ -207,7 +102,7 @@ def evaluate_run(
     }
     if rec.eval and not force and all(rec.eval.get(k) == v for k, v in want.items()):
         return rec.eval
-    device = device or default_device()
+    device = device or ("cuda" if torch_cuda() else "cpu")
     tok = load_experiment_tokenizer(exp)
     if tok.fingerprint != rec.info.get("tokenizer_fingerprint"):
         raise ArmlabError(
@@ -281,15 +176,13 @@ def run_experiment(
     max_seeds: int | None = None,
 ) -> Path:
     """Everything, locally; returns the report dir. Raises RunFailed after the others if a run failed.
-    With `max_seeds` (`--until-decided --max-seeds N`), seeds are then added to the arms the runs
-    cannot yet tell apart, until decided or until N seeds could not (`armlab.decide`).
 
-    Every selected arm x seed trains on this machine's lanes (`train_runs`); a schedule that
-    cannot work (--num-gpus 2 on a CPU-only host, a batch the ranks cannot split) is refused
-    before any work."""
-    from armlab.data.prepare import prepare
-    from armlab.ops.schedule import plan_schedule
-    from armlab.tokenizer import train_experiment_tokenizer
+    Every selected arm x seed (x depth of a `[ladder]`) trains on this machine's lanes
+    (armlab.ops.orchestrator: this machine is the one host); a layout that cannot work
+    (--num-gpus 2 on a CPU-only host, a batch the ranks cannot split) is refused before any work.
+    With `max_seeds` (`--until-decided --max-seeds N`), seeds are then added to the arms the runs
+    cannot yet tell apart, until decided or until N seeds could not (`armlab.decide`)."""
+    from armlab.ops.orchestrator import local_host, run_here
 
     names, seed_list = _select(exp, arms, seeds)
     unknown = sorted(set(seed_list) - set(_select(exp, arms, None)[1]))
@@ -302,23 +195,21 @@ def run_experiment(
             "--until-decided decides between every arm at one depth over the seeds it adds: leave out --arm, "
             "--seed (and [ladder])"
         )
-    for rung in exp.rungs():  # the experiment, or each depth of its ladder
-        plan_schedule(rung, [local_machine(rung, names, device, num_gpus, nproc, runs_at_once)])
+    rungs = [(rung, local_host(rung, names, device, num_gpus, nproc, runs_at_once)) for rung in exp.rungs()]
+    for rung, _ in rungs:  # the experiment, or each depth of its ladder
         check_runs_match(rung, names, seed_list)
     # The CORE bundle first: a bundle that cannot be fetched (offline, say) is refused before hours
     # of training, not after them.
     opened = open_bundle(exp, bundle)
-    prepare(exp, arms=names)
-    train_experiment_tokenizer(exp)
     failures: list[str] = []
 
     def train(arms: list[str], seeds: list[int]) -> bool:
         """Train and evaluate these runs at every depth; True when any run is done."""
         done = []
-        for rung in exp.rungs():
+        for rung, host in rungs:
             if exp.ladder.depths:
                 console.print(f"run: ladder depth {rung.model.depth}")
-            finished, failed = train_runs(rung, arms, seeds, device, num_gpus, nproc, runs_at_once)
+            finished, failed = run_here(rung, host, seeds, arms)
             failures.extend(failed)
             for d in finished:
                 evaluate_run(rung, d, opened, max_per_task or exp.evaluate.max_per_task, device)
@@ -336,16 +227,17 @@ def run_experiment(
         if run_until_decided(exp, max_seeds, report(exp, quiet=True), train_round, console.print) is not None:
             report(exp)  # the final report: its intervals at the loop's level, its rounds in the notes
     elif done:
-        report(exp)
+        report(exp, quiet=False, failures=bool(failures))
     if failures:
         raise RunFailed(f"{plural(len(failures), 'run')} failed: " + "; ".join(failures))
     return open_workdir(exp, create=False).report_dir
 
 
-def report(exp: Experiment, quiet: bool = False) -> Any:
+def report(exp: Experiment, quiet: bool = False, failures: bool = False) -> Any:
     """Compare the finished runs and print the verdict (`quiet`: not); returns the summary, or
     None when fewer than two arms have finished runs: a run of one arm (`armlab run EXP --arm A`)
-    is a success with nothing to compare yet, not a refusal."""
+    is a success with nothing to compare yet, not a refusal. With `failures` (some runs failed),
+    a refusal is said and the failures raised after it explain it."""
     from armlab.report.compare import NothingToCompare, analyse, compare, print_verdict
 
     try:
@@ -354,6 +246,11 @@ def report(exp: Experiment, quiet: bool = False) -> Any:
         out, summary = compare(exp)
     except NothingToCompare as e:
         console.print(f"run: {e}")
+        return None
+    except ArmlabError as e:
+        if not failures:
+            raise
+        console.print(f"compare: {e}")  # the failed runs are why
         return None
     print_verdict(summary)
     console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")

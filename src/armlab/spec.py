@@ -132,11 +132,18 @@ class ArmSpec(Strict):
         return self
 
 
+# Upper bounds of the recipe's numbers: far beyond any sane run, so a value past one is a typo or
+# a unit mistake (e.g. `num_iterations = 10**30`, `matrix_lr = inf`), refused before anything runs.
+MAX_STEPS = 10**9
+MAX_TOKENS = 10**16
+MAX_LR = 10.0  # nanochat's largest default is 0.5 (scalar_lr)
+
+
 class ModelSpec(Strict):
-    depth: int = Field(20, gt=0)
-    max_seq_len: int = Field(2048, gt=0)
-    aspect_ratio: int = Field(64, gt=0)  # model_dim = depth * aspect_ratio, rounded up to head_dim
-    head_dim: int = Field(128, gt=0)
+    depth: int = Field(20, gt=0, le=1024)
+    max_seq_len: int = Field(2048, gt=0, le=1 << 20)
+    aspect_ratio: int = Field(64, gt=0, le=4096)  # model_dim = depth * aspect_ratio, rounded up to head_dim
+    head_dim: int = Field(128, gt=0, le=4096)
     # Sliding-window attention, tiled over the layers (the last layer is always L): L = full
     # context, S = a quarter of it. None: the engine's default (nanochat 92d63d4: "SSSL").
     window_pattern: str | None = None
@@ -149,30 +156,36 @@ class ModelSpec(Strict):
         return v.upper() if v is not None else None
 
 
+def _rate(upper: float) -> Any:
+    """A recipe number: None (the engine's default) or finite in (0, upper]."""
+    return Field(None, gt=0, le=upper, allow_inf_nan=False)
+
+
 class TrainSpec(Strict):
     # What trains the model (armlab.train.engines): armlab's own trainer, or the researcher's
     # nanochat checkout ([nanochat]). Part of the fingerprint: runs of two engines never compare.
     engine: Literal["builtin", "nanochat"] = "builtin"
-    device_batch_size: int = Field(32, gt=0)
-    total_batch_size: int | None = Field(None, gt=0)  # None: nanochat's auto batch size
-    target_param_data_ratio: float | None = Field(None, gt=0)  # default 12 when nothing else set
-    tokens: int | None = Field(None, gt=0)
-    num_iterations: int | None = Field(None, gt=0)
+    device_batch_size: int = Field(32, gt=0, le=1 << 16)
+    total_batch_size: int | None = Field(None, gt=0, le=1 << 40)  # None: nanochat's auto batch size
+    target_param_data_ratio: float | None = _rate(10_000.0)  # default 12 when nothing else set
+    tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
+    num_iterations: int | None = Field(None, gt=0, le=MAX_STEPS)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
-    eval_every: int = Field(250, gt=0)
-    eval_tokens: int = Field(20_971_520, gt=0)
-    save_every: int = Field(1000, gt=0)
+    eval_every: int = Field(250, gt=0, le=MAX_STEPS)
+    eval_tokens: int = Field(20_971_520, gt=0, le=MAX_TOKENS)
+    save_every: int = Field(1000, gt=0, le=MAX_STEPS)
     # Optimiser and schedule, in nanochat's terms (learning rates are the d12 / 2**19-token
     # values before the trainer's batch-size scaling). None: the engine's own default (builtin:
-    # nanochat 92d63d4's, armlab.train.recipe; nanochat engine: the flag is not passed).
-    embedding_lr: float | None = Field(None, gt=0)
-    unembedding_lr: float | None = Field(None, gt=0)
-    matrix_lr: float | None = Field(None, gt=0)
-    scalar_lr: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
-    warmup_steps: int | None = Field(None, ge=0)
-    warmdown_ratio: float | None = Field(None, ge=0, le=1)
-    final_lr_frac: float | None = Field(None, ge=0, le=1)
+    # nanochat 92d63d4's, armlab.train.recipe; nanochat engine: the flag is not passed). Finite
+    # and bounded: a diverging run is stopped (state "diverged"), a nonsensical one never starts.
+    embedding_lr: float | None = _rate(MAX_LR)
+    unembedding_lr: float | None = _rate(MAX_LR)
+    matrix_lr: float | None = _rate(MAX_LR)
+    scalar_lr: float | None = _rate(MAX_LR)
+    weight_decay: float | None = Field(None, ge=0, le=MAX_LR, allow_inf_nan=False)
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS)
+    warmdown_ratio: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    final_lr_frac: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     compile: bool = True
     allow_repeat: bool = False
     wandb_project: str | None = None
@@ -281,9 +294,40 @@ class LadderSpec(Strict):
         return sorted(v)
 
 
+WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def walltime_seconds(value: str) -> int:
+    """Slurm's time formats (sbatch --time): minutes, minutes:seconds, hours:minutes:seconds,
+    days-hours, days-hours:minutes, days-hours:minutes:seconds -> seconds."""
+    m = WALLTIME_RE.match(value.strip())
+    if not m:
+        raise ValueError(
+            f"time {value!r} is not a Slurm walltime (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)"
+        )
+    days, a, b, c = (int(x) if x is not None else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # HH:MM:SS
+        return a * 3600 + b * 60 + c
+    if b is not None:  # MM:SS
+        return a * 60 + b
+    return a * 60  # minutes
+
+
+SLURM_KEYS = ("partition", "prepare_partition", "account", "qos", "time", "gpus_per_node", "cpus_per_task",
+              "extra_sbatch")  # fmt: skip
+
+
 class HostSpec(Strict):
+    """A `[[hosts]]` entry: where the runs of some arms train (armlab.ops.hosts: one backend per
+    `scheduler`)."""
+
     name: str
-    ssh: str  # user@host, or a Host alias from ~/.ssh/config
+    scheduler: Literal["ssh", "slurm"] = "ssh"
+    # ssh: user@host or a Host alias from ~/.ssh/config. slurm: the login node to reach over SSH;
+    # unset, armlab runs on the login node itself.
+    ssh: str | None = None
     arms: list[str] = Field(min_length=1)  # every run (arm x seed) of these arms trains here (armlab.ops.schedule)
     num_gpus: int = Field(8, ge=0)
     gpus_per_run: int | None = Field(None, gt=0)  # cuda: GPUs of one run (default num_gpus: one run at a time)
@@ -295,6 +339,93 @@ class HostSpec(Strict):
     device: Literal["cuda", "cpu"] = "cuda"
     nproc: int = Field(1, gt=0)  # training processes per arm when device = "cpu" (num_gpus is for cuda)
     nanochat: str | None = None  # the nanochat checkout on this host (default: [nanochat] path)
+    # several machines per run: ssh lists them (`nodes`, the first is node 0); slurm asks for them
+    nodes: list[str] | None = Field(None, min_length=2)  # ssh: every run spans these machines
+    nodes_per_run: int | None = Field(None, gt=0)  # default: len(nodes) (ssh), 1 (slurm)
+    # slurm
+    partition: str | None = None  # where the runs' jobs go
+    prepare_partition: str | None = None  # prepare as a CPU job there (unset: on the login node)
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None  # walltime of one job; a longer run continues as a chain of jobs
+    gpus_per_node: int | None = Field(None, ge=0)  # cuda: GPUs of each node of a run (default num_gpus)
+    cpus_per_task: int | None = Field(None, gt=0)
+    extra_sbatch: list[str] = Field(default_factory=list)  # verbatim `#SBATCH ...` lines
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"host name {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("time")
+    @classmethod
+    def _time_ok(cls, v: str | None) -> str | None:
+        if v is not None:
+            walltime_seconds(v)
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _sbatch_lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if not line.startswith("#SBATCH ") or "\n" in line:
+                raise ValueError(f"extra_sbatch line {line!r} must be one line starting '#SBATCH '")
+        return v
+
+    @model_validator(mode="after")
+    def _scheduler_keys(self) -> HostSpec:
+        where = f"host {self.name!r}"
+        if self.scheduler == "ssh":
+            if self.ssh is None and not self.nodes:
+                raise ValueError(f'{where}: set ssh (user@host or an alias), or nodes = ["user@a", "user@b"]')
+            if self.ssh is not None and self.nodes:
+                raise ValueError(f"{where}: set ssh or nodes, not both (nodes lists every machine, node 0 first)")
+            slurm_only = [k for k in SLURM_KEYS if getattr(self, k) not in (None, [])]
+            if slurm_only:
+                raise ValueError(f'{where}: {", ".join(slurm_only)} need scheduler = "slurm"')
+            if self.nodes and self.nodes_per_run not in (None, len(self.nodes)):
+                raise ValueError(
+                    f"{where}: nodes_per_run = {self.nodes_per_run} but nodes lists {len(self.nodes)}; every run "
+                    "spans the listed nodes: list exactly nodes_per_run of them (another entry for the rest)"
+                )
+            if not self.nodes and (self.nodes_per_run or 1) > 1:
+                raise ValueError(f'{where}: nodes_per_run > 1 needs nodes = ["user@a", "user@b", ...]')
+        else:
+            if self.nodes:
+                raise ValueError(f"{where}: nodes is for ssh entries; a Slurm entry asks for nodes_per_run")
+            if not self.partition:
+                raise ValueError(f"{where}: a Slurm entry needs partition (`sinfo -s` lists them)")
+            if self.runs_at_once > 1 or self.gpus_per_run is not None:
+                raise ValueError(
+                    f"{where}: runs_at_once and gpus_per_run are for ssh entries; on Slurm each run is a job "
+                    "(nodes_per_run x gpus_per_node)"
+                )
+        return self
+
+    @property
+    def target(self) -> str | None:
+        """The SSH target of node 0 (None: a Slurm login node armlab runs on)."""
+        return self.nodes[0] if self.nodes else self.ssh
+
+    @property
+    def nodes_of_run(self) -> int:
+        return self.nodes_per_run or (len(self.nodes) if self.nodes else 1)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks on each node of a run: nproc on CPU; GPUs (gpus_per_node on Slurm, else
+        gpus_per_run, else num_gpus) on CUDA."""
+        if self.device == "cpu":
+            return self.nproc
+        if self.scheduler == "slurm":
+            return self.gpus_per_node if self.gpus_per_node is not None else self.num_gpus
+        return self.gpus_per_run or self.num_gpus
+
+    @property
+    def walltime_s(self) -> int | None:
+        return None if self.time is None else walltime_seconds(self.time)
 
 
 class Experiment(Strict):

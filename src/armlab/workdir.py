@@ -319,15 +319,16 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-STEPS = ("prepare", "tokenizer", "export")
+STEPS = ("prepare", "tokenizer", "export", "run")  # run: one `armlab run` per workdir at a time
 
 
 def step_lock(wd: Workdir, step: str, wait: bool = True) -> contextlib.AbstractContextManager[None]:
-    """One writer per experiment step (`prepare`, `tokenizer`, `export`) of a workdir.
+    """One writer per experiment step (`prepare`, `tokenizer`, `export`, `run`) of a workdir.
 
     `prepare` and `tokenizer` wait (their outputs are idempotent: the second process then finds
     them up to date and does nothing, which is what a relaunched pane or `launch` on a host where
-    a prepare is still running wants). `export` refuses (two exports at once are a mistake)."""
+    a prepare is still running wants). `export` and `run` refuse (two exports, or two `armlab run`
+    training one workdir's lanes, are a mistake: the second is told which process holds it)."""
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}")
     return hold_lock(wd.locks_dir / f"{step}.lock", f"{step} in {wd.root}", wait)

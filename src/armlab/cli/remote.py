@@ -53,7 +53,8 @@ def setup(
     force: bool = typer.Option(False, "--force", help="reinstall even when the host has this exact armlab"),
 ) -> None:
     """Bootstrap host(s): venv, this machine's armlab (wheel over SSH), report Python/torch/CUDA/GPUs."""
-    from armlab.ops.remote import host_python, parallel, select_hosts
+    from armlab.ops.hosts import host_python
+    from armlab.ops.orchestrator import parallel, select_hosts
     from armlab.ops.setup import setup_host
     from armlab.ops.ssh import DEFAULT_REMOTE_PYTHON, Remote
 
@@ -111,10 +112,10 @@ def doctor(
     e = load_experiment(exp) if exp else None
     if e is not None and e.hosts and not local:
         from armlab.ops.doctor import DoctorReport, check_script
-        from armlab.ops.remote import doctor_hosts, select_hosts
+        from armlab.ops.orchestrator import doctor_hosts, hosts_of
 
         extra = ("--nanochat", str(nanochat)) if nanochat else ()
-        reports = doctor_hosts(e, select_hosts(e, host), device=device, expect_data=expect_data, extra=extra)
+        reports = doctor_hosts(e, hosts_of(e, host), device=device, expect_data=expect_data, extra=extra)
         if script:
             here = DoctorReport(host="(this machine)", info={})
             for s in script:
@@ -160,7 +161,7 @@ def launch(
 
     Prints one line per run: host, arm, run, what happened (started, queued, already running,
     already done, failed: why), pid of its lane's runner, run dir on the host, lane."""
-    from armlab.ops.launch import launch as launch_runs
+    from armlab.ops.orchestrator import launch as launch_runs
     from armlab.spec import load_experiment
 
     records = launch_runs(
@@ -184,10 +185,10 @@ def logs(
     ),
 ) -> None:
     """Show an arm's train.log, over SSH when the arm runs on a host."""
-    from armlab.ops import remote
+    from armlab.ops import orchestrator
     from armlab.spec import load_experiment
 
-    rc = remote.logs(load_experiment(exp), arm, run=run, follow=follow, lines=lines, local=local)
+    rc = orchestrator.logs(load_experiment(exp), arm, run=run, follow=follow, lines=lines, local=local)
     if rc:
         raise typer.Exit(rc)
 
@@ -204,11 +205,11 @@ def stop(
     """Stop live runs cleanly: SIGTERM to each lane's runner, wait, SIGKILL after --timeout; lease released.
 
     A lane stops whole: the lines also name its queued runs, which do not start (the next launch starts them)."""
-    from armlab.ops import remote
+    from armlab.ops import orchestrator
     from armlab.spec import load_experiment
 
-    results = remote.stop(load_experiment(exp), arms=arm or None, timeout=timeout, local=local)
+    results = orchestrator.stop(load_experiment(exp), arms=arm or None, timeout=timeout, local=local)
     if not results:
         print("no live runs")
     for r in results:
-        print(f"{r['host']}\t{r['arm']}\t{r['run']}\tpid {r['pid'] or '-'}\t{r['result']}")
+        print(f"{r.host}\t{r.arm}\t{r.run}\tpid {r.pid or '-'}\t{r.result}")

@@ -33,17 +33,17 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from armlab.errors import ArmlabError
+from armlab.records import Record
 from armlab.spec import Experiment, HostSpec
 
 LOCAL = "local"  # the host entry `armlab run` schedules this machine as
 
 
 @dataclass(frozen=True)
-class Slot:
+class Slot(Record):
     """One run and where it trains: host entry, lane, position in the lane, devices and port."""
 
     host: str
@@ -65,14 +65,6 @@ class Slot:
     @property
     def cuda_visible_devices(self) -> str | None:
         return ",".join(map(str, self.gpus)) if self.gpus else None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Slot:
-        share = d.get("cpu_share")
-        return cls(**{**d, "gpus": tuple(d["gpus"]), "cpu_share": tuple(share) if share else None})
 
 
 def lane_id(host: str, lane: int) -> str:
@@ -194,7 +186,7 @@ def plan_schedule(
     name to the machine it reaches (entries with the same value share GPUs and ports; default:
     its `ssh` target and port, unresolved). Pure: no process, file or network is touched."""
     hosts = list(exp.hosts if hosts is None else hosts)
-    machines = machines or {h.name: f"{h.ssh}:{h.port or 22}" for h in hosts}
+    machines = machines or {h.name: f"{h.target or 'localhost'}:{h.port or 22}" for h in hosts}
     owner = _owners(exp, hosts)
     lanes = {h.name: _lane_count(h, _device(h, device)) for h in hosts}
     _check_batch(exp, hosts, device)

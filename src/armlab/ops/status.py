@@ -1,7 +1,7 @@
 """`armlab status`: one row per run, from the run dir alone (works on dirs copied from elsewhere).
 
 States are `armlab.runs.RunState`: queued (an arm x seed of the experiment with no run dir yet),
-starting, running, done, failed, stopped, STALLED (the process lives, or cannot be checked, but
+starting, running, done, failed, diverged (its loss became NaN/inf), stopped, STALLED (the process lives, or cannot be checked, but
 nothing was logged for `stall_after_s`: the playbook's "process exists but nothing advances"),
 dead (state.json says running but its pid is gone from this host), unreadable. Liveness is only
 checked for pids of this host; a run from another host shows `?`.
@@ -19,7 +19,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from armlab.errors import ArmlabError
-from armlab.progress import console
 from armlab.runs import ACTIVE, RunState, last_activity, load_run, observed_state, owner_alive
 
 
@@ -209,6 +208,7 @@ STYLE = {
     "STALLED": "bold red",
     "dead": "bold red",
     "failed": "red",
+    "diverged": "bold red",
     "queued": "dim",
     "starting": "yellow",
     "stopped": "yellow",
@@ -334,17 +334,10 @@ def gpu_lines(gpus: list[dict[str, Any]]) -> str:
 
 
 def mirrored_runs(exp: Any) -> list[Path]:
-    """Run dirs mirrored from the experiment's SSH hosts (none without hosts or without the remote module)."""
-    if not exp.hosts:
-        return []
-    try:
-        from armlab.ops.remote import mirror_remote_runs
-    except ImportError:
-        console.print(
-            "status: hosts are configured but armlab.ops.remote is unavailable; showing local runs only"
-        )
-        return []
-    return mirror_remote_runs(exp)
+    """Run dirs mirrored from the experiment's hosts (none without hosts)."""
+    from armlab.ops.orchestrator import mirror_hosts
+
+    return mirror_hosts(exp)
 
 
 def show_status(

@@ -47,13 +47,11 @@ from armlab.report.summary import (
     Summary,
 )
 from armlab.report.verdict import METRICS, verdict_line
-from armlab.runs import RUN_JSON, RunRecord, engine_differences, load_run
+from armlab.runs import RUN_JSON, RunRecord, RunState, engine_differences, load_run
 from armlab.seeds import extra_seeds, planned_seeds
 from armlab.spec import Experiment
 from armlab.text import plural
 from armlab.workdir import open_workdir
-
-DIVERGED = "diverged"  # runs.RunState.DIVERGED once training stops at a non-finite loss
 
 
 class NothingToCompare(ArmlabError):
@@ -91,7 +89,7 @@ def collect_runs(
             finished.append(rec)
         else:
             other.append(rec)
-    diverged = [r for r in other if r.state_name == DIVERGED and r.arm in arms and r.run not in (exclude or [])]
+    diverged = [r for r in other if r.state_name == RunState.DIVERGED and r.arm in arms and r.run not in (exclude or [])]
     if diverged:
         # A diverged run is a result (this arm's data, this seed, this recipe blew up), not noise:
         # dropping it silently would report the arm as if it had trained fine.
