@@ -34,6 +34,7 @@ from armlab.report.intervals import (
     replicate_seeds,
     replicates,
 )
+from armlab.report.ladder import ladder
 from armlab.report.scores import Scores, bpb_scores, centre, core_scores
 from armlab.report.stats import detectable, variance_interval
 from armlab.report.summary import (
@@ -527,6 +528,21 @@ def analyse(exp: Experiment, exclude: list[str] | None = None) -> tuple[Summary,
     return summarize(exp, finished, excluded), finished
 
 
+def compare_rungs(exp: Experiment, target: Summary) -> dict[int, Summary | str]:
+    """Each depth of the ladder compared on its own (`target`: the experiment's own depth's), or
+    the one line saying why it cannot be yet."""
+    out: dict[int, Summary | str] = {}
+    for rung in exp.rungs():
+        if rung.model.depth == exp.model.depth:
+            out[rung.model.depth] = target
+            continue
+        try:
+            out[rung.model.depth] = analyse(rung)[0]
+        except ArmlabError as e:
+            out[rung.model.depth] = str(e)
+    return out
+
+
 def compare(
     exp: Experiment, out: Path | None = None, notes: list[str] | None = None, exclude: list[str] | None = None
 ) -> tuple[Path, Summary]:
@@ -540,9 +556,7 @@ def compare(
     summary, _ = analyse(exp, exclude)
     summary = summary.with_(data=data_difference(exp, list(summary.arms)), notes=list(notes or []))
     if exp.ladder.depths:
-        from armlab.report.ladder import ladder
-
-        summary = summary.with_(ladder=ladder(exp))
+        summary = summary.with_(ladder=ladder(exp, compare_rungs(exp, summary)))
     out = Path(out) if out else open_workdir(exp, create=False).report_dir
     write_report(summary, out)
     return out, summary

@@ -15,7 +15,6 @@ target's (and the share of the target's compute a run there costs).
 from __future__ import annotations
 
 from armlab.budget import training_budget
-from armlab.errors import ArmlabError
 from armlab.report.intervals import Interval
 from armlab.report.summary import Ladder, Rung, Summary
 from armlab.report.verdict import METRICS, plus_minus
@@ -86,19 +85,15 @@ def ladder_verdict(arm: str, reference: str, metric: str, rungs: list[Rung], tar
     return f"{arm} vs {reference}, {label} by depth: {', '.join(parts)}: {tail}"
 
 
-def ladder(exp: Experiment) -> Ladder:
-    """Every rung compared on its own (a rung with no comparable runs yet says why)."""
-    from armlab.report.compare import analyse
-
-    rungs, reference = [], None
-    for rung in exp.rungs():
-        try:
-            summary, _ = analyse(rung)
-            reference = reference or summary.reference_arm
-            rungs.append(rung_record(rung, summary, None))
-        except ArmlabError as e:
-            rungs.append(rung_record(rung, None, str(e)))
-    reference = reference or exp.arms[0].name
+def ladder(exp: Experiment, compared: dict[int, Summary | str]) -> Ladder:
+    """The ladder from each depth's comparison (`compared`: depth -> its summary, or why there is
+    none: `compare` makes them, each rung on its own)."""
+    rungs = [
+        rung_record(r, c if isinstance(c, Summary) else None, c if isinstance(c, str) else None)
+        for r in exp.rungs()
+        for c in [compared.get(r.model.depth, "not compared")]
+    ]
+    reference = next((c.reference_arm for c in compared.values() if isinstance(c, Summary)), exp.arms[0].name)
     verdict = [
         line
         for metric in METRICS
