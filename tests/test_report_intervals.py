@@ -42,16 +42,20 @@ def interval(a: ItemScores, b: ItemScores, seed: int, resamples: int = RESAMPLES
 def test_95_interval_covers_the_true_difference_in_95_percent_of_experiments(make, kw) -> None:
     # Each experiment draws fresh eval items and fresh seeds around a known difference; the
     # interval counts both, so it must cover the truth ~95% of the time (93-97% for 2,000 draws).
-    rng = np.random.default_rng(7)
+    assert 0.93 <= coverage(make, kw, EXPERIMENTS, rng_seed=7) <= 0.97
+
+
+def coverage(make, kw: dict, experiments: int, rng_seed: int) -> float:
+    """The share of simulated experiments whose paired interval covers the true difference."""
+    rng = np.random.default_rng(rng_seed)
     hits = 0
-    for e in range(EXPERIMENTS):
+    for e in range(experiments):
         a, b, true = make(rng, **kw)
         iv = interval(a, b, e)
         assert iv.method == "seeds+items" and iv.paired
         hits += iv.low <= true <= iv.high
-    coverage = hits / EXPERIMENTS
-    print(f"coverage {coverage:.1%} of {EXPERIMENTS} simulated experiments")
-    assert 0.93 <= coverage <= 0.97
+    print(f"coverage {hits / experiments:.1%} of {experiments} simulated experiments ({kw})")
+    return hits / experiments
 
 
 @pytest.mark.parametrize("df", [1, 2, 3, 4, 6, 10, 30])
@@ -95,16 +99,7 @@ def test_coverage_holds_off_the_model(kw) -> None:
     # lengths, on which the arms differ in opposite directions), losses are heavy-tailed, and a
     # seed's model can be better on one kind of document and worse on another. Coverage must
     # still be 93-97% (bench/intervals.py prints these regimes beside the on-model ones).
-    rng = np.random.default_rng(11)
-    hits = 0
-    for e in range(OFF_MODEL):
-        a, b, true = off_model_bpb_experiment(rng, **kw)
-        iv = interval(a, b, e)
-        assert iv.method == "seeds+items" and iv.paired
-        hits += iv.low <= true <= iv.high
-    coverage = hits / OFF_MODEL
-    print(f"coverage {coverage:.1%} of {OFF_MODEL} simulated experiments ({kw})")
-    assert 0.93 <= coverage <= 0.97
+    assert 0.93 <= coverage(off_model_bpb_experiment, kw, OFF_MODEL, rng_seed=11) <= 0.97
 
 
 def test_replicate_seeds_are_refused_not_covered() -> None:
