@@ -271,10 +271,14 @@ def plot_ladder(summary: Summary, path: Path) -> Path | None:
             pts = [(x + off, iv.estimate) for x, iv in enumerate(ys) if iv is not None]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color="grey", lw=0.8, alpha=0.6)
         ax.axhline(0, color="black", lw=0.9)
-        ax.set_xticks(range(len(depths)), [f"d{d}{chr(10) + '(target)' if d == lad.target else ''}" for d in depths])
+        ax.set_xticks(
+            range(len(depths)),
+            [f"d{r.depth}\n{_short(r.params)} params" + ("\n(target)" if r.depth == lad.target else "") for r in lad.rungs],
+        )
         ax.set_xlim(-0.5, len(depths) - 0.5)
         better = "down" if lower_better else "up"
-        ax.set_title(f"{label}: arm - {lad.reference} by depth ({better} is better)", fontsize=10)
+        who = others[0] if len(others) == 1 else "arm"
+        ax.set_title(f"{label}: {who} - {lad.reference} by depth ({better} is better)", fontsize=10)
         ax.grid(axis="y", alpha=0.3)
         if len(others) > 1:
             ax.legend(fontsize=8)
@@ -407,8 +411,8 @@ def _short(v: float) -> str:
     """1 / 20 / 500 / 2k / 50k / 1M: tick labels that stay short on a log axis."""
     for scale, unit in ((1e6, "M"), (1e3, "k")):
         if v >= scale:
-            return f"{v / scale:g}{unit}"
-    return f"{v:g}"
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.3g}"
 
 
 def _log_ticks(ax: Any) -> None:
