@@ -59,7 +59,9 @@ def run(
     from armlab.spec import load_experiment
 
     if max_seeds is not None and not until_decided:
-        raise typer.BadParameter("--max-seeds goes with --until-decided", param_hint="'--max-seeds'")
+        from armlab.errors import ArmlabError
+
+        raise ArmlabError("--max-seeds goes with --until-decided (armlab run EXP --until-decided --max-seeds N)")
     run_experiment(
         load_experiment(exp),
         arms=arms,
