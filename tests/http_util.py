@@ -2,9 +2,13 @@
 
 - `PoolServer`: aiohttp serving a directory the way nginx does (`autoindex on`: an HTML index
   whose links end in "/" for folders; ETag and Last-Modified; Range parsed by aiohttp's own
-  `request.http_range`, answered 206 with Content-Range). It counts the body bytes it actually
-  wrote, can throttle every connection together to `rate` bytes/s (a shared link), and can cut
-  the connection partway through its first `drops` ranged responses.
+  `request.http_range`, answered 206 with Content-Range; If-Match answered 412 when the file's
+  ETag differs). It counts the body bytes it actually wrote, can throttle every connection
+  together to `rate` bytes/s (a shared link), can cut the connection partway through its first
+  `drops` ranged responses, can demand `?token=` on every request (401 without), calls
+  `before_get(path)` before it serves a file's bytes (a test changes the file there), and with
+  `conditional=False` ignores If-Match like a server that does not implement it.
+- `SilentServer`: a socket that accepts connections and never answers.
 - `NoRangeServer`: the standard library's `http.server` (what `python -m http.server` runs),
   which answers every GET with the whole file: a real server that ignores Range.
 - `HubServer`: a `PoolServer` that also answers the few Hugging Face hub routes HfFileSystem
@@ -75,8 +79,18 @@ def etag(path: Path) -> str:
 class PoolServer:
     """Serve `root` on 127.0.0.1 (see the module doc)."""
 
-    def __init__(self, root: Path, rate: float | None = None, drops: int = 0, drop_after: int = 20_000):
+    def __init__(
+        self,
+        root: Path,
+        rate: float | None = None,
+        drops: int = 0,
+        drop_after: int = 20_000,
+        token: str | None = None,
+        before_get: Any = None,
+        conditional: bool = True,
+    ):
         self.root, self.rate, self.drops, self.drop_after = Path(root), rate, drops, drop_after
+        self.token, self.before_get, self.conditional = token, before_get, conditional
         self.log = Log()
         self.loop = asyncio.new_event_loop()
         self._link_free = 0.0  # when the shared link is next free (monotonic seconds)
@@ -120,6 +134,8 @@ class PoolServer:
 
     # -- serving
     async def static(self, request: web.Request) -> web.StreamResponse:
+        if self.token is not None and request.query.get("token") != self.token:
+            raise web.HTTPUnauthorized()
         rel = unquote(request.match_info["path"])
         path = (self.root / rel).resolve()
         if not path.is_relative_to(self.root.resolve()) or not path.exists():
@@ -128,6 +144,10 @@ class PoolServer:
             if rel and not rel.endswith("/"):
                 raise web.HTTPMovedPermanently(f"/{quote(rel)}/")
             return self.index(request, path)
+        if request.method == "GET" and self.before_get is not None:
+            self.before_get(path)
+        if self.conditional and request.headers.get("If-Match", etag(path)) != etag(path):
+            raise web.HTTPPreconditionFailed()  # nginx: the file is no longer the version asked for
         return await self.send_file(request, path, {"ETag": etag(path)})
 
     def index(self, request: web.Request, path: Path) -> web.Response:
@@ -240,6 +260,40 @@ class NoRangeServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+
+class SilentServer:
+    """A loopback socket that accepts connections and never answers (a hung server)."""
+
+    def __enter__(self) -> SilentServer:
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.conns: list[Any] = []
+        self.stop = threading.Event()
+
+        def accept() -> None:
+            self.sock.settimeout(0.2)
+            while not self.stop.is_set():
+                try:
+                    self.conns.append(self.sock.accept()[0])  # held open, never read or answered
+                except OSError:
+                    continue
+
+        self.thread = threading.Thread(target=accept, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
 
 
 # -- the hub ---------------------------------------------------------------------------------------

@@ -83,12 +83,16 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
     # the same experiment with another horizon: `run` would call rand-s0 "already done"
     longer = root / "longer.toml"
     longer.write_text(Path(exp).read_text().replace("num_iterations = 3", "num_iterations = 4"))
+    # the pool dir holds the workdir: from the second prepare on it would read its own shards
+    inside = root / "inside.toml"
+    inside.write_text(Path(exp).read_text().replace(str(root / "pool" / "*.parquet"), str(root)))
     return [
         (["prepare", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["prepare", exp, "--arm", "top", "--ratio", "0.35"], "--overwrite"),  # the arm exists, from ratio 0.2
         (["prepare", exp, "--ratio", "0.35"], "single --arm"),
         (["prepare", exp, "--arm", "top", "--ratio", "1.5"], "ratio"),
         (["prepare", exp, "--rows-per-shard", "100"], "--overwrite"),
+        (["prepare", str(inside)], "is inside the pool dir"),
         (["tokenizer", wd + "/nosuch"], "nosuch"),
         (["train", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["train", exp, "--arm", "rand"], "rand-s0"),  # done already

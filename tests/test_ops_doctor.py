@@ -99,3 +99,26 @@ def test_output_shows_brackets_literally(
     render([r])
     table = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
     assert "┃" in table and "see [[hosts]]" in table and "a [bold]detail[/bold] in brackets" in table, table
+
+
+def test_a_prebuilt_arm_in_a_store_is_probed_through_the_storage_seam(tmp_path: Path, monkeypatch) -> None:
+    """Not downloaded yet: reachable is a warning (launch pulls it), unreachable a failure saying
+    why, from the same seam prepare uses (0.2 special-cased az:// and never looked)."""
+    from armlab.ops.doctor import check_data
+    from azurite_util import azurite_env
+
+    server = next(gen := azurite_env(tmp_path, monkeypatch))
+    monkeypatch.setenv("ARMLAB_NET_ATTEMPTS", "1")
+    server.client().create_container("prebuilt").upload_blob("top/shard_00000.parquet", b"PAR1")
+    exp = parse_experiment(
+        {"name": "doc", "workdir": str(tmp_path / "wd"), "pool": {"uri": "p"},
+         "arms": [{"name": "top", "kind": "prebuilt", "uri": "az://prebuilt/top"}]}  # fmt: skip
+    )
+    r = DoctorReport(host="here", info={})
+    check_data(r, exp, "top", 1, expect_data=True)
+    server.kill()
+    check_data(r, exp, "top", 1, expect_data=True)
+    gen.close()
+    (up, down) = r.checks
+    assert up.status == "warn" and "not downloaded yet" in up.detail and "armlab pull" in up.fix
+    assert down.status == "fail" and f"cannot reach http://127.0.0.1:{server.port}/devstoreaccount1" in down.detail

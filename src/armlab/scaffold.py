@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from armlab.data.pool import BadFile, PoolFile, describe_error, jsonl_stream, list_pool, open_source
 from armlab.errors import ArmlabError
 from armlab.spec import NAME_RE, PoolSpec, parse_experiment
+from armlab.store.redact import redact
 from armlab.text import plural
 
 TEXT_NAMES = ("text", "content", "document", "raw_content", "body", "markdown")
@@ -151,7 +152,8 @@ def read_pool(uri: str) -> PoolSummary:
             cols, rows = _jsonl_columns(first), None
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadFile(first.name, describe_error(e)) from None
-    return PoolSummary(uri, len(files), sum(f.size for f in files), first.fmt, rows, suggest_columns(cols))
+    # The file written holds no secret: a token in the URL becomes *** (name it as ${VAR} instead).
+    return PoolSummary(redact(uri), len(files), sum(f.size for f in files), first.fmt, rows, suggest_columns(cols))
 
 
 def _q(value: str) -> str:

@@ -16,9 +16,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from armlab.errors import ArmlabError
+from armlab.store.redact import redact
 from armlab.text import closest
 from armlab.vocab import MIN_VOCAB_SIZE
 from armlab.workdir import run_name
@@ -44,6 +53,10 @@ class PoolSpec(Strict):
     # Remote parquet: "columns" reads only the column chunks each pass needs (ranged requests);
     # "files" downloads whole files first, for stores without Range support.
     fetch: Literal["columns", "files"] = "columns"
+
+    @field_serializer("uri")
+    def _uri_without_secrets(self, uri: str) -> str:
+        return redact(uri)  # every copy armlab writes, and every fingerprint; requests read `.uri`
 
 
 class EvalSpec(Strict):
@@ -94,6 +107,10 @@ class ArmSpec(Strict):
     uri: str | None = None
     download_mode: Literal["bulk", "sequential"] = "bulk"
     concurrency: int = Field(8, gt=0)
+
+    @field_serializer("uri")
+    def _uri_without_secrets(self, uri: str | None) -> str | None:
+        return None if uri is None else redact(uri)  # as PoolSpec's
 
     @field_validator("name")
     @classmethod

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from armlab.spec import Experiment
+from armlab.store import is_remote, probe
 from armlab.text import plural
 from armlab.workdir import open_workdir, read_leases
 
@@ -274,13 +275,11 @@ def check_data(r: DoctorReport, exp: Experiment, arm: str, world_size: int, expe
         spec = exp.arm(arm)
         if not expect_data:
             r.add(name, "ok", f"not prepared yet: `armlab prepare` (or launch) will ({data_dir})")
-        elif spec.kind == "prebuilt" and spec.uri and spec.uri.startswith("az://"):
-            r.add(
-                name,
-                "warn",
-                f"not downloaded yet: {data_dir}",
-                f"launch pulls it (armlab pull EXP --arm {arm})",
-            )
+        elif spec.kind == "prebuilt" and is_remote(spec.uri or ""):  # a store URL: fetched at launch
+            if problem := probe(spec.uri or ""):
+                r.add(name, "fail", f"not downloaded, and {problem}", "check the URL, credentials and network")
+            else:
+                r.add(name, "warn", f"not downloaded yet: {data_dir}", f"launch pulls it (armlab pull EXP --arm {arm})")
         else:
             r.add(
                 name,

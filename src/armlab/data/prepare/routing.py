@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from armlab.data.identity import mix, text_keys
-from armlab.data.pool import BadFile, PoolFile, iter_columns, local_identity
+from armlab.data.pool import BadFile, PoolFile, deleted, iter_columns, local_identity
 from armlab.data.prepare.keys import as_text, load_keys
 from armlab.data.prepare.stats import StatsSpec, unit_stats
 from armlab.data.prepare.targets import EVAL, Target
@@ -160,8 +160,13 @@ def run_text_task(task: TextTask) -> dict[str, Any]:
 
 def text_pass(task: TextTask) -> dict[str, Any]:
     pf = task.pf
-    if not pf.remote and local_identity(pf.path, pf.fmt) != pf.identity:  # one footer read
-        raise ArmlabError(f"{pf.name}: changed while prepare ran (its keys are stale); rerun prepare")
+    if not pf.remote:
+        try:
+            same = local_identity(pf.path, pf.fmt) == pf.identity  # one footer read
+        except FileNotFoundError:
+            raise deleted(pf) from None
+        if not same:
+            raise ArmlabError(f"{pf.name}: changed while prepare ran (its keys are stale); rerun prepare")
     a = load_keys(task.keys_npz)
     member = masks(task.rules, a, [t.name for t in task.targets])
     batches = iter_columns(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.data.fetch import FetchPlan, Prefetcher, fetch_plan
-from armlab.data.pool import PoolFile, list_pool
+from armlab.data.pool import PoolFile, check_workdir_outside, list_pool
 from armlab.data.prepare.executor import Executor, LocalExecutor
 from armlab.data.prepare.keys import Columns, KeyTask, key_columns, run_key_task, stats_score_column
 from armlab.data.prepare.options import PrepareOptions
@@ -56,6 +56,7 @@ def prepare(
     # The input first (an unknown arm, a pool path that is not there, an offline hub): a refused
     # prepare must leave no workdir behind, not even an empty one.
     chosen = [exp.arm(a) for a in arms] if arms else list(exp.arms)
+    check_workdir_outside(exp.pool, exp.workdir_path)
     files = list_pool(exp.pool)
     wd = open_workdir(exp)
     workers = max(1, opts.workers or os.cpu_count() or 1)
