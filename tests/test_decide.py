@@ -42,7 +42,7 @@ def test_a_difference_within_noise_gets_a_seed_for_both_arms_and_compare_accepts
     runs(exp, [0, 1], effect=-0.012, noise=0.01)
     summary, _ = analyse(exp)
     add, (d,) = next_round(exp, summary, max_seeds=8)
-    assert d.state == "more" and "still within noise with 2 seeds" in d.line
+    assert d.state == "more" and "within noise at 99.29% with 2 seeds" in d.line
     assert add == {"random": 2, "top": 2}  # the reference too: the design stays paired
     record(exp, summary, add, [d], 8)
     saved = json.loads((tmp_path / "wd/seeds.json").read_text())

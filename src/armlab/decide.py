@@ -82,8 +82,9 @@ def decide(summary: Summary, max_seeds: int, start: int) -> list[Decision]:
         item = iv.item_var or 0.0
         need = seeds_needed(c.seed_var_per_seed, item, abs(iv.estimate), alpha=1 - level)
         if n < max_seeds and need is not None and need <= max_seeds:
-            out.append(Decision(c.arm, metric, "more", f"{vs}: {label} {iv.estimate:+.{d}f} still within noise "
-                                f"with {n} seeds; ~{need} seeds would detect a difference that size"))  # fmt: skip
+            out.append(Decision(c.arm, metric, "more", f"{vs}: {label} {iv.estimate:+.{d}f} within noise at "
+                                f"{100 * level:.4g}% with {n} seeds; a true difference that size is detected with "
+                                f"~{need} seeds (80% power)"))  # fmt: skip
             continue
         x = detectable(c.seed_var_per_seed, item, max_seeds, alpha=1 - level)
         bound = f"{x:.{d}f}" if x is not None else "?"
