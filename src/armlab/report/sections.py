@@ -133,6 +133,12 @@ def fmt_detectable(c: Any, d: int) -> str:
     return f"{det.value:.{d}f} ({det.low:.{d}f}-{det.high:.{d}f})"
 
 
+def ci_label(summary: Summary) -> str:
+    """`95% CI`, or the level `run --until-decided` put every difference interval at."""
+    level = max((c.interval.level for c in summary.comparisons), default=0.95)
+    return f"{100 * level:.4g}% CI"
+
+
 def comparison_section(summary: Summary) -> Section:
     rows = []
     for c in summary.comparisons:
@@ -152,7 +158,7 @@ def comparison_section(summary: Summary) -> Section:
         )
     sec = Section("Differences against the reference arm")
     sec.tables.append(
-        (["arms", "metric", "difference [95% CI]", "seeds", "noise counted", "df", "detectable (range)"], rows)
+        (["arms", "metric", f"difference [{ci_label(summary)}]", "seeds", "noise counted", "df", "detectable (range)"], rows)
     )
     sec.lines.append(
         "`detectable`: the smallest true difference this design (its seeds, its eval set) detects at 95% "
