@@ -220,7 +220,8 @@ def plot_differences(summary: Summary, path: Path) -> Path | None:
         _difference_rows(ax, rows, lower_better)
         name = "CORE (demo tasks)" if metric == "core" and (summary.bundle or {}).get("demo") else label
         better = "left" if lower_better else "right"
-        ax.set_title(f"{name}: difference, 95% CI ({better} is better)", fontsize=10)
+        level = max(r[1].level for r in rows)
+        ax.set_title(f"{name}: difference, {100 * level:.4g}% CI ({better} is better)", fontsize=10)
     fig.suptitle("paired difference from the reference arm (dots: per-seed differences)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)

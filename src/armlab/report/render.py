@@ -50,7 +50,7 @@ def render_markdown(summary: Summary, figures: list[Path]) -> str:
 
 
 FIGURE_CAPTIONS = {
-    "differences": "The verdict's evidence: each arm minus the reference, per metric, with its 95% interval "
+    "differences": "The verdict's evidence: each arm minus the reference, per metric, with its interval "
     "(seed + eval-item noise, paired by seed); dots are the per-seed differences. An interval that "
     "crosses 0 is within noise, even where the per-arm intervals in final.png do not overlap, and the "
     "other way round.",
