@@ -13,7 +13,8 @@
   which answers every GET with the whole file: a real server that ignores Range.
 - `HubServer`: a `PoolServer` that also answers the few Hugging Face hub routes HfFileSystem
   calls for one dataset repo (repo info, paginated tree listing, paths-info, `resolve` with
-  Range), so the real huggingface_hub code runs end to end with HF_ENDPOINT pointing here.
+  Range), so the real huggingface_hub code runs end to end with HF_ENDPOINT pointing here; with
+  `repo_type="model"` the same routes for a model repo (what `snapshot_download` calls).
 
 Each server runs its own event loop (or threads) in a daemon thread of the calling process;
 use them as context managers.
@@ -307,18 +308,22 @@ class HubServer(PoolServer):
 
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
-    def __init__(self, root: Path, repo: str = "armlab/pool", page_size: int = 3, **kw: Any):
+    def __init__(
+        self, root: Path, repo: str = "armlab/pool", page_size: int = 3, repo_type: str = "dataset", **kw: Any
+    ):
         super().__init__(root, **kw)
-        self.repo, self.page_size = repo, page_size
+        self.repo, self.page_size, self.repo_type = repo, page_size, repo_type
 
     def routes(self, app: web.Application) -> None:
-        base = "/api/datasets/{ns}/{name}"
+        model = self.repo_type == "model"
+        base = "/api/models/{ns}/{name}" if model else "/api/datasets/{ns}/{name}"
         app.router.add_get(base, self.repo_info)
         app.router.add_get(base + "/revision/{rev}", self.repo_info)
         app.router.add_get(base + "/tree/{rev}", self.tree)
         app.router.add_get(base + "/tree/{rev}/{path:.*}", self.tree)
         app.router.add_post(base + "/paths-info/{rev}", self.paths_info)
-        app.router.add_get("/datasets/{ns}/{name}/resolve/{rev}/{path:.*}", self.resolve)
+        resolve = "/{ns}/{name}/resolve/{rev}/{path:.*}" if model else "/datasets/{ns}/{name}/resolve/{rev}/{path:.*}"
+        app.router.add_get(resolve, self.resolve)
 
     def _check(self, request: web.Request) -> None:
         if f"{request.match_info['ns']}/{request.match_info['name']}" != self.repo:

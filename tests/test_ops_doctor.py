@@ -101,6 +101,48 @@ def test_output_shows_brackets_literally(
     assert "┃" in table and "see [[hosts]]" in table and "a [bold]detail[/bold] in brackets" in table, table
 
 
+def bundle_check(exp: Experiment) -> dict:
+    from armlab.ops.doctor import check_bundle
+
+    r = DoctorReport(host="here", info={})
+    check_bundle(r, exp)
+    (c,) = r.checks
+    return {"status": c.status, "detail": c.detail, "fix": c.fix}
+
+
+def test_core_bundle_offline_fails_with_the_fix_and_cached_or_reachable_is_ok(tmp_path, monkeypatch) -> None:
+    """0.2's doctor said "ready" and `armlab run` then stopped at the bundle download. Now: a URL
+    that does not answer and is not cached fails, naming the URL and `core_bundle = "none"`; the
+    same URL is ok while its server answers (a HEAD, nothing downloaded), and once cached it is ok
+    even with the server gone. Off and local bundles need no network."""
+    from armlab.evaluate.bundle import load_bundle
+    from armlab.spec import EvaluateSpec
+    from test_evaluate_bundle import Server, zipped
+
+    monkeypatch.setenv("ARMLAB_CACHE", str(tmp_path / "cache"))
+    server = Server(zipped(tmp_path))
+    url = server.url("eval_bundle.zip")
+    try:
+        exp = experiment(tmp_path / "wd").model_copy(update={"evaluate": EvaluateSpec(core_bundle=url)})
+        up = bundle_check(exp)
+        assert up["status"] == "ok" and "answers" in up["detail"] and server.gets["/eval_bundle.zip"] == 0, up
+        load_bundle(url)  # `armlab run` downloads it: cached from now on
+    finally:
+        server.close()
+    cached = bundle_check(exp)
+    assert cached["status"] == "ok" and cached["detail"].startswith("cached: "), cached
+    gone = url.replace("eval_bundle.zip", "other.zip")  # same dead server, nothing cached
+    offline = bundle_check(exp.model_copy(update={"evaluate": EvaluateSpec(core_bundle=gone)}))
+    assert offline["status"] == "fail" and gone in offline["detail"] and "unreachable" in offline["detail"], offline
+    assert 'core_bundle = "none"' in offline["fix"] and "--bundle none" in offline["fix"]
+    off = bundle_check(exp.model_copy(update={"evaluate": EvaluateSpec(core_bundle="none")}))
+    assert off["status"] == "ok" and "CORE off" in off["detail"]
+    local = bundle_check(exp.model_copy(update={"evaluate": EvaluateSpec(core_bundle=str(tmp_path / "src"))}))
+    assert local["status"] == "ok", local  # src/eval_bundle/core.yaml: a zip's one wrapping dir is found
+    missing = bundle_check(exp.model_copy(update={"evaluate": EvaluateSpec(core_bundle=str(tmp_path / "nope"))}))
+    assert missing["status"] == "fail" and "no core.yaml" in missing["detail"]
+
+
 def test_a_prebuilt_arm_in_a_store_is_probed_through_the_storage_seam(tmp_path: Path, monkeypatch) -> None:
     """Not downloaded yet: reachable is a warning (launch pulls it), unreachable a failure saying
     why, from the same seam prepare uses (0.2 special-cased az:// and never looked)."""

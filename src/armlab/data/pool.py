@@ -303,13 +303,18 @@ def iter_columns(
     local: Path | None = None,
     types: dict[str, pa.DataType] | None = None,
     whole_file: bool = False,
+    row_groups: tuple[int, int] | None = None,
+    batch_rows: int | None = None,
 ) -> Iterator[pa.Table]:
     """Stream only `columns` of a pool file in file order, one parquet row group or jsonl block
     at a time (memory: one of those, however large the file), after checking that `columns`
     and `expect` (needed later) all exist. Remote parquet is read with ranged column-chunk
     reads; `local` is the fetched copy of a remote file. `whole_file` reads parquet in one go,
     for small columns (ids, scores) of remote files: one coalesced set of ranged reads rather
-    than one request per row group.
+    than one request per row group. `row_groups` = (lo, hi) reads only parquet row groups [lo, hi).
+    `batch_rows`: a local parquet file comes in tables of at most
+    that many rows, each within one row group (the reader's buffers are then reused; whole row
+    groups of text are fresh allocations, and their page faults cost as much as decoding).
 
     Single-threaded decoding: parallelism comes from worker processes, and Arrow's thread pool
     would only add contention (measured: 10x the system time for the same read)."""
@@ -320,7 +325,7 @@ def iter_columns(
             if whole_file:
                 yield rf.read(columns)
             else:
-                yield from rf.row_groups(columns)
+                yield from rf.row_groups(columns, groups=row_groups)
         elif pf.fmt == "parquet":
             with open_source(pf, local) as src:
                 f = pq.ParquetFile(src)
@@ -328,8 +333,12 @@ def iter_columns(
                 if whole_file:
                     yield f.read(columns=columns, use_threads=False)
                     return
-                for i in range(f.num_row_groups):
-                    yield f.read_row_group(i, columns=columns, use_threads=False)
+                for i in range(*(row_groups or (0, f.num_row_groups))):
+                    if batch_rows is None:
+                        yield f.read_row_group(i, columns=columns, use_threads=False)
+                        continue
+                    for b in f.iter_batches(batch_rows, row_groups=[i], columns=columns, use_threads=False):
+                        yield pa.Table.from_batches([b])
         else:
             yield from _jsonl_tables(pf, local, columns, list(expect), types or {})
     except ArmlabError:

@@ -204,13 +204,16 @@ class RemoteParquet:
     def _fetch(self, pool: ThreadPoolExecutor, spans: list[Span]) -> list[tuple[int, list[Future[bytes]]]]:
         return [(s.start, [pool.submit(self._get, p) for p in pieces(s)]) for s in spans]
 
-    def row_groups(self, columns: list[str], ahead: int = AHEAD) -> Iterator[pa.Table]:
-        """`columns` of each row group in order, fetching up to `ahead` row groups in advance."""
-        n = self.metadata.num_row_groups
+    def row_groups(
+        self, columns: list[str], ahead: int = AHEAD, groups: tuple[int, int] | None = None
+    ) -> Iterator[pa.Table]:
+        """`columns` of each row group in order (`groups`: only those of [lo, hi)), fetching up to
+        `ahead` row groups in advance."""
+        lo, n = groups if groups is not None else (0, self.metadata.num_row_groups)
         with ThreadPoolExecutor(THREADS) as pool:
             pending: dict[int, list[tuple[int, list[Future[bytes]]]]] = {}
             try:
-                for i in range(n):
+                for i in range(lo, n):
                     for j in range(i, min(n, i + 1 + ahead)):
                         if j not in pending:
                             pending[j] = self._fetch(pool, self.plan(columns, j))

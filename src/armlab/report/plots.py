@@ -332,6 +332,14 @@ def _zoom(ax: Any, hists: list[dict[str, Any] | None]) -> None:
         ax.set_xlim(max(min(a for a, _ in used), 1) / 1.5, max(b for _, b in used) * 1.5)
 
 
+def _panel_hist(d: dict[str, Any], panel: str) -> dict[str, Any] | None:
+    if panel == "doc_tokens":
+        return (d["sample"] or {}).get("doc_tokens")
+    if panel.startswith("scorer:"):
+        return (d.get("scorers") or {}).get(panel.removeprefix("scorer:"))
+    return d[panel]
+
+
 def plot_data(summary: Summary, path: Path) -> Path | None:
     fig = data_figure(summary)
     return None if fig is None else _save(fig, path)
@@ -350,6 +358,8 @@ def data_figure(summary: Summary) -> Any:
         panels.append("doc_tokens")
     if any(d["score"] for d in data.values()):
         panels.append("score")
+    for name in dict.fromkeys(n for d in data.values() for n in d.get("scorers") or {}):
+        panels.append(f"scorer:{name}")  # each scorer's score (`armlab score`)
     if any(d["groups"] for d in data.values()):
         panels.append("groups")
     if not panels:
@@ -377,25 +387,19 @@ def data_figure(summary: Summary) -> Any:
             ax.set_title(f"mix over {column}")
         else:
             for arm, d in data.items():
-                h = (d["sample"] or {}).get("doc_tokens") if panel == "doc_tokens" else d[panel]
+                h = _panel_hist(d, panel)
                 if h:
                     _step(ax, h["edges"], h["counts"], colors[arm], arm)
             if panel in ("doc_chars", "doc_tokens"):
                 ax.set_xscale("log")
-                _zoom(
-                    ax,
-                    [
-                        (d["sample"] or {}).get("doc_tokens") if panel == "doc_tokens" else d[panel]
-                        for d in data.values()
-                    ],
-                )
+                _zoom(ax, [_panel_hist(d, panel) for d in data.values()])
             column = next((d["score_column"] for d in data.values() if d["score"]), "score")
             ax.set_title(
                 {
                     "doc_chars": "document length (chars)",
                     "doc_tokens": "tokens per document (sample)",
                     "score": f"{column} distribution",
-                }[panel]
+                }.get(panel, f"scorer {panel.removeprefix('scorer:')} distribution")
             )
         ax.set_ylabel("share of documents")
         ax.grid(alpha=0.3)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from armlab.report.datadiff import histogram
+from armlab.report.datadiff import histogram, score_table
 from armlab.report.intervals import Interval
 from armlab.report.summary import Summary
 from armlab.report.verdict import METRICS, digits
@@ -321,6 +321,8 @@ def data_section(summary: Summary) -> Section | None:
         f"tokenize documents read now from row groups spread over each arm's shards ({n}) with the "
         "experiment's tokenizer."
     )
+    if scores := score_table(data):  # every score's distribution per arm (columns and scorers)
+        sec.tables.append(scores)
     groups = _group_table(data)
     if groups:
         sec.tables.append(groups)

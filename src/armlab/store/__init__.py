@@ -96,8 +96,9 @@ def _config_key(uri: str, scheme: str) -> Any:
         return tuple(os.environ.get(v) for v in ENV_VARS)
     if scheme not in ("http", "https"):
         return ""
+    full = expand(uri)  # an unset ${VAR}, or a redacted secret, is said here naming the whole URL
     try:
-        return expand(urlsplit(uri).query)
+        return urlsplit(full).query
     except ValueError:
         return ""
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError
-from armlab.progress import console, progress
+from armlab.progress import byte_counter, console, progress
 from armlab.store import Entry, Retry, Store, open_store
 from armlab.store.net import Aborted, Changed
 from armlab.text import plural
@@ -311,13 +311,7 @@ def download_file(url: str, dest: Path, retry: Retry | None = None) -> Path:
         return dest
     with progress(transient=True) as bar:
         task = bar.add_task(f"download {entry.shown}", total=entry.size, unit="B", bytes=0)
-        moved = 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal moved
-            moved += n
-            bar.update(task, completed=moved, bytes=moved)
-
+        on_bytes = byte_counter(bar, task, also_completed=True)
         return Downloader(store, dest.parent, record, on_bytes=on_bytes, sha256=False).fetch(entry, dest.name)
 
 
@@ -441,16 +435,7 @@ def _run_downloads(
         task = prog.add_task(
             f"download {prefix}", total=report.blobs, completed=report.skipped, unit="files", bytes=0
         )
-        lock = threading.Lock()
-        moved = 0
-
-        def on_bytes(n: int) -> None:
-            nonlocal moved
-            with lock:
-                moved += n
-                prog.update(task, bytes=moved)
-
-        fetcher = Downloader(store, dest, record, report, on_bytes, range_concurrency, check)
+        fetcher = Downloader(store, dest, record, report, byte_counter(prog, task), range_concurrency, check)
         bad: list[str] = []
         errors: list[BaseException] = []
         ex = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="armlab-download")

@@ -20,7 +20,7 @@ from typing import Any
 from armlab.data.blob.address import MANIFEST_NAME, folder, shared_uris
 from armlab.data.blob.checks import _check_tokenizer_files, _check_tokenizer_spec, _tokenizer_files
 from armlab.errors import ArmlabError
-from armlab.progress import console, progress
+from armlab.progress import byte_counter, console, progress
 from armlab.store import Retry, open_store
 from armlab.store.download import hash_file, preview
 from armlab.text import plural
@@ -121,14 +121,7 @@ def _upload_dir(
             task = prog.add_task(
                 f"publish {label}", total=len(files), completed=len(files) - len(todo), unit="files", bytes=0
             )
-            lock = threading.Lock()
-            sent = 0
-
-            def on_bytes(n: int) -> None:
-                nonlocal sent
-                with lock:
-                    sent += n
-                    prog.update(task, bytes=sent)
+            on_bytes = byte_counter(prog, task)
 
             def upload(name: str) -> None:
                 store.put(

@@ -111,7 +111,7 @@ def prebuilt_pass(task: PrebuiltTask) -> dict[str, Any]:
     t = task.target
     stats = route_unit(
         task.unit, [pa.table({"text": text})], {"keys": keys}, {t.name: member}, [t], task.stage, str(task.path),
-        row_groups=False, stats_spec=prebuilt_stats(t),
+        stats_spec=prebuilt_stats(t),
     )  # fmt: skip
     stats[t.name]["eval_removed"] = int(held.sum())
     atomic_write_json(done_marker(task.stage, task.unit), stats)
