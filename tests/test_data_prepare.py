@@ -436,9 +436,9 @@ def test_manifest_stats_count_what_the_shards_hold(tmp_path: Path) -> None:
 
 
 # -- eval labels for per-group results ------------------------------------------------------------------
-def test_eval_shards_carry_each_documents_group_and_scores(tmp_path: Path) -> None:
-    """With report.group_column, each eval document's group (and every score the arms read) is
-    written beside it, so compare can split val bpb by group; setting the column after the eval set
+def test_eval_shards_carry_each_documents_group(tmp_path: Path) -> None:
+    """With report.group_column, each eval document's group is written beside it, so compare
+    can split val bpb by group; setting the column after the eval set
     was prepared writes the same documents again with their labels (no --overwrite needed, the
     eval set's fingerprint unchanged: no run's evaluation goes stale)."""
     paths = make_pool(tmp_path / "pool", 900, n_files=3, seed=4)
@@ -456,7 +456,7 @@ def test_eval_shards_carry_each_documents_group_and_scores(tmp_path: Path) -> No
     assert after["fingerprint"] == before["fingerprint"] and "group:source" in after["columns"]
     table = read_shards(ev)
     assert table.column("text").to_pylist() == docs  # the same documents, in the same order
-    for text, group, score in zip(table.column("text").to_pylist(), table.column("group:source").to_pylist(),
-                                  table.column("score:score").to_pylist(), strict=True):  # fmt: skip
-        assert group == index[text]["source"] and score == index[text]["score"]
+    for text, group in zip(table.column("text").to_pylist(), table.column("group:source").to_pylist(), strict=True):
+        assert group == index[text]["source"]
+    assert table.column_names == ["text", "key", "text_key", "group:source"]  # only the label the report needs
     assert "are up to date" in cli("prepare", exp, "--workers", "1").stderr  # labelled now: nothing to do

@@ -352,11 +352,14 @@ class ReportSpec(Strict):
             raise ValueError("report.group_bins needs report.group_column (the numeric column to bin)")
         return self
 
-    @property
-    def group_label(self) -> str | None:
-        """The eval shards' column that labels each document's group (see data/prepare/targets.py)."""
+    def group_label(self, scorers: list[str] | tuple[str, ...] = ()) -> str | None:
+        """The eval shards' column that labels each document's group (data/prepare/targets.py):
+        `group:<column>` (a category), `score:<column>` (a numeric pool column, binned) or
+        `scorer:<name>` (binned scores of a [[scorers]] entry among `scorers`)."""
         if not self.group_column:
             return None
+        if self.group_bins and self.group_column in scorers:
+            return f"scorer:{self.group_column}"
         return f"{'score' if self.group_bins else 'group'}:{self.group_column}"
 
 

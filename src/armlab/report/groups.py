@@ -55,7 +55,7 @@ class Labels:
 def read_labels(exp: Experiment) -> Labels | str:
     """The eval documents' groups, or why there are none (a line for the report)."""
     spec = exp.report
-    label = spec.group_label
+    label = spec.group_label([x.name for x in getattr(exp, "scorers", [])])
     if label is None:
         return "no report.group_column"
     eval_dir = open_workdir(exp, create=False).eval_dir

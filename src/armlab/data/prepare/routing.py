@@ -54,8 +54,8 @@ def text_schema(target: Target) -> pa.Schema:
     fields = [pa.field("h", pa.uint64()), pa.field("text", pa.string())]
     if target.name == EVAL:
         fields += [pa.field("key", pa.uint64()), pa.field("text_key", pa.uint64())]
-        fields += [pa.field(c, pa.float64() if c.startswith("score:") else pa.string())
-                   for c in target.columns if c.startswith(("score:", "group:"))]  # fmt: skip
+        fields += [pa.field(c, pa.string() if c.startswith("group:") else pa.float64())
+                   for c in target.columns if c.startswith(("score:", "scorer:", "group:"))]  # fmt: skip
     return pa.schema(fields)
 
 
@@ -64,7 +64,7 @@ def eval_label_arrays(target: Target, a: dict[str, np.ndarray], rows: np.ndarray
     read by the key pass, the group column's values (null where the pool has none)."""
     out: dict[str, pa.Array] = {}
     for c in target.columns:
-        if c.startswith("score:"):
+        if c.startswith(("score:", "scorer:")):
             out[c] = pa.array(a[c][rows], type=pa.float64(), from_pandas=True)  # NaN: no score
         elif c.startswith("group:"):
             codes = a["group"][rows]

@@ -108,12 +108,16 @@ def arm_selection(exp: Experiment, arm: ArmSpec) -> dict[str, Any]:
     return sel
 
 
-def eval_labels(exp: Experiment, arms: list[ArmSpec]) -> tuple[str, ...]:
-    """The label columns written beside each eval document: every score the key pass reads
-    (`score:<column>`, float) and the categorical group column (`group:<column>`, string), so
-    `compare` can split val bpb by them (`report/groups.py`)."""
+def eval_labels(exp: Experiment, arms: list[ArmSpec], scorers: list[str] = ()) -> tuple[str, ...]:
+    """The label column written beside each eval document for `[report] group_column`, so that
+    `compare` can split val bpb by it (`report/groups.py`): `group:<column>` (a category, string),
+    `score:<column>` (a numeric pool column, float) or `scorer:<name>` (a scorer's score, float;
+    only when this prepare joins that scorer's sidecars). Only what the report asks for: the eval
+    shards of two experiments that differ in nothing else stay byte-identical."""
     cols = key_columns(exp, arms)
-    return (*(f"score:{c}" for c in cols.scores), *((f"group:{cols.group}",) if cols.group else ()))
+    label = exp.report.group_label(scorers)
+    attainable = {f"group:{cols.group}"} | {f"score:{c}" for c in cols.scores} | {f"scorer:{n}" for n in scorers}
+    return (label,) if label and label in attainable else ()
 
 
 def plan_targets(
@@ -128,10 +132,10 @@ def plan_targets(
             EVAL,
             wd.eval_dir,
             exp.eval.seed,
-            ("text", "key", "text_key", *eval_labels(exp, arms)),
+            ("text", "key", "text_key", *eval_labels(exp, arms, list(scored or {}))),
             eval_selection(exp),
             fingerprint({**common, "target": "eval"}),
-            labels=(exp.report.group_label,) if exp.report.group_label else (),
+            labels=eval_labels(exp, arms, list(scored or {})),
         ),
         Target(
             TOKENIZER,
