@@ -27,7 +27,6 @@ from pydantic import (
 )
 
 from armlab.errors import ArmlabError
-from armlab.names import NAME_RE as NAME_RE  # re-exported: the one rule lives in armlab.names
 from armlab.names import check_name
 from armlab.store.redact import redact
 from armlab.text import closest
@@ -180,9 +179,7 @@ class ScorerSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):  # the name is a directory of the scores dir
-            raise ValueError(f"scorer name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "scorer name")  # the name is a directory of the scores dir
 
     @model_validator(mode="after")
     def _kind_fields(self) -> ScorerSpec:
