@@ -108,6 +108,8 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["train", exp, "--arm", "rand", "--seed", "5", "--num-iterations", str(10**30)], "num_iterations"),
         (["run", exp, "--num-gpus", "2"], "GPU"),
         (["run", str(longer), "--arm", "rand", "--seeds", "0"], "differs in train.num_iterations"),
+        (["run", exp, "--max-seeds", "3"], "--max-seeds goes with --until-decided"),
+        (["run", exp, "--until-decided", "--arm", "rand"], "leave out --arm"),
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["compare", exp], "top"),  # one arm has finished runs, the other none
         (["rm", exp, "--arm", "rand", "--run", "nosuch"], "nosuch"),
