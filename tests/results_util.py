@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.spec import Experiment, parse_experiment
-from armlab.workdir import atomic_write_json, freeze_spec, open_workdir, run_name
+from armlab.workdir import atomic_write_json, freeze_spec, open_workdir
 
 
 def tiny_experiment(workdir: Path, seeds: list[int] | None = None, **train: Any) -> Experiment:
@@ -52,7 +52,7 @@ def make_run(
     give eval.json per-item data, from which its CORE / val bpb are then computed."""
     wd = open_workdir(exp)
     freeze_spec(wd, exp)  # as prepare would have: the workdir then passes as EXP
-    d = wd.run_dir(arm, run_name(arm, seed))
+    d = wd.run_dir(arm, exp.run_name(arm, seed))  # a ladder rung's runs carry their depth
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
         d / "run.json",
