@@ -74,7 +74,7 @@ def _pipeline(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
 
     if not (tmp_path / "pool").exists():
         make_pool(tmp_path / "pool", n_docs=1200, n_files=2)
-        (tmp_path / "exp.toml").write_text(RUN_TOML.format(root=tmp_path).replace("seeds = [0, 1]", "seeds = [0]"))
+        (tmp_path / "exp.toml").write_text(run_toml(tmp_path, seeds="[0]"))
     cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "run", str(tmp_path / "exp.toml"),
            "--device", "cpu", *args]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
