@@ -10,7 +10,6 @@ answer, and checks that the answer survives its JSON form (what crosses a shell)
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,71 +44,47 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "pool"
 
 
-def _local(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+def _host(root: Path, pool: Path, entry: str = "") -> Iterator[Host]:
+    """The experiment with one [[hosts]] entry (none: this machine), as a Host; its runs stopped after."""
     path = root / "exp.toml"
-    path.write_text(experiment(root / "wd", pool))
+    path.write_text(experiment(root / "local", pool, entry))
     exp = load_experiment(path)
-    yield LocalHost(exp, local_host(exp, ["rand"], device="cpu", visible_gpus=0))
-
-
-def _ssh(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
-    with sshd_hosts(root / "sshd", aliases=("hosta",)) as hosts:
-        old = os.environ.get("ARMLAB_SSH_CONFIG")
-        os.environ["ARMLAB_SSH_CONFIG"] = str(hosts.config)
-        try:
-            python = sys.executable  # this checkout's armlab (`armlab setup` is test_remote_launch's subject)
-            path = root / "exp.toml"
-            path.write_text(experiment(
-                root / "local", pool, f'[[hosts]]\nname = "hosta"\nssh = "hosta"\narms = ["rand"]\ndevice = "cpu"\n'
-                f'num_gpus = 0\npython = "{python}"\nworkdir = "{root / "host-wd"}"\n',
-            ))  # fmt: skip
-            exp = load_experiment(path)
-            host = get_host(exp, exp.hosts[0])
-            try:
-                yield host
-            finally:
-                host.stop(["rand"], 20)  # never leave a training process behind
-        finally:
-            if old is None:
-                os.environ.pop("ARMLAB_SSH_CONFIG", None)
-            else:
-                os.environ["ARMLAB_SSH_CONFIG"] = old
-
-
-def _slurm(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
-    cluster = request.getfixturevalue("slurm")  # the session's test cluster (tests/slurm_util.py)
-    mp = request.getfixturevalue("monkeypatch")
-    mp.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])  # the login node's clients: this machine's
-    path = root / "exp.toml"
-    path.write_text(experiment(
-        root / "wd", pool, '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\npartition = "cpu"\narms = ["rand"]\n'
-        'device = "cpu"\n',
-    ))  # fmt: skip
-    exp = load_experiment(path)
-    host = get_host(exp, exp.hosts[0])
+    host = get_host(exp, exp.hosts[0]) if exp.hosts else LocalHost(exp, local_host(exp, ["rand"], device="cpu",
+                                                                                     visible_gpus=0))  # fmt: skip
     try:
         yield host
     finally:
-        host.stop(["rand"], 20)
+        host.stop(["rand"], 20)  # never leave a training process behind
+
+
+def _local(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    yield from _host(root, pool)
+
+
+def _ssh(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    """A machine over SSH; it runs this checkout's armlab (`armlab setup` is test_remote_launch's subject)."""
+    with sshd_hosts(root / "sshd", aliases=("hosta",)) as hosts:
+        request.getfixturevalue("monkeypatch").setenv("ARMLAB_SSH_CONFIG", str(hosts.config))
+        yield from _host(root, pool, f'[[hosts]]\nname = "hosta"\nssh = "hosta"\narms = ["rand"]\ndevice = "cpu"\n'
+                                     f'num_gpus = 0\npython = "{sys.executable}"\nworkdir = "{root / "host-wd"}"\n')  # fmt: skip
+
+
+def _slurm(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    """The session's test cluster (tests/slurm_util.py); its login node is this machine."""
+    cluster = request.getfixturevalue("slurm")
+    request.getfixturevalue("monkeypatch").setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    yield from _host(root, pool, '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\npartition = "cpu"\n'
+                                 f'arms = ["rand"]\ndevice = "cpu"\nworkdir = "{root / "cluster-wd"}"\n')  # fmt: skip
 
 
 def _slurm_over_ssh(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
     """The cluster's login node over SSH (a real sshd whose sessions see the test cluster)."""
     cluster = request.getfixturevalue("slurm")
     with sshd_hosts(root / "sshd", aliases=("login",), env={"SLURM_CONF": cluster.env["SLURM_CONF"]}) as hosts:
-        mp = request.getfixturevalue("monkeypatch")
-        mp.setenv("ARMLAB_SSH_CONFIG", str(hosts.config))
-        path = root / "exp.toml"
-        path.write_text(experiment(
-            root / "local", pool, '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\nssh = "login"\npartition = "cpu"\n'
-            f'arms = ["rand"]\ndevice = "cpu"\npython = "{sys.executable}"\nworkdir = "{root / "cluster-wd"}"\n',
-        ))  # fmt: skip
-        exp = load_experiment(path)
-        host = get_host(exp, exp.hosts[0])
-        try:
-            yield host
-        finally:
-            host.stop(["rand"], 20)
+        request.getfixturevalue("monkeypatch").setenv("ARMLAB_SSH_CONFIG", str(hosts.config))
+        yield from _host(root, pool, '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\nssh = "login"\n'
+                                     f'partition = "cpu"\narms = ["rand"]\ndevice = "cpu"\npython = "{sys.executable}"\n'
+                                     f'workdir = "{root / "cluster-wd"}"\n')  # fmt: skip
 
 
 BACKENDS = {"local": _local, "ssh": _ssh, "slurm": _slurm, "slurm_over_ssh": _slurm_over_ssh}
