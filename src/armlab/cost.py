@@ -47,10 +47,11 @@ class RunCost:
 
 
 def gpus_per_run(exp: Experiment, override: int | None = None) -> int:
-    """--gpus, else the hosts' GPUs per run (a host's gpus_per_run, else all its GPUs), else a node."""
+    """--gpus, else the hosts' GPUs per run (on each of a run's nodes: a host's gpus_per_run or
+    gpus_per_node, else all its GPUs), else a node."""
     if override:
         return override
-    counts = [getattr(h, "gpus_per_run", None) or h.num_gpus for h in exp.hosts if h.device == "cuda"]
+    counts = [h.ranks_per_node("cuda") * h.nodes_of_run for h in exp.hosts if h.device == "cuda"]
     counts = [c for c in counts if c]
     return min(counts) if counts else DEFAULT_GPUS_PER_RUN
 
