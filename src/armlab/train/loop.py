@@ -139,10 +139,14 @@ def gather(obj: Any, d: Dist) -> list[Any]:
     return out
 
 
-def fault_injection(rank: int, step: int) -> None:
+def fault_injection(rank: int, step: int, model: torch.nn.Module | None = None) -> None:
     """Test-only: ARMLAB_TEST_FAIL_RANK=r ARMLAB_TEST_FAIL_STEP=s makes rank r raise at step s
-    (to prove a crashing rank brings the others down with its error); ARMLAB_TEST_STEP_DELAY
-    slows every step (to kill a run mid-flight)."""
+    (to prove a crashing rank brings the others down with its error); ARMLAB_TEST_NAN_STEP=s
+    turns a weight into NaN on every rank before step s, so step s's loss is NaN (a divergence
+    without waiting for one); ARMLAB_TEST_STEP_DELAY slows every step (to kill a run mid-flight)."""
+    if model is not None and os.environ.get("ARMLAB_TEST_NAN_STEP") == str(step + 1):
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
     if (
         os.environ.get("ARMLAB_TEST_FAIL_RANK") == str(rank)
         and int(os.environ.get("ARMLAB_TEST_FAIL_STEP", "0")) == step
@@ -341,7 +345,7 @@ class _Loop:
         """One optimiser step: accumulate gradients over micro-batches, average over ranks."""
         d, p, cfg = self.d, self.progress, self.cfg
         t0 = time.perf_counter()
-        fault_injection(d.rank, p.step)
+        fault_injection(d.rank, p.step, self.model)
         train_loss, lrm = train_step(self.fwd, self.model, self.optimizer, self.loader, p.step, self.sched, d)
         dt = time.perf_counter() - t0
         p.step += 1
@@ -356,7 +360,7 @@ class _Loop:
             )
         # the loss is averaged over the ranks: every rank sees the same value, so all stop together
         if not math.isfinite(train_loss):
-            raise RunDiverged(f"loss {train_loss} at step {p.step}{self._last_finite()}")
+            raise RunDiverged(f"loss {train_loss}")
         p.last_loss = (p.step, train_loss)
         self._log(runs.MetricsRecord(
             step=p.step, tokens=p.step * cfg.total_batch_size, time=round(p.time, 3), train_loss=train_loss,
@@ -379,7 +383,7 @@ class _Loop:
         if d.master:
             print(f"step {p.step:05d}/{self.n_steps:05d} | val bpb {p.val_bpb:.4f}", flush=True)
         if not math.isfinite(p.val_bpb):
-            raise RunDiverged(f"val bpb {p.val_bpb} at step {p.step}{self._last_finite()}")
+            raise RunDiverged(f"val bpb {p.val_bpb}")
         self._log(runs.MetricsRecord(
             step=p.step, tokens=p.step * self.cfg.total_batch_size, time=round(p.time, 3), val_bpb=p.val_bpb
         ))  # fmt: skip
@@ -390,7 +394,7 @@ class _Loop:
         the last one a resume or an evaluation would take must be a good one)."""
         d, p = self.d, self.progress
         if not all(bool(torch.isfinite(t).all()) for t in self.model.parameters()):
-            raise RunDiverged(f"weights not finite after step {p.step}{self._last_finite()}")
+            raise RunDiverged("the weights are not finite")
         states = gather({"loader": self.loader.state_dict(), "rng": rng_state()}, d)
         if d.master:
             self._state(phase=runs.Phase.SAVE)
@@ -417,12 +421,14 @@ class _Loop:
         if self.d.local_rank == 0:
             print(STOP_LINE.format(step=p.step, reason=reason), flush=True)
 
-    def _diverged(self, detail: str) -> None:
-        p = self.progress
+    def _diverged(self, what: str) -> None:
+        """End here: no checkpoint (the last one saved is the last finite model)."""
+        detail = what + self._last_finite()
         if self.d.master:
-            self._state(state=RunState.DIVERGED, phase=None, ended=time.time(), error=f"diverged: {detail}")
+            self._state(state=RunState.DIVERGED, phase=None, ended=time.time(),
+                        error=f"diverged at step {self.progress.step}: {detail}")  # fmt: skip
         if self.d.local_rank == 0:
-            print(DIVERGED_LINE.format(step=p.step, detail=detail), flush=True)
+            print(DIVERGED_LINE.format(step=self.progress.step, detail=detail), flush=True)
 
     # -- helpers --------------------------------------------------------------------------------------
     def _last_finite(self) -> str:
