@@ -56,9 +56,7 @@ from armlab.train.plan import RunPlan, TrainOptions, plan_run
 from armlab.train.stop import GRACE_S, OUTCOME_RE, SIGNALS
 from armlab.workdir import leased, read_json
 
-FAIL_GRACE_S = 30  # once torchrun reports a failed rank, how long the others get before SIGKILL
 TAIL_LINES = 200  # output lines kept to name a launcher failure that left no rank error
-TORCHRUN_FAILED = "failed (exitcode:"  # torchrun's log line when a rank exits non-zero
 
 
 def train(exp: Experiment, arm: str, options: TrainOptions = TrainOptions(), echo: bool = True) -> Path:
@@ -147,11 +145,7 @@ class _Stopper:
         self.deadline(GRACE_S)
 
     def deadline(self, seconds: float) -> None:
-        """Kill the ranks after `seconds` unless they exit first (the earliest deadline wins)."""
-        if self._timer is not None and self._timer.interval <= seconds:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
+        """Kill the ranks after `seconds` unless they exit first."""
         self._timer = threading.Timer(seconds, self.kill, args=(f"killed after {seconds:.0f} s",))
         self._timer.daemon = True
         self._timer.start()
@@ -284,8 +278,6 @@ def _tee(
             sys.stdout.flush()
         if m := OUTCOME_RE.match(line):
             out.outcome = (m.group(1), int(m.group(2)), m.group(3))
-        if TORCHRUN_FAILED in line:  # a rank failed: the others get FAIL_GRACE_S, not the stop grace
-            stopper.deadline(FAIL_GRACE_S)
         if handler_ok and out.diverged is None:
             try:
                 engine.on_output(plan, line)
