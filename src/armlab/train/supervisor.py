@@ -103,8 +103,9 @@ class _Stopper:
     """The supervisor's stop signals: the first asks the ranks to stop (the stop request file and
     the signal, forwarded to each rank), with a deadline; a second SIGINT kills them at once."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, checkpoints: bool) -> None:
         self.run_dir = run_dir
+        self.checkpoints = checkpoints  # the engine's ranks save a checkpoint when asked to stop
         self.reason: str | None = None
         self.killed: str | None = None  # how the ranks were killed instead of stopping
         self.proc: subprocess.Popen | None = None
@@ -139,8 +140,14 @@ class _Stopper:
         with contextlib.suppress(OSError):  # a full disk must not stop the stop: the signal still goes
             if requested is None:
                 runs.request_stop(self.run_dir, sig.name)
-        console.print(f"train: {self.reason}: the ranks finish their step and save a checkpoint "
-                      f"(up to {GRACE_S} s{'; Ctrl-C again to kill them now' if sig == signal.SIGINT else ''})")  # fmt: skip
+        what = (
+            f"the ranks finish their step and save a checkpoint (up to {GRACE_S} s"
+            if self.checkpoints
+            else "stopping the ranks (this engine cannot checkpoint on a stop: a restart continues from its last "
+            "checkpoint"
+        )
+        again = "; Ctrl-C again to kill them now" if sig == signal.SIGINT else ""
+        console.print(f"train: {self.reason}: {what}{again})")
         self._forward(sig)
         self.deadline(GRACE_S)
 
@@ -206,7 +213,7 @@ def supervise(plan: RunPlan, echo: bool = True, engine: Engine | None = None) ->
         runs.clear_rank_errors(run_dir)
         runs.clear_stop_request(run_dir)
     try:
-        with _Stopper(run_dir) as stopper, _take_lease(plan):
+        with _Stopper(run_dir, engine.stops_with_checkpoint) as stopper, _take_lease(plan):
             if owner:
                 runs.write_state(
                     run_dir, state=RunState.STARTING, pid=os.getpid(), started=time.time(), ended=None,
@@ -313,7 +320,7 @@ def _conclude(plan: RunPlan, engine: Engine, out: _Output, rc: int, stopper: _St
         resume = steps[-1] if steps else None
         step = max(st.step, runs.read_metrics(run_dir).last_step or 0)
         killed = f" ({stopper.killed})" if stopper.killed else ""
-        runs.write_state(run_dir, state=RunState.STOPPED, ended=time.time(), phase=None, resume_step=resume,
+        runs.write_state(run_dir, state=RunState.STOPPED, ended=time.time(), phase=None, step=step, resume_step=resume,
                          stop_reason=stopper.reason, error=f"stopped by {stopper.reason}{killed}")  # fmt: skip
         raise Stopped(stop_message(run, step, resume, stopper.reason + killed))
     if rc != 0:

@@ -117,6 +117,11 @@ class CheckReport(Protocol):
 class Engine(Protocol):
     """The training engine protocol. Every method may raise ArmlabError (one line, exit 2)."""
 
+    # Whether the ranks, asked to stop (a signal, the run's stop-request file), finish their step,
+    # save a checkpoint and exit 0 with state.json "stopped" (armlab.train.stop); else the
+    # supervisor's signal ends them and the run resumes from its last checkpoint.
+    stops_with_checkpoint: bool
+
     def configure(self, exp: Experiment) -> EngineConfig:
         """Resolve the engine's settings from the effective spec (overrides applied), with no side
         effects: builtin has nothing beyond the spec; nanochat finds the checkout, its python,
@@ -170,6 +175,8 @@ class Engine(Protocol):
 
 class BaseEngine:
     """Defaults for the optional hooks, so an engine writes only what it needs."""
+
+    stops_with_checkpoint = False
 
     def preflight(self, plan: RunPlan) -> None:
         return None

@@ -33,6 +33,8 @@ class BuiltinConfig(EngineConfig):
 
 
 class BuiltinEngine(BaseEngine):
+    stops_with_checkpoint = True  # armlab.train.stop: the ranks agree, checkpoint and exit
+
     def configure(self, exp: Experiment) -> BuiltinConfig:
         return BuiltinConfig()
 
