@@ -256,7 +256,7 @@ class _Loop:
         self.B, self.T = cfg.device_batch_size, exp.model.max_seq_len
         device = d.device
         self.compute_dtype = compute_dtype_for(device)  # bf16 on CUDA sm80+, else fp32 (nanochat's choice)
-        resume_step = _agree_on_plan(plan, d)
+        resume_step, compile_ = _agree_on_plan(plan, d)
 
         self.tokenizer = Tokenizer.load(plan.tokenizer_dir)
         torch.manual_seed(plan.seed)  # identical initial weights on every rank
@@ -265,7 +265,8 @@ class _Loop:
         hp = recipe.resolve(self.train)
         budget = training_budget(exp, vocab_size=self.tokenizer.vocab_size)
         scale = schedule.scaling(budget, hp.weight_decay)
-        self.optimizer = build_optimizer(self.model, **scale.learning_rates(hp))
+        # compiled on CUDA, on CPU when the run is long enough to repay it (the plan's choice)
+        self.optimizer = build_optimizer(self.model, **scale.learning_rates(hp), compile=compile_)
         self.sched = Schedule(self.n_steps, cfg.grad_accum_steps, hp, scale.weight_decay)
 
         self.progress, loader_state = Progress(), None
@@ -296,11 +297,7 @@ class _Loop:
             seed=plan.seed,
             state=loader_state,
         )
-        self.fwd = (
-            torch.compile(self.model, dynamic=False)
-            if (device.type == "cuda" and self.train.compile)
-            else self.model
-        )
+        self.fwd = torch.compile(self.model, dynamic=False) if compile_ else self.model
         self.peak = peak_flops(device)
         self.wandb_run = _wandb(exp, plan, d) if self.train.wandb_project else None
         self.metrics = runs.MetricsLog(plan.run_dir) if d.master else None
@@ -470,12 +467,12 @@ class _Loop:
             )
 
 
-def _agree_on_plan(plan: RunPlan, d: Dist) -> int | None:
-    """The checkpoint every rank resumes from: rank 0's plan decides (on a multi-node run each node
-    planned on its own; its ranks must be running the same run). Returns the resume step."""
+def _agree_on_plan(plan: RunPlan, d: Dist) -> tuple[int | None, bool]:
+    """(resume step, compile) of every rank: rank 0's plan decides (on a multi-node run each node
+    planned on its own; its ranks must be running the same run)."""
     if d.world_size == 1:
-        return plan.resume_step
-    mine = [plan.fingerprint, plan.config.num_iterations, plan.resume_step]
+        return plan.resume_step, plan.config.compile
+    mine = [plan.fingerprint, plan.config.num_iterations, plan.resume_step, plan.config.compile]
     objs: list[Any] = [mine]
     dist.broadcast_object_list(objs, src=0)
     theirs = objs[0]
@@ -487,7 +484,7 @@ def _agree_on_plan(plan: RunPlan, d: Dist) -> int | None:
             f"{mine[0]}, {mine[1]} steps vs {theirs[0]}, {theirs[1]}); start every node with the same "
             "experiment file and flags"
         )
-    return theirs[2]
+    return theirs[2], theirs[3]
 
 
 def _wandb(exp: Any, plan: RunPlan, d: Dist) -> Any:

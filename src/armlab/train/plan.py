@@ -15,6 +15,7 @@ by the supervisor for the run's lifetime.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -288,6 +289,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     )
     check_feeds(data_dir, world)
     port = check_port(o.master_port) if o.master_port is not None else None
+    compile_ = _compile_choice(engine, eff, kind, budget, world, per_node, wd.run_dir(arm, run), o.resume)
     if endpoint is not None and node_rank == 0:  # node 0's torchrun serves the rendezvous there
         check_port(int(endpoint.rpartition(":")[2]), "--rdzv-endpoint")
 
@@ -307,7 +309,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         world_size=world,
         device=kind,
         dtype=_compute_dtype(kind),
-        compile=bool(eff.train.compile and kind == "cuda"),
+        compile=compile_,
         nnodes=o.nnodes,
     )
     run_json = {
@@ -357,6 +359,20 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         atomic_write_json(run_dir / runs.RUN_JSON, run_json)
     plan.write()
     return plan
+
+
+def _compile_choice(
+    engine: Engine, exp: Experiment, device: str, budget: Any, world: int, per_node: int, run_dir: Path, resume: bool
+) -> bool:
+    """The engine's choice (armlab.train.compiling), said on CPU; a resumed run keeps its own."""
+    if resume:
+        with contextlib.suppress(FileNotFoundError, ArmlabError, KeyError, TypeError):
+            return bool(read_json(run_dir / runs.RUN_JSON)["config"]["compile"])
+    choice = engine.compile_choice(exp, device, budget, world, per_node)
+    if device == "cpu" and exp.train.compile:
+        how = "compiled (torch.compile)" if choice.compile else "eager (no torch.compile)"
+        console.print(f"train: this CPU run trains {how}: {choice.reason}")
+    return choice.compile
 
 
 def _restart_from_zero(run_dir: Path, reached: int) -> None:

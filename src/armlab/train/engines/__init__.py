@@ -13,6 +13,7 @@ Who calls what, for one run (`plan` is an armlab.train.plan.RunPlan):
                                        config = engine.configure(exp)          refuse bad settings
                                        budget = engine.budget(exp, vocab)      steps, batch, tokens
                                        engine.checkpoint_steps(run_dir)        --resume: from where
+                                       engine.compile_choice(...)              torch.compile or not
                                        engine.preflight(plan)                  last refusals; then
                                                                                run.json + plan.json
     armlab.train.supervisor.supervise  cmd = engine.command(plan)              (argv, env, cwd)
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from armlab.budget import Budget
     from armlab.spec import Experiment
     from armlab.tokenizer import Tokenizer
+    from armlab.train.compiling import CompileChoice
     from armlab.train.plan import RunPlan
 
 # name -> "module:class". Adding an engine is one line here plus its module; the spec's
@@ -145,6 +147,12 @@ class Engine(Protocol):
         """Engine checks that refuse before anything is written or started."""
         ...
 
+    def compile_choice(
+        self, exp: Experiment, device: str, budget: Budget, world_size: int, ranks_per_node: int
+    ) -> CompileChoice:
+        """Whether the run torch.compiles (recorded in run.json `config.compile`; a resume keeps it)."""
+        ...
+
     def command(self, plan: RunPlan) -> Command:
         """The rank launcher (build it with `torchrun_argv` and `rank_env`)."""
         ...
@@ -180,6 +188,13 @@ class BaseEngine:
 
     def preflight(self, plan: RunPlan) -> None:
         return None
+
+    def compile_choice(
+        self, exp: Experiment, device: str, budget: Budget, world_size: int, ranks_per_node: int
+    ) -> CompileChoice:
+        from armlab.train.compiling import CompileChoice
+
+        return CompileChoice(exp.train.compile, "train.compile")
 
     def on_output(self, plan: RunPlan, line: str) -> None:
         return None
