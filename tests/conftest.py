@@ -20,6 +20,17 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real two-node Ray cluster on loopback per test session (per xdist worker): tests/ray_util.py."""
+    from ray_util import start_cluster
+
+    cluster = start_cluster()
+    print(f"\nray cluster {cluster.address}: 2 nodes up in {cluster.startup_s:.1f}s")
+    yield cluster
+    cluster.stop()
+
+
 # A private Slurm cluster (tests/slurm_util.py) per pytest-xdist worker, started on first use.
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):

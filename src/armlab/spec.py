@@ -16,13 +16,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from armlab.errors import ArmlabError
+from armlab.names import NAME_RE as NAME_RE  # re-exported: the one rule lives in armlab.names
+from armlab.names import check_name
+from armlab.store.redact import redact
 from armlab.text import closest
 from armlab.vocab import MIN_VOCAB_SIZE
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
 # nanochat's --target-param-data-ratio default since 2026-03-24 (92d63d4: 12; before: 10.5)
 DEFAULT_PARAM_DATA_RATIO = 12.0
@@ -43,6 +53,10 @@ class PoolSpec(Strict):
     # Remote parquet: "columns" reads only the column chunks each pass needs (ranged requests);
     # "files" downloads whole files first, for stores without Range support.
     fetch: Literal["columns", "files"] = "columns"
+
+    @field_serializer("uri")
+    def _uri_without_secrets(self, uri: str) -> str:
+        return redact(uri)  # every copy armlab writes, and every fingerprint; requests read `.uri`
 
 
 class EvalSpec(Strict):
@@ -85,6 +99,7 @@ class ArmSpec(Strict):
     ratio: float | None = None
     seed: int = 0
     score_column: str | None = None
+    score: str | None = None  # a `[[scorers]]` name: select on its scores (`armlab score`) instead of a column
     temperature: float = Field(1.0, gt=0)
     by: Literal["rows", "tokens"] = "rows"
     max_rows: int | None = Field(None, gt=0)
@@ -94,11 +109,14 @@ class ArmSpec(Strict):
     download_mode: Literal["bulk", "sequential"] = "bulk"
     concurrency: int = Field(8, gt=0)
 
+    @field_serializer("uri")
+    def _uri_without_secrets(self, uri: str | None) -> str | None:
+        return None if uri is None else redact(uri)  # as PoolSpec's
+
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"arm name {v!r} must be letters, digits, '.', '_' or '-'")
+        check_name(v, "arm name")
         if v in RESERVED_ARM_NAMES:
             raise ValueError(f"arm name {v!r} is reserved (prepare's eval set and tokenizer sample); rename the arm")
         return v
@@ -117,18 +135,82 @@ class ArmSpec(Strict):
                 raise ValueError(
                     f"arm {self.name!r}: kind 'prebuilt' needs uri (az://container/prefix or a dir)"
                 )
-            if self.ratio is not None or self.score_column is not None:
-                raise ValueError(f"arm {self.name!r}: kind 'prebuilt' takes no ratio or score_column")
+            if self.ratio is not None or self.score_column is not None or self.score is not None:
+                raise ValueError(f"arm {self.name!r}: kind 'prebuilt' takes no ratio, score_column or score")
         else:
             if self.ratio is None:
                 raise ValueError(f"arm {self.name!r}: kind {self.kind!r} needs ratio")
             if self.uri is not None:
                 raise ValueError(f"arm {self.name!r}: uri is only for kind 'prebuilt'")
-        if self.kind in ("top", "sample") and not self.score_column:
-            raise ValueError(f"arm {self.name!r}: kind {self.kind!r} needs score_column")
-        if self.kind == "random" and self.score_column:
-            raise ValueError(f"arm {self.name!r}: kind 'random' takes no score_column")
+        if self.kind in ("top", "sample") and not (self.score_column or self.score):
+            raise ValueError(
+                f"arm {self.name!r}: kind {self.kind!r} needs score_column (a pool column) or score (a scorer's name)"
+            )
+        if self.score_column and self.score:
+            raise ValueError(f"arm {self.name!r}: set score_column or score, not both")
+        if self.kind == "random" and (self.score_column or self.score):
+            raise ValueError(f"arm {self.name!r}: kind 'random' takes no score_column or score")
         return self
+
+
+ScorerKind = Literal["fasttext", "hf", "head"]
+
+
+class ScorerSpec(Strict):
+    """A model that scores every pool document (`armlab score`); arms select on it by `score = name`.
+
+    fasttext: `model` = a .bin path or http(s) URL, `label` whose probability is the score (DCLM:
+    "__label__hq"). hf: `model` = a hub id (with `revision`) or a local dir holding a sequence
+    classifier saved with `save_pretrained`; the score is its regression output (one logit) or the
+    softmax probability of `label`. head: `model` = a .safetensors / .npz file (path or URL) of a
+    linear layer or an MLP over the pool's embedding `column`.
+    """
+
+    name: str
+    kind: ScorerKind
+    model: str
+    label: str | None = None
+    revision: str | None = None  # hf hub: a branch, tag or commit (a commit pins the scores)
+    max_length: int = Field(512, gt=0)  # hf: tokens read of each document (the rest is truncated)
+    batch_size: int = Field(64, gt=0)  # hf: documents per forward pass, batched by length
+    column: str | None = None  # head: the pool's embedding column (a list of floats per document)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"  # head: between an MLP's layers
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):  # the name is a directory of the scores dir
+            raise ValueError(f"scorer name {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ScorerSpec:
+        where = f"scorer {self.name!r}"
+        if self.kind == "fasttext" and not self.label:
+            raise ValueError(f"{where}: kind 'fasttext' needs label (e.g. \"__label__hq\", DCLM's classifier)")
+        if self.kind == "head" and not self.column:
+            raise ValueError(f"{where}: kind 'head' needs column (the pool's embedding column)")
+        if self.kind != "head" and self.column:
+            raise ValueError(f"{where}: column is only for kind 'head' (the others read pool.text_column)")
+        if self.kind != "hf" and self.revision:
+            raise ValueError(f"{where}: revision is only for kind 'hf' (a hub model)")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that apply to this kind of scorer, as manifests record it."""
+        keep = {
+            "fasttext": ("kind", "model", "label"),
+            "hf": ("kind", "model", "revision", "label", "max_length", "batch_size"),
+            "head": ("kind", "model", "column", "label", "activation"),
+        }[self.kind]
+        return {k: v for k, v in self.model_dump(include=set(keep)).items() if v is not None}
+
+
+class ScoreSpec(Strict):
+    """Where `armlab score` keeps the scores (the `[score]` table; `[[scorers]]` lists the models)."""
+
+    # One dir of scores can serve every experiment over the same pool; default <workdir>/scores
+    scores_dir: str | None = None
 
 
 # Upper bounds of the recipe's numbers: far beyond any sane run, so a value past one is a typo or
@@ -259,6 +341,19 @@ class ReportSpec(Strict):
     group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
 
 
+ExecutorKind = Literal["local", "ray"]
+EXECUTORS: tuple[str, ...] = get_args(ExecutorKind)
+
+
+class PrepareSpec(Strict):
+    """Where `armlab prepare` (and `armlab score`) run their units of work (the `[prepare]` table)."""
+
+    executor: ExecutorKind = "local"  # local: this machine's processes; ray: a Ray cluster's nodes
+    # ray: the head's GCS host:port, or "auto" (a cluster started on this machine); default RAY_ADDRESS, else auto
+    ray_address: str | None = None
+    workers: int | None = Field(None, gt=0)  # units at once (local: default the CPU count; ray: the cluster's CPUs)
+
+
 WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
@@ -320,9 +415,7 @@ class HostSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"host name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "host name")
 
     @field_validator("time")
     @classmethod
@@ -405,15 +498,16 @@ class Experiment(Strict):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     report: ReportSpec = ReportSpec()
+    prepare: PrepareSpec = PrepareSpec()
     nanochat: NanochatSpec = NanochatSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
+    scorers: list[ScorerSpec] = Field(default_factory=list)
+    score: ScoreSpec = ScoreSpec()
 
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"experiment name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "experiment name")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Experiment:
@@ -421,6 +515,14 @@ class Experiment(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate arm name(s): {', '.join(dup)}")
+        snames = [s.name for s in self.scorers]
+        sdup = sorted({n for n in snames if snames.count(n) > 1})
+        if sdup:
+            raise ValueError(f"duplicate scorer name(s): {', '.join(sdup)}")
+        for a in self.arms:
+            if a.score and a.score not in snames:
+                known = f"scorers: {', '.join(snames)}" if snames else "add a [[scorers]] table"
+                raise ValueError(f"arm {a.name!r}: score {a.score!r} names no scorer ({known})")
         hnames = [h.name for h in self.hosts]
         hdup = sorted({n for n in hnames if hnames.count(n) > 1})
         if hdup:
@@ -439,6 +541,23 @@ class Experiment(Strict):
         names = [a.name for a in self.arms]
         hint = f"did you mean {m!r}? " if (m := closest(name, names)) else ""
         raise ArmlabError(f"no arm named {name!r} in experiment {self.name!r} ({hint}arms: {', '.join(names)})")
+
+    def scorer(self, name: str) -> ScorerSpec:
+        for s in self.scorers:
+            if s.name == name:
+                return s
+        names = [s.name for s in self.scorers]
+        if not names:
+            raise ArmlabError(f"experiment {self.name!r} has no [[scorers]]; add one to score the pool with a model")
+        hint = f"did you mean {m!r}? " if (m := closest(name, names)) else ""
+        raise ArmlabError(f"no scorer named {name!r} in experiment {self.name!r} ({hint}scorers: {', '.join(names)})")
+
+    @property
+    def scores_path(self) -> Path:
+        """Where the scorers' sidecars live: `[score] scores_dir`, else <workdir>/scores."""
+        if self.score.scores_dir:
+            return Path(os.path.expandvars(self.score.scores_dir)).expanduser()
+        return self.workdir_path / "scores"
 
     @property
     def workdir_path(self) -> Path:

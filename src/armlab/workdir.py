@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError
+from armlab.names import check_name
 
 LEGACY_LEASE = ".lease"  # armlab 0.1's one exclusive lease, inside the data dir (still honoured)
 LEASES_DIR = "leases"
@@ -71,8 +72,10 @@ class Workdir:
         """Downloaded pool files and blobs in flight (bounded, deleted after use)."""
         return self.root / "cache"
 
+    # Names become path components here; `check_name` refuses one that would leave its directory
+    # (`../data`, `a/b`) even if an entry point forgot to check it (armlab.names).
     def arm_dir(self, arm: str) -> Path:
-        return self.root / "arms" / arm
+        return self.root / "arms" / check_name(arm, "arm name")
 
     def data_dir(self, arm: str) -> Path:
         return self.arm_dir(arm) / "data"
@@ -81,7 +84,7 @@ class Workdir:
         return self.arm_dir(arm) / "runs"
 
     def run_dir(self, arm: str, run: str) -> Path:
-        return self.runs_dir(arm) / run
+        return self.runs_dir(arm) / check_name(run, "run name")
 
     def leases_dir(self, arm: str) -> Path:
         return lease_dir(self.data_dir(arm))

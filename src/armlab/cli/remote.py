@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app, check_device, split_ints, split_list, with_typed_exp
+from armlab.cli.app import app, check_device, name_flag, split_ints, split_list, with_typed_exp
 
 
 def _exp_or_target(value: str):  # -> (Experiment | None, str)
@@ -104,6 +104,9 @@ def doctor(
     as_json: bool = typer.Option(
         False, "--json", help="print the report as JSON (what launch reads over SSH)"
     ),
+    core_bundle: bool = typer.Option(
+        True, "--core-bundle/--no-core-bundle", help="check the CORE eval bundle is cached or reachable"
+    ),
 ) -> None:
     """Preflight checks, each ok / warn / fail with a one-line fix; exit 2 when any fails."""
     from armlab.ops.doctor import render, run_doctor
@@ -123,7 +126,8 @@ def doctor(
             reports.append(here)
     else:
         reports = [run_doctor(e, arms=arm or None, device=device, num_gpus=num_gpus, nproc=nproc, master_port=master_port,
-                              scripts=tuple(script or ()), nanochat=nanochat, expect_data=expect_data)]  # fmt: skip
+                              scripts=tuple(script or ()), nanochat=nanochat, expect_data=expect_data,
+                              bundle=core_bundle)]  # fmt: skip
         for c in reports[0].checks:  # this machine's fixes name the experiment path as typed
             c.fix = with_typed_exp(c.fix)
     if as_json and len(reports) == 1:
@@ -177,7 +181,7 @@ def launch(
 def logs(
     exp: Path = typer.Argument(..., help="experiment file"),
     arm: str = typer.Option(..., "--arm", help="the arm whose train.log to show"),
-    run: str = typer.Option(None, "--run", help="run name (default: the arm's latest run)"),
+    run: str = typer.Option(None, "--run", help="run name (default: the arm's latest run)", callback=name_flag),
     follow: bool = typer.Option(False, "-f", "--follow", help="keep streaming new lines (Ctrl-C to stop)"),
     lines: int = typer.Option(50, "-n", "--lines", help="how many last lines to show"),
     local: bool = typer.Option(

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app, check_device
+from armlab.cli.app import app, check_device, name_flag
 
 
 # -- tokenizer (owner: tokenizer/loader engineer) ----------------------------------------------------
@@ -31,7 +31,7 @@ def train(
     exp: Path = typer.Argument(..., help="experiment file (or its workdir)"),
     arm: str = typer.Option(..., "--arm", help="the arm to train"),
     seed: int | None = typer.Option(None, "--seed", help="training seed (default: the first of train.seeds)"),
-    run_name: str | None = typer.Option(None, "--run-name", help="run dir name (default: <arm>-s<seed>)"),
+    run_name: str | None = typer.Option(None, "--run-name", help="run dir name (default: <arm>-s<seed>)", callback=name_flag),
     num_gpus: int | None = typer.Option(
         None, "--num-gpus", min=1, help="CUDA ranks (checked against visible GPUs)"
     ),
@@ -108,7 +108,7 @@ def export(
     arm: str = typer.Option(..., "--arm", help="the arm whose run to export"),
     to: Path = typer.Option(..., "--to", help="new (or empty) directory to write the nanochat base dir into"),
     seed: int | None = typer.Option(None, "--seed", help="the run of this seed (default: the first of train.seeds)"),
-    run: str | None = typer.Option(None, "--run", help="the run by name (default: <arm>-s<seed>)"),
+    run: str | None = typer.Option(None, "--run", help="the run by name (default: <arm>-s<seed>)", callback=name_flag),
 ) -> None:
     """Write a run's latest checkpoint as a nanochat base dir (base_checkpoints/ + tokenizer/)."""
     from armlab.spec import load_experiment

@@ -32,6 +32,7 @@ from filelock import FileLock
 
 from armlab import runs
 from armlab.errors import ArmlabError
+from armlab.names import check_name
 from armlab.ops.schedule import Slot, lane_id
 from armlab.records import Record
 from armlab.runs import RunState
@@ -67,7 +68,7 @@ class LaneFiles:
         return cls(queue.parent, host, int(k))
 
     def _file(self, suffix: str) -> Path:
-        return self.dir / f"{self.host}.lane{self.lane}{suffix}"
+        return self.dir / f"{check_name(self.host, 'host name')}.lane{self.lane}{suffix}"
 
     @property
     def id(self) -> str:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from armlab.errors import ArmlabError, Stopped
+from armlab.names import check_name
 from armlab.ops.doctor import DoctorReport
 from armlab.ops.hosts import Host, get_host
 from armlab.ops.hosts.messages import HostProbe, LaneStarted, StartResult
@@ -402,9 +403,10 @@ def mirror_hosts(exp: Experiment) -> list[Path]:
             return []  # the host's runs are this workdir's own
         out = []
         for item in payload.runs:
-            dest = base / "arms" / item.arm / "runs" / item.run
+            # names from the host: checked like any other before they become paths here
+            dest = base / "arms" / check_name(item.arm, "arm name") / "runs" / check_name(item.run, "run name")
             for name, text in item.files.items():
-                atomic_write_text(dest / name, text)
+                atomic_write_text(dest / check_name(name, "mirrored file name"), text)
             atomic_write_json(dest / "remote.json", {"host": h.name, "ssh": h.spec.target, "run_dir": item.run_dir,
                                                      "alive": item.alive, "mirrored": time.time()})  # fmt: skip
             out.append(dest)

@@ -35,6 +35,7 @@ import collections
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from armlab.budget import Budget
 from armlab.errors import ArmlabError
 from armlab.records import Record
 from armlab.spec import Experiment, HostSpec
@@ -139,17 +140,21 @@ def _world(host: HostSpec, device: str) -> int:
     return host.nproc if device == "cpu" else (host.gpus_per_run or host.num_gpus)
 
 
-def _check_batch(exp: Experiment, hosts: Sequence[HostSpec], device: str | None) -> None:
-    """Every run's ranks must split the total batch evenly (refused here, not on the host later)."""
-    from armlab.budget import grad_accum_steps
+def check_batch(
+    exp: Experiment, hosts: Sequence[HostSpec], device: str | None = None, budget: Budget | None = None
+) -> None:
+    """Every run's ranks must split the total batch evenly (refused here, not on the host later;
+    `armlab plan` asks too, with the budget of the trained tokenizer's vocabulary)."""
+    from armlab.budget import batch_phrase, grad_accum_steps
     from armlab.train.engines import get_engine
 
-    budget = get_engine(exp.train.engine).budget(exp, exp.tokenizer.vocab_size)
+    budget = budget or get_engine(exp.train.engine).budget(exp, exp.tokenizer.vocab_size)
+    what = batch_phrase(exp.train, budget.total_batch_size)
     for h in hosts:
         world = _world(h, _device(h, device))
         try:
             grad_accum_steps(
-                budget.total_batch_size, exp.train.device_batch_size, exp.model.max_seq_len, world
+                budget.total_batch_size, exp.train.device_batch_size, exp.model.max_seq_len, world, what
             )
         except ArmlabError as e:
             knob = "nproc" if _device(h, device) == "cpu" else "gpus_per_run"
@@ -187,7 +192,7 @@ def plan_schedule(
     machines = machines or {h.name: f"{h.target or 'localhost'}:{h.port or 22}" for h in hosts}
     owner = _owners(exp, hosts)
     lanes = {h.name: _lane_count(h, _device(h, device)) for h in hosts}
-    _check_batch(exp, hosts, device)
+    check_batch(exp, hosts, device)
 
     # GPU blocks and CPU shares per machine, in file order
     by_machine: dict[str, list[HostSpec]] = collections.defaultdict(list)

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from armlab import __version__, runs
-from armlab.budget import grad_accum_steps, model_dim
+from armlab.budget import batch_phrase, grad_accum_steps, model_dim
 from armlab.errors import ArmlabError
 from armlab.progress import console
 from armlab.spec import Experiment, fingerprint, parse_experiment, with_overrides
 from armlab.train.engines import Engine, EngineConfig, get_engine
+from armlab.train.recipe import schedule_misfit
 from armlab.workdir import atomic_write_json, open_workdir, read_json, run_name
 
 # run.json config keys a resumed run must share with the run that wrote the checkpoint
@@ -284,9 +285,11 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     kind, per_node = resolve_devices(o.num_gpus, o.device, o.nproc)
     world = per_node * o.nnodes
     budget = engine.budget(eff, tok.vocab_size)
+    flag = o.overrides.get("total_batch_size") is not None  # a message names what the user typed
     accum = grad_accum_steps(
-        budget.total_batch_size, eff.train.device_batch_size, eff.model.max_seq_len, world
-    )
+        budget.total_batch_size, eff.train.device_batch_size, eff.model.max_seq_len, world,
+        batch_phrase(eff.train, budget.total_batch_size, flag),
+    )  # fmt: skip
     check_feeds(data_dir, world)
     port = check_port(o.master_port) if o.master_port is not None else None
     compile_ = _compile_choice(engine, eff, kind, budget, world, per_node, wd.run_dir(arm, run), o.resume)
@@ -346,6 +349,8 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     _check_repeats(data_manifest, budget.tokens, arm, eff.train.allow_repeat)
 
     # every check passed: only now is anything written (or a clobbered run deleted)
+    if misfit := schedule_misfit(eff.train, budget.num_iterations, defaults=eff.train.engine == "builtin"):
+        console.print(f"[yellow]train: warning: {misfit}[/]")  # trains as asked; `armlab plan` says it too
     if clobber:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ class LocalHost(AgentHost):
 
     def doctor(self, *, device: str | None, expect_data: bool, extra: tuple[str, ...] = ()) -> DoctorReport:
         return run_doctor(self.exp, arms=list(self.spec.arms), device=device or self.spec.device,
-                          nproc=self.spec.nproc, expect_data=expect_data)  # fmt: skip
+                          nproc=self.spec.nproc, expect_data=expect_data, bundle=False)  # fmt: skip
 
     def prepare(self, arms: list[str], mode: str) -> None:
         from armlab.data.prepare import prepare

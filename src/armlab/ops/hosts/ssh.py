@@ -64,7 +64,7 @@ class ShellHost(AgentHost):
         from armlab.ops.setup import source_fingerprint
 
         args = [
-            "doctor", self.push(), "--local", "--json",
+            "doctor", self.push(), "--local", "--json", "--no-core-bundle",  # launch trains; evaluate checks it
             *(["--master-port", str(self.spec.master_port)] if self.spec.master_port is not None else []),
             *world_args(self.spec, device), *(f"--arm={a}" for a in self.spec.arms),
             *([] if expect_data else ["--no-expect-data"]), *extra,
