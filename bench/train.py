@@ -59,25 +59,15 @@ def model_tokens_per_s(
     steps: int,
     warmup: int,
 ) -> float:
-    torch.manual_seed(0)
-    model = build_model(cfg, device, dtype)
-    hp = recipe.resolve(TrainSpec())
-    opt = build_optimizer(
-        model, embedding_lr=hp.embedding_lr, unembedding_lr=hp.unembedding_lr, matrix_lr=hp.matrix_lr,
-        scalar_lr=hp.scalar_lr, weight_decay=hp.weight_decay, compile=compile,
-    )  # fmt: skip
-    fwd = torch.compile(model, dynamic=False) if compile else model
     x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len + 1), device=device)
-    batches = iter(lambda: (x[:, :-1], x[:, 1:]), None)
-    sched = Schedule(10_000, 1, hp, hp.weight_decay)
-    d = Dist(0, 1, device)
-    for s in range(warmup):
-        train_step(fwd, model, opt, batches, s, sched, d)
+    one = armlab_step(cfg, x, device, dtype, compile)
+    for _ in range(warmup):
+        one()
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for s in range(warmup, warmup + steps):
-        train_step(fwd, model, opt, batches, s, sched, d)  # ends with loss.item(): a device sync
+    for _ in range(steps):
+        one()  # ends with loss.item(): a device sync
     return steps * batch_size * cfg.seq_len / (time.perf_counter() - t0)
 
 

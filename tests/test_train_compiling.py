@@ -11,7 +11,7 @@ import pytest
 from armlab.train import compiling
 from armlab.train.plan import TrainOptions, plan_run
 from armlab.workdir import read_json
-from train_util import ARM, build_workdir, experiment
+from train_util import ARM, armlab, build_workdir, experiment
 
 
 def test_the_choice_weighs_the_steps_against_the_compile() -> None:
@@ -32,20 +32,26 @@ def exp_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_workdir(tmp_path_factory.mktemp("compiling"))
 
 
-def test_a_cpu_run_says_its_choice_and_a_resume_keeps_it(exp_file: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_cpu_run_says_its_choice_and_a_resume_keeps_it(exp_file: Path) -> None:
+    """The choice and why go to the rank's banner (train.log), through the plan."""
     exp = experiment(exp_file)
     short = plan_run(exp, ARM, TrainOptions(run_name="short", device="cpu"))  # the test's 24 tiny steps
-    assert "train: this CPU run trains eager (no torch.compile): 24 steps x ~" in " ".join(capsys.readouterr().err.split())
-    assert short.config.compile is False
+    assert short.config.compile is False and short.compile_reason.startswith("24 steps x ~")
+    assert "less than the ~55 s a compile takes" in short.compile_reason
     many = TrainOptions(run_name="long", device="cpu", overrides={"num_iterations": 10**8})
     plan = plan_run(exp, ARM, many)
     assert plan.config.compile is True and read_json(plan.run_dir / "run.json")["config"]["compile"] is True
-    assert "train: this CPU run trains compiled (torch.compile): 100,000,000 steps" in " ".join(
-        capsys.readouterr().err.split()
-    )
+    assert plan.compile_reason.startswith("100,000,000 steps x ~") and "compiling (~55 s) saves ~" in plan.compile_reason
     resumed = plan_run(exp, ARM, TrainOptions(run_name="long", device="cpu", resume=True,
                                               overrides={"num_iterations": 10**8}))  # fmt: skip
-    assert resumed.config.compile is True and "this CPU run trains" not in capsys.readouterr().err
+    assert resumed.config.compile is True and resumed.compile_reason is None  # kept, not chosen again
     off = plan_run(exp, ARM, TrainOptions(run_name="off", device="cpu", overrides={"num_iterations": 10**8,
                                                                                    "compile": False}))  # fmt: skip
     assert off.config.compile is False
+
+
+def test_the_log_says_why_a_run_is_eager(exp_file: Path) -> None:
+    r = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--run-name", "said", "--num-iterations", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    banner = next(ln for ln in r.stdout.splitlines() if ln.startswith("train said:"))
+    assert ", eager (2 steps x ~" in banner and "a compile takes)" in banner

@@ -449,6 +449,13 @@ class _Loop:
             )
             self.last_state = time.time()
 
+    def _compile_note(self) -> str:
+        """Why a CPU run is compiled or eager (the plan's estimate), for people reading the log."""
+        reason = self.plan.compile_reason
+        if not reason or self.d.device.type != "cpu":
+            return ""
+        return f" ({reason})" if self.fwd is not self.model else f", eager ({reason})"
+
     def _banner(self) -> None:
         plan, cfg, d = self.plan, self.cfg, self.d
         exp = plan.experiment
@@ -457,7 +464,8 @@ class _Loop:
             f"{f' on {plan.nnodes} nodes' if plan.nnodes > 1 else ''}, depth {exp.model.depth} "
             f"({cfg.n_params / 1e6:.1f}M params), {self.n_steps:,} steps x {cfg.total_batch_size:,} tokens "
             f"(grad accum {cfg.grad_accum_steps}), {str(self.compute_dtype).removeprefix('torch.')}"
-            f"{', compiled' if self.fwd is not self.model else ''}, attention {attention.backend(self.compute_dtype, d.device)}",
+            f"{', compiled' if self.fwd is not self.model else ''}{self._compile_note()}, "
+            f"attention {attention.backend(self.compute_dtype, d.device)}",
             flush=True,
         )
         if self.start:
