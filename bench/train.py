@@ -43,7 +43,8 @@ import torch
 from armlab.budget import flops_per_token, param_counts
 from armlab.spec import ModelSpec, TrainSpec
 from armlab.train import attention, compiling, recipe
-from armlab.train.loop import Dist, Schedule, peak_flops, train_step
+from armlab.train.loop import Dist, Schedule, train_step
+from armlab.train.mfu import peak_flops
 from armlab.train.model import GPTConfig, build_model, compute_dtype_for
 from armlab.train.optim import build_optimizer
 

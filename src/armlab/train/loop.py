@@ -33,6 +33,7 @@ import torch.distributed as dist
 from armlab import runs
 from armlab.runs import RunState
 from armlab.train import attention, checkpoint, recipe, schedule
+from armlab.train.mfu import peak_flops
 from armlab.train.model import GPTConfig, build_model, compute_dtype_for
 from armlab.train.optim import MuonAdamW, build_optimizer
 from armlab.train.stop import DIVERGED_LINE, STOP_LINE, StopFlag, agree, test_pause
@@ -40,49 +41,8 @@ from armlab.train.stop import DIVERGED_LINE, STOP_LINE, StopFlag, agree, test_pa
 if TYPE_CHECKING:
     from armlab.train.plan import RunPlan
 
-# Dense bf16 peak FLOP/s per device, nanochat 92d63d4's table (nanochat/common.py get_peak_flops):
-# every pattern must occur in the lower-cased torch.cuda.get_device_name(); the first row that
-# matches wins, so more specific names come first. Unknown devices and CPUs get no MFU.
-PEAK_FLOPS = (
-    (("gb200",), 2.5e15),
-    (("grace blackwell",), 2.5e15),
-    (("b200",), 2.25e15),
-    (("b100",), 1.8e15),
-    (("h200", "nvl"), 836e12),
-    (("h200", "pcie"), 836e12),
-    (("h200",), 989e12),
-    (("h100", "nvl"), 835e12),
-    (("h100", "pcie"), 756e12),
-    (("h100",), 989e12),
-    (("h800", "nvl"), 989e12),
-    (("h800",), 756e12),
-    (("a100",), 312e12),
-    (("a800",), 312e12),
-    (("a40",), 149.7e12),
-    (("a30",), 165e12),
-    (("l40s",), 362e12),
-    (("l40-s",), 362e12),
-    (("l40 s",), 362e12),
-    (("l4",), 121e12),
-    (("mi355",), 2.5e15),
-    (("mi325",), 1.3074e15),
-    (("mi300x",), 1.3074e15),
-    (("mi300a",), 980.6e12),
-    (("mi250x",), 383e12),
-    (("mi250",), 362.1e12),
-    (("5090",), 209.5e12),
-    (("4090",), 165.2e12),
-    (("3090",), 71e12),
-)
 STATE_EVERY_S = 10.0  # rank 0 rewrites state.json at most this often between evals/saves
 GRAD_BUCKET = 1 << 25  # elements per gradient all-reduce
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    return next((flops for keys, flops in PEAK_FLOPS if all(k in name for k in keys)), None)
 
 
 @dataclass(frozen=True)

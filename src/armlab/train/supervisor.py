@@ -255,8 +255,6 @@ def _run_ranks(
         stopper.attach(proc, cmd.argv)
         try:
             out = _tee(proc, log, echo, engine, plan, stopper)
-            if out.diverged is not None:  # the ranks know nothing of it: end them
-                stopper.kill("diverged")
             rc = proc.wait()
         finally:  # an error here (a full disk under train.log): the ranks go down before the lease
             if proc.poll() is None:
@@ -288,7 +286,7 @@ def _tee(
         if handler_ok and out.diverged is None:
             try:
                 engine.on_output(plan, line)
-            except Diverged as e:
+            except Diverged as e:  # the ranks know nothing of it: end them
                 out.diverged = e
                 stopper.kill("diverged")
             except Exception as e:  # noqa: BLE001  reported in train.log, the run goes on
