@@ -23,7 +23,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMMIT = "92d63d4"
-NANOCHAT = REPO.parent / "shared" / "nanochat" / COMMIT
+# the team's snapshots beside the repo, or where ARMLAB_NANOCHAT_SNAPSHOTS says (as nanochat_util)
+NANOCHAT = Path(os.environ.get("ARMLAB_NANOCHAT_SNAPSHOTS", REPO.parent / "shared" / "nanochat")) / COMMIT
 MODULES = ("common", "gpt", "optim", "flash_attention", "loss_eval", "dataset", "dataloader",
            "tokenizer", "checkpoint_manager")  # fmt: skip
 

@@ -220,3 +220,25 @@ def test_scorers_do_not_change_fingerprints_or_selections(tmp_path: Path) -> Non
     assert moved.scores_path == tmp_path / "shared" and moved.fingerprint() == on.fingerprint()
     with pytest.raises(ArmlabError, match=r"no scorer named 'ftt' .*did you mean 'ft'"):
         on.scorer("ftt")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("matrix_lr = inf", "train.matrix_lr: Input should be a finite number"),
+        ("embedding_lr = nan", "train.embedding_lr: Input should be a finite number"),
+        ("scalar_lr = 1e6", "train.scalar_lr: Input should be less than or equal to 10"),
+        ("weight_decay = inf", "train.weight_decay: Input should be a finite number"),
+        ("num_iterations = 1000000000000000000000000000000", "train.num_iterations: Input should be less than or equal to 1000000000"),
+        ("tokens = 100000000000000000000", "train.tokens: Input should be less than or equal to"),
+        ("target_param_data_ratio = inf", "train.target_param_data_ratio: Input should be a finite number"),
+        ("warmup_steps = 10000000000", "train.warmup_steps: Input should be less than or equal to 1000000000"),
+    ],
+)
+def test_recipe_numbers_are_finite_and_bounded(tmp_path: Path, line: str, message: str) -> None:
+    """Issue 20: `matrix_lr = inf` and `num_iterations = 10**30` were accepted; the first trained
+    NaNs to the end, the second planned a run that never ends."""
+    assert message in error_of(tmp_path, BASE + f"[train]\n{line}\n")
+    exp = load_experiment(write(tmp_path, BASE))
+    with pytest.raises(ArmlabError, match=r"num_iterations: Input should be less than or equal"):
+        with_overrides(exp, {"num_iterations": 10**30})  # the --num-iterations flag too

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from armlab.workdir import open_workdir, read_lease
 from nanochat_exp_util import ARMS, build_template, copy_workdir, write_experiment
 from nanochat_util import bare_python, copy_checkout, nanochat_python, snapshot
 from tok_util import write_shards
-from train_util import armlab, wait_for
+from train_util import armlab, spawn, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -314,3 +315,83 @@ def test_doctor_checks_the_checkout(tmp_path, template, python):
     assert (
         checks["nanochat python"]["status"] == "ok" and "checkout venv" in checks["nanochat python"]["detail"]
     )
+
+
+def test_a_fork_whose_lines_never_parse_fails_instead_of_ending_done(tmp_path, template, python):
+    """Issue 20: a nanochat fork that logs in its own words ended `done` with no metrics.jsonl.
+    A run that exits 0 without a single parsed step has not trained as far as anyone can tell."""
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat", git=True)
+    script = ck / "scripts" / "base_train.py"
+    src = script.read_text()
+    for ours, theirs in (('print0(f"step {step:05d}/', 'print0(f"iter {step:05d}/'),
+                         ('print0(f"Step {step:05d} | Validation bpb:', 'print0(f"at {step:05d} | val bpb:')):
+        assert ours in src
+        src = src.replace(ours, theirs)
+    script.write_text(src)
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, steps=2, eval_every=2,
+                           save_every=2)  # fmt: skip
+    p = armlab("train", str(exp), "--arm", "alt")
+    run = run_dir(exp, "alt")
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert (
+        f"armlab: failed: run 'alt-s0': the nanochat engine exited 0 but no step lines parsed from its output; "
+        f"see {run / 'train.log'}" in " ".join(p.stderr.split())
+    )
+    state = read_state(run)
+    assert state["state"] == "failed" and "no step lines parsed" in state["error"]
+    assert read_metrics(run).records == [] and "iter 00001/00002" in (run / "train.log").read_text()
+
+
+def test_a_non_finite_loss_line_ends_the_run_diverged(tmp_path, template, python):
+    """A nanochat run whose loss turns NaN: the supervisor stops nanochat at the first NaN line
+    (it would train on), the run is `diverged`, exit 1 naming the step and the last finite loss,
+    and no NaN record reaches metrics.jsonl. nanochat's own learning rates (extra_args, which
+    armlab's schema does not bound) at 1e30 make it diverge for real."""
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat")
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, steps=40, eval_every=40,
+                           save_every=40)  # fmt: skip
+    text = exp.read_text().replace(
+        'extra_args = ["--sample-every=-1"]',
+        'extra_args = ["--sample-every=-1", "--warmup-steps=0", "--embedding-lr=1e30", "--matrix-lr=1e30", '
+        '"--scalar-lr=1e30", "--unembedding-lr=1e30"]',
+    )
+    exp.write_text(text)
+    p = armlab("train", str(exp), "--arm", "alt")
+    run = run_dir(exp, "alt")
+    assert p.returncode == 1, p.stderr[-2000:]
+    state = read_state(run)
+    assert state["state"] == "diverged", state
+    step = state["error"].split()[3].rstrip(":")
+    assert f"run 'alt-s0' diverged at step {step}: nanochat's loss nan" in " ".join(p.stderr.split())
+    assert all(m.get("train_loss") is None or m["train_loss"] == m["train_loss"] for m in read_metrics(run).records)
+    assert max(steps(run, "train_loss"), default=0) < int(step) < 40  # stopped there, not trained through
+
+
+def test_a_stop_before_nanochats_first_checkpoint_says_a_restart_begins_at_step_0(tmp_path, template, python):
+    """nanochat cannot checkpoint on a signal: a stop before its first checkpoint says the restart
+    begins from step 0, and the restart says so again and keeps the first try's logs."""
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat")
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, steps=200, eval_every=200,
+                           save_every=200)  # fmt: skip
+    run = run_dir(exp, "alt")
+    proc = spawn("train", str(exp), "--arm", "alt")
+    try:
+        wait_for(lambda: len(steps(run, "train_loss")) >= 2, 180, "two steps")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = " ".join(proc.stderr.read().split())
+    state = read_state(run)
+    assert state["state"] == "stopped" and state["resume_step"] is None and state["stop_reason"] == "SIGTERM"
+    assert f"run 'alt-s0' stopped at step {state['step']} by SIGTERM before its first checkpoint: a restart " \
+           "begins from step 0" in err, err  # fmt: skip
+    first = (run / "train.log").read_text()
+    p = ok("train", exp, "--arm", "alt", "--resume")
+    said = f"alt-s0 has no checkpoint (it reached step {state['step']} before stopping): restarting from step 0"
+    assert said in " ".join(p.stderr.split()) and (run / "train.1.log").read_text() == first
+    assert steps(run, "train_loss") == list(range(1, 201))

@@ -15,6 +15,7 @@ by the supervisor for the run's lifetime.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -115,6 +116,7 @@ class RunPlan:
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # HOST:PORT of node 0's rendezvous (static); None: one node
+    compile_reason: str | None = None  # why a CPU run compiles or not (armlab.train.compiling), for the log
 
     @property
     def follower(self) -> bool:
@@ -291,6 +293,9 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     )  # fmt: skip
     check_feeds(data_dir, world)
     port = check_port(o.master_port) if o.master_port is not None else None
+    compile_, compile_reason = _compile_choice(
+        engine, eff, kind, budget, world, per_node, wd.run_dir(arm, run), o.resume
+    )
     if endpoint is not None and node_rank == 0:  # node 0's torchrun serves the rendezvous there
         check_port(int(endpoint.rpartition(":")[2]), "--rdzv-endpoint")
 
@@ -310,7 +315,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         world_size=world,
         device=kind,
         dtype=_compute_dtype(kind),
-        compile=bool(eff.train.compile and kind == "cuda"),
+        compile=compile_,
         nnodes=o.nnodes,
     )
     run_json = {
@@ -341,7 +346,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         master_port=port, resume_step=resume_step, fingerprint=run_json["fingerprint"], config=config,
         engine=engine_config, force=o.force,
         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") if kind == "cuda" else None,
-        nnodes=o.nnodes, node_rank=node_rank, rdzv_endpoint=endpoint,
+        nnodes=o.nnodes, node_rank=node_rank, rdzv_endpoint=endpoint, compile_reason=compile_reason,
     )  # fmt: skip
     engine.preflight(plan)
     _check_repeats(data_manifest, budget.tokens, arm, eff.train.allow_repeat)
@@ -362,6 +367,26 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         atomic_write_json(run_dir / runs.RUN_JSON, run_json)
     plan.write()
     return plan
+
+
+def _compile_choice(
+    engine: Engine,
+    exp: Experiment,
+    device: str,
+    budget: Any,
+    world: int,
+    per_node: int,
+    run_dir: Path,
+    resume: bool,
+) -> tuple[bool, str | None]:
+    """(the engine's choice (armlab.train.compiling), why, on CPU); a resumed run keeps its own."""
+    if resume:
+        with contextlib.suppress(FileNotFoundError, ArmlabError, KeyError, TypeError):
+            return bool(read_json(run_dir / runs.RUN_JSON)["config"]["compile"]), None
+    choice = engine.compile_choice(exp, device, budget, world, per_node)
+    if device != "cpu" or not exp.train.compile:
+        return choice.compile, None
+    return choice.compile, choice.reason
 
 
 def _restart_from_zero(run_dir: Path, reached: int) -> None:

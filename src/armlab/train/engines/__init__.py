@@ -13,6 +13,7 @@ Who calls what, for one run (`plan` is an armlab.train.plan.RunPlan):
                                        config = engine.configure(exp)          refuse bad settings
                                        budget = engine.budget(exp, vocab)      steps, batch, tokens
                                        engine.checkpoint_steps(run_dir)        --resume: from where
+                                       engine.compile_choice(...)              torch.compile or not
                                        engine.preflight(plan)                  last refusals; then
                                                                                run.json + plan.json
     armlab.train.supervisor.supervise  cmd = engine.command(plan)              (argv, env, cwd)
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
     from armlab.budget import Budget
     from armlab.spec import Experiment
     from armlab.tokenizer import Tokenizer
+    from armlab.train.compiling import CompileChoice
     from armlab.train.plan import RunPlan
 
 # name -> "module:class". Adding an engine is one line here plus its module; the spec's
@@ -117,6 +119,11 @@ class CheckReport(Protocol):
 class Engine(Protocol):
     """The training engine protocol. Every method may raise ArmlabError (one line, exit 2)."""
 
+    # Whether the ranks, asked to stop (a signal, the run's stop-request file), finish their step,
+    # save a checkpoint and exit 0 with state.json "stopped" (armlab.train.stop); else the
+    # supervisor's signal ends them and the run resumes from its last checkpoint.
+    stops_with_checkpoint: bool
+
     def configure(self, exp: Experiment) -> EngineConfig:
         """Resolve the engine's settings from the effective spec (overrides applied), with no side
         effects: builtin has nothing beyond the spec; nanochat finds the checkout, its python,
@@ -138,6 +145,12 @@ class Engine(Protocol):
 
     def preflight(self, plan: RunPlan) -> None:
         """Engine checks that refuse before anything is written or started."""
+        ...
+
+    def compile_choice(
+        self, exp: Experiment, device: str, budget: Budget, world_size: int, ranks_per_node: int
+    ) -> CompileChoice:
+        """Whether the run torch.compiles (recorded in run.json `config.compile`; a resume keeps it)."""
         ...
 
     def command(self, plan: RunPlan) -> Command:
@@ -171,8 +184,17 @@ class Engine(Protocol):
 class BaseEngine:
     """Defaults for the optional hooks, so an engine writes only what it needs."""
 
+    stops_with_checkpoint = False
+
     def preflight(self, plan: RunPlan) -> None:
         return None
+
+    def compile_choice(
+        self, exp: Experiment, device: str, budget: Budget, world_size: int, ranks_per_node: int
+    ) -> CompileChoice:
+        from armlab.train.compiling import CompileChoice
+
+        return CompileChoice(exp.train.compile, "train.compile")
 
     def on_output(self, plan: RunPlan, line: str) -> None:
         return None

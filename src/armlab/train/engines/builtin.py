@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from armlab.budget import Budget
     from armlab.spec import Experiment
+    from armlab.train.compiling import CompileChoice
     from armlab.train.plan import RunPlan
 
 
@@ -33,6 +34,8 @@ class BuiltinConfig(EngineConfig):
 
 
 class BuiltinEngine(BaseEngine):
+    stops_with_checkpoint = True  # armlab.train.stop: the ranks agree, checkpoint and exit
+
     def configure(self, exp: Experiment) -> BuiltinConfig:
         return BuiltinConfig()
 
@@ -54,6 +57,24 @@ class BuiltinEngine(BaseEngine):
             raise ArmlabError(
                 "train.wandb_project is set but wandb is not installed: pip install 'armlab[wandb]'"
             )
+
+    def compile_choice(
+        self, exp: Experiment, device: str, budget: Budget, world_size: int, ranks_per_node: int
+    ) -> CompileChoice:
+        """Always on CUDA; on CPU when the planned steps repay the compile (armlab.train.compiling)."""
+        import os
+
+        from armlab.budget import model_dim
+        from armlab.train import compiling
+        from armlab.train.engines import cpu_cores
+
+        probe = None
+        if device == "cpu" and exp.train.compile:
+            threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, cpu_cores() // ranks_per_node)
+            rows = min(exp.model.max_seq_len * exp.train.device_batch_size, 4096)
+            probe = compiling.cpu_matmul_flops(model_dim(exp.model), rows, threads)
+        per_rank = budget.flops_per_token * budget.total_batch_size / world_size
+        return compiling.choose(exp.train.compile, device, budget.num_iterations, per_rank, exp.model.depth, probe)
 
     def command(self, plan: RunPlan) -> Command:
         worker = ["-m", "armlab.train.worker", str(plan.plan_file)]

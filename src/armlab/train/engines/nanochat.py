@@ -242,7 +242,7 @@ class NanochatEngine(BaseEngine):
                 last = self._last_loss
                 before = f" (last finite loss {last[1]:.4f} at step {last[0]})" if last else " (no finite loss before it)"
                 name = "loss" if key == "train_loss" else "val bpb"
-                raise Diverged(f"diverged at step {rec['step']}: nanochat's {name} is {value}{before}")
+                raise Diverged(f"diverged at step {rec['step']}: nanochat's {name} {value}{before}")
             if key == "train_loss":
                 self._last_loss = (rec["step"], value)
 
