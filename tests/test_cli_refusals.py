@@ -98,7 +98,7 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["run", exp, "--num-gpus", "2"], "GPU"),
         (["run", str(longer), "--arm", "rand", "--seeds", "0"], "differs in train.num_iterations"),
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
-        (["compare", exp], "top"),  # one arm has finished runs, the other none
+        (["compare", exp], "rand-s0: no final evaluation"),  # never compared by its in-training val bpb
         (["rm", exp, "--arm", "rand", "--run", "nosuch"], "nosuch"),
         (["export", exp, "--arm", "top", "--to", str(root / "wd" / "export")], "top"),
         (["export", exp, "--arm", "rand", "--to", exp], "exp.toml"),

@@ -23,6 +23,9 @@ import numpy as np
 
 from armlab.errors import ArmlabError
 from armlab.report.complete import FinalValues, final_values
+from armlab.report.continuous import continuous_summary
+from armlab.report.evalcheck import check_evals
+from armlab.report.identical import identical_groups
 from armlab.report.intervals import RESAMPLES, SEED, ItemScores, arm_interval, difference_interval, replicates
 from armlab.report.scores import Scores, bpb_scores, centre, core_scores
 from armlab.report.stats import detectable
@@ -123,14 +126,17 @@ def check_seeds(exp: Experiment, runs: list[RunRecord]) -> None:
 
 
 def check_eval_coverage(runs: list[RunRecord]) -> None:
-    """Every run's val bpb must cover the same eval tokens (a capped evaluation is another measure)."""
+    """Every run's val bpb must be one kind of measurement over the same eval tokens (a sample, or
+    another method, is another measure): never mixed."""
     seen: dict[Any, list[str]] = {}
     for r in runs:
         ev = r.eval or {}
-        if ev.get("val_bpb_tokens") is not None:
-            seen.setdefault((ev.get("val_bpb_tokens"), ev.get("val_bpb_docs")), []).append(r.run)
+        method = ((ev.get("bpb") or {}).get("method") or {}).get("kind")
+        seen.setdefault((ev.get("val_bpb_tokens"), ev.get("val_bpb_docs"), method), []).append(r.run)
     if len(seen) > 1:
-        shown = "; ".join(f"{t:,} tokens / {d} docs: {', '.join(n)}" for (t, d), n in seen.items())
+        shown = "; ".join(
+            f"{t or 0:,} tokens / {d} docs ({m or 'unknown method'}): {', '.join(n)}" for (t, d, m), n in seen.items()
+        )
         raise ArmlabError(
             f"runs' val bpb cover different parts of the eval set ({shown}); rerun `armlab evaluate EXP "
             "--force` with the same --max-tokens for every run"
@@ -308,8 +314,29 @@ def _seed_warning(arm: ArmData, ref: ArmData) -> str | None:
     return None
 
 
+def _drop_copies(runs: list[RunRecord]) -> tuple[list[RunRecord], list[tuple[RunRecord, RunRecord]]]:
+    """(runs with one of each group of identical runs, [(left-out copy, the run it copies)])."""
+    copies = []
+    for arm in dict.fromkeys(r.arm for r in runs):
+        for group in identical_groups([r for r in runs if r.arm == arm]):
+            copies += [(c, group[0]) for c in group[1:]]
+    dropped = {id(c) for c, _ in copies}
+    return [r for r in runs if id(r) not in dropped], copies
+
+
+def _why_same(r: RunRecord) -> str:
+    if r.engine == "nanochat":
+        return (
+            "; the nanochat engine's init seed is fixed (42) and this seed's file order is the other's: prepare the "
+            "arm in more shard files"
+        )
+    return ""
+
+
 def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord]) -> dict[str, Any]:
     """Everything the report shows, as plain data (summary.json); writes nothing."""
+    runs, copies = _drop_copies(runs)
+    excluded = excluded + [c for c, _ in copies]
     present = [a.name for a in exp.arms if any(r.arm == a.name for r in runs)]
     _refuse_single_arm(exp, present, excluded)
     data = {a: ArmData(exp, a, [r for r in runs if r.arm == a]) for a in present}
@@ -334,11 +361,18 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
             for m, iv in per_metric.items()
         ]
         warnings.append(_seed_warning(arm, ref))
+    warnings += [
+        f"{c.run} is identical to {first.run} (the same loss at every step: its seed changed nothing{_why_same(c)}); "
+        f"counted once, left out"
+        for c, first in copies
+    ]
     for a in data:
         for m, why in arms[a]["missing_items"].items():
             warnings.append(f"{METRICS[m][0]} of {a}: {why}; its intervals count seed noise only")
     bundle = next(((r.eval or {}).get("bundle") for r in runs if r.core is not None), None)
+    continuous = continuous_summary(exp, {a: d.runs for a, d in data.items()}, ref.name)
     return {
+        "continuous": continuous,
         "experiment": exp.name,
         "fingerprint": exp.fingerprint(),
         "created": time.time(),
@@ -378,8 +412,15 @@ def analyse(exp: Experiment, exclude: list[str] | None = None) -> tuple[dict[str
         )
     check_comparable(exp, finished)
     check_seeds(exp, finished)
+    finished, unevaluated = check_evals(exp, finished)  # eval.json tied to its run, or left out (named)
+    if not finished:
+        raise ArmlabError(
+            f"experiment {exp.name!r} has no evaluated runs to compare: {'; '.join(u.reason for u in unevaluated)}"
+        )
     check_eval_coverage(finished)
-    return summarize(exp, finished, excluded), finished
+    summary = summarize(exp, finished, excluded + [u.run for u in unevaluated])
+    summary["warnings"] += [f"left out: {u.reason}" for u in unevaluated]
+    return summary, finished
 
 
 def compare(

@@ -306,6 +306,11 @@ def sections(summary: dict[str, Any]) -> list[Section]:
         )
     ]
     out += [comparison_section(summary), arms_section(summary)]
+    if summary.get("continuous"):
+        from armlab.report.continuous import table
+
+        lines, header, rows = table(summary["continuous"])
+        out.append(Section("Continuous CORE and signal-to-noise", lines, [(header, rows)] if rows else []))
     data = data_section(summary)
     if data:
         out.append(data)

@@ -3,8 +3,9 @@
 Every rank builds the same model from the same seed, reads its own share of the arm through
 the loader, and steps the same optimiser on gradients averaged over all ranks (one all-reduce
 per bucket of gradients after accumulation). Rank 0 logs (train.log line, metrics.jsonl,
-optional W&B), evaluates bits-per-byte with every rank on the shared eval set, and writes the
-checkpoints, which hold every rank's loader and RNG state.
+optional W&B), evaluates bits-per-byte with every rank on a fixed sample of whole eval documents
+(armlab.evaluate.bpb), and writes the checkpoints (also the last k the final evaluation scores),
+which hold every rank's loader and RNG state.
 
 The recipe is nanochat 92d63d4's: the model (armlab.train.model), MuonAdamW with its parameter
 groups (armlab.train.optim), the schedules and batch/horizon scaling (armlab.train.schedule),
@@ -204,6 +205,7 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
     """Run (or resume) the training described by the supervisor's plan on this rank."""
     from armlab.budget import training_budget
     from armlab.evaluate.bpb import evaluate_bpb
+    from armlab.evaluate.checkpoints import last_k_steps
     from armlab.tokenizer import Tokenizer
     from armlab.train.loader import DataLoader
 
@@ -217,7 +219,7 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
     compute_dtype = compute_dtype_for(device)  # bf16 on CUDA sm80+, else fp32 (nanochat's choice)
 
     tokenizer = Tokenizer.load(plan.tokenizer_dir)
-    torch.manual_seed(plan.seed)  # identical initial weights on every rank
+    torch.manual_seed(plan.seed)  # the init seed: identical initial weights on every rank
     model_cfg = GPTConfig.from_spec(exp.model, tokenizer.vocab_size)
     model = build_model(model_cfg, device, compute_dtype)  # on the device directly, nanochat's init
     hp = recipe.resolve(train)
@@ -226,6 +228,8 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
     optimizer = build_optimizer(model, **scale.learning_rates(hp))
     sched = Schedule(n_steps, accum, hp, scale.weight_decay)
 
+    # the last k checkpoints, which the final evaluation scores (noise; armlab.evaluate.checkpoints)
+    keep_for_eval = set(last_k_steps(n_steps, exp.evaluate.last_k, exp.evaluate.last_k_every))
     start, loop_time, loader_state, val_bpb = 0, 0.0, None, None
     if plan.resume_step is not None:
         ckpt = checkpoint.load_checkpoint(run_dir, plan.resume_step, device)
@@ -241,7 +245,7 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
         )
         del ckpt
     loader = DataLoader(
-        plan.data_dir, tokenizer, B, T, d.rank, d.world_size, seed=plan.seed, state=loader_state
+        plan.data_dir, tokenizer, B, T, d.rank, d.world_size, seed=plan.order_seed, state=loader_state
     )
     fwd = torch.compile(model, dynamic=False) if (device.type == "cuda" and train.compile) else model
 
@@ -276,10 +280,11 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
                 step != start or plan.resume_step is None
             )  # the resume step was evaluated and saved already
             if fresh and (last or step % train.eval_every == 0):
-                model.eval()
+                model.eval()  # eager: eval calls have several widths (armlab.evaluate.bpb)
                 val_bpb = evaluate_bpb(
-                    fwd, tokenizer, plan.eval_dir, train.eval_tokens, B, T, device, d.rank, d.world_size
-                ).bpb
+                    model, tokenizer, plan.eval_dir, train.eval_tokens, B, T, device, d.rank, d.world_size,
+                    seed=exp.eval.seed,
+                ).bpb  # fmt: skip
                 model.train()
                 if d.master:
                     print(f"step {step:05d}/{n_steps:05d} | val bpb {val_bpb:.4f}", flush=True)
@@ -291,7 +296,7 @@ def train_loop(plan: RunPlan, d: Dist) -> None:
                             "val_bpb": val_bpb,
                         }
                     )
-            if step > start and (last or step % train.save_every == 0):
+            if step > start and (last or step % train.save_every == 0 or step in keep_for_eval):
                 states = gather({"loader": loader.state_dict(), "rng": rng_state()}, d)
                 if d.master:
                     checkpoint.save_checkpoint(
@@ -369,6 +374,7 @@ def _wandb(exp: Any, plan: RunPlan, d: Dist) -> Any:
         config={
             "arm": plan.arm,
             "seed": plan.seed,
+            "data_seed": plan.order_seed,
             **dataclasses.asdict(plan.config),
             "fingerprint": plan.fingerprint,
         },

@@ -100,6 +100,12 @@ class RunPlan:
     engine: EngineConfig
     force: bool
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES the ranks see (a lane's GPU set); None: all / CPU
+    data_seed: int | None = None  # the data-order seed (train.data_seeds); None: `seed`
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the run's data order (the loader's; nanochat's file order)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def plan_file(self) -> Path:
@@ -243,6 +249,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         "experiment": exp.name,
         "arm": arm,
         "seed": seed,
+        "data_seed": eff.train.data_seed(seed),
         "run": run,
         "fingerprint": run_fingerprint(eff, engine_config),
         "comparability": eff.comparability(),
@@ -263,6 +270,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         master_port=port, resume_step=resume_step, fingerprint=run_json["fingerprint"], config=config,
         engine=engine_config, force=o.force,
         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") if kind == "cuda" else None,
+        data_seed=eff.train.data_seed(seed),
     )  # fmt: skip
     engine.preflight(plan)
     _check_repeats(data_manifest, budget.tokens, arm, eff.train.allow_repeat)
