@@ -17,6 +17,7 @@ from armlab.evaluate.record import (
     BpbMethod,
     BpbResult,
     CheckpointRef,
+    CheckpointScores,
     CoreResult,
     EvalResult,
     EvalSetRef,
@@ -60,11 +61,13 @@ def make_run(
     per_doc: tuple[list[float], list[float]] | None = None,
     evaluated: bool = True,
     loss_offset: float | None = None,
+    history: list[dict[str, dict]] | None = None,
 ) -> Path:
     """A run dir with a final checkpoint and, unless `evaluated` is false, its eval.json (a v2
     EvalResult tied to that checkpoint and the workdir's eval set); `core_tasks` ({label: {correct,
     random_baseline}}) and `per_doc` ((nats, bytes)) give it per-item data, from which its CORE /
-    val bpb are then computed. Each seed's loss curve is its own unless `loss_offset` is given
+    val bpb are then computed; `history` ({task: {centered, lp, margin}} per checkpoint, oldest first)
+    gives its last-k checkpoint scores. Each seed's loss curve is its own unless `loss_offset` is given
     (runs with equal curves and val bpb are one run in effect: compare counts them once)."""
     wd = open_workdir(exp)
     freeze_spec(wd, exp)  # as prepare would have: the workdir then passes as EXP
@@ -131,7 +134,8 @@ def make_run(
             acc = sum(t["correct"]) / len(t["correct"])
             b = t["random_baseline"] / 100
             tasks[label] = TaskResult(label, "multiple_choice", len(t["correct"]), 0, t["random_baseline"], acc,
-                                      (acc - b) / (1 - b), correct=list(t["correct"]))  # fmt: skip
+                                      (acc - b) / (1 - b), correct=list(t["correct"]), logprob=t.get("logprob"),
+                                      bytes=t.get("bytes"), margin=t.get("margin"))  # fmt: skip
     elif core is not None:
         tasks["t1"] = TaskResult("t1", "multiple_choice", 10, 0, 25.0, 0.5, core)
     bundle = {"sha256": bundle_sha, "demo": True, "name": "demo", "tasks": list(tasks), "source": "x"}
@@ -150,6 +154,8 @@ def make_run(
         run=d.name, checkpoint=CheckpointRef(steps, weights_sha256([ckpt / "model.pt"])),
         run_ended=now if state == "done" else None, eval_set=EvalSetRef(tiny_eval_set(wd), 100, 4000), bpb=whole,
         core=CoreResult(tasks, bundle) if tasks else None,
+        checkpoints=[CheckpointScores(CheckpointRef(steps - len(history or []) + 1 + i, "x" * 64), bpb, tasks=h)
+                     for i, h in enumerate(history or [])],
     )  # fmt: skip
     atomic_write_json(d / "eval.json", result.to_json())
     return d

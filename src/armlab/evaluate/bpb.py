@@ -188,7 +188,7 @@ def evaluate_bpb(
                 x[i, : len(row)] = torch.from_numpy(row)
                 scored[i, p.first[r] : len(row) - 1] = True
             x, scored = x.to(device), scored.to(device)
-            inputs, targets = x[:, :-1], x[:, 1:]
+            inputs, targets = x[:, :-1].contiguous(), x[:, 1:].contiguous()  # nanochat views targets
             loss = model(inputs, targets, loss_reduction="none").view(len(idx), width).double()
             nbytes = token_bytes[targets] * scored
             counted = (nbytes > 0).double()  # BOS targets (0 bytes), unscored context and padding drop out

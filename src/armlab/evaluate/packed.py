@@ -107,7 +107,7 @@ def evaluate_packed_bpb(
             idx = np.concatenate([idx, np.zeros(batch_size - len(idx), dtype=np.int64)])
         batch = torch.from_numpy(ps.tokens[idx].astype(np.int64)).to(device)
         owners = torch.from_numpy(ps.docs[idx, 1:].astype(np.int64)).to(device).reshape(-1)
-        x, y = batch[:, :-1], batch[:, 1:]
+        x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()  # nanochat views targets
         loss = model(x, y, loss_reduction="none").view(batch_size, seq_len).double()
         nbytes = token_bytes[y]
         counted = (nbytes > 0).double() * weight  # BOS targets (0 bytes) and padding drop out

@@ -324,6 +324,20 @@ def _drop_copies(runs: list[RunRecord]) -> tuple[list[RunRecord], list[tuple[Run
     return [r for r in runs if id(r) not in dropped], copies
 
 
+def _seeding(exp: Experiment, runs: list[RunRecord]) -> list[str]:
+    """What a seed varied in these runs, for the report's notes."""
+    out = []
+    if exp.train.data_seeds is not None:
+        pairs = ", ".join(f"{s}/{d}" for s, d in zip(exp.train.seeds, exp.train.data_seeds, strict=True))
+        out.append(f"Seeds: init seed / data-order seed pairs {pairs} (train.data_seeds).")
+    if any(r.engine == "nanochat" for r in runs):
+        out.append(
+            "Seeds of nanochat-engine runs vary the data order only (the arm's shard files are read in an order set "
+            "by the data seed); the initial weights come from nanochat's fixed seed (42) in every run."
+        )
+    return out
+
+
 def _why_same(r: RunRecord) -> str:
     if r.engine == "nanochat":
         return (
@@ -373,6 +387,7 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
     continuous = continuous_summary(exp, {a: d.runs for a, d in data.items()}, ref.name)
     return {
         "continuous": continuous,
+        "seeding": _seeding(exp, runs),
         "experiment": exp.name,
         "fingerprint": exp.fingerprint(),
         "created": time.time(),
@@ -435,7 +450,7 @@ def compare(
 
     summary, _ = analyse(exp, exclude)
     summary["data"] = data_difference(exp, list(summary["arms"]))
-    summary["notes"] = list(notes or [])
+    summary["notes"] = list(notes or []) + summary["seeding"]
     out = Path(out) if out else open_workdir(exp, create=False).report_dir
     write_report(summary, out)
     return out, summary

@@ -278,7 +278,7 @@ def _finish(
     item_var = item.var if item else 0.0
     t = t_quantile(0.975, seed.df) if seed else 0.0
     half = math.sqrt(t * t * seed_var + t_quantile(0.975, None) ** 2 * item_var)
-    if half == 0.0:
+    if half <= 1e-12 * max(1.0, abs(estimate)):
         # No measured noise at all (identical seeds and no per-item data): an interval of zero width
         # would make any difference a verdict (issue 19: "better by 0.0001"); say there is none.
         return Interval(estimate, None, None, None, None, seed_var if seed else None, item_var if item else None,
