@@ -231,20 +231,22 @@ class CheckpointScores:
     """What one of the run's last k checkpoints scored (no per-item data: the noise needs none)."""
 
     checkpoint: CheckpointRef
-    val_bpb: float
+    val_bpb: float | None  # None: not measured (an earlier checkpoint when the figures are not averaged)
     core: float | None = None
     core_lp: float | None = None
     core_margin: float | None = None
     tasks: dict[str, dict[str, float | None]] = field(default_factory=dict)  # label: centered, lp, margin
 
     @classmethod
-    def of(cls, checkpoint: CheckpointRef, bpb: BpbResult, core: CoreResult | None) -> CheckpointScores:
+    def of(
+        cls, checkpoint: CheckpointRef, bpb: BpbResult | None, core: CoreResult | None
+    ) -> CheckpointScores:
         tasks = {
             label: {"centered": t.centered, "lp": t.logprob_per_byte, "margin": t.mean_margin}
             for label, t in (core.tasks.items() if core else ())
         }
         return cls(
-            checkpoint, bpb.bpb, core.core if core else None, core.core_lp if core else None,
+            checkpoint, bpb.bpb if bpb else None, core.core if core else None, core.core_lp if core else None,
             core.core_margin if core else None, tasks,
         )  # fmt: skip
 
@@ -255,7 +257,7 @@ class CheckpointScores:
     def from_json(cls, d: Mapping[str, Any]) -> CheckpointScores:
         return cls(
             CheckpointRef.from_json(d["checkpoint"]),  # type: ignore[arg-type]
-            float(d["val_bpb"]), d.get("core"), d.get("core_lp"), d.get("core_margin"), dict(d.get("tasks") or {}),
+            d.get("val_bpb"), d.get("core"), d.get("core_lp"), d.get("core_margin"), dict(d.get("tasks") or {}),
         )  # fmt: skip
 
 
@@ -370,7 +372,7 @@ class EvalResult:
 class CheckpointEval:
     """What an engine's `evaluate` returns for one checkpoint (armlab.train.engines.EvalRequest)."""
 
-    bpb: BpbResult  # whole documents
+    bpb: BpbResult | None  # whole documents (None: not asked for)
     packed: BpbResult | None = None  # nanochat's packed stream (the final checkpoint only)
     core: CoreResult | None = None
     engine: dict[str, Any] = field(default_factory=dict)  # the engine's own numbers, labelled

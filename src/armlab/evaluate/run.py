@@ -6,7 +6,8 @@ nanochat's packed val bpb as a second, labelled number (final checkpoint only), 
 per-item continuous scores (armlab.evaluate.core). So item-level scores, and intervals over them,
 exist for both engines.
 
-The last k checkpoints (`[evaluate] last_k`) are scored to measure the run's own noise: Signal and
+The last k checkpoints (`[evaluate] last_k`) are scored to measure the run's own noise (CORE only,
+unless they are averaged: val bpb is the costly part, and the final one is scored whole): Signal and
 Noise (Heineman et al. 2025) define a benchmark's noise as the standard deviation of its score over
 the final checkpoints of one run, and its signal as the spread of scores between models (here
 arms); report.snr turns the per-checkpoint scores in eval.json into per-task signal-to-noise. With
@@ -53,13 +54,25 @@ def evaluate_model(model: Any, request: Any) -> CheckpointEval:
 
     r, exp = request, request.exp
     shape = (exp.train.device_batch_size, exp.model.max_seq_len, r.device)
-    whole = evaluate_bpb(model, r.tokenizer, r.eval_dir, r.max_tokens, *shape, seed=exp.eval.seed)
+    whole = (
+        evaluate_bpb(model, r.tokenizer, r.eval_dir, r.max_tokens, *shape, seed=exp.eval.seed)
+        if r.bpb
+        else None
+    )
     packed = (
-        evaluate_packed_bpb(model, r.tokenizer, r.eval_dir, r.max_tokens, *shape) if r.packed else None
+        evaluate_packed_bpb(model, r.tokenizer, r.eval_dir, r.max_tokens, *shape)
+        if r.packed and r.bpb
+        else None
     )
     core = (
-        evaluate_core(model, r.tokenizer, r.bundle, device=r.device, max_per_task=r.max_per_task,
-                      max_len=exp.model.max_seq_len)  # fmt: skip
+        evaluate_core(
+            model,
+            r.tokenizer,
+            r.bundle,
+            device=r.device,
+            max_per_task=r.max_per_task,
+            max_len=exp.model.max_seq_len,
+        )  # fmt: skip
         if r.bundle
         else None
     )
@@ -142,14 +155,23 @@ def evaluate_run(
 
     rec = load_run(run_dir)
     if rec.info.get("experiment") != exp.name:
-        raise ArmlabError(f"{run_dir}: run belongs to experiment {rec.info.get('experiment')!r}, not {exp.name!r}")
+        raise ArmlabError(
+            f"{run_dir}: run belongs to experiment {rec.info.get('experiment')!r}, not {exp.name!r}"
+        )
     if rec.state_name != RunState.DONE:
-        raise ArmlabError(f"{run_dir}: run is {rec.state_name}, not done; finish it first (`armlab run` resumes it)")
+        raise ArmlabError(
+            f"{run_dir}: run is {rec.state_name}, not done; finish it first (`armlab run` resumes it)"
+        )
     engine = get_engine(rec.engine)
     steps = engine.checkpoint_steps(run_dir)
     if not steps:
-        raise ArmlabError(f"{run_dir}: no complete checkpoint to evaluate; retrain the run (`armlab run` does)")
-    chosen = steps[-exp.evaluate.last_k :]
+        raise ArmlabError(
+            f"{run_dir}: no complete checkpoint to evaluate; retrain the run (`armlab run` does)"
+        )
+    # the last k: their CORE scores measure the noise; with average_last_k they all make the figures.
+    # Without either (no bundle, no averaging) only the final checkpoint is scored.
+    k = exp.evaluate.last_k if (bundle is not None or exp.evaluate.average_last_k) else 1
+    chosen = steps[-k:]
     refs = [checkpoint_ref(engine, run_dir, s, remember=True) for s in chosen]
     wd = open_workdir(exp, create=False)
     averaged = len(chosen) if exp.evaluate.average_last_k else 1
@@ -169,7 +191,7 @@ def evaluate_run(
             f"{run_dir}: trained with tokenizer {rec.info.get('tokenizer_fingerprint')}, "
             f"but the experiment's is now {tok.fingerprint}; it cannot be evaluated comparably"
         )
-    if len(chosen) < exp.evaluate.last_k:
+    if len(chosen) < k:
         console.print(
             f"[yellow]evaluate: {rec.run} has {len(chosen)} checkpoint(s) of the {exp.evaluate.last_k} "
             f"evaluate.last_k asks for (steps {', '.join(map(str, chosen))}); scoring those[/]"
@@ -177,17 +199,20 @@ def evaluate_run(
     results: list[CheckpointEval] = []
     for step in chosen:
         final = step == chosen[-1]
+        # an earlier checkpoint whose scores only measure noise: CORE only (val bpb is the costly part)
         request = EvalRequest(run_dir, exp, tok, wd.eval_dir, bundle, max_per_task, device, max_tokens,
-                              step=step, packed=final)  # fmt: skip
+                              step=step, packed=final, bpb=final or averaged > 1)  # fmt: skip
         if len(chosen) > 1:
             console.print(f"evaluate: {rec.run}: checkpoint {step} ({chosen.index(step) + 1}/{len(chosen)})")
         results.append(engine.evaluate(request))
     last = results[-1]
     use = results[-averaged:]
-    bpb = average_bpb([r.bpb for r in use])
+    bpb = average_bpb([r.bpb for r in use if r.bpb is not None])
     core = average_core([r.core for r in use]) if last.core is not None else None  # type: ignore[misc]
     if not math.isfinite(bpb.bpb):
-        raise ArmlabError(f"{run_dir}: val bpb is {bpb.bpb} (the model's losses are not finite); retrain the run")
+        raise ArmlabError(
+            f"{run_dir}: val bpb is {bpb.bpb} (the model's losses are not finite); retrain the run"
+        )
     result = EvalResult(
         run=rec.run, checkpoint=refs[-1], run_ended=want["run_ended"],
         eval_set=EvalSetRef(want["eval_set"], len(bpb.per_doc_bytes or []), bpb.eval_bytes),
@@ -213,6 +238,10 @@ def summary_line(result: EvalResult) -> str:
             parts.append(f"CORE log-prob {c.core_lp:.4f} bits/byte")
     if len(result.checkpoints) > 1:
         steps = ", ".join(str(c.checkpoint.step) for c in result.checkpoints)
-        how = f"mean of steps {steps}" if result.averaged > 1 else f"last {len(result.checkpoints)}: steps {steps}"
+        how = (
+            f"mean of steps {steps}"
+            if result.averaged > 1
+            else f"last {len(result.checkpoints)}: steps {steps}"
+        )
         parts.append(how)
     return ", ".join(parts)

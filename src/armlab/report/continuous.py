@@ -68,7 +68,9 @@ def snr(arm_means: Sequence[float], run_series: Sequence[Sequence[float]]) -> Sn
     if k < 2:
         return Snr(signal, None, None, k)
     # np.std: ddof 0, as the paper's code; a spread at float rounding level is no noise
-    stds = [float(np.std(s)) if np.ptp(s) > 1e-12 * max(1.0, float(np.abs(s).max())) else 0.0 for s in run_series]
+    stds = [
+        float(np.std(s)) if np.ptp(s) > 1e-12 * max(1.0, float(np.abs(s).max())) else 0.0 for s in run_series
+    ]
     noise = float(np.mean(stds))
     ratio = signal / noise if noise > 0 else math.inf if signal > 0 else None
     return Snr(signal, noise, ratio, k)
@@ -153,7 +155,9 @@ def continuous_summary(exp: Experiment, runs: dict[str, list[RunRecord]], ref: s
             "snr": aggregate.as_dict(),
             "all": _intervals(scores, ref, metric),
             "kept_tasks": [tasks[k] for k in keep],
-            "without_flagged": _intervals(scores, ref, metric, keep) if keep and len(keep) < len(tasks) else None,
+            "without_flagged": _intervals(scores, ref, metric, keep)
+            if keep and len(keep) < len(tasks)
+            else None,
         }
         out["metrics"][metric] = entry
     return out

@@ -46,11 +46,15 @@ def check_evals(exp: Experiment, runs: list[RunRecord]) -> tuple[list[RunRecord]
     for r in runs:
         path = r.dir / EVAL_JSON
         if r.eval is None:
-            left.append(LeftOut(r, f"{r.run}: no final evaluation ({path} missing); `armlab evaluate EXP` scores it"))
+            left.append(
+                LeftOut(r, f"{r.run}: no final evaluation ({path} missing); `armlab evaluate EXP` scores it")
+            )
             continue
         ev = EvalResult.from_json(r.eval, r.run)
         if ev.checkpoint is None or ev.eval_set is None or ev.bpb is None:
-            left.append(LeftOut(r, f"{r.run}: {path} is from an older armlab (it names no checkpoint); {FIX}"))
+            left.append(
+                LeftOut(r, f"{r.run}: {path} is from an older armlab (it names no checkpoint); {FIX}")
+            )
             continue
         if ev.run != r.run:
             raise ArmlabError(f"{path}: an evaluation of run {ev.run!r}, not of {r.run!r} (copied?); {FIX}")

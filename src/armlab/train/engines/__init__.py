@@ -110,6 +110,7 @@ class EvalRequest:
     max_tokens: int | None = None  # val bpb over a seeded sample of whole docs of this many tokens; None: all
     step: int | None = None  # the checkpoint to evaluate (None: the latest)
     packed: bool = True  # also nanochat's packed val bpb (the second, labelled number)
+    bpb: bool = True  # val bpb at all (an earlier one of the last k, not averaged: CORE's noise only)
 
 
 class CheckReport(Protocol):
