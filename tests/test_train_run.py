@@ -82,7 +82,7 @@ def test_single_process_trains_and_loss_falls(exp_file: Path) -> None:
     assert read_lease(data_dir(exp_file)) is None  # lease released
     # --resume on a finished run is a no-op that keeps it done (what `armlab run` does after a crash)
     assert train(experiment(exp_file), ARM, TrainOptions(run_name="one", device="cpu", resume=True)) == run
-    assert read_json(run / "state.json")["state"] == "done" and checkpoint.list_steps(run) == [8, 16, 24]
+    assert read_json(run / "state.json")["state"] == "done" and checkpoint.list_steps(run) == [8, 16, 22, 23, 24]
     # the same run again without --resume is refused, naming the flags
     again = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--run-name", "one")
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
