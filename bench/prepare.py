@@ -1,8 +1,9 @@
 """Benchmark `armlab prepare` against a pyarrow read+rewrite floor and DuckDB, on the same files.
 
     python bench/prepare.py                      # 1 GB and 2 GB pools (text bytes), 2 workers
+    python bench/prepare.py --executor ray       # and armlab on two local Ray nodes (1 CPU each)
     python bench/prepare.py --armlab-workers 1 2 # also time armlab with one worker process
-    python bench/prepare.py --gb 0.2 --workers 2 # quick look
+    python bench/prepare.py --quick              # quick look: 0.25 GB, one round
 
 For each pool size it generates a synthetic fineweb-edu-like pool (parquet, snappy, 10k-row
 groups; ids, urls, lognormal document lengths with a ~3 KB median like fineweb-edu, a float
@@ -17,18 +18,23 @@ quality score and token counts), then times, each in its own process:
           shuffled with ORDER BY a seeded hash (it does not exclude the eval docs from the arms, so
           it does a little less than armlab);
 - armlab/N: `armlab prepare --workers N` of a random 16.5% arm AND a top-16.5% arm, with the eval
-          holdout and a tokenizer sample, globally shuffled, in one pass.
+          holdout and a tokenizer sample, globally shuffled, in one pass;
+- ray/2xK: the same prepare with `--executor ray` on two Ray nodes of K = workers/2 CPUs each,
+          started on loopback for the bench (tests/ray_util.py), so the same total cores.
 
 The eval holdout is 2,000 docs (`--eval-docs`): ~1% of a 1 GB pool. The real experiment holds
 out 20,000 docs of ~500M (0.004%); 20,000 docs of a 1 GB pool would be 9% of it, an artifact of
 the small bench pool that inflated the output by a fifth.
 
-Each line runs `--repeat` times (default 3) and shows the median run by wall time; on a shared VM
-single runs vary by 30% or more.
+The contenders run in rounds (`--repeat`, default 3), each once per round in turn, so load from
+other processes on a shared machine falls on all of them alike; each line shows its best run, and
+the last line of a pool gives armlab's speed as a ratio of `duckdb-all`, of the floor, and the Ray
+run's as a ratio of the local one. On a shared VM single runs vary by 30% or more.
 
-It prints text MB/s (pool text bytes / wall seconds), its ratio to the `duckdb` line, and the
-peak memory (summed PSS) of the whole process tree (parent + workers, sampled every 20 ms). Temp
-files are deleted at the end. Figures on a shared 2-core machine are approximate.
+It prints text MB/s (pool text bytes / wall seconds), CPU seconds of every process involved, and
+the peak memory (summed PSS) of the whole process tree (parent + workers, sampled every 20 ms;
+for Ray: the driver's, and in brackets each node's raylet, agents and workers). Temp files are
+deleted at the end. Figures on a shared 2-core machine are approximate.
 
 What the `duckdb` line is and is not (the issue's target is armlab >= 0.5x of it): DuckDB writes
 one unshuffled arm (~16.5% of the text) with `--workers` threads; armlab writes ~2.2x as many
@@ -41,12 +47,15 @@ prices in armlab's extra output, not a cheaper encoding. `duckdb-all` is the lik
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -112,41 +121,72 @@ def make_pool(out: Path, text_gb: float, n_files: int, seed: int = 0) -> tuple[i
     return docs, total
 
 
-def measure(cmd: list[str]) -> tuple[float, float, float]:
-    """Run `cmd`; return (wall s, CPU s of its whole process tree, peak tree memory in GiB).
+@dataclass
+class Run:
+    wall: float  # seconds
+    cpu: float  # CPU seconds of every process involved
+    peak: float  # GiB: the command's process tree (a Ray run: the driver)
+    nodes: list[float] = field(default_factory=list)  # GiB per Ray node (its raylet, agents, workers)
+
+
+def _sample(procs: list[psutil.Process], cpu: dict[int, float], base: dict[int, float]) -> float:
+    """Summed PSS of `procs` (bytes); records each one's CPU seconds (beyond `base`) in `cpu`."""
+    pss = 0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            cpu[p.pid] = t.user + t.system - base.get(p.pid, 0.0)
+            pss += p.memory_full_info().pss  # proportional: pages shared by forked workers count once
+        except psutil.Error:
+            pass
+    return pss
+
+
+def measure(cmd: list[str], nodes: Callable[[], list[list[int]]] | None = None) -> Run:
+    """Run `cmd`; wall seconds, CPU seconds and peak memory of its process tree (and, for a Ray
+    run, of each node's processes: `nodes()` lists their pids).
 
     Memory is the sum of the processes' PSS (resident set, with shared pages split between the
     processes sharing them), so forked workers do not count their common libraries twice.
 
-    The tree is sampled every 20 ms (workers may be grandchildren, e.g. under a forkserver, so
-    rusage of waited children would miss them); each process counts with its last CPU sample.
-    CPU seconds are the contention-proof figure on a shared machine; wall is what a user waits.
+    Processes are sampled every 20 ms (workers may be grandchildren, e.g. under a forkserver, so
+    rusage of waited children would miss them); each process counts with its last CPU sample, a
+    Ray node's processes only with what they spent during this run. CPU seconds are the
+    contention-proof figure on a shared machine; wall is what a user waits.
     """
+    node_procs: list[list[psutil.Process]] = []
+    base: dict[int, float] = {}
+
+    def refresh() -> None:
+        node_procs[:] = [[psutil.Process(pid) for pid in pids if psutil.pid_exists(pid)] for pids in nodes()]
+        for p in (p for ps in node_procs for p in ps if p.pid not in base):
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                base[p.pid] = t.user + t.system
+
+    if nodes is not None:
+        refresh()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     root = psutil.Process(proc.pid)
-    peak = 0
-    cpu: dict[int, float] = {}
+    peak, node_peak, cpu, last_refresh = 0, [0] * len(node_procs), {}, t0
     while proc.poll() is None:
-        rss = 0
         try:
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
             procs = []
-        for p in procs:
-            try:
-                t = p.cpu_times()
-                cpu[p.pid] = t.user + t.system
-                rss += p.memory_full_info().pss  # proportional: pages shared by forked workers count once
-            except psutil.Error:
-                pass
-        peak = max(peak, rss)
+        peak = max(peak, _sample(procs, cpu, {}))
+        if nodes is not None:
+            if time.perf_counter() - last_refresh > 0.25:  # Ray starts and ends worker processes
+                refresh()
+                last_refresh = time.perf_counter()
+            node_peak = [max(a, _sample(ps, cpu, base)) for a, ps in zip(node_peak, node_procs, strict=True)]
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     err = proc.stderr.read() if proc.stderr else ""
     if proc.returncode != 0:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
-    return wall, sum(cpu.values()), peak / 2**30
+    return Run(wall, sum(cpu.values()), peak / 2**30, [n / 2**30 for n in node_peak])
 
 
 FLOOR = """
@@ -224,6 +264,51 @@ def experiment(pool: Path, workdir: Path, eval_docs: int) -> str:
     """)
 
 
+@dataclass
+class Contender:
+    engine: str
+    what: str
+    cmd: list[str]
+    nodes: Callable[[], list[list[int]]] | None = None  # a Ray run: each node's pids
+    runs: list[Run] = field(default_factory=list)
+
+    @property
+    def best(self) -> Run:
+        return min(self.runs, key=lambda r: r.wall)
+
+
+def contenders(pool: Path, tmp: Path, args: argparse.Namespace, cluster: object | None) -> list[Contender]:
+    """Everything timed on one pool: the floor, DuckDB twice, armlab per --armlab-workers (and on
+    the Ray cluster, at the same total cores)."""
+    py, eval_docs = sys.executable, str(args.eval_docs)
+    out = [
+        Contender("floor", "pyarrow read text + zstd rewrite (no select)",
+                  [py, "-c", FLOOR, str(pool), str(tmp / "floor"), str(args.workers)]),
+        Contender("duckdb", "COPY one random 16.5% arm (no shuffle)",
+                  [py, "-c", DUCKDB, str(pool), str(tmp / "duck"), str(args.workers)]),
+        Contender("duckdb-all", "4 COPYs: same outputs as armlab, ORDER BY hash",
+                  [py, "-c", DUCKDB_ALL, str(pool), str(tmp / "duck"), str(args.workers), eval_docs]),
+    ]  # fmt: skip
+    cli = [py, "-c", "from armlab.cli import main; main()", "prepare", str(tmp / "exp.toml")]
+    what = "random+top arms, eval, tok sample, shuffled"
+    for w in args.armlab_workers or [args.workers]:
+        out.append(Contender(f"armlab/{w}", what, [*cli, "--workers", str(w)]))
+    if cluster is not None:
+        ray_cmd = [*cli, "--executor", "ray", "--ray-address", cluster.address, "--workers", str(args.workers)]
+        out.append(Contender(f"ray/2x{args.workers // 2}", f"{what} (2 Ray nodes)", ray_cmd, cluster.node_pids))
+    return out
+
+
+def start_ray(workers: int) -> object:
+    """Two Ray nodes on loopback with workers/2 CPUs each (the test suite's cluster, tests/ray_util.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from ray_util import start_cluster
+
+    cluster = start_cluster(cpus=max(1, workers // 2))
+    print(f"# ray: 2 nodes x {max(1, workers // 2)} CPUs at {cluster.address}, up in {cluster.startup_s:.1f}s", flush=True)
+    return cluster
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gb", type=float, nargs="+", default=[1.0, 2.0], help="pool sizes in GB of text")
@@ -235,6 +320,12 @@ def main() -> None:
         default=None,
         help="armlab --workers values to time (default: --workers)",
     )
+    ap.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="ray: also armlab on two local Ray nodes of --workers/2 CPUs each (the same total cores)",
+    )
     ap.add_argument("--files", type=int, default=8, help="pool files per GB")
     ap.add_argument(
         "--eval-docs",
@@ -242,87 +333,67 @@ def main() -> None:
         default=2_000,
         help="eval holdout docs (default 2,000: ~1%% of a 1 GB pool; a real one is ~0.004%%)",
     )
-    ap.add_argument("--repeat", type=int, default=3, help="runs per line; the median wall time is shown")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds; each round runs every contender once, in turn")
+    ap.add_argument("--quick", action="store_true", help="a quick look: --gb 0.25 --repeat 1")
     ap.add_argument("--tmp", default=None, help="where the temp pool and outputs go (default: system temp)")
     args = ap.parse_args()
+    if args.quick:
+        args.gb, args.repeat = [0.25], 1
     if args.tmp is not None:
         Path(args.tmp).mkdir(parents=True, exist_ok=True)  # the temp dir goes inside it: create it first
     print(
-        f"# {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, workers={args.workers}"
+        f"# {psutil.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, workers={args.workers}, "
+        f"load average {psutil.getloadavg()[0]:.1f}; {args.repeat} rounds, contenders interleaved, best wall shown"
     )
+    cluster = start_ray(args.workers) if args.executor == "ray" else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="armlab-bench-", dir=args.tmp) as tmp_s:
+            for gb in args.gb:
+                bench_pool(Path(tmp_s), gb, args, cluster)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+def bench_pool(tmp: Path, gb: float, args: argparse.Namespace, cluster: object | None) -> None:
+    pool = tmp / f"pool-{gb}"
+    docs, text_bytes = make_pool(pool, gb, max(2, round(args.files * gb)))
+    label = f"{text_bytes / 1e9:.2f}GB"
+    (tmp / "exp.toml").write_text(experiment(pool, tmp / "wd", args.eval_docs))
+    runs = contenders(pool, tmp, args, cluster)
+    out_mb: dict[str, float] = {}
+    # Round-robin: every contender once per round, so a burst of load from other processes on a
+    # shared machine hits them all alike; the best run of each is compared.
+    for _ in range(args.repeat):
+        for c in runs:
+            for d in ("floor", "duck", "wd"):
+                shutil.rmtree(tmp / d, ignore_errors=True)
+                (tmp / d).mkdir()
+            c.runs.append(measure(c.cmd, c.nodes))
+            out_mb[c.engine] = sum(output_mb(tmp / d) for d in ("floor", "duck", "wd"))
     print(
-        f"{'pool':>8} {'engine':>10} {'what':<46} {'wall s':>7} {'text MB/s':>10} {'x duckdb':>9} {'CPU s':>7} "
+        f"{'pool':>8} {'engine':>10} {'what':<46} {'wall s':>7} {'text MB/s':>10} {'CPU s':>7} "
         f"{'MB/CPU-s':>9} {'peak mem GiB':>13} {'out MB':>7}"
     )
-    with tempfile.TemporaryDirectory(prefix="armlab-bench-", dir=args.tmp) as tmp_s:
-        tmp = Path(tmp_s)
-        for gb in args.gb:
-            pool = tmp / f"pool-{gb}"
-            docs, text_bytes = make_pool(pool, gb, max(2, round(args.files * gb)))
-            label = f"{text_bytes / 1e9:.2f}GB"
-            eval_docs = args.eval_docs
-            runs = [
-                (
-                    "floor",
-                    "pyarrow read text + zstd rewrite (no select)",
-                    [sys.executable, "-c", FLOOR, str(pool), str(tmp / "floor"), str(args.workers)],
-                ),
-                (
-                    "duckdb",
-                    "COPY one random 16.5% arm (no shuffle)",
-                    [sys.executable, "-c", DUCKDB, str(pool), str(tmp / "duck"), str(args.workers)],
-                ),
-                (
-                    "duckdb-all",
-                    "4 COPYs: same outputs as armlab, ORDER BY hash",
-                    [
-                        sys.executable,
-                        "-c",
-                        DUCKDB_ALL,
-                        str(pool),
-                        str(tmp / "duck"),
-                        str(args.workers),
-                        str(eval_docs),
-                    ],
-                ),
-            ]
-            for w in args.armlab_workers or [args.workers]:
-                cli = [
-                    sys.executable,
-                    "-c",
-                    "from armlab.cli import main; main()",
-                    "prepare",
-                    str(tmp / "exp.toml"),
-                ]
-                runs.append(
-                    (
-                        f"armlab/{w}",
-                        "random+top arms, eval, tok sample, shuffled",
-                        [*cli, "--workers", str(w)],
-                    )
-                )
-            (tmp / "exp.toml").write_text(experiment(pool, tmp / "wd", eval_docs))
-            duck_wall = None
-            for engine, what, cmd in runs:
-                runs_ = []
-                for _ in range(args.repeat):
-                    for d in ("floor", "duck", "wd"):
-                        shutil.rmtree(tmp / d, ignore_errors=True)
-                        (tmp / d).mkdir()
-                    runs_.append(measure(cmd))
-                wall, cpu, _ = sorted(runs_)[len(runs_) // 2]  # the median run by wall time
-                rss = max(r[2] for r in runs_)
-                if engine == "duckdb":
-                    duck_wall = wall
-                ratio = f"{duck_wall / wall:9.2f}" if duck_wall else f"{'':9}"
-                out_mb = sum(output_mb(tmp / d) for d in ("floor", "duck", "wd"))
-                print(
-                    f"{label:>8} {engine:>10} {what:<46} {wall:7.2f} {text_bytes / wall / 1e6:10.0f} {ratio} "
-                    f"{cpu:7.2f} {text_bytes / cpu / 1e6:9.0f} {rss:13.2f} {out_mb:7.0f}",
-                    flush=True,
-                )
-            shutil.rmtree(pool)
-            print(f"# {label}: {docs:,} docs")
+    for c in runs:
+        b = c.best
+        mem = f"{max(r.peak for r in c.runs):.2f}"
+        if c.nodes is not None:
+            nodes = [max(r.nodes[i] for r in c.runs) for i in range(len(b.nodes))]
+            mem += " (" + "+".join(f"{n:.2f}" for n in nodes) + ")"
+        print(
+            f"{label:>8} {c.engine:>10} {c.what:<46} {b.wall:7.2f} {text_bytes / b.wall / 1e6:10.0f} "
+            f"{b.cpu:7.2f} {text_bytes / b.cpu / 1e6:9.0f} {mem:>13} {out_mb[c.engine]:7.0f}",
+            flush=True,
+        )
+    by = {c.engine: c.best.wall for c in runs}
+    local = f"armlab/{args.workers}"
+    ratios = [f"{e} {by[e] / by[local]:.2f}x" for e in ("duckdb-all", "floor") if local in by]
+    ratios += [f"{e} {by[local] / by[e]:.2f}x of local" for e in by if e.startswith("ray/")]
+    print(f"# {label}: {docs:,} docs; {local} speed vs: " + ", ".join(ratios))
+    if cluster is not None:
+        print("# ray mem: the driver's process tree (in brackets: each node's raylet, agents and workers)")
+    shutil.rmtree(pool)
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def azurite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Azu
         def azurite(tmp_path, monkeypatch):
             yield from azurite_env(tmp_path, monkeypatch)
     """
-    from armlab.data.blob.auth import ENV_VARS
+    from armlab.store.azure_auth import ENV_VARS
 
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
@@ -166,9 +166,9 @@ def azurite_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Azu
 
 # Shared by the publish/pull tests: quick retries (the server is local) and a one-arm experiment.
 def fast_retries() -> Any:
-    from armlab.data.blob import RetrySettings
+    from armlab.store import Retry
 
-    return RetrySettings(sdk_total=0, attempts=2, backoff=0.2, connection_timeout=2, read_timeout=5)
+    return Retry(attempts=2, backoff=0.2, timeout=5)
 
 
 RANDOM_ARM = """

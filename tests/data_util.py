@@ -7,6 +7,7 @@ integer `token_count` and a `source` column naming the file (for shuffle checks)
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -198,3 +199,15 @@ row_group_rows = 64
 depth = 2
 max_seq_len = 64
 """
+
+
+def dir_shas(d: Path) -> dict[str, str]:
+    """File name -> sha256 of every file in a dir (shards and manifest)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+def all_shas(wd: Path) -> dict[str, dict[str, str]]:
+    """`dir_shas` of every dir prepare writes in workdir `wd`: eval, tokenizer sample, each arm."""
+    dirs = {"eval": wd / "eval", "tokenizer": wd / "tokenizer" / "sample"}
+    dirs.update({p.parent.name: p for p in sorted((wd / "arms").glob("*/data"))})
+    return {k: dir_shas(v) for k, v in dirs.items()}

@@ -2,14 +2,19 @@
 
 - `PoolServer`: aiohttp serving a directory the way nginx does (`autoindex on`: an HTML index
   whose links end in "/" for folders; ETag and Last-Modified; Range parsed by aiohttp's own
-  `request.http_range`, answered 206 with Content-Range). It counts the body bytes it actually
-  wrote, can throttle every connection together to `rate` bytes/s (a shared link), and can cut
-  the connection partway through its first `drops` ranged responses.
+  `request.http_range`, answered 206 with Content-Range; If-Match answered 412 when the file's
+  ETag differs). It counts the body bytes it actually wrote, can throttle every connection
+  together to `rate` bytes/s (a shared link), can cut the connection partway through its first
+  `drops` ranged responses, can demand `?token=` on every request (401 without), calls
+  `before_get(path)` before it serves a file's bytes (a test changes the file there), and with
+  `conditional=False` ignores If-Match like a server that does not implement it.
+- `SilentServer`: a socket that accepts connections and never answers.
 - `NoRangeServer`: the standard library's `http.server` (what `python -m http.server` runs),
   which answers every GET with the whole file: a real server that ignores Range.
 - `HubServer`: a `PoolServer` that also answers the few Hugging Face hub routes HfFileSystem
   calls for one dataset repo (repo info, paginated tree listing, paths-info, `resolve` with
-  Range), so the real huggingface_hub code runs end to end with HF_ENDPOINT pointing here.
+  Range), so the real huggingface_hub code runs end to end with HF_ENDPOINT pointing here; with
+  `repo_type="model"` the same routes for a model repo (what `snapshot_download` calls).
 
 Each server runs its own event loop (or threads) in a daemon thread of the calling process;
 use them as context managers.
@@ -75,8 +80,18 @@ def etag(path: Path) -> str:
 class PoolServer:
     """Serve `root` on 127.0.0.1 (see the module doc)."""
 
-    def __init__(self, root: Path, rate: float | None = None, drops: int = 0, drop_after: int = 20_000):
+    def __init__(
+        self,
+        root: Path,
+        rate: float | None = None,
+        drops: int = 0,
+        drop_after: int = 20_000,
+        token: str | None = None,
+        before_get: Any = None,
+        conditional: bool = True,
+    ):
         self.root, self.rate, self.drops, self.drop_after = Path(root), rate, drops, drop_after
+        self.token, self.before_get, self.conditional = token, before_get, conditional
         self.log = Log()
         self.loop = asyncio.new_event_loop()
         self._link_free = 0.0  # when the shared link is next free (monotonic seconds)
@@ -120,6 +135,8 @@ class PoolServer:
 
     # -- serving
     async def static(self, request: web.Request) -> web.StreamResponse:
+        if self.token is not None and request.query.get("token") != self.token:
+            raise web.HTTPUnauthorized()
         rel = unquote(request.match_info["path"])
         path = (self.root / rel).resolve()
         if not path.is_relative_to(self.root.resolve()) or not path.exists():
@@ -128,6 +145,10 @@ class PoolServer:
             if rel and not rel.endswith("/"):
                 raise web.HTTPMovedPermanently(f"/{quote(rel)}/")
             return self.index(request, path)
+        if request.method == "GET" and self.before_get is not None:
+            self.before_get(path)
+        if self.conditional and request.headers.get("If-Match", etag(path)) != etag(path):
+            raise web.HTTPPreconditionFailed()  # nginx: the file is no longer the version asked for
         return await self.send_file(request, path, {"ETag": etag(path)})
 
     def index(self, request: web.Request, path: Path) -> web.Response:
@@ -242,6 +263,40 @@ class NoRangeServer:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
 
+class SilentServer:
+    """A loopback socket that accepts connections and never answers (a hung server)."""
+
+    def __enter__(self) -> SilentServer:
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.conns: list[Any] = []
+        self.stop = threading.Event()
+
+        def accept() -> None:
+            self.sock.settimeout(0.2)
+            while not self.stop.is_set():
+                try:
+                    self.conns.append(self.sock.accept()[0])  # held open, never read or answered
+                except OSError:
+                    continue
+
+        self.thread = threading.Thread(target=accept, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+
+
 # -- the hub ---------------------------------------------------------------------------------------
 def git_blob_oid(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -253,18 +308,22 @@ class HubServer(PoolServer):
 
     COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
-    def __init__(self, root: Path, repo: str = "armlab/pool", page_size: int = 3, **kw: Any):
+    def __init__(
+        self, root: Path, repo: str = "armlab/pool", page_size: int = 3, repo_type: str = "dataset", **kw: Any
+    ):
         super().__init__(root, **kw)
-        self.repo, self.page_size = repo, page_size
+        self.repo, self.page_size, self.repo_type = repo, page_size, repo_type
 
     def routes(self, app: web.Application) -> None:
-        base = "/api/datasets/{ns}/{name}"
+        model = self.repo_type == "model"
+        base = "/api/models/{ns}/{name}" if model else "/api/datasets/{ns}/{name}"
         app.router.add_get(base, self.repo_info)
         app.router.add_get(base + "/revision/{rev}", self.repo_info)
         app.router.add_get(base + "/tree/{rev}", self.tree)
         app.router.add_get(base + "/tree/{rev}/{path:.*}", self.tree)
         app.router.add_post(base + "/paths-info/{rev}", self.paths_info)
-        app.router.add_get("/datasets/{ns}/{name}/resolve/{rev}/{path:.*}", self.resolve)
+        resolve = "/{ns}/{name}/resolve/{rev}/{path:.*}" if model else "/datasets/{ns}/{name}/resolve/{rev}/{path:.*}"
+        app.router.add_get(resolve, self.resolve)
 
     def _check(self, request: web.Request) -> None:
         if f"{request.match_info['ns']}/{request.match_info['name']}" != self.repo:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from armlab.data.blob import parse_az_uri
-from armlab.data.blob.auth import auth_from_env, scrub
 from armlab.errors import ArmlabError
+from armlab.store.azure import parse_az_uri
+from armlab.store.azure_auth import auth_from_env
+from armlab.store.redact import redact as scrub
 
 KEY = "c2VjcmV0LWtleS1ub3QtYS1yZWFsLW9uZS0xMjM0NTY3ODkwYWJjZGVm+/=="
 SAS = "sv=2024-11-04&ss=b&srt=co&sp=rl&se=2030-01-01T00:00:00Z&sig=AbCdEfGhIjKlMnOpQrStUvWxYz0123456789%2B%2F%3D"
@@ -173,12 +174,12 @@ def test_a_malformed_blob_endpoint_through_the_cli(tmp_path, monkeypatch):
 def test_userinfo_in_an_endpoint_never_reaches_a_message():
     from azure.core.exceptions import ServiceRequestError
 
-    from armlab.data.blob.sdk import _az_error
+    from armlab.store.net import network_error
 
     env = {
         "AZURE_STORAGE_CONNECTION_STRING": f"AccountName=a;AccountKey={KEY};BlobEndpoint=https://u:pa55word-xyz@h.example/a"
     }
     auth = auth_from_env(env)
-    msg = str(_az_error(ServiceRequestError("Connection refused"), "az://c/x", auth, attempts=3))
+    msg = str(network_error(ServiceRequestError("Connection refused"), "az://c/x", 3, endpoint=auth.account_url))
     assert "pa55word-xyz" not in msg and "https://***@h.example/a" in msg
     assert scrub("see http://user:pw-secret@host/x and hf://x") == "see http://***@host/x and hf://x"

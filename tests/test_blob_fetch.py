@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from azure.storage.blob import BlobServiceClient, ContentSettings
 
-from armlab.data.blob import RECORD_NAME, RetrySettings, download_prefix, fetch_prebuilt
-from armlab.data.blob import download as blob_download
+from armlab.data.blob import RECORD_NAME, download_prefix, fetch_prebuilt
 from armlab.errors import ArmlabError
+from armlab.store import Retry
+from armlab.store import download as blob_download
 from azurite_util import KEY, Azurite, azurite_env
 
 
@@ -28,7 +29,7 @@ def azurite(tmp_path, monkeypatch):
 
 
 # Give up quickly in tests; the defaults wait about a minute for a server that went away.
-FAST = RetrySettings(sdk_total=0, attempts=3, backoff=0.2, connection_timeout=2, read_timeout=5)
+FAST = Retry(attempts=3, backoff=0.2, timeout=5)
 
 
 def shard_bytes(rows: int, seed: int, chars: int = 100) -> bytes:
@@ -268,7 +269,7 @@ def test_resume_after_azurite_killed_mid_download_and_restarted(azurite, tmp_pat
         azurite.start()
 
     threading.Thread(target=restart_later, daemon=True).start()
-    slow = RetrySettings(sdk_total=0, attempts=6, backoff=0.5, connection_timeout=2, read_timeout=5)
+    slow = Retry(attempts=6, backoff=0.5, timeout=5)
     report = download_prefix("az://prebuilt/big", dest, mode="sequential", retry=slow)
     assert killed.is_set()
     assert local_files(dest) == want and hidden(dest) == []
@@ -314,7 +315,7 @@ def test_armlab_process_killed_mid_download_then_rerun_resumes(azurite, tmp_path
     want = _big_prefix(azurite)
     dest = tmp_path / "dl"
     code = (
-        "import armlab.data.blob.download as b; b.SEGMENT_BYTES = 256 << 10; "
+        "import armlab.store.download as b; b.SEGMENT_BYTES = 256 << 10; "
         f"b.download_prefix('az://prebuilt/big', {str(dest)!r}, mode='sequential')"
     )
     proc = subprocess.Popen(

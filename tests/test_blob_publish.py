@@ -186,7 +186,7 @@ def test_cli_publish_pull_exit_codes_and_one_line_errors(azurite, source, tmp_pa
     bad_key = "QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5QmFkS2V5"
     cases = [
         (["pull", str(dst), "--arm", "rand", "--from", "az://nosuch/x"], env, "container not found"),
-        (["pull", str(dst), "--arm", "rand", "--from", "s3://bucket/x"], env, "not an Azure blob uri"),
+        (["pull", str(dst), "--arm", "rand", "--from", "s3://bucket/x"], env, "protocol s3:// is not available"),
         (["pull", str(dst), "--arm", "rand"], env, "has no az:// uri"),
         (["pull", str(dst), "--arm", "nope", "--from", "az://clitest/arms/rand"], env, "no arm named 'nope'"),
         (

@@ -56,6 +56,9 @@ max_seq_len = 64
 
 [train]
 num_iterations = 10
+
+[evaluate]
+core_bundle = "none"  # doctor checks the bundle; the default (DCLM's, online) would leave loopback
 """
 
 

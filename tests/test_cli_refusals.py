@@ -12,6 +12,7 @@ interpreters.
 from __future__ import annotations
 
 import hashlib
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -83,30 +84,47 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
     # the same experiment with another horizon: `run` would call rand-s0 "already done"
     longer = root / "longer.toml"
     longer.write_text(Path(exp).read_text().replace("num_iterations = 3", "num_iterations = 4"))
+    odd = root / "odd.toml"  # a total batch no rank count splits: plan refuses what train would
+    odd.write_text(Path(exp).read_text().replace("total_batch_size = 256", "total_batch_size = 1000"))
+    # the pool dir holds the workdir: from the second prepare on it would read its own shards
+    inside = root / "inside.toml"
+    inside.write_text(Path(exp).read_text().replace(str(root / "pool" / "*.parquet"), str(root)))
     return [
         (["prepare", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["prepare", exp, "--arm", "top", "--ratio", "0.35"], "--overwrite"),  # the arm exists, from ratio 0.2
         (["prepare", exp, "--ratio", "0.35"], "single --arm"),
         (["prepare", exp, "--arm", "top", "--ratio", "1.5"], "ratio"),
         (["prepare", exp, "--rows-per-shard", "100"], "--overwrite"),
+        (["prepare", exp, "--executor", "ray", "--ray-address", dead_address()], "no Ray head answers there"),
+        (["prepare", exp, "--executor", "cluster"], "use local or ray"),
+        (["prepare", str(inside)], "is inside the pool dir"),
         (["tokenizer", wd + "/nosuch"], "nosuch"),
         (["train", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["train", exp, "--arm", "rand"], "rand-s0"),  # done already
         (["train", exp, "--arm", "rand", "--depth", "3"], "rand-s0"),
         (["train", exp, "--arm", "top", "--total-batch-size", "100"], "total_batch_size"),
         (["train", exp, "--arm", "rand", "--num-gpus", "2", "--seed", "5"], "GPU"),
+        (["train", exp, "--arm", "rand", "--seed", "5", "--nnodes", "2", "--node-rank", "0"], "--rdzv-endpoint"),
+        (["train", exp, "--arm", "rand", "--seed", "5", "--num-iterations", str(10**30)], "num_iterations"),
         (["run", exp, "--num-gpus", "2"], "GPU"),
         (["run", str(longer), "--arm", "rand", "--seeds", "0"], "differs in train.num_iterations"),
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["compare", exp], "rand-s0: no final evaluation"),  # never compared by its in-training val bpb
         (["rm", exp, "--arm", "rand", "--run", "nosuch"], "nosuch"),
+        # names that would leave their directory (0.2 trained `--run-name ../data` into the shard dir)
+        *[(["train", exp, "--arm", "rand", "--run-name", bad], f"--run-name {bad!r} is not a valid name")
+          for bad in ("../data", "../../x", "..", "a/b")],  # fmt: skip
+        (["export", exp, "--arm", "rand", "--run", "../top", "--to", str(root / "x")], "--run '../top'"),
+        (["rm", exp, "--arm", "rand", "--run", ".."], "--run '..'"),
         (["export", exp, "--arm", "top", "--to", str(root / "wd" / "export")], "top"),
         (["export", exp, "--arm", "rand", "--to", exp], "exp.toml"),
         (["plan", exp, "--mfu", "fast"], "--mfu"),
+        (["plan", str(odd)], "train.total_batch_size = 1000 is not divisible"),
         (["launch", exp], "hosts"),
         (["demo", "--workdir", wd], "belongs to experiment 'datatest'"),
         (["demo", "--workdir", wd, "--num-iterations", "5"], "belongs to experiment 'datatest'"),
         (["init", exp], "exists"),
+        (["score", exp], "has no [[scorers]]"),
     ]
 
 
@@ -134,15 +152,32 @@ def test_refusals_on_a_fresh_machine_leave_no_workdir(tmp_path, capsys, monkeypa
         (["prepare", str(missing)], "nosuch"),  # the pool is not there
         (["prepare", str(exp), "--arm", "nosuch"], "no arm named 'nosuch'"),
         (["prepare", str(exp), "--arm", "top", "--ratio", "2"], "ratio"),
+        (["prepare", str(exp), "--executor", "ray", "--ray-address", dead_address()], "--ray-address"),
         (["tokenizer", str(exp)], "prepare"),
         (["train", str(exp), "--arm", "rand"], "not prepared"),
         (["evaluate", str(exp)], ""),
         (["launch", str(exp)], "hosts"),
         (["demo", "--workdir", str(tmp_path / "demo"), "--num-iterations", "0"], "--num-iterations"),
+        (["score", str(exp), "--scorer", "edu"], "has no [[scorers]]"),
     ]:
         line = refuse(capsys, monkeypatch, *argv)
         assert needle in line, (argv, line)
         assert not wd.exists() and not (tmp_path / "demo").exists(), (argv, line, sorted(tmp_path.rglob("*")))
+
+
+def dead_address() -> str:
+    """A loopback host:port where nothing listens (no Ray head there)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        return f"127.0.0.2:{s.getsockname()[1]}"
+
+
+def test_prepare_on_ray_without_ray_installed_is_refused(trained, capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as where it is not installed
+    before = tree_hash(trained.parent / "wd")
+    line = refuse(capsys, monkeypatch, "prepare", str(trained), "--executor", "ray")
+    assert "pip install 'armlab[ray]'" in line and "--executor local" in line, line
+    assert tree_hash(trained.parent / "wd") == before
 
 
 def test_refusals_need_no_torch(trained) -> None:
@@ -170,7 +205,9 @@ print("ok")
         f"compare {exp}",
         f"plan {exp} --mfu fast",
         f"rm {wd} --arm rand --run nosuch",
+        f"train {exp} --arm rand --run-name ../data",
         f"launch {exp}",
+        f"score {exp}",
     ]
     r = subprocess.run([sys.executable, "-c", probe, "|".join(argvs)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -22,6 +22,7 @@ from armlab.data.fetch import Prefetcher, fetch_file
 from armlab.data.pool import PoolFile, list_pool
 from armlab.errors import ArmlabError
 from armlab.spec import PoolSpec
+from armlab.store import Retry
 from data_util import experiment_toml, make_pool
 from test_data_prepare import assert_refused, cli
 
@@ -202,7 +203,7 @@ def test_refuses_to_overwrite_an_arm_from_another_spec(pool: Path, tmp_path: Pat
 
 # -- the fetch cache -------------------------------------------------------------------------------
 class FlakyFS(LocalFileSystem):
-    """A local filesystem whose downloads fail the first `failures` times (a dropped connection)."""
+    """A local filesystem whose reads fail the first `failures` times (a dropped connection)."""
 
     protocol = "flaky"
     failures = 0
@@ -210,16 +211,15 @@ class FlakyFS(LocalFileSystem):
     in_cache_max = 0
     cache_dir: Path | None = None
 
-    def get_file(self, rpath, lpath, **kw):  # noqa: ANN001
+    def _open(self, path, mode="rb", **kw):  # noqa: ANN001
         FlakyFS.calls += 1
         if FlakyFS.cache_dir is not None:
             n = len([p for p in FlakyFS.cache_dir.rglob("*.parquet")])
             FlakyFS.in_cache_max = max(FlakyFS.in_cache_max, n)
         if FlakyFS.failures > 0:
             FlakyFS.failures -= 1
-            Path(lpath).write_bytes(b"partial")
             raise ConnectionError("connection reset by peer")
-        return super().get_file(rpath, lpath, **kw)
+        return super()._open(path, mode, **kw)
 
 
 @pytest.fixture
@@ -233,12 +233,12 @@ def test_fetch_retries_then_fails_naming_the_file(pool: Path, tmp_path: Path, fl
     files = list_pool(PoolSpec(uri=f"flaky://{pool}"))
     assert [f.remote for f in files] == [True] * 3
     flaky.failures = 2
-    got = fetch_file(files[0], tmp_path / "cache", retries=3, backoff=0.0)
+    got = fetch_file(files[0], tmp_path / "cache", Retry(attempts=4, backoff=0.0))
     assert got.read_bytes() == (pool / "part-000.parquet").read_bytes() and flaky.calls == 3
-    assert not list(got.parent.glob(".*.tmp"))
+    assert not list(got.parent.glob(".*.part"))
     flaky.failures = 10
     with pytest.raises(ArmlabError, match=r"part-001\.parquet: failed after 3 attempts \(ConnectionError"):
-        fetch_file(files[1], tmp_path / "cache", retries=2, backoff=0.0)
+        fetch_file(files[1], tmp_path / "cache", Retry(attempts=3, backoff=0.0))
     assert not (tmp_path / "cache" / "flaky" / str(pool).lstrip("/") / "part-001.parquet").exists()
 
 
@@ -257,7 +257,7 @@ def test_prefetcher_is_bounded_and_deletes_after_use(
     files = [PoolFile(f.path, f.size, f.fmt, f.protocol) for f in files]
     cache = tmp_path / "cache"
     flaky.cache_dir = cache
-    pf = Prefetcher(files, list(range(len(files))), cache, ahead=2, retries=0)
+    pf = Prefetcher(files, list(range(len(files))), cache, ahead=2, retry=Retry(attempts=1))
     seen = []
     for i in range(len(files)):
         local = pf.get(i)

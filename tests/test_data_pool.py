@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
-from armlab.data.pool import list_pool, remote_identity
+from armlab.data.pool import list_pool
 from armlab.spec import PoolSpec
-from data_util import make_pool
+from armlab.store.fsspec import version_of as remote_identity
+from data_util import experiment_toml, make_pool
+from test_data_prepare import assert_refused
 
 
 def identities(uri: str | Path) -> dict[str, str]:
@@ -84,3 +89,31 @@ def test_a_dir_listing_skips_manifests_and_hidden_files(tmp_path: Path) -> None:
     (tmp_path / "pool" / "notes.jsonl").write_text('{"text": "kept: an explicit jsonl file"}\n')
     assert sorted(identities(tmp_path / "pool")) == ["notes.jsonl", "part-000.parquet", "part-001.parquet"]
     assert sorted(identities(f"{tmp_path}/pool/**/*.json*")) == ["notes.jsonl"]
+
+
+@pytest.mark.parametrize(("module", "step"), [("keys", "key_pass"), ("routing", "text_pass")])
+def test_a_pool_file_deleted_mid_prepare_is_one_line(tmp_path: Path, module: str, step: str) -> None:
+    """A listed file deleted before the key pass or the text pass reads it: one line naming it and
+    what to do, exit 2 (0.2: a traceback and exit 1 in the text pass, 'unreadable' in the key pass).
+    The deletion is made at that moment by wrapping the step, in the real CLI with one worker."""
+    make_pool(tmp_path / "pool", 600, n_files=3)
+    exp = tmp_path / "exp.toml"
+    exp.write_text(experiment_toml(tmp_path / "wd", str(tmp_path / "pool")))
+    gone = tmp_path / "pool" / "part-002.parquet"
+    code = f"""
+import os, sys
+import armlab.data.prepare.{module} as m
+real = m.{step}
+def {step}(*a, **kw):
+    if os.path.exists({str(gone)!r}):
+        os.remove({str(gone)!r})
+    return real(*a, **kw)
+m.{step} = {step}
+from armlab.cli import main
+sys.argv = ["armlab", "prepare", {str(exp)!r}, "--workers", "1"]
+main()
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert not gone.exists()
+    assert_refused(res, str(gone), "deleted while prepare ran", "rerun prepare")
+    assert not (tmp_path / "wd" / "arms" / "rand" / "data").exists()

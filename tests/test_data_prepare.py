@@ -23,7 +23,7 @@ import pytest
 
 from armlab.data.identity import doc_keys
 from armlab.data.shards import read_shards
-from data_util import DEFAULT_ARMS, experiment_toml, make_pool, pool_index
+from data_util import DEFAULT_ARMS, all_shas, experiment_toml, make_pool, pool_index
 
 ARMS = (
     DEFAULT_ARMS
@@ -68,16 +68,6 @@ def assert_refused(res: subprocess.CompletedProcess[str], *needles: str) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
-
-
-def dir_shas(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
-
-
-def all_shas(wd: Path) -> dict[str, dict[str, str]]:
-    dirs = {"eval": wd / "eval", "tokenizer": wd / "tokenizer" / "sample"}
-    dirs.update({p.parent.name: p for p in sorted((wd / "arms").glob("*/data"))})
-    return {k: dir_shas(v) for k, v in dirs.items()}
 
 
 def texts(d: Path) -> list[str]:

@@ -1,6 +1,7 @@
 """Two armlab processes on one workdir, for real: racing prepares, a train that arrives while a
 prepare --overwrite of its arm is between its checks and its swap (both orders, made
-deterministic by the test-only ARMLAB_TEST_PAUSE hook), and two training runs of one arm at once.
+deterministic by the test-only ARMLAB_TEST_PAUSE hook), and several readers of one arm at once
+(leases held by processes the test releases, and a real training run beside them).
 """
 
 from __future__ import annotations
@@ -209,30 +210,49 @@ def test_train_arriving_during_the_swap_waits_then_refuses_the_new_data(
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+class LeaseHolder:
+    """A process the test controls that holds a read lease on an arm, as a training run does
+    (`workdir.leased`), until the test lets it go: nothing depends on how long a run takes."""
+
+    CODE = (
+        "import sys\nfrom armlab.workdir import leased\n"
+        "with leased(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    sys.stdin.read()\n"
+    )
+
+    def __init__(self, data: Path, run: str):
+        self.p = subprocess.Popen([sys.executable, "-c", self.CODE, str(data), run], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.p.stdout.readline().strip() == "held"  # blocks until the lease is written
+
+    def release(self) -> None:
+        self.p.stdin.close()  # the holder's read returns: it leaves the block, releasing the lease
+        assert self.p.wait(timeout=60) == 0
+
+
 @pytest.mark.e2e
 def test_two_runs_of_one_arm_share_it_and_prepare_waits_for_both(
     trained_wd: dict[str, Path], tmp_path: Path
 ) -> None:
+    """Two live leases on one arm: prepare --overwrite is refused naming one and counting the
+    other; a real training run of the arm shares it with both (it trains to the end); prepare is
+    still refused while one lease is left, and succeeds once none is. The leases are held by
+    processes the test releases, so no check races a run's end (it did on a loaded machine)."""
     w = trained_wd
-    slow = {"ARMLAB_TEST_STEP_DELAY": "0.4"}
-    runs = [
-        Proc(tmp_path, f"t{k}", "train", w["exp"], "--arm", "rand", "--device", "cpu", "--run-name", f"shared{k}",
-             "--num-iterations", str(6 + 6 * k), env=slow)  # fmt: skip
-        for k in range(2)
-    ]
+    holders = [LeaseHolder(w["data"], f"shared{k}") for k in range(2)]
     try:
-        wait_for(lambda: has_lease(w["data"], "shared0") and has_lease(w["data"], "shared1"), "both leases")
         refused = cli("prepare", other_spec(w), "--arm", "rand", "--overwrite", "--workers", "1")
         assert_refused(refused, "leased by live run 'shared", "and 1 more run")
-        first = runs[0].wait()
-        assert first.returncode == 0, first.stderr[-2000:]
-        if runs[1].p.poll() is None:  # the longer run still reads the arm: still refused
-            assert_refused(cli("prepare", other_spec(w), "--arm", "rand", "--overwrite", "--workers", "1"),
-                           "leased by live run 'shared1'")  # fmt: skip
-        second = runs[1].wait()
-        assert second.returncode == 0, second.stderr[-2000:]
+        t = cli("train", w["exp"], "--arm", "rand", "--device", "cpu", "--run-name", "beside", timeout=240)
+        assert t.returncode == 0, t.stderr[-2000:]  # a third reader: shared, not refused
+        assert {x.run for x in read_leases(w["data"])} == {"shared0", "shared1"}  # its own lease released
+        holders[0].release()
+        assert_refused(cli("prepare", other_spec(w), "--arm", "rand", "--overwrite", "--workers", "1"),
+                       "leased by live run 'shared1'")  # fmt: skip
+        holders[1].release()
     finally:
-        for r in runs:
-            r.kill()
+        for h in holders:
+            if h.p.poll() is None:
+                h.p.kill()
+                h.p.wait()
     assert read_leases(w["data"]) == []
     assert cli("prepare", other_spec(w), "--arm", "rand", "--overwrite", "--workers", "1").returncode == 0

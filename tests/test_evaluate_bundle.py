@@ -165,3 +165,15 @@ def test_the_experiment_default_is_dclms_bundle_where_nanochat_gets_it(
     assert open_bundle(exp).describe()["source"] == url
     off = exp.model_copy(update={"evaluate": EvaluateSpec(core_bundle="none")})
     assert open_bundle(off) is None
+
+
+def test_offline_the_download_error_offers_core_bundle_none(served: tuple[Server, str]) -> None:
+    """The server gone (offline): one line naming the URL, the cause, and the way to train
+    without CORE (`core_bundle = "none"` / `--bundle none`), or with a local copy."""
+    server, url = served
+    server.close()
+    with pytest.raises(ArmlabError) as e:
+        load_bundle(url)
+    msg = str(e.value)
+    assert msg.startswith(f"{url}: cannot download the eval bundle (") and "Connection refused" in msg, msg
+    assert 'core_bundle = "none" under [evaluate]' in msg and "--bundle none" in msg and "\n" not in msg

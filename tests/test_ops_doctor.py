@@ -99,3 +99,68 @@ def test_output_shows_brackets_literally(
     render([r])
     table = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)
     assert "┃" in table and "see [[hosts]]" in table and "a [bold]detail[/bold] in brackets" in table, table
+
+
+def bundle_check(exp: Experiment) -> dict:
+    from armlab.ops.doctor import check_bundle
+
+    r = DoctorReport(host="here", info={})
+    check_bundle(r, exp)
+    (c,) = r.checks
+    return {"status": c.status, "detail": c.detail, "fix": c.fix}
+
+
+def test_core_bundle_offline_fails_with_the_fix_and_cached_or_reachable_is_ok(tmp_path, monkeypatch) -> None:
+    """0.2's doctor said "ready" and `armlab run` then stopped at the bundle download. Now: a URL
+    that does not answer and is not cached fails, naming the URL and `core_bundle = "none"`; the
+    same URL is ok while its server answers (a HEAD, nothing downloaded), and once cached it is ok
+    even with the server gone. Off and local bundles need no network."""
+    from armlab.evaluate.bundle import load_bundle
+    from armlab.spec import EvaluateSpec
+    from test_evaluate_bundle import Server, zipped
+
+    monkeypatch.setenv("ARMLAB_CACHE", str(tmp_path / "cache"))
+    server = Server(zipped(tmp_path))
+    url = server.url("eval_bundle.zip")
+    try:
+        exp = experiment(tmp_path / "wd").model_copy(update={"evaluate": EvaluateSpec(core_bundle=url)})
+        up = bundle_check(exp)
+        assert up["status"] == "ok" and "answers" in up["detail"] and server.gets["/eval_bundle.zip"] == 0, up
+        load_bundle(url)  # `armlab run` downloads it: cached from now on
+    finally:
+        server.close()
+    cached = bundle_check(exp)
+    assert cached["status"] == "ok" and cached["detail"].startswith("cached: "), cached
+    gone = url.replace("eval_bundle.zip", "other.zip")  # same dead server, nothing cached
+    offline = bundle_check(exp.model_copy(update={"evaluate": EvaluateSpec(core_bundle=gone)}))
+    assert offline["status"] == "fail" and gone in offline["detail"] and "unreachable" in offline["detail"], offline
+    assert 'core_bundle = "none"' in offline["fix"] and "--bundle none" in offline["fix"]
+    off = bundle_check(exp.model_copy(update={"evaluate": EvaluateSpec(core_bundle="none")}))
+    assert off["status"] == "ok" and "CORE off" in off["detail"]
+    local = bundle_check(exp.model_copy(update={"evaluate": EvaluateSpec(core_bundle=str(tmp_path / "src"))}))
+    assert local["status"] == "ok", local  # src/eval_bundle/core.yaml: a zip's one wrapping dir is found
+    missing = bundle_check(exp.model_copy(update={"evaluate": EvaluateSpec(core_bundle=str(tmp_path / "nope"))}))
+    assert missing["status"] == "fail" and "no core.yaml" in missing["detail"]
+
+
+def test_a_prebuilt_arm_in_a_store_is_probed_through_the_storage_seam(tmp_path: Path, monkeypatch) -> None:
+    """Not downloaded yet: reachable is a warning (launch pulls it), unreachable a failure saying
+    why, from the same seam prepare uses (0.2 special-cased az:// and never looked)."""
+    from armlab.ops.doctor import check_data
+    from azurite_util import azurite_env
+
+    server = next(gen := azurite_env(tmp_path, monkeypatch))
+    monkeypatch.setenv("ARMLAB_NET_ATTEMPTS", "1")
+    server.client().create_container("prebuilt").upload_blob("top/shard_00000.parquet", b"PAR1")
+    exp = parse_experiment(
+        {"name": "doc", "workdir": str(tmp_path / "wd"), "pool": {"uri": "p"},
+         "arms": [{"name": "top", "kind": "prebuilt", "uri": "az://prebuilt/top"}]}  # fmt: skip
+    )
+    r = DoctorReport(host="here", info={})
+    check_data(r, exp, "top", 1, expect_data=True)
+    server.kill()
+    check_data(r, exp, "top", 1, expect_data=True)
+    gen.close()
+    (up, down) = r.checks
+    assert up.status == "warn" and "not downloaded yet" in up.detail and "armlab pull" in up.fix
+    assert down.status == "fail" and f"cannot reach http://127.0.0.1:{server.port}/devstoreaccount1" in down.detail

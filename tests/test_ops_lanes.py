@@ -74,13 +74,13 @@ def test_a_lane_queues_resumes_after_kill_and_stops_whole(exp_file: Path, monkey
     wait_for(lambda: max(train_losses(d[1]), default=0) >= 2, timeout=180, what="seed 1 training")
     assert runs.read_state(d[0])["state"] == "done" and "resumed from step 8" in (d[0] / "train.log").read_text()
     rows = stop_lanes(wd, [ARM], timeout=30)
-    assert [(r["run"], r["result"]) for r in rows] == [
+    assert [(r.run, r.result) for r in rows] == [
         (f"{ARM}-s1", "stopped (SIGTERM)"),
         (f"{ARM}-s2", "queued on lane local:0: not started"),
     ]
     second.proc.wait(30)
     assert runs.read_state(d[1])["state"] == "stopped" and not d[2].exists()
-    assert read_lane_state(files)["state"] == "stopped" and not psutil.pid_exists(second.pid)
+    assert read_lane_state(files).state == "stopped" and not psutil.pid_exists(second.pid)
     assert stop_lanes(wd, [ARM], timeout=30) == []  # nothing lives any more
 
     # the next start resumes seed 1 and trains seed 2: the whole queue done, seed 0 untouched
@@ -89,7 +89,7 @@ def test_a_lane_queues_resumes_after_kill_and_stops_whole(exp_file: Path, monkey
     third.proc.wait(240)
     assert [runs.read_state(d[s])["state"] for s in range(3)] == ["done"] * 3
     assert runs.read_state(d[0]) == done0 and sorted(train_losses(d[1])) == list(range(1, 17))
-    assert read_lane_state(files)["state"] == "done" and read_lane_state(files)["failures"] == {}
+    assert read_lane_state(files).state == "done" and read_lane_state(files).failures == {}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a host without CUDA: on a GPU host the lanes would train")

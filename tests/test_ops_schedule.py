@@ -132,7 +132,7 @@ def test_arms_without_a_host_are_named() -> None:
          r"num_gpus = 8 is not a multiple of gpus_per_run = 3 \(2 GPU\(s\) would sit idle\); use gpus_per_run in "
          r"\[1, 2, 4, 8\], or lower num_gpus to 6"),
         ([host("g", ["a"], num_gpus=8, gpus_per_run=4)],
-         r"host 'g' runs 4 rank\(s\) per run \(gpus_per_run\): --total-batch-size 1536 is not divisible"),
+         r"host 'g' runs 4 rank\(s\) per run \(gpus_per_run\): train.total_batch_size = 1536 is not divisible"),
         ([host("c", ["a"], device="cpu", nproc=4)], r"host 'c' runs 4 rank\(s\) per run \(nproc\)"),
         ([host("g", ["a"]), host("h", ["a"])], r"arm 'a' is assigned to two hosts \('g' and 'h'\)"),
         ([host("c", ["a"], device="cpu", gpus_per_run=2)], r"host 'c': gpus_per_run is for device cuda"),

@@ -143,6 +143,7 @@ def test_json_is_one_object_per_run_with_every_field(runs, tmp_path: Path) -> No
     assert fields == [
         "arm", "run", "dir", "state", "step", "num_iterations", "tokens", "train_loss", "val_bpb",
         "tok_per_s", "mfu", "eta_s", "epoch", "last_log_age_s", "alive", "host", "error", "lane", "engine",
+        "phase", "val_bpb_step",
     ]  # fmt: skip  (the schema: a change here is a change for every script that reads it)
     assert [list(d) for d in data] == [fields] * 4
     by_run = {d["run"]: d for d in data}
@@ -152,6 +153,31 @@ def test_json_is_one_object_per_run_with_every_field(runs, tmp_path: Path) -> No
     assert by_run["random16.5-s0"]["state"] == "dead" and by_run["random16.5-s0"]["eta_s"] is None
     assert by_run["random16.5-s1"]["alive"] is None  # another host: cannot tell
     assert armlab("status", str(exp.workdir_path), "--json", "--watch", cwd=tmp_path).returncode == 2
+
+
+def test_a_run_in_eval_shows_the_phase_and_the_step_of_its_bpb(runs, tmp_path: Path) -> None:
+    """The trainer's state.json says what the ranks do (phase "eval" at step 12); the last val
+    bpb came from step 10. 0.2 showed `running` and a bare bpb: a stall in a long eval looked like
+    a stall in training, and a 250-step-old bpb like a current one."""
+    exp, _ = runs
+    running = next(p for p in exp.workdir_path.glob("arms/*/runs/edu-top16.5-s1"))
+    set_state(running, step=12, phase="eval")
+    rows = {r.run: r for r in experiment_status(exp, stall_after_s=600)}
+    r = rows["edu-top16.5-s1"]
+    assert (r.state, r.phase, r.step, r.val_bpb_step) == ("running", "eval", 12, 10)
+    assert rows["edu-top16.5-s0"].phase is None and rows["edu-top16.5-s0"].val_bpb_step == 10  # done: no phase
+    lines = render(list(rows.values()), 80)
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    line = next(line for line in lines if "edu-top16.5-s1" in line)
+    assert re.search(r" eval +12/20000 .* 0\.9000@10 ", line), line
+    done = next(line for line in lines if "edu-top16.5-s0" in line)
+    assert " done " in done and "0.8123 " in done and "@" not in done  # measured at the row's own step
+    p = armlab("status", str(exp.workdir_path), cwd=tmp_path)
+    piped = next(line for line in p.stdout.splitlines() if line.split()[1:2] == ["edu-top16.5-s1"])
+    assert piped.split()[2] == "eval" and "0.9000@10" in piped.split()
+    data = {d["run"]: d for d in json.loads(armlab("status", str(exp.workdir_path), "--json", cwd=tmp_path).stdout)}
+    assert (data["edu-top16.5-s1"]["state"], data["edu-top16.5-s1"]["phase"]) == ("running", "eval")
+    assert data["edu-top16.5-s1"]["val_bpb_step"] == 10
 
 
 def test_missing_workdir_says_so(tmp_path: Path) -> None:

@@ -109,3 +109,49 @@ def test_run_trains_every_arm_and_seed_on_two_lanes(tmp_path: Path) -> None:
     said = " ".join(p.stderr.split())
     assert said.count("already done") == 4 and "training" not in said
     assert {r: json.loads((rd / "state.json").read_text()) for r, rd in d.items()} == st
+
+
+@pytest.mark.e2e
+def test_a_second_run_is_refused_and_a_killed_lane_is_named(tmp_path: Path) -> None:
+    """Two `armlab run` on one workdir: the second is refused at once, naming the first (it used to
+    end "2 runs failed" with nothing failed). Then the lane runners of the first are killed -9:
+    the first ends exit 1 saying each lane died, which run it trained and how to resume it (it
+    used to call the dead runs "running")."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from data_util import make_pool
+
+    make_pool(tmp_path / "pool", n_docs=1200, n_files=2)
+    exp = tmp_path / "exp.toml"
+    exp.write_text(RUN_TOML.format(root=tmp_path).replace("seeds = [0, 1]", "seeds = [0]")
+                   .replace("num_iterations = 4", "num_iterations = 200"))  # fmt: skip
+    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "run", str(exp), "--device", "cpu",
+           "--runs-at-once", "2"]  # fmt: skip
+    env = {**os.environ, "ARMLAB_TEST_STEP_DELAY": "0.2"}  # slow steps: the runs are mid-way below
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    states = {arm: tmp_path / f"wd/arms/{arm}/runs/{arm}-s0/state.json" for arm in ("rand", "top")}
+    deadline = time.time() + 300
+    while not all(p.exists() and json.loads(p.read_text()).get("step", 0) >= 1 for p in states.values()):
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.2)
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert second.returncode == 2, second.stdout + second.stderr
+    said = " ".join(second.stderr.split())
+    assert f"run in {tmp_path / 'wd'}: busy: held by pid {first.pid}" in said and "failed" not in said
+    runners = {arm: json.loads(p.read_text())["pid"] for arm, p in states.items()}  # each lane's runner
+    for pid in runners.values():
+        os.kill(pid, signal.SIGKILL)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 1, out + err
+    said = " ".join(err.split())
+    for lane, arm in (("local:0", "rand"), ("local:1", "top")):
+        assert (
+            f"lane {lane} died: its runner (pid {runners[arm]}) was killed by SIGKILL while training {arm}-s0; "
+            "rerun `armlab run` to resume it from its last checkpoint" in said
+        ), said
+    assert "2 runs failed" in said and "running" not in said.split("2 runs failed")[1]

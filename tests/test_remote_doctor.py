@@ -44,6 +44,7 @@ def write_exp(tmp_path: Path, pool: str = "/nonexistent/pool", train: str = "", 
     p.write_text(
         f'name = "{name}"\nworkdir = "{tmp_path / "work"}"\n[pool]\nuri = "{pool}"\n'
         '[[arms]]\nname = "rand"\nkind = "random"\nratio = 0.5\n'
+        '[evaluate]\ncore_bundle = "none"\n'  # doctor checks the bundle; DCLM's default is online
         f"[model]\ndepth = 2\nmax_seq_len = 64\n[tokenizer]\nvocab_size = 400\n[train]\nnum_iterations = 10\n{train}"
     )
     return p

@@ -172,7 +172,7 @@ def _steps(mirror: Path) -> int:
 
 
 def test_launch_status_logs_stop(cluster, set_up):
-    from armlab.ops.remote import mirror_remote_runs
+    from armlab.ops.orchestrator import mirror_hosts
 
     root, exp_path, _ = cluster
     exp = load_experiment(exp_path)
@@ -203,7 +203,7 @@ def test_launch_status_logs_stop(cluster, set_up):
     # 3. The runs outlive the SSH sessions that started them and make progress: status mirrors them.
     deadline = time.time() + 240
     while True:
-        dirs = mirror_remote_runs(exp)
+        dirs = mirror_hosts(exp)
         if len(dirs) == 2 and all(_steps(d) >= 2 for d in dirs):
             break
         assert time.time() < deadline, f"runs made no progress: {[(d, _steps(d)) for d in dirs]}"

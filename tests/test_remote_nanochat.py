@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 
-from armlab.ops.remote import host_experiment_toml
+from armlab.ops.hosts import host_experiment_toml
 from armlab.spec import parse_experiment
 
 

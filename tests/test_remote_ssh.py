@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from armlab.errors import ArmlabError
-from armlab.ops.remote import machine_labels, select_hosts
+from armlab.ops.orchestrator import hosts_of, machine_labels, select_hosts
 from armlab.ops.schedule import plan_schedule
 from armlab.ops.ssh import Remote
 from armlab.spec import load_experiment
@@ -91,7 +91,7 @@ def test_same_machine_same_master_port_is_refused(hosts: SshHosts, tmp_path: Pat
             tmp_path, host("x", "hosta", '"a"') + host("y", "127.0.0.1", '"b"', extra=f"port = {sshd_port}\n")
         )
     )
-    machines = machine_labels(exp)
+    machines = machine_labels(hosts_of(exp))
     assert machines["x"] == machines["y"] == f"127.0.0.1:{sshd_port}"
     with pytest.raises(
         ArmlabError,
@@ -106,11 +106,11 @@ def test_same_machine_same_master_port_is_refused(hosts: SshHosts, tmp_path: Pat
             + host("y", "127.0.0.1", '"b"', 29501, f"port = {sshd_port}\nnum_gpus = 4\n"),
         )
     )
-    slots = {s.host: s for s in plan_schedule(exp, machines=machine_labels(exp)).slots}
+    slots = {s.host: s for s in plan_schedule(exp, machines=machine_labels(hosts_of(exp))).slots}
     assert slots["x"].cuda_visible_devices == "0,1,2,3,4,5,6,7" and slots["y"].cuda_visible_devices == "8,9,10,11"
     # two different machines (two sshd) may both use 29500, and both count their GPUs from 0
     exp = load_experiment(exp_file(tmp_path, host("x", "hosta", '"a"') + host("y", "hostb", '"b"')))
-    slots = {s.host: s for s in plan_schedule(exp, machines=machine_labels(exp)).slots}
+    slots = {s.host: s for s in plan_schedule(exp, machines=machine_labels(hosts_of(exp))).slots}
     assert slots["x"].gpus[0] == slots["y"].gpus[0] == 0 and slots["x"].port == slots["y"].port == 29500
 
 

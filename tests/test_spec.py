@@ -76,6 +76,14 @@ def test_report_group_column(tmp_path: Path) -> None:
     assert load_experiment(write(tmp_path, BASE)).report.group_column is None
 
 
+def test_prepare_executor(tmp_path: Path) -> None:
+    exp = load_experiment(write(tmp_path, BASE + '[prepare]\nexecutor = "ray"\nray_address = "10.0.0.1:6379"\n'))
+    assert (exp.prepare.executor, exp.prepare.ray_address) == ("ray", "10.0.0.1:6379")
+    assert exp.fingerprint() == load_experiment(write(tmp_path, BASE)).fingerprint()  # where, not what
+    assert "prepare.executor" in error_of(tmp_path, BASE + '[prepare]\nexecutor = "slurm"\n')
+    assert "prepare.workers" in error_of(tmp_path, BASE + "[prepare]\nworkers = 0\n")
+
+
 def test_missing_pool(tmp_path: Path) -> None:
     msg = error_of(tmp_path, 'name = "t"\n[[arms]]\nname = "r"\nkind = "random"\nratio = 0.5\n')
     assert "missing required key 'pool'" in msg
@@ -164,6 +172,54 @@ def test_overrides_reach_any_section_one_arm_and_reset_the_horizon(tmp_path: Pat
         with_overrides(exp, {"arms.x.ratio": 0.1})
     with pytest.raises(ArmlabError, match=r"arms\[0\].ratio"):
         with_overrides(exp, {"arms.r.ratio": 1.5})
+
+
+SCORER = """
+[[scorers]]
+name = "ft"
+kind = "fasttext"
+model = "/models/quality.bin"
+label = "__label__hq"
+"""
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        ('[[arms]]\nname = "t"\nkind = "top"\nratio = 0.1\nscore = "fx"\n', "arm 't': score 'fx' names no scorer (scorers: ft)"),
+        ('[[arms]]\nname = "t"\nkind = "top"\nratio = 0.1\nscore = "ft"\nscore_column = "s"\n', "set score_column or score, not both"),
+        ('[[arms]]\nname = "t"\nkind = "random"\nratio = 0.1\nscore = "ft"\n', "kind 'random' takes no score_column or score"),
+        ('[[arms]]\nname = "t"\nkind = "top"\nratio = 0.1\n', "needs score_column (a pool column) or score (a scorer's name)"),
+        ('[[scorers]]\nname = "ft"\nkind = "head"\nmodel = "h.npz"\ncolumn = "e"\n', "duplicate scorer name(s): ft"),
+        ('[[scorers]]\nname = "a/b"\nkind = "head"\nmodel = "h.npz"\ncolumn = "e"\n', "scorer name 'a/b' must be letters"),
+        ('[[scorers]]\nname = "x"\nkind = "fasttext"\nmodel = "m.bin"\n', "kind 'fasttext' needs label"),
+        ('[[scorers]]\nname = "x"\nkind = "head"\nmodel = "h.npz"\n', "kind 'head' needs column"),
+        ('[[scorers]]\nname = "x"\nkind = "hf"\nmodel = "o/m"\ncolumn = "e"\n', "column is only for kind 'head'"),
+        ('[[scorers]]\nname = "x"\nkind = "head"\nmodel = "h.npz"\ncolumn = "e"\nrevision = "main"\n', "revision is only for kind 'hf'"),
+        ('[[scorers]]\nname = "x"\nkind = "bert"\nmodel = "o/m"\n', "scorers[1].kind"),
+        ('[[scorers]]\nname = "x"\nkind = "hf"\nmodel = "o/m"\nmax_lenght = 5\n', "did you mean 'max_length'?"),
+    ],
+)
+def test_scorers_and_arms_on_them_are_checked(tmp_path: Path, extra: str, needle: str) -> None:
+    assert needle in error_of(tmp_path, BASE + SCORER + extra)
+
+
+def test_scorers_do_not_change_fingerprints_or_selections(tmp_path: Path) -> None:
+    """Adding [[scorers]] and `score` left every existing fingerprint and selection as it was."""
+    from armlab.data.prepare import arm_selection
+
+    plain = load_experiment(write(tmp_path, BASE + '[[arms]]\nname = "t"\nkind = "top"\nratio = 0.1\nscore_column = "s"\n'))
+    scored = load_experiment(write(tmp_path, BASE + SCORER + '[[arms]]\nname = "t"\nkind = "top"\nratio = 0.1\nscore_column = "s"\n'))
+    assert plain.fingerprint() == scored.fingerprint()
+    assert "score" not in arm_selection(plain, plain.arm("t")) and "scorer" not in arm_selection(plain, plain.arm("t"))
+    on = load_experiment(write(tmp_path, BASE + SCORER + '[[arms]]\nname = "t"\nkind = "top"\nratio = 0.1\nscore = "ft"\n'))
+    sel = arm_selection(on, on.arm("t"))
+    assert sel["score"] == "ft" and sel["scorer"] == {"kind": "fasttext", "model": "/models/quality.bin", "label": "__label__hq"}
+    assert on.scores_path == on.workdir_path / "scores"
+    moved = with_overrides(on, {"score.scores_dir": str(tmp_path / "shared")})
+    assert moved.scores_path == tmp_path / "shared" and moved.fingerprint() == on.fingerprint()
+    with pytest.raises(ArmlabError, match=r"no scorer named 'ftt' .*did you mean 'ft'"):
+        on.scorer("ftt")
 
 
 def test_data_seeds_pair_with_seeds_by_position(tmp_path: Path) -> None:

@@ -100,6 +100,8 @@ def test_disk_full_while_saving_names_the_path_and_the_bytes(exp_file: Path, tmp
         assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
         err = r.stderr.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in r.stderr
+        assert "Traceback" not in r.stdout  # the rank's traceback stays in train.log: only the line
+        assert "Traceback" in (d / "train.log").read_text()
         assert (
             f"{ckpts}: disk full: a checkpoint needs ~" in err[0]
             and "bytes, " in err[0]

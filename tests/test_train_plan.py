@@ -197,3 +197,14 @@ def test_cpu_ranks_split_every_core_they_are_given(monkeypatch: pytest.MonkeyPat
         assert rank_env("cpu", 1)["OMP_NUM_THREADS"] == "1"
     finally:
         os.sched_setaffinity(0, old)
+
+
+def test_a_schedule_that_does_not_fit_the_horizon_is_said_at_train_start(exp_file: Path, capsys) -> None:
+    """A warmup of 15 steps (the file sets 2) and a 65% warmdown of 20 steps overlap: the run trains
+    as asked, and its start says so, naming the key the file sets as one to lower."""
+    plan_run(experiment(exp_file), ARM, opts("misfit", num_iterations=20, warmup_steps=15))
+    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    assert "train: warning: the learning-rate schedule does not fit 20 steps: warmup 15 + warmdown 13" in err, err
+    assert "lower train.warmup_steps (15) to <= 7" in err and "set train.warmup_steps" not in err
+    plan_run(experiment(exp_file), ARM, opts("fits", num_iterations=20))
+    assert "learning-rate schedule" not in capsys.readouterr().err

@@ -1,15 +1,14 @@
 """armlab.train.supervisor: the process that owns a run, for every engine.
 
-Real runs of the built-in engine (real torchrun, gloo ranks on CPU): SIGTERM -> ranks stopped,
-state stopped, lease released, exit 1; a crashing rank -> exit 1 with its error line; --detach
-returns at once and the run finishes in its own session. The engine hooks are observed through a
-subclass of the real built-in engine handed to `supervise`.
+Real runs of the built-in engine (real torchrun, gloo ranks on CPU): a crashing rank -> exit 1
+with its error line; --detach returns at once and the run finishes in its own session; `armlab
+stop` of a detached run checkpoints first (every stop path: test_train_stop.py). The engine hooks
+are observed through a subclass of the real built-in engine handed to `supervise`.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -18,10 +17,12 @@ import pytest
 
 from armlab import runs
 from armlab.errors import ArmlabError
+from armlab.train import checkpoint
 from armlab.train.engines import Command
 from armlab.train.engines.builtin import BuiltinEngine
+from armlab.train.failure import error_line
 from armlab.train.plan import RunPlan, TrainOptions, plan_run
-from armlab.train.supervisor import error_line, supervise
+from armlab.train.supervisor import supervise
 from armlab.workdir import read_json, read_lease
 from train_util import (
     ARM,
@@ -30,7 +31,6 @@ from train_util import (
     data_dir,
     experiment,
     run_dir,
-    spawn,
     train_losses,
     wait_for,
     worker_procs,
@@ -100,13 +100,9 @@ def test_a_command_that_cannot_start_is_one_line_and_releases_the_lease(exp_file
 
 
 def test_a_launcher_failure_names_its_cause() -> None:
-    out = [
-        b"step 00001/00016 | loss 5.9\n",
-        b"[E] torch.distributed.DistNetworkError: port 1 taken\n",
-        b"done\n",
-    ]
+    out = ["step 00001/00016 | loss 5.9", "[E] torch.distributed.DistNetworkError: port 1 taken", "done"]
     assert error_line(out) == "[E] torch.distributed.DistNetworkError: port 1 taken"
-    assert error_line([b"step 1\n"]) is None
+    assert error_line(["step 1"]) is None
 
 
 def test_crashing_rank_brings_the_others_down_with_its_error(exp_file: Path) -> None:
@@ -120,29 +116,6 @@ def test_crashing_rank_brings_the_others_down_with_its_error(exp_file: Path) -> 
     state = read_json(d / "state.json")
     assert state["state"] == "failed" and "rank 1" in state["error"]
     assert read_lease(data_dir(exp_file)) is None
-    assert not worker_procs(d)
-
-
-def test_sigterm_stops_the_ranks_and_releases_the_lease(exp_file: Path) -> None:
-    d = run_dir(exp_file, "term")
-    proc = spawn("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--nproc", "2", "--run-name", "term",
-                 env={"ARMLAB_TEST_STEP_DELAY": "0.3"})  # fmt: skip
-    try:
-        wait_for(lambda: max(train_losses(d), default=0) >= 2, timeout=60, what="step 2")
-        lease = read_lease(data_dir(exp_file))
-        assert lease is not None and lease.pid == proc.pid and lease.run == "term"
-        assert read_json(d / "state.json")["pid"] == proc.pid
-        workers = worker_procs(d)
-        assert len(workers) >= 2
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(40) == 1
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert "stopped by SIGTERM" in proc.stderr.read()
-    assert read_json(d / "state.json")["state"] == "stopped"
-    assert read_lease(data_dir(exp_file)) is None
-    psutil.wait_procs(workers, timeout=10)
     assert not worker_procs(d)
 
 
@@ -166,8 +139,9 @@ def test_detach_returns_at_once_and_finishes(exp_file: Path) -> None:
 
 
 def test_stop_ends_a_detached_run_cleanly(exp_file: Path) -> None:
-    """`armlab stop` (armlab.runs.stop_run) SIGTERMs the detached supervisor: its ranks go down, the
-    lease is released, state says stopped, and the run resumes later."""
+    """`armlab stop` (armlab.runs.stop_run) asks the detached supervisor to stop (a stop request,
+    then SIGTERM): its ranks save a checkpoint of the step they are at and exit, the lease is
+    released, and state.json says stopped, by `armlab stop`, resuming from that step."""
     r = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--nproc", "2", "--run-name", "bg-stop",
                "--detach", "--num-iterations", "200", env={"ARMLAB_TEST_STEP_DELAY": "0.3"})  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -178,8 +152,9 @@ def test_stop_ends_a_detached_run_cleanly(exp_file: Path) -> None:
     assert runs.is_live(runs.read_state(d)) and len(workers) >= 2
     stop = armlab("stop", str(exp_file), "--arm", ARM, "--timeout", "40")
     assert stop.returncode == 0 and f"{ARM}\tbg-stop\tpid {pid}\tstopped (SIGTERM)" in stop.stdout
-    state = read_json(d / "state.json")
-    assert state["state"] == "stopped" and state["error"] == "stopped by SIGTERM"
+    state = runs.read_run_state(d)
+    assert (state.state, state.stop_reason) == ("stopped", "armlab stop")
+    assert state.resume_step == state.step and checkpoint.list_steps(d) == [state.step]  # checkpoint first
     assert read_lease(data_dir(exp_file)) is None
     psutil.wait_procs(workers, timeout=10)
     assert not worker_procs(d)

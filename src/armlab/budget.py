@@ -154,9 +154,23 @@ def training_budget(exp: Experiment, vocab_size: int | None = None) -> Budget:
     )
 
 
-def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
-    """Micro-steps per optimiser step; refuses a total batch the ranks cannot split evenly."""
+def batch_phrase(train: TrainSpec, total_batch_size: int, flag: bool = False) -> str:
+    """The total batch as the user set it, for a message: the flag they typed, the key in their
+    file, or the automatic size (never a flag they did not type)."""
+    if flag:
+        return f"--total-batch-size {total_batch_size}"
+    if train.total_batch_size is None:
+        return f"the automatic total batch size {total_batch_size:,} (train.total_batch_size is unset)"
+    return f"train.total_batch_size = {total_batch_size}"
+
+
+def grad_accum_steps(
+    total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int, what: str | None = None
+) -> int:
+    """Micro-steps per optimiser step; refuses a total batch the ranks cannot split evenly.
+    `what` names the total batch in the message (`batch_phrase`)."""
     per_step = device_batch_size * seq_len * world_size
+    what = what or f"--total-batch-size {total_batch_size}"
     if total_batch_size % per_step:
         options = sorted(
             {
@@ -167,7 +181,7 @@ def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int
         )
         hint = f"device_batch_size in {options}" if options else f"total_batch_size a multiple of {per_step}"
         raise ArmlabError(
-            f"--total-batch-size {total_batch_size} is not divisible by device_batch_size x max_seq_len x world_size "
+            f"{what} is not divisible by device_batch_size x max_seq_len x ranks "
             f"= {device_batch_size} x {seq_len} x {world_size} = {per_step}; use {hint}"
         )
     return total_batch_size // per_step

@@ -101,9 +101,11 @@ def _si(x: float) -> str:
     return f"{x:.0f} "
 
 
-def render_costs(exp: Experiment, rows: list[RunCost], usd_per_gpu_hour: float | None) -> str:
+def render_costs(
+    exp: Experiment, rows: list[RunCost], usd_per_gpu_hour: float | None, budget: Budget | None = None
+) -> str:
     """The pricing table: per run and for the whole experiment, one row per GPU type."""
-    b = training_budget(exp)
+    b = budget or training_budget(exp)
     first = rows[0]
     lines = [
         f"compute: {_si(b.flops_per_token)}FLOPs/token (nanochat's estimate_flops, windows counted) x "

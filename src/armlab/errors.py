@@ -23,3 +23,8 @@ class Stopped(RunFailed):
     130. Its message says how to resume."""
 
     exit_code = 130
+
+
+class Diverged(RunFailed):
+    """A training run whose loss became NaN or infinite: it ended there (state "diverged", exit 1)
+    and its message names the step and the last finite loss."""

@@ -3,15 +3,21 @@
     arms/<arm>/runs/<run>/
         run.json       what the run is (written once, before it starts): spec, fingerprints, config
         plan.json      the per-run plan the supervisor and its ranks read (armlab.train.plan.RunPlan)
-        state.json     where it is: state, supervisor pid and host, step; rewritten atomically
-        metrics.jsonl  one JSON object a line, each with a `step` (appended while it runs)
-        train.log      everything the ranks printed, tee'd by the supervisor
+        state.json     where it is (`StateRecord`): state, supervisor pid and host, step, phase,
+                       resume_step; rewritten atomically
+        metrics.jsonl  one JSON object a line (`MetricsRecord`), each with a `step`, appended by
+                       one writer (`MetricsLog`) while it runs
+        train.log      everything the ranks printed, tee'd by the supervisor (train.node<K>.log on
+                       node K > 0 of a multi-node run; train.<n>.log: the logs of an earlier try
+                       that restarted from step 0, kept)
+        stop-request   why a stop was asked for (`request_stop`): the ranks read it at a step's end
         eval.json      `armlab evaluate`'s result
         .rank-errors/  one file per rank that died with an exception (its one-line error)
         checkpoints/   the built-in engine's checkpoints (armlab.train.checkpoint)
 
 `state.json` is written by the supervisor before it starts the ranks and after they exit, and by
-the engine while they run (the built-in trainer's rank 0); the two never overlap. A run is
+the engine while they run (the built-in trainer's rank 0, which also writes the final `stopped` /
+`diverged` it ends with); the two never overlap. On a multi-node run only node 0 writes it. A run is
 *live* when its state is active (starting, running) and its supervisor's pid lives on this host;
 a zombie counts as dead. `armlab status` adds what only an observer sees: STALLED (live, or on
 another host, but nothing logged for a while), dead (active state, pid gone), queued (no run dir
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import json
 import os
 import shutil
@@ -40,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError
+from armlab.records import Record
 from armlab.spec import fingerprint_diff
 from armlab.workdir import atomic_write_json, atomic_write_text, pid_alive, read_json
 
@@ -51,19 +59,23 @@ TRAIN_LOG = "train.log"
 EVAL_JSON = "eval.json"
 RANK_ERRORS = ".rank-errors"
 CHECKPOINTS = "checkpoints"
+STOP_REQUEST = "stop-request"
 
 PR_SET_PDEATHSIG = 1
 
 
 class RunState(StrEnum):
     """Every state `armlab status` shows. The first six are written to state.json; the last four
-    only an observer derives (a StrEnum, so `state == "done"` holds for the written strings)."""
+    only an observer derives (a StrEnum, so `state == "done"` holds for the written strings).
+    Final: done, failed, diverged (a non-finite loss; retrain with other settings); stopped is
+    resumable (`StateRecord.resume_step`)."""
 
     STARTING = "starting"
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
     STOPPED = "stopped"
+    DIVERGED = "diverged"  # the loss became NaN/inf: training stopped there, no NaN checkpoint kept
     QUEUED = "queued"  # an arm x seed of the experiment with no run dir yet
     STALLED = "STALLED"  # live (or on another host) but nothing logged for stall_after_s
     DEAD = "dead"  # state.json says active, but its pid is gone from this host
@@ -74,31 +86,73 @@ ACTIVE = frozenset({RunState.STARTING, RunState.RUNNING})  # a supervisor owns t
 
 
 # -- state.json -------------------------------------------------------------------------------------
-def read_state(run_dir: Path) -> dict[str, Any]:
-    """state.json ({} before the first write); a torn one is an ArmlabError naming it."""
+class Phase(StrEnum):
+    """What the ranks are doing at `StateRecord.step` (status shows "eval at step N")."""
+
+    TRAIN = "train"
+    EVAL = "eval"
+    SAVE = "save"
+
+
+@dataclass(frozen=True)
+class StateRecord(Record):
+    """state.json, typed. `state` is kept as written (a state a newer armlab writes reads back as
+    itself; `observed_state` calls it unreadable); fields this armlab does not know are kept in
+    `extra` and written back unchanged."""
+
+    state: str = RunState.STARTING.value
+    pid: int | None = None
+    host: str | None = None
+    started: float | None = None
+    ended: float | None = None
+    error: str | None = None  # one line: why it failed, stopped or diverged
+    step: int = 0
+    num_iterations: int | None = None
+    phase: str | None = None  # Phase while the ranks run; None before and after
+    resume_step: int | None = None  # stopped: the checkpoint a restart continues from (None: step 0)
+    stop_reason: str | None = None  # stopped: the signal (SIGTERM, SIGUSR1, ...) or "armlab stop"
+    unparsed_lines: int | None = None  # nanochat: output lines that looked like metrics but did not parse
+    updated: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out = super().to_json()
+        return {**out.pop("extra"), **out}
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = STATE_JSON) -> StateRecord:
+        if not isinstance(data, Mapping):
+            raise ArmlabError(f"{source}: expected a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        rec = super().from_json({k: v for k, v in data.items() if k in names}, source)
+        return dataclasses.replace(rec, extra={k: v for k, v in data.items() if k not in names})
+
+
+def read_run_state(run_dir: Path) -> StateRecord | None:
+    """state.json as a `StateRecord` (None before the first write); a torn one is an ArmlabError
+    naming it."""
+    path = Path(run_dir) / STATE_JSON
     try:
-        return read_json(Path(run_dir) / STATE_JSON)
+        data = read_json(path)
     except FileNotFoundError:
-        return {}
+        return None
+    return StateRecord.from_json(data, str(path))
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    """state.json as plain data ({} before the first write): `read_run_state(...).to_json()`."""
+    rec = read_run_state(run_dir)
+    return rec.to_json() if rec is not None else {}
 
 
 def write_state(run_dir: Path, **fields: Any) -> dict[str, Any]:
-    """Update state.json with `fields` (and `updated`), keeping the other fields."""
-    state = {
-        "state": RunState.STARTING.value,
-        "pid": None,
-        "host": socket.gethostname(),
-        "started": None,
-        "ended": None,
-        "error": None,
-        "step": 0,
-        "num_iterations": None,
-        **read_state(run_dir),
-        **{k: v.value if isinstance(v, RunState) else v for k, v in fields.items()},
-        "updated": time.time(),
-    }
-    atomic_write_json(Path(run_dir) / STATE_JSON, state)
-    return state
+    """Update state.json with `fields` (StateRecord's names: another name is a TypeError) and
+    `updated`, keeping the other fields."""
+    old = read_run_state(run_dir) or StateRecord(host=socket.gethostname())
+    values = {k: v.value if isinstance(v, StrEnum) else v for k, v in fields.items()}
+    rec = dataclasses.replace(old, **values, updated=time.time())
+    atomic_write_json(Path(run_dir) / STATE_JSON, rec.to_json())
+    return rec.to_json()
 
 
 def owner_alive(state: Mapping[str, Any] | None) -> bool | None:
@@ -145,6 +199,45 @@ def last_activity(run_dir: Path, state: Mapping[str, Any] | None) -> float | Non
 
 
 # -- metrics.jsonl ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MetricsRecord(Record):
+    """One line of metrics.jsonl. A training step has `train_loss` and the speed fields (written
+    even when None: `mfu` is null on CPU), an evaluation `val_bpb` or `core`; every record has the
+    step (optimiser steps done), the tokens trained on and `time` (seconds of training steps so
+    far). Other fields that are None are left out, so `"train_loss" in line` tells a training record."""
+
+    TRAIN_FIELDS = ("lr_mult", "dt", "tok_per_s", "mfu", "epoch")
+
+    step: int
+    tokens: int
+    time: float
+    train_loss: float | None = None
+    lr_mult: float | None = None
+    dt: float | None = None
+    tok_per_s: float | None = None
+    mfu: float | None = None
+    epoch: float | None = None
+    val_bpb: float | None = None
+    core: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        keep = self.TRAIN_FIELDS if self.train_loss is not None else ()
+        return {k: v for k, v in super().to_json().items() if v is not None or k in keep}
+
+
+class MetricsLog:
+    """The one writer of a run's metrics.jsonl: each record is appended as one line and flushed at
+    once (status and the engine's watchers read the file while it grows)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / METRICS_JSONL
+
+    def append(self, record: MetricsRecord) -> None:
+        line = json.dumps(record.to_json(), allow_nan=False) + "\n"  # strict JSON: a NaN is no metric
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+
+
 @dataclass(frozen=True)
 class Metrics:
     """metrics.jsonl as read: its records, and the lines that were not one (torn or damaged)."""
@@ -404,20 +497,46 @@ class Stopped:
     result: str  # "stopped (SIGTERM)", "stopped (already dead)", "runs on <host>, not here"
 
 
+def request_stop(run_dir: Path, reason: str) -> None:
+    """Ask a run to stop the way a signal does (finish the step, checkpoint, exit resumable), saying
+    why: the supervisor and the ranks read `stop-request` (the ranks at the end of each step), so
+    the request also reaches ranks that no signal reaches. `stop_run` writes it before its SIGTERM."""
+    atomic_write_text(Path(run_dir) / STOP_REQUEST, reason.strip() + "\n")
+
+
+def read_stop_request(run_dir: Path) -> str | None:
+    """The reason of a pending stop request, None when there is none."""
+    try:
+        return (Path(run_dir) / STOP_REQUEST).read_text().strip() or "stop requested"
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def clear_stop_request(run_dir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        (Path(run_dir) / STOP_REQUEST).unlink()
+
+
 def stop_run(run_dir: Path, timeout: float) -> Stopped | None:
-    """Stop a run of this host (None when it is not active). After a SIGKILL, or when its pid was
-    already gone, state.json still says active: it is set to stopped here."""
+    """Stop a run of this host (None when it is not active): a stop request ("armlab stop"), then
+    SIGTERM to its supervisor, which has its ranks checkpoint and exit; SIGKILL after `timeout`.
+    After a SIGKILL, or when its pid was already gone, state.json still says active: it is set to
+    stopped here."""
     st = read_state(run_dir)
     if st.get("state") not in ACTIVE:
         return None
     pid = st.get("pid")
     if st.get("host") not in (None, socket.gethostname()):
         return Stopped(pid, f"runs on {st.get('host')}, not here")
-    how = stop_process(int(pid), timeout) if owner_alive(st) else "already dead"
+    alive = owner_alive(st)
+    if alive:
+        request_stop(run_dir, "armlab stop")
+    how = stop_process(int(pid), timeout) if alive else "already dead"
     if read_state(run_dir).get("state") in ACTIVE:
         write_state(
-            run_dir, state=RunState.STOPPED, ended=time.time(), error=f"stopped by armlab stop ({how})"
-        )
+            run_dir, state=RunState.STOPPED, ended=time.time(), error=f"stopped by armlab stop ({how})",
+            stop_reason="armlab stop", phase=None,
+        )  # fmt: skip
     return Stopped(pid, f"stopped ({how})")
 
 

@@ -22,7 +22,22 @@ import pyarrow.parquet as pq
 
 from armlab.data.pool import BadFile, PoolFile, describe_error, jsonl_stream, list_pool, open_source
 from armlab.errors import ArmlabError
-from armlab.spec import NAME_RE, PoolSpec, parse_experiment
+from armlab.names import MAX_NAME, check_name
+from armlab.pilot import (
+    ASPECT_RATIO,
+    DEPTH,
+    HEAD_DIM,
+    MAX_PER_TASK,
+    RANKS,
+    TOKENIZER_CHARS,
+    VOCAB_SIZE,
+    CpuPilot,
+    PoolSize,
+    core_check,
+    size_pilot,
+)
+from armlab.spec import DCLM_EVAL_BUNDLE_URL, PoolSpec, parse_experiment
+from armlab.store.redact import redact
 from armlab.text import plural
 
 TEXT_NAMES = ("text", "content", "document", "raw_content", "body", "markdown")
@@ -151,15 +166,29 @@ def read_pool(uri: str) -> PoolSummary:
             cols, rows = _jsonl_columns(first), None
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadFile(first.name, describe_error(e)) from None
-    return PoolSummary(uri, len(files), sum(f.size for f in files), first.fmt, rows, suggest_columns(cols))
+    # The file written holds no secret: a token in the URL becomes *** (name it as ${VAR} instead).
+    return PoolSummary(redact(uri), len(files), sum(f.size for f in files), first.fmt, rows, suggest_columns(cols))
 
 
 def _q(value: str) -> str:
     return json.dumps(value)  # a TOML basic string is a JSON string
 
 
-def experiment_text(name: str, pool: PoolSummary | None) -> str:
-    """The commented experiment file (TOML) for `pool`, or a template to fill in without one."""
+def pool_size(pool: PoolSummary | None) -> PoolSize:
+    """Documents and their mean length, from the first file (its rows x the number of files)."""
+    if pool is None:
+        return PoolSize(None, None)
+    text = next((col for col in pool.columns.all if col.name == pool.columns.text), None)
+    docs = pool.first_rows * pool.files if pool.first_rows else None
+    per_doc = text.size / pool.first_rows if text and text.size and pool.first_rows else None
+    if pool.first_rows is None and text and text.size:  # jsonl: the first record's length
+        per_doc = float(text.size)
+    return PoolSize(docs, per_doc)
+
+
+def experiment_text(name: str, pool: PoolSummary | None, pilot: CpuPilot | None = None) -> str:
+    """The commented experiment file (TOML) for `pool`, or a template to fill in without one;
+    with `pilot`, sized to run on a CPU as it is (armlab.pilot)."""
     c = pool.columns if pool else None
     lines = [f"# armlab experiment {name!r}, written by `armlab init`."]
     if pool:
@@ -196,16 +225,36 @@ def experiment_text(name: str, pool: PoolSummary | None) -> str:
         lines.append("# columns: " + ", ".join(f"{col.name} ({col.type})" for col in c.all))
     est = pool.first_rows * pool.files if pool and pool.first_rows else None
     docs = EVAL_DOCS if est is None else max(1, min(EVAL_DOCS, est // 20))
+    if pilot:
+        docs = pilot.eval_docs
     lines += [
         "",
         "[eval]",
         f"docs = {docs}   # held out of the pool before any arm is selected; every arm is scored on it",
         "",
         "[tokenizer]",
-        "# vocab_size = 32768",
-        "# train_chars = 2_000_000_000   # characters of a neutral pool sample the BPE tokenizer trains on",
-        "",
     ]
+    if pilot:
+        lines += [
+            f"vocab_size = {VOCAB_SIZE}            # CPU pilot: a small vocabulary keeps the embeddings cheap",
+            f"train_chars = {TOKENIZER_CHARS:_}   # characters of a neutral pool sample the BPE tokenizer trains on",
+            "",
+            "[shards]",
+            "rows_per_shard = 1024",
+            "row_group_rows = 128         # many row groups, so a small arm feeds 1 or 2 ranks",
+            "",
+        ]
+    else:
+        lines += [
+            "# vocab_size = 32768",
+            "# train_chars = 2_000_000_000   # characters of a neutral pool sample the BPE tokenizer trains on",
+            "",
+        ]
+    cap = (
+        [f"max_tokens = {pilot.arm_tokens}         # CPU pilot: a sample of the arm, twice what one run reads"]
+        if pilot
+        else []
+    )
     score = c.score if c else None
     if score:
         lines += [
@@ -214,6 +263,7 @@ def experiment_text(name: str, pool: PoolSummary | None) -> str:
             'kind = "top"                 # the top share of the pool by score_column (exact global threshold)',
             "ratio = 0.5",
             f"score_column = {_q(score)}",
+            *cap,
             "",
         ]
     lines += [
@@ -222,6 +272,7 @@ def experiment_text(name: str, pool: PoolSummary | None) -> str:
         'kind = "random"              # a uniform sample: the baseline every other arm is compared with',
         "ratio = 0.5                  # share of the pool (after the eval set) the arm takes",
         "seed = 42",
+        *cap,
     ]
     if not score:
         lines += [
@@ -232,7 +283,13 @@ def experiment_text(name: str, pool: PoolSummary | None) -> str:
             "# ratio = 0.5",
             '# score_column = "score"',
         ]
-    lines += [
+    lines += _pilot_sections(pilot) if pilot else [
+        "",
+        "# [[scorers]]                # a model to select on: `armlab score`, then an arm with score = \"dclm\"",
+        '# name = "dclm"',
+        '# kind = "fasttext"          # fasttext | hf (a hub or saved classifier) | head (over an embedding column)',
+        '# model = "https://huggingface.co/mlfoundations/fasttext-oh-eli5/resolve/main/openhermes_reddit_eli5_vs_rw_v2_bigram_200k_train.bin"',
+        '# label = "__label__hq"      # the score: its probability (DCLM\'s quality classifier)',
         "",
         "[model]",
         "# depth = 20                 # nanochat's GPT; width = depth x 64",
@@ -244,13 +301,46 @@ def experiment_text(name: str, pool: PoolSummary | None) -> str:
         "# num_iterations = 1000      # the horizon (default: nanochat's tokens-per-parameter ratio)",
         "seeds = [0, 1]               # a difference is only trusted with more than one seed per arm",
         "",
+        "# [evaluate]",
+        '# core_bundle = "none"       # CORE off (val bpb only); default: DCLM\'s bundle, downloaded once',
+        "",
         "# [[hosts]]                  # for `armlab launch`: one arm per SSH host",
         '# name = "gpu-a"',
         '# ssh = "ubuntu@gpu-a"',
         '# arms = ["random50"]',
         "# num_gpus = 8",
-    ]
+    ]  # fmt: skip
     return "\n".join(_align(line) for line in lines) + "\n"
+
+
+def _pilot_sections(p: CpuPilot) -> list[str]:
+    """[model], [train] and [evaluate] of a CPU pilot, each number with its reason (armlab.pilot)."""
+    lines = [
+        "",
+        "[model]                      # CPU pilot: ~2M parameters (a real run is d12 and up, on GPUs)",
+        f"depth = {DEPTH}",
+        f"aspect_ratio = {ASPECT_RATIO}             # width = depth x {ASPECT_RATIO} = {DEPTH * ASPECT_RATIO}: two heads of {HEAD_DIM}",
+        f"head_dim = {HEAD_DIM}",
+        f"max_seq_len = {p.max_seq_len}",
+        "",
+        "[train]",
+        f"device_batch_size = {p.device_batch_size}",
+        f"total_batch_size = {p.total_batch_size}      # = {p.device_batch_size} x {p.max_seq_len} x {RANKS}: one or two ranks split it",
+        f"num_iterations = {p.num_iterations}         # the arms feed this many steps (plan: time on this CPU)",
+        f"warmup_steps = {p.warmup_steps}            # 5% of the steps: warmup + warmdown (65%) fit the horizon",
+        f"eval_every = {p.every}              # val bpb four times a run",
+        f"eval_tokens = {p.eval_tokens}           # fits in the eval set",
+        f"save_every = {p.every}              # a checkpoint every quarter: a stopped run resumes there",
+        "seeds = [0, 1]               # a difference is only trusted with more than one seed per arm",
+    ]  # fmt: skip
+    if p.allow_repeat:
+        lines.append("allow_repeat = true          # the pool is small: a run sees its arm more than once")
+    lines += ["", "[evaluate]"]
+    if p.core_bundle == "none":
+        lines += [f'core_bundle = "none"         # CORE off, val bpb only: {p.core_reason}']
+    else:
+        lines += [f"max_per_task = {MAX_PER_TASK}            # CORE on a CPU: {MAX_PER_TASK} items a task ({p.core_reason})"]
+    return lines
 
 
 def _align(line: str, column: int = 32) -> str:
@@ -261,12 +351,20 @@ def _align(line: str, column: int = 32) -> str:
 
 def experiment_name(path: Path) -> str:
     """The experiment's name from its file name: `my exp.toml` -> `my-exp`."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._") or "experiment"
-    return name if NAME_RE.match(name) else f"exp-{name}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem).strip("-._")[:MAX_NAME].rstrip("-._")
+    return check_name(name or "experiment", "experiment name")
 
 
-def init_experiment(path: str | Path, pool_uri: str | None = None) -> Path:
-    """Write a commented experiment file at `path` (never over an existing file); returns it."""
+def gpu_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def init_experiment(path: str | Path, pool_uri: str | None = None, cpu: bool | None = False) -> CpuPilot | None:
+    """Write a commented experiment file at `path` (never over an existing file). `cpu`: sized to
+    run on this machine's CPU as it is (armlab.pilot); None: so when no GPU is visible here.
+    Returns the pilot's numbers (None: the GPU template)."""
     import tomllib
 
     path = Path(path)
@@ -275,7 +373,10 @@ def init_experiment(path: str | Path, pool_uri: str | None = None) -> Path:
     if not path.parent.is_dir():
         raise ArmlabError(f"{path.parent}: no such directory; create it first or choose another path")
     pool = read_pool(pool_uri) if pool_uri else None
-    text = experiment_text(experiment_name(path), pool)
+    if cpu is None:
+        cpu = not gpu_visible()
+    pilot = size_pilot(pool_size(pool), 0.5, core_check(DCLM_EVAL_BUNDLE_URL)) if cpu else None
+    text = experiment_text(experiment_name(path), pool, pilot)
     parse_experiment(tomllib.loads(text), f"armlab init (for {path})")  # the template must be a valid spec
     # Temp file, then a hard link to the real name: atomic, and it fails if the name was taken meanwhile.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -291,4 +392,4 @@ def init_experiment(path: str | Path, pool_uri: str | None = None) -> Path:
             raise ArmlabError(f"{path}: already exists; choose another file name (init never overwrites)") from None
     finally:
         os.unlink(tmp)
-    return path
+    return pilot

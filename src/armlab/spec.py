@@ -16,13 +16,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from armlab.errors import ArmlabError
+from armlab.names import NAME_RE as NAME_RE  # re-exported: the one rule lives in armlab.names
+from armlab.names import check_name
+from armlab.store.redact import redact
 from armlab.text import closest
 from armlab.vocab import MIN_VOCAB_SIZE
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
 # nanochat's --target-param-data-ratio default since 2026-03-24 (92d63d4: 12; before: 10.5)
 DEFAULT_PARAM_DATA_RATIO = 12.0
@@ -43,6 +53,10 @@ class PoolSpec(Strict):
     # Remote parquet: "columns" reads only the column chunks each pass needs (ranged requests);
     # "files" downloads whole files first, for stores without Range support.
     fetch: Literal["columns", "files"] = "columns"
+
+    @field_serializer("uri")
+    def _uri_without_secrets(self, uri: str) -> str:
+        return redact(uri)  # every copy armlab writes, and every fingerprint; requests read `.uri`
 
 
 class EvalSpec(Strict):
@@ -85,6 +99,7 @@ class ArmSpec(Strict):
     ratio: float | None = None
     seed: int = 0
     score_column: str | None = None
+    score: str | None = None  # a `[[scorers]]` name: select on its scores (`armlab score`) instead of a column
     temperature: float = Field(1.0, gt=0)
     by: Literal["rows", "tokens"] = "rows"
     max_rows: int | None = Field(None, gt=0)
@@ -94,11 +109,14 @@ class ArmSpec(Strict):
     download_mode: Literal["bulk", "sequential"] = "bulk"
     concurrency: int = Field(8, gt=0)
 
+    @field_serializer("uri")
+    def _uri_without_secrets(self, uri: str | None) -> str | None:
+        return None if uri is None else redact(uri)  # as PoolSpec's
+
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"arm name {v!r} must be letters, digits, '.', '_' or '-'")
+        check_name(v, "arm name")
         if v in RESERVED_ARM_NAMES:
             raise ValueError(f"arm name {v!r} is reserved (prepare's eval set and tokenizer sample); rename the arm")
         return v
@@ -117,25 +135,96 @@ class ArmSpec(Strict):
                 raise ValueError(
                     f"arm {self.name!r}: kind 'prebuilt' needs uri (az://container/prefix or a dir)"
                 )
-            if self.ratio is not None or self.score_column is not None:
-                raise ValueError(f"arm {self.name!r}: kind 'prebuilt' takes no ratio or score_column")
+            if self.ratio is not None or self.score_column is not None or self.score is not None:
+                raise ValueError(f"arm {self.name!r}: kind 'prebuilt' takes no ratio, score_column or score")
         else:
             if self.ratio is None:
                 raise ValueError(f"arm {self.name!r}: kind {self.kind!r} needs ratio")
             if self.uri is not None:
                 raise ValueError(f"arm {self.name!r}: uri is only for kind 'prebuilt'")
-        if self.kind in ("top", "sample") and not self.score_column:
-            raise ValueError(f"arm {self.name!r}: kind {self.kind!r} needs score_column")
-        if self.kind == "random" and self.score_column:
-            raise ValueError(f"arm {self.name!r}: kind 'random' takes no score_column")
+        if self.kind in ("top", "sample") and not (self.score_column or self.score):
+            raise ValueError(
+                f"arm {self.name!r}: kind {self.kind!r} needs score_column (a pool column) or score (a scorer's name)"
+            )
+        if self.score_column and self.score:
+            raise ValueError(f"arm {self.name!r}: set score_column or score, not both")
+        if self.kind == "random" and (self.score_column or self.score):
+            raise ValueError(f"arm {self.name!r}: kind 'random' takes no score_column or score")
         return self
 
 
+ScorerKind = Literal["fasttext", "hf", "head"]
+
+
+class ScorerSpec(Strict):
+    """A model that scores every pool document (`armlab score`); arms select on it by `score = name`.
+
+    fasttext: `model` = a .bin path or http(s) URL, `label` whose probability is the score (DCLM:
+    "__label__hq"). hf: `model` = a hub id (with `revision`) or a local dir holding a sequence
+    classifier saved with `save_pretrained`; the score is its regression output (one logit) or the
+    softmax probability of `label`. head: `model` = a .safetensors / .npz file (path or URL) of a
+    linear layer or an MLP over the pool's embedding `column`.
+    """
+
+    name: str
+    kind: ScorerKind
+    model: str
+    label: str | None = None
+    revision: str | None = None  # hf hub: a branch, tag or commit (a commit pins the scores)
+    max_length: int = Field(512, gt=0)  # hf: tokens read of each document (the rest is truncated)
+    batch_size: int = Field(64, gt=0)  # hf: documents per forward pass, batched by length
+    column: str | None = None  # head: the pool's embedding column (a list of floats per document)
+    activation: Literal["relu", "gelu", "tanh"] = "relu"  # head: between an MLP's layers
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not NAME_RE.match(v):  # the name is a directory of the scores dir
+            raise ValueError(f"scorer name {v!r} must be letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ScorerSpec:
+        where = f"scorer {self.name!r}"
+        if self.kind == "fasttext" and not self.label:
+            raise ValueError(f"{where}: kind 'fasttext' needs label (e.g. \"__label__hq\", DCLM's classifier)")
+        if self.kind == "head" and not self.column:
+            raise ValueError(f"{where}: kind 'head' needs column (the pool's embedding column)")
+        if self.kind != "head" and self.column:
+            raise ValueError(f"{where}: column is only for kind 'head' (the others read pool.text_column)")
+        if self.kind != "hf" and self.revision:
+            raise ValueError(f"{where}: revision is only for kind 'hf' (a hub model)")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The fields that apply to this kind of scorer, as manifests record it."""
+        keep = {
+            "fasttext": ("kind", "model", "label"),
+            "hf": ("kind", "model", "revision", "label", "max_length", "batch_size"),
+            "head": ("kind", "model", "column", "label", "activation"),
+        }[self.kind]
+        return {k: v for k, v in self.model_dump(include=set(keep)).items() if v is not None}
+
+
+class ScoreSpec(Strict):
+    """Where `armlab score` keeps the scores (the `[score]` table; `[[scorers]]` lists the models)."""
+
+    # One dir of scores can serve every experiment over the same pool; default <workdir>/scores
+    scores_dir: str | None = None
+
+
+# Upper bounds of the recipe's numbers: far beyond any sane run, so a value past one is a typo or
+# a unit mistake (e.g. `num_iterations = 10**30`, `matrix_lr = inf`), refused before anything runs.
+MAX_STEPS = 10**9
+MAX_TOKENS = 10**16
+MAX_LR = 10.0  # nanochat's largest default is 0.5 (scalar_lr)
+
+
 class ModelSpec(Strict):
-    depth: int = Field(20, gt=0)
-    max_seq_len: int = Field(2048, gt=0)
-    aspect_ratio: int = Field(64, gt=0)  # model_dim = depth * aspect_ratio, rounded up to head_dim
-    head_dim: int = Field(128, gt=0)
+    depth: int = Field(20, gt=0, le=1024)
+    max_seq_len: int = Field(2048, gt=0, le=1 << 20)
+    aspect_ratio: int = Field(64, gt=0, le=4096)  # model_dim = depth * aspect_ratio, rounded up to head_dim
+    head_dim: int = Field(128, gt=0, le=4096)
     # Sliding-window attention, tiled over the layers (the last layer is always L): L = full
     # context, S = a quarter of it. None: the engine's default (nanochat 92d63d4: "SSSL").
     window_pattern: str | None = None
@@ -148,34 +237,40 @@ class ModelSpec(Strict):
         return v.upper() if v is not None else None
 
 
+def _rate(upper: float) -> Any:
+    """A recipe number: None (the engine's default) or finite in (0, upper]."""
+    return Field(None, gt=0, le=upper, allow_inf_nan=False)
+
+
 class TrainSpec(Strict):
     # What trains the model (armlab.train.engines): armlab's own trainer, or the researcher's
     # nanochat checkout ([nanochat]). Part of the fingerprint: runs of two engines never compare.
     engine: Literal["builtin", "nanochat"] = "builtin"
-    device_batch_size: int = Field(32, gt=0)
-    total_batch_size: int | None = Field(None, gt=0)  # None: nanochat's auto batch size
-    target_param_data_ratio: float | None = Field(None, gt=0)  # default 12 when nothing else set
-    tokens: int | None = Field(None, gt=0)
-    num_iterations: int | None = Field(None, gt=0)
+    device_batch_size: int = Field(32, gt=0, le=1 << 16)
+    total_batch_size: int | None = Field(None, gt=0, le=1 << 40)  # None: nanochat's auto batch size
+    target_param_data_ratio: float | None = _rate(10_000.0)  # default 12 when nothing else set
+    tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
+    num_iterations: int | None = Field(None, gt=0, le=MAX_STEPS)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     # Data-order seeds, paired with `seeds` by position: run k initialises from seeds[k] and reads
     # its arm in the order of data_seeds[k]. None: each seed is both (the default). The nanochat
     # engine has a fixed init seed, so there only the data order varies between seeds.
     data_seeds: list[int] | None = None
-    eval_every: int = Field(250, gt=0)
-    eval_tokens: int = Field(20_971_520, gt=0)
-    save_every: int = Field(1000, gt=0)
+    eval_every: int = Field(250, gt=0, le=MAX_STEPS)
+    eval_tokens: int = Field(20_971_520, gt=0, le=MAX_TOKENS)
+    save_every: int = Field(1000, gt=0, le=MAX_STEPS)
     # Optimiser and schedule, in nanochat's terms (learning rates are the d12 / 2**19-token
     # values before the trainer's batch-size scaling). None: the engine's own default (builtin:
-    # nanochat 92d63d4's, armlab.train.recipe; nanochat engine: the flag is not passed).
-    embedding_lr: float | None = Field(None, gt=0)
-    unembedding_lr: float | None = Field(None, gt=0)
-    matrix_lr: float | None = Field(None, gt=0)
-    scalar_lr: float | None = Field(None, gt=0)
-    weight_decay: float | None = Field(None, ge=0)
-    warmup_steps: int | None = Field(None, ge=0)
-    warmdown_ratio: float | None = Field(None, ge=0, le=1)
-    final_lr_frac: float | None = Field(None, ge=0, le=1)
+    # nanochat 92d63d4's, armlab.train.recipe; nanochat engine: the flag is not passed). Finite
+    # and bounded: a diverging run is stopped (state "diverged"), a nonsensical one never starts.
+    embedding_lr: float | None = _rate(MAX_LR)
+    unembedding_lr: float | None = _rate(MAX_LR)
+    matrix_lr: float | None = _rate(MAX_LR)
+    scalar_lr: float | None = _rate(MAX_LR)
+    weight_decay: float | None = Field(None, ge=0, le=MAX_LR, allow_inf_nan=False)
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS)
+    warmdown_ratio: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    final_lr_frac: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     compile: bool = True
     allow_repeat: bool = False
     wandb_project: str | None = None
@@ -254,14 +349,14 @@ class EvaluateSpec(Strict):
     # scores each run's last k checkpoints; the built-in trainer saves them `last_k_every` steps
     # apart (None: 5% of the run). 1: the final checkpoint only (no noise estimate).
     last_k: int = Field(3, ge=1, le=50)
-    last_k_every: int | None = Field(None, gt=0)
+    last_k_every: int | None = Field(None, gt=0, le=MAX_STEPS)
     # The headline figures (val bpb, CORE, per-item scores) as the mean over the last k evaluations
     # (Signal and Noise's checkpoint averaging); false: the final checkpoint's.
     average_last_k: bool = False
     # CORE tasks whose signal-to-noise ratio (spread between arms / checkpoint-to-checkpoint noise)
     # is below this are flagged, and an aggregate without them is shown. Two arms that differ only
     # by noise have an expected ratio of about 1.1 (|N(0, 2 s^2)| / s), so 2 flags most such tasks.
-    min_snr: float = Field(2.0, ge=0)
+    min_snr: float = Field(2.0, ge=0, allow_inf_nan=False)
 
     @field_validator("core_bundle")
     @classmethod
@@ -280,9 +375,53 @@ class ReportSpec(Strict):
     group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
 
 
+ExecutorKind = Literal["local", "ray"]
+EXECUTORS: tuple[str, ...] = get_args(ExecutorKind)
+
+
+class PrepareSpec(Strict):
+    """Where `armlab prepare` (and `armlab score`) run their units of work (the `[prepare]` table)."""
+
+    executor: ExecutorKind = "local"  # local: this machine's processes; ray: a Ray cluster's nodes
+    # ray: the head's GCS host:port, or "auto" (a cluster started on this machine); default RAY_ADDRESS, else auto
+    ray_address: str | None = None
+    workers: int | None = Field(None, gt=0)  # units at once (local: default the CPU count; ray: the cluster's CPUs)
+
+
+WALLTIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+def walltime_seconds(value: str) -> int:
+    """Slurm's time formats (sbatch --time): minutes, minutes:seconds, hours:minutes:seconds,
+    days-hours, days-hours:minutes, days-hours:minutes:seconds -> seconds."""
+    m = WALLTIME_RE.match(value.strip())
+    if not m:
+        raise ValueError(
+            f"time {value!r} is not a Slurm walltime (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)"
+        )
+    days, a, b, c = (int(x) if x is not None else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:  # HH:MM:SS
+        return a * 3600 + b * 60 + c
+    if b is not None:  # MM:SS
+        return a * 60 + b
+    return a * 60  # minutes
+
+
+SLURM_KEYS = ("partition", "prepare_partition", "account", "qos", "time", "gpus_per_node", "cpus_per_task",
+              "extra_sbatch")  # fmt: skip
+
+
 class HostSpec(Strict):
+    """A `[[hosts]]` entry: where the runs of some arms train (armlab.ops.hosts: one backend per
+    `scheduler`)."""
+
     name: str
-    ssh: str  # user@host, or a Host alias from ~/.ssh/config
+    scheduler: Literal["ssh", "slurm"] = "ssh"
+    # ssh: user@host or a Host alias from ~/.ssh/config. slurm: the login node to reach over SSH;
+    # unset, armlab runs on the login node itself.
+    ssh: str | None = None
     arms: list[str] = Field(min_length=1)  # every run (arm x seed) of these arms trains here (armlab.ops.schedule)
     num_gpus: int = Field(8, ge=0)
     gpus_per_run: int | None = Field(None, gt=0)  # cuda: GPUs of one run (default num_gpus: one run at a time)
@@ -294,6 +433,91 @@ class HostSpec(Strict):
     device: Literal["cuda", "cpu"] = "cuda"
     nproc: int = Field(1, gt=0)  # training processes per arm when device = "cpu" (num_gpus is for cuda)
     nanochat: str | None = None  # the nanochat checkout on this host (default: [nanochat] path)
+    # several machines per run: ssh lists them (`nodes`, the first is node 0); slurm asks for them
+    nodes: list[str] | None = Field(None, min_length=2)  # ssh: every run spans these machines
+    nodes_per_run: int | None = Field(None, gt=0)  # default: len(nodes) (ssh), 1 (slurm)
+    # slurm
+    partition: str | None = None  # where the runs' jobs go
+    prepare_partition: str | None = None  # prepare as a CPU job there (unset: on the login node)
+    account: str | None = None
+    qos: str | None = None
+    time: str | None = None  # walltime of one job; a longer run continues as a chain of jobs
+    gpus_per_node: int | None = Field(None, ge=0)  # cuda: GPUs of each node of a run (default num_gpus)
+    cpus_per_task: int | None = Field(None, gt=0)
+    extra_sbatch: list[str] = Field(default_factory=list)  # verbatim `#SBATCH ...` lines
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        return check_name(v, "host name")
+
+    @field_validator("time")
+    @classmethod
+    def _time_ok(cls, v: str | None) -> str | None:
+        if v is not None:
+            walltime_seconds(v)
+        return v
+
+    @field_validator("extra_sbatch")
+    @classmethod
+    def _sbatch_lines(cls, v: list[str]) -> list[str]:
+        for line in v:
+            if not line.startswith("#SBATCH ") or "\n" in line:
+                raise ValueError(f"extra_sbatch line {line!r} must be one line starting '#SBATCH '")
+        return v
+
+    @model_validator(mode="after")
+    def _scheduler_keys(self) -> HostSpec:
+        where = f"host {self.name!r}"
+        if self.scheduler == "ssh":
+            if self.ssh is None and not self.nodes:
+                raise ValueError(f'{where}: set ssh (user@host or an alias), or nodes = ["user@a", "user@b"]')
+            if self.ssh is not None and self.nodes:
+                raise ValueError(f"{where}: set ssh or nodes, not both (nodes lists every machine, node 0 first)")
+            slurm_only = [k for k in SLURM_KEYS if getattr(self, k) not in (None, [])]
+            if slurm_only:
+                raise ValueError(f'{where}: {", ".join(slurm_only)} need scheduler = "slurm"')
+            if self.nodes and self.nodes_per_run not in (None, len(self.nodes)):
+                raise ValueError(
+                    f"{where}: nodes_per_run = {self.nodes_per_run} but nodes lists {len(self.nodes)}; every run "
+                    "spans the listed nodes: list exactly nodes_per_run of them (another entry for the rest)"
+                )
+            if not self.nodes and (self.nodes_per_run or 1) > 1:
+                raise ValueError(f'{where}: nodes_per_run > 1 needs nodes = ["user@a", "user@b", ...]')
+        else:
+            if self.nodes:
+                raise ValueError(f"{where}: nodes is for ssh entries; a Slurm entry asks for nodes_per_run")
+            if not self.partition:
+                raise ValueError(f"{where}: a Slurm entry needs partition (`sinfo -s` lists them)")
+            if self.runs_at_once > 1 or self.gpus_per_run is not None:
+                raise ValueError(
+                    f"{where}: runs_at_once and gpus_per_run are for ssh entries; on Slurm each run is a job "
+                    "(nodes_per_run x gpus_per_node)"
+                )
+        return self
+
+    @property
+    def target(self) -> str | None:
+        """The SSH target of node 0 (None: a Slurm login node armlab runs on)."""
+        return self.nodes[0] if self.nodes else self.ssh
+
+    @property
+    def nodes_of_run(self) -> int:
+        return self.nodes_per_run or (len(self.nodes) if self.nodes else 1)
+
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks on each node of a run: nproc on CPU; GPUs (gpus_per_node on Slurm, else
+        gpus_per_run, else num_gpus) on CUDA."""
+        if self.device == "cpu":
+            return self.nproc
+        if self.scheduler == "slurm":
+            return self.gpus_per_node if self.gpus_per_node is not None else self.num_gpus
+        return self.gpus_per_run or self.num_gpus
+
+    @property
+    def walltime_s(self) -> int | None:
+        return None if self.time is None else walltime_seconds(self.time)
 
 
 class Experiment(Strict):
@@ -308,15 +532,16 @@ class Experiment(Strict):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     report: ReportSpec = ReportSpec()
+    prepare: PrepareSpec = PrepareSpec()
     nanochat: NanochatSpec = NanochatSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
+    scorers: list[ScorerSpec] = Field(default_factory=list)
+    score: ScoreSpec = ScoreSpec()
 
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):
-            raise ValueError(f"experiment name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "experiment name")
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Experiment:
@@ -324,6 +549,14 @@ class Experiment(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate arm name(s): {', '.join(dup)}")
+        snames = [s.name for s in self.scorers]
+        sdup = sorted({n for n in snames if snames.count(n) > 1})
+        if sdup:
+            raise ValueError(f"duplicate scorer name(s): {', '.join(sdup)}")
+        for a in self.arms:
+            if a.score and a.score not in snames:
+                known = f"scorers: {', '.join(snames)}" if snames else "add a [[scorers]] table"
+                raise ValueError(f"arm {a.name!r}: score {a.score!r} names no scorer ({known})")
         hnames = [h.name for h in self.hosts]
         hdup = sorted({n for n in hnames if hnames.count(n) > 1})
         if hdup:
@@ -342,6 +575,23 @@ class Experiment(Strict):
         names = [a.name for a in self.arms]
         hint = f"did you mean {m!r}? " if (m := closest(name, names)) else ""
         raise ArmlabError(f"no arm named {name!r} in experiment {self.name!r} ({hint}arms: {', '.join(names)})")
+
+    def scorer(self, name: str) -> ScorerSpec:
+        for s in self.scorers:
+            if s.name == name:
+                return s
+        names = [s.name for s in self.scorers]
+        if not names:
+            raise ArmlabError(f"experiment {self.name!r} has no [[scorers]]; add one to score the pool with a model")
+        hint = f"did you mean {m!r}? " if (m := closest(name, names)) else ""
+        raise ArmlabError(f"no scorer named {name!r} in experiment {self.name!r} ({hint}scorers: {', '.join(names)})")
+
+    @property
+    def scores_path(self) -> Path:
+        """Where the scorers' sidecars live: `[score] scores_dir`, else <workdir>/scores."""
+        if self.score.scores_dir:
+            return Path(os.path.expandvars(self.score.scores_dir)).expanduser()
+        return self.workdir_path / "scores"
 
     @property
     def workdir_path(self) -> Path:

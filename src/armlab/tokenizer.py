@@ -231,6 +231,21 @@ def load_experiment_tokenizer(exp: Experiment) -> Tokenizer:
     return tok
 
 
+def trained_vocab_size(exp: Experiment) -> int | None:
+    """The vocabulary of the experiment's trained tokenizer (its manifest, nothing loaded), None
+    before it is trained or when it was trained for another spec. It can be smaller than
+    `tokenizer.vocab_size` (a small sample stops the merges early), and the model's embeddings,
+    FLOPs and auto batch size follow it: `plan` uses it once it exists."""
+    path = open_workdir(exp, create=False).tokenizer_dir / MANIFEST_FILE
+    try:
+        manifest = read_json(path)
+    except (FileNotFoundError, ArmlabError):
+        return None
+    if not manifest.get("complete") or spec_diff(manifest.get("spec", {}), exp):
+        return None
+    return int(manifest["vocab_size"])
+
+
 def train_experiment_tokenizer(exp: Experiment, overwrite: bool = False) -> Tokenizer:
     """Train (or reuse) the experiment's tokenizer from `<workdir>/tokenizer/sample/`.
 

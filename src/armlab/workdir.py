@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.errors import ArmlabError
+from armlab.names import check_name
 
 LEGACY_LEASE = ".lease"  # armlab 0.1's one exclusive lease, inside the data dir (still honoured)
 LEASES_DIR = "leases"
@@ -71,8 +72,10 @@ class Workdir:
         """Downloaded pool files and blobs in flight (bounded, deleted after use)."""
         return self.root / "cache"
 
+    # Names become path components here; `check_name` refuses one that would leave its directory
+    # (`../data`, `a/b`) even if an entry point forgot to check it (armlab.names).
     def arm_dir(self, arm: str) -> Path:
-        return self.root / "arms" / arm
+        return self.root / "arms" / check_name(arm, "arm name")
 
     def data_dir(self, arm: str) -> Path:
         return self.arm_dir(arm) / "data"
@@ -81,7 +84,7 @@ class Workdir:
         return self.arm_dir(arm) / "runs"
 
     def run_dir(self, arm: str, run: str) -> Path:
-        return self.runs_dir(arm) / run
+        return self.runs_dir(arm) / check_name(run, "run name")
 
     def leases_dir(self, arm: str) -> Path:
         return lease_dir(self.data_dir(arm))
@@ -318,15 +321,16 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-STEPS = ("prepare", "tokenizer", "export")
+STEPS = ("prepare", "tokenizer", "export", "run")  # run: one `armlab run` per workdir at a time
 
 
 def step_lock(wd: Workdir, step: str, wait: bool = True) -> contextlib.AbstractContextManager[None]:
-    """One writer per experiment step (`prepare`, `tokenizer`, `export`) of a workdir.
+    """One writer per experiment step (`prepare`, `tokenizer`, `export`, `run`) of a workdir.
 
     `prepare` and `tokenizer` wait (their outputs are idempotent: the second process then finds
     them up to date and does nothing, which is what a relaunched pane or `launch` on a host where
-    a prepare is still running wants). `export` refuses (two exports at once are a mistake)."""
+    a prepare is still running wants). `export` and `run` refuse (two exports, or two `armlab run`
+    training one workdir's lanes, are a mistake: the second is told which process holds it)."""
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}")
     return hold_lock(wd.locks_dir / f"{step}.lock", f"{step} in {wd.root}", wait)

@@ -109,6 +109,21 @@ def check_device(value: str | None) -> str | None:
     return value
 
 
+def name_flag(param: typer.CallbackParam, value: str | None) -> str | None:
+    """Callback of a flag whose value becomes a path (`--run-name`, `--run`): refuse `../x`, `a/b`
+    at parse time (armlab.names; the workdir refuses them again where they become paths)."""
+    from armlab.names import check_name
+
+    return None if value is None else check_name(value, param.opts[0] if param.opts else str(param.name))
+
+
+def check_executor(value: str | None) -> str | None:
+    """`--executor` callback (prepare, score): local or ray, refused at parse time."""
+    if value is not None and value not in ("local", "ray"):
+        raise typer.BadParameter(f"{value!r}: use local or ray")
+    return value
+
+
 # -- list flags ---------------------------------------------------------------------------------
 # Every flag that takes several values is repeatable (`--arm a --arm b`), like `pip install -e`
 # or `docker -e`; names also take a comma-separated list (`--arm a,b`). Paths are repeat-only

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app, check_device, split_ints, split_list, with_typed_exp
+from armlab.cli.app import app, check_device, name_flag, split_ints, split_list, with_typed_exp
 
 
 def _exp_or_target(value: str):  # -> (Experiment | None, str)
@@ -53,7 +53,8 @@ def setup(
     force: bool = typer.Option(False, "--force", help="reinstall even when the host has this exact armlab"),
 ) -> None:
     """Bootstrap host(s): venv, this machine's armlab (wheel over SSH), report Python/torch/CUDA/GPUs."""
-    from armlab.ops.remote import host_python, parallel, select_hosts
+    from armlab.ops.hosts import host_python
+    from armlab.ops.orchestrator import parallel, select_hosts
     from armlab.ops.setup import setup_host
     from armlab.ops.ssh import DEFAULT_REMOTE_PYTHON, Remote
 
@@ -103,6 +104,9 @@ def doctor(
     as_json: bool = typer.Option(
         False, "--json", help="print the report as JSON (what launch reads over SSH)"
     ),
+    core_bundle: bool = typer.Option(
+        True, "--core-bundle/--no-core-bundle", help="check the CORE eval bundle is cached or reachable"
+    ),
 ) -> None:
     """Preflight checks, each ok / warn / fail with a one-line fix; exit 2 when any fails."""
     from armlab.ops.doctor import render, run_doctor
@@ -111,10 +115,10 @@ def doctor(
     e = load_experiment(exp) if exp else None
     if e is not None and e.hosts and not local:
         from armlab.ops.doctor import DoctorReport, check_script
-        from armlab.ops.remote import doctor_hosts, select_hosts
+        from armlab.ops.orchestrator import doctor_hosts, hosts_of
 
         extra = ("--nanochat", str(nanochat)) if nanochat else ()
-        reports = doctor_hosts(e, select_hosts(e, host), device=device, expect_data=expect_data, extra=extra)
+        reports = doctor_hosts(e, hosts_of(e, host), device=device, expect_data=expect_data, extra=extra)
         if script:
             here = DoctorReport(host="(this machine)", info={})
             for s in script:
@@ -122,7 +126,8 @@ def doctor(
             reports.append(here)
     else:
         reports = [run_doctor(e, arms=arm or None, device=device, num_gpus=num_gpus, nproc=nproc, master_port=master_port,
-                              scripts=tuple(script or ()), nanochat=nanochat, expect_data=expect_data)]  # fmt: skip
+                              scripts=tuple(script or ()), nanochat=nanochat, expect_data=expect_data,
+                              bundle=core_bundle)]  # fmt: skip
         for c in reports[0].checks:  # this machine's fixes name the experiment path as typed
             c.fix = with_typed_exp(c.fix)
     if as_json and len(reports) == 1:
@@ -160,7 +165,7 @@ def launch(
 
     Prints one line per run: host, arm, run, what happened (started, queued, already running,
     already done, failed: why), pid of its lane's runner, run dir on the host, lane."""
-    from armlab.ops.launch import launch as launch_runs
+    from armlab.ops.orchestrator import launch as launch_runs
     from armlab.spec import load_experiment
 
     records = launch_runs(
@@ -176,7 +181,7 @@ def launch(
 def logs(
     exp: Path = typer.Argument(..., help="experiment file"),
     arm: str = typer.Option(..., "--arm", help="the arm whose train.log to show"),
-    run: str = typer.Option(None, "--run", help="run name (default: the arm's latest run)"),
+    run: str = typer.Option(None, "--run", help="run name (default: the arm's latest run)", callback=name_flag),
     follow: bool = typer.Option(False, "-f", "--follow", help="keep streaming new lines (Ctrl-C to stop)"),
     lines: int = typer.Option(50, "-n", "--lines", help="how many last lines to show"),
     local: bool = typer.Option(
@@ -184,10 +189,10 @@ def logs(
     ),
 ) -> None:
     """Show an arm's train.log, over SSH when the arm runs on a host."""
-    from armlab.ops import remote
+    from armlab.ops import orchestrator
     from armlab.spec import load_experiment
 
-    rc = remote.logs(load_experiment(exp), arm, run=run, follow=follow, lines=lines, local=local)
+    rc = orchestrator.logs(load_experiment(exp), arm, run=run, follow=follow, lines=lines, local=local)
     if rc:
         raise typer.Exit(rc)
 
@@ -204,11 +209,11 @@ def stop(
     """Stop live runs cleanly: SIGTERM to each lane's runner, wait, SIGKILL after --timeout; lease released.
 
     A lane stops whole: the lines also name its queued runs, which do not start (the next launch starts them)."""
-    from armlab.ops import remote
+    from armlab.ops import orchestrator
     from armlab.spec import load_experiment
 
-    results = remote.stop(load_experiment(exp), arms=arm or None, timeout=timeout, local=local)
+    results = orchestrator.stop(load_experiment(exp), arms=arm or None, timeout=timeout, local=local)
     if not results:
         print("no live runs")
     for r in results:
-        print(f"{r['host']}\t{r['arm']}\t{r['run']}\tpid {r['pid'] or '-'}\t{r['result']}")
+        print(f"{r.host}\t{r.arm}\t{r.run}\tpid {r.pid or '-'}\t{r.result}")

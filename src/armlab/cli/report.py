@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from armlab.cli.app import app, check_device, split_ints, split_list
+from armlab.cli.app import app, check_device, name_flag, split_ints, split_list
 
 ExpArg = Annotated[Path, typer.Argument(help="experiment file (or a workdir holding experiment.toml)")]
 # Options shared by `run` and `evaluate`
@@ -89,7 +89,7 @@ def status(
 def rm(
     exp: ExpArg,
     arm: Annotated[str, typer.Option("--arm", help="the run's arm")],
-    run: Annotated[str, typer.Option("--run", help="the run to delete, e.g. top-s0 (see `armlab status`)")],
+    run: Annotated[str, typer.Option("--run", help="the run to delete, e.g. top-s0 (see `armlab status`)", callback=name_flag)],
     force: Annotated[
         bool, typer.Option("--force", help="delete an active run of another host that this one cannot check")
     ] = False,

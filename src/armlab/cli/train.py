@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from armlab.cli.app import app, check_device
+from armlab.cli.app import app, check_device, name_flag
 
 
 # -- tokenizer (owner: tokenizer/loader engineer) ----------------------------------------------------
@@ -31,7 +31,7 @@ def train(
     exp: Path = typer.Argument(..., help="experiment file (or its workdir)"),
     arm: str = typer.Option(..., "--arm", help="the arm to train"),
     seed: int | None = typer.Option(None, "--seed", help="training seed (default: the first of train.seeds)"),
-    run_name: str | None = typer.Option(None, "--run-name", help="run dir name (default: <arm>-s<seed>)"),
+    run_name: str | None = typer.Option(None, "--run-name", help="run dir name (default: <arm>-s<seed>)", callback=name_flag),
     num_gpus: int | None = typer.Option(
         None, "--num-gpus", min=1, help="CUDA ranks (checked against visible GPUs)"
     ),
@@ -41,6 +41,13 @@ def train(
     nproc: int | None = typer.Option(None, "--nproc", min=1, help="ranks for --device cpu (gloo)"),
     master_port: int | None = typer.Option(
         None, "--master-port", min=1, max=65535, help="torchrun port (default: a free one)"
+    ),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="nodes of a multi-node run (run this command on each)"),
+    node_rank: int | None = typer.Option(
+        None, "--node-rank", min=0, help="this node's rank, 0..N-1 (default: $SLURM_NODEID); node 0 owns the run dir"
+    ),
+    rdzv_endpoint: str | None = typer.Option(
+        None, "--rdzv-endpoint", help="HOST:PORT of node 0 where a multi-node run's nodes meet (static rendezvous)"
     ),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's latest checkpoint"),
     detach: bool = typer.Option(
@@ -69,7 +76,10 @@ def train(
         False, "--allow-repeat", help="train even if the arm's data would repeat"
     ),
 ) -> None:
-    """Train the model on one arm (one seed) with 1..N ranks; resumable, never hangs."""
+    """Train the model on one arm (one seed) with 1..N ranks per node on 1..N nodes; resumable, never hangs.
+
+    A stop (SIGTERM, SIGUSR1 as Slurm's --signal sends, Ctrl-C, `armlab stop`) finishes the step,
+    saves a checkpoint and exits 130; `--resume` continues from it."""
     from armlab.spec import load_experiment
     from armlab.train.plan import TrainOptions
     from armlab.train.supervisor import train as train_arm
@@ -82,6 +92,7 @@ def train(
     }  # fmt: skip
     options = TrainOptions(
         seed=seed, run_name=run_name, num_gpus=num_gpus, device=device, nproc=nproc, master_port=master_port,
+        nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
         resume=resume, detach=detach, force=force, overrides=overrides,
     )  # fmt: skip
     print(train_arm(load_experiment(exp), arm, options))
@@ -97,7 +108,7 @@ def export(
     arm: str = typer.Option(..., "--arm", help="the arm whose run to export"),
     to: Path = typer.Option(..., "--to", help="new (or empty) directory to write the nanochat base dir into"),
     seed: int | None = typer.Option(None, "--seed", help="the run of this seed (default: the first of train.seeds)"),
-    run: str | None = typer.Option(None, "--run", help="the run by name (default: <arm>-s<seed>)"),
+    run: str | None = typer.Option(None, "--run", help="the run by name (default: <arm>-s<seed>)", callback=name_flag),
 ) -> None:
     """Write a run's latest checkpoint as a nanochat base dir (base_checkpoints/ + tokenizer/)."""
     from armlab.spec import load_experiment

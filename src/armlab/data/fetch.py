@@ -6,24 +6,27 @@ text pass's files whole; a store that ignores Range (an 8-byte probe) gets whole
 both passes, said once. jsonl is always downloaded whole: it is read whole anyway, and a
 download is retried cleanly where a half-parsed stream is not.
 
-Downloads go into `<workdir>/cache/pool/` a few files ahead of their use (`Prefetcher`), each
-under a temp name renamed when complete and verified against the listed size, retried with
-backoff, and deleted once used unless keep_cache: a 1.6 TB pool never needs 1.6 TB of disk,
-and a dropped connection costs one file, not the run.
+Downloads go into `<workdir>/cache/pool/` a few files ahead of their use (`Prefetcher`), by the
+storage seam's downloader (`armlab.store.download`): under a temp name renamed when complete and
+verified (size, the listed version on every read, Content-MD5 where the store keeps one),
+retried with backoff (a retry resumes), recorded in the cache's `.armlab-blobs.json` (a rerun
+reuses a cached file only if it is still the version listed), and deleted once used unless
+keep_cache: a 1.6 TB pool never needs 1.6 TB of disk, a dropped connection costs one segment,
+and a full disk is one line naming the cache, the bytes needed and the bytes free.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from armlab.data.pool import PoolFile, split_uri
-from armlab.data.remote import RangesIgnored, Retry, filesystem, read_range, redact, retrying
 from armlab.spec import PoolSpec
+from armlab.store import RangesIgnored, Retry, open_store, redact
+from armlab.store.download import Downloader, Record, part_path
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def fetch_plan(spec: PoolSpec, files: list[PoolFile]) -> FetchPlan:
     if probe is None:
         return FetchPlan(spec.fetch)
     try:
-        read_range(probe.protocol or "", probe.path, probe.size, max(0, probe.size - 8), probe.size)
+        open_store(probe.path).read(probe.entry, max(0, probe.size - 8), probe.size)
     except RangesIgnored:
         from armlab.progress import console
 
@@ -68,29 +71,25 @@ def cache_path(pf: PoolFile, cache_dir: Path) -> Path:
     return cache_dir / (protocol or "local") / rest.lstrip("/")
 
 
-def fetch_file(pf: PoolFile, cache_dir: Path, retries: int = 5, backoff: float = 2.0) -> Path:
-    """Download a remote pool file into the cache (temp name, then rename), retrying with backoff.
+def fetch_file(pf: PoolFile, cache_dir: Path, retry: Retry | None = None, record: Record | None = None) -> Path:
+    """Download a remote pool file into the cache (verified, resumable; see the module doc).
 
-    A file already in the cache with the expected size is reused (a resumed prepare).
+    A file already in the cache from the listed version is reused (a resumed prepare); one that
+    changed on the server since it was listed is refused (its keys were read from the old one).
     """
     dest = cache_path(pf, cache_dir)
-    if dest.is_file() and (pf.size <= 0 or dest.stat().st_size == pf.size):
+    rel = dest.relative_to(cache_dir).as_posix()
+    record = record or Record(cache_dir, "")
+    entry = pf.entry
+    if record.current(entry, rel, cache_dir):
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-
-    def once() -> Path:
-        try:
-            filesystem(pf.protocol or "").get_file(pf.path, str(tmp))
-            if pf.size > 0 and tmp.stat().st_size != pf.size:
-                raise ConnectionError(f"got {tmp.stat().st_size} bytes, listed {pf.size}")
-            os.replace(tmp, dest)
-            return dest
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-
-    return retrying(once, pf.name, Retry(attempts=retries + 1, backoff=backoff))
+    downloader = Downloader(open_store(entry.url, retry), cache_dir, record, follow_changes=False, sha256=False)
+    try:
+        return downloader.fetch(entry, rel)
+    except BaseException:
+        part_path(cache_dir, rel).unlink(missing_ok=True)  # the cache holds nothing half-written
+        record.forget(rel)
+        raise
 
 
 class Prefetcher:
@@ -109,21 +108,22 @@ class Prefetcher:
         cache_dir: Path,
         ahead: int = 3,
         keep_cache: bool = False,
-        retries: int = 5,
-        backoff: float = 2.0,
+        retry: Retry | None = None,
         download: Callable[[PoolFile], bool] = lambda pf: pf.remote,
     ):
         self.files, self.cache_dir, self.download = files, cache_dir, download
         self.order = [i for i in order if download(files[i])]
-        self.ahead, self.keep_cache, self.retries, self.backoff = max(1, ahead), keep_cache, retries, backoff
+        self.ahead, self.keep_cache, self.retry = max(1, ahead), keep_cache, retry
+        self.record: Record | None = None  # the cache's download record, read when first needed
         self.pool = ThreadPoolExecutor(max_workers=self.ahead)
         self.futures: dict[int, Future[Path]] = {}
         self.next = 0  # position in `order` of the next file to submit
 
     def _submit(self, i: int) -> None:
-        self.futures[i] = self.pool.submit(
-            fetch_file, self.files[i], self.cache_dir, self.retries, self.backoff
-        )
+        if self.record is None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self.record = Record(self.cache_dir, "")
+        self.futures[i] = self.pool.submit(fetch_file, self.files[i], self.cache_dir, self.retry, self.record)
 
     def _fill(self) -> None:
         while self.next < len(self.order) and len(self.futures) < self.ahead:
@@ -142,8 +142,13 @@ class Prefetcher:
         fut = self.futures.pop(i, None)
         if fut is not None and not self.keep_cache:
             with contextlib.suppress(Exception):
-                fut.result().unlink()
+                self._drop(fut.result())
         self._fill()
+
+    def _drop(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+        if self.record is not None:
+            self.record.forget(path.relative_to(self.cache_dir).as_posix())
 
     def close(self) -> None:
         for fut in self.futures.values():
@@ -152,6 +157,5 @@ class Prefetcher:
         if not self.keep_cache:
             for i, fut in list(self.futures.items()):
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
-                    with contextlib.suppress(FileNotFoundError):
-                        fut.result().unlink()
+                    self._drop(fut.result())
                 self.futures.pop(i)

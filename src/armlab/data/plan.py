@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from armlab.budget import training_budget
+from armlab.budget import Budget, training_budget
 from armlab.data.pool import (
     BadFile,
     PoolFile,
@@ -107,9 +107,10 @@ def _estimate(exp: Experiment, arm: ArmSpec, pool: PoolEstimate) -> tuple[int, i
     return rows, chars, tokens
 
 
-def plan(exp: Experiment) -> list[ArmPlan]:
+def plan(exp: Experiment, budget: Budget | None = None) -> list[ArmPlan]:
+    """Every arm's data vs the tokens one run consumes (`budget`: the plan's, else the spec's)."""
     wd = open_workdir(exp, create=False)
-    budget = training_budget(exp).tokens
+    budget_tokens = (budget or training_budget(exp)).tokens
     pool: PoolEstimate | None = None
     out = []
     for arm in exp.arms:
@@ -117,13 +118,13 @@ def plan(exp: Experiment) -> list[ArmPlan]:
         m = read_json(mpath) if mpath.is_file() else None
         if m and m.get("complete"):
             tokens = m.get("tokens") or m.get("tokens_estimate")
-            out.append(ArmPlan(arm.name, arm.kind, "manifest", m["rows"], m["chars"], tokens, budget))
+            out.append(ArmPlan(arm.name, arm.kind, "manifest", m["rows"], m["chars"], tokens, budget_tokens))
         elif arm.kind == "prebuilt":
-            out.append(ArmPlan(arm.name, arm.kind, "unknown", None, None, None, budget))
+            out.append(ArmPlan(arm.name, arm.kind, "unknown", None, None, None, budget_tokens))
         else:
             pool = pool or pool_estimate(exp)
             rows, chars, tokens = _estimate(exp, arm, pool)
-            out.append(ArmPlan(arm.name, arm.kind, "estimate", rows, chars, tokens, budget))
+            out.append(ArmPlan(arm.name, arm.kind, "estimate", rows, chars, tokens, budget_tokens))
     return out
 
 
@@ -138,13 +139,17 @@ def fmt(v: int | None, human: bool = True) -> str:
     return str(v)
 
 
-def render(exp: Experiment, plans: list[ArmPlan]) -> tuple[str, list[str]]:
-    """The plan as a text table, and one warning line per arm that a run would repeat."""
-    b = training_budget(exp)
+def render(
+    exp: Experiment, plans: list[ArmPlan], budget: Budget | None = None, vocab: tuple[int, str] | None = None
+) -> tuple[str, list[str]]:
+    """The plan as a text table, and one warning line per arm that a run would repeat. `vocab`:
+    (the vocabulary the budget assumes, where it comes from)."""
+    b = budget or training_budget(exp)
+    size, source = vocab or (exp.tokenizer.vocab_size, "tokenizer.vocab_size")
     head = (
         f"{exp.name}: depth {exp.model.depth}, {b.params.total / 1e6:,.1f}M params "
-        f"({b.params.scaling / 1e6:,.1f}M scaling), {b.num_iterations:,} steps x {b.total_batch_size:,} tokens "
-        f"= {fmt(b.tokens)} tokens per run\n"
+        f"({b.params.scaling / 1e6:,.1f}M scaling; vocab {size:,}: {source}), "
+        f"{b.num_iterations:,} steps x {b.total_batch_size:,} tokens = {fmt(b.tokens)} tokens per run\n"
     )
     rows = [("arm", "kind", "source", "docs", "chars", "tokens", "epochs")]
 
@@ -165,10 +170,14 @@ def render(exp: Experiment, plans: list[ArmPlan]) -> tuple[str, list[str]]:
     warnings = []
     for p in plans:
         if p.repeats:
-            warnings.append(
-                f"arm {p.arm!r} holds {fmt(p.tokens)} tokens but a run consumes {fmt(p.budget_tokens)}: "
-                f"it would be repeated {p.epochs:.2f}x (raise its ratio / max_tokens, or set train.allow_repeat)"
-            )
+            what = f"arm {p.arm!r} holds {fmt(p.tokens)} tokens but a run consumes {fmt(p.budget_tokens)}"
+            if exp.train.allow_repeat:  # already allowed: say so, suggest nothing already set
+                warnings.append(f"{what}: it is repeated {p.epochs:.2f}x (train.allow_repeat = true)")
+            else:
+                warnings.append(
+                    f"{what}: train refuses to repeat it {p.epochs:.2f}x; raise its ratio or max_tokens, shorten "
+                    "the run, or set train.allow_repeat = true"
+                )
         if p.source == "unknown":
             warnings.append(
                 f"arm {p.arm!r}: size unknown until prepared (`armlab prepare EXP --arm {p.arm}`)"

@@ -1,19 +1,22 @@
 """Open a pool by URI: list its files (with their content identity), read only the columns needed.
 
-A pool URI is a local file, dir or glob (`/data/pool/*.parquet`), or an fsspec URL:
-`hf://datasets/<repo>/<glob>` for the Hugging Face hub (HF_TOKEN is read from the environment
-by huggingface_hub itself and never logged), `http(s)://`, or any other fsspec protocol
-(`file://...` exercises the remote path without a network).
+A pool URI is a local file, dir or glob (`/data/pool/*.parquet`), or a store URL (the storage
+seam, `armlab.store`): `hf://datasets/<repo>/<glob>` for the Hugging Face hub (HF_TOKEN is read
+from the environment by huggingface_hub itself and never logged), `http(s)://`, `az://container/
+prefix`, or any other fsspec protocol (`file://...` exercises the remote path without a network).
+Every remote read is of the version listed (`armlab.store`): a file replaced between listing and
+reading is refused, never mixed into the arms.
 
 Remote parquet read in place is column-pruned (`armlab.data.ranged`): a pass fetches only the
 column chunks it needs (the key pass ids, scores and token counts; the text pass the text).
 Which files are downloaded whole instead, and the download cache, are `armlab.data.fetch`.
 
-How a remote pool is listed: `hf://datasets/<repo>/<glob>` by the hub's tree API (with the LFS
-sha256 of each file); `http(s)://host/dir/` by the links of the server's directory index page
-(nginx `autoindex on`, Apache, `python -m http.server` all serve one), optionally with a glob
-(`http://host/pool/**/*.parquet`), then one HEAD a file for its size and ETag; a single file URL
-is a pool of one file. Other fsspec protocols list as their filesystem does.
+How a remote pool is listed: `hf://datasets/<repo>/<glob>` by the hub's tree API at one commit
+(with the LFS sha256 of each file); `http(s)://host/dir/` by the links of the server's directory
+index page (nginx `autoindex on`, Apache, `python -m http.server` all serve one), optionally with
+a glob (`http://host/pool/**/*.parquet`), then one HEAD a file for its size and ETag; a single
+file URL is a pool of one file; `az://` by the container's blob listing. Other fsspec protocols
+list as their filesystem does.
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,16 +37,10 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from armlab.data.ranged import RemoteParquet
-from armlab.data.remote import (
-    RangesIgnored,
-    filesystem,
-    network_error,
-    redact,
-    retrying,
-    transient,
-)
 from armlab.errors import ArmlabError
 from armlab.spec import PoolSpec
+from armlab.store import Entry, RangesIgnored, open_store, redact
+from armlab.store.http import strip_query
 
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst")
@@ -59,7 +56,8 @@ class PoolFile:
     size: int
     fmt: str  # "parquet" | "jsonl"
     protocol: str | None = None  # None: local file
-    identity: str = ""  # the file's content identity (`local_identity` / `remote_identity`)
+    identity: str = ""  # the file's content identity (`local_identity`, or the store's version)
+    shown: str = ""  # how the store names it, when not its URL (a hub file read at a pinned commit)
 
     @property
     def remote(self) -> bool:
@@ -70,7 +68,13 @@ class PoolFile:
         """How the file is shown (messages, manifests, fingerprints): its URI without credentials."""
         if not self.remote:
             return self.path
-        return redact(self.path if "://" in self.path else f"{self.protocol}://{self.path}")
+        return self.shown or redact(self.path if "://" in self.path else f"{self.protocol}://{self.path}")
+
+    @property
+    def entry(self) -> Entry:
+        """The remote file as the store listed it (reads of it are checked against that version)."""
+        url = self.path if "://" in self.path else f"{self.protocol}://{self.path}"
+        return Entry(url, self.size, self.identity, name=self.name)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "size": self.size}
@@ -98,7 +102,6 @@ def split_uri(uri: str) -> tuple[str | None, str]:
 # Files a dir or glob listing never takes as pool files: dot/underscore names (`.lease`, Spark's
 # `_SUCCESS`, `_metadata`) and the manifest armlab writes beside its own shards.
 SKIP_NAMES = ("manifest.json",)
-HEAD_THREADS = 16  # listings that give names only (HTTP index pages): HEADs in flight
 
 
 def _listable(path: str) -> bool:
@@ -123,10 +126,13 @@ def list_pool(spec: PoolSpec) -> list[PoolFile]:
             if fmt and Path(c).is_file():
                 files.append(PoolFile(c, os.path.getsize(c), fmt, identity=local_identity(c, fmt)))
     else:
-        for name, info in sorted(_list_remote(spec, protocol, path).items()):
+        root = _glob_root(redact(strip_query(spec.uri)))
+        for e in open_store(spec.uri).list(spec.uri):
+            name = strip_query(e.shown)
+            rel = name[len(root) :] if name.startswith(root) else name.rsplit("/", 1)[-1]
             fmt = file_format(name, spec.format)
-            if fmt and info.get("type", "file") == "file":
-                files.append(PoolFile(name, int(info.get("size") or 0), fmt, protocol, remote_identity(info)))
+            if fmt and all(map(_listable, rel.strip("/").split("/"))):
+                files.append(PoolFile(e.url, e.size, fmt, protocol, e.version, e.name))
     if not files:
         raise ArmlabError(
             f"pool.uri {redact(spec.uri)!r}: no parquet or jsonl(.gz/.zst) files found; check the path or glob"
@@ -134,38 +140,32 @@ def list_pool(spec: PoolSpec) -> list[PoolFile]:
     return files
 
 
-def _list_remote(spec: PoolSpec, protocol: str, path: str) -> dict[str, dict[str, Any]]:
-    """name -> info for a remote pool URI (a file, a dir or a glob), each info with size and
-    whatever content tags the store gives (see `remote_identity`)."""
-    fs = filesystem(protocol)
-    http = protocol in ("http", "https")
-    if http:
-        path = spec.uri  # fsspec's HTTP filesystem addresses files by their full URL
+def check_workdir_outside(spec: PoolSpec, workdir: Path) -> None:
+    """Refuse a workdir inside a local pool's dir: from the second prepare on, the listing would
+    take the workdir's own shards for pool files."""
+    protocol, path = split_uri(spec.uri)
+    if protocol not in (None, "file") or Path(path).is_file():
+        return
+    root, wd = Path(_glob_root(path) or "/").resolve(), workdir.expanduser().resolve()
+    if wd == root or root in wd.parents:
+        raise ArmlabError(
+            f"workdir {workdir} is inside the pool dir {root} (pool.uri {redact(spec.uri)!r}): prepare would "
+            "read its own shards as pool files; set workdir in the experiment file to a dir outside the pool"
+        )
 
-    def find() -> dict[str, dict[str, Any]]:
-        magic = glob.has_magic(path.split("://", 1)[-1])
-        if (
-            not magic
-            and not path.endswith("/")
-            and (file_format(path, spec.format) if http else not fs.isdir(path))
-        ):
-            return {path: fs.info(path)}
-        root = path[: min((path.find(c) for c in "*?[" if c in path), default=len(path))]
-        root = root if not magic else root.rsplit("/", 1)[0]
-        if http:  # fsspec's walk skips folders it cannot read: read the top one here, so errors surface
-            fs.ls(root)
-        found = fs.glob(path, detail=True) if magic else fs.find(path, detail=True)
-        root = root.rstrip("/")
-        return {n: i for n, i in found.items() if all(map(_listable, n[len(root) :].split("/")))}
 
-    found = retrying(find, spec.uri)
-    # HTTP index pages give names only: one HEAD a file for its size, ETag and Last-Modified.
-    todo = [n for n, i in found.items() if file_format(n, spec.format) and i.get("size") is None]
-    if todo:
-        with ThreadPoolExecutor(HEAD_THREADS) as pool:
-            for n, info in zip(todo, pool.map(lambda n: retrying(lambda: fs.info(n), n), todo), strict=True):
-                found[n] = {**found[n], **info}
-    return found
+def deleted(pf: PoolFile) -> ArmlabError:
+    return ArmlabError(
+        f"{pf.name}: deleted while prepare ran (it was listed at the start); restore it, or rerun "
+        "prepare to list the pool again (the arms are then chosen without it)"
+    )
+
+
+def _glob_root(uri: str) -> str:
+    """The part of a URI before its first glob character, up to the last "/" before it."""
+    magic = glob.has_magic(uri.split("://", 1)[-1])
+    root = uri[: min((uri.find(c) for c in "*?[" if c in uri), default=len(uri))]
+    return (root.rsplit("/", 1)[0] if magic else root).rstrip("/")
 
 
 # -- content identity ------------------------------------------------------------------------------
@@ -196,41 +196,15 @@ def local_identity(path: str, fmt: str) -> str:
     return f"stat:{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()[:32]}"
 
 
-def remote_identity(info: dict[str, Any]) -> str:
-    """What the store lists about a file's contents, strongest first: a content hash (the hub's
-    LFS sha256 or xet hash, a Content-MD5), then a version tag (ETag, the hub's git blob id), then
-    the modification time. '' when the store lists none of these (the fingerprint then has only
-    the name and size to go on)."""
-    lfs = info.get("lfs")
-    if isinstance(lfs, dict) and (lfs.get("sha256") or lfs.get("oid")):
-        return f"sha256:{lfs.get('sha256') or lfs.get('oid')}"
-    lower = {str(k).lower(): v for k, v in info.items() if v not in (None, "")}
-    for key, tag in (
-        ("xet_hash", "xet"),
-        ("content-md5", "md5"),
-        ("md5", "md5"),
-        ("etag", "etag"),
-        ("blob_id", "git"),
-        ("last-modified", "mtime"),
-        ("last_modified", "mtime"),
-        ("lastmodified", "mtime"),
-        ("mtime", "mtime"),
-    ):
-        if key in lower:
-            value = lower[key]
-            text = value.isoformat() if hasattr(value, "isoformat") else str(value).replace('"', "")
-            return f"{tag}:{text}"
-    return ""
-
-
 # -- reading ---------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def open_source(pf: PoolFile, local: Path | None = None) -> Iterator[Any]:
-    """A readable source for pyarrow: the local path, or a seekable remote file (ranged reads)."""
+    """A readable source for pyarrow: the local path, or a seekable remote file (ranged reads of
+    the version listed)."""
     if local is not None or not pf.remote:
         yield str(local or pf.path)
     else:
-        with filesystem(pf.protocol).open(pf.path, "rb") as f:
+        with io.BufferedReader(open_store(pf.entry.url).reader(pf.entry), buffer_size=8 << 20) as f:
             yield f
 
 
@@ -246,7 +220,8 @@ def parquet_columns_check(pf: PoolFile, schema: pa.Schema, columns: list[str]) -
 
 def jsonl_stream(src: Any, pf: PoolFile) -> pa.NativeFile:
     """A jsonl pool file's text stream, decompressed by its suffix (.gz, .zst)."""
-    compression = "gzip" if pf.path.endswith(".gz") else "zstd" if pf.path.endswith(".zst") else None
+    path = strip_query(pf.name)
+    compression = "gzip" if path.endswith(".gz") else "zstd" if path.endswith(".zst") else None
     return pa.input_stream(src, compression=compression)
 
 
@@ -328,13 +303,18 @@ def iter_columns(
     local: Path | None = None,
     types: dict[str, pa.DataType] | None = None,
     whole_file: bool = False,
+    row_groups: tuple[int, int] | None = None,
+    batch_rows: int | None = None,
 ) -> Iterator[pa.Table]:
     """Stream only `columns` of a pool file in file order, one parquet row group or jsonl block
     at a time (memory: one of those, however large the file), after checking that `columns`
     and `expect` (needed later) all exist. Remote parquet is read with ranged column-chunk
     reads; `local` is the fetched copy of a remote file. `whole_file` reads parquet in one go,
     for small columns (ids, scores) of remote files: one coalesced set of ranged reads rather
-    than one request per row group.
+    than one request per row group. `row_groups` = (lo, hi) reads only parquet row groups [lo, hi).
+    `batch_rows`: a local parquet file comes in tables of at most
+    that many rows, each within one row group (the reader's buffers are then reused; whole row
+    groups of text are fresh allocations, and their page faults cost as much as decoding).
 
     Single-threaded decoding: parallelism comes from worker processes, and Arrow's thread pool
     would only add contention (measured: 10x the system time for the same read)."""
@@ -345,7 +325,7 @@ def iter_columns(
             if whole_file:
                 yield rf.read(columns)
             else:
-                yield from rf.row_groups(columns)
+                yield from rf.row_groups(columns, groups=row_groups)
         elif pf.fmt == "parquet":
             with open_source(pf, local) as src:
                 f = pq.ParquetFile(src)
@@ -353,15 +333,19 @@ def iter_columns(
                 if whole_file:
                     yield f.read(columns=columns, use_threads=False)
                     return
-                for i in range(f.num_row_groups):
-                    yield f.read_row_group(i, columns=columns, use_threads=False)
+                for i in range(*(row_groups or (0, f.num_row_groups))):
+                    if batch_rows is None:
+                        yield f.read_row_group(i, columns=columns, use_threads=False)
+                        continue
+                    for b in f.iter_batches(batch_rows, row_groups=[i], columns=columns, use_threads=False):
+                        yield pa.Table.from_batches([b])
         else:
             yield from _jsonl_tables(pf, local, columns, list(expect), types or {})
     except ArmlabError:
-        raise
+        raise  # the store's own one line (the network, a file changed since it was listed)
+    except FileNotFoundError:
+        raise (deleted(pf) if local is None else BadFile(pf.name, "its downloaded copy is gone")) from None
     except (pa.ArrowException, OSError, ValueError) as e:
-        if pf.remote and local is None and transient(e):  # the network, not the file
-            raise network_error(e, pf.name) from None
         raise BadFile(pf.name, describe_error(e)) from None
 
 
@@ -421,6 +405,8 @@ def _parquet_file(pf: PoolFile, local: Path | None) -> pq.ParquetFile:
         ) from None
     except ArmlabError:
         raise
+    except FileNotFoundError:
+        raise deleted(pf) from None
     except (pa.ArrowException, OSError, ValueError) as e:
         raise BadFile(pf.name, describe_error(e)) from None
 

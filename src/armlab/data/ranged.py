@@ -1,5 +1,6 @@
 """Column-pruned reads of remote parquet: only the column chunks a pass needs, fetched as
-coalesced ranged requests (each retried on its own), a few row groups ahead of the decoder.
+coalesced ranged requests through the storage seam (each retried on its own, each checked to be
+of the version listed), a few row groups ahead of the decoder.
 Memory: the needed bytes of those few row groups; nothing touches disk.
 
 The byte ranges are the ones pyarrow's reader reads itself (`ComputeColumnChunkRange` in
@@ -24,13 +25,14 @@ import io
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from armlab.data.remote import Retry, read_range
+from armlab.errors import ArmlabError
+from armlab.store import open_store
 
 if TYPE_CHECKING:
     from armlab.data.pool import PoolFile
@@ -147,15 +149,18 @@ def pieces(span: Span, max_request: int = MAX_REQUEST) -> list[Span]:
 class RemoteParquet:
     """One remote parquet file, opened with a single ranged read of its tail."""
 
-    def __init__(self, pf: PoolFile, retry: Retry | None = None):
+    def __init__(self, pf: PoolFile):
         assert pf.protocol is not None
-        self.pf, self.retry = pf, retry or Retry.from_env()
-        size = pf.size
-        if size <= 0:
-            from armlab.data.remote import filesystem, retrying
-
-            size = int(retrying(lambda: filesystem(pf.protocol).info(pf.path)["size"], pf.name, self.retry))
-        self.size = size
+        self.pf, self.entry = pf, pf.entry
+        self.store = open_store(self.entry.url)
+        if self.entry.size < 0:  # a listing without sizes: ask (the version stays the listed one)
+            self.entry = replace(self.entry, size=self.store.info(self.entry.url).size)
+        if self.entry.size < 0:
+            raise ArmlabError(
+                f"{pf.name}: the server does not give this file's size (no Content-Length), so it can be "
+                "neither read in ranges nor verified; serve it with one"
+            )
+        size = self.size = self.entry.size
         self.src = KnownRanges(pf.name, size)
         self.fetched = 0  # bytes received, for the benches and `plan`
         key = (pf.path, size, pf.identity)
@@ -181,7 +186,7 @@ class RemoteParquet:
         return tail.start, data
 
     def _get(self, span: Span) -> bytes:
-        data = read_range(self.pf.protocol or "", self.pf.path, self.size, span.start, span.end, self.retry)
+        data = self.store.read(self.entry, span.start, span.end)
         self.fetched += len(data)
         return data
 
@@ -199,13 +204,16 @@ class RemoteParquet:
     def _fetch(self, pool: ThreadPoolExecutor, spans: list[Span]) -> list[tuple[int, list[Future[bytes]]]]:
         return [(s.start, [pool.submit(self._get, p) for p in pieces(s)]) for s in spans]
 
-    def row_groups(self, columns: list[str], ahead: int = AHEAD) -> Iterator[pa.Table]:
-        """`columns` of each row group in order, fetching up to `ahead` row groups in advance."""
-        n = self.metadata.num_row_groups
+    def row_groups(
+        self, columns: list[str], ahead: int = AHEAD, groups: tuple[int, int] | None = None
+    ) -> Iterator[pa.Table]:
+        """`columns` of each row group in order (`groups`: only those of [lo, hi)), fetching up to
+        `ahead` row groups in advance."""
+        lo, n = groups if groups is not None else (0, self.metadata.num_row_groups)
         with ThreadPoolExecutor(THREADS) as pool:
             pending: dict[int, list[tuple[int, list[Future[bytes]]]]] = {}
             try:
-                for i in range(n):
+                for i in range(lo, n):
                     for j in range(i, min(n, i + 1 + ahead)):
                         if j not in pending:
                             pending[j] = self._fetch(pool, self.plan(columns, j))

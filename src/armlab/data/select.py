@@ -227,6 +227,16 @@ def cap_threshold(arm: ArmSpec, members: Callable[[], Iterable[dict[str, np.ndar
     return max(caps, key=lambda t: (t.p, t.s)) if caps else None
 
 
+def score_key(arm: ArmSpec) -> str:
+    """The key-pass array an arm ranks by: a pool column's scores, or a scorer's (its sidecar)."""
+    return f"scorer:{arm.score}" if arm.score else f"score:{arm.score_column}"
+
+
+def score_label(arm: ArmSpec) -> str:
+    """How messages name an arm's score."""
+    return f"scorer {arm.score!r}" if arm.score else f"score column {arm.score_column!r}"
+
+
 def arm_base(
     arm: ArmSpec, a: dict[str, np.ndarray], held: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | np.ndarray:
@@ -234,7 +244,7 @@ def arm_base(
     keys = a["keys"]
     if arm.kind == "random":
         return random_members(keys, arm.seed, arm.ratio) & ~held
-    score = a[f"score:{arm.score_column}"]
+    score = a[score_key(arm)]
     cand = ~held  # unscored documents too: they rank last
     if arm.kind == "top":
         p, s = top_rank(score[cand], keys[cand], arm.seed)

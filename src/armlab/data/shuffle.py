@@ -5,9 +5,9 @@ rows sorted by `h`, so it is a uniform permutation of the arm (any prefix of its
 uniform sample) and a function of the hash alone: identical for any worker count, file
 layout or kill/rerun.
 
-Stage 1 (`StageWriter`, one per unit of work and target): each row group's selected rows,
-sorted by `h`, are appended as a record batch to an uncompressed Arrow IPC file, written under
-a temp name and renamed when the unit finishes.
+Stage 1 (`StageWriter`, one per unit of work and target): the unit's selected rows, in sorted
+runs of about STAGE_BATCH_BYTES of text, are appended as record batches to an uncompressed Arrow
+IPC file, written under a temp name and renamed when the unit finishes.
 Stage 2 (`merge`): the hash space is cut into 2**b equal ranges sized so that one range of
 text fits in memory (`BUCKET_BYTES`); for each range in order, the matching slice of every
 batch (found by binary search, since batches are sorted, and read zero-copy through a memory
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,31 +30,52 @@ import pyarrow as pa
 from armlab.data.shards import ShardWriter
 
 BUCKET_BYTES = 64 << 20  # stage 2: text per hash range held in memory at once (peak ~2x this)
+STAGE_BATCH_BYTES = 8 << 20  # stage 1: text per sorted record batch (held per unit and target)
 
 
 class StageWriter:
     """Stage 1 output of one unit for one target: record batches, each sorted by `h`, in an
-    uncompressed Arrow IPC file written under a temp name and renamed by `close()`."""
+    uncompressed Arrow IPC file written under a temp name and renamed by `close()`.
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Rows come in file order, in parts of any size; they are held until about STAGE_BATCH_BYTES of
+    text, then sorted (stable: equal hashes keep file order) and written as one batch. So the
+    number of batches stage 2 cuts into hash ranges follows the text, not the read size."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema = path, schema
+        # unique on shared storage too: a retried unit on another node may write beside this one
+        self.tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
         self.writer: pa.ipc.RecordBatchFileWriter | None = None
+        self.parts: list[pa.Table] = []
+        self.held = 0  # text bytes in `parts`
 
     def add(self, table: pa.Table) -> None:
-        """Append rows already sorted by their `h` (uint64) column."""
+        """Append rows (with their `h`, uint64, column) in file order."""
         if table.num_rows == 0:
             return
-        if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pa.ipc.new_file(str(self.tmp), table.schema)
-        self.writer.write_table(table)
+        self.parts.append(table)
+        self.held += table.column("text").nbytes
+        if self.held >= STAGE_BATCH_BYTES:
+            self._flush()
 
-    def close(self, schema: pa.Schema) -> None:
-        """Finish the file (an empty one when the unit selected nothing) and rename it into place."""
+    def _flush(self) -> None:
+        if not self.parts:
+            return
+        rows = pa.concat_tables(self.parts)
+        order = np.argsort(rows.column("h").to_numpy(), kind="stable")
         if self.writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = pa.ipc.new_file(str(self.tmp), schema)
+            self.writer = pa.ipc.new_file(str(self.tmp), self.schema)
+        self.writer.write_table(rows.take(order).combine_chunks())
+        self.parts, self.held = [], 0
+
+    def close(self) -> None:
+        """Write what is held, finish the file (an empty one when the unit selected nothing) and
+        rename it into place."""
+        self._flush()
+        if self.writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.writer = pa.ipc.new_file(str(self.tmp), self.schema)
         self.writer.close()
         os.replace(self.tmp, self.path)
 
@@ -91,18 +113,19 @@ def merge(
             if b.num_rows:
                 batches.append((b, b.column("h").to_numpy()))
     bits = bucket_bits(total_bytes)
+    starts = [0] * len(batches)  # each batch's first row not merged yet (its rows are sorted)
     try:
         for bucket in range(1 << bits):
-            lo = np.uint64(bucket << (64 - bits)) if bits else np.uint64(0)
             last = bucket == (1 << bits) - 1
             hi = None if last else np.uint64((bucket + 1) << (64 - bits))
             parts, hs = [], []
-            for b, h in batches:
-                i0 = int(np.searchsorted(h, lo, side="left"))
+            for j, (b, h) in enumerate(batches):
+                i0 = starts[j]
                 i1 = len(h) if hi is None else int(np.searchsorted(h, hi, side="left"))
                 if i1 > i0:
                     parts.append(b.slice(i0, i1 - i0))
                     hs.append(h[i0:i1])
+                    starts[j] = i1
             if not parts:
                 continue
             # One gather straight from the mapped slices (no intermediate concatenated copy), into

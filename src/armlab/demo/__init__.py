@@ -59,7 +59,8 @@ def run_demo(workdir: str | Path | None = None, device: str = "cpu", num_iterati
     from armlab.demo.pool import build_pool
     from armlab.demo.tasks import build_demo_bundle
     from armlab.errors import RunFailed
-    from armlab.pipeline import check_runs_match, evaluate_experiment, train_runs
+    from armlab.ops.orchestrator import local_host, run_here
+    from armlab.pipeline import check_runs_match, evaluate_experiment
     from armlab.report.compare import compare, print_verdict
     from armlab.tokenizer import train_experiment_tokenizer
     from armlab.workdir import open_workdir
@@ -73,8 +74,8 @@ def run_demo(workdir: str | Path | None = None, device: str = "cpu", num_iterati
     prepare(exp)
     train_experiment_tokenizer(exp)
     build_demo_bundle(wd.eval_dir, root / "demo_bundle")
-    arms = [a.name for a in exp.arms]
-    _, failures = train_runs(exp, arms, exp.train.seeds, device=device)
+    host = local_host(exp, [a.name for a in exp.arms], device=device)
+    _, failures = run_here(exp, host, exp.train.seeds)  # prepare and tokenizer: up to date by now
     if failures:
         raise RunFailed("; ".join(failures))
     evaluate_experiment(exp, device=device)

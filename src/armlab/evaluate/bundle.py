@@ -34,6 +34,15 @@ from armlab.errors import ArmlabError
 from armlab.workdir import atomic_path
 
 RECORD = ".armlab-bundle.json"  # what a downloaded bundle was: source, archive and content sha256
+
+# What to do when the bundle cannot be fetched (offline, a firewall): said by the download error
+# and by `armlab doctor`. EXP is replaced by the experiment path the user typed (cli.app).
+OFFLINE_FIX = (
+    'to train without CORE, set core_bundle = "none" under [evaluate] in EXP (val bpb only) or pass '
+    "--bundle none; or point --bundle at a local copy of the bundle dir"
+)
+PROBE_TIMEOUT_S = 10.0  # `doctor`'s reachability check of a bundle URL
+
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # Fields each task type's items must carry (nanochat's core_eval reads exactly these).
 ITEM_FIELDS = {
@@ -105,7 +114,7 @@ def cache_root() -> Path:
     return Path(os.environ.get("ARMLAB_CACHE", "~/.cache/armlab")).expanduser() / "bundles"
 
 
-def _is_url(source: str) -> bool:
+def is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https", "file")
 
 
@@ -164,9 +173,40 @@ def _download(url: str, archive: Path, safe: str) -> None:
                 done += len(chunk)
                 bar.update(job, advance=len(chunk), bytes=done)
     except OSError as e:
-        raise ArmlabError(
-            f"{safe}: cannot download the eval bundle ({e}); pass a local dir with --bundle"
-        ) from None
+        raise ArmlabError(f"{safe}: cannot download the eval bundle ({e}); {OFFLINE_FIX}") from None
+
+
+def _cache_key(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def cached(url: str) -> Path | None:
+    """The unpacked bundle of `url` in the shared cache, if it was downloaded (nothing fetched)."""
+    dest = cache_root() / _cache_key(url)
+    return dest if (dest / RECORD).is_file() else None
+
+
+def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """Whether the bundle URL answers, without downloading it: None if it does, else why not.
+
+    A HEAD request (bounded by `timeout`); a server that refuses HEAD gets a GET of its first
+    byte. Through urllib, like the download itself, so what the probe reaches the download can.
+    """
+    import urllib.error
+
+    for method, headers in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
+        request = urllib.request.Request(url, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout):
+                return None
+        except urllib.error.HTTPError as e:
+            if e.code in (405, 501) and method == "HEAD":
+                continue  # HEAD not allowed: ask for one byte instead
+            return f"answering HTTP {e.code} {e.reason}"
+        except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
+            reason = getattr(e, "reason", None) or e
+            return f"unreachable ({reason})"
+    return None
 
 
 def fetch_bundle(url: str, sha256: str | None = None) -> Download:
@@ -179,7 +219,7 @@ def fetch_bundle(url: str, sha256: str | None = None) -> Download:
     (and `sha256` against the recorded archive), so an edited or swapped cache never scores
     silently. nanochat downloads the same zip with `download_file_with_lock` (no checksum).
     """
-    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    key = _cache_key(url)
     safe = redact(url)
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
@@ -228,7 +268,7 @@ def fetch_bundle(url: str, sha256: str | None = None) -> Download:
     return Download(dest, safe, record["archive_sha256"], record["content_sha256"], record["downloaded"])
 
 
-def _bundle_dir(root: Path) -> Path:
+def bundle_dir(root: Path) -> Path:
     """The dir holding core.yaml: the root itself or its single subdir (zip files wrap one)."""
     if (root / "core.yaml").is_file():
         return root
@@ -259,11 +299,11 @@ def _baselines(path: Path) -> dict[str, float]:
 def load_bundle(source: str | Path, sha256: str | None = None) -> Bundle:
     """Open a bundle from a local dir or a URL; validates core.yaml and the baselines up front."""
     source = str(source)
-    download = fetch_bundle(source, sha256) if _is_url(source) else None
+    download = fetch_bundle(source, sha256) if is_url(source) else None
     root = download.root if download else Path(source).expanduser()
     if not root.exists():
         raise ArmlabError(f"{root}: eval bundle dir not found (set evaluate.core_bundle or pass --bundle)")
-    root = _bundle_dir(root)
+    root = bundle_dir(root)
     config_path = root / "core.yaml"
     if not config_path.is_file():
         raise ArmlabError(f"{config_path}: eval bundle has no core.yaml")
@@ -319,7 +359,7 @@ def load_bundle(source: str | Path, sha256: str | None = None) -> Bundle:
     return Bundle(
         root=root,
         tasks=tasks,
-        source=redact(source) if _is_url(source) else source,
+        source=redact(source) if is_url(source) else source,
         sha256=h.hexdigest()[:16],
         demo=bool(config.get("armlab_demo", False)),
         name=str(config.get("name", "core")),

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from armlab.spec import Experiment
+from armlab.store import is_remote, probe
 from armlab.text import plural
 from armlab.workdir import open_workdir, read_leases
 
@@ -274,13 +275,11 @@ def check_data(r: DoctorReport, exp: Experiment, arm: str, world_size: int, expe
         spec = exp.arm(arm)
         if not expect_data:
             r.add(name, "ok", f"not prepared yet: `armlab prepare` (or launch) will ({data_dir})")
-        elif spec.kind == "prebuilt" and spec.uri and spec.uri.startswith("az://"):
-            r.add(
-                name,
-                "warn",
-                f"not downloaded yet: {data_dir}",
-                f"launch pulls it (armlab pull EXP --arm {arm})",
-            )
+        elif spec.kind == "prebuilt" and is_remote(spec.uri or ""):  # a store URL: fetched at launch
+            if problem := probe(spec.uri or ""):
+                r.add(name, "fail", f"not downloaded, and {problem}", "check the URL, credentials and network")
+            else:
+                r.add(name, "warn", f"not downloaded yet: {data_dir}", f"launch pulls it (armlab pull EXP --arm {arm})")
         else:
             r.add(
                 name,
@@ -379,6 +378,32 @@ def check_hf(r: DoctorReport, exp: Experiment) -> None:
         )  # fmt: skip
 
 
+def check_bundle(r: DoctorReport, exp: Experiment) -> None:
+    """The CORE eval bundle `armlab run` opens before it trains: off, a local dir, or a URL that is
+    cached or answers now (a HEAD request, bounded). Offline with nothing cached is a fail: `run`
+    would stop there (0.2's doctor called that "ready")."""
+    from armlab.evaluate import bundle as core
+
+    source = exp.evaluate.bundle
+    name = "core bundle"
+    if source is None:
+        r.add(name, "ok", 'CORE off (evaluate.core_bundle = "none"): val bpb only')
+    elif not core.is_url(source):
+        path = Path(source).expanduser()
+        if (core.bundle_dir(path) / "core.yaml").is_file():
+            r.add(name, "ok", f"local bundle {path}")
+        else:
+            r.add(name, "fail", f"{path}: no eval bundle there (no core.yaml)",
+                  f"set evaluate.core_bundle to a bundle dir; {core.OFFLINE_FIX}")  # fmt: skip
+    elif (hit := core.cached(source)) is not None:
+        r.add(name, "ok", f"cached: {hit} (from {core.redact(source)})")
+    elif (problem := core.probe(source)) is None:
+        r.add(name, "ok", f"not cached; {core.redact(source)} answers: `armlab run` downloads it once")
+    else:
+        r.add(name, "fail", f"not cached, and {core.redact(source)} is {problem}: `armlab run` would stop there",
+              core.OFFLINE_FIX)  # fmt: skip
+
+
 def wandb_key() -> tuple[str | None, str]:
     """(key, where it came from): WANDB_API_KEY, else ~/.netrc's api.wandb.ai entry."""
     if os.environ.get("WANDB_API_KEY"):
@@ -465,8 +490,11 @@ def run_doctor(
     scripts: tuple[Path, ...] = (),
     nanochat: Path | None = None,
     expect_data: bool = True,
+    bundle: bool = True,
 ) -> DoctorReport:
-    """Run every check that applies on this machine (`expect_data`: the arms must be prepared)."""
+    """Run every check that applies on this machine (`expect_data`: the arms must be prepared;
+    `bundle`: it will evaluate, so the CORE bundle must be at hand; a host `launch` trains on
+    evaluates later and is not asked)."""
     from armlab.train.engines import get_engine
     from armlab.train.engines.nanochat import doctor_checkout
 
@@ -490,6 +518,8 @@ def run_doctor(
         if master_port is not None:
             check_port(r, master_port)
         check_hf(r, exp)
+        if bundle:
+            check_bundle(r, exp)
         get_engine(exp.train.engine).doctor_checks(r, exp)  # the engine's own checks
     check_wandb(r, exp)
     for s in scripts:

@@ -34,7 +34,16 @@ from filelock import FileLock, Timeout
 
 from armlab import runs
 from armlab.errors import ArmlabError, RunFailed
-from armlab.ops.lanes import LaneFiles, LaneState, locked, read_lane_state, read_queue, write_lane_state
+from armlab.ops.lanes import (
+    LaneFiles,
+    LaneState,
+    LaneStatus,
+    RunRef,
+    locked,
+    read_lane_state,
+    read_queue,
+    write_lane_state,
+)
 from armlab.ops.schedule import Slot
 from armlab.progress import console
 from armlab.runs import RunState
@@ -129,14 +138,14 @@ def _next_slot(exp: Experiment, slots: Sequence[Slot], tried: set[str]) -> Slot 
     return None
 
 
-def run_lane(queue: Path, echo: bool = False) -> dict[str, Any]:
+def run_lane(queue: Path, echo: bool = False) -> LaneStatus:
     """Train the lane's runs in order (see the module docstring); returns its final state."""
     files = LaneFiles.from_queue(queue)
     lock = FileLock(files.lock, thread_local=False)
     try:
         lock.acquire(timeout=LOCK_WAIT_S)
     except Timeout:
-        holder = read_lane_state(files).get("pid")
+        holder = read_lane_state(files).pid
         raise ArmlabError(
             f"lane {files.id} is already being trained by pid {holder} (another launch or `armlab run`); "
             "wait for it, or `armlab stop EXP`"
@@ -156,7 +165,7 @@ def run_lane(queue: Path, echo: bool = False) -> dict[str, Any]:
                     if slot is None:
                         final = LaneState.FAILED if failures else LaneState.DONE
                         return write_lane_state(files, state=final, current=None, ended=time.time())
-                    write_lane_state(files, current={"arm": slot.arm, "run": slot.run})
+                    write_lane_state(files, current=RunRef(slot.arm, slot.run))
                 tried.add(slot.run)
                 verb = (
                     "resuming"
@@ -213,7 +222,7 @@ def main(queue: str) -> int:
     except ArmlabError as e:
         print(f"armlab: error: {e}", file=sys.stderr, flush=True)
         return 2
-    return 0 if state.get("state") == LaneState.DONE else 1
+    return 0 if state.state == LaneState.DONE else 1
 
 
 if __name__ == "__main__":

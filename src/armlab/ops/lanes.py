@@ -17,13 +17,14 @@ behind by a runner that was just leaving.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ from filelock import FileLock
 
 from armlab import runs
 from armlab.errors import ArmlabError
+from armlab.names import check_name
 from armlab.ops.schedule import Slot, lane_id
+from armlab.records import Record
 from armlab.runs import RunState
 from armlab.spec import Experiment, parse_experiment
 from armlab.workdir import Workdir, atomic_write_json, read_json
@@ -65,7 +68,7 @@ class LaneFiles:
         return cls(queue.parent, host, int(k))
 
     def _file(self, suffix: str) -> Path:
-        return self.dir / f"{self.host}.lane{self.lane}{suffix}"
+        return self.dir / f"{check_name(self.host, 'host name')}.lane{self.lane}{suffix}"
 
     @property
     def id(self) -> str:
@@ -101,14 +104,40 @@ def locked(path: Path, timeout: float = -1) -> Iterator[None]:
 
 
 # -- the queue and the runner's state ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class LaneQueue(Record):
+    """`<host>.lane<k>.json`: the experiment (as the runner trains it) and the lane's slots, in order."""
+
+    lane: str
+    experiment: dict[str, Any]
+    slots: list[Slot]
+    updated: float
+
+
+@dataclass(frozen=True)
+class RunRef(Record):
+    arm: str
+    run: str
+
+
+@dataclass(frozen=True)
+class LaneStatus(Record):
+    """`<host>.lane<k>.state.json`: what the lane's runner says of itself (all None before one ran)."""
+
+    state: str | None = None  # LaneState
+    pid: int | None = None
+    host: str | None = None
+    started: float | None = None
+    ended: float | None = None
+    current: RunRef | None = None  # the run it trains now
+    failures: dict[str, str] = field(default_factory=dict)  # run -> why it failed
+    error: str | None = None  # why the lane itself stopped or failed
+    updated: float | None = None
+
+
 def write_queue(files: LaneFiles, exp: Experiment, slots: Sequence[Slot]) -> None:
-    body = {
-        "lane": files.id,
-        "experiment": exp.model_dump(mode="json"),
-        "slots": [s.to_json() for s in slots],
-        "updated": time.time(),
-    }
-    atomic_write_json(files.queue, body)
+    queue = LaneQueue(files.id, exp.model_dump(mode="json"), list(slots), time.time())
+    atomic_write_json(files.queue, queue.to_json())
 
 
 def queue_lane(wd: Workdir, exp: Experiment, slots: Sequence[Slot]) -> LaneFiles:
@@ -120,29 +149,29 @@ def queue_lane(wd: Workdir, exp: Experiment, slots: Sequence[Slot]) -> LaneFiles
 
 
 def read_queue(files: LaneFiles) -> tuple[Experiment, list[Slot]]:
-    d = read_json(files.queue)
-    return parse_experiment(d["experiment"], str(files.queue)), [Slot.from_json(s) for s in d["slots"]]
+    queue = LaneQueue.from_json(read_json(files.queue), str(files.queue))
+    return parse_experiment(queue.experiment, str(files.queue)), queue.slots
 
 
-def read_lane_state(files: LaneFiles) -> dict[str, Any]:
+def read_lane_state(files: LaneFiles) -> LaneStatus:
     try:
-        return read_json(files.state)
+        return LaneStatus.from_json(read_json(files.state), str(files.state))
     except FileNotFoundError:
-        return {}
+        return LaneStatus()
 
 
-def write_lane_state(files: LaneFiles, **fields: Any) -> dict[str, Any]:
-    state = {
-        "state": LaneState.RUNNING, "pid": None, "host": socket.gethostname(), "started": None, "ended": None,
-        "current": None, "failures": {}, **read_lane_state(files), **fields, "updated": time.time(),
-    }  # fmt: skip
-    atomic_write_json(files.state, state)
+def write_lane_state(files: LaneFiles, **fields: Any) -> LaneStatus:
+    """Update the lane's state file with `fields` (and `updated`), keeping the others."""
+    old = read_lane_state(files)
+    base = old if old.state is not None else LaneStatus(state=LaneState.RUNNING, host=socket.gethostname())
+    state = dataclasses.replace(base, **fields, updated=time.time())
+    atomic_write_json(files.state, state.to_json())
     return state
 
 
-def lane_alive(state: dict[str, Any]) -> bool:
+def lane_alive(state: LaneStatus) -> bool:
     """A runner owns the lane: its state says running and its pid lives on this host."""
-    return state.get("state") == LaneState.RUNNING and runs.owner_alive(state) is True
+    return state.state == LaneState.RUNNING and runs.owner_alive({"pid": state.pid, "host": state.host}) is True
 
 
 # -- starting runners -------------------------------------------------------------------------------------
@@ -181,22 +210,19 @@ class LaneStart:
     error: str | None = None  # the first run failed before training (e.g. a refused plan)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"lane": self.lane, "action": self.action, "pid": self.pid, "error": self.error}
 
 
 def _first_run_started(wd: Workdir, files: LaneFiles, pid: int) -> tuple[bool, str | None]:
     """(settled, error): the runner supervises a run, failed one, or finished; else still starting."""
     st = read_lane_state(files)
-    if st.get("pid") != pid:
+    if st.pid != pid:
         return False, None
-    if st.get("failures"):
-        return True, next(iter(st["failures"].values()))
-    if st.get("state") != LaneState.RUNNING:
-        return True, st.get("error") if st.get("state") == LaneState.FAILED else None
-    cur = st.get("current")
-    if cur:
-        rs = runs.read_state(wd.run_dir(cur["arm"], cur["run"]))
+    if st.failures:
+        return True, next(iter(st.failures.values()))
+    if st.state != LaneState.RUNNING:
+        return True, st.error if st.state == LaneState.FAILED else None
+    if st.current:
+        rs = runs.read_state(wd.run_dir(st.current.arm, st.current.run))
         if rs.get("pid") == pid and rs.get("state") in runs.ACTIVE:
             return True, None
     return False, None
@@ -218,7 +244,7 @@ def start_lanes(
             write_queue(files, exp, slots)
             st = read_lane_state(files)
             if lane_alive(st):
-                out.append((LaneStart(files.id, "running", st.get("pid")), files))
+                out.append((LaneStart(files.id, "running", st.pid), files))
                 continue
             proc = _spawn(files, slots[0], detach)
             out.append((LaneStart(files.id, "started", proc.pid, proc=proc), files))
@@ -233,7 +259,7 @@ def start_lanes(
                 if not settled:  # it never owned the lane: another runner does, or it died at start
                     st = read_lane_state(files)
                     alive = lane_alive(st)
-                    start.action, start.pid = ("running", st.get("pid")) if alive else ("failed", None)
+                    start.action, start.pid = ("running", st.pid) if alive else ("failed", None)
                     start.error = None if alive else _log_tail(files.log)
                 break
             time.sleep(0.2)
@@ -250,7 +276,7 @@ def _log_tail(path: Path) -> str:
 
 # -- what status and stop see -----------------------------------------------------------------------------
 @dataclass(frozen=True)
-class LaneView:
+class LaneView(Record):
     """A lane as `status` and `stop` see it (on its host, or mirrored from there)."""
 
     id: str
@@ -263,16 +289,6 @@ class LaneView:
     runs: tuple[tuple[str, str], ...]  # (arm, run) in lane order
     failures: dict[str, str]
     updated: float | None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> LaneView:
-        cur = d.get("current")
-        return cls(
-            **{**d, "current": tuple(cur) if cur else None, "runs": tuple(tuple(r) for r in d["runs"])}
-        )
 
     def label(self) -> str:
         """`gpu-a:1`; `gpu-a:1 (stopped)` / `(dead)` / `(not started)` when runs wait on a lane
@@ -292,23 +308,23 @@ def read_lanes(root: Path) -> list[LaneView]:
             continue
         files = LaneFiles.from_queue(queue)
         try:
-            slots = [Slot.from_json(s) for s in read_json(queue)["slots"]]
+            slots = LaneQueue.from_json(read_json(queue), str(queue)).slots
             st = read_lane_state(files)
-        except (ArmlabError, KeyError, TypeError):
+        except ArmlabError:
             continue  # a torn or foreign file: not a lane this armlab can show
-        cur = st.get("current")
+        cur = st.current
         out.append(
             LaneView(
                 id=files.id,
                 host=files.host,
                 lane=files.lane,
-                state=st.get("state"),
+                state=st.state,
                 alive=lane_alive(st),
-                pid=st.get("pid"),
-                current=(cur["arm"], cur["run"]) if cur and lane_alive(st) else None,
+                pid=st.pid,
+                current=(cur.arm, cur.run) if cur and lane_alive(st) else None,
                 runs=tuple((s.arm, s.run) for s in slots),
-                failures=dict(st.get("failures") or {}),
-                updated=st.get("updated"),
+                failures=dict(st.failures),
+                updated=st.updated,
             )  # fmt: skip
         )
     return out
@@ -332,7 +348,19 @@ def lanes_by_run(root: Path) -> dict[tuple[str, str], LaneView]:
     return out
 
 
-def stop_lanes(wd: Workdir, arms: Sequence[str], timeout: float) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class StopRow(Record):
+    """One run `armlab stop` touched: stopped, or queued on a stopped lane and not started."""
+
+    arm: str
+    run: str
+    pid: int | None
+    result: str  # "stopped (SIGTERM)", "queued on lane gpu-a:0: not started", ...
+    lane: str | None = None
+    host: str | None = None  # the [[hosts]] entry (filled in by the orchestrator)
+
+
+def stop_lanes(wd: Workdir, arms: Sequence[str], timeout: float) -> list[StopRow]:
     """Stop every live lane that holds a run of these arms: SIGTERM its runner (which stops the
     run it trains, resumably), SIGKILL after `timeout`. A lane stops whole: its queued runs,
     of any arm, are listed as not started; the next launch / run starts them."""
@@ -342,7 +370,7 @@ def stop_lanes(wd: Workdir, arms: Sequence[str], timeout: float) -> list[dict[st
             continue
         files = LaneFiles(wd.root / LANES_DIR, view.host, view.lane)
         how = runs.stop_process(int(view.pid or -1), timeout)
-        if read_lane_state(files).get("state") == LaneState.RUNNING:  # SIGKILLed: say so for it
+        if read_lane_state(files).state == LaneState.RUNNING:  # SIGKILLed: say so for it
             write_lane_state(
                 files, state=LaneState.STOPPED, ended=time.time(), error=f"stopped by armlab stop ({how})"
             )
@@ -353,15 +381,12 @@ def stop_lanes(wd: Workdir, arms: Sequence[str], timeout: float) -> list[dict[st
                 runs.write_state(
                     rd, state=RunState.STOPPED, ended=time.time(), error=f"stopped by armlab stop ({how})"
                 )
-            rows.append(
-                {"arm": arm, "run": run, "pid": view.pid, "result": f"stopped ({how})", "lane": view.id}
-            )
+            rows.append(StopRow(arm, run, view.pid, f"stopped ({how})", view.id))
         for arm, run in view.runs:
             if (arm, run) == view.current:
                 continue
             with contextlib.suppress(ArmlabError):
                 if runs.read_state(wd.run_dir(arm, run)).get("state") == RunState.DONE:
                     continue
-            rows.append({"arm": arm, "run": run, "pid": None, "result": f"queued on lane {view.id}: not started",
-                         "lane": view.id})  # fmt: skip
+            rows.append(StopRow(arm, run, None, f"queued on lane {view.id}: not started", view.id))
     return rows

@@ -14,8 +14,9 @@ import shutil
 from pathlib import Path
 
 from armlab.errors import ArmlabError
+from armlab.names import check_name
 from armlab.runs import ACTIVE, is_live, owner_alive, read_state
-from armlab.spec import NAME_RE, Experiment
+from armlab.spec import Experiment
 from armlab.text import did_you_mean
 from armlab.workdir import open_workdir, pid_alive
 
@@ -27,8 +28,7 @@ def remove_run(exp: Experiment, arm: str, run: str, force: bool = False) -> Path
     exp.arm(arm)  # an unknown arm: one line naming the arms
     wd = open_workdir(exp, create=False)
     runs_dir, arm_dir = wd.runs_dir(arm), wd.arm_dir(arm)
-    if not NAME_RE.match(run):
-        raise ArmlabError(f"--run {run!r}: not a run name (letters, digits, '.', '_' or '-')")
+    check_name(run, "--run")
     run_dir = runs_dir / run
     if not run_dir.is_dir():
         have = sorted(p.parent.name for p in runs_dir.glob("*/run.json"))

@@ -33,10 +33,11 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
+from armlab.budget import Budget
 from armlab.errors import ArmlabError
+from armlab.records import Record
 from armlab.spec import Experiment, HostSpec
 from armlab.workdir import run_name
 
@@ -44,7 +45,7 @@ LOCAL = "local"  # the host entry `armlab run` schedules this machine as
 
 
 @dataclass(frozen=True)
-class Slot:
+class Slot(Record):
     """One run and where it trains: host entry, lane, position in the lane, devices and port."""
 
     host: str
@@ -66,14 +67,6 @@ class Slot:
     @property
     def cuda_visible_devices(self) -> str | None:
         return ",".join(map(str, self.gpus)) if self.gpus else None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Slot:
-        share = d.get("cpu_share")
-        return cls(**{**d, "gpus": tuple(d["gpus"]), "cpu_share": tuple(share) if share else None})
 
 
 def lane_id(host: str, lane: int) -> str:
@@ -147,17 +140,21 @@ def _world(host: HostSpec, device: str) -> int:
     return host.nproc if device == "cpu" else (host.gpus_per_run or host.num_gpus)
 
 
-def _check_batch(exp: Experiment, hosts: Sequence[HostSpec], device: str | None) -> None:
-    """Every run's ranks must split the total batch evenly (refused here, not on the host later)."""
-    from armlab.budget import grad_accum_steps
+def check_batch(
+    exp: Experiment, hosts: Sequence[HostSpec], device: str | None = None, budget: Budget | None = None
+) -> None:
+    """Every run's ranks must split the total batch evenly (refused here, not on the host later;
+    `armlab plan` asks too, with the budget of the trained tokenizer's vocabulary)."""
+    from armlab.budget import batch_phrase, grad_accum_steps
     from armlab.train.engines import get_engine
 
-    budget = get_engine(exp.train.engine).budget(exp, exp.tokenizer.vocab_size)
+    budget = budget or get_engine(exp.train.engine).budget(exp, exp.tokenizer.vocab_size)
+    what = batch_phrase(exp.train, budget.total_batch_size)
     for h in hosts:
         world = _world(h, _device(h, device))
         try:
             grad_accum_steps(
-                budget.total_batch_size, exp.train.device_batch_size, exp.model.max_seq_len, world
+                budget.total_batch_size, exp.train.device_batch_size, exp.model.max_seq_len, world, what
             )
         except ArmlabError as e:
             knob = "nproc" if _device(h, device) == "cpu" else "gpus_per_run"
@@ -192,10 +189,10 @@ def plan_schedule(
     name to the machine it reaches (entries with the same value share GPUs and ports; default:
     its `ssh` target and port, unresolved). Pure: no process, file or network is touched."""
     hosts = list(exp.hosts if hosts is None else hosts)
-    machines = machines or {h.name: f"{h.ssh}:{h.port or 22}" for h in hosts}
+    machines = machines or {h.name: f"{h.target or 'localhost'}:{h.port or 22}" for h in hosts}
     owner = _owners(exp, hosts)
     lanes = {h.name: _lane_count(h, _device(h, device)) for h in hosts}
-    _check_batch(exp, hosts, device)
+    check_batch(exp, hosts, device)
 
     # GPU blocks and CPU shares per machine, in file order
     by_machine: dict[str, list[HostSpec]] = collections.defaultdict(list)

@@ -75,7 +75,9 @@ class Remote:
 
     @classmethod
     def from_spec(cls, host: HostSpec) -> Remote:
-        return cls(name=host.name, target=host.ssh, port=host.port)
+        if host.target is None:
+            raise ArmlabError(f"host {host.name!r}: no ssh target (it runs on this machine)")
+        return cls(name=host.name, target=host.target, port=host.port)
 
     @property
     def connect_timeout(self) -> int:
@@ -136,10 +138,11 @@ class Remote:
             raise ArmlabError(f"host {self.name!r}: {what or 'remote command'} failed: {tail}")
         return p
 
-    def stream(self, command: str) -> int:
+    def stream(self, command: str, input: bytes | None = None) -> int:
         """Run a command with its output going straight to our stdout/stderr (for `logs -f`)."""
         argv = [*self.ssh_argv(), self.target, "--", command]
-        p = subprocess.run(argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        stdin = None if input is not None else subprocess.DEVNULL
+        p = subprocess.run(argv, input=input, stdin=stdin, stderr=subprocess.PIPE)
         if p.returncode == 255:
             raise ArmlabError(
                 _ssh_error(self.name, self.target, p.stderr.decode(errors="replace"), self.connect_timeout)

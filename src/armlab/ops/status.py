@@ -1,10 +1,14 @@
 """`armlab status`: one row per run, from the run dir alone (works on dirs copied from elsewhere).
 
 States are `armlab.runs.RunState`: queued (an arm x seed of the experiment with no run dir yet),
-starting, running, done, failed, stopped, STALLED (the process lives, or cannot be checked, but
+starting, running, done, failed, diverged (its loss became NaN/inf), stopped, STALLED (the process lives, or cannot be checked, but
 nothing was logged for `stall_after_s`: the playbook's "process exists but nothing advances"),
 dead (state.json says running but its pid is gone from this host), unreadable. Liveness is only
 checked for pids of this host; a run from another host shows `?`.
+
+A running run whose ranks are not training shows what they do instead (state.json's `phase`,
+written by the trainer: `eval` or `save`, at the step in the step column), and a val bpb
+measured at another step than the row's carries it (`3.9399@250`); `--json` has both fields.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from armlab.errors import ArmlabError
-from armlab.progress import console
 from armlab.runs import ACTIVE, RunState, last_activity, load_run, observed_state, owner_alive
 
 
@@ -44,6 +47,8 @@ class RunStatus:
     error: str | None = None
     lane: str | None = None  # the lane that trains (or will train) it: `gpu-a:1`, `gpu-a:1 (stopped)`
     engine: str | None = None  # the engine build that trains it, described (EngineConfig.describe)
+    phase: str | None = None  # what a live run's ranks do at `step` (state.json: train, eval, save)
+    val_bpb_step: int | None = None  # the step `val_bpb` was measured at (eval.json's, else the last eval's)
 
 
 def engine_description(info: dict[str, Any]) -> str:
@@ -79,6 +84,7 @@ def run_status(run_dir: Path, stall_after_s: float, now: float | None = None) ->
     s.tokens = last.get("tokens")
     s.train_loss = last.get("train_loss")
     s.val_bpb = rec.final_val_bpb
+    s.val_bpb_step = _val_bpb_step(rec, s.step)
     s.tok_per_s = last.get("tok_per_s")
     s.mfu = last.get("mfu")
     s.epoch = last.get("epoch")
@@ -86,11 +92,22 @@ def run_status(run_dir: Path, stall_after_s: float, now: float | None = None) ->
     s.last_log_age_s = None if activity is None else max(0.0, now - activity)
     s.alive = owner_alive(st)
     s.state = observed_state(st, activity, stall_after_s, now)
+    if s.state in (*ACTIVE, RunState.STALLED) and st.get("phase"):
+        s.phase = str(st["phase"])  # only while the ranks run: a finished run has no phase
     eta_known = s.tok_per_s and s.step is not None and s.num_iterations and s.tokens
     if s.state in (*ACTIVE, RunState.STALLED) and eta_known:
         tokens_per_step = s.tokens / max(s.step, 1)
         s.eta_s = (s.num_iterations - s.step) * tokens_per_step / s.tok_per_s
     return s
+
+
+def _val_bpb_step(rec: Any, step: int | None) -> int | None:
+    """The step of the val bpb status shows: `armlab evaluate`'s (eval.json's step, else the
+    run's last), else the step of the last in-training eval."""
+    if rec.eval and rec.eval.get("val_bpb") is not None:
+        return rec.eval.get("step", step)
+    lines = rec.eval_lines
+    return int(lines[-1]["step"]) if lines and lines[-1].get("step") is not None else None
 
 
 def collect_status(run_dirs: list[Path], stall_after_s: float = 600.0) -> list[RunStatus]:
@@ -198,6 +215,22 @@ def _step(r: RunStatus, compact: bool) -> str:
     return "-" if r.step is None else f"{r.step}/{r.num_iterations or '?'}"
 
 
+def _state(r: RunStatus) -> str:
+    """The state, or what a running run does now when that is not training (`eval`, `save`):
+    with the step column it reads `eval  250/2205`."""
+    if r.state == RunState.RUNNING and r.phase and r.phase != "train":
+        return r.phase
+    return str(r.state)
+
+
+def _bpb(r: RunStatus) -> str:
+    """val bpb, with the step it was measured at when that is not the row's step (`3.9399@250`)."""
+    if r.val_bpb is None:
+        return "-"
+    at = f"@{r.val_bpb_step}" if r.val_bpb_step is not None and r.val_bpb_step != r.step else ""
+    return f"{r.val_bpb:.4f}{at}"
+
+
 def _alive(r: RunStatus) -> str:
     if r.state not in (*ACTIVE, RunState.STALLED, RunState.DEAD):
         return "-"
@@ -210,6 +243,7 @@ STYLE = {
     "STALLED": "bold red",
     "dead": "bold red",
     "failed": "red",
+    "diverged": "bold red",
     "queued": "dim",
     "starting": "yellow",
     "stopped": "yellow",
@@ -229,12 +263,12 @@ class Column:
 COLUMNS = (
     Column("arm", "arm", 8, lambda r, c: r.arm, left=True),
     Column("run", "run", 0, lambda r, c: r.run, left=True),
-    Column("state", "state", 0, lambda r, c: str(r.state), left=True),
+    Column("state", "state", 0, lambda r, c: _state(r), left=True),
     Column("lane", "lane", 9, lambda r, c: r.lane or "-", left=True),
     Column("step", "step", 1, _step),
     Column("tokens", "tokens", 12, lambda r, c: _si(r.tokens) if c else _f(r.tokens, ",")),
     Column("loss", "loss", 4, lambda r, c: _f(r.train_loss, ".3f")),
-    Column("val bpb", "bpb", 2, lambda r, c: _f(r.val_bpb, ".4f")),
+    Column("val bpb", "bpb", 2, lambda r, c: _bpb(r)),
     Column("tok/s", "tok/s", 6, lambda r, c: _si(r.tok_per_s) if c else _f(r.tok_per_s, ",.0f")),
     Column("MFU", "MFU", 10, lambda r, c: _f(r.mfu, ".1f")),
     Column("ETA", "ETA", 3, lambda r, c: _age(r.eta_s)),
@@ -254,7 +288,7 @@ def _table(rows: list[RunStatus], cols: list[Column], compact: bool, title: str)
     for r in rows:
         cells = {col.header: escape(col.cell(r, compact)) for col in cols}
         if r.state in STYLE:
-            cells["state"] = f"[{STYLE[r.state]}]{r.state}[/]"
+            cells["state"] = f"[{STYLE[r.state]}]{escape(_state(r))}[/]"
         t.add_row(*cells.values())
     return t
 
@@ -335,17 +369,10 @@ def gpu_lines(gpus: list[dict[str, Any]]) -> str:
 
 
 def mirrored_runs(exp: Any) -> list[Path]:
-    """Run dirs mirrored from the experiment's SSH hosts (none without hosts or without the remote module)."""
-    if not exp.hosts:
-        return []
-    try:
-        from armlab.ops.remote import mirror_remote_runs
-    except ImportError:
-        console.print(
-            "status: hosts are configured but armlab.ops.remote is unavailable; showing local runs only"
-        )
-        return []
-    return mirror_remote_runs(exp)
+    """Run dirs mirrored from the experiment's hosts (none without hosts)."""
+    from armlab.ops.orchestrator import mirror_hosts
+
+    return mirror_hosts(exp)
 
 
 def show_status(

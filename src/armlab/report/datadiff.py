@@ -3,8 +3,9 @@
 Two sources, both cheap at compare time:
 - each arm's manifest: docs, chars, tokens, and `manifest["stats"]` when prepare wrote it (BRIEF
   "Arm data statistics"): a doc-length histogram on fixed log-spaced edges, the score histogram
-  (edges shared by the arms of a pass), counts over `[report] group_column`, overlap with the
-  arms of the same pass;
+  (edges shared by the arms of a pass), each scorer's score histogram (`armlab score`; the same
+  edges for every arm of a pass), counts over `[report] group_column`, overlap with the arms of
+  the same pass;
 - a sample read now: `SAMPLE_DOCS` documents from row groups spread evenly over the arm's shards
   (shards are shuffled, so this is a fair sample), tokenized with the experiment's tokenizer:
   tokens per document and chars per token, which only the real tokenizer can say.
@@ -92,6 +93,8 @@ class ArmData:
     group_column: str | None
     overlap: dict[str, int] = field(default_factory=dict)
     sample: Sample | None = None
+    scorers: dict[str, Histogram] = field(default_factory=dict)  # scorer -> its score's histogram
+    scorers_unscored: dict[str, int] = field(default_factory=dict)  # scorer -> documents without a score
 
 
 def _hist(raw: dict[str, Any] | None) -> Histogram | None:
@@ -153,6 +156,8 @@ def arm_data(exp: Experiment, arm: str, tokenizer: Any | None, docs: int = SAMPL
         group_column=group.get("column"),
         overlap={str(k): int(v) for k, v in (stats.get("overlap") or {}).items()},
         sample=sample_arm(data_dir, tokenizer, docs),
+        scorers={n: h for n, raw in (stats.get("scorers") or {}).items() if (h := _hist(raw)) is not None},
+        scorers_unscored={n: int(raw.get("nan", 0)) for n, raw in (stats.get("scorers") or {}).items()},
     )
 
 
@@ -178,3 +183,34 @@ def data_difference(exp: Experiment, arms: list[str], docs: int = SAMPLE_DOCS) -
 def histogram(raw: dict[str, Any] | None) -> Histogram | None:
     """A Histogram back from its summary.json form."""
     return None if raw is None else Histogram(raw["edges"], raw["counts"])
+
+
+SCORE_HEADER = ["score", "arm", "docs", "mean", "p10", "median", "p90", "no score"]
+
+
+def score_table(data: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    """Each arm's distribution of every score its manifest counted (the pool's score column and
+    each scorer's), from the binned histograms (quantiles interpolated within a bin): one row per
+    score and arm, arms of one score together. None when no arm has any."""
+    rows = []
+    scores: dict[str, dict[str, tuple[dict[str, Any], int | None]]] = {}
+    for arm, d in data.items():
+        if d.get("score"):
+            scores.setdefault(f"column {d.get('score_column')}", {})[arm] = (d["score"], None)
+        for name, h in (d.get("scorers") or {}).items():
+            scores.setdefault(f"scorer {name}", {})[arm] = (h, (d.get("scorers_unscored") or {}).get(name, 0))
+    for label, arms in scores.items():
+        for arm, (raw, unscored) in arms.items():
+            h = histogram(raw)
+            assert h is not None
+            cells = [h.mean(), h.quantile(0.1), h.quantile(0.5), h.quantile(0.9)]
+            rows.append(
+                [
+                    label,
+                    arm,
+                    f"{h.total:,}",
+                    *("-" if v is None else f"{v:.3f}" for v in cells),
+                    "-" if unscored is None else f"{unscored:,}",
+                ]
+            )
+    return (SCORE_HEADER, rows) if rows else None

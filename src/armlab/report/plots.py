@@ -143,6 +143,14 @@ def _zoom(ax: Any, hists: list[dict[str, Any] | None]) -> None:
         ax.set_xlim(max(min(a for a, _ in used), 1) / 1.5, max(b for _, b in used) * 1.5)
 
 
+def _panel_hist(d: dict[str, Any], panel: str) -> dict[str, Any] | None:
+    if panel == "doc_tokens":
+        return (d["sample"] or {}).get("doc_tokens")
+    if panel.startswith("scorer:"):
+        return (d.get("scorers") or {}).get(panel.removeprefix("scorer:"))
+    return d[panel]
+
+
 def plot_data(summary: dict[str, Any], path: Path) -> Path | None:
     """Side-by-side panels of what differs in the arms' data (only panels with data are drawn)."""
     data = (summary.get("data") or {}).get("arms") or {}
@@ -156,6 +164,8 @@ def plot_data(summary: dict[str, Any], path: Path) -> Path | None:
         panels.append("doc_tokens")
     if any(d["score"] for d in data.values()):
         panels.append("score")
+    for name in dict.fromkeys(n for d in data.values() for n in d.get("scorers") or {}):
+        panels.append(f"scorer:{name}")  # each scorer's score (`armlab score`)
     if any(d["groups"] for d in data.values()):
         panels.append("groups")
     if not panels:
@@ -178,7 +188,7 @@ def plot_data(summary: dict[str, Any], path: Path) -> Path | None:
             ax.set_title(f"mix over {column}")
         else:
             for arm, d in data.items():
-                h = (d["sample"] or {}).get("doc_tokens") if panel == "doc_tokens" else d[panel]
+                h = _panel_hist(d, panel)
                 if h:
                     _step(ax, h["edges"], h["counts"], colors[arm], arm)
             if panel in ("doc_chars", "doc_tokens"):
@@ -201,7 +211,7 @@ def plot_data(summary: dict[str, Any], path: Path) -> Path | None:
                     "doc_chars": "document length (chars)",
                     "doc_tokens": "tokens per document (sample)",
                     "score": f"{column} distribution",
-                }[panel]
+                }.get(panel, f"scorer {panel.removeprefix('scorer:')} distribution")
             )
         ax.set_ylabel("share of documents")
         ax.grid(alpha=0.3)

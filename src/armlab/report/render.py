@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from armlab.report.datadiff import histogram
+from armlab.report.datadiff import histogram, score_table
 from armlab.report.plots import plot_core_tasks, plot_curves, plot_data, plot_final
 from armlab.report.verdict import METRICS, digits
 from armlab.spec import DCLM_EVAL_BUNDLE_URL
@@ -248,6 +248,8 @@ def data_section(summary: dict[str, Any]) -> Section | None:
         f"tokenize documents read now from row groups spread over each arm's shards ({n}) with the "
         "experiment's tokenizer."
     )
+    if scores := score_table(data):  # every score's distribution per arm (columns and scorers)
+        sec.tables.append(scores)
     groups = _group_table(data)
     if groups:
         sec.tables.append(groups)

@@ -19,7 +19,7 @@ states are restored, and the loss of every later step matches an uninterrupted r
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 import random
 import time
@@ -32,9 +32,11 @@ import torch
 import torch.distributed as dist
 
 from armlab import runs
+from armlab.runs import RunState
 from armlab.train import attention, checkpoint, recipe, schedule
 from armlab.train.model import GPTConfig, build_model, compute_dtype_for
 from armlab.train.optim import MuonAdamW, build_optimizer
+from armlab.train.stop import DIVERGED_LINE, STOP_LINE, StopFlag, agree, test_pause
 
 if TYPE_CHECKING:
     from armlab.train.plan import RunPlan
@@ -89,6 +91,7 @@ class Dist:
     rank: int
     world_size: int
     device: torch.device
+    local_rank: int = 0  # on its node (each node's first rank reads the run's stop request)
 
     @property
     def master(self) -> bool:
@@ -201,158 +204,290 @@ def train_step(
     return (loss_sum / accum).item(), lrm  # .item() also syncs the device, so the caller's dt is real
 
 
-def train_loop(plan: RunPlan, d: Dist) -> None:
-    """Run (or resume) the training described by the supervisor's plan on this rank."""
-    from armlab.budget import training_budget
-    from armlab.evaluate.bpb import evaluate_bpb
-    from armlab.evaluate.checkpoints import last_k_steps
-    from armlab.tokenizer import Tokenizer
-    from armlab.train.loader import DataLoader
+@dataclass
+class Progress:
+    """Where a rank's loop is; a checkpoint records it (meta "loop") and a resume restores it."""
 
-    run_dir = plan.run_dir
-    exp = plan.experiment
-    cfg = plan.config
-    train = exp.train
-    n_steps, accum = cfg.num_iterations, cfg.grad_accum_steps
-    B, T = cfg.device_batch_size, exp.model.max_seq_len
-    device = d.device
-    compute_dtype = compute_dtype_for(device)  # bf16 on CUDA sm80+, else fp32 (nanochat's choice)
+    step: int = 0
+    time: float = 0.0  # seconds of training steps so far
+    val_bpb: float | None = None  # the latest
+    evaluated_at: int | None = None  # the step the latest eval ran at
+    saved_at: int | None = None  # the step of the latest checkpoint
+    last_loss: tuple[int, float] | None = None  # (step, loss) of the latest finite training loss
 
-    tokenizer = Tokenizer.load(plan.tokenizer_dir)
-    torch.manual_seed(plan.seed)  # the init seed: identical initial weights on every rank
-    model_cfg = GPTConfig.from_spec(exp.model, tokenizer.vocab_size)
-    model = build_model(model_cfg, device, compute_dtype)  # on the device directly, nanochat's init
-    hp = recipe.resolve(train)
-    budget = training_budget(exp, vocab_size=tokenizer.vocab_size)
-    scale = schedule.scaling(budget, hp.weight_decay)
-    optimizer = build_optimizer(model, **scale.learning_rates(hp))
-    sched = Schedule(n_steps, accum, hp, scale.weight_decay)
+    def meta(self) -> dict[str, Any]:
+        return {"time": self.time, "evaluated": self.evaluated_at == self.step, "last_loss": self.last_loss}
 
-    # the last k checkpoints, which the final evaluation scores (noise; armlab.evaluate.checkpoints)
-    keep_for_eval = set(last_k_steps(n_steps, exp.evaluate.last_k, exp.evaluate.last_k_every))
-    start, loop_time, loader_state, val_bpb = 0, 0.0, None, None
-    if plan.resume_step is not None:
-        ckpt = checkpoint.load_checkpoint(run_dir, plan.resume_step, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optim"])
-        mine = ckpt["ranks"][d.rank]
-        loader_state = mine["loader"]
-        set_rng_state(mine["rng"])
-        start, loop_time, val_bpb = (
-            ckpt["meta"]["step"],
-            ckpt["meta"]["loop"]["time"],
-            ckpt["meta"]["val_bpb"],
+
+class RunDiverged(Exception):
+    """The loss (or the weights, or the val bpb) became NaN or infinite."""
+
+
+def train_loop(plan: RunPlan, d: Dist, stop: StopFlag | None = None) -> None:
+    """Run (or resume) the training described by the supervisor's plan on this rank, until the
+    last step, an agreed stop (armlab.train.stop) or a divergence; each ends with state.json
+    written by rank 0 and a line every node's supervisor reads (see armlab.train.stop)."""
+    loop = _Loop(plan, d, stop or StopFlag())
+    try:
+        loop.run()
+    finally:
+        # The loader's prefetch thread runs ahead of the loop; it must be stopped and joined before the
+        # interpreter exits (a daemon thread killed inside pyarrow or the tokenizer aborts the process).
+        loop.loader.close()
+    if loop.wandb_run is not None:
+        loop.wandb_run.finish()
+
+
+class _Loop:
+    """One rank's training run: setup (model, optimiser, resume, loader), then `run`."""
+
+    def __init__(self, plan: RunPlan, d: Dist, stop: StopFlag) -> None:
+        from armlab.budget import training_budget
+        from armlab.evaluate.checkpoints import last_k_steps
+        from armlab.tokenizer import Tokenizer
+        from armlab.train.loader import DataLoader
+
+        self.plan, self.d, self.stop = plan, d, stop
+        exp, cfg = plan.experiment, plan.config
+        self.train, self.cfg = exp.train, cfg
+        self.n_steps = cfg.num_iterations
+        self.B, self.T = cfg.device_batch_size, exp.model.max_seq_len
+        device = d.device
+        self.compute_dtype = compute_dtype_for(device)  # bf16 on CUDA sm80+, else fp32 (nanochat's choice)
+        resume_step = _agree_on_plan(plan, d)
+
+        self.tokenizer = Tokenizer.load(plan.tokenizer_dir)
+        torch.manual_seed(plan.seed)  # the init seed: identical initial weights on every rank
+        self.model_cfg = GPTConfig.from_spec(exp.model, self.tokenizer.vocab_size)
+        self.model = build_model(self.model_cfg, device, self.compute_dtype)  # on the device, nanochat's init
+        hp = recipe.resolve(self.train)
+        budget = training_budget(exp, vocab_size=self.tokenizer.vocab_size)
+        scale = schedule.scaling(budget, hp.weight_decay)
+        self.optimizer = build_optimizer(self.model, **scale.learning_rates(hp))
+        self.sched = Schedule(self.n_steps, cfg.grad_accum_steps, hp, scale.weight_decay)
+
+        self.progress, loader_state = Progress(), None
+        if resume_step is not None:
+            ckpt = checkpoint.load_checkpoint(plan.run_dir, resume_step, device)
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optim"])
+            mine = ckpt["ranks"][d.rank]
+            loader_state = mine["loader"]
+            set_rng_state(mine["rng"])
+            meta = ckpt["meta"]
+            last = meta["loop"].get("last_loss")
+            self.progress = Progress(
+                step=meta["step"], time=meta["loop"]["time"], val_bpb=meta["val_bpb"],
+                # checkpoints from before stops could skip an eval were all written after it
+                evaluated_at=meta["step"] if meta["loop"].get("evaluated", True) else None,
+                saved_at=meta["step"], last_loss=tuple(last) if last else None,
+            )  # fmt: skip
+            del ckpt
+        self.start = self.progress.step
+        # the last k checkpoints, which the final evaluation scores (noise; armlab.evaluate.checkpoints)
+        self.keep_for_eval = set(last_k_steps(self.n_steps, exp.evaluate.last_k, exp.evaluate.last_k_every))
+        self.loader = DataLoader(
+            plan.data_dir,
+            self.tokenizer,
+            self.B,
+            self.T,
+            d.rank,
+            d.world_size,
+            seed=plan.order_seed,  # the data-order seed (train.data_seeds; else the seed)
+            state=loader_state,
         )
-        del ckpt
-    loader = DataLoader(
-        plan.data_dir, tokenizer, B, T, d.rank, d.world_size, seed=plan.order_seed, state=loader_state
-    )
-    fwd = torch.compile(model, dynamic=False) if (device.type == "cuda" and train.compile) else model
+        self.fwd = (
+            torch.compile(self.model, dynamic=False)
+            if (device.type == "cuda" and self.train.compile)
+            else self.model
+        )
+        self.peak = peak_flops(device)
+        self.wandb_run = _wandb(exp, plan, d) if self.train.wandb_project else None
+        self.metrics = runs.MetricsLog(plan.run_dir) if d.master else None
+        self.last_state = 0.0
 
-    flops_per_token = cfg.flops_per_token
-    peak = peak_flops(device)
-    wandb_run = _wandb(exp, plan, d) if train.wandb_project else None
-    if d.master:
+    # -- the loop ------------------------------------------------------------------------------------
+    def run(self) -> None:
+        d, p, plan = self.d, self.progress, self.plan
+        if d.master:
+            self._banner()
+        while True:
+            last = p.step == self.n_steps
+            reason = None
+            if not last:
+                test_pause(p.step)
+                reason = agree(self.stop.requested(plan.run_dir, d.local_rank == 0), d.world_size, d.device)
+            try:
+                # a stop skips the eval that is due: the resumed run runs it (meta "evaluated")
+                if (
+                    reason is None
+                    and (last or p.step % self.train.eval_every == 0)
+                    and p.evaluated_at != p.step
+                ):
+                    self._evaluate()
+                saving = p.step > self.start and (
+                    last or p.step % self.train.save_every == 0 or p.step in self.keep_for_eval
+                )
+                if (saving or (reason is not None and p.step > 0)) and p.saved_at != p.step:
+                    self._save()
+            except RunDiverged as e:
+                return self._diverged(str(e))
+            if reason is not None:
+                return self._stopped(reason)
+            if d.master and (last or time.time() - self.last_state > STATE_EVERY_S):
+                self._state(state=RunState.RUNNING, phase=runs.Phase.TRAIN)
+            if last:
+                return None
+            try:
+                self._step()
+            except RunDiverged as e:
+                return self._diverged(str(e))
+
+    def _step(self) -> None:
+        """One optimiser step: accumulate gradients over micro-batches, average over ranks."""
+        d, p, cfg = self.d, self.progress, self.cfg
+        t0 = time.perf_counter()
+        fault_injection(d.rank, p.step)
+        train_loss, lrm = train_step(self.fwd, self.model, self.optimizer, self.loader, p.step, self.sched, d)
+        dt = time.perf_counter() - t0
+        p.step += 1
+        p.time += dt
+        tok_per_s = cfg.total_batch_size / dt
+        mfu = 100 * cfg.flops_per_token * tok_per_s / (self.peak * d.world_size) if self.peak else None
+        if d.master:
+            print(
+                f"step {p.step:05d}/{self.n_steps:05d} | loss {train_loss:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
+                f"tok/s {tok_per_s:,.0f} | mfu {'-' if mfu is None else f'{mfu:.1f}'} | epoch {self.loader.epoch:.2f}",
+                flush=True,
+            )
+        # the loss is averaged over the ranks: every rank sees the same value, so all stop together
+        if not math.isfinite(train_loss):
+            raise RunDiverged(f"loss {train_loss} at step {p.step}{self._last_finite()}")
+        p.last_loss = (p.step, train_loss)
+        self._log(runs.MetricsRecord(
+            step=p.step, tokens=p.step * cfg.total_batch_size, time=round(p.time, 3), train_loss=train_loss,
+            lr_mult=lrm, dt=round(dt, 6), tok_per_s=round(tok_per_s, 1), mfu=None if mfu is None else round(mfu, 2),
+            epoch=round(self.loader.epoch, 4),
+        ))  # fmt: skip
+
+    def _evaluate(self) -> None:
+        from armlab.evaluate.bpb import evaluate_bpb
+
+        d, p, plan = self.d, self.progress, self.plan
+        self._state(phase=runs.Phase.EVAL)
+        self.model.eval()  # eager: eval calls have several widths (armlab.evaluate.bpb)
+        p.val_bpb = evaluate_bpb(
+            self.model, self.tokenizer, plan.eval_dir, self.train.eval_tokens, self.B, self.T, d.device, d.rank,
+            d.world_size, seed=plan.experiment.eval.seed,
+        ).bpb  # fmt: skip
+        self.model.train()
+        p.evaluated_at = p.step
+        if d.master:
+            print(f"step {p.step:05d}/{self.n_steps:05d} | val bpb {p.val_bpb:.4f}", flush=True)
+        if not math.isfinite(p.val_bpb):
+            raise RunDiverged(f"val bpb {p.val_bpb} at step {p.step}{self._last_finite()}")
+        self._log(runs.MetricsRecord(
+            step=p.step, tokens=p.step * self.cfg.total_batch_size, time=round(p.time, 3), val_bpb=p.val_bpb
+        ))  # fmt: skip
+        self._state(phase=runs.Phase.TRAIN)
+
+    def _save(self) -> None:
+        """A checkpoint of this step, unless the weights are no longer finite (never a NaN checkpoint:
+        the last one a resume or an evaluation would take must be a good one)."""
+        d, p = self.d, self.progress
+        if not all(bool(torch.isfinite(t).all()) for t in self.model.parameters()):
+            raise RunDiverged(f"weights not finite after step {p.step}{self._last_finite()}")
+        states = gather({"loader": self.loader.state_dict(), "rng": rng_state()}, d)
+        if d.master:
+            self._state(phase=runs.Phase.SAVE)
+            checkpoint.save_checkpoint(
+                self.plan.run_dir, p.step, model=self.model, optimizer=self.optimizer, rank_states=states,
+                meta={
+                    "model_config": self.model_cfg.to_dict(), "fingerprint": self.plan.fingerprint,
+                    "config": dataclasses.asdict(self.cfg), "tokenizer_fingerprint": self.tokenizer.fingerprint,
+                    "val_bpb": p.val_bpb, "loop": p.meta(),
+                },
+            )  # fmt: skip
+            self._state(phase=runs.Phase.TRAIN)
+        p.saved_at = p.step
+
+    # -- how it ends ----------------------------------------------------------------------------------
+    def _stopped(self, reason: str) -> None:
+        p = self.progress
+        if self.d.local_rank == 0:  # a request says why better than the signal that came with it
+            reason = runs.read_stop_request(self.plan.run_dir) or reason
+        resume = p.saved_at  # a stop saves first: this step, or the checkpoint it resumed from
+        if self.d.master:
+            self._state(state=RunState.STOPPED, phase=None, resume_step=resume, stop_reason=reason,
+                        ended=time.time(), error=f"stopped by {reason} at step {p.step}")  # fmt: skip
+        if self.d.local_rank == 0:
+            print(STOP_LINE.format(step=p.step, reason=reason), flush=True)
+
+    def _diverged(self, detail: str) -> None:
+        p = self.progress
+        if self.d.master:
+            self._state(state=RunState.DIVERGED, phase=None, ended=time.time(), error=f"diverged: {detail}")
+        if self.d.local_rank == 0:
+            print(DIVERGED_LINE.format(step=p.step, detail=detail), flush=True)
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _last_finite(self) -> str:
+        last = self.progress.last_loss
+        return (
+            f" (last finite loss {last[1]:.4f} at step {last[0]})" if last else " (no finite loss before it)"
+        )
+
+    def _log(self, record: runs.MetricsRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.append(record)
+        if self.wandb_run is not None:
+            self.wandb_run.log(record.to_json(), step=record.step)
+
+    def _state(self, **fields: Any) -> None:
+        """state.json (rank 0 only), with the current step (and "running" unless said otherwise)."""
+        fields.setdefault("state", RunState.RUNNING)
+        if self.d.master:
+            runs.write_state(
+                self.plan.run_dir, step=self.progress.step, num_iterations=self.n_steps, **fields
+            )
+            self.last_state = time.time()
+
+    def _banner(self) -> None:
+        plan, cfg, d = self.plan, self.cfg, self.d
+        exp = plan.experiment
         print(
-            f"train {plan.run}: arm {plan.arm}, {d.world_size} x {device.type}, depth {exp.model.depth} "
-            f"({cfg.n_params / 1e6:.1f}M params), {n_steps:,} steps x {cfg.total_batch_size:,} tokens "
-            f"(grad accum {accum}), {str(compute_dtype).removeprefix('torch.')}{', compiled' if fwd is not model else ''}"
-            f", attention {attention.backend(compute_dtype, device)}",
+            f"train {plan.run}: arm {plan.arm}, {d.world_size} x {d.device.type}"
+            f"{f' on {plan.nnodes} nodes' if plan.nnodes > 1 else ''}, depth {exp.model.depth} "
+            f"({cfg.n_params / 1e6:.1f}M params), {self.n_steps:,} steps x {cfg.total_batch_size:,} tokens "
+            f"(grad accum {cfg.grad_accum_steps}), {str(self.compute_dtype).removeprefix('torch.')}"
+            f"{', compiled' if self.fwd is not self.model else ''}, attention {attention.backend(self.compute_dtype, d.device)}",
             flush=True,
         )
-        if start:
-            print(f"resumed from step {start} ({checkpoint.checkpoint_dir(run_dir, start)})", flush=True)
-    last_state = 0.0
+        if self.start:
+            print(
+                f"resumed from step {self.start} ({checkpoint.checkpoint_dir(plan.run_dir, self.start)})",
+                flush=True,
+            )
 
-    def log(record: dict[str, Any]) -> None:
-        with open(run_dir / runs.METRICS_JSONL, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if wandb_run is not None:
-            wandb_run.log(record, step=record["step"])
 
-    # The loader's prefetch thread runs ahead of the loop; it must be stopped and joined before the
-    # interpreter exits (a daemon thread killed inside pyarrow or the tokenizer aborts the process).
-    try:
-        step = start
-        while True:
-            last = step == n_steps
-            fresh = (
-                step != start or plan.resume_step is None
-            )  # the resume step was evaluated and saved already
-            if fresh and (last or step % train.eval_every == 0):
-                model.eval()  # eager: eval calls have several widths (armlab.evaluate.bpb)
-                val_bpb = evaluate_bpb(
-                    model, tokenizer, plan.eval_dir, train.eval_tokens, B, T, device, d.rank, d.world_size,
-                    seed=exp.eval.seed,
-                ).bpb  # fmt: skip
-                model.train()
-                if d.master:
-                    print(f"step {step:05d}/{n_steps:05d} | val bpb {val_bpb:.4f}", flush=True)
-                    log(
-                        {
-                            "step": step,
-                            "tokens": step * cfg.total_batch_size,
-                            "time": round(loop_time, 3),
-                            "val_bpb": val_bpb,
-                        }
-                    )
-            if step > start and (last or step % train.save_every == 0 or step in keep_for_eval):
-                states = gather({"loader": loader.state_dict(), "rng": rng_state()}, d)
-                if d.master:
-                    checkpoint.save_checkpoint(
-                        run_dir,
-                        step,
-                        model=model,
-                        optimizer=optimizer,
-                        rank_states=states,
-                        meta={
-                            "model_config": model_cfg.to_dict(),
-                            "fingerprint": plan.fingerprint,
-                            "config": dataclasses.asdict(cfg),
-                            "tokenizer_fingerprint": tokenizer.fingerprint,
-                            "val_bpb": val_bpb,
-                            "loop": {"time": loop_time},
-                        },
-                    )
-            if d.master and (last or time.time() - last_state > STATE_EVERY_S):
-                runs.write_state(run_dir, state="running", step=step, num_iterations=n_steps)
-                last_state = time.time()
-            if last:
-                break
+def _agree_on_plan(plan: RunPlan, d: Dist) -> int | None:
+    """The checkpoint every rank resumes from: rank 0's plan decides (on a multi-node run each node
+    planned on its own; its ranks must be running the same run). Returns the resume step."""
+    if d.world_size == 1:
+        return plan.resume_step
+    mine = [plan.fingerprint, plan.config.num_iterations, plan.resume_step]
+    objs: list[Any] = [mine]
+    dist.broadcast_object_list(objs, src=0)
+    theirs = objs[0]
+    if theirs[:2] != mine[:2]:
+        from armlab.errors import ArmlabError
 
-            # One optimiser step: accumulate gradients over micro-batches, average over ranks.
-            t0 = time.perf_counter()
-            fault_injection(d.rank, step)
-            train_loss, lrm = train_step(fwd, model, optimizer, loader, step, sched, d)
-            dt = time.perf_counter() - t0
-            step += 1
-            loop_time += dt
-            tok_per_s = cfg.total_batch_size / dt
-            mfu = 100 * flops_per_token * tok_per_s / (peak * d.world_size) if peak else None
-            if d.master:
-                mfu_s = f"{mfu:.1f}" if mfu is not None else "-"
-                print(
-                    f"step {step:05d}/{n_steps:05d} | loss {train_loss:.4f} | lrm {lrm:.2f} | dt {dt * 1000:.0f}ms | "
-                    f"tok/s {tok_per_s:,.0f} | mfu {mfu_s} | epoch {loader.epoch:.2f}",
-                    flush=True,
-                )
-                log(
-                    {
-                        "step": step,
-                        "tokens": step * cfg.total_batch_size,
-                        "time": round(loop_time, 3),
-                        "train_loss": train_loss,
-                        "lr_mult": lrm,
-                        "dt": round(dt, 6),
-                        "tok_per_s": round(tok_per_s, 1),
-                        "mfu": None if mfu is None else round(mfu, 2),
-                        "epoch": round(loader.epoch, 4),
-                    }
-                )
-    finally:
-        loader.close()
-    if wandb_run is not None:
-        wandb_run.finish()
+        raise ArmlabError(
+            f"node {plan.node_rank} was started with another configuration than node 0 (fingerprint "
+            f"{mine[0]}, {mine[1]} steps vs {theirs[0]}, {theirs[1]}); start every node with the same "
+            "experiment file and flags"
+        )
+    return theirs[2]
 
 
 def _wandb(exp: Any, plan: RunPlan, d: Dist) -> Any:

@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from armlab import __version__, runs
-from armlab.budget import grad_accum_steps, model_dim
+from armlab.budget import batch_phrase, grad_accum_steps, model_dim
 from armlab.errors import ArmlabError
 from armlab.progress import console
 from armlab.spec import Experiment, fingerprint, parse_experiment, with_overrides
 from armlab.train.engines import Engine, EngineConfig, get_engine
+from armlab.train.recipe import schedule_misfit
 from armlab.workdir import atomic_write_json, open_workdir, read_json, run_name
 
 # run.json config keys a resumed run must share with the run that wrote the checkpoint
@@ -49,6 +50,11 @@ class TrainOptions:
     device: str | None = None  # "cuda" | "cpu" (default: cuda if available)
     nproc: int | None = None  # ranks with device cpu
     master_port: int | None = None  # default: torchrun binds a free one
+    # one node of a multi-node run: --nnodes N --node-rank K --rdzv-endpoint HOST:PORT (node 0's
+    # address; torchrun's static rendezvous). node_rank None: $SLURM_NODEID when nnodes > 1.
+    nnodes: int = 1
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
     resume: bool = False
     force: bool = False  # start an existing run over / take over a stale lease
     detach: bool = False
@@ -77,6 +83,7 @@ class RunConfig:
     device: str
     dtype: str
     compile: bool
+    nnodes: int = 1  # world_size ranks on this many nodes
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,25 @@ class RunPlan:
     config: RunConfig
     engine: EngineConfig
     force: bool
-    visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES the ranks see (a lane's GPU set); None: all / CPU
+    visible_devices: str | None = (
+        None  # CUDA_VISIBLE_DEVICES the ranks see (a lane's GPU set); None: all / CPU
+    )
+    # A multi-node run: this plan is node `node_rank` of `nnodes`, each running world_size / nnodes
+    # ranks; node 0 (HOST of rdzv_endpoint) owns the run dir's state.json, metrics and checkpoints,
+    # the others are followers with their own plan and log file (plan.node<K>.json, train.node<K>.log).
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # HOST:PORT of node 0's rendezvous (static); None: one node
     data_seed: int | None = None  # the data-order seed (train.data_seeds); None: `seed`
+
+    @property
+    def follower(self) -> bool:
+        """A node other than node 0 of a multi-node run: it writes no state.json, metrics or checkpoints."""
+        return self.node_rank > 0
+
+    @property
+    def nproc_per_node(self) -> int:
+        return self.world_size // self.nnodes
 
     @property
     def order_seed(self) -> int:
@@ -109,7 +133,12 @@ class RunPlan:
 
     @property
     def plan_file(self) -> Path:
-        return self.run_dir / runs.PLAN_JSON
+        return self.run_dir / (f"plan.node{self.node_rank}.json" if self.follower else runs.PLAN_JSON)
+
+    @property
+    def log_file(self) -> Path:
+        """What the supervisor tees the ranks' output into."""
+        return self.run_dir / (f"train.node{self.node_rank}.log" if self.follower else runs.TRAIN_LOG)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -168,19 +197,57 @@ def resolve_devices(num_gpus: int | None, device: str | None, nproc: int | None)
     return device, world
 
 
-def check_port(port: int) -> int:
-    """Refuse a master port something already listens on (two runs on one port hang)."""
+def resolve_nodes(
+    nnodes: int, node_rank: int | None, endpoint: str | None, master_port: int | None
+) -> tuple[int, str | None]:
+    """(node rank, rendezvous endpoint) of one node of a run on `nnodes` nodes; refuses what torchrun
+    would fail on later. On Slurm the node rank defaults to $SLURM_NODEID."""
+    if nnodes < 1:
+        raise ArmlabError(f"--nnodes {nnodes}: must be >= 1")
+    if nnodes == 1:
+        if node_rank not in (None, 0) or endpoint is not None:
+            raise ArmlabError("--node-rank and --rdzv-endpoint are for a multi-node run: add --nnodes N")
+        return 0, None
+    if master_port is not None:
+        raise ArmlabError(
+            "--master-port is for one node; a multi-node run meets at --rdzv-endpoint HOST:PORT"
+        )
+    if endpoint is None:
+        raise ArmlabError(
+            f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address and a free port, the same on every node)"
+        )
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ArmlabError(
+            f"--rdzv-endpoint {endpoint!r}: use HOST:PORT (node 0's address, a port in 1..65535)"
+        )
+    if node_rank is None:
+        slurm = os.environ.get("SLURM_NODEID")
+        if slurm is None or not slurm.isdigit():
+            raise ArmlabError(
+                f"--nnodes {nnodes} needs --node-rank K (0 on the node at {host}; 1..{nnodes - 1} on the others)"
+            )
+        node_rank = int(slurm)
+    if not 0 <= node_rank < nnodes:
+        raise ArmlabError(f"--node-rank {node_rank}: must be in 0..{nnodes - 1} for --nnodes {nnodes}")
+    return node_rank, endpoint
+
+
+def check_port(port: int, flag: str = "--master-port") -> int:
+    """Refuse a rendezvous port something already listens on (two runs on one port hang)."""
     if not 0 < port < 65536:
-        raise ArmlabError(f"--master-port {port}: must be in 1..65535")
+        raise ArmlabError(f"{flag} {port}: must be in 1..65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
-            raise ArmlabError(
-                f"--master-port {port} is in use on this host (another run?); pick another port or omit "
-                "--master-port to use a free one"
-            ) from None
+            fix = (
+                "omit --master-port to use a free one"
+                if flag == "--master-port"
+                else "pick a free port for every node"
+            )
+            raise ArmlabError(f"{flag} {port} is in use on this host (another run?); {fix}") from None
     return port
 
 
@@ -219,13 +286,19 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     data_manifest = _complete_manifest(data_dir, f"armlab prepare EXP --arm {arm}", f"arm {arm!r}")
     _complete_manifest(wd.eval_dir, "armlab prepare EXP", "the shared eval set")
     tok = load_experiment_tokenizer(exp)
-    kind, world = resolve_devices(o.num_gpus, o.device, o.nproc)
+    node_rank, endpoint = resolve_nodes(o.nnodes, o.node_rank, o.rdzv_endpoint, o.master_port)
+    kind, per_node = resolve_devices(o.num_gpus, o.device, o.nproc)
+    world = per_node * o.nnodes
     budget = engine.budget(eff, tok.vocab_size)
+    flag = o.overrides.get("total_batch_size") is not None  # a message names what the user typed
     accum = grad_accum_steps(
-        budget.total_batch_size, eff.train.device_batch_size, eff.model.max_seq_len, world
-    )
+        budget.total_batch_size, eff.train.device_batch_size, eff.model.max_seq_len, world,
+        batch_phrase(eff.train, budget.total_batch_size, flag),
+    )  # fmt: skip
     check_feeds(data_dir, world)
     port = check_port(o.master_port) if o.master_port is not None else None
+    if endpoint is not None and node_rank == 0:  # node 0's torchrun serves the rendezvous there
+        check_port(int(endpoint.rpartition(":")[2]), "--rdzv-endpoint")
 
     config = RunConfig(
         depth=eff.model.depth,
@@ -244,6 +317,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         device=kind,
         dtype=_compute_dtype(kind),
         compile=bool(eff.train.compile and kind == "cuda"),
+        nnodes=o.nnodes,
     )
     run_json = {
         "experiment": exp.name,
@@ -263,23 +337,34 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         "host": socket.gethostname(),
         "armlab_version": __version__,
     }
-    resume_step, clobber = _check_run_dir(run_dir, run_json, o.resume, o.force, engine)
+    follower = node_rank > 0  # node 0's plan decides what the run is; a follower only joins it
+    if follower:
+        resume_step, clobber, restart = None, False, None
+    else:
+        resume_step, clobber, restart = _check_run_dir(run_dir, run_json, o.resume, o.force, engine)
     plan = RunPlan(
         experiment=eff, arm=arm, seed=seed, run=run, run_dir=run_dir, data_dir=data_dir,
         eval_dir=wd.eval_dir, tokenizer_dir=wd.tokenizer_dir, device=kind, world_size=world,
         master_port=port, resume_step=resume_step, fingerprint=run_json["fingerprint"], config=config,
         engine=engine_config, force=o.force,
         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") if kind == "cuda" else None,
+        nnodes=o.nnodes, node_rank=node_rank, rdzv_endpoint=endpoint,
         data_seed=eff.train.data_seed(seed),
     )  # fmt: skip
     engine.preflight(plan)
     _check_repeats(data_manifest, budget.tokens, arm, eff.train.allow_repeat)
 
     # every check passed: only now is anything written (or a clobbered run deleted)
+    if misfit := schedule_misfit(eff.train, budget.num_iterations, defaults=eff.train.engine == "builtin"):
+        console.print(f"[yellow]train: warning: {misfit}[/]")  # trains as asked; `armlab plan` says it too
     if clobber:
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if o.resume and (run_dir / runs.RUN_JSON).is_file():
+    if follower:
+        pass  # node 0 writes run.json and keeps the run's metrics
+    elif restart is not None:
+        _restart_from_zero(run_dir, restart)
+    elif o.resume and (run_dir / runs.RUN_JSON).is_file():
         runs.truncate_metrics(run_dir, resume_step or 0)  # the file reads as one uninterrupted run
     else:
         atomic_write_json(run_dir / runs.RUN_JSON, run_json)
@@ -287,10 +372,32 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     return plan
 
 
+def _restart_from_zero(run_dir: Path, reached: int) -> None:
+    """A run resumed without a checkpoint starts over, and says so: its earlier logs are kept beside
+    the new ones (train.<n>.log, metrics.<n>.jsonl), never overwritten."""
+    n = 1
+    while (run_dir / f"train.{n}.log").exists() or (run_dir / f"metrics.{n}.jsonl").exists():
+        n += 1
+    kept = []
+    for name, new in ((runs.TRAIN_LOG, f"train.{n}.log"), (runs.METRICS_JSONL, f"metrics.{n}.jsonl")):
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, run_dir / new)
+            kept.append(new)
+    where = f"; its earlier logs are kept as {' and '.join(kept)}" if kept else ""
+    line = (
+        f"train: {run_dir.name} has no checkpoint (it reached step {reached} before stopping): "
+        f"restarting from step 0{where}"
+    )
+    console.print(f"[yellow]{line}[/]")
+    with open(run_dir / runs.TRAIN_LOG, "a", encoding="utf-8") as log:
+        log.write(line + "\n")
+
+
 def _check_run_dir(
     run_dir: Path, new: dict[str, Any], resume: bool, force: bool, engine: Engine
-) -> tuple[int | None, bool]:
-    """(checkpoint step to resume from or None, whether the existing run is to be deleted first);
+) -> tuple[int | None, bool, int | None]:
+    """(checkpoint step to resume from or None, whether the existing run is to be deleted first,
+    the step a run resumed without a checkpoint had reached: it restarts from 0 (else None));
     refuses live, mismatched or clobbering runs. Writes nothing."""
     exists = (run_dir / runs.RUN_JSON).is_file()
     state = runs.read_state(run_dir) if exists else {}
@@ -305,11 +412,11 @@ def _check_run_dir(
                 f"{run_dir} already holds run {new['run']!r}; pass --resume to continue it, --run-name NAME for a "
                 "new run, or --force to delete it and start over"
             )
-        return None, True
+        return None, True, None
     if not exists:
         if resume:
             console.print(f"train: nothing to resume in {run_dir}; starting a new run")
-        return None, False
+        return None, False, None
     old = read_json(run_dir / runs.RUN_JSON)
     diffs = [
         k for k in ("fingerprint", "tokenizer_fingerprint", "data_manifest_sha256") if old.get(k) != new[k]
@@ -322,9 +429,9 @@ def _check_run_dir(
         )
     steps = engine.checkpoint_steps(run_dir)
     if not steps:
-        console.print(f"train: {run_dir} has no checkpoint yet; restarting it from step 0")
-        return None, False
-    return steps[-1], False
+        reached = max(int(state.get("step") or 0), runs.read_metrics(run_dir).last_step or 0)
+        return None, False, reached
+    return steps[-1], False, None
 
 
 def _check_repeats(manifest_raw: bytes, tokens: int, arm: str, allow: bool) -> None:

@@ -65,3 +65,30 @@ def resolve(train: TrainSpec) -> Hyperparameters:
         warmdown_ratio=_or(train.warmdown_ratio, WARMDOWN_RATIO),
         final_lr_frac=_or(train.final_lr_frac, FINAL_LR_FRAC),
     )
+
+
+def schedule_misfit(train: TrainSpec, num_iterations: int, defaults: bool = True) -> str | None:
+    """One line when the learning-rate schedule does not fit the horizon (the warmup and the
+    warmdown overlap: the rate never holds its peak, and the warmdown starts before the warmup
+    ends), else None. `defaults`: unset keys take this recipe's values (the built-in engine); a
+    nanochat checkout's own defaults are not known here, so only keys the file sets count.
+    The fix names the keys: "lower" one the file sets, "set" one it leaves to the default."""
+    warmup, ratio = train.warmup_steps, train.warmdown_ratio
+    if defaults:
+        warmup, ratio = _or(warmup, WARMUP_STEPS), _or(ratio, WARMDOWN_RATIO)
+    if warmup is None or ratio is None:
+        return None
+    warmdown = round(ratio * num_iterations)
+    if warmup + warmdown <= num_iterations:
+        return None
+    fits = [("warmup_steps", train.warmup_steps, num_iterations - warmdown, f"{num_iterations - warmdown}")]
+    fits.append(("warmdown_ratio", train.warmdown_ratio, num_iterations - warmup, f"{(num_iterations - warmup) / num_iterations:.2f}"))
+    how = " or ".join(
+        f"{'lower' if now is not None else 'set'} train.{key}{f' ({now})' if now is not None else ''} to <= {text}"
+        for key, now, room, text in fits
+        if room > 0
+    ) or "lower train.warmup_steps and train.warmdown_ratio (or train longer)"
+    return (
+        f"the learning-rate schedule does not fit {num_iterations} steps: warmup {warmup} + warmdown {warmdown} "
+        f"({ratio:.0%} of the steps) = {warmup + warmdown} steps, so the warmdown starts before the warmup ends; {how}"
+    )

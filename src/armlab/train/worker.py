@@ -4,7 +4,8 @@ The built-in engine's rank, started by the supervisor, directly for one process 
 the process group (gloo on CPU, nccl on CUDA, with a finite timeout so a lost peer is an error,
 not a hang), dies with its parent (so a killed supervisor never leaves orphan ranks holding
 GPUs), and on any exception records a one-line error for the supervisor before exiting 1.
-torchrun's agent then stops the other ranks at once.
+torchrun's agent then stops the other ranks at once. A stop signal (armlab.train.stop) is only
+recorded: the loop finishes its step, checkpoints and returns, and the rank exits 0.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ from datetime import timedelta
 from pathlib import Path
 
 from armlab.runs import RankError, die_with_parent, write_rank_error
+from armlab.train.stop import StopFlag
 
 DIST_TIMEOUT_S = int(os.environ.get("ARMLAB_DIST_TIMEOUT_S", "600"))
 
 
 def main(plan_path: str) -> int:
     die_with_parent()
+    stop = StopFlag().install()  # before the slow imports: a signal during start-up is a stop too
     rank = int(os.environ.get("RANK", "0"))
     try:
         import torch
@@ -33,8 +36,8 @@ def main(plan_path: str) -> int:
 
         plan = RunPlan.read(plan_path)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if plan.device == "cuda":
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local_rank)
             device = torch.device("cuda", local_rank)
         else:
@@ -44,7 +47,7 @@ def main(plan_path: str) -> int:
             kwargs = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend, timeout=timedelta(seconds=DIST_TIMEOUT_S), **kwargs)
         try:
-            train_loop(plan, Dist(rank, world_size, device))
+            train_loop(plan, Dist(rank, world_size, device, local_rank), stop)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

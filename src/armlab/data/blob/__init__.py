@@ -1,5 +1,5 @@
-"""Azure Blob Storage: download prebuilt shards; publish and pull an arm, and the experiment's
-shared eval set + tokenizer.
+"""Published dirs in a store (Azure Blob Storage, usually): download prebuilt shards; publish and
+pull an arm, and the experiment's shared eval set + tokenizer.
 
 A published dir (an arm's data dir, the eval set, the tokenizer) is its files plus manifest.json:
 publishing uploads the files with Content-MD5, then the manifest last; pulling reads the manifest
@@ -16,46 +16,55 @@ manifest is only ever visible beside a complete set of files. Two kinds of dirs 
       az://c/<exp prefix>/_shared/tokenizer/  tokenizer.pkl, token_bytes.npy, manifest.json
       az://c/<exp prefix>/<arm>/              an arm published beside them (`arm_uri`)
 
-The modules, one job each:
+Where the bytes travel is the storage seam (`armlab.store`: Azure, or any other store, with one
+retry/timeout/redaction layer and verified, resumable downloads); the modules here, one job each:
 
-- `address`: `az://` uris (`AzPath`, `parse_az_uri`), blob names, where published dirs go;
-- `auth`: credentials from the environment, secret scrubbing, the SDK client;
-- `sdk`: SDK errors as one secret-free line, retries with backoff, listing a prefix;
-- `download`: the verified, resumable downloader (`download_prefix`, `fetch_prebuilt`);
-- `checks`: is a published arm, eval set or tokenizer this experiment's;
+- `address`: where published dirs go (`shared_uris`, `arm_uri`);
+- `checks`: is a published arm, eval set or tokenizer this experiment's; is a file a shard;
 - `publish`: upload an arm or the shared assets (`publish`, `publish_shared`);
-- `pull`: download them into a workdir (`pull`, `pull_shared`).
+- `pull`: download them into a workdir (`pull`, `pull_shared`); `fetch_prebuilt` for prepare.
 """
 
-from armlab.data.blob.address import MANIFEST_NAME, AzPath, arm_uri, parse_az_uri, shared_uris
-from armlab.data.blob.auth import RetrySettings
-from armlab.data.blob.download import (
-    RECORD_NAME,
-    FetchReport,
-    download_prefix,
-    fetch_prebuilt,
-    read_download_record,
-)
+from pathlib import Path
+from typing import Any
+
+from armlab.data.blob.address import MANIFEST_NAME, arm_uri, folder, shared_uris
+from armlab.data.blob.checks import shard_problem
 from armlab.data.blob.publish import PublishReport, publish, publish_shared
 from armlab.data.blob.pull import pull, pull_shared
-from armlab.data.blob.sdk import RemoteBlob
+from armlab.store.download import RECORD_NAME, FetchReport, read_download_record
+from armlab.store.download import download_prefix as _download_prefix
+
+
+def download_prefix(uri: str, dest: str | Path, **kw: Any) -> FetchReport:
+    """The shards under a store folder into `dest` (`armlab.store.download.download_prefix`, each
+    .parquet file checked to be a shard: a string `text` column)."""
+    return _download_prefix(folder(uri), dest, check=shard_problem, **kw)
+
+
+def fetch_prebuilt(
+    uri: str, dest: Path, *, mode: str = "bulk", concurrency: int = 8, skip_download: bool = False
+) -> Path:
+    """Download a store folder's parquet files into `dest` (verified, resumable); returns `dest`.
+
+    Contract for `armlab.data.prepare`, which then normalises the files (eval removal, shuffle,
+    re-sharding). Raises ArmlabError (one line) for every bad input or failure.
+    """
+    return download_prefix(uri, dest, mode=mode, concurrency=concurrency, skip_download=skip_download).dest
+
 
 __all__ = [
     "MANIFEST_NAME",
     "RECORD_NAME",
-    "AzPath",
     "FetchReport",
     "PublishReport",
-    "RemoteBlob",
-    "RetrySettings",
-    "arm_uri",
     "download_prefix",
+    "read_download_record",
+    "arm_uri",
     "fetch_prebuilt",
-    "parse_az_uri",
     "publish",
     "publish_shared",
     "pull",
     "pull_shared",
-    "read_download_record",
     "shared_uris",
 ]

@@ -1,6 +1,7 @@
-"""Is a published dir this experiment's? The spec checks that keep arms comparable: a tokenizer
-of this spec whose files match its fingerprint, an eval set of this spec, an arm of this
-experiment's pool, eval set, shard layout and selection. Used by both publish and pull.
+"""Is a published or downloaded dir this experiment's? The spec checks that keep arms comparable:
+a tokenizer of this spec whose files match its fingerprint, an eval set of this spec, an arm of
+this experiment's pool, eval set, shard layout and selection (used by both publish and pull); and
+`shard_problem`, whether a downloaded parquet file can be a shard at all.
 """
 
 from __future__ import annotations
@@ -9,11 +10,31 @@ from pathlib import Path
 from typing import Any
 
 from armlab.data.blob.address import MANIFEST_NAME
-from armlab.data.blob.sdk import _first_line
 from armlab.data.prepare.targets import arm_selection, eval_selection
 from armlab.errors import ArmlabError
 from armlab.spec import fingerprint_diff
+from armlab.store.net import describe
 from armlab.workdir import read_json
+
+
+def shard_problem(name: str, path: Path) -> str | None:
+    """Why downloaded file `name` (at `path`) is not a usable shard (its footer only), or None;
+    files other than .parquet are not shards and pass."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not name.endswith(".parquet"):
+        return None
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        return f"not a parquet file: {describe(e)}"
+    if "text" not in schema.names:
+        return f"no 'text' column (columns: {', '.join(schema.names[:8])})"
+    t = schema.field("text").type
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        return f"column 'text' is {t}, not string"
+    return None
 
 
 def _tokenizer_files() -> list[str]:
@@ -49,7 +70,7 @@ def _check_tokenizer_files(directory: Path, manifest: dict[str, Any]) -> None:
             tok = Tokenizer(pickle.load(f))
         token_bytes = np.load(directory / TOKEN_BYTES_FILE)
     except (OSError, ValueError, pickle.UnpicklingError, EOFError, AttributeError) as e:
-        raise ArmlabError(f"{directory}: unreadable tokenizer files ({_first_line(e)})") from None
+        raise ArmlabError(f"{directory}: unreadable tokenizer files ({describe(e)})") from None
     if tok.fingerprint != manifest.get("fingerprint"):
         raise ArmlabError(
             f"{directory / ENCODING_FILE}: fingerprint {tok.fingerprint}, but {MANIFEST_NAME} says "

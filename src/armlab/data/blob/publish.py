@@ -1,8 +1,8 @@
-"""Publishing a dir to Azure Blob Storage: an arm (`publish`), or the experiment's eval set and
-tokenizer (`publish_shared`).
+"""Publishing a dir to a store (Azure Blob Storage, or any writable store): an arm (`publish`), or
+the experiment's eval set and tokenizer (`publish_shared`).
 
 Publishing uploads a dir's files with Content-MD5 set and its manifest.json last, so a reader never
-sees a manifest whose files are not all there; blobs already present with the same size and MD5 are
+sees a manifest whose files are not all there; files already present with the same size and MD5 are
 skipped, which makes an interrupted publish resumable. Every file is checked against its manifest
 before anything is uploaded (never publish a modified file).
 """
@@ -12,19 +12,17 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from armlab.data.blob.address import MANIFEST_NAME, AzPath, _preview, parse_az_uri, shared_uris
-from armlab.data.blob.auth import RetrySettings, auth_from_env, service_client
+from armlab.data.blob.address import MANIFEST_NAME, folder, shared_uris
 from armlab.data.blob.checks import _check_tokenizer_files, _check_tokenizer_spec, _tokenizer_files
-from armlab.data.blob.download import _hash_file
-from armlab.data.blob.sdk import _retrying
 from armlab.errors import ArmlabError
-from armlab.progress import console, progress
+from armlab.progress import byte_counter, console, progress
+from armlab.store import Retry, open_store
+from armlab.store.download import hash_file, preview
 from armlab.text import plural
 from armlab.workdir import open_workdir, read_json
 
@@ -49,13 +47,13 @@ def _local_state(
     missing = [n for n in files if not (directory / n).is_file()]
     if missing:
         raise ArmlabError(
-            f"{directory}: {plural(len(missing), 'file')} of {MANIFEST_NAME} missing ({_preview(missing)}); {fix}"
+            f"{directory}: {plural(len(missing), 'file')} of {MANIFEST_NAME} missing ({preview(missing)}); {fix}"
         )
     local: dict[str, tuple[int, str]] = {}
     with progress() as prog, ThreadPoolExecutor(max_workers=concurrency) as ex:
         task = prog.add_task(f"verify {label}", total=len(files), unit="files", bytes=0)
         nbytes = 0
-        for name, (md5, sha) in zip(files, ex.map(lambda n: _hash_file(directory / n), files), strict=True):
+        for name, (md5, sha) in zip(files, ex.map(lambda n: hash_file(directory / n), files), strict=True):
             if sha256 is not None and sha != sha256[name]:
                 raise ArmlabError(
                     f"{directory / name}: sha256 differs from {MANIFEST_NAME} (modified after it was written?); {fix}"
@@ -85,107 +83,61 @@ def _upload_dir(
     directory: Path,
     files: list[str],
     local: dict[str, tuple[int, str]],
-    az: AzPath,
+    uri: str,
     *,
     concurrency: int,
     replace: bool,
-    retry: RetrySettings,
+    retry: Retry | None,
 ) -> PublishReport:
-    """Upload `files` of `directory` to `az` (Content-MD5 set), then its manifest.json last.
+    """Upload `files` of `directory` to the folder `uri` (Content-MD5 set), then its manifest.json last.
 
     `kind` ("arm", "eval set", "tokenizer") and `label` name it in messages; `local` is
-    `_local_state`'s (size, md5) per file. Blobs already there with the same size and
-    MD5 are skipped (an interrupted publish resumes). Blobs under the prefix that are not this
-    dir's are refused unless `replace`, which deletes them.
+    `_local_state`'s (size, md5) per file. Files already there with the same size and MD5 are
+    skipped (an interrupted publish resumes). Files under the prefix that are not this dir's are
+    refused unless `replace`, which deletes them.
     """
-    from azure.storage.blob import ContentSettings
-
     t0 = time.time()
+    prefix = folder(uri)
     manifest_bytes = (directory / MANIFEST_NAME).read_bytes()
     if (len(manifest_bytes), hashlib.md5(manifest_bytes).hexdigest()) != local[MANIFEST_NAME]:
         raise ArmlabError(f"{directory / MANIFEST_NAME}: changed while publishing; rerun")
-    auth = auth_from_env()
-    client = service_client(auth, threads=concurrency, retry=retry)
-    cc = client.get_container_client(az.container)
-    abort = threading.Event()
-
-    def remote_state() -> dict[str, tuple[int, str | None]]:
-        out = {}
-        for p in cc.list_blobs(name_starts_with=az.prefix):
-            md5 = p.content_settings.content_md5
-            out[p.name[len(az.prefix) :]] = (int(p.size), bytes(md5).hex() if md5 else None)
-        return out
-
-    remote = _retrying(remote_state, az.uri(), retry, abort, auth)
+    store = open_store(prefix, retry)
+    remote = {e.url.removeprefix(prefix): (e.size, e.md5) for e in store.list(prefix)}
     others = sorted(set(remote) - set(local))
     if others and not replace:
         raise ArmlabError(
-            f"{az.uri()}: the prefix already holds {plural(len(others), 'blob')} that {'is' if len(others) == 1 else 'are'} not this {kind}'s "
-            f"({_preview(others)}); choose an empty prefix, or pass --replace to delete them"
+            f"{prefix}: the prefix already holds {plural(len(others), 'blob')} that {'is' if len(others) == 1 else 'are'} not this {kind}'s "
+            f"({preview(others)}); choose an empty prefix, or pass --replace to delete them"
         )
     todo = [n for n in files if remote.get(n) != local[n]]
     manifest_current = remote.get(MANIFEST_NAME) == local[MANIFEST_NAME]
-    uploaded_bytes = 0
     if todo or others or not manifest_current:
         # The manifest goes first and comes back last: a reader never sees it with files changing.
-        delete = ([MANIFEST_NAME] if MANIFEST_NAME in remote else []) + others
-        for name in delete:
-            _retrying(lambda n=name: cc.delete_blob(az.prefix + n), az.uri(name), retry, abort, auth)
-
-        def upload(name: str, data: Any, size: int, hook: Callable[[int, int | None], None] | None) -> None:
-            cc.upload_blob(
-                az.prefix + name,
-                data,
-                length=size,
-                overwrite=True,
-                validate_content=True,  # per-request MD5 checked by the server (in transit)
-                content_settings=ContentSettings(
-                    content_type=_content_type(name),
-                    content_md5=bytearray.fromhex(local[name][1]),  # stored: what readers verify against
-                ),
-                max_concurrency=max(1, concurrency // max(1, min(concurrency, len(todo)))),
-                progress_hook=hook,
-            )
-
+        for name in ([MANIFEST_NAME] if MANIFEST_NAME in remote else []) + others:
+            store.delete(prefix + name)
+        per_file = max(1, concurrency // max(1, min(concurrency, len(todo))))
+        abort = threading.Event()
         with progress() as prog, ThreadPoolExecutor(max_workers=min(concurrency, max(1, len(todo)))) as ex:
             task = prog.add_task(
                 f"publish {label}", total=len(files), completed=len(files) - len(todo), unit="files", bytes=0
             )
-            lock = threading.Lock()
+            on_bytes = byte_counter(prog, task)
 
-            def upload_file(name: str) -> int:
-                seen = 0
-
-                def hook(current: int, _total: int | None) -> None:
-                    nonlocal seen, uploaded_bytes
-                    with lock:
-                        uploaded_bytes += current - seen
-                        prog.update(task, bytes=uploaded_bytes)
-                    seen = current
-
-                def once() -> None:
-                    with open(directory / name, "rb") as f:
-                        upload(name, f, local[name][0], hook)
-
-                _retrying(once, az.uri(name), retry, abort, auth)
-                return local[name][0]
+            def upload(name: str) -> None:
+                store.put(
+                    str(directory / name), prefix + name, local[name][1], _content_type(name), on_bytes, per_file, abort
+                )
 
             try:
-                for fut in as_completed([ex.submit(upload_file, n) for n in todo]):
+                for fut in as_completed([ex.submit(upload, n) for n in todo]):
                     fut.result()
                     prog.advance(task)
             except BaseException:
                 abort.set()
                 raise
-        _retrying(
-            lambda: upload(MANIFEST_NAME, manifest_bytes, len(manifest_bytes), None),
-            az.uri(MANIFEST_NAME),
-            retry,
-            abort,
-            auth,
-        )
+        store.put(str(directory / MANIFEST_NAME), prefix + MANIFEST_NAME, local[MANIFEST_NAME][1], _content_type(MANIFEST_NAME))
     report = PublishReport(
-        az.uri(),
+        prefix,
         len(files),
         len(todo),
         len(files) - len(todo),
@@ -193,7 +145,7 @@ def _upload_dir(
         time.time() - t0,
     )
     console.print(
-        f"published {label} to {az.uri()}: {plural(report.files, 'file')}, {report.uploaded} uploaded, "
+        f"published {label} to {prefix}: {plural(report.files, 'file')}, {report.uploaded} uploaded, "
         f"{report.skipped} already there" + (f", {plural(len(others), 'other blob')} deleted" if others else "")
     )
     return report
@@ -212,7 +164,7 @@ def publish(
     *,
     concurrency: int = 8,
     replace: bool = False,
-    retry: RetrySettings | None = None,
+    retry: Retry | None = None,
 ) -> PublishReport:
     """Upload arm `arm`'s shards and manifest.json to `to_uri` (manifest last, Content-MD5 set).
 
@@ -221,7 +173,7 @@ def publish(
     Blobs under the prefix that are not this arm's are refused unless `replace`, which deletes them.
     """
     exp.arm(arm)
-    az = parse_az_uri(to_uri)
+    to_uri = folder(to_uri)
     data_dir = open_workdir(exp, create=False).data_dir(arm)
     fix = f"run `armlab prepare` for arm {arm!r} before publishing it"
     manifest = _complete_manifest(data_dir, fix)
@@ -235,10 +187,10 @@ def publish(
         data_dir,
         files,
         local,
-        az,
+        to_uri,
         concurrency=concurrency,
         replace=replace,
-        retry=retry or RetrySettings(),
+        retry=retry,
     )
 
 
@@ -248,7 +200,7 @@ def publish_shared(
     *,
     concurrency: int = 8,
     replace: bool = False,
-    retry: RetrySettings | None = None,
+    retry: Retry | None = None,
 ) -> list[PublishReport]:
     """Upload the experiment's eval set and tokenizer under `<to_uri>/_shared/` (see `shared_uris`).
 
@@ -257,7 +209,6 @@ def publish_shared(
     uploaded like an arm (Content-MD5 set, manifest last, resumable).
     """
     uris = shared_uris(to_uri)
-    retry = retry or RetrySettings()
     wd = open_workdir(exp, create=False)
     ev_fix = "run `armlab prepare EXP` first"
     ev_manifest = _complete_manifest(wd.eval_dir, ev_fix)
@@ -278,7 +229,7 @@ def publish_shared(
     opts: dict[str, Any] = {"concurrency": concurrency, "replace": replace, "retry": retry}
     return [
         _upload_dir(
-            "eval set", "eval set", wd.eval_dir, ev_files, ev_local, parse_az_uri(uris["eval"]), **opts
+            "eval set", "eval set", wd.eval_dir, ev_files, ev_local, uris["eval"], **opts
         ),
         _upload_dir(
             "tokenizer",
@@ -286,7 +237,7 @@ def publish_shared(
             wd.tokenizer_dir,
             _tokenizer_files(),
             tok_local,
-            parse_az_uri(uris["tokenizer"]),
+            uris["tokenizer"],
             **opts,
         ),
     ]

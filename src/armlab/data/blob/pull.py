@@ -11,25 +11,24 @@ holds a lease.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from armlab.data.blob.address import MANIFEST_NAME, AzPath, _preview, parse_az_uri, shared_uris
-from armlab.data.blob.auth import RetrySettings, auth_from_env, service_client
+from armlab.data.blob.address import MANIFEST_NAME, folder, shared_uris
 from armlab.data.blob.checks import (
     _check_eval_spec,
     _check_same_spec,
     _check_tokenizer_files,
     _check_tokenizer_spec,
     _tokenizer_files,
+    shard_problem,
 )
-from armlab.data.blob.download import download_prefix, read_download_record
-from armlab.data.blob.sdk import _retrying
 from armlab.errors import ArmlabError
 from armlab.progress import console
+from armlab.store import Retry, is_remote, open_store
+from armlab.store.download import download_prefix, preview, read_download_record
 from armlab.text import plural
 from armlab.workdir import (
     atomic_write_bytes,
@@ -42,35 +41,20 @@ from armlab.workdir import (
 )
 
 
-def _remote_manifest(az: AzPath, what: str, retry: RetrySettings) -> tuple[bytes, dict[str, Any]]:
-    """The published manifest.json under `az` (bytes, parsed); refuses a missing or incomplete one.
-    `what` names the thing (e.g. "a published arm") and how to make it, for the errors."""
-    from azure.core.exceptions import ResourceNotFoundError
-
-    auth = auth_from_env()
-    bc = service_client(auth, threads=1, retry=retry).get_blob_client(az.container, az.prefix + MANIFEST_NAME)
-
-    def get() -> bytes | None:
-        try:
-            return bc.download_blob().readall()
-        except ResourceNotFoundError as e:
-            if getattr(e, "error_code", None) == "BlobNotFound":
-                return None
-            raise
-
-    data = _retrying(get, az.uri(MANIFEST_NAME), retry, threading.Event(), auth)
+def _remote_manifest(uri: str, what: str, retry: Retry | None) -> tuple[bytes, dict[str, Any]]:
+    """The published manifest.json under the folder `uri` (bytes, parsed); refuses a missing or
+    incomplete one. `what` names the thing (e.g. "a published arm") and how to make it."""
+    data = open_store(uri, retry).cat(uri + MANIFEST_NAME)
     if data is None:
-        raise ArmlabError(f"{az.uri()}: no {MANIFEST_NAME}, so this is not {what}")
+        raise ArmlabError(f"{uri}: no {MANIFEST_NAME}, so this is not {what}")
     try:
         manifest = json.loads(data)
         if not isinstance(manifest, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:
-        raise ArmlabError(
-            f"{az.uri(MANIFEST_NAME)}: not an armlab manifest ({e}); publish it again"
-        ) from None
+        raise ArmlabError(f"{uri}{MANIFEST_NAME}: not an armlab manifest ({e}); publish it again") from None
     if manifest.get("complete") is not True:
-        raise ArmlabError(f"{az.uri(MANIFEST_NAME)}: not complete; rerun `armlab publish` on the source host")
+        raise ArmlabError(f"{uri}{MANIFEST_NAME}: not complete; rerun `armlab publish` on the source host")
     return data, manifest
 
 
@@ -84,7 +68,7 @@ def _shard_hashes(manifest: dict[str, Any], where: str) -> dict[str, str]:
 
 
 def _pull_dir(
-    az: AzPath,
+    uri: str,
     dest: Path,
     manifest_bytes: bytes,
     files: list[str],
@@ -92,10 +76,10 @@ def _pull_dir(
     *,
     mode: str,
     concurrency: int,
-    retry: RetrySettings,
+    retry: Retry | None,
     check: Callable[[Path], None] | None = None,
 ) -> None:
-    """Download `files` of the published dir `az` into `dest`; verify them (Content-MD5 on the way,
+    """Download `files` of the published dir `uri` into `dest`; verify them (Content-MD5 on the way,
     then `sha256` from the manifest where given, then `check`); write manifest.json last.
 
     A local manifest that is not the published one is removed first, so the dir stops looking
@@ -108,14 +92,14 @@ def _pull_dir(
     for p in sorted(dest.glob("*.parquet")):  # top level only: the tokenizer dir's sample/ is not ours
         if p.name not in files and not p.name.startswith("."):
             p.unlink()
-    download_prefix(az.uri(), dest, mode=mode, concurrency=concurrency, only=files, retry=retry)
+    download_prefix(uri, dest, mode=mode, concurrency=concurrency, only=files, retry=retry, check=shard_problem)
     record = read_download_record(dest)
     wrong = [n for n in files if sha256 is not None and record["files"][n]["sha256"] != sha256[n]]
     if wrong:
         for n in wrong:
             (dest / n).unlink(missing_ok=True)
         raise ArmlabError(
-            f"{az.uri()}: {plural(len(wrong), 'shard')} {'differs' if len(wrong) == 1 else 'differ'} from the published manifest's sha256 ({_preview(wrong)}); "
+            f"{uri}: {plural(len(wrong), 'shard')} {'differs' if len(wrong) == 1 else 'differ'} from the published manifest's sha256 ({preview(wrong)}); "
             "deleted them: publish it again"
         )
     if check is not None:
@@ -136,7 +120,7 @@ def pull(
     mode: str | None = None,
     concurrency: int | None = None,
     force: bool = False,
-    retry: RetrySettings | None = None,
+    retry: Retry | None = None,
 ) -> Path:
     """Download a published arm (see `publish`) into the arm's data dir; returns the data dir.
 
@@ -146,30 +130,30 @@ def pull(
     experiment's spec and, when the eval set is here, the eval set it was prepared against.
     """
     spec = exp.arm(arm)
-    uri = from_uri or (spec.uri if spec.uri and spec.uri.startswith("az://") else None)
+    uri = from_uri or (spec.uri if spec.uri and is_remote(spec.uri) else None)
     if uri is None:
         raise ArmlabError(
-            f"arm {arm!r} has no az:// uri in the experiment file; pass --from az://<container>/<prefix>"
+            f"arm {arm!r} has no az:// uri (or other store URL) in the experiment file; "
+            "pass --from az://<container>/<prefix>"
         )
-    az = parse_az_uri(uri)
-    retry = retry or RetrySettings()
+    uri = folder(uri)
     wd = open_workdir(exp, create=False)  # created once the published arm is found and fits
     data_dir = wd.data_dir(arm)
     check_writable(data_dir, force=force, action="pull into it")
 
     manifest_bytes, manifest = _remote_manifest(
-        az,
+        uri,
         "a published arm; publish one with `armlab publish`, or use raw prebuilt shards as a "
         "kind='prebuilt' arm through `armlab prepare`",
         retry,
     )
-    files = _shard_hashes(manifest, az.uri(MANIFEST_NAME))
-    _check_same_spec(exp, spec, wd.eval_dir, manifest, az.uri(MANIFEST_NAME))
+    files = _shard_hashes(manifest, uri + MANIFEST_NAME)
+    _check_same_spec(exp, spec, wd.eval_dir, manifest, uri + MANIFEST_NAME)
     freeze_spec(open_workdir(exp), exp)
     # Under the arm's lock: a run that starts now waits for the pull instead of leasing half a dir.
     with writing(data_dir, force=force, action="pull into it"):
         _pull_dir(
-            az,
+            uri,
             data_dir,
             manifest_bytes,
             sorted(files),
@@ -178,7 +162,7 @@ def pull(
             concurrency=concurrency or spec.concurrency,
             retry=retry,
         )
-    console.print(f"pulled {arm} from {az.uri()} into {data_dir} ({plural(len(files), 'shard')}, sha256 verified)")
+    console.print(f"pulled {arm} from {uri} into {data_dir} ({plural(len(files), 'shard')}, sha256 verified)")
     return data_dir
 
 
@@ -200,7 +184,7 @@ class _SharedDir:
     """One shared asset to pull: where it is published, where it goes, what verifies it."""
 
     kind: str  # "eval set" | "tokenizer"
-    az: AzPath
+    uri: str  # the published folder
     dest: Path
     manifest_bytes: bytes
     manifest: dict[str, Any]
@@ -223,7 +207,7 @@ def pull_shared(
     mode: str = "bulk",
     concurrency: int = 8,
     force: bool = False,
-    retry: RetrySettings | None = None,
+    retry: Retry | None = None,
 ) -> dict[str, Path]:
     """Download the eval set and tokenizer published by `publish_shared` into this workdir.
 
@@ -235,20 +219,19 @@ def pull_shared(
     manifest is written last. Returns {"eval": eval dir, "tokenizer": tokenizer dir}.
     """
     uris = shared_uris(from_uri)
-    retry = retry or RetrySettings()
     wd = open_workdir(exp, create=False)  # created once both published dirs are found and fit
     how = f"run `armlab publish EXP --shared --to {from_uri}` on the host that prepared the experiment"
-    ev_az, tok_az = parse_az_uri(uris["eval"]), parse_az_uri(uris["tokenizer"])
-    ev_bytes, ev_manifest = _remote_manifest(ev_az, f"a published eval set; {how}", retry)
-    tok_bytes, tok_manifest = _remote_manifest(tok_az, f"a published tokenizer; {how}", retry)
-    ev_files = _shard_hashes(ev_manifest, ev_az.uri(MANIFEST_NAME))
-    _check_eval_spec(exp, ev_manifest, ev_az.uri(MANIFEST_NAME))
-    _check_tokenizer_spec(exp, tok_manifest, tok_az.uri(MANIFEST_NAME))
+    ev_uri, tok_uri = uris["eval"], uris["tokenizer"]
+    ev_bytes, ev_manifest = _remote_manifest(ev_uri, f"a published eval set; {how}", retry)
+    tok_bytes, tok_manifest = _remote_manifest(tok_uri, f"a published tokenizer; {how}", retry)
+    ev_files = _shard_hashes(ev_manifest, ev_uri + MANIFEST_NAME)
+    _check_eval_spec(exp, ev_manifest, ev_uri + MANIFEST_NAME)
+    _check_tokenizer_spec(exp, tok_manifest, tok_uri + MANIFEST_NAME)
     assets = [
-        _SharedDir("eval set", ev_az, wd.eval_dir, ev_bytes, ev_manifest, sorted(ev_files), ev_files),
+        _SharedDir("eval set", ev_uri, wd.eval_dir, ev_bytes, ev_manifest, sorted(ev_files), ev_files),
         _SharedDir(
             "tokenizer",
-            tok_az,
+            tok_uri,
             wd.tokenizer_dir,
             tok_bytes,
             tok_manifest,
@@ -266,14 +249,14 @@ def pull_shared(
             todo.append(a)  # nothing here yet, or an interrupted pull: download (resumes)
         elif a.same_as(here):
             console.print(
-                f"{a.dest}: already holds the published {a.kind} ({a.az.uri()}); nothing to pull",
+                f"{a.dest}: already holds the published {a.kind} ({a.uri}); nothing to pull",
                 soft_wrap=True,
             )
         elif force:
             todo.append(a)
         else:
             raise ArmlabError(
-                f"{a.dest}: holds a different {a.kind} than {a.az.uri()}; runs trained with one do not compare "
+                f"{a.dest}: holds a different {a.kind} than {a.uri}; runs trained with one do not compare "
                 "with runs trained with the other: pull into a fresh workdir, or pass --force to replace it"
             )
     if todo:
@@ -281,7 +264,7 @@ def pull_shared(
         freeze_spec(open_workdir(exp), exp)
     for a in todo:
         _pull_dir(
-            a.az,
+            a.uri,
             a.dest,
             a.manifest_bytes,
             a.files,
@@ -292,7 +275,7 @@ def pull_shared(
             check=a.check,
         )
         console.print(
-            f"pulled the {a.kind} from {a.az.uri()} into {a.dest} ({plural(len(a.files), 'file')}, verified)",
+            f"pulled the {a.kind} from {a.uri} into {a.dest} ({plural(len(a.files), 'file')}, verified)",
             soft_wrap=True,
         )
     return {"eval": wd.eval_dir, "tokenizer": wd.tokenizer_dir}

@@ -5,6 +5,10 @@ process, a worker process, later perhaps a cluster node) and `on_done(task, resu
 the parent, in completion order. Tasks are drawn from the iterable only when a slot is free, so
 an iterable that blocks (waiting for a download) holds back only the work behind it.
 
+`open_executor` picks the backend: `LocalExecutor` (here) or `RayExecutor` (`ray_executor`, the
+units as Ray tasks on a cluster's nodes, imported only when asked for). A backend is one class
+with `workers`, `map` and `close`; the passes never know which one runs them.
+
 `LocalExecutor` runs tasks inline (workers=1) or on a pool of worker processes forked up front.
 Its workers die with their parent (PR_SET_PDEATHSIG on Linux, and a parent-pid watch where that
 is missing), ignore SIGINT (the parent owns shutdown: a Ctrl-C in a terminal reaches the whole
@@ -22,8 +26,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
@@ -43,6 +48,20 @@ class Executor(Protocol):
     def map(self, fn: Callable[[T], R], tasks: Iterable[T], on_done: Callable[[T, R], None]) -> None: ...
 
     def close(self, kill: bool = False) -> None: ...
+
+
+def open_executor(
+    kind: str, workers: int | None, ray_address: str | None = None, shared: Sequence[Path] = (), gpus: int = 0
+) -> Executor:
+    """The executor `kind` names ("local" | "ray"), running up to `workers` units at once (local:
+    default the CPU count; ray: the cluster's CPUs, or its GPUs / `gpus`). `shared`: paths the
+    units read or write, which every Ray node must see as this machine does (checked up front);
+    `gpus`: GPUs per unit (on Ray, units then run in one long-lived actor per GPU)."""
+    if kind == "ray":
+        from armlab.data.prepare.ray_executor import RayExecutor
+
+        return RayExecutor(ray_address, workers, shared, gpus)
+    return LocalExecutor(max(1, workers or os.cpu_count() or 1))
 
 
 class LocalExecutor:
@@ -134,3 +153,22 @@ def die_with_parent(parent: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="armlab-parent-watch", daemon=True).start()
+
+
+def kill_point(point: str) -> None:
+    """Test hook for retried units: with ARMLAB_TEST_KILL=<point>:<dir>, the first unit to reach
+    `point` (mid-unit, with a temp file half-written) writes its pid to <dir>/pid and waits there
+    for the test to kill its process; every arrival appends its pid to <dir>/arrivals."""
+    spec = os.environ.get("ARMLAB_TEST_KILL", "")
+    if not spec.startswith(f"{point}:"):
+        return
+    d = Path(spec.split(":", 1)[1])
+    with open(d / "arrivals", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        os.close(os.open(d / "claimed", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return  # the retry (or any other unit) goes on
+    (d / "pid.tmp").write_text(str(os.getpid()))
+    os.replace(d / "pid.tmp", d / "pid")
+    threading.Event().wait(120)  # killed long before this ends

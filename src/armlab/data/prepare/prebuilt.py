@@ -1,4 +1,4 @@
-"""Prebuilt arms: a local dir (or `az://`, fetched by `armlab.data.blob.fetch_prebuilt`) whose files
+"""Prebuilt arms: a local dir (or a store URL such as `az://`, fetched by `armlab.data.blob.fetch_prebuilt`) whose files
 are the selection. The key pass and thresholds are skipped; eval docs are removed (by id, else by
 text hash) and the rows are shuffled and re-sharded like any arm's. `max_rows` / `max_tokens`
 keep a seeded uniform sample.
@@ -31,6 +31,7 @@ from armlab.data.shards import MANIFEST, read_shards
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
 from armlab.spec import ArmSpec, Experiment
+from armlab.store import is_remote
 from armlab.workdir import Workdir, atomic_path, atomic_write_json, read_json
 
 
@@ -110,7 +111,7 @@ def prebuilt_pass(task: PrebuiltTask) -> dict[str, Any]:
     t = task.target
     stats = route_unit(
         task.unit, [pa.table({"text": text})], {"keys": keys}, {t.name: member}, [t], task.stage, str(task.path),
-        row_groups=False, stats_spec=prebuilt_stats(t),
+        stats_spec=prebuilt_stats(t),
     )  # fmt: skip
     stats[t.name]["eval_removed"] = int(held.sum())
     atomic_write_json(done_marker(task.stage, task.unit), stats)
@@ -118,9 +119,9 @@ def prebuilt_pass(task: PrebuiltTask) -> dict[str, Any]:
 
 
 def _source_files(wd: Workdir, arm: ArmSpec, opts: PrepareOptions) -> tuple[str, list[Path]]:
-    """The arm's uri and its parquet files (az:// fetched into the arm's download dir first)."""
+    """The arm's uri and its parquet files (a store URL fetched into the arm's download dir first)."""
     uri = arm.uri or ""
-    if uri.startswith("az://"):
+    if is_remote(uri):
         from armlab.data.blob import fetch_prebuilt
 
         src = fetch_prebuilt(

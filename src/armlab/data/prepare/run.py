@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
-import os
 import shutil
 import signal
 import threading
@@ -13,9 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from armlab.data.fetch import FetchPlan, Prefetcher, fetch_plan
-from armlab.data.pool import PoolFile, list_pool
-from armlab.data.prepare.executor import Executor, LocalExecutor
-from armlab.data.prepare.keys import Columns, KeyTask, key_columns, run_key_task, stats_score_column
+from armlab.data.pool import PoolFile, check_workdir_outside, list_pool
+from armlab.data.prepare.executor import Executor, open_executor
+from armlab.data.prepare.keys import (
+    Columns,
+    KeyDone,
+    KeyTask,
+    cached_keys,
+    key_columns,
+    run_key_task,
+    stats_score_column,
+)
 from armlab.data.prepare.options import PrepareOptions
 from armlab.data.prepare.prebuilt import prepare_prebuilt
 from armlab.data.prepare.routing import TextTask, done_marker, run_text_task
@@ -33,6 +41,7 @@ from armlab.data.prepare.targets import (
 )
 from armlab.data.prepare.thresholds import PoolSummary, compute_rules, count_members
 from armlab.data.prepare.writing import CharBudget, write_targets
+from armlab.data.score.fresh import Scored, check_scores
 from armlab.data.select import Rules
 from armlab.errors import ArmlabError, Stopped
 from armlab.progress import console, progress
@@ -56,24 +65,50 @@ def prepare(
     # The input first (an unknown arm, a pool path that is not there, an offline hub): a refused
     # prepare must leave no workdir behind, not even an empty one.
     chosen = [exp.arm(a) for a in arms] if arms else list(exp.arms)
+    check_workdir_outside(exp.pool, exp.workdir_path)
     files = list_pool(exp.pool)
-    wd = open_workdir(exp)
-    workers = max(1, opts.workers or os.cpu_count() or 1)
     pool_arms = [a for a in chosen if a.kind != "prebuilt"]
+    scores = check_scores(exp, pool_arms, files)  # an arm on a scorer that has not scored: refused here
     prebuilt = [a for a in chosen if a.kind == "prebuilt"]
-    with stop_on_signals("prepare"), step_lock(wd, "prepare"):  # a second prepare waits, then finds it done
-        executor = LocalExecutor(workers)
-        try:
-            prepare_pool(exp, wd, pool_arms, executor, opts, files)
-            for arm in prebuilt:
-                prepare_prebuilt(exp, wd, arm, executor, opts)
-        except (Stopped, KeyboardInterrupt):
-            executor.close(kill=True)  # stop now; what the workers had half-written is never read
-            raise
-        finally:
-            executor.close()  # an error: let the running units finish, so no temp file is left
-        freeze_spec(wd, exp)  # the workdir's data is now this spec's
+    # So is a cluster that cannot run it (Ray missing, unreachable, a node that cannot see the workdir)
+    executor = open_prepare_executor(exp, opts, [existing_dir(exp.workdir_path), *_local_pool_file(files)])
+    try:
+        wd = open_workdir(exp)
+        with stop_on_signals("prepare"), step_lock(wd, "prepare"):  # a second prepare waits, then finds it done
+            try:
+                prepare_pool(exp, wd, pool_arms, executor, opts, files, scores)
+                for arm in prebuilt:
+                    prepare_prebuilt(exp, wd, arm, executor, opts)
+            except (Stopped, KeyboardInterrupt):
+                executor.close(kill=True)  # stop now; what the workers had half-written is never read
+                raise
+            finally:
+                executor.close()  # an error: let the running units finish, so no temp file is left
+            freeze_spec(wd, exp)  # the workdir's data is now this spec's
+    finally:
+        executor.close()  # refused before the passes (a workdir of another experiment)
     return {a.name: wd.data_dir(a.name) for a in chosen}
+
+
+def open_prepare_executor(exp: Experiment, opts: PrepareOptions, shared: list[Path]) -> Executor:
+    """The executor `[prepare]` names, with the command line's --executor / --ray-address / --workers
+    over it. `shared`: the paths every Ray node must see (the workdir, a local pool)."""
+    spec = exp.prepare
+    kind = opts.executor or spec.executor
+    return open_executor(kind, opts.workers or spec.workers, opts.ray_address or spec.ray_address, shared)
+
+
+def existing_dir(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (a workdir not made yet: where it will be)."""
+    path = path.absolute()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _local_pool_file(files: list[PoolFile]) -> list[Path]:
+    """A local pool's first file (Ray nodes must see the pool too); remote pools are read by URL."""
+    return [Path(f.path) for f in files[:1] if not f.remote]
 
 
 @contextlib.contextmanager
@@ -103,46 +138,55 @@ def prepare_pool(
     executor: Executor,
     opts: PrepareOptions,
     files: list[PoolFile],
+    scores: tuple[dict[str, Scored], list[str]] | None = None,
 ) -> None:
     """The eval set, the tokenizer sample and the pool arms `arms` from the pool's `files`: key
-    pass, thresholds, text pass, shuffle + write."""
+    pass, thresholds, text pass, shuffle + write. `scores`: `check_scores` (made here if None)."""
     fetch = fetch_plan(exp.pool, files)  # remote parquet: ranged column reads, or whole downloads
     pool_fp = pool_fingerprint(exp.pool, files)
+    scored, score_notes = scores if scores is not None else check_scores(exp, arms, files)
     targets = [
-        t for t in plan_targets(exp, wd, arms, pool_fp) if needs_work(t, opts.force, opts.overwrite, files)
+        t
+        for t in plan_targets(exp, wd, arms, pool_fp, scored)
+        if needs_work(t, opts.force, opts.overwrite, files)
     ]
     if not targets:
         console.print("prepare: eval set, tokenizer sample and arms are up to date")
         return
+    for note in score_notes:
+        console.print(f"prepare: {note}", soft_wrap=True, markup=False)
     if any(t.name == EVAL for t in targets):  # every run of the experiment reads the eval set
         for a in exp.arms:
             check_writable(
                 wd.data_dir(a.name), opts.force, "replace the eval set the runs of this experiment read"
             )
-    cols = key_columns(exp, arms)
+    cols = dataclasses.replace(key_columns(exp, arms), scorers=tuple(scored))
     work = wd.cache_dir / "prepare"
     _note_pool_changes(work / "pool.json", files)
 
-    # 1. key pass: cached per file by its content identity, so a changed file is read again
-    npz = {i: work / "keys" / f"{key_file_fingerprint(f, cols.read)}.npz" for i, f in enumerate(files)}
+    # 1. key pass: cached per file by its content identity (and its scores'), so a changed file is read again
+    read = cols.read + [f"scorer:{n}:{sc.identity}" for n, sc in scored.items()]
+    npz = {i: work / "keys" / f"{key_file_fingerprint(f, read)}.npz" for i, f in enumerate(files)}
     try:
-        bad = _key_pass(files, cols, npz, executor, opts, fetch, wd.cache_dir / "pool")
+        bad = _key_pass(files, cols, npz, executor, opts, fetch, wd.cache_dir / "pool", scored)
     except OSError as e:
         raise _disk_full(e, work, None, targets, None) from None
     if opts.skip_bad_files:
         bad.update(_known_bad(work, files))
     while True:
         live = [i for i in range(len(files)) if i not in bad]
-        # 2. thresholds
-        rules, summary = compute_rules(exp, arms, live, npz)
-        need = _check_sizes(exp, rules, summary, targets, live, npz, work)
-        score = stats_score_column(exp)
-        stats_spec = StatsSpec(
-            score,
-            score_edges(score, rules, live, npz),
-            cols.group,
-            tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
-        )
+        # 2. thresholds (several passes over the key arrays: kept in memory while they fit)
+        with cached_keys():
+            rules, summary = compute_rules(exp, arms, live, npz)
+            need = _check_sizes(exp, rules, summary, targets, live, npz, work)
+            score = stats_score_column(exp)
+            stats_spec = StatsSpec(
+                score,
+                score_edges(score, rules, live, npz),
+                cols.group,
+                tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
+                {n: e for n in scored if (e := score_edges(None, rules, live, npz, key=f"scorer:{n}")) is not None},
+            )
         stage = work / f"stage-{fingerprint([pool_fp, [t.fingerprint for t in targets], sorted(bad)])}"
         # 3. text pass; a file found unreadable here (invalid UTF-8) is skipped with the thresholds
         # chosen again without it: the arms must be the stated share of the files they come from
@@ -203,6 +247,9 @@ def _manifest_extras(
             th, cap = rules.thresholds.get(name), rules.caps.get(name)
             extra[name]["threshold"] = th.to_json() if th else None
             extra[name]["cap"] = cap.to_json() if cap else None
+    for t in targets:
+        if t.scorer is not None:
+            extra[t.name]["scorer"] = t.scorer  # the scores it was selected on
     return extra, budgets
 
 
@@ -214,6 +261,7 @@ def _key_pass(
     opts: PrepareOptions,
     fetch: FetchPlan,
     cache: Path,
+    scored: dict[str, Scored] | None = None,
 ) -> dict[int, str]:
     """The key pass of every file not done yet; returns the unreadable ones skipped (unit -> reason)."""
     todo = [i for i in range(len(files)) if not npz[i].is_file()]
@@ -228,15 +276,25 @@ def _key_pass(
         download=lambda f: fetch.downloads(f, False),
     )
     with progress() as bar:
-        task = bar.add_task("key pass", total=len(files), completed=len(files) - len(todo), unit="files")
+        done = len(files) - len(todo)
+        task = bar.add_task("key pass", total=len(files), completed=done, unit="files", docs=0, bytes=0)
+        docs = nbytes = 0  # this run's: the figures are rates
 
-        def keyed(kt: KeyTask, err: str | None) -> None:
-            if err is not None:
-                bad[kt.unit] = err
+        def keyed(kt: KeyTask, kd: KeyDone) -> None:
+            nonlocal docs, nbytes
+            if kd.bad is not None:
+                bad[kt.unit] = kd.bad
             key_fetch.release(kt.unit)
-            bar.update(task, advance=1)
+            docs, nbytes = docs + kd.rows, nbytes + max(kt.pf.size, 0)  # bytes: the pool files' own
+            bar.update(task, advance=1, docs=docs, bytes=nbytes)
 
-        tasks = (KeyTask(i, files[i], cols, npz[i], opts.skip_bad_files, key_fetch.get(i)) for i in todo)
+        tasks = (
+            KeyTask(
+                i, files[i], cols, npz[i], opts.skip_bad_files, key_fetch.get(i),
+                tuple(sc.sidecar(files[i]) for sc in (scored or {}).values()),
+            )
+            for i in todo
+        )  # fmt: skip
         try:
             executor.map(run_key_task, tasks, keyed)
         finally:

@@ -4,14 +4,14 @@ the data" section reads them from each arm's manifest).
 Per arm, over the documents written to its shards: a histogram of document lengths in chars
 (fixed log-spaced edges, the same for every arm of every experiment), a histogram of the pool's
 score (edges over the pool's score range, the same for every arm of the pass; documents without
-a score counted apart), counts per value of `[report] group_column` (read in the key pass), and
+a score counted apart) and of every scorer's score (`armlab score`), counts per value of `[report] group_column` (read in the key pass), and
 how many documents it shares with each other arm prepared in the same pass. Counting reads
 only arrays the text pass already holds, so the shards' bytes do not depend on it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +36,21 @@ class StatsSpec:
     score_edges: list[float] | None
     group_column: str | None  # `[report] group_column`
     arms: tuple[str, ...]  # the arms of this pass (the others are the eval set and tokenizer sample)
+    scorers: dict[str, list[float]] = field(default_factory=dict)  # scorer -> its score's edges
 
 
 def score_edges(
-    column: str | None, rules: Rules, live: list[int], npz: dict[int, Path]
+    column: str | None, rules: Rules, live: list[int], npz: dict[int, Path], key: str | None = None
 ) -> list[float] | None:
-    """SCORE_BINS equal bins over the non-eval pool's score range; None without scores."""
-    if column is None:
+    """SCORE_BINS equal bins over the non-eval pool's score range; None without scores. `key`:
+    another key-pass array than the column's (a scorer's, `scorer:<name>`)."""
+    if column is None and key is None:
         return None
+    key = key or f"score:{column}"
     lo, hi = np.inf, -np.inf
     for i in live:
         a = load_keys(npz[i])
-        sc = a[f"score:{column}"][~holdout.eval_mask(a["keys"], rules.eval_spec, rules.eval_cut)]
+        sc = a[key][~holdout.eval_mask(a["keys"], rules.eval_spec, rules.eval_cut)]
         sc = sc[~np.isnan(sc)]
         if sc.size:
             lo, hi = min(lo, float(sc.min())), max(hi, float(sc.max()))
@@ -74,6 +77,12 @@ def unit_stats(
         nan = np.isnan(sc)
         out["score"] = _hist(sc[~nan], spec.score_edges)
         out["score_nan"] = int(nan.sum())
+    for name, edges in spec.scorers.items():
+        if f"scorer:{name}" in a:
+            sc = a[f"scorer:{name}"][m]
+            nan = np.isnan(sc)
+            out[f"scorer:{name}"] = _hist(sc[~nan], edges)
+            out[f"scorer_nan:{name}"] = int(nan.sum())
     if spec.group_column and "group" in a:
         values = [str(v) for v in a["group_values"]]
         codes = a["group"][m]
@@ -122,6 +131,11 @@ def manifest_stats(spec: StatsSpec | None, counts: dict[str, Any] | None) -> dic
             "counts": counts.get("doc_chars", [0] * (len(DOC_CHARS_EDGES) - 1)),
         },
         "score": score,
+        "scorers": {
+            name: {"edges": edges, "counts": counts[f"scorer:{name}"], "nan": counts.get(f"scorer_nan:{name}", 0)}
+            for name, edges in (spec.scorers if spec is not None else {}).items()
+            if f"scorer:{name}" in counts
+        },
         "group": group,
         "overlap": dict(sorted(counts.get("overlap", {}).items())),
     }

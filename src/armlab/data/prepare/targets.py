@@ -35,6 +35,7 @@ class Target:
     selection: dict[str, Any]
     fingerprint: str
     salt: int = SALT_SHUFFLE  # the shards are in ascending mix(key, shuffle_seed, salt)
+    scorer: dict[str, Any] | None = None  # the scores an arm selects on (data.score.fresh.Scored.describe)
 
     @property
     def partial_dir(self) -> Path:
@@ -75,19 +76,25 @@ def eval_selection(exp: Experiment) -> dict[str, Any]:
 
 
 def arm_selection(exp: Experiment, arm: ArmSpec) -> dict[str, Any]:
-    sel = arm.model_dump(exclude={"download_mode", "concurrency"})
+    # `score` (a scorer) only when set: the selections, so the fingerprints, of arms on a score
+    # column stay what they were before scorers existed
+    sel = arm.model_dump(exclude={"download_mode", "concurrency"} | ({"score"} if arm.score is None else set()))
+    by = arm.score_column or f"scorer {arm.score}'s score"
     if arm.kind == "random":
         sel["semantics"] = "uniform(key, seed) < ratio: each non-eval document independently (binomial size)"
     elif arm.kind == "top":
         sel["semantics"] = (
-            f"exactly the top ratio of the non-eval pool by {arm.score_column} ({arm.by}); ties broken by mix(key, seed); "
+            f"exactly the top ratio of the non-eval pool by {by} ({arm.by}); ties broken by mix(key, seed); "
             "documents without a score rank last"
         )
     elif arm.kind == "sample":
         sel["semantics"] = (
-            f"Gumbel top-k: without replacement, P ~ exp({arm.score_column} / temperature), ratio of the non-eval pool ({arm.by}); "
+            f"Gumbel top-k: without replacement, P ~ exp({by} / temperature), ratio of the non-eval pool ({arm.by}); "
             "documents without a score rank last"
         )
+    if arm.score:
+        s = exp.scorer(arm.score)
+        sel["scorer"] = {k: v for k, v in s.settings().items() if k != "batch_size"}
     if arm.max_rows or arm.max_tokens:
         sel["cap_semantics"] = (
             "a seeded uniform sample of the arm of at most max_rows rows / max_tokens tokens"
@@ -95,8 +102,11 @@ def arm_selection(exp: Experiment, arm: ArmSpec) -> dict[str, Any]:
     return sel
 
 
-def plan_targets(exp: Experiment, wd: Workdir, arms: list[ArmSpec], pool_fp: str) -> list[Target]:
-    """The eval set, the tokenizer sample and each pool arm, fingerprinted over the pool `pool_fp`."""
+def plan_targets(
+    exp: Experiment, wd: Workdir, arms: list[ArmSpec], pool_fp: str, scored: dict[str, Any] | None = None
+) -> list[Target]:
+    """The eval set, the tokenizer sample and each pool arm, fingerprinted over the pool `pool_fp`
+    (and, for an arm on a scorer, over its scores: `scored[name]`, data.score.fresh.Scored)."""
     shards = exp.shards.model_dump()
     common = {"pool_fingerprint": pool_fp, "eval": exp.eval.model_dump(), "shards": shards}
     out = [
@@ -133,10 +143,13 @@ def plan_targets(exp: Experiment, wd: Workdir, arms: list[ArmSpec], pool_fp: str
     ]
     for arm in arms:
         sel = arm_selection(exp, arm)
+        fp_of: dict[str, Any] = {**common, "arm": sel}
+        scorer = None
+        if arm.score:
+            scorer = (scored or {})[arm.score].describe()
+            fp_of["scores"] = scorer["identity"]  # rescored with another model: another arm
         out.append(
-            Target(
-                arm.name, wd.data_dir(arm.name), arm.seed, ("text",), sel, fingerprint({**common, "arm": sel})
-            )
+            Target(arm.name, wd.data_dir(arm.name), arm.seed, ("text",), sel, fingerprint(fp_of), scorer=scorer)
         )
     return out
 
@@ -176,6 +189,12 @@ def needs_work(t: Target, force: bool, overwrite: bool, files: list[PoolFile] | 
                 raise ArmlabError(
                     f"{t.out_dir}: {t.name!r} is out of date: pool file {changed[0]}{more} since it was prepared; "
                     "rerun with --overwrite to re-prepare it from the pool as it is now"
+                )
+            was = (m.get("scorer") or {}).get("identity")
+            if not diff and t.scorer is not None and was != t.scorer["identity"]:
+                raise ArmlabError(
+                    f"{t.out_dir}: {t.name!r} was selected on other scores of scorer {t.scorer['name']!r} "
+                    "(rescored since); rerun with --overwrite to re-prepare it from the scores as they are now"
                 )
             raise ArmlabError(
                 f"{t.out_dir}: holds {t.name!r} prepared from a different spec "

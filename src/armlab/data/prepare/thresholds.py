@@ -27,6 +27,8 @@ from armlab.data.select import (
     arm_members,
     cap_threshold,
     rank_threshold,
+    score_key,
+    score_label,
     weights,
 )
 from armlab.errors import ArmlabError
@@ -111,7 +113,7 @@ def _arm_threshold(arm: ArmSpec, rules: Rules, live: list[int], npz: dict[int, P
     for i in live:
         a = load_keys(npz[i])
         cand = ~holdout.eval_mask(a["keys"], rules.eval_spec, rules.eval_cut)
-        sc = a[f"score:{arm.score_column}"]
+        sc = a[score_key(arm)]
         scored = cand & ~np.isnan(sc)
         w = weights(a, by_tokens)
         total_w += float(cand.sum() if w is None else w[cand].sum())
@@ -120,12 +122,12 @@ def _arm_threshold(arm: ArmSpec, rules: Rules, live: list[int], npz: dict[int, P
             lo, hi = min(lo, float(sc[scored].min())), max(hi, float(sc[scored].max()))
     if n and nan == n:
         raise ArmlabError(
-            f"arm {arm.name!r}: score column {arm.score_column!r} is NaN or null for every document; "
+            f"arm {arm.name!r}: {score_label(arm)} is NaN or null for every document; "
             "check the column (or its scoring job)"
         )
     if arm.kind == "top" and lo == hi:
         raise ArmlabError(
-            f"arm {arm.name!r}: score column {arm.score_column!r} is {lo} for every document, so 'top' would be "
+            f"arm {arm.name!r}: {score_label(arm)} is {lo} for every document, so 'top' would be "
             "chosen by the tie-break hash alone; check the column, or use kind = 'random'"
         )
 
@@ -193,10 +195,10 @@ def _warn_unscored(
     for i in live:
         a = load_keys(npz[i])
         m = arm_members(arm, rules, a, holdout.eval_mask(a["keys"], rules.eval_spec, rules.eval_cut))
-        taken += int((m & np.isnan(a[f"score:{arm.score_column}"])).sum())
+        taken += int((m & np.isnan(a[score_key(arm)])).sum())
+    what = f"{arm.score_column!r} score" if arm.score_column else f"score from scorer {arm.score!r}"
     console.print(
-        f"[yellow]warning:[/] arm {arm.name!r}: {nan:,} of {n:,} non-eval documents have no {arm.score_column!r} "
-        f"score (NaN or null); they rank below every scored one, so the arm is still {arm.ratio:g} of the pool "
+        f"[yellow]warning:[/] arm {arm.name!r}: {nan:,} of {n:,} non-eval documents have no {what} (NaN or null); they rank below every scored one, so the arm is still {arm.ratio:g} of the pool "
         f"({arm.by}), and it took {taken:,} of them",
         soft_wrap=True,
     )

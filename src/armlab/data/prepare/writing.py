@@ -165,9 +165,12 @@ def write_targets(
 
     by_name = {t.name: t for t in targets}
     with progress() as bar:
-        task = bar.add_task("shuffle + write", total=len(targets), unit="dirs")
+        rows = sum(totals[t.name]["rows"] for t in targets)  # the tokenizer sample's is an upper bound
+        task = bar.add_task("shuffle + write", total=rows, unit="docs", bytes=0)
+        moved = 0
 
         def written(mt: MergeTask, merged: Merged) -> None:
+            nonlocal moved
             t, files = mt.target, merged.files
             tot = totals[t.name]
             manifest = {
@@ -197,7 +200,8 @@ def write_targets(
             # Its stage files are spent (a rerun would plan without this target, so a new stage):
             # free their page cache now rather than after the last merge.
             shutil.rmtree(stage / t.name, ignore_errors=True)
-            bar.update(task, advance=1)
+            moved += tot["chars"]
+            bar.update(task, advance=tot["rows"], bytes=moved)
             console.print(
                 f"prepare: {t.name}: {plural(manifest['rows'], 'doc')}, {manifest['chars'] / 1e6:,.1f}M chars, "
                 f"{plural(len(files), 'shard')} -> {t.out_dir}",

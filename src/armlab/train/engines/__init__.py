@@ -220,26 +220,46 @@ def get_engine(name: str) -> Engine:
 
 
 # -- shared by every engine that starts torch ranks ---------------------------------------------------
-def torchrun_argv(python: str, target: list[str], world_size: int, master_port: int | None) -> list[str]:
-    """argv running `target` (["-m", "module", *args] or ["script.py", *args]) on `world_size` ranks.
+def torchrun_argv(
+    python: str,
+    target: list[str],
+    world_size: int,
+    master_port: int | None,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+) -> list[str]:
+    """argv running `target` (["-m", "module", *args] or ["script.py", *args]) on `world_size` ranks
+    of this node (`nnodes` x `world_size` in all).
 
-    One rank runs the target directly (no agent, no port). Several run under torchrun on this host:
-    without a port torchrun binds port 0 itself (c10d rendezvous on 127.0.0.1), so the kernel hands
-    out a free port atomically; probing for one here and passing it on would race other runs. A
-    given port (checked free by the plan) is a static rendezvous. `--max-restarts=0`: a failed rank
-    fails the run, and the agent stops the other ranks at once.
+    One rank on one node runs the target directly (no agent, no port). Several run under torchrun:
+    on one node without a port torchrun binds port 0 itself (c10d rendezvous on 127.0.0.1), so the
+    kernel hands out a free port atomically; probing for one here and passing it on would race
+    other runs. A given port (checked free by the plan) is a static rendezvous. Several nodes meet
+    at `rdzv_endpoint` (node 0's HOST:PORT) in a static rendezvous, so the node rank decides the
+    ranks (node K holds ranks K*world_size ...) and node 0 holds rank 0, which writes the run's
+    state. `--max-restarts=0`: a failed rank fails the run, and the agent stops the other ranks at once.
     """
-    if world_size == 1:
+    if world_size == 1 and nnodes == 1:
         return [python, *target]
-    if master_port is None:
+    if nnodes > 1:
+        assert rdzv_endpoint is not None
+        host, _, port = rdzv_endpoint.rpartition(":")
+        rendezvous = [f"--master-addr={host}", f"--master-port={port}"]
+    elif master_port is None:
         rendezvous = ["--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", "--local-addr=127.0.0.1"]
     else:
         rendezvous = ["--master-addr=127.0.0.1", f"--master-port={master_port}"]
     return [
         python, "-m", "torch.distributed.run",
-        "--nnodes=1", "--node-rank=0", f"--nproc-per-node={world_size}",
+        f"--nnodes={nnodes}", f"--node-rank={node_rank}", f"--nproc-per-node={world_size}",
         *rendezvous, "--max-restarts=0", *target,
     ]  # fmt: skip
+
+
+def runs_torchrun(argv: list[str]) -> bool:
+    """Whether `argv` (from torchrun_argv) starts torchrun's agent, whose children are the ranks."""
+    return "torch.distributed.run" in argv
 
 
 def cpu_cores() -> int:
@@ -254,8 +274,17 @@ def rank_env(device: str, world_size: int) -> dict[str, str]:
     """Environment every engine's ranks get: unbuffered output (train.log and on_output see each
     line as it is printed) and, on CPU, the cores split evenly over the ranks (OMP threads = cores
     / ranks: more would oversubscribe, and a spin-waiting OpenMP pool runs several times slower;
-    fewer leaves cores idle). A user's OMP_NUM_THREADS wins."""
+    fewer leaves cores idle). A user's OMP_NUM_THREADS wins.
+
+    torchrun (read as its flags' environment defaults, ignored by a torch without them): a stop
+    signal that reaches the agent itself (Slurm signals every process of a job step) is forwarded
+    to the ranks, SIGUSR1 included (Slurm's `--signal` before a time limit), and the ranks get
+    STOP_GRACE_S to checkpoint before the agent kills them (torch's default: 30 s)."""
+    from armlab.train.stop import GRACE_S
+
     env = {"PYTHONUNBUFFERED": "1"}
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, cpu_cores() // world_size))
+    env["PET_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    env["PET_SHUTDOWN_TIMEOUT"] = env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(GRACE_S)
     return env

@@ -57,8 +57,11 @@ class BuiltinEngine(BaseEngine):
 
     def command(self, plan: RunPlan) -> Command:
         worker = ["-m", "armlab.train.worker", str(plan.plan_file)]
-        argv = torchrun_argv(sys.executable, worker, plan.world_size, plan.master_port)
-        return Command(argv, rank_env(plan.device, plan.world_size))
+        argv = torchrun_argv(
+            sys.executable, worker, plan.nproc_per_node, plan.master_port, plan.nnodes, plan.node_rank,
+            plan.rdzv_endpoint,
+        )  # fmt: skip
+        return Command(argv, rank_env(plan.device, plan.nproc_per_node))
 
     def load_model(
         self, run_dir: Path, device: str | torch.device = "cpu", step: int | None = None

@@ -7,7 +7,8 @@
     preflight   nanochat's own feed rule (row groups strided per file) and eval-set size
     command     `<python> -m scripts.base_train <flags>` (torchrun for several ranks) in the
                 checkout, NANOCHAT_BASE_DIR = <run>/nanochat_base (nanochat_layout), built here
-    on_output   stdout -> metrics.jsonl + state.json (nanochat_metrics)
+    on_output   stdout -> metrics.jsonl + state.json (nanochat_metrics); a NaN/inf loss or bpb
+                raises Diverged: the supervisor stops nanochat, the run ends "diverged"
     checkpoints nanochat's own, in <run>/nanochat_base/base_checkpoints/d<depth>/; --resume passes
                 --resume-from-step at the last complete one
     evaluate    armlab's own evaluation (whole-document val bpb, CORE with per-item scores) of the
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from rich.markup import escape
 
 from armlab import runs
-from armlab.errors import ArmlabError
+from armlab.errors import ArmlabError, Diverged
 from armlab.progress import console
 from armlab.runs import RunState
 from armlab.train.engines import (
@@ -106,6 +108,8 @@ class NanochatConfig(EngineConfig):
 class NanochatEngine(BaseEngine):
     def __init__(self) -> None:
         self._parser: MetricsParser | None = None
+        self._metrics: runs.MetricsLog | None = None
+        self._last_loss: tuple[int, float] | None = None
         self._last_state = 0.0
         self._running = False
 
@@ -195,11 +199,13 @@ class NanochatEngine(BaseEngine):
             wandb=bool(exp.train.wandb_project), core_bundle=bundle is not None, resume_step=plan.resume_step,
         )  # fmt: skip
         target = ["-m", "scripts.base_train", *cfg.spec_args, *args, *cfg.extra_args]
-        env = {**rank_env(plan.device, plan.world_size), "NANOCHAT_BASE_DIR": str(base.root),
+        env = {**rank_env(plan.device, plan.nproc_per_node), "NANOCHAT_BASE_DIR": str(base.root),
                "WANDB_DIR": str(plan.run_dir)}  # fmt: skip
         if not exp.train.compile:
             env["TORCHDYNAMO_DISABLE"] = "1"  # nanochat always calls torch.compile; this makes it a no-op
         done = [m for m in runs.read_metrics(plan.run_dir).records if "train_loss" in m]
+        if done and plan.resume_step:
+            self._last_loss = (done[-1]["step"], float(done[-1]["train_loss"]))
         self._parser = MetricsParser(
             tokens_per_step=plan.config.total_batch_size, train_files=len(train_files(plan.data_dir)),
             mfu=plan.device == "cuda", time=float(done[-1]["time"]) if done and plan.resume_step else 0.0,
@@ -209,9 +215,11 @@ class NanochatEngine(BaseEngine):
             f"train: data seed {plan.order_seed}: nanochat reads {len(order)} file(s) of arm {plan.arm} in the order "
             f"{', '.join(order[:4])}{', ...' if len(order) > 4 else ''}; init is nanochat's own fixed seed (42)"
         )
-        return Command(
-            torchrun_argv(cfg.python, target, plan.world_size, plan.master_port), env, Path(cfg.path)
-        )
+        argv = torchrun_argv(
+            cfg.python, target, plan.nproc_per_node, plan.master_port, plan.nnodes, plan.node_rank,
+            plan.rdzv_endpoint,
+        )  # fmt: skip
+        return Command(argv, env, Path(cfg.path))
 
     def on_output(self, plan: RunPlan, line: str) -> None:
         if self._parser is None:
@@ -222,13 +230,29 @@ class NanochatEngine(BaseEngine):
         is_eval = "train_loss" not in rec
         if is_eval and plan.resume_step is not None and rec["step"] == plan.resume_step:
             return  # nanochat re-evaluates the step it resumes at; the record before the kill stands
-        with open(plan.run_dir / runs.METRICS_JSONL, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        self._check_finite(rec)
+        if self._metrics is None:
+            self._metrics = runs.MetricsLog(plan.run_dir)
+        self._metrics.append(runs.MetricsRecord.from_json(rec))
         now = time.time()
         if not self._running or is_eval or now - self._last_state > STATE_EVERY_S:
             runs.write_state(plan.run_dir, state=RunState.RUNNING, step=rec["step"],
                              num_iterations=plan.config.num_iterations)  # fmt: skip
             self._running, self._last_state = True, now
+
+    def _check_finite(self, rec: dict[str, Any]) -> None:
+        """A NaN/inf loss or bpb ends the run as diverged (the supervisor stops nanochat's ranks)."""
+        for key in ("train_loss", "val_bpb"):
+            value = rec.get(key)
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                last = self._last_loss
+                before = f" (last finite loss {last[1]:.4f} at step {last[0]})" if last else " (no finite loss before it)"
+                name = "loss" if key == "train_loss" else "val bpb"
+                raise Diverged(f"diverged at step {rec['step']}: nanochat's {name} is {value}{before}")
+            if key == "train_loss":
+                self._last_loss = (rec["step"], value)
 
     def on_exit(self, plan: RunPlan, returncode: int) -> None:
         p = self._parser

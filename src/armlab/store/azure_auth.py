@@ -1,5 +1,4 @@
-"""Azure Blob credentials from the environment, the SDK client built from them (`service_client`,
-with `RetrySettings`), and scrubbing secrets out of any text we show.
+"""Azure Blob credentials from the environment (`auth_from_env`), for `armlab.store.azure`.
 
 The order is the one Azure users expect (az CLI, azcopy, adlfs):
 
@@ -10,22 +9,20 @@ The order is the one Azure users expect (az CLI, azcopy, adlfs):
 5. anonymous access (public containers) when only the account or its URL is known
 
 `AZURE_STORAGE_BLOB_ENDPOINT` (or `AZURE_STORAGE_ACCOUNT_URL`) overrides the endpoint, e.g. to point
-at Azurite or a sovereign cloud. Secrets never leave this module unscrubbed: `scrub` removes the key,
-the SAS token and signature-bearing fields from a message (the SDK's errors can quote request URLs
-and connection strings).
+at Azurite or a sovereign cloud. No secret is ever shown: messages here name the variable, and
+`armlab.store.redact` removes the key, the SAS token and their fields from anything else.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from armlab.data.remote import redact
 from armlab.errors import ArmlabError
+from armlab.store.redact import redact
 
 ENV_VARS = (
     "AZURE_STORAGE_CONNECTION_STRING",
@@ -36,15 +33,6 @@ ENV_VARS = (
     "AZURE_STORAGE_ACCOUNT_URL",
 )
 
-# Fields that carry secrets inside connection strings, URLs and auth headers.
-_SECRET_PATTERNS = [
-    re.compile(r"(AccountKey=)[^;\s'\"]+", re.I),
-    re.compile(r"(SharedAccessSignature=)[^;\s'\"]+", re.I),
-    re.compile(r"(\bsig=)[^&\s'\"]+", re.I),
-    re.compile(r"(SharedKey\s+[^:\s]+:)\S+", re.I),
-    re.compile(r"(Bearer\s+)\S+", re.I),
-]
-
 
 @dataclass(frozen=True)
 class BlobAuth:
@@ -53,38 +41,6 @@ class BlobAuth:
     account_url: str
     credential: Any  # None (anonymous) | SAS str | {"account_name", "account_key"} | TokenCredential
     source: str
-
-
-def _secrets(env: Mapping[str, str]) -> list[str]:
-    """Literal secret values present in the environment (and their URL-encoded forms)."""
-    from urllib.parse import quote
-
-    values: list[str] = []
-    if key := env.get("AZURE_STORAGE_KEY"):
-        values.append(key)
-    if sas := env.get("AZURE_STORAGE_SAS_TOKEN"):
-        values.append(sas.lstrip("?"))
-    if cs := env.get("AZURE_STORAGE_CONNECTION_STRING"):
-        for part in cs.split(";"):
-            name, _, value = part.partition("=")
-            if name.strip().lower() in ("accountkey", "sharedaccesssignature") and value:
-                values.append(value)
-    out: list[str] = []
-    for v in values:
-        out += [v, quote(v, safe="")]
-    # Longest first, so that a secret containing another is replaced whole.
-    return sorted({v for v in out if len(v) >= 8}, key=len, reverse=True)
-
-
-def scrub(text: str, env: Mapping[str, str] | None = None) -> str:
-    """`text` with every Azure secret (env values, keys, SAS signatures) and any URL userinfo
-    (`https://user:pw@host`) replaced by '***'."""
-    env = os.environ if env is None else env
-    for secret in _secrets(env):
-        text = text.replace(secret, "***")
-    for pat in _SECRET_PATTERNS:
-        text = pat.sub(r"\1***", text)
-    return redact(text)
 
 
 def _check_endpoint(url: str, where: str) -> str:
@@ -98,7 +54,7 @@ def _check_endpoint(url: str, where: str) -> str:
         ok = False
     if not ok:
         raise ArmlabError(
-            f"{where} {scrub(url)!r} is not a valid endpoint URL; expected http(s)://<host>[:port][/<account>] "
+            f"{where} {redact(url)!r} is not a valid endpoint URL; expected http(s)://<host>[:port][/<account>] "
             "(e.g. https://<account>.blob.core.windows.net)"
         )
     return url
@@ -207,49 +163,3 @@ def auth_from_env(env: Mapping[str, str] | None = None) -> BlobAuth:
             url, None, "anonymous access (no key, SAS token or azure-identity found in the environment)"
         )
     return BlobAuth(url, DefaultAzureCredential(), "DefaultAzureCredential")
-
-
-@dataclass(frozen=True)
-class RetrySettings:
-    """How hard to try before giving up. Two layers:
-
-    - azure-core's storage retry policy retries each request (`sdk_total` times, exponential
-      backoff from `sdk_backoff` seconds) on connection errors, timeouts and 5xx/429 replies;
-    - armlab then retries a whole blob `attempts` times (backoff `backoff` seconds, doubling),
-      each attempt resuming from the last verified byte, for a server that went away for longer.
-    """
-
-    sdk_total: int = 3
-    sdk_backoff: float = 2.0
-    attempts: int = 4
-    backoff: float = 2.0
-    connection_timeout: float = 20.0
-    read_timeout: float = 60.0
-
-
-def service_client(auth: BlobAuth, *, threads: int = 8, retry: RetrySettings | None = None) -> Any:
-    """A BlobServiceClient whose HTTP pool has room for `threads` concurrent requests."""
-    import requests
-    from azure.core.pipeline.transport import RequestsTransport
-    from azure.storage.blob import BlobServiceClient, ExponentialRetry
-
-    retry = retry or RetrySettings()
-    # requests' default pool keeps 10 connections per host; bulk downloads use more in parallel.
-    session = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=max(10, threads))
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    policy = ExponentialRetry(
-        initial_backoff=retry.sdk_backoff,
-        increment_base=2,
-        retry_total=retry.sdk_total,
-        random_jitter_range=min(1.0, retry.sdk_backoff / 2),
-    )
-    return BlobServiceClient(
-        account_url=auth.account_url,
-        credential=auth.credential,
-        transport=RequestsTransport(session=session, session_owner=True),
-        retry_policy=policy,
-        connection_timeout=retry.connection_timeout,
-        read_timeout=retry.read_timeout,
-    )
