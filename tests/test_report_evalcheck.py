@@ -36,7 +36,8 @@ def test_an_eval_json_copied_from_another_run_is_refused(tmp_path: Path) -> None
         compare(exp)
     # renamed to pass the name check, the weights' hash still tells: it scored another checkpoint
     ev = json.loads((dirs["top-s0"] / "eval.json").read_text())
-    (dirs["top-s0"] / "eval.json").write_text(json.dumps({**ev, "run": "top-s0"}))
+    ended = json.loads((dirs["top-s0"] / "state.json").read_text())["ended"]
+    (dirs["top-s0"] / "eval.json").write_text(json.dumps({**ev, "run": "top-s0", "run_ended": ended}))
     with pytest.raises(ArmlabError, match=r"top-s0/eval.json: evaluated other weights than run top-s0's checkpoint"):
         compare(exp)
 
@@ -80,3 +81,15 @@ def test_an_older_eval_json_is_left_out_with_the_fix(tmp_path: Path) -> None:
     assert [r["run"] for r in s["arms"]["top"]["runs"]] == ["top-s0"]
     assert any("top-s1" in w and "older armlab" in w and "--force" in w for w in s["warnings"])
     assert EvalResult.from_json(old, "top-s1").val_bpb == 1.5  # still readable, named, not used
+
+
+def test_a_run_copied_without_checkpoints_is_said_and_a_retrained_one_refused(tmp_path: Path) -> None:
+    exp, dirs = four_runs(tmp_path)
+    shutil.rmtree(dirs["top-s1"] / "checkpoints")  # copied from the GPU host without its checkpoints
+    _, s = compare(exp)
+    assert [r["run"] for r in s["arms"]["top"]["runs"]] == ["top-s0", "top-s1"]
+    assert any("top-s1: its checkpoint weights are not here" in w for w in s["warnings"]), s["warnings"]
+    state = json.loads((dirs["top-s1"] / "state.json").read_text())
+    (dirs["top-s1"] / "state.json").write_text(json.dumps({**state, "ended": state["ended"] + 60}))
+    with pytest.raises(ArmlabError, match=r"top-s1/eval.json: evaluated run top-s1 as it ended at .* \(retrained since\)"):
+        compare(exp)

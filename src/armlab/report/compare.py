@@ -427,14 +427,14 @@ def analyse(exp: Experiment, exclude: list[str] | None = None) -> tuple[dict[str
         )
     check_comparable(exp, finished)
     check_seeds(exp, finished)
-    finished, unevaluated = check_evals(exp, finished)  # eval.json tied to its run, or left out (named)
+    finished, unevaluated, unchecked = check_evals(exp, finished)  # eval.json tied to its run, or left out
     if not finished:
         raise ArmlabError(
             f"experiment {exp.name!r} has no evaluated runs to compare: {'; '.join(u.reason for u in unevaluated)}"
         )
     check_eval_coverage(finished)
     summary = summarize(exp, finished, excluded + [u.run for u in unevaluated])
-    summary["warnings"] += [f"left out: {u.reason}" for u in unevaluated]
+    summary["warnings"] += [f"left out: {u.reason}" for u in unevaluated] + unchecked
     return summary, finished
 
 

@@ -9,8 +9,9 @@ numbers (+0.0554 reported, truth -0.0001). So, before any number is read:
   eval records named their checkpoint) is **left out and named**, never replaced by a training-time
   number (`armlab evaluate EXP` evaluates it);
 - an eval.json that does not belong to its run is **refused**, naming the file: another run's name,
-  another step than the run's final one, a checkpoint whose weights hash differently from the
-  run's checkpoint at that step now, or another eval set than the experiment's;
+  another step than the run's final one, another end of the run (retrained since), a checkpoint
+  whose weights hash differently from the run's checkpoint at that step now, or another eval set
+  than the experiment's (a run dir copied without its checkpoints is said, not refused);
 - runs whose evaluations measured different things (whole documents vs an older packed stream, a
   sample vs every document) are refused by `compare.check_eval_coverage`.
 """
@@ -36,13 +37,14 @@ class LeftOut:
     reason: str
 
 
-def check_evals(exp: Experiment, runs: list[RunRecord]) -> tuple[list[RunRecord], list[LeftOut]]:
-    """(runs whose eval.json is theirs, runs left out for want of a final evaluation); refuses
-    (ArmlabError naming the file) an eval.json that belongs to another run, checkpoint or eval set."""
+def check_evals(exp: Experiment, runs: list[RunRecord]) -> tuple[list[RunRecord], list[LeftOut], list[str]]:
+    """(runs whose eval.json is theirs, runs left out for want of a final evaluation, notes on
+    what could not be checked); refuses (ArmlabError naming the file) an eval.json that belongs to
+    another run, checkpoint or eval set."""
     from armlab.train.engines import get_engine
 
     eval_fp = eval_set_fingerprint(open_workdir(exp, create=False).eval_dir)
-    ok, left = [], []
+    ok, left, notes = [], [], []
     for r in runs:
         path = r.dir / EVAL_JSON
         if r.eval is None:
@@ -64,14 +66,18 @@ def check_evals(exp: Experiment, runs: list[RunRecord]) -> tuple[list[RunRecord]
                 f"{path}: evaluated the checkpoint of step {ev.checkpoint.step}, but run {r.run} ended at step "
                 f"{step}; {FIX}"
             )
+        ended = (r.state or {}).get("ended")
+        if ev.run_ended is not None and ended is not None and ev.run_ended != ended:
+            raise ArmlabError(f"{path}: evaluated run {r.run} as it ended at {ev.run_ended}, but it ended again at "
+                              f"{ended} (retrained since); {FIX}")  # fmt: skip
         files = get_engine(r.engine).weights_files(r.dir, ev.checkpoint.step)
         missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise ArmlabError(
-                f"{path}: the checkpoint it evaluated ({missing[0]}) is gone, so it cannot be tied to run {r.run}; "
-                "restore the checkpoint or retrain the run"
+        if missing:  # a run dir copied without its checkpoints: the rest still ties it to its run
+            notes.append(
+                f"{r.run}: its checkpoint weights are not here ({missing[0].name}), so eval.json's checkpoint hash "
+                "could not be checked (run dir copied without checkpoints?)"
             )
-        if weights_sha256(files) != ev.checkpoint.sha256:
+        elif weights_sha256(files) != ev.checkpoint.sha256:
             raise ArmlabError(
                 f"{path}: evaluated other weights than run {r.run}'s checkpoint at step {step} holds (sha256 "
                 f"{ev.checkpoint.sha256[:12]} vs {weights_sha256(files)[:12]}): an eval.json of another run, or a "
@@ -83,4 +89,4 @@ def check_evals(exp: Experiment, runs: list[RunRecord]) -> tuple[list[RunRecord]
                 f"(prepared again?); {FIX}"
             )
         ok.append(r)
-    return ok, left
+    return ok, left, notes
