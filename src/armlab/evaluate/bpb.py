@@ -162,7 +162,6 @@ def evaluate_bpb(
     rank: int = 0,
     world_size: int = 1,
     seed: int = 0,
-    label: str = "val bpb",
 ) -> BpbResult:
     """Bits per byte of `model` over whole documents of the eval set (all of them, or the seeded
     sample whose targets reach `max_tokens`; `seed` is the experiment's eval.seed).
@@ -178,7 +177,7 @@ def evaluate_bpb(
     mine = range(rank, len(p.calls), world_size)
     with progress(transient=True) if rank == 0 else contextlib.nullcontext() as bar:
         total = sum(len(p.calls[c]) * p.widths[c] for c in mine)
-        job = bar.add_task(f"{label} ({len(p.docs):,} docs)", total=total, unit="tok") if bar else None
+        job = bar.add_task(f"val bpb ({len(p.docs):,} docs)", total=total, unit="tok") if bar else None
         for c in mine:
             idx, width = p.calls[c], p.widths[c]
             x = torch.full((len(idx), width + 1), tokenizer.bos_id, dtype=torch.int64)
