@@ -24,7 +24,7 @@ from armlab.evaluate.record import (
     TaskResult,
 )
 from armlab.spec import Experiment, parse_experiment
-from armlab.workdir import atomic_write_json, freeze_spec, open_workdir, run_name
+from armlab.workdir import atomic_write_json, freeze_spec, open_workdir
 
 
 def tiny_experiment(workdir: Path, seeds: list[int] | None = None, **train: Any) -> Experiment:
@@ -60,18 +60,16 @@ def make_run(
     core_tasks: dict[str, dict] | None = None,
     per_doc: tuple[list[float], list[float]] | None = None,
     evaluated: bool = True,
-    loss_offset: float | None = None,
     history: list[dict[str, dict]] | None = None,
 ) -> Path:
     """A run dir with a final checkpoint and, unless `evaluated` is false, its eval.json (a v2
     EvalResult tied to that checkpoint and the workdir's eval set); `core_tasks` ({label: {correct,
     random_baseline}}) and `per_doc` ((nats, bytes)) give it per-item data, from which its CORE /
     val bpb are then computed; `history` ({task: {centered, lp, margin}} per checkpoint, oldest first)
-    gives its last-k checkpoint scores. Each seed's loss curve is its own unless `loss_offset` is given
-    (runs with equal curves and val bpb are one run in effect: compare counts them once)."""
+    gives its last-k checkpoint scores."""
     wd = open_workdir(exp)
     freeze_spec(wd, exp)  # as prepare would have: the workdir then passes as EXP
-    d = wd.run_dir(arm, run_name(arm, seed))
+    d = wd.run_dir(arm, exp.run_name(arm, seed))  # a ladder rung's runs carry their depth
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
         d / "run.json",
@@ -108,7 +106,7 @@ def make_run(
                 "step": s,
                 "tokens": s * tokens_per_step,
                 "time": s * 0.5,
-                "train_loss": 5.0 - 0.1 * s + (0.001 * seed if loss_offset is None else loss_offset),
+                "train_loss": 5.0 - 0.1 * s + 0.001 * seed,
                 "lr_mult": 1.0,
                 "dt": 0.5,
                 "tok_per_s": 2000.0,
@@ -168,7 +166,7 @@ def tiny_eval_set(wd: Any) -> str:
 
     from armlab.evaluate.docs import eval_set_fingerprint
 
-    if not (wd.eval_dir / "manifest.json").is_file():
+    if not list(wd.eval_dir.glob("shard_*.parquet")):  # a test may have written its own
         wd.eval_dir.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"text": [f"eval document {i}" for i in range(4)]}), wd.eval_dir / "shard_00000.parquet")
         files = [{"name": "shard_00000.parquet", "rows": 4, "sha256": ""}]

@@ -66,11 +66,11 @@ def test_a_run_without_its_final_eval_is_left_out_and_named_never_its_training_n
     d = make_run(exp, "top", 1, bpb=1.30, evaluated=False)
     assert not (d / "eval.json").exists()
     _, s = compare(exp)
-    top = s["arms"]["top"]
-    assert [r["run"] for r in top["runs"]] == ["top-s0"]  # top-s1 is not in the numbers
-    assert top["val_bpb"]["estimate"] == pytest.approx(1.50)
-    assert any(w.startswith("left out: top-s1: no final evaluation") for w in s["warnings"]), s["warnings"]
-    assert "top-s1" in [x["run"] for x in s["excluded"]]
+    top = s.arms["top"]
+    assert [r.run for r in top.runs] == ["top-s0"]  # top-s1 is not in the numbers
+    assert top.val_bpb.estimate == pytest.approx(1.50)
+    assert any(w.startswith("left out: top-s1: no final evaluation") for w in s.warnings), s.warnings
+    assert "top-s1" in [x.run for x in s.excluded]
 
 
 def test_an_older_eval_json_is_left_out_with_the_fix(tmp_path: Path) -> None:
@@ -78,8 +78,8 @@ def test_an_older_eval_json_is_left_out_with_the_fix(tmp_path: Path) -> None:
     old = {"step": 10, "val_bpb": 1.5, "val_bpb_tokens": 1000}  # armlab 0.2: no checkpoint, no eval set
     (dirs["top-s1"] / "eval.json").write_text(json.dumps(old))
     _, s = compare(exp)
-    assert [r["run"] for r in s["arms"]["top"]["runs"]] == ["top-s0"]
-    assert any("top-s1" in w and "older armlab" in w and "--force" in w for w in s["warnings"])
+    assert [r.run for r in s.arms["top"].runs] == ["top-s0"]
+    assert any("top-s1" in w and "older armlab" in w and "--force" in w for w in s.warnings)
     assert EvalResult.from_json(old, "top-s1").val_bpb == 1.5  # still readable, named, not used
 
 
@@ -87,8 +87,8 @@ def test_a_run_copied_without_checkpoints_is_said_and_a_retrained_one_refused(tm
     exp, dirs = four_runs(tmp_path)
     shutil.rmtree(dirs["top-s1"] / "checkpoints")  # copied from the GPU host without its checkpoints
     _, s = compare(exp)
-    assert [r["run"] for r in s["arms"]["top"]["runs"]] == ["top-s0", "top-s1"]
-    assert any("top-s1: its checkpoint weights are not here" in w for w in s["warnings"]), s["warnings"]
+    assert [r.run for r in s.arms["top"].runs] == ["top-s0", "top-s1"]
+    assert any("top-s1: its checkpoint weights are not here" in w for w in s.warnings), s.warnings
     state = json.loads((dirs["top-s1"] / "state.json").read_text())
     (dirs["top-s1"] / "state.json").write_text(json.dumps({**state, "ended": state["ended"] + 60}))
     with pytest.raises(ArmlabError, match=r"top-s1/eval.json: evaluated run top-s1 as it ended at .* \(retrained since\)"):

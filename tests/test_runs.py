@@ -168,8 +168,15 @@ def test_engine_differences_name_the_run_and_the_key(tmp_path: Path) -> None:
     b = rec("b-s1", {"engine": "nanochat"}, {"commit": "48804bf", "diff_sha256": None})
     c = rec("c-s0", {"engine": "nanochat"}, {"commit": "92d63d4", "diff_sha256": None})
     assert runs.engine_differences([a, c]) == []
-    assert runs.engine_differences([a, b, c, built]) == [
-        f"{tmp_path / 'b-s1'} (differs from a-s0 in engine.commit (92d63d4 vs 48804bf))",
-        f"{tmp_path / 'b-s0'} (differs from a-s0 in engine.commit (92d63d4 vs none), "
+    assert runs.engine_differences([a, b, c, built]) == [  # the majority build (a, c) is the reference
+        f"{tmp_path / 'b-s1'} (differs from the other 2 runs (a-s0, c-s0) in engine.commit (92d63d4 vs 48804bf))",
+        f"{tmp_path / 'b-s0'} (differs from the other 2 runs (a-s0, c-s0) in engine.commit (92d63d4 vs none), "
         "engine.diff_sha256 (None vs none), engine.name (nanochat vs builtin))",
     ]
+    # the odd one out is the minority, wherever it comes in the list (issue 20)
+    assert runs.engine_differences([b, a, c]) == [
+        f"{tmp_path / 'b-s1'} (differs from the other 2 runs (a-s0, c-s0) in engine.commit (92d63d4 vs 48804bf))"
+    ]
+    tie = runs.engine_differences([a, b])
+    assert tie == [f"{tmp_path / 'b-s1'} (differs from a-s0 in engine.commit (92d63d4 vs 48804bf) "
+                   "(no build has most runs: which is right is yours to say))"]  # fmt: skip

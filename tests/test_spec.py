@@ -191,7 +191,7 @@ label = "__label__hq"
         ('[[arms]]\nname = "t"\nkind = "random"\nratio = 0.1\nscore = "ft"\n', "kind 'random' takes no score_column or score"),
         ('[[arms]]\nname = "t"\nkind = "top"\nratio = 0.1\n', "needs score_column (a pool column) or score (a scorer's name)"),
         ('[[scorers]]\nname = "ft"\nkind = "head"\nmodel = "h.npz"\ncolumn = "e"\n', "duplicate scorer name(s): ft"),
-        ('[[scorers]]\nname = "a/b"\nkind = "head"\nmodel = "h.npz"\ncolumn = "e"\n', "scorer name 'a/b' must be letters"),
+        ('[[scorers]]\nname = "a/b"\nkind = "head"\nmodel = "h.npz"\ncolumn = "e"\n', "scorer name 'a/b' is not a valid name"),
         ('[[scorers]]\nname = "x"\nkind = "fasttext"\nmodel = "m.bin"\n', "kind 'fasttext' needs label"),
         ('[[scorers]]\nname = "x"\nkind = "head"\nmodel = "h.npz"\n', "kind 'head' needs column"),
         ('[[scorers]]\nname = "x"\nkind = "hf"\nmodel = "o/m"\ncolumn = "e"\n', "column is only for kind 'head'"),

@@ -27,11 +27,11 @@ from pydantic import (
 )
 
 from armlab.errors import ArmlabError
-from armlab.names import NAME_RE as NAME_RE  # re-exported: the one rule lives in armlab.names
 from armlab.names import check_name
 from armlab.store.redact import redact
 from armlab.text import closest
 from armlab.vocab import MIN_VOCAB_SIZE
+from armlab.workdir import run_name
 
 RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
 # nanochat's --target-param-data-ratio default since 2026-03-24 (92d63d4: 12; before: 10.5)
@@ -179,9 +179,7 @@ class ScorerSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):  # the name is a directory of the scores dir
-            raise ValueError(f"scorer name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "scorer name")  # the name is a directory of the scores dir
 
     @model_validator(mode="after")
     def _kind_fields(self) -> ScorerSpec:
@@ -370,9 +368,46 @@ class EvaluateSpec(Strict):
 
 
 class ReportSpec(Strict):
-    """What the report shows about the arms' data."""
+    """What the report shows about the arms' data, and how it splits the eval set."""
 
-    group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
+    # A pool column that groups documents: categorical (e.g. fineweb's `dump`, a `source`): each
+    # arm's mix, and val bpb per value of it on the eval set; numeric with `group_bins`: val bpb
+    # per quantile bin of it (e.g. the quality score) on the eval set.
+    group_column: str | None = None
+    group_bins: int | None = Field(None, ge=2, le=20)  # quantile bins of a numeric group_column
+    max_groups: int = Field(8, ge=2, le=50)  # groups shown, the largest first; the rest pooled as "other"
+
+    @model_validator(mode="after")
+    def _bins_need_a_column(self) -> ReportSpec:
+        if self.group_bins is not None and not self.group_column:
+            raise ValueError("report.group_bins needs report.group_column (the numeric column to bin)")
+        return self
+
+    def group_label(self, scorers: list[str] | tuple[str, ...] = ()) -> str | None:
+        """The eval shards' column that labels each document's group (data/prepare/targets.py):
+        `group:<column>` (a category), `score:<column>` (a numeric pool column, binned) or
+        `scorer:<name>` (binned scores of a [[scorers]] entry among `scorers`)."""
+        if not self.group_column:
+            return None
+        if self.group_bins and self.group_column in scorers:
+            return f"scorer:{self.group_column}"
+        return f"{'score' if self.group_bins else 'group'}:{self.group_column}"
+
+
+class LadderSpec(Strict):
+    """The same arms at several depths (DataDecide's scale ladder, on the user's own data): does the
+    ranking hold from the small models to the depth the experiment is about (`model.depth`)?"""
+
+    depths: list[int] = Field(default_factory=list)  # e.g. [4, 6, 8]; each trains ratio x its params
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_ok(cls, v: list[int]) -> list[int]:
+        if v and (len(set(v)) != len(v) or min(v) < 1):
+            raise ValueError(f"depths must be distinct positive integers, got {v}")
+        if len(v) == 1:
+            raise ValueError(f"a ladder needs two or more depths, got {v}")
+        return sorted(v)
 
 
 ExecutorKind = Literal["local", "ray"]
@@ -532,6 +567,7 @@ class Experiment(Strict):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     report: ReportSpec = ReportSpec()
+    ladder: LadderSpec = LadderSpec()
     prepare: PrepareSpec = PrepareSpec()
     nanochat: NanochatSpec = NanochatSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
@@ -565,6 +601,18 @@ class Experiment(Strict):
             for a in h.arms:
                 if a not in names:
                     raise ValueError(f"host {h.name!r} names unknown arm {a!r} (arms: {', '.join(names)})")
+        if self.ladder.depths:
+            if self.model.depth not in self.ladder.depths:
+                raise ValueError(
+                    f"ladder.depths {self.ladder.depths} must include model.depth ({self.model.depth}): the depth "
+                    "the verdict is about, the ladder's top rung"
+                )
+            fixed = [k for k in ("tokens", "num_iterations") if getattr(self.train, k) is not None]
+            if fixed:
+                raise ValueError(
+                    f"a [ladder] trains each depth for target_param_data_ratio x its parameters; remove train.{fixed[0]} "
+                    "(a fixed horizon would give the small depths far more tokens per parameter than the large)"
+                )
         return self
 
     # -- conveniences -----------------------------------------------------------------------
@@ -576,6 +624,18 @@ class Experiment(Strict):
         hint = f"did you mean {m!r}? " if (m := closest(name, names)) else ""
         raise ArmlabError(f"no arm named {name!r} in experiment {self.name!r} ({hint}arms: {', '.join(names)})")
 
+    def run_name(self, arm: str, seed: int) -> str:
+        """A run's name: `arm-sS`; in a ladder `arm-dD-sS`, so the rungs' runs never collide."""
+        return run_name(arm, seed, self.model.depth if self.ladder.depths else None)
+
+    def at_depth(self, depth: int) -> Experiment:
+        """The ladder rung at `depth`: the same experiment with `model.depth = depth` (its horizon
+        follows from the ratio; its fingerprint differs, so each rung compares only with itself)."""
+        return self.model_copy(update={"model": self.model.model_copy(update={"depth": depth})})
+
+    def rungs(self) -> list[Experiment]:
+        """Every rung of the ladder, smallest first; [self] without a ladder."""
+        return [self.at_depth(d) for d in self.ladder.depths] if self.ladder.depths else [self]
     def scorer(self, name: str) -> ScorerSpec:
         for s in self.scorers:
             if s.name == name:

@@ -42,6 +42,7 @@ from armlab.ops.schedule import Slot, group_lanes, plan_schedule
 from armlab.progress import console
 from armlab.records import Record
 from armlab.runs import RunState, read_state
+from armlab.seeds import planned_seeds
 from armlab.spec import Experiment, HostSpec
 from armlab.text import plural
 from armlab.workdir import (
@@ -164,7 +165,8 @@ def doctor_hosts(exp: Experiment, hosts: list[Host], **kw: Any) -> list[DoctorRe
 
 # -- launch -------------------------------------------------------------------------------------------
 def _check_seeds(exp: Experiment, seeds: list[int] | None, flag: str) -> None:
-    unknown = sorted(set(seeds or []) - set(exp.train.seeds))
+    planned = planned_seeds(exp)  # train.seeds and the seeds `run --until-decided` added
+    unknown = sorted(set(seeds or []) - {s for v in planned.values() for s in v})
     if unknown:
         raise ArmlabError(
             f"{flag} {','.join(map(str, unknown))}: not in train.seeds {exp.train.seeds}; add it there first"
@@ -187,7 +189,7 @@ def launch(
     everyone = hosts_of(exp)
     select_hosts(exp, hosts)  # unknown --host: one line naming the hosts
     machines = machine_labels(everyone)
-    schedule = plan_schedule(exp, device=device, machines=machines)
+    schedule = plan_schedule(exp, device=device, machines=machines, seeds=planned_seeds(exp))
     if schedule.unassigned and not hosts:
         console.print(
             f"[yellow]launch[/]: arm(s) {', '.join(schedule.unassigned)} are on no [[hosts]] entry and are not launched"
@@ -343,7 +345,9 @@ def _here(exp: Experiment, arms: list[str]) -> Host:
     return LocalHost(exp, local_spec(exp, arms, device="cpu", visible_gpus=0))
 
 
-def run_here(exp: Experiment, host: Host, seeds: list[int]) -> tuple[list[Path], list[str]]:
+def run_here(
+    exp: Experiment, host: Host, seeds: list[int], arms: list[str] | None = None
+) -> tuple[list[Path], list[str]]:
     """`armlab run`'s training: prepare the arms and the tokenizer, then train every run of
     `seeds` not yet done on this machine's lanes, attached; returns (finished run dirs, failure
     messages). One `armlab run` per workdir at a time: a second one is refused, naming the first.
@@ -352,7 +356,8 @@ def run_here(exp: Experiment, host: Host, seeds: list[int]) -> tuple[list[Path],
 
     wd = open_workdir(exp)
     with step_lock(wd, "run", wait=False):
-        slots = plan_schedule(exp, [host.spec]).select(seeds=seeds)
+        slots = plan_schedule(exp, [host.spec], seeds=planned_seeds(exp)).select(seeds=seeds)
+        slots = [s for s in slots if arms is None or s.arm in arms]  # `run --until-decided`: these arms
         host.prepare(sorted({s.arm for s in slots}), "prepare")
         if not slots:
             return [], []

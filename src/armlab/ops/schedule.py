@@ -39,7 +39,6 @@ from armlab.budget import Budget
 from armlab.errors import ArmlabError
 from armlab.records import Record
 from armlab.spec import Experiment, HostSpec
-from armlab.workdir import run_name
 
 LOCAL = "local"  # the host entry `armlab run` schedules this machine as
 
@@ -181,9 +180,12 @@ def plan_schedule(
     *,
     device: str | None = None,
     machines: Mapping[str, str] | None = None,
+    seeds: Mapping[str, Sequence[int]] | None = None,
 ) -> Schedule:
     """Every arm x seed of `exp` placed on a lane of `hosts` (default: its `[[hosts]]`); see the
-    module docstring for the rule and the refusals.
+    module docstring for the rule and the refusals. `seeds` (arm -> seeds, default train.seeds
+    for every arm) adds the seeds `run --until-decided` planned (`armlab.seeds.planned_seeds`):
+    they come after train.seeds, so every run of train.seeds keeps its lane.
 
     `device` overrides every entry's device (`launch --device cpu`). `machines` maps an entry's
     name to the machine it reaches (entries with the same value share GPUs and ports; default:
@@ -218,7 +220,12 @@ def plan_schedule(
     slots: list[Slot] = []
     for h in hosts:
         dev, n = _device(h, device), lanes[h.name]
-        order = [(arm.name, seed) for seed in exp.train.seeds for arm in exp.arms if owner.get(arm.name) is h]
+        planned = seeds or {}
+        every = list(dict.fromkeys([*exp.train.seeds, *(x for v in planned.values() for x in v)]))
+        order = [
+            (arm.name, seed) for seed in every for arm in exp.arms
+            if owner.get(arm.name) is h and seed in planned.get(arm.name, exp.train.seeds)
+        ]  # fmt: skip
         per = h.gpus_per_run or h.num_gpus
         for i, (arm, seed) in enumerate(order):
             k = i % n
@@ -235,7 +242,7 @@ def plan_schedule(
                     position=i // n,
                     arm=arm,
                     seed=seed,
-                    run=run_name(arm, seed),
+                    run=exp.run_name(arm, seed),
                     device=dev,
                     world_size=_world(h, dev),
                     gpus=gpus,

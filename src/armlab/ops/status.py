@@ -133,16 +133,15 @@ def experiment_status(
     each with the lane that trains it (armlab.ops.lanes: this workdir's and those mirrored from
     the hosts). A queued run its lane refused before it started (no run dir) shows as failed."""
     from armlab.ops.lanes import lanes_by_run
-    from armlab.workdir import open_workdir, run_name
+    from armlab.seeds import planned_runs
+    from armlab.workdir import open_workdir
 
     wd = open_workdir(exp, create=False)
     rows = collect_status(wd.all_run_dirs() + list(extra_dirs or []), stall_after_s)
     seen = {(r.arm, r.run) for r in rows}
-    for arm in exp.arms:
-        for seed in exp.train.seeds:
-            name = run_name(arm.name, seed)
-            if (arm.name, name) not in seen:
-                rows.append(RunStatus(arm=arm.name, run=name, dir=None, state=RunState.QUEUED))
+    for arm, _, name in planned_runs(exp):  # train.seeds, seeds `run --until-decided` added, ladder rungs
+        if (arm, name) not in seen:
+            rows.append(RunStatus(arm=arm, run=name, dir=None, state=RunState.QUEUED))
     lanes = lanes_by_run(wd.root)
     for r in rows:
         lane = lanes.get((r.arm, r.run))

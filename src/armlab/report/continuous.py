@@ -53,7 +53,7 @@ class Snr:
 
     signal: float
     noise: float | None  # None: fewer than 2 checkpoints per run
-    snr: float | None
+    snr: float | None  # None: noise unknown (k < 2) or zero
     checkpoints: int  # per run (the least over runs)
 
     def as_dict(self) -> dict[str, Any]:
@@ -72,7 +72,7 @@ def snr(arm_means: Sequence[float], run_series: Sequence[Sequence[float]]) -> Sn
         float(np.std(s)) if np.ptp(s) > 1e-12 * max(1.0, float(np.abs(s).max())) else 0.0 for s in run_series
     ]
     noise = float(np.mean(stds))
-    ratio = signal / noise if noise > 0 else math.inf if signal > 0 else None
+    ratio = signal / noise if noise > 0 else None  # no noise measured: no ratio (JSON has no inf)
     return Snr(signal, noise, ratio, k)
 
 
@@ -168,10 +168,10 @@ def _num(x: float | None, d: int = 4, sign: str = "") -> str:
     return "-" if x is None else f"{x:{sign}.{d}f}"
 
 
-def _snr(x: float | None) -> str:
+def _snr(x: float | None, noise: float | None) -> str:
     if x is None:
-        return "-"
-    return "no noise" if math.isinf(x) else f"{x:.1f}"
+        return "no noise" if noise == 0 else "-"
+    return f"{x:.1f}"
 
 
 def _iv(iv: dict[str, Any] | None, sign: str = "") -> str:
@@ -199,12 +199,12 @@ def table(cont: dict[str, Any]) -> tuple[list[str], list[str], list[list[str]]]:
             rows.append([
                 task, m["label"], *(_num(t["arms"][a]) for a in arms),
                 *(_num(t["arms"][a] - t["arms"][ref], sign="+") for a in others),
-                _num(t["signal"]), _num(t["noise"]), _snr(t["snr"]) + flag,
+                _num(t["signal"]), _num(t["noise"]), _snr(t["snr"], t["noise"]) + flag,
             ])  # fmt: skip
         rows.append([
             "**all tasks**", m["label"], *(_iv(m["all"]["arms"][a]) for a in arms),
             *(_iv(m["all"]["differences"][a], "+") for a in others),
-            _num(m["snr"]["signal"]), _num(m["snr"]["noise"]), _snr(m["snr"]["snr"]),
+            _num(m["snr"]["signal"]), _num(m["snr"]["noise"]), _snr(m["snr"]["snr"], m["snr"]["noise"]),
         ])  # fmt: skip
         if m["without_flagged"]:
             w = m["without_flagged"]

@@ -34,7 +34,7 @@ from armlab.progress import console
 from armlab.spec import Experiment, fingerprint, parse_experiment, with_overrides
 from armlab.train.engines import Engine, EngineConfig, get_engine
 from armlab.train.recipe import schedule_misfit
-from armlab.workdir import atomic_write_json, open_workdir, read_json, run_name
+from armlab.workdir import atomic_write_json, open_workdir, read_json
 
 # run.json config keys a resumed run must share with the run that wrote the checkpoint
 RESUME_KEYS = ("depth", "n_params", "total_batch_size", "device_batch_size", "num_iterations", "world_size")
@@ -280,7 +280,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     engine = get_engine(eff.train.engine)
     engine_config = engine.configure(eff)
     seed = eff.train.seeds[0] if o.seed is None else o.seed
-    run = o.run_name or run_name(arm, seed)
+    run = o.run_name or eff.run_name(arm, seed)
     wd = open_workdir(exp, create=False)
     data_dir, run_dir = wd.data_dir(arm), wd.run_dir(arm, run)
     data_manifest = _complete_manifest(data_dir, f"armlab prepare EXP --arm {arm}", f"arm {arm!r}")
