@@ -114,7 +114,7 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["run", exp, "--max-seeds", "3"], "--max-seeds goes with --until-decided"),
         (["run", exp, "--until-decided", "--arm", "rand"], "leave out --arm"),
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
-        (["compare", exp], "top"),  # one arm has finished runs, the other none
+        (["compare", exp], "rand-s0: no final evaluation"),  # never compared by its in-training val bpb
         (["rm", exp, "--arm", "rand", "--run", "nosuch"], "nosuch"),
         # names that would leave their directory (0.2 trained `--run-name ../data` into the shard dir)
         *[(["train", exp, "--arm", "rand", "--run-name", bad], f"--run-name {bad!r} is not a valid name")

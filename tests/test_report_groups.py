@@ -16,6 +16,7 @@ from armlab.spec import parse_experiment
 from results_util import make_run
 
 DOCS_GOOD, DOCS_JUNK = 120, 60
+KINDS = ["good"] * DOCS_GOOD + ["junk"] * DOCS_JUNK
 
 
 def experiment(workdir: Path, report: dict):
@@ -29,7 +30,8 @@ def experiment(workdir: Path, report: dict):
 
 
 def write_eval(workdir: Path, columns: dict) -> None:
-    """The eval set as prepare writes it: texts and each document's labels, in eval-set order."""
+    """The eval set as prepare writes it: texts and each document's labels, in eval-set order
+    (written before the runs: their eval.json records its fingerprint, which compare checks)."""
     ev = workdir / "eval"
     ev.mkdir(parents=True)
     n = len(next(iter(columns.values())))
@@ -39,7 +41,7 @@ def write_eval(workdir: Path, columns: dict) -> None:
 def cancelling_runs(exp, rng: np.random.Generator) -> list[str]:
     """top is 3% better per byte on good documents and ~6% worse on junk, which hold a third of the
     bytes: the pooled difference is ~0. Seeds add a shared effect and per-document noise."""
-    kinds = ["good"] * DOCS_GOOD + ["junk"] * DOCS_JUNK
+    kinds = KINDS
     nbytes = rng.integers(300, 900, len(kinds)).astype(float)
     base = rng.uniform(0.8, 1.2, len(kinds))
     good = np.array([k == "good" for k in kinds])
@@ -55,8 +57,8 @@ def cancelling_runs(exp, rng: np.random.Generator) -> list[str]:
 
 def test_per_group_bpb_finds_effects_that_cancel_in_the_pooled_number(tmp_path: Path) -> None:
     exp = experiment(tmp_path / "wd", {"group_column": "kind"})
-    kinds = cancelling_runs(exp, np.random.default_rng(3))
-    write_eval(tmp_path / "wd", {"group:kind": kinds, "score:score": [0.5] * len(kinds)})
+    write_eval(tmp_path / "wd", {"group:kind": KINDS, "score:score": [0.5] * len(KINDS)})
+    cancelling_runs(exp, np.random.default_rng(3))
     out, s = compare(exp)
     pooled = s.comparison("top", "val_bpb").interval
     assert pooled.low < 0 < pooled.high  # the pooled val bpb: within noise
@@ -78,10 +80,10 @@ def test_per_group_bpb_finds_effects_that_cancel_in_the_pooled_number(tmp_path: 
 
 def test_groups_by_quantile_bins_of_a_score(tmp_path: Path) -> None:
     exp = experiment(tmp_path / "wd", {"group_column": "quality", "group_bins": 3})
-    kinds = cancelling_runs(exp, np.random.default_rng(5))
-    quality = [0.9 - 0.001 * i if k == "good" else 0.1 + 0.001 * i for i, k in enumerate(kinds)]
+    quality = [0.9 - 0.001 * i if k == "good" else 0.1 + 0.001 * i for i, k in enumerate(KINDS)]
     quality[0] = math.nan  # a document without a score: its own group
     write_eval(tmp_path / "wd", {"score:quality": quality})
+    cancelling_runs(exp, np.random.default_rng(5))
     _, s = compare(exp)
     g = s.groups
     sizes = [r.docs for r in g.groups]
@@ -93,8 +95,8 @@ def test_groups_by_quantile_bins_of_a_score(tmp_path: Path) -> None:
 
 def test_eval_set_without_labels_says_how_to_add_them(tmp_path: Path) -> None:
     exp = experiment(tmp_path / "wd", {"group_column": "kind"})
-    cancelling_runs(exp, np.random.default_rng(3))
     write_eval(tmp_path / "wd", {"score:score": [0.5] * (DOCS_GOOD + DOCS_JUNK)})
+    cancelling_runs(exp, np.random.default_rng(3))
     out, s = compare(exp)
     assert s.groups is None and "carries no 'group:kind' labels" in s.groups_missing
     assert "rerun `armlab prepare EXP` to add them" in (out / "report.md").read_text()

@@ -242,3 +242,14 @@ def test_recipe_numbers_are_finite_and_bounded(tmp_path: Path, line: str, messag
     exp = load_experiment(write(tmp_path, BASE))
     with pytest.raises(ArmlabError, match=r"num_iterations: Input should be less than or equal"):
         with_overrides(exp, {"num_iterations": 10**30})  # the --num-iterations flag too
+
+
+def test_data_seeds_pair_with_seeds_by_position(tmp_path: Path) -> None:
+    exp = load_experiment(write(tmp_path, BASE + "[train]\nseeds = [0, 1, 2]\ndata_seeds = [10, 11, 12]\n"))
+    assert [exp.train.data_seed(s) for s in (0, 1, 2)] == [10, 11, 12]
+    assert load_experiment(write(tmp_path, BASE)).train.data_seed(1) == 1  # unset: a seed is both
+    plain = load_experiment(write(tmp_path, BASE + "[train]\nseeds = [0, 1, 2]\n"))
+    assert exp.fingerprint() == plain.fingerprint()  # like seeds, they vary between runs, not arms
+    msg = error_of(tmp_path, BASE + "[train]\nseeds = [0, 1]\ndata_seeds = [5]\n")
+    assert "train.data_seeds has 1 entries, train.seeds 2" in msg and "pair by position" in msg
+    assert "distinct" in error_of(tmp_path, BASE + "[train]\nseeds = [0, 1]\ndata_seeds = [5, 5]\n")

@@ -17,6 +17,7 @@ from armlab.train.engines.nanochat_layout import (
     build,
     check_feeds,
     checkpoint_steps,
+    file_order,
     val_texts,
     write_val_file,
 )
@@ -48,13 +49,15 @@ def inputs(tmp_path):
 def test_base_dir_holds_the_arm_and_the_shared_eval_set(inputs):
     root, eval_docs = inputs
     base = BaseDir.of_run(root / "run")
-    build(base, root / "data", root / "eval", root / "tok", world_size=3, row_group_rows=1024)
+    order = build(base, root / "data", root / "eval", root / "tok", world_size=3, row_group_rows=1024, data_seed=1)
     shards = sorted(p.name for p in (root / "data").glob("shard_*.parquet"))
+    assert order == [shards[i] for i in file_order(len(shards), 1)] and sorted(order) == shards
+    assert order != shards  # seed 1 starts on the second file: nanochat reads another order than sorted
     for name in DATA_DIRS:
         listed = sorted(p.name for p in base.data_dir(name).glob("*.parquet"))
-        assert listed == [*shards, VAL_FILE]  # the eval file sorts last: nanochat's val split
-        for s in shards:
-            assert (base.data_dir(name) / s).resolve() == (root / "data" / s).resolve()
+        assert listed == [*shards, VAL_FILE]  # link names shard_00000..: the eval file sorts last, the val split
+        for i, s in enumerate(order):  # the link at position i is the i-th file of the seed's order
+            assert (base.data_dir(name) / f"shard_{i:05d}.parquet").resolve() == (root / "data" / s).resolve()
     assert os.readlink(base.data_dir("base_data_climbmix") / VAL_FILE) == f"../base_data/{VAL_FILE}"
     assert val_texts(base) == eval_docs
     assert pq.ParquetFile(base.val_file).metadata.num_row_groups >= 3  # every rank validates

@@ -13,14 +13,17 @@ the others; the failures are reported together at the end (exit 1).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from armlab.errors import ArmlabError, RunFailed
 from armlab.progress import console
-from armlab.runs import EVAL_JSON, RUN_JSON, RunState, load_run
+from armlab.runs import RUN_JSON, RunState, load_run
 from armlab.spec import Experiment
 from armlab.text import plural
-from armlab.workdir import atomic_write_json, open_workdir
+from armlab.workdir import open_workdir
+
+if TYPE_CHECKING:
+    from armlab.evaluate.record import EvalResult
 
 
 def _select(exp: Experiment, arms: list[str] | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
@@ -68,58 +71,17 @@ def evaluate_run(
     device: str | None = None,
     force: bool = False,
     max_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Final val bpb on the shared eval set (all of it, or its first max_tokens tokens) and CORE
-    (when a bundle is given) -> <run>/eval.json.
+) -> EvalResult:
+    """The run's last k checkpoints scored by armlab (whole-document val bpb over the shared eval
+    set, or a seeded sample of max_tokens; CORE when a bundle is given) -> <run>/eval.json
+    (armlab.evaluate.run); an eval.json that still matches is reused."""
+    from armlab.evaluate.run import evaluate_run as evaluate_one
+    from armlab.evaluate.run import summary_line
 
-    The run's engine evaluates its final checkpoint; what is checked and cached is the same for
-    every engine."""
-    from armlab.tokenizer import load_experiment_tokenizer
-    from armlab.train.engines import EvalRequest, get_engine
-
-    rec = load_run(run_dir)
-    if rec.info.get("experiment") != exp.name:
-        raise ArmlabError(
-            f"{run_dir}: run belongs to experiment {rec.info.get('experiment')!r}, not {exp.name!r}"
-        )
-    if rec.state_name != RunState.DONE:
-        raise ArmlabError(
-            f"{run_dir}: run is {rec.state_name}, not done; finish it first (`armlab run` resumes it)"
-        )
-    engine = get_engine(rec.engine)
-    steps = engine.checkpoint_steps(run_dir)
-    if not steps:
-        raise ArmlabError(
-            f"{run_dir}: no complete checkpoint to evaluate; retrain the run (`armlab run` does)"
-        )
-    step = steps[-1]
-    want = {  # an eval.json is reused only for this exact checkpoint, bundle and budget
-        "step": step,
-        "run_ended": (rec.state or {}).get("ended"),  # a retrained run has new weights at the same step
-        "bundle_sha256": bundle.sha256 if bundle else None,
-        "max_per_task": max_per_task,
-        "max_tokens": max_tokens,  # None: the whole eval set
-    }
-    if rec.eval and not force and all(rec.eval.get(k) == v for k, v in want.items()):
-        return rec.eval
     device = device or ("cuda" if torch_cuda() else "cpu")
-    tok = load_experiment_tokenizer(exp)
-    if tok.fingerprint != rec.info.get("tokenizer_fingerprint"):
-        raise ArmlabError(
-            f"{run_dir}: trained with tokenizer {rec.info.get('tokenizer_fingerprint')}, "
-            f"but the experiment's is now {tok.fingerprint}; it cannot be evaluated comparably"
-        )
-    wd = open_workdir(exp, create=False)
-    request = EvalRequest(run_dir, exp, tok, wd.eval_dir, bundle, max_per_task, device, max_tokens)
-    result = {**want, **engine.evaluate(request)}
-    atomic_write_json(run_dir / EVAL_JSON, result)
-    core_txt = "" if result.get("core") is None else f", CORE {result['core']:.4f}"
-    covered = (
-        f" ({result['val_bpb_tokens']:,} tokens of {result['val_bpb_docs']:,} eval docs)"
-        if result.get("val_bpb_docs") is not None
-        else f" ({result['val_bpb_tokens']:,} tokens)" if result.get("val_bpb_tokens") else ""
-    )
-    console.print(f"evaluate: {rec.run}: val bpb {result['val_bpb']:.4f}{covered}{core_txt}")
+    result, reused = evaluate_one(exp, run_dir, bundle, max_per_task, device, force, max_tokens)
+    if not reused:
+        console.print(f"evaluate: {result.run}: {summary_line(result)}")
     return result
 
 

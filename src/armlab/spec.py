@@ -250,6 +250,10 @@ class TrainSpec(Strict):
     tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
     num_iterations: int | None = Field(None, gt=0, le=MAX_STEPS)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # Data-order seeds, paired with `seeds` by position: run k initialises from seeds[k] and reads
+    # its arm in the order of data_seeds[k]. None: each seed is both (the default). The nanochat
+    # engine has a fixed init seed, so there only the data order varies between seeds.
+    data_seeds: list[int] | None = None
     eval_every: int = Field(250, gt=0, le=MAX_STEPS)
     eval_tokens: int = Field(20_971_520, gt=0, le=MAX_TOKENS)
     save_every: int = Field(1000, gt=0, le=MAX_STEPS)
@@ -275,6 +279,24 @@ class TrainSpec(Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _paired_data_seeds(self) -> TrainSpec:
+        if self.data_seeds is not None:
+            if len(self.data_seeds) != len(self.seeds):
+                raise ValueError(
+                    f"train.data_seeds has {len(self.data_seeds)} entries, train.seeds {len(self.seeds)}: they pair "
+                    "by position (run k: init seed seeds[k], data order data_seeds[k]); give one per seed"
+                )
+            if len(set(self.data_seeds)) != len(self.data_seeds):
+                raise ValueError(f"train.data_seeds must be distinct, got {self.data_seeds}")
+        return self
+
+    def data_seed(self, seed: int) -> int:
+        """The data-order seed of the run with (init) seed `seed`: its partner in data_seeds, else itself."""
+        if self.data_seeds is not None and seed in self.seeds:
+            return self.data_seeds[self.seeds.index(seed)]
+        return seed
 
     @model_validator(mode="after")
     def _one_horizon(self) -> TrainSpec:
@@ -321,6 +343,18 @@ class EvaluateSpec(Strict):
     core_bundle: str | None = DCLM_EVAL_BUNDLE_URL
     core_bundle_sha256: str | None = None
     max_per_task: int | None = Field(None, gt=0)
+    # Noise measured from the run (Signal and Noise, Heineman et al. 2025): the final evaluation
+    # scores each run's last k checkpoints; the built-in trainer saves them `last_k_every` steps
+    # apart (None: 5% of the run). 1: the final checkpoint only (no noise estimate).
+    last_k: int = Field(3, ge=1, le=50)
+    last_k_every: int | None = Field(None, gt=0, le=MAX_STEPS)
+    # The headline figures (val bpb, CORE, per-item scores) as the mean over the last k evaluations
+    # (Signal and Noise's checkpoint averaging); false: the final checkpoint's.
+    average_last_k: bool = False
+    # CORE tasks whose signal-to-noise ratio (spread between arms / checkpoint-to-checkpoint noise)
+    # is below this are flagged, and an aggregate without them is shown. Two arms that differ only
+    # by noise have an expected ratio of about 1.1 (|N(0, 2 s^2)| / s), so 2 flags most such tasks.
+    min_snr: float = Field(2.0, ge=0, allow_inf_nan=False)
 
     @field_validator("core_bundle")
     @classmethod
@@ -641,7 +675,7 @@ class Experiment(Strict):
         commit) is recorded per run (run.json "engine_comparable") and compared between runs.
         """
         train = self.train.model_dump(
-            exclude={"seeds", "wandb_project", "save_every", "compile", "allow_repeat"}
+            exclude={"seeds", "data_seeds", "wandb_project", "save_every", "compile", "allow_repeat"}
         )
         out = {
             "pool": self.pool.model_dump(),
@@ -734,7 +768,7 @@ def _error_line(source: str, err: ValidationError) -> str:
 
 # Command-line overrides, for every command (`train --depth`, `prepare --ratio`, ...): one place.
 MODEL_KEYS = set(ModelSpec.model_fields)
-TRAIN_KEYS = set(TrainSpec.model_fields) - {"seeds"}
+TRAIN_KEYS = set(TrainSpec.model_fields) - {"seeds", "data_seeds"}
 HORIZONS = ("num_iterations", "tokens", "target_param_data_ratio")
 
 

@@ -153,14 +153,17 @@ def check_finite(runs: list[RunRecord], final: list[FinalValues]) -> None:
 
 
 def check_eval_coverage(runs: list[RunRecord]) -> None:
-    """Every run's val bpb must cover the same eval tokens (a capped evaluation is another measure)."""
+    """Every run's val bpb must be one kind of measurement (report.evalcheck: whole documents vs a
+    packed stream) over the same eval tokens (a sample is another measure): never mixed."""
     seen: dict[Any, list[str]] = {}
     for r in runs:
         ev = r.eval or {}
-        if ev.get("val_bpb_tokens") is not None:
-            seen.setdefault((ev.get("val_bpb_tokens"), ev.get("val_bpb_docs")), []).append(r.run)
+        method = ((ev.get("bpb") or {}).get("method") or {}).get("kind")
+        seen.setdefault((ev.get("val_bpb_tokens"), ev.get("val_bpb_docs"), method), []).append(r.run)
     if len(seen) > 1:
-        shown = "; ".join(f"{t:,} tokens / {d} docs: {', '.join(n)}" for (t, d), n in seen.items())
+        shown = "; ".join(
+            f"{t or 0:,} tokens / {d} docs ({m or 'unknown method'}): {', '.join(n)}" for (t, d, m), n in seen.items()
+        )
         raise ArmlabError(
             f"runs' val bpb cover different parts of the eval set ({shown}); rerun `armlab evaluate EXP "
             "--force` with the same --max-tokens for every run"

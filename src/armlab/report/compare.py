@@ -28,6 +28,8 @@ from armlab.report.checks import (
     collect_runs,
 )
 from armlab.report.complete import FinalValues, final_values
+from armlab.report.continuous import continuous_summary
+from armlab.report.evalcheck import check_evals
 from armlab.report.groups import group_results, read_labels
 from armlab.report.intervals import (
     RESAMPLES,
@@ -81,9 +83,24 @@ def check_independent(arms: list[ArmData]) -> None:
             same = "; ".join(" = ".join(runs[s] for s in g) for g in {tuple(g): g for g in groups}.values())
             raise ArmlabError(
                 f"{same}: identical results, so these seeds are one run repeated, not independent samples "
-                "(an engine that ignores the seed, or a copied run dir); an interval from them would claim a "
+                "(an engine that ignores the seed, e.g. nanochat's fixed init with an arm of one shard file, or a "
+                "copied run dir); an interval from them would claim a "
                 f"precision the experiment does not have: train seeds that differ, or keep one with --exclude"
             )
+
+
+def _seeding(exp: Experiment, runs: list[RunRecord]) -> list[str]:
+    """What a seed varied in these runs, for the report's notes."""
+    out = []
+    if exp.train.data_seeds is not None:
+        pairs = ", ".join(f"{s}/{d}" for s, d in zip(exp.train.seeds, exp.train.data_seeds, strict=True))
+        out.append(f"Seeds: init seed / data-order seed pairs {pairs} (train.data_seeds).")
+    if any(r.engine == "nanochat" for r in runs):
+        out.append(
+            "Seeds of nanochat-engine runs vary the data order only (the arm's shard files are read in an order set "
+            "by the data seed); the initial weights come from nanochat's fixed seed (42) in every run."
+        )
+    return out
 
 
 def reference_arm(exp: Experiment, present: list[str]) -> str:
@@ -344,6 +361,7 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
         groups=groups,
         groups_missing=groups_missing,
         decided=[r.reason for r in extra_seeds(exp).rounds],
+        continuous=continuous_summary(exp, {a: d.runs for a, d in data.items()}, ref.name),
     )
 
 
@@ -384,8 +402,15 @@ def analyse(exp: Experiment, exclude: list[str] | None = None) -> tuple[Summary,
         )
     check_comparable(exp, finished)
     check_seeds(exp, finished)
+    finished, unevaluated, unchecked = check_evals(exp, finished)  # eval.json tied to its run, or left out
+    if not finished:
+        raise ArmlabError(
+            f"experiment {exp.name!r} has no evaluated runs to compare: {'; '.join(u.reason for u in unevaluated)}"
+        )
     check_eval_coverage(finished)
-    return summarize(exp, finished, excluded), finished
+    summary = summarize(exp, finished, excluded + [u.run for u in unevaluated])
+    left = [f"left out: {u.reason}" for u in unevaluated]
+    return summary.with_(warnings=summary.warnings + left + unchecked, notes=_seeding(exp, finished)), finished
 
 
 def compare_rungs(exp: Experiment, target: Summary) -> dict[int, Summary | str]:
@@ -414,7 +439,7 @@ def compare(
     from armlab.report.render import write_report
 
     summary, _ = analyse(exp, exclude)
-    summary = summary.with_(data=data_difference(exp, list(summary.arms)), notes=list(notes or []))
+    summary = summary.with_(data=data_difference(exp, list(summary.arms)), notes=list(notes or []) + summary.notes)
     if exp.ladder.depths:
         summary = summary.with_(ladder=ladder(exp, compare_rungs(exp, summary)))
     out = Path(out) if out else open_workdir(exp, create=False).report_dir

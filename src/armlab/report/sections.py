@@ -398,6 +398,11 @@ def sections(summary: Summary) -> list[Section]:
         if extra:
             out.append(extra)
     out.append(arms_section(summary))
+    if summary.continuous:
+        from armlab.report.continuous import table
+
+        lines, header, rows = table(summary.continuous)
+        out.append(Section("Continuous CORE and signal-to-noise", lines, [(header, rows)] if rows else []))
     data = data_section(summary)
     if data:
         out.append(data)

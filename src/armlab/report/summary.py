@@ -159,6 +159,8 @@ class Summary(Record):
     notes: list[str] = Field(default_factory=list)
     decided: list[str] = Field(default_factory=list)  # each round of `run --until-decided`, as it said
     ladder: Ladder | None = None
+    # continuous CORE beside accuracy and each task's signal-to-noise (report.continuous), plain data
+    continuous: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)

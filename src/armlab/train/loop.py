@@ -3,8 +3,9 @@
 Every rank builds the same model from the same seed, reads its own share of the arm through
 the loader, and steps the same optimiser on gradients averaged over all ranks (one all-reduce
 per bucket of gradients after accumulation). Rank 0 logs (train.log line, metrics.jsonl,
-optional W&B), evaluates bits-per-byte with every rank on the shared eval set, and writes the
-checkpoints, which hold every rank's loader and RNG state.
+optional W&B), evaluates bits-per-byte with every rank on a fixed sample of whole eval documents
+(armlab.evaluate.bpb), and writes the checkpoints (also the last k the final evaluation scores),
+which hold every rank's loader and RNG state.
 
 The recipe is nanochat 92d63d4's: the model (armlab.train.model), MuonAdamW with its parameter
 groups (armlab.train.optim), the schedules and batch/horizon scaling (armlab.train.schedule),
@@ -206,6 +207,7 @@ class _Loop:
 
     def __init__(self, plan: RunPlan, d: Dist, stop: StopFlag) -> None:
         from armlab.budget import training_budget
+        from armlab.evaluate.checkpoints import last_k_steps
         from armlab.tokenizer import Tokenizer
         from armlab.train.loader import DataLoader
 
@@ -219,7 +221,7 @@ class _Loop:
         resume_step, compile_ = _agree_on_plan(plan, d)
 
         self.tokenizer = Tokenizer.load(plan.tokenizer_dir)
-        torch.manual_seed(plan.seed)  # identical initial weights on every rank
+        torch.manual_seed(plan.seed)  # the init seed: identical initial weights on every rank
         self.model_cfg = GPTConfig.from_spec(exp.model, self.tokenizer.vocab_size)
         self.model = build_model(self.model_cfg, device, self.compute_dtype)  # on the device, nanochat's init
         hp = recipe.resolve(self.train)
@@ -247,6 +249,8 @@ class _Loop:
             )  # fmt: skip
             del ckpt
         self.start = self.progress.step
+        # the last k checkpoints, which the final evaluation scores (noise; armlab.evaluate.checkpoints)
+        self.keep_for_eval = set(last_k_steps(self.n_steps, exp.evaluate.last_k, exp.evaluate.last_k_every))
         self.loader = DataLoader(
             plan.data_dir,
             self.tokenizer,
@@ -254,7 +258,7 @@ class _Loop:
             self.T,
             d.rank,
             d.world_size,
-            seed=plan.seed,
+            seed=plan.order_seed,  # the data-order seed (train.data_seeds; else the seed)
             state=loader_state,
         )
         self.fwd = torch.compile(self.model, dynamic=False) if compile_ else self.model
@@ -282,7 +286,9 @@ class _Loop:
                     and p.evaluated_at != p.step
                 ):
                     self._evaluate()
-                saving = p.step > self.start and (last or p.step % self.train.save_every == 0)
+                saving = p.step > self.start and (
+                    last or p.step % self.train.save_every == 0 or p.step in self.keep_for_eval
+                )
                 if (saving or (reason is not None and p.step > 0)) and p.saved_at != p.step:
                     self._save()
             except RunDiverged as e:
@@ -330,10 +336,10 @@ class _Loop:
 
         d, p, plan = self.d, self.progress, self.plan
         self._state(phase=runs.Phase.EVAL)
-        self.model.eval()
+        self.model.eval()  # eager: eval calls have several widths (armlab.evaluate.bpb)
         p.val_bpb = evaluate_bpb(
-            self.fwd, self.tokenizer, plan.eval_dir, self.train.eval_tokens, self.B, self.T, d.device, d.rank,
-            d.world_size,
+            self.model, self.tokenizer, plan.eval_dir, self.train.eval_tokens, self.B, self.T, d.device, d.rank,
+            d.world_size, seed=plan.experiment.eval.seed,
         ).bpb  # fmt: skip
         self.model.train()
         p.evaluated_at = p.step
@@ -474,6 +480,7 @@ def _wandb(exp: Any, plan: RunPlan, d: Dist) -> Any:
         config={
             "arm": plan.arm,
             "seed": plan.seed,
+            "data_seed": plan.order_seed,
             **dataclasses.asdict(plan.config),
             "fingerprint": plan.fingerprint,
         },

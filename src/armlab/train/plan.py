@@ -117,6 +117,7 @@ class RunPlan:
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # HOST:PORT of node 0's rendezvous (static); None: one node
     compile_reason: str | None = None  # why a CPU run compiles or not (armlab.train.compiling), for the log
+    data_seed: int | None = None  # the data-order seed (train.data_seeds); None: `seed`
 
     @property
     def follower(self) -> bool:
@@ -126,6 +127,11 @@ class RunPlan:
     @property
     def nproc_per_node(self) -> int:
         return self.world_size // self.nnodes
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the run's data order (the loader's; nanochat's file order)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def plan_file(self) -> Path:
@@ -322,6 +328,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         "experiment": exp.name,
         "arm": arm,
         "seed": seed,
+        "data_seed": eff.train.data_seed(seed),
         "run": run,
         "fingerprint": run_fingerprint(eff, engine_config),
         "comparability": eff.comparability(),
@@ -347,6 +354,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         engine=engine_config, force=o.force,
         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") if kind == "cuda" else None,
         nnodes=o.nnodes, node_rank=node_rank, rdzv_endpoint=endpoint, compile_reason=compile_reason,
+        data_seed=eff.train.data_seed(seed),
     )  # fmt: skip
     engine.preflight(plan)
     _check_repeats(data_manifest, budget.tokens, arm, eff.train.allow_repeat)

@@ -19,7 +19,8 @@ Who calls what, for one run (`plan` is an armlab.train.plan.RunPlan):
     armlab.train.supervisor.supervise  cmd = engine.command(plan)              (argv, env, cwd)
                                        engine.on_output(plan, line)            every line, as tee'd
                                        engine.on_exit(plan, returncode)
-    armlab.pipeline.evaluate_run       engine.checkpoint_steps(run_dir), engine.evaluate(request)
+    armlab.evaluate.run.evaluate_run   engine.checkpoint_steps(run_dir), engine.weights_files(run_dir, step),
+                                       engine.evaluate(request) for each of the last k checkpoints
     armlab.ops.doctor.run_doctor       engine.doctor_checks(report, exp)
     export / notebooks                 engine.load_model(run_dir, device)
 
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     import torch
 
     from armlab.budget import Budget
+    from armlab.evaluate.record import CheckpointEval
     from armlab.spec import Experiment
     from armlab.tokenizer import Tokenizer
     from armlab.train.compiling import CompileChoice
@@ -107,7 +109,10 @@ class EvalRequest:
     bundle: Any  # armlab.evaluate.bundle CORE bundle, or None: val bpb only
     max_per_task: int | None
     device: str
-    max_tokens: int | None = None  # val bpb over the first max_tokens eval tokens; None: all of them
+    max_tokens: int | None = None  # val bpb over a seeded sample of whole docs of this many tokens; None: all
+    step: int | None = None  # the checkpoint to evaluate (None: the latest)
+    packed: bool = True  # also nanochat's packed val bpb (the second, labelled number)
+    bpb: bool = True  # val bpb at all (an earlier one of the last k, not averaged: CORE's noise only)
 
 
 class CheckReport(Protocol):
@@ -167,13 +172,21 @@ class Engine(Protocol):
         """The ranks' process exited (before the supervisor writes done / failed)."""
         ...
 
-    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
-        """eval.json's result fields for the run's final checkpoint: `val_bpb` (and the other bpb
-        fields), `core`, `core_tasks`, `bundle` (None / {} without a bundle)."""
+    def evaluate(self, request: EvalRequest) -> CheckpointEval:
+        """One checkpoint (`request.step`) scored by armlab itself: whole-document val bpb (and the
+        packed second number), CORE with per-item continuous scores (armlab.evaluate.run), plus
+        what the engine itself measured there, labelled (`engine`). BaseEngine does it for any
+        engine whose `load_model` gives a model called as nanochat's GPT is."""
         ...
 
-    def load_model(self, run_dir: Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
-        """(model in eval mode, checkpoint meta) of the run's latest checkpoint."""
+    def load_model(
+        self, run_dir: Path, device: str | torch.device = "cpu", step: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """(model in eval mode, checkpoint meta) of the run's checkpoint at `step` (None: the latest)."""
+        ...
+
+    def weights_files(self, run_dir: Path, step: int) -> list[Path]:
+        """The files holding the checkpoint's weights (what eval.json's checkpoint hash covers)."""
         ...
 
     def doctor_checks(self, report: CheckReport, exp: Experiment | None) -> None:
@@ -204,6 +217,12 @@ class BaseEngine:
 
     def doctor_checks(self, report: CheckReport, exp: Experiment | None) -> None:
         return None
+
+    def evaluate(self, request: EvalRequest) -> CheckpointEval:
+        from armlab.evaluate.run import evaluate_model
+
+        model, _ = self.load_model(request.run_dir, request.device, request.step)  # type: ignore[attr-defined]
+        return evaluate_model(model, request)
 
 
 def get_engine(name: str) -> Engine:

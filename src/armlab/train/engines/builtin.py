@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from armlab.errors import ArmlabError
-from armlab.train.engines import BaseEngine, Command, EngineConfig, EvalRequest, rank_env, torchrun_argv
+from armlab.train.engines import BaseEngine, Command, EngineConfig, rank_env, torchrun_argv
 
 if TYPE_CHECKING:
     import torch
@@ -84,32 +84,14 @@ class BuiltinEngine(BaseEngine):
         )  # fmt: skip
         return Command(argv, rank_env(plan.device, plan.nproc_per_node))
 
-    def load_model(self, run_dir: Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+    def load_model(
+        self, run_dir: Path, device: str | torch.device = "cpu", step: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         from armlab.train.checkpoint import load_model
 
-        return load_model(run_dir, device=device)
+        return load_model(run_dir, step, device=device)  # bf16 on CUDA like training, no autocast
 
-    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
-        from armlab.evaluate.bpb import evaluate_bpb
-        from armlab.evaluate.core import evaluate_core
+    def weights_files(self, run_dir: Path, step: int) -> list[Path]:
+        from armlab.runs import CHECKPOINTS  # torch-free: compare checks eval.json against it
 
-        r, exp = request, request.exp
-        model, _ = self.load_model(r.run_dir, device=r.device)  # bf16 on CUDA like training, no autocast
-        bpb = evaluate_bpb(
-            model,
-            r.tokenizer,
-            r.eval_dir,
-            max_tokens=r.max_tokens,
-            batch_size=exp.train.device_batch_size,
-            seq_len=exp.model.max_seq_len,
-            device=r.device,
-        )
-        core = (
-            evaluate_core(
-                model, r.tokenizer, r.bundle, device=r.device, max_per_task=r.max_per_task,
-                max_len=exp.model.max_seq_len,
-            )  # fmt: skip
-            if r.bundle
-            else {"core": None, "core_tasks": {}, "bundle": None}
-        )
-        return {**bpb.eval_json(), **core}
+        return [Path(run_dir) / CHECKPOINTS / f"step_{step:06d}" / "model.pt"]
