@@ -219,7 +219,7 @@ class BaseEngine:
         return None
 
     def evaluate(self, request: EvalRequest) -> CheckpointEval:
-        from armlab.evaluate.run import evaluate_model
+        from armlab.evaluate.model import evaluate_model
 
         model, _ = self.load_model(request.run_dir, request.device, request.step)  # type: ignore[attr-defined]
         return evaluate_model(model, request)
