@@ -8,6 +8,7 @@ import subprocess
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from armlab.errors import ArmlabError
 from armlab.train.engines.nanochat_layout import (
@@ -110,13 +111,15 @@ def test_val_file_row_groups_and_too_few_docs(tmp_path):
 def test_only_complete_checkpoints_count(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
-    for step in (2, 4, 6):
-        (d / f"model_{step:06d}.pt").write_bytes(b"m")
+    for step in (2, 4, 6, 8):
+        torch.save({"w": torch.zeros(64)}, d / f"model_{step:06d}.pt")  # a zip archive, as nanochat's
         (d / f"meta_{step:06d}.json").write_text("{}")
         for r in range(2):
-            (d / f"optim_{step:06d}_rank{r}.pt").write_bytes(b"o")
+            torch.save({"o": torch.zeros(64)}, d / f"optim_{step:06d}_rank{r}.pt")
     (d / "optim_000006_rank1.pt").unlink()  # killed while rank 1 saved
     (d / "meta_000004.json").write_text('{"step": 4, "val')  # torn meta
+    whole = (d / "optim_000008_rank0.pt").read_bytes()
+    (d / "optim_000008_rank0.pt").write_bytes(whole[: len(whole) // 2])  # kill -9 mid-write: no central directory
     assert checkpoint_steps(d, world_size=2) == [2]
     assert checkpoint_steps(d, world_size=1) == [2, 6]
     assert checkpoint_steps(tmp_path / "none", 1) == []

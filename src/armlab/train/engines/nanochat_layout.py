@@ -43,6 +43,7 @@ import math
 import os
 import re
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,7 +242,9 @@ def checkpoint_steps(ckpt_dir: Path, world_size: int) -> list[int]:
     """Steps of the complete checkpoints nanochat saved, ascending.
 
     nanochat writes model_<step>.pt, then meta_<step>.json, then one optim_<step>_rank<r>.pt per
-    rank, none of them atomically: a step counts only when all of them exist and the meta parses.
+    rank, none of them atomically: a step counts only when all of them exist, the meta parses and
+    each .pt is a whole zip archive (torch.save's format; a kill -9 mid-save leaves one without its
+    central directory, which torch.load then refuses and the resume would fail on).
     """
     if not ckpt_dir.is_dir():
         return []
@@ -253,7 +256,7 @@ def checkpoint_steps(ckpt_dir: Path, world_size: int) -> list[int]:
         step = int(m.group(1))
         meta = ckpt_dir / f"meta_{step:06d}.json"
         optims = [ckpt_dir / f"optim_{step:06d}_rank{r}.pt" for r in range(world_size)]
-        if not meta.is_file() or not all(o.is_file() and o.stat().st_size for o in optims):
+        if not meta.is_file() or not all(o.is_file() and zipfile.is_zipfile(o) for o in [p, *optims]):
             continue
         try:
             json.loads(meta.read_text())
