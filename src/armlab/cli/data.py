@@ -100,6 +100,13 @@ def score(
     keep_cache: Annotated[
         bool, typer.Option("--keep-cache", help="keep downloaded pool files")
     ] = False,
+    executor: Annotated[
+        str | None,
+        typer.Option(callback=check_executor, help="local | ray: where the units run (default: prepare.executor, else local)"),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--executor ray: the head's host:port (default: prepare.ray_address, else RAY_ADDRESS, else auto)")
+    ] = None,
 ) -> None:
     """Score every pool document with the experiment's scorers (fastText, hf classifiers, heads over embeddings; resumable)."""
     from armlab.data.score.run import ScoreOptions
@@ -107,7 +114,10 @@ def score(
     from armlab.spec import load_experiment, with_overrides
 
     spec = with_overrides(load_experiment(exp), {"score.scores_dir": str(scores_dir) if scores_dir else None})
-    options = ScoreOptions(workers=workers, device=device, overwrite=overwrite, keep_cache=keep_cache)
+    options = ScoreOptions(
+        workers=workers, device=device, overwrite=overwrite, keep_cache=keep_cache,
+        executor=executor, ray_address=ray_address,
+    )  # fmt: skip
     for name, d in run_score(spec, names=scorer, options=options).items():
         print(f"{name}\t{d}")
 

@@ -51,16 +51,22 @@ class Executor(Protocol):
 
 
 def open_executor(
-    kind: str, workers: int | None, ray_address: str | None = None, shared: Sequence[Path] = (), gpus: int = 0
+    kind: str,
+    workers: int | None,
+    ray_address: str | None = None,
+    shared: Sequence[Path] = (),
+    gpus: int = 0,
+    actors: bool = False,
 ) -> Executor:
     """The executor `kind` names ("local" | "ray"), running up to `workers` units at once (local:
     default the CPU count; ray: the cluster's CPUs, or its GPUs / `gpus`). `shared`: paths the
     units read or write, which every Ray node must see as this machine does (checked up front);
-    `gpus`: GPUs per unit (on Ray, units then run in one long-lived actor per GPU)."""
+    `gpus`: GPUs per unit; `actors`: on Ray, units run on long-lived actors (a scorer's model is
+    loaded once per actor) instead of tasks."""
     if kind == "ray":
         from armlab.data.prepare.ray_executor import RayExecutor
 
-        return RayExecutor(ray_address, workers, shared, gpus)
+        return RayExecutor(ray_address, workers, shared, gpus, actors)
     return LocalExecutor(max(1, workers or os.cpu_count() or 1))
 
 

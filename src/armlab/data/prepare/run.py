@@ -71,7 +71,7 @@ def prepare(
     scores = check_scores(exp, pool_arms, files)  # an arm on a scorer that has not scored: refused here
     prebuilt = [a for a in chosen if a.kind == "prebuilt"]
     # So is a cluster that cannot run it (Ray missing, unreachable, a node that cannot see the workdir)
-    executor = open_prepare_executor(exp, opts, [existing_dir(exp.workdir_path), *_local_pool_file(files)])
+    executor = open_prepare_executor(exp, opts, [existing_dir(exp.workdir_path), *local_pool_file(files)])
     try:
         wd = open_workdir(exp)
         with stop_on_signals("prepare"), step_lock(wd, "prepare"):  # a second prepare waits, then finds it done
@@ -106,7 +106,7 @@ def existing_dir(path: Path) -> Path:
     return path
 
 
-def _local_pool_file(files: list[PoolFile]) -> list[Path]:
+def local_pool_file(files: list[PoolFile]) -> list[Path]:
     """A local pool's first file (Ray nodes must see the pool too); remote pools are read by URL."""
     return [Path(f.path) for f in files[:1] if not f.remote]
 
