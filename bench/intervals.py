@@ -30,7 +30,7 @@ from armlab.report.intervals import (  # noqa: E402
     difference_interval,
     replicates,
 )
-from report_util import bpb_experiment, core_experiment  # noqa: E402
+from report_util import bpb_experiment, core_experiment, off_model_bpb_experiment  # noqa: E402
 
 
 def interval(a: ItemScores, b: ItemScores, resamples: int, seed: int):
@@ -99,6 +99,14 @@ REGIMES = [
     ("val bpb, 5 seeds", bpb_experiment, {"seeds": 5}),
     ("val bpb, 3 seeds, documents only", bpb_experiment, {"noise_sd": 0.0, "seed_sd": 0.0}),
     ("val bpb, 3 seeds, seed-dominated", bpb_experiment, {"seed_sd": 0.05, "noise_sd": 0.01}),
+    ("val bpb, 2 seeds (weak)", bpb_experiment, {"seeds": 2}),
+    # off the model: a two-type eval set (prose and junk) with opposite arm effects, heavy tails,
+    # seeds better on one type and worse on the other (tests/report_util.off_model_bpb_experiment)
+    ("off-model: bimodal documents", off_model_bpb_experiment, {}),
+    ("off-model: heavy tails", off_model_bpb_experiment, {"heavy": True}),
+    ("off-model: seed x document type", off_model_bpb_experiment, {"interaction_sd": 0.03}),
+    ("off-model: all three", off_model_bpb_experiment, {"heavy": True, "interaction_sd": 0.03}),
+    ("off-model: all three, 5 seeds", off_model_bpb_experiment, {"heavy": True, "interaction_sd": 0.03, "seeds": 5}),
 ]
 
 
@@ -106,19 +114,22 @@ def coverage(experiments: int, resamples: int) -> None:
     print(
         f"\ncoverage of the 95% interval over {experiments:,} simulated experiments ({resamples} resamples each)"
     )
-    print(f"{'regime':38s} {'armlab':>7s} {'naive':>7s} {'mean width':>11s}")
+    print(f"{'regime':38s} {'armlab':>7s} {'naive':>7s} {'mean width':>11s} {'no interval':>12s}")
     for name, make, kw in REGIMES:
         rng = np.random.default_rng(1)
-        ours = theirs = 0
+        ours = theirs = none = 0
         widths = []
         for e in range(experiments):
             a, b, true = make(rng, **kw)
             iv = interval(a, b, resamples, e)
             lo, hi = naive(a, b, resamples, e)
-            ours += iv.low <= true <= iv.high
             theirs += lo <= true <= hi
+            if iv.low is None:  # no noise measured at all: no interval, so no claim (counted as a miss)
+                none += 1
+                continue
+            ours += iv.low <= true <= iv.high
             widths.append(iv.high - iv.low)
-        print(f"{name:38s} {ours / experiments:7.1%} {theirs / experiments:7.1%} {np.mean(widths):11.4f}")
+        print(f"{name:38s} {ours / experiments:7.1%} {theirs / experiments:7.1%} {np.mean(widths):11.4f} {none:12,d}")
 
 
 def main() -> None:
@@ -130,6 +141,28 @@ def main() -> None:
     if not args.skip_timing:
         timing()
     coverage(args.experiments, args.resamples)
+    replicate_seeds_table(args.experiments, args.resamples)
+
+
+def replicate_seeds_table(experiments: int, resamples: int) -> None:
+    """Seeds that are one run repeated: what an interval from them would cover, and how often
+    compare's detector (`intervals.replicate_seeds`) refuses them / flags independent seeds."""
+    from armlab.report.intervals import replicate_seeds
+
+    rng = np.random.default_rng(1)
+    covered = refused = false = 0
+    for e in range(experiments):
+        a, b, true = off_model_bpb_experiment(rng, replicate=True, seed_sd=0.015)
+        iv = interval(a, b, resamples, e)
+        covered += iv.low is not None and iv.low <= true <= iv.high
+        refused += bool(replicate_seeds(a)) and bool(replicate_seeds(b))
+        x, y, _ = off_model_bpb_experiment(rng, seed_sd=0.015)
+        false += bool(replicate_seeds(x) or replicate_seeds(y))
+    print(
+        f"\nreplicate seeds (3 copies of one run per arm), {experiments:,} experiments: an interval would cover "
+        f"{covered / experiments:.1%}; compare refuses {refused / experiments:.1%}; independent seeds flagged: "
+        f"{false / experiments:.1%}"
+    )
 
 
 if __name__ == "__main__":

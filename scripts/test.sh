@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's test command: makes sure the real services the tests use are installed
-# (Azurite from the npm registry; OpenSSH's sshd, Slurm and MUNGE from Debian), then runs pytest.
+# (Azurite from the npm registry; OpenSSH's sshd, Slurm, MUNGE and Chromium from Debian), then runs pytest.
 # The tests start those services themselves, on free loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +24,11 @@ fi
 if [ ! -x /usr/sbin/slurmctld ] || [ ! -x /usr/sbin/slurmd ] || [ ! -x /usr/sbin/munged ] || ! command -v sbatch >/dev/null 2>&1; then
   echo "== installing slurm-wlm and munge (apt)"
   apt_install slurm-wlm munge
+fi
+# A real browser for the report page (tests/test_report_html.py renders report.html headless).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (apt)"
+  apt_install chromium
 fi
 
 # One pytest worker per core, up to 4 (pytest-xdist): most tests wait on a subprocess or run one

@@ -21,9 +21,12 @@ from typing import Any
 
 import pytest
 
+from nanochat_util import snapshots_root
+
 REPO = Path(__file__).resolve().parents[1]
+
 COMMIT = "92d63d4"
-NANOCHAT = REPO.parent / "shared" / "nanochat" / COMMIT
+NANOCHAT = snapshots_root() / COMMIT  # ARMLAB_NANOCHAT_SNAPSHOTS, else ../shared/nanochat
 MODULES = ("common", "gpt", "optim", "flash_attention", "loss_eval", "dataset", "dataloader",
            "tokenizer", "checkpoint_manager")  # fmt: skip
 

@@ -82,3 +82,87 @@ def bpb_experiment(
 def per_seed(arm: ItemScores) -> dict[int, float]:
     """{seed: metric} of a simulated arm."""
     return dict(zip(arm.seeds, arm.values().tolist(), strict=True))
+
+
+def make_summary(
+    curves: dict[str, dict[str, list[tuple[float, float]]]] | None = None,
+    data: dict | None = None,
+    train_eval_tokens: int = 8192,
+    val_bpb_tokens: int | None = 50_000,
+):
+    """A report summary with just enough in it for the figures (two arms, top and random)."""
+    from armlab.report.summary import ArmResult, EvalCoverage, RunResult, Summary
+
+    curves = curves or {}
+    arms = {}
+    for arm in ("top", "random"):
+        runs = [RunResult(run=f"{arm}-s{s}", seed=s, val_bpb=1.0, core=None, tokens=100, epoch=None,
+                          train_time_s=None, step=10) for s in (0, 1)]  # fmt: skip
+        arms[arm] = ArmResult(
+            kind=arm, runs=runs, planned_seeds=[0, 1], curves=curves.get(arm, {}), val_bpb=None, core=None,
+            eval=EvalCoverage(val_bpb_tokens=val_bpb_tokens),
+        )  # fmt: skip
+    return Summary(
+        experiment="tiny", fingerprint="f" * 16, created=0.0, reference_arm="random", arms=arms, comparisons=[],
+        verdict=[], warnings=[], bundle=None, resamples=10, bootstrap_seed=0, train_eval_tokens=train_eval_tokens,
+        excluded=[], data=data,
+    )  # fmt: skip
+
+
+def off_model_bpb_experiment(
+    rng: np.random.Generator,
+    seeds: int = 3,
+    docs: int = 300,
+    junk_share: float = 0.3,
+    effect_good: float = -0.03,
+    effect_junk: float = 0.05,
+    doc_sd: float = 0.04,
+    seed_sd: float = 0.01,
+    noise_sd: float = 0.04,
+    heavy: bool = False,
+    interaction_sd: float = 0.0,
+    replicate: bool = False,
+) -> tuple[ItemScores, ItemScores, float]:
+    """bpb-like, off the intervals' model (normal, one population of documents, seeds alike on
+    every document):
+
+    - bimodal: two document types, good (lognormal(6.5, 0.8) bytes, 0.8-1.2 nats a byte) and junk
+      (lognormal(5, 0.5) bytes, 2-3 nats a byte), on which the arm's effect differs (good
+      `effect_good`, junk `effect_junk`), so per-document differences are a two-humped mixture;
+    - `heavy`: per-document effects and per-(seed, document) noise from Student's t with 2.5 df
+      (infinite kurtosis), seed effects from t with 3 df, and document lengths lognormal with
+      sigma 1.5 (a few documents hold much of the bytes);
+    - `interaction_sd`: each seed's model is better on one document type and worse on the other
+      (an independent effect per arm, seed and type);
+    - `replicate`: every seed of an arm is the same run (seed 0's) repeated.
+
+    The true difference is the population's: E[bytes x effect] / E[bytes] / ln 2 over the mixture
+    (the per-document, per-seed and interaction effects have mean 0)."""
+    junk = rng.random(docs) < junk_share
+    mu, sig = np.where(junk, 5.0, 6.5), np.where(junk, 0.5, 0.8) * (1.5 / 0.8 if heavy else 1.0)
+    length = rng.lognormal(mu, sig)
+    r = np.where(junk, rng.uniform(2.0, 3.0, docs), rng.uniform(0.8, 1.2, docs))
+
+    def draw(df: float, sd: float, size) -> np.ndarray:
+        if not heavy:
+            return rng.normal(0.0, sd, size)
+        return sd * rng.standard_t(df, size) / math.sqrt(df / (df - 2))  # the same variance
+
+    u = np.where(junk, effect_junk, effect_good) + draw(2.5, doc_sd, docs)
+    shared = draw(3.0, seed_sd / math.sqrt(2), seeds)
+
+    def arm(per_doc: np.ndarray) -> ItemScores:
+        a = shared + draw(3.0, seed_sd / math.sqrt(2), seeds)
+        by_type = rng.normal(0.0, interaction_sd, (seeds, 2))  # (seed, [good, junk])
+        inter = np.where(junk[None], by_type[:, 1:2], by_type[:, 0:1])
+        per_byte = r[None] + per_doc[None] + a[:, None] + inter + draw(2.5, noise_sd, (seeds, docs))
+        if replicate:
+            per_byte = np.repeat(per_byte[:1], seeds, axis=0)
+        nats = per_byte * length[None]
+        return ItemScores(tuple(range(seeds)), (Stratum("eval", nats, length, 1 / math.log(2)),))
+
+    s_g, s_j = (0.8 * 1.5 / 0.8, 0.5 * 1.5 / 0.8) if heavy else (0.8, 0.5)
+    m_g, m_j = math.exp(6.5 + s_g**2 / 2), math.exp(5.0 + s_j**2 / 2)
+    w_g, w_j = (1 - junk_share) * m_g, junk_share * m_j
+    true = (w_g * effect_good + w_j * effect_junk) / (w_g + w_j) / math.log(2)
+    return arm(u), arm(np.zeros(docs)), true

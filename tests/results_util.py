@@ -11,8 +11,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from armlab.evaluate.checkpoints import weights_sha256
+from armlab.evaluate.record import (
+    WHOLE_DOCS,
+    BpbMethod,
+    BpbResult,
+    CheckpointRef,
+    CheckpointScores,
+    CoreResult,
+    EvalResult,
+    EvalSetRef,
+    TaskResult,
+)
 from armlab.spec import Experiment, parse_experiment
-from armlab.workdir import atomic_write_json, freeze_spec, open_workdir, run_name
+from armlab.workdir import atomic_write_json, freeze_spec, open_workdir
 
 
 def tiny_experiment(workdir: Path, seeds: list[int] | None = None, **train: Any) -> Experiment:
@@ -47,12 +59,17 @@ def make_run(
     bundle_sha: str = "b" * 16,
     core_tasks: dict[str, dict] | None = None,
     per_doc: tuple[list[float], list[float]] | None = None,
+    evaluated: bool = True,
+    history: list[dict[str, dict]] | None = None,
 ) -> Path:
-    """A run dir; `core_tasks` ({label: {correct, random_baseline}}) and `per_doc` ((nats, bytes))
-    give eval.json per-item data, from which its CORE / val bpb are then computed."""
+    """A run dir with a final checkpoint and, unless `evaluated` is false, its eval.json (a v2
+    EvalResult tied to that checkpoint and the workdir's eval set); `core_tasks` ({label: {correct,
+    random_baseline}}) and `per_doc` ((nats, bytes)) give it per-item data, from which its CORE /
+    val bpb are then computed; `history` ({task: {centered, lp, margin}} per checkpoint, oldest first)
+    gives its last-k checkpoint scores."""
     wd = open_workdir(exp)
     freeze_spec(wd, exp)  # as prepare would have: the workdir then passes as EXP
-    d = wd.run_dir(arm, run_name(arm, seed))
+    d = wd.run_dir(arm, exp.run_name(arm, seed))  # a ladder rung's runs carry their depth
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_json(
         d / "run.json",
@@ -89,7 +106,7 @@ def make_run(
                 "step": s,
                 "tokens": s * tokens_per_step,
                 "time": s * 0.5,
-                "train_loss": 5.0 - 0.1 * s,
+                "train_loss": 5.0 - 0.1 * s + 0.001 * seed,
                 "lr_mult": 1.0,
                 "dt": 0.5,
                 "tok_per_s": 2000.0,
@@ -107,44 +124,51 @@ def make_run(
                 }
             )
     (d / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    ev: dict = {"step": steps}
+    if not evaluated:
+        return d
+    tasks: dict[str, TaskResult] = {}
     if core_tasks is not None:
-        cells = {}
         for label, t in core_tasks.items():
             acc = sum(t["correct"]) / len(t["correct"])
             b = t["random_baseline"] / 100
-            cells[label] = {
-                "accuracy": acc,
-                "centered": (acc - b) / (1 - b),
-                "n": len(t["correct"]),
-                "type": "multiple_choice",
-                "num_fewshot": 0,
-                "random_baseline": t["random_baseline"],
-                "correct": list(t["correct"]),
-            }
-        core = sum(c["centered"] for c in cells.values()) / len(cells)
+            tasks[label] = TaskResult(label, "multiple_choice", len(t["correct"]), 0, t["random_baseline"], acc,
+                                      (acc - b) / (1 - b), correct=list(t["correct"]), logprob=t.get("logprob"),
+                                      bytes=t.get("bytes"), margin=t.get("margin"))  # fmt: skip
     elif core is not None:
-        cells = {
-            "t1": {
-                "accuracy": 0.5,
-                "centered": core,
-                "n": 10,
-                "type": "multiple_choice",
-                "num_fewshot": 0,
-                "random_baseline": 25.0,
-            }
-        }
-    if core is not None:
-        ev.update(
-            core=core,
-            core_tasks=cells,
-            bundle={"sha256": bundle_sha, "demo": True, "name": "demo", "tasks": list(cells), "source": "x"},
-        )
+        tasks["t1"] = TaskResult("t1", "multiple_choice", 10, 0, 25.0, 0.5, core)
+    bundle = {"sha256": bundle_sha, "demo": True, "name": "demo", "tasks": list(tasks), "source": "x"}
+    method = BpbMethod(WHOLE_DOCS, 64, 32)
     if per_doc is not None:
         nats, nbytes = per_doc
         bpb = sum(nats) / (math.log(2) * sum(nbytes))
-        ev.update(val_bpb_per_doc={"nats": list(nats), "bytes": list(nbytes)}, val_bpb_docs=len(nats),
-                  val_bpb_tokens=len(nats) * 10)
-    if core is not None or per_doc is not None:
-        atomic_write_json(d / "eval.json", {**ev, "val_bpb": bpb})
+        whole = BpbResult(method, bpb, len(nats) * 10, len(nats), int(sum(nbytes)), int(sum(nbytes)), list(nats),
+                          [int(b) for b in nbytes])  # fmt: skip
+    else:
+        whole = BpbResult(method, bpb, 1000, 100, 4000, 4000)
+    ckpt = d / "checkpoints" / f"step_{steps:06d}"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    (ckpt / "model.pt").write_bytes(f"weights of {d.name}".encode())
+    result = EvalResult(
+        run=d.name, checkpoint=CheckpointRef(steps, weights_sha256([ckpt / "model.pt"])),
+        run_ended=now if state == "done" else None, eval_set=EvalSetRef(tiny_eval_set(wd), 100, 4000), bpb=whole,
+        core=CoreResult(tasks, bundle) if tasks else None,
+        checkpoints=[CheckpointScores(CheckpointRef(steps - len(history or []) + 1 + i, "x" * 64), bpb, tasks=h)
+                     for i, h in enumerate(history or [])],
+    )  # fmt: skip
+    atomic_write_json(d / "eval.json", result.to_json())
     return d
+
+
+def tiny_eval_set(wd: Any) -> str:
+    """The workdir's eval set (one small shard, written once); its fingerprint."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from armlab.evaluate.docs import eval_set_fingerprint
+
+    if not list(wd.eval_dir.glob("shard_*.parquet")):  # a test may have written its own
+        wd.eval_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"text": [f"eval document {i}" for i in range(4)]}), wd.eval_dir / "shard_00000.parquet")
+        files = [{"name": "shard_00000.parquet", "rows": 4, "sha256": ""}]
+        atomic_write_json(wd.eval_dir / "manifest.json", {"rows": 4, "files": files, "complete": True})
+    return eval_set_fingerprint(wd.eval_dir)

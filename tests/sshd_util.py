@@ -72,7 +72,9 @@ class SshHosts:
         )
 
 
-def _start_sshd(root: Path, name: str, host_key: Path, authorized: Path) -> tuple[subprocess.Popen, int]:
+def _start_sshd(
+    root: Path, name: str, host_key: Path, authorized: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen, int]:
     for _ in range(5):  # a free port can be taken between probe and bind: retry on another
         port = free_port()
         conf = root / f"sshd_{name}.conf"
@@ -91,6 +93,10 @@ def _start_sshd(root: Path, name: str, host_key: Path, authorized: Path) -> tupl
                     "StrictModes no",
                     "UsePAM no",
                     "LogLevel ERROR",
+                    # The test hosts' sessions as the test process itself (conftest.py): one thread
+                    # a rank (the "hosts" share this machine's cores), and gloo on loopback (it binds
+                    # the address the hostname resolves to unless told; two "nodes" of one run too)
+                    "SetEnv " + " ".join(f"{k}={v}" for k, v in {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **env}.items()),
                     "",
                 ]
             )
@@ -108,7 +114,10 @@ def _start_sshd(root: Path, name: str, host_key: Path, authorized: Path) -> tupl
 
 
 @contextlib.contextmanager
-def sshd_hosts(root: Path, aliases: tuple[str, ...] = ("hosta", "hostb")) -> Iterator[SshHosts]:
+def sshd_hosts(
+    root: Path, aliases: tuple[str, ...] = ("hosta", "hostb"), env: dict[str, str] | None = None
+) -> Iterator[SshHosts]:
+    """`env`: more variables every session gets (e.g. SLURM_CONF: a Slurm login node's clients)."""
     if not Path(SSHD).exists():
         pytest.fail("sshd not found (/usr/sbin/sshd): run scripts/test.sh, which installs openssh-server")
     if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
@@ -127,7 +136,7 @@ def sshd_hosts(root: Path, aliases: tuple[str, ...] = ("hosta", "hostb")) -> Ite
     ports: dict[str, int] = {}
     try:
         for alias in aliases:
-            proc, port = _start_sshd(root, alias, host_key, authorized)
+            proc, port = _start_sshd(root, alias, host_key, authorized, env or {})
             procs.append(proc)
             ports[alias] = port
         user = getpass.getuser()

@@ -84,6 +84,9 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
     # the same experiment with another horizon: `run` would call rand-s0 "already done"
     longer = root / "longer.toml"
     longer.write_text(Path(exp).read_text().replace("num_iterations = 3", "num_iterations = 4"))
+    slurm, nodes = root / "slurm.toml", root / "nodes.toml"  # [[hosts]] entries that cannot work
+    slurm.write_text(Path(exp).read_text() + '[[hosts]]\nname = "c"\nscheduler = "slurm"\narms = ["rand"]\n')
+    nodes.write_text(Path(exp).read_text() + '[[hosts]]\nname = "p"\nnodes = ["a", "b"]\narms = ["rand"]\n')
     odd = root / "odd.toml"  # a total batch no rank count splits: plan refuses what train would
     odd.write_text(Path(exp).read_text().replace("total_batch_size = 256", "total_batch_size = 1000"))
     # the pool dir holds the workdir: from the second prepare on it would read its own shards
@@ -108,8 +111,10 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["train", exp, "--arm", "rand", "--seed", "5", "--num-iterations", str(10**30)], "num_iterations"),
         (["run", exp, "--num-gpus", "2"], "GPU"),
         (["run", str(longer), "--arm", "rand", "--seeds", "0"], "differs in train.num_iterations"),
+        (["run", exp, "--max-seeds", "3"], "--max-seeds goes with --until-decided"),
+        (["run", exp, "--until-decided", "--arm", "rand"], "leave out --arm"),
         (["evaluate", exp, "--arm", "nosuch"], "no arm named 'nosuch'"),
-        (["compare", exp], "top"),  # one arm has finished runs, the other none
+        (["compare", exp], "rand-s0: no final evaluation"),  # never compared by its in-training val bpb
         (["rm", exp, "--arm", "rand", "--run", "nosuch"], "nosuch"),
         # names that would leave their directory (0.2 trained `--run-name ../data` into the shard dir)
         *[(["train", exp, "--arm", "rand", "--run-name", bad], f"--run-name {bad!r} is not a valid name")
@@ -121,6 +126,8 @@ def refusals(exp: str, root: Path) -> list[tuple[list[str], str]]:
         (["plan", exp, "--mfu", "fast"], "--mfu"),
         (["plan", str(odd)], "train.total_batch_size = 1000 is not divisible"),
         (["launch", exp], "hosts"),
+        (["launch", str(slurm)], "needs partition"),
+        (["launch", str(nodes)], "master_port"),
         (["demo", "--workdir", wd], "belongs to experiment 'datatest'"),
         (["demo", "--workdir", wd, "--num-iterations", "5"], "belongs to experiment 'datatest'"),
         (["init", exp], "exists"),
@@ -146,6 +153,12 @@ def test_refusals_on_a_fresh_machine_leave_no_workdir(tmp_path, capsys, monkeypa
     exp = tmp_path / "exp.toml"
     wd = tmp_path / "wd"
     exp.write_text(experiment_toml(wd, str(tmp_path / "pool" / "*.parquet")))
+    scored = tmp_path / "scored.toml"  # a scorer whose model is not there; an arm on a scorer not run yet
+    scorer = '\n[[scorers]]\nname = "ft"\nkind = "fasttext"\nmodel = "/nowhere/q.bin"\nlabel = "__label__hq"\n'
+    scored.write_text(experiment_toml(wd, str(tmp_path / "pool" / "*.parquet")) + scorer)
+    scored_arm = tmp_path / "scored_arm.toml"
+    top = '\n[[arms]]\nname = "ft-top"\nkind = "top"\nratio = 0.2\nscore = "ft"\n'
+    scored_arm.write_text(experiment_toml(wd, str(tmp_path / "pool" / "*.parquet")) + scorer + top)
     missing = tmp_path / "missing.toml"
     missing.write_text(experiment_toml(wd, str(tmp_path / "nosuch" / "*.parquet")))
     for argv, needle in [
@@ -159,6 +172,8 @@ def test_refusals_on_a_fresh_machine_leave_no_workdir(tmp_path, capsys, monkeypa
         (["launch", str(exp)], "hosts"),
         (["demo", "--workdir", str(tmp_path / "demo"), "--num-iterations", "0"], "--num-iterations"),
         (["score", str(exp), "--scorer", "edu"], "has no [[scorers]]"),
+        (["score", str(scored)], "scorer 'ft': model '/nowhere/q.bin' not found"),
+        (["prepare", str(scored_arm)], "arm 'ft-top' selects on scorer 'ft', which has not scored the pool"),
     ]:
         line = refuse(capsys, monkeypatch, *argv)
         assert needle in line, (argv, line)

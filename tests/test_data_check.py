@@ -158,7 +158,7 @@ def test_plan_estimates_then_reads_manifests(tmp_path: Path) -> None:
     assert before.returncode == 0, before.stderr
     lines = {ln.split()[0]: ln.split() for ln in before.stdout.splitlines()[2:]}
     assert lines["rand"][2] == "estimate" and int(lines["rand"][3].replace(",", "")) == int(0.3 * 2900)
-    assert "would be repeated" in before.stderr
+    assert "train refuses to repeat it" in before.stderr
     assert cli("prepare", exp, "--workers", "1").returncode == 0
     after = cli("plan", exp)
     lines = {ln.split()[0]: ln.split() for ln in after.stdout.splitlines()[2:]}

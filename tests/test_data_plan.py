@@ -131,3 +131,21 @@ def test_a_pilot_without_seed_spread_is_refused(tmp_path: Path) -> None:
         pilot_spreads(load_experiment(one_seed))
     r = cli("plan", spec_file(tmp_path), "--pilot", tmp_path / "nowhere")
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_prices_a_ladder_depth_by_depth(tmp_path: Path) -> None:
+    exp_file = spec_file(tmp_path, **{"[model]\ndepth = 2": "[ladder]\ndepths = [1, 2, 3]\n\n[model]\ndepth = 3"})
+    r = cli("plan", exp_file, "--mfu", "H100=0.5")
+    assert r.returncode == 0, r.stderr
+    exp = load_experiment(exp_file)
+    lines = r.stdout.splitlines()
+    assert "ladder: 3 depths x 2 arms x 3 seeds, each depth ratio 12 x its own parameters" in lines
+    hours = []
+    for d in (1, 2, 3):
+        b = training_budget(exp.at_depth(d))
+        row = next(ln for ln in lines if ln.startswith(f"d{d}")).split()
+        assert float(row[-4]) == pytest.approx(b.flops_per_token * b.tokens, rel=1e-3)
+        hours.append(b.flops_per_token * b.tokens / (989e12 * 0.5) / 3600 * 6)
+    total = next(ln for ln in lines if ln.startswith("ladder total:"))
+    more = sum(hours) / hours[-1] - 1
+    assert f"({more:.0%} more than the target depth alone)" in total

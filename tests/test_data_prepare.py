@@ -433,3 +433,30 @@ def test_manifest_stats_count_what_the_shards_hold(tmp_path: Path) -> None:
     assert edges[0] == min(r["score"] for r in index.values() if r["id"] not in held)  # the pool's range
     assert edges[-1] == max(r["score"] for r in index.values() if r["id"] not in held)
     assert "stats" not in json.loads((wd / "eval" / "manifest.json").read_text())  # the report compares arms
+
+
+# -- eval labels for per-group results ------------------------------------------------------------------
+def test_eval_shards_carry_each_documents_group(tmp_path: Path) -> None:
+    """With report.group_column, each eval document's group is written beside it, so compare
+    can split val bpb by group; setting the column after the eval set
+    was prepared writes the same documents again with their labels (no --overwrite needed, the
+    eval set's fingerprint unchanged: no run's evaluation goes stale)."""
+    paths = make_pool(tmp_path / "pool", 900, n_files=3, seed=4)
+    index = pool_index(paths)
+    exp = write_exp(tmp_path, tmp_path / "pool", arms=DEFAULT_ARMS, eval_docs=80)
+    assert cli("prepare", exp, "--workers", "1").returncode == 0
+    ev = tmp_path / "wd" / "eval"
+    before = json.loads((ev / "manifest.json").read_text())
+    docs = texts(ev)
+    assert "group:source" not in pq.read_schema(sorted(ev.glob("shard_*.parquet"))[0]).names
+    exp.write_text(exp.read_text().replace("[shards]", '[report]\ngroup_column = "source"\n\n[shards]'))
+    res = cli("prepare", exp, "--workers", "1")
+    assert res.returncode == 0, res.stderr
+    after = json.loads((ev / "manifest.json").read_text())
+    assert after["fingerprint"] == before["fingerprint"] and "group:source" in after["columns"]
+    table = read_shards(ev)
+    assert table.column("text").to_pylist() == docs  # the same documents, in the same order
+    for text, group in zip(table.column("text").to_pylist(), table.column("group:source").to_pylist(), strict=True):
+        assert group == index[text]["source"]
+    assert table.column_names == ["text", "key", "text_key", "group:source"]  # only the label the report needs
+    assert "are up to date" in cli("prepare", exp, "--workers", "1").stderr  # labelled now: nothing to do

@@ -19,8 +19,9 @@ from armlab.data.prepare import PrepareOptions, prepare
 from armlab.data.score.run import ScoreOptions, score
 from armlab.errors import ArmlabError
 from armlab.report.datadiff import data_difference, score_table
-from armlab.report.render import data_section
+from armlab.report.sections import data_section
 from armlab.spec import load_experiment
+from report_util import make_summary
 from score_util import demo_documents, make_head, make_scored_pool, train_fasttext
 from test_cli_refusals import refuse, tree_hash
 from test_data_score_run import experiment
@@ -94,7 +95,7 @@ def test_top_on_a_scorer_selects_as_top_on_the_same_scores_in_a_column(root: Pat
         ["scorer emb", "top-ft"], ["scorer emb", "rand"], ["scorer ft", "top-ft"], ["scorer ft", "rand"],
     ]  # fmt: skip
     assert float(rows[2][3]) > float(rows[3][3]) + 0.1  # the top arm's mean P(hq) is higher
-    sec = data_section({"data": {"arms": data}})  # the report's "what differs in the data"
+    sec = data_section(make_summary(data={"arms": data}))  # the report's "what differs in the data"
     assert (header, rows) in sec.tables
 
 
@@ -155,3 +156,23 @@ def test_key_pass_refuses_a_sidecar_whose_keys_are_not_the_files(root: Path) -> 
     with pytest.raises(ArmlabError, match=r"part-000.parquet: its document keys are not those of .*part-000.parquet"):
         prepare(exp)
     np.testing.assert_array_equal(pq.read_table(a).column("key").to_numpy()[:5], tb.column("key").to_numpy()[:5])
+
+
+def test_the_eval_set_can_be_grouped_by_a_scorers_score(root: Path) -> None:
+    """`[report] group_column = "ft"` with `group_bins`: each eval document's ft score (from the
+    sidecars the key pass joins) is written beside it, for compare's per-group val bpb."""
+    path = experiment(root, arms=ARMS)
+    path.write_text(path.read_text() + '\n[report]\ngroup_column = "ft"\ngroup_bins = 3\n')
+    exp = load_experiment(path)
+    score(exp)
+    prepare(exp)
+    ev = root / "wd" / "eval"
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(ev.glob("shard_*.parquet")))
+    assert table.column_names == ["text", "key", "text_key", "scorer:ft"]
+    by_id = {}
+    for p in sorted((root / "pool").glob("*.parquet")):
+        side = pq.read_table(root / "wd" / "scores" / "ft" / "files" / p.name).column("score").to_pylist()
+        ids = pq.read_table(p, columns=["text"]).column("text").to_pylist()
+        by_id.update(zip(ids, side, strict=True))
+    got = table.column("scorer:ft").to_pylist()
+    assert got == pytest.approx([by_id[t] for t in table.column("text").to_pylist()])

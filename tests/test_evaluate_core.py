@@ -18,9 +18,8 @@ from armlab.evaluate.bundle import load_bundle, write_bundle
 from armlab.evaluate.core import Row, batches, evaluate_core, task_items
 from armlab.tokenizer import Tokenizer
 from armlab.train.model import GPT, GPTConfig
+from nanochat_util import snapshot
 from tok_util import corpus
-
-NANOCHAT = Path(__file__).resolve().parents[2] / "shared" / "nanochat" / "92d63d4"
 
 
 def real_tasks(seed: int = 0) -> list[dict]:
@@ -92,13 +91,12 @@ class NanochatTokenizer:
 
 
 def test_batched_scores_equal_nanochat_item_by_item(tmp_path: Path) -> None:
-    if not (NANOCHAT / "nanochat" / "core_eval.py").is_file():
-        pytest.skip(f"nanochat snapshot not found at {NANOCHAT} (../shared is absent in this clone)")
-    sys.path.insert(0, str(NANOCHAT))
+    nanochat = str(snapshot("92d63d4"))  # skips, saying why, where the team's snapshots are absent
+    sys.path.insert(0, nanochat)
     try:
         from nanochat.core_eval import evaluate_example
     finally:
-        sys.path.remove(str(NANOCHAT))
+        sys.path.remove(nanochat)
 
     tok = Tokenizer.from_merges({bytes([i]): i for i in range(256)})  # byte-level: no merges needed
     torch.manual_seed(0)
@@ -125,10 +123,10 @@ def test_batched_scores_equal_nanochat_item_by_item(tmp_path: Path) -> None:
             int(evaluate_example(i, model, NanochatTokenizer(tok), items, "cpu", meta))
             for i in range(len(items))
         ]
-        got = ours["core_tasks"][task.label]["correct"]
+        got = ours.tasks[task.label].correct
         assert got == theirs, task.label
         assert 0 < sum(got) < len(got), task.label  # a mix of right and wrong: the comparison has teeth
-        assert ours["core_tasks"][task.label]["accuracy"] == pytest.approx(sum(theirs) / len(theirs))
+        assert ours.tasks[task.label].accuracy == pytest.approx(sum(theirs) / len(theirs))
 
 
 def test_batches_respect_the_token_budget_and_pad_little() -> None:

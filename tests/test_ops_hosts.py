@@ -1,6 +1,6 @@
 """The host seam's contract (armlab.ops.hosts), one suite run against every backend: this machine,
-SSH (a real sshd on loopback, armlab installed on the "host" by `armlab setup`) and Slurm (the
-real test cluster). Each step calls the `Host` protocol the orchestrator calls, checks the typed
+SSH (a real sshd on loopback) and Slurm (the real test cluster), its login node this machine or
+reached over SSH. Each step calls the `Host` protocol the orchestrator calls, checks the typed
 answer, and checks that the answer survives its JSON form (what crosses a shell).
 
     check -> probe (nothing there) -> prepare -> probe (data, tokenizer) -> start -> start again
@@ -10,9 +10,7 @@ answer, and checks that the answer survives its JSON form (what crosses a shell)
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import time
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,49 +22,13 @@ from armlab.ops.schedule import local_host, plan_schedule
 from armlab.records import Record
 from armlab.spec import Experiment, load_experiment
 from data_util import make_pool
-from sshd_util import host_venv, sshd_hosts
+from hosts_util import tiny_toml, until
+from sshd_util import sshd_hosts
 
 pytestmark = pytest.mark.e2e
 
-EXPERIMENT = """\
-name = "contract"
-workdir = "{workdir}"
-
-[pool]
-uri = "{pool}"
-id_column = "id"
-
-[eval]
-docs = 60
-
-[tokenizer]
-vocab_size = 300
-train_chars = 60000
-
-[shards]
-rows_per_shard = 200
-row_group_rows = 32
-
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.5
-
-[model]
-depth = 1
-max_seq_len = 32
-
-[train]
-device_batch_size = 2
-total_batch_size = 64
-num_iterations = 100000   # runs until stopped
-eval_every = 100000
-eval_tokens = 256
-save_every = 5
-compile = false
-allow_repeat = true
-seeds = [0]
-"""
+def experiment(workdir: Path, pool: Path, hosts: str = "") -> str:
+    return tiny_toml("contract", workdir, pool, steps=100_000, save_every=5, hosts=hosts)  # runs until stopped
 
 
 def roundtrip(answer: Record) -> None:
@@ -82,54 +44,55 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "pool"
 
 
-def _local(root: Path, pool: Path) -> Iterator[Host]:
+def _host(root: Path, pool: Path, entry: str = "") -> Iterator[Host]:
+    """The experiment with one [[hosts]] entry (none: this machine), as a Host; its runs stopped after."""
     path = root / "exp.toml"
-    path.write_text(EXPERIMENT.format(workdir=root / "wd", pool=pool))
+    path.write_text(experiment(root / "local", pool, entry))
     exp = load_experiment(path)
-    yield LocalHost(exp, local_host(exp, ["rand"], device="cpu", visible_gpus=0))
+    host = get_host(exp, exp.hosts[0]) if exp.hosts else LocalHost(exp, local_host(exp, ["rand"], device="cpu",
+                                                                                     visible_gpus=0))  # fmt: skip
+    try:
+        yield host
+    finally:
+        host.stop(["rand"], 20)  # never leave a training process behind
 
 
-def _ssh(root: Path, pool: Path) -> Iterator[Host]:
+def _local(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    yield from _host(root, pool)
+
+
+def _ssh(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    """A machine over SSH; it runs this checkout's armlab (`armlab setup` is test_remote_launch's subject)."""
     with sshd_hosts(root / "sshd", aliases=("hosta",)) as hosts:
-        old = os.environ.get("ARMLAB_SSH_CONFIG")
-        os.environ["ARMLAB_SSH_CONFIG"] = str(hosts.config)
-        try:
-            python = host_venv(root / "venv")
-            path = root / "exp.toml"
-            path.write_text(
-                EXPERIMENT.format(workdir=root / "local", pool=pool)
-                + f'[[hosts]]\nname = "hosta"\nssh = "hosta"\narms = ["rand"]\ndevice = "cpu"\nnum_gpus = 0\n'
-                f'python = "{python}"\nworkdir = "{root / "host-wd"}"\n'
-            )
-            p = subprocess.run(["armlab", "setup", str(path), "--no-deps"], capture_output=True, text=True, timeout=600)
-            assert p.returncode == 0, p.stdout + p.stderr
-            exp = load_experiment(path)
-            host = get_host(exp, exp.hosts[0])
-            try:
-                yield host
-            finally:
-                host.stop(["rand"], 20)  # never leave a training process behind
-        finally:
-            if old is None:
-                os.environ.pop("ARMLAB_SSH_CONFIG", None)
-            else:
-                os.environ["ARMLAB_SSH_CONFIG"] = old
+        request.getfixturevalue("monkeypatch").setenv("ARMLAB_SSH_CONFIG", str(hosts.config))
+        yield from _host(root, pool, f'[[hosts]]\nname = "hosta"\nssh = "hosta"\narms = ["rand"]\ndevice = "cpu"\n'
+                                     f'num_gpus = 0\npython = "{sys.executable}"\nworkdir = "{root / "host-wd"}"\n')  # fmt: skip
 
 
-BACKENDS = {"local": _local, "ssh": _ssh}
+def _slurm(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    """The session's test cluster (tests/slurm_util.py); its login node is this machine."""
+    cluster = request.getfixturevalue("slurm")
+    request.getfixturevalue("monkeypatch").setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    yield from _host(root, pool, '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\npartition = "cpu"\n'
+                                 f'arms = ["rand"]\ndevice = "cpu"\nworkdir = "{root / "cluster-wd"}"\n')  # fmt: skip
+
+
+def _slurm_over_ssh(root: Path, pool: Path, request: pytest.FixtureRequest) -> Iterator[Host]:
+    """The cluster's login node over SSH (a real sshd whose sessions see the test cluster)."""
+    cluster = request.getfixturevalue("slurm")
+    with sshd_hosts(root / "sshd", aliases=("login",), env={"SLURM_CONF": cluster.env["SLURM_CONF"]}) as hosts:
+        request.getfixturevalue("monkeypatch").setenv("ARMLAB_SSH_CONFIG", str(hosts.config))
+        yield from _host(root, pool, '[[hosts]]\nname = "cluster"\nscheduler = "slurm"\nssh = "login"\n'
+                                     f'partition = "cpu"\narms = ["rand"]\ndevice = "cpu"\npython = "{sys.executable}"\n'
+                                     f'workdir = "{root / "cluster-wd"}"\n')  # fmt: skip
+
+
+BACKENDS = {"local": _local, "ssh": _ssh, "slurm": _slurm, "slurm_over_ssh": _slurm_over_ssh}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def host(request: pytest.FixtureRequest, tmp_path: Path, pool: Path) -> Iterator[Host]:
-    yield from BACKENDS[request.param](tmp_path, pool)
-
-
-def _until(what: str, fn, timeout: float = 240):
-    deadline = time.time() + timeout
-    while not (value := fn()):
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
-    return value
+    yield from BACKENDS[request.param](tmp_path, pool, request)
 
 
 def test_every_backend_honours_the_seam(host: Host, capfd: pytest.CaptureFixture[str]) -> None:
@@ -153,7 +116,7 @@ def test_every_backend_honours_the_seam(host: Host, capfd: pytest.CaptureFixture
     # start: detached, the run trains there; a second start starts nothing new
     started = host.start(slots)
     roundtrip(started)
-    live = _until("the run to be live", lambda: (p := host.probe(slots)).runs[run].alive and p)
+    live = until("the run to be live", lambda: (p := host.probe(slots)).runs[run].alive and p)
     again = host.start(slots)
     roundtrip(again)
     after = host.probe(slots)
@@ -169,7 +132,7 @@ def test_every_backend_honours_the_seam(host: Host, capfd: pytest.CaptureFixture
         state = json.loads(item.files.get("state.json", "{}")) if item else {}
         return m if state.get("step", 0) >= 1 and "train.log" in item.files else None
 
-    mirrored = _until("a step in the mirror", stepped)
+    mirrored = until("a step in the mirror", stepped)
     roundtrip(mirrored)
     item = next(i for i in mirrored.runs if i.run == run)
     assert item.alive and json.loads(item.files["state.json"])["state"] == "running" and item.arm == "rand"
@@ -183,7 +146,8 @@ def test_every_backend_honours_the_seam(host: Host, capfd: pytest.CaptureFixture
     # stop: the run stops resumably; it is pending again (the next start resumes it)
     rows = host.stop(["rand"], 30)
     assert [(r.host, r.arm, r.run) for r in rows] == [(host.name, "rand", run)]
-    assert rows[0].result.startswith("stopped"), rows
+    resume = json.loads(host.mirror().runs[0].files["state.json"])["resume_step"]  # it checkpointed first
+    assert rows[0].result.startswith("stopped") and rows[0].result.endswith(f"; resumes from step {resume}"), rows
     stopped = host.probe(slots)
     assert stopped.runs[run].state == "stopped" and stopped.runs[run].pending and not stopped.jobs
     assert host.stop(["rand"], 30) == []  # nothing lives any more

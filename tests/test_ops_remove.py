@@ -74,7 +74,7 @@ def test_rm_bad_names(tmp_path: Path) -> None:
     refused(armlab("rm", wd, "--arm", "tpo", "--run", "top-s0", cwd=tmp_path), "no arm named 'tpo'", "did you mean 'top'")
     refused(armlab("rm", wd, "--arm", "top", "--run", "top-s9", cwd=tmp_path),
             "arm 'top' has no run 'top-s9'", "did you mean 'top-s0'", "runs: top-s0")  # fmt: skip
-    refused(armlab("rm", wd, "--arm", "top", "--run", "../runs", cwd=tmp_path), "not a run name")
+    refused(armlab("rm", wd, "--arm", "top", "--run", "../runs", cwd=tmp_path), "--run '../runs' is not a valid name")
     refused(armlab("rm", wd, "--arm", "random", "--run", "random-s0", cwd=tmp_path), "it has no runs")
     refused(armlab("rm", wd, "--arm", "top", cwd=tmp_path), "Missing option '--run'")
     assert (exp.workdir_path / "arms" / "top" / "runs" / "top-s0" / "run.json").is_file()

@@ -111,7 +111,7 @@ def test_wide_terminal_gets_the_full_table(runs) -> None:
     lines = render(list(rows.values()), 200)
     header = next(line for line in lines if "state" in line)
     for col in COLUMNS:
-        assert col.header in header, (col.header, header)
+        assert (col.header in header) == (col.header != "job"), (col.header, header)  # no run has a job
     assert "5,242,880" in "\n".join(lines)  # full numbers when there is room
 
 
@@ -129,9 +129,10 @@ def test_piped_output_is_plain_lines(runs, tmp_path: Path) -> None:
     assert "\x1b" not in r.stdout and not re.search(r"[│┃━─┏┡└]", r.stdout), r.stdout
     title, header, *lines = r.stdout.rstrip("\n").splitlines()
     assert title.startswith("fineweb-edu-top-vs-random (")
-    assert header.split() == [c.header.replace(" ", "_") for c in COLUMNS]
+    shown = [c for c in COLUMNS if c.header != "job"]  # the job column only with a scheduler's jobs
+    assert header.split() == [c.header.replace(" ", "_") for c in shown]
     assert len(lines) == 4 and {line.split()[1] for line in lines} == set(rows)
-    assert all(len(line.split()) == len(COLUMNS) for line in lines)  # one word per cell: awk-able
+    assert all(len(line.split()) == len(shown) for line in lines)  # one word per cell: awk-able
 
 
 def test_json_is_one_object_per_run_with_every_field(runs, tmp_path: Path) -> None:
@@ -143,7 +144,7 @@ def test_json_is_one_object_per_run_with_every_field(runs, tmp_path: Path) -> No
     assert fields == [
         "arm", "run", "dir", "state", "step", "num_iterations", "tokens", "train_loss", "val_bpb",
         "tok_per_s", "mfu", "eta_s", "epoch", "last_log_age_s", "alive", "host", "error", "lane", "engine",
-        "phase", "val_bpb_step",
+        "phase", "val_bpb_step", "job",
     ]  # fmt: skip  (the schema: a change here is a change for every script that reads it)
     assert [list(d) for d in data] == [fields] * 4
     by_run = {d["run"]: d for d in data}
@@ -190,3 +191,26 @@ def test_missing_workdir_says_so(tmp_path: Path) -> None:
     (line,) = r.stderr.strip().splitlines()
     assert f"{tmp_path / 'nowhere'}: no such workdir" in line and "armlab run exp.toml" in line
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_scheduler_jobs_are_joined_with_the_runs(runs, tmp_path: Path) -> None:
+    """A Slurm host's jobs (mirrored into remote/<host>/jobs.json) join their runs: a queued run
+    shows its pending job and why, a running one its node and which job of its chain; at 80
+    columns in squeue's short form, and whole in --json."""
+    from armlab.ops.hosts.messages import JobView
+
+    exp, _ = runs
+    jobs = [JobView("edu-top16.5-s1", ARMS[0], "4826675", "RUNNING", "None", "n[1-2]", 2),
+            JobView("random16.5-s0", ARMS[1], "4826676", "PENDING", "Resources", None, 1)]  # fmt: skip
+    mirror = tmp_path / "wd" / "remote" / "cluster" / "jobs.json"
+    mirror.parent.mkdir(parents=True)
+    mirror.write_text(json.dumps([j.to_json() for j in jobs]))
+    rows = {r.run: r for r in experiment_status(exp, stall_after_s=600)}
+    assert rows["edu-top16.5-s1"].job == jobs[0] and rows["edu-top16.5-s0"].job is None
+    assert jobs[0].describe() == "4826675 RUNNING on n[1-2], link 2"
+    assert jobs[1].describe() == "4826676 PENDING (Resources)"
+    lines = render(list(rows.values()), 80)
+    assert max(len(line) for line in lines) <= 80, "\n".join(lines)
+    assert "job" in next(line for line in lines if " state " in line)
+    assert "4826675 R n[1-2] #2" in next(line for line in lines if "edu-top16.5-s1" in line)
+    assert "4826676 PD Resources" in next(line for line in lines if "random16.5-s0" in line)

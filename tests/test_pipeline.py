@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,54 +27,10 @@ def test_run_with_gpus_on_a_cpu_host_refuses_before_anything_starts(tmp_path: Pa
     assert not (tmp_path / "wd").exists()  # no workdir, no prepare, nothing written
 
 
-RUN_TOML = """\
-name = "run-lanes"
-workdir = "{root}/wd"
+def run_toml(root: Path, steps: int = 4, seeds: str = "[0, 1]") -> str:
+    from hosts_util import tiny_toml
 
-[pool]
-uri = "{root}/pool"
-id_column = "id"
-
-[eval]
-docs = 60
-
-[tokenizer]
-vocab_size = 300
-train_chars = 60000
-
-[shards]
-rows_per_shard = 200
-row_group_rows = 32
-
-[[arms]]
-name = "rand"
-kind = "random"
-ratio = 0.5
-
-[[arms]]
-name = "top"
-kind = "top"
-ratio = 0.5
-score_column = "score"
-
-[model]
-depth = 1
-max_seq_len = 32
-
-[evaluate]
-core_bundle = "none"  # val bpb only: the default, DCLM's bundle, is online
-
-[train]
-device_batch_size = 2
-total_batch_size = 128
-num_iterations = 4
-eval_every = 4
-eval_tokens = 256
-save_every = 4
-compile = false
-allow_repeat = true
-seeds = [0, 1]
-"""
+    return tiny_toml("run-lanes", root / "wd", root / "pool", top=True, steps=steps, batch=128, seeds=seeds)
 
 
 @pytest.mark.e2e
@@ -88,7 +46,7 @@ def test_run_trains_every_arm_and_seed_on_two_lanes(tmp_path: Path) -> None:
 
     make_pool(tmp_path / "pool", n_docs=1200, n_files=2)
     exp = tmp_path / "exp.toml"
-    exp.write_text(RUN_TOML.format(root=tmp_path))
+    exp.write_text(run_toml(tmp_path))
     cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "run", str(exp), "--device", "cpu",
            "--runs-at-once", "2"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -111,6 +69,52 @@ def test_run_trains_every_arm_and_seed_on_two_lanes(tmp_path: Path) -> None:
     assert {r: json.loads((rd / "state.json").read_text()) for r, rd in d.items()} == st
 
 
+def _pipeline(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    from data_util import make_pool
+
+    if not (tmp_path / "pool").exists():
+        make_pool(tmp_path / "pool", n_docs=1200, n_files=2)
+        (tmp_path / "exp.toml").write_text(run_toml(tmp_path, seeds="[0]"))
+    cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "run", str(tmp_path / "exp.toml"),
+           "--device", "cpu", *args]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.e2e
+def test_run_until_decided_adds_seeds_on_the_lanes_and_stops_saying_why(tmp_path: Path) -> None:
+    """First one arm's run: a success with nothing to compare (before: exit 2, compare refused a
+    single arm). Then `armlab run --until-decided --max-seeds 2` on train.seeds = [0]: one seed
+    measures no seed noise, so seed 1 of both arms is added and trains on the lane like any other
+    run; at 2 seeds the loop stops (the most it may use), saying why, and compare counts the
+    added seed at the loop's level (Bonferroni over its 2 looks)."""
+    import json
+
+    p = _pipeline(tmp_path, "--arm", "rand", "--seed", "0")
+    assert p.returncode == 0, p.stderr[-3000:]
+    said = " ".join(p.stderr.split())
+    assert "only arm 'rand' has finished runs" in said and "nothing to compare yet" in said
+    assert not (tmp_path / "wd/report").exists()
+
+    p = _pipeline(tmp_path, "--until-decided", "--max-seeds", "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    said = " ".join(p.stderr.split())
+    assert "top vs rand: 1 seed each, no seed noise measured yet" in said and "adding seed 1 to rand, top" in said
+    assert "lane local:0: training top-s1" in said and "decide: stop: " in said
+    saved = json.loads((tmp_path / "wd/seeds.json").read_text())
+    assert saved["arms"] == {"rand": [1], "top": [1]} and saved["max_seeds"] == 2 and len(saved["rounds"]) == 2
+    summary = json.loads((tmp_path / "wd/report/summary.json").read_text())
+    for arm in ("rand", "top"):
+        assert [r["seed"] for r in summary["arms"][arm]["runs"]] == [0, 1]
+        assert summary["arms"][arm]["planned_seeds"] == [0, 1]
+        st = json.loads((tmp_path / f"wd/arms/{arm}/runs/{arm}-s1/state.json").read_text())
+        assert st["state"] == "done" and (tmp_path / f"wd/arms/{arm}/runs/{arm}-s1/eval.json").is_file()
+    assert all(c["interval"]["level"] == pytest.approx(1 - 0.05 / 2) for c in summary["comparisons"])
+    assert summary["decided"] and "until decided" in (tmp_path / "wd/report/report.md").read_text()
+    # a plain rerun keeps the added seed in the run set: nothing trains again
+    p = _pipeline(tmp_path)
+    assert p.returncode == 0 and " ".join(p.stderr.split()).count("already done") == 4
+
+
 @pytest.mark.e2e
 def test_a_second_run_is_refused_and_a_killed_lane_is_named(tmp_path: Path) -> None:
     """Two `armlab run` on one workdir: the second is refused at once, naming the first (it used to
@@ -128,8 +132,7 @@ def test_a_second_run_is_refused_and_a_killed_lane_is_named(tmp_path: Path) -> N
 
     make_pool(tmp_path / "pool", n_docs=1200, n_files=2)
     exp = tmp_path / "exp.toml"
-    exp.write_text(RUN_TOML.format(root=tmp_path).replace("seeds = [0, 1]", "seeds = [0]")
-                   .replace("num_iterations = 4", "num_iterations = 200"))  # fmt: skip
+    exp.write_text(run_toml(tmp_path, steps=200, seeds="[0]"))
     cmd = [sys.executable, "-c", "from armlab.cli import main; main()", "run", str(exp), "--device", "cpu",
            "--runs-at-once", "2"]  # fmt: skip
     env = {**os.environ, "ARMLAB_TEST_STEP_DELAY": "0.2"}  # slow steps: the runs are mid-way below

@@ -39,8 +39,8 @@ def test_a_truncated_metrics_log_is_refused_not_read_to_its_last_line(
 ) -> None:
     exp, metrics = two_arms(tmp_path, with_eval)
     _, whole = compare(exp)
-    bpb = next(c for c in whole["comparisons"] if c["metric"] == "val_bpb")
-    assert bpb["estimate"] == pytest.approx(-0.001)  # the true difference
+    bpb = whole.comparison("top", "val_bpb").interval
+    assert bpb.estimate == pytest.approx(-0.001)  # the true difference
     text = metrics.read_bytes()
     metrics.write_bytes(text[: int(len(text) * 0.6)])  # a copy cut short, mid-line
     with pytest.raises(ArmlabError) as e:
@@ -71,9 +71,9 @@ def test_final_values_come_from_the_final_records(tmp_path: Path) -> None:
     ev = json.loads(ev_path.read_text())
     ev_path.write_text(json.dumps({**ev, "val_bpb": 1.4}))  # the final evaluation, not the log's last line
     _, s = compare(exp)
-    top = {r["run"]: r for r in s["arms"]["top"]["runs"]}
-    assert top["top-s1"]["val_bpb"] == 1.4
-    assert top["top-s1"]["tokens"] == 20 * 1000 and top["top-s1"]["step"] == 20  # state.json x batch
+    top = {r.run: r for r in s.arms["top"].runs}
+    assert top["top-s1"].val_bpb == 1.4
+    assert top["top-s1"].tokens == 20 * 1000 and top["top-s1"].step == 20  # state.json x batch
     ev_path.write_text(json.dumps({**ev, "step": 10}))
     with pytest.raises(ArmlabError, match=r"evaluated at step 10, not its final step 20"):
         compare(exp)

@@ -67,7 +67,7 @@ def test_data_difference_section(tmp_path: Path) -> None:
         make_run(exp, "random", seed, bpb=1.6 + 0.01 * seed)
     out, s = compare(exp)
 
-    data = s["data"]["arms"]
+    data = s.data["arms"]
     assert data["top"]["docs"] == len(long_docs) and data["random"]["docs"] == len(mixed)
     assert data["top"]["groups"] == {"CC-MAIN-2024-10": len(long_docs)}
     assert data["top"]["overlap"] == {"random": both}

@@ -12,6 +12,7 @@ import pytest
 from armlab.errors import ArmlabError
 from armlab.report.compare import compare
 from armlab.report.stats import t_quantile
+from armlab.report.summary import Summary
 from results_util import make_run, tiny_experiment
 
 
@@ -19,29 +20,29 @@ def test_report_with_seeds(tmp_path: Path) -> None:
     exp = tiny_experiment(tmp_path / "wd")
     for seed, (bt, br) in enumerate([(1.50, 1.60), (1.52, 1.61)]):
         make_run(exp, "top", seed, bpb=bt, core=0.10 + 0.01 * seed)
-        make_run(exp, "random", seed, bpb=br, core=0.05 + 0.01 * seed)
+        make_run(exp, "random", seed, bpb=br, core=0.05 + 0.02 * seed)
     make_run(exp, "random", 7, bpb=9.9, state="running")  # unfinished: excluded, never averaged in
     out, summary = compare(exp)
-    for name in ("report.md", "report.html", "summary.json", "curves.png", "final.png", "core_tasks.png"):
+    for name in ("report.md", "report.html", "summary.json", "curves.png", "final.png", "core_tasks.png",
+                 "differences.png"):
         assert (out / name).stat().st_size > 0, name
-    s = json.loads((out / "summary.json").read_text())
-    assert s["reference_arm"] == "random"
-    top = s["arms"]["top"]["val_bpb"]
-    assert top["estimate"] == pytest.approx(1.51) and top["method"] == "seeds"  # no per-document data
-    assert top["half_width"] == pytest.approx(
-        t_quantile(0.975, 1) * 0.01 / math.sqrt(2) * math.sqrt(2), rel=1e-6
-    )
-    bpb = next(c for c in s["comparisons"] if c["metric"] == "val_bpb")
-    assert bpb["paired"] and bpb["estimate"] == pytest.approx(-0.095)
-    (line,) = s["verdict"]
-    assert line.startswith("top beats random on CORE by +0.05") and "2 seeds, weak" in line
+    s = Summary.from_json((out / "summary.json").read_text())
+    assert s == summary.with_(created=s.created)  # the file reads back to the same record
+    assert s.reference_arm == "random"
+    top = s.arms["top"].val_bpb
+    assert top.estimate == pytest.approx(1.51) and top.method == "seeds"  # no per-document data
+    assert top.half_width == pytest.approx(t_quantile(0.975, 1) * 0.01 / math.sqrt(2) * math.sqrt(2), rel=1e-6)
+    bpb = s.comparison("top", "val_bpb").interval
+    assert bpb.paired and bpb.estimate == pytest.approx(-0.095)
+    (line,) = s.verdict
+    assert line.startswith("top vs random: CORE within noise (+0.045") and "2 seeds, weak" in line
     assert "val bpb better by -0.095" in line
-    assert [x["run"] for x in s["excluded"]] == ["random-s7"]
+    assert [x.run for x in s.excluded] == ["random-s7"]
     md = (out / "report.md").read_text()
     assert f"- {line}" in md and "CORE (demo tasks)" in md and "| top | top | 0,1 |" in md
     html = (out / "report.html").read_text()
     assert line in html.replace("&#x27;", "'")
-    assert html.count("data:image/png;base64,") == 3 and 'src="curves.png"' not in html
+    assert html.count("data:image/png;base64,") == 4 and 'src="curves.png"' not in html
 
 
 def test_within_noise_is_said_plainly(tmp_path: Path) -> None:
@@ -50,11 +51,12 @@ def test_within_noise_is_said_plainly(tmp_path: Path) -> None:
         make_run(exp, "top", seed, bpb=bt)
         make_run(exp, "random", seed, bpb=br)
     _, s = compare(exp)
-    (c,) = s["comparisons"]
-    assert c["low"] < 0 < c["high"]
-    assert s["verdict"] == [
-        f"top vs random: val bpb within noise ({c['estimate']:+.3f}, 95% CI {c['low']:+.3f} to "
-        f"{c['high']:+.3f}, 2 seeds, weak, seed noise only)"
+    (c,) = s.comparisons
+    c = c.interval
+    assert c.low < 0 < c.high
+    assert s.verdict == [
+        f"top vs random: val bpb within noise ({c.estimate:+.3f}, 95% CI {c.low:+.3f} to "
+        f"{c.high:+.3f}, 2 seeds, weak, seed noise only)"
     ]
 
 
@@ -96,7 +98,7 @@ def test_repeated_seed_is_refused_not_counted_twice(tmp_path: Path) -> None:
         compare(exp)
     shutil.rmtree(again)
     _, summary = compare(exp)
-    assert summary["arms"]["top"]["val_bpb"]["seeds"] == [2]
+    assert summary.arms["top"].val_bpb.seeds == (2,)
 
 
 def test_every_incomparable_run_is_named_at_once(tmp_path: Path) -> None:
@@ -121,7 +123,7 @@ def test_exclude_leaves_named_runs_out(tmp_path: Path) -> None:
     with pytest.raises(ArmlabError, match=r"--exclude RUN"):
         compare(exp)
     _, summary = compare(exp, exclude=[smoke.name])
-    assert summary["arms"]["top"]["val_bpb"]["seeds"] == [2]
+    assert summary.arms["top"].val_bpb.seeds == (2,)
     with pytest.raises(ArmlabError, match=r"--exclude: no run named nope"):
         compare(exp, exclude=["nope"])
 
@@ -135,7 +137,7 @@ def test_runs_of_two_engine_builds_are_refused(tmp_path: Path) -> None:
         info.update(engine={"engine": "nanochat"}, engine_comparable={"commit": commit})
         (d / "run.json").write_text(json.dumps(info))
     with pytest.raises(
-        ArmlabError, match=r"top-s0 \(differs from random-s0 in engine\.commit \(48804bf vs 92d63d4\)\)"
+        ArmlabError, match=r"top-s0 \(differs from random-s0 in engine\.commit \(48804bf vs 92d63d4\) \(no build has most"
     ):
         compare(exp)
 
@@ -156,15 +158,15 @@ def test_one_arm_only_is_refused(tmp_path: Path) -> None:
 def test_seeds_outside_train_seeds_are_refused(tmp_path: Path) -> None:
     exp = tiny_experiment(tmp_path / "wd")  # train.seeds = [0, 1]
     for seed in (0, 1):
-        make_run(exp, "top", seed, bpb=1.5)
-        make_run(exp, "random", seed, bpb=1.6)
+        make_run(exp, "top", seed, bpb=1.5 + 0.01 * seed)
+        make_run(exp, "random", seed, bpb=1.6 + 0.02 * seed)
     make_run(exp, "random", 7, bpb=1.6)
     with pytest.raises(
         ArmlabError, match=r"random-s7 \(seed 7\): not in train\.seeds \[0, 1\].*--exclude random-s7"
     ):
         compare(exp)
     _, s = compare(exp, exclude=["random-s7"])
-    assert s["arms"]["random"]["val_bpb"]["seeds"] == [2]
+    assert s.arms["random"].val_bpb.seeds == (2,)
 
 
 def test_unequal_seed_counts_are_unpaired_and_warned(tmp_path: Path) -> None:
@@ -174,10 +176,11 @@ def test_unequal_seed_counts_are_unpaired_and_warned(tmp_path: Path) -> None:
     for seed in (0, 1):
         make_run(exp, "random", seed, bpb=1.60 + 0.01 * seed)
     _, s = compare(exp)
-    (c,) = s["comparisons"]
-    assert not c["paired"] and c["seeds"] == [3, 2]
-    assert "3 vs 2 seeds, unpaired" in s["verdict"][0]
-    assert any("unequal seed counts: top has 3 finished runs, random 2" in w for w in s["warnings"])
+    (c,) = s.comparisons
+    assert not c.interval.paired and c.interval.seeds == (3, 2)
+    assert "top: 2 of 3 planned seeds finished" not in s.verdict[0]  # top has all three
+    assert "random: 2 of 3 planned seeds finished" in s.verdict[0] and "unpaired" in s.verdict[0]
+    assert any("unequal seed counts: top has 3 finished runs, random 2" in w for w in s.warnings)
 
 
 def core_items(rng, p: float, n: int = 60) -> dict:
@@ -206,29 +209,27 @@ def test_per_item_data_puts_eval_noise_in_every_figure(tmp_path: Path) -> None:
                     t["correct"] = t["correct"][:30] + [int(rng.random() < 0.95) for _ in range(30)]
             make_run(exp, arm, seed, bpb=0.0, core_tasks=items, per_doc=(nats, nbytes))
     _, s = compare(exp)
-    for c in s["comparisons"]:
-        assert c["method"] == "seeds+items" and c["paired"] and c["item_var"] > 0, c["metric"]
-        assert c["detectable"] > 0
-    top = s["arms"]["top"]
-    assert top["core"]["method"] == "seeds+items"
-    cell = top["core_tasks"]["t2"]
-    assert cell["method"] == "seeds+items" and cell["low"] < cell["estimate"] < cell["high"] <= 1.0
-    assert top["eval"]["val_bpb_docs"] == 50 and top["eval"]["core_items"] == {"t1": 60, "t2": 60}
-    assert (
-        s["verdict"][0].startswith("top beats random on CORE by +")
-        and "val bpb better by -" in s["verdict"][0]
-    )
-    assert not s["warnings"]
+    for c in s.comparisons:
+        iv = c.interval
+        assert iv.method == "seeds+items" and iv.paired and iv.item_var > 0, c.metric
+        assert 0 < c.detectable.low < c.detectable.value < c.detectable.high
+    top = s.arms["top"]
+    assert top.core.method == "seeds+items"
+    cell = top.core_tasks["t2"]
+    assert cell.method == "seeds+items" and cell.low < cell.estimate < cell.high <= 1.0
+    assert top.eval.val_bpb_docs == 50 and top.eval.core_items == {"t1": 60, "t2": 60}
+    assert s.verdict[0].startswith("top beats random on CORE by +") and "val bpb better by -" in s.verdict[0]
+    assert not s.warnings
     # an older run without per-item data: that metric falls back to seeds only, and says so
     ev = tmp_path / "wd/arms/random/runs/random-s2/eval.json"
     data = json.loads(ev.read_text())
     del data["val_bpb_per_doc"]
     ev.write_text(json.dumps(data))
     _, s = compare(exp)
-    methods = {c["metric"]: c["method"] for c in s["comparisons"]}
+    methods = {c.metric: c.interval.method for c in s.comparisons}
     assert methods == {"core": "seeds+items", "val_bpb": "seeds"}
-    assert "seed noise only" in s["verdict"][0] or "seeds only" in s["verdict"][0]
-    assert any("no per-document val bpb in eval.json of random-s2" in w for w in s["warnings"])
+    assert "seed noise only" in s.verdict[0] or "seeds only" in s.verdict[0]
+    assert any("no per-document val bpb in eval.json of random-s2" in w for w in s.warnings)
 
 
 def test_runs_scored_on_different_items_are_refused(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from armlab.errors import ArmlabError
 from armlab.evaluate.bundle import load_bundle, write_bundle
-from armlab.evaluate.core import centered, evaluate_core, render_lm, render_mc, render_schema
+from armlab.evaluate.core import centered, evaluate_core, render_lm, render_mc, render_schema, task_items
 
 VOCAB = {"a": 1, "b": 2, " ": 3, "\n": 3, "q": 4, "x": 5}  # 0 is BOS; a newline reads as a space
 # Next-token probabilities over [bos, a, b, ' ', q, x].
@@ -27,6 +27,7 @@ AFTER_B = [1 / 32, 1 / 4, 1 / 8, 1 / 2, 1 / 16, 1 / 32]  # after 'b', a space is
 
 class CharTokenizer:
     bos_id = 0
+    token_bytes = [0, 1, 1, 1, 1, 1]  # every character token is one byte; BOS none
 
     def encode(self, texts: list[str], prepend_bos: bool = True) -> list[list[int]]:
         return [([self.bos_id] if prepend_bos else []) + [VOCAB[c] for c in t] for t in texts]
@@ -82,17 +83,49 @@ def tiny_tasks() -> list[dict]:
 def test_scores_equal_hand_computation(tmp_path: Path) -> None:
     bundle = load_bundle(write_bundle(tmp_path / "b", tiny_tasks()))
     out = evaluate_core(Bigram(), CharTokenizer(), bundle)
-    t = out["core_tasks"]
-    assert t["mc"]["accuracy"] == pytest.approx(0.5)
-    assert t["schema"]["accuracy"] == pytest.approx(0.5)
-    assert t["lm"]["accuracy"] == pytest.approx(0.5)
+    t = out.tasks
+    assert t["mc"].accuracy == pytest.approx(0.5)
+    assert t["schema"].accuracy == pytest.approx(0.5)
+    assert t["lm"].accuracy == pytest.approx(0.5)
     # centring: (acc - 0.01 b) / (1 - 0.01 b)
-    assert t["mc"]["centered"] == pytest.approx((0.5 - 1 / 3) / (1 - 1 / 3))  # 0.25
-    assert t["schema"]["centered"] == pytest.approx(0.0)
-    assert t["lm"]["centered"] == pytest.approx(0.5)
-    assert out["core"] == pytest.approx((0.25 + 0.0 + 0.5) / 3)
-    assert [t[k]["n"] for k in ("mc", "schema", "lm")] == [4, 2, 4]
-    assert out["bundle"]["sha256"] == bundle.sha256
+    assert t["mc"].centered == pytest.approx((0.5 - 1 / 3) / (1 - 1 / 3))  # 0.25
+    assert t["schema"].centered == pytest.approx(0.0)
+    assert t["lm"].centered == pytest.approx(0.5)
+    assert out.core == pytest.approx((0.25 + 0.0 + 0.5) / 3)
+    assert [t[k].n for k in ("mc", "schema", "lm")] == [4, 2, 4]
+    assert out.bundle["sha256"] == bundle.sha256
+
+
+def test_continuous_scores_equal_hand_computation(tmp_path: Path) -> None:
+    """Log-prob of the correct continuation (nats, and its bytes) and the per-byte margin over the
+    best wrong option, worked out from the bigram table (ln2 units: 1/2 -> 1, 1/4 -> 2, 1/8 -> 3)."""
+    bundle = load_bundle(write_bundle(tmp_path / "b", tiny_tasks()))
+    t = evaluate_core(Bigram(), CharTokenizer(), bundle).tasks
+    ln2 = math.log(2)
+
+    def by_item(label: str, key: str, want: dict) -> list:  # items come in the task's shuffled order
+        task = next(x for x in bundle.tasks if x.label == label)
+        return [want[str(item[key])] for item in task_items(bundle, task, None)]
+
+    # mc: after "q " the options cost a: 1 bit (1 byte), b: 2 bits, ab: 1 + 2 bits over 2 bytes
+    # -> bits/byte a -1, b -2, ab -1.5; golds a, b, a, ab -> margins +0.5, -1, +0.5, -0.5
+    mc = {"q": (-ln2, 1, 0.5), "x": (-2 * ln2, 1, -1.0), "qq": (-ln2, 1, 0.5), "xq": (-3 * ln2, 2, -0.5)}
+    want = by_item("mc", "query", mc)
+    assert t["mc"].logprob == pytest.approx([w[0] for w in want]) and t["mc"].bytes == [w[1] for w in want]
+    assert t["mc"].margin == pytest.approx([w[2] for w in want])
+    assert t["mc"].logprob_per_byte == pytest.approx(-7 / 5)  # pooled: 7 bits over 5 bytes
+    # schema: span " a" after context a: 3 + 1 bits, after b: 1 + 1 bits (2 bytes each)
+    want = by_item("schema", "gold", {"1": (-2 * ln2, 1.0), "0": (-4 * ln2, -1.0)})
+    assert t["schema"].logprob == pytest.approx([w[0] for w in want])
+    assert t["schema"].margin == pytest.approx([w[1] for w in want])
+    # lm: "aa" 2 bits, "ab" 3 bits (2 bytes each), "a" 1 bit, "b" 2 bits (1 byte each); no margin
+    lm = {"aa": (-2 * ln2, 2), "ab": (-3 * ln2, 2), "a": (-ln2, 1), "b": (-2 * ln2, 1)}
+    want = by_item("lm", "continuation", lm)
+    assert t["lm"].logprob == pytest.approx([w[0] for w in want]) and t["lm"].bytes == [w[1] for w in want]
+    assert t["lm"].margin is None
+    out = evaluate_core(Bigram(), CharTokenizer(), load_bundle(write_bundle(tmp_path / "c", tiny_tasks())))
+    assert out.core_lp == pytest.approx((-7 / 5 - 6 / 4 - 8 / 6) / 3)
+    assert out.core_margin == pytest.approx((-0.125 + 0.0) / 2)  # mc and schema only
 
 
 def test_centering_formula() -> None:
@@ -105,7 +138,7 @@ def test_centering_formula() -> None:
 def test_max_per_task_and_crop(tmp_path: Path) -> None:
     bundle = load_bundle(write_bundle(tmp_path / "b", tiny_tasks()))
     out = evaluate_core(Bigram(), CharTokenizer(), bundle, max_per_task=1)
-    assert all(t["n"] == 1 for t in out["core_tasks"].values())
+    assert all(t.n == 1 for t in out.tasks.values())
     # A context longer than the model's window is cropped from the left; the answer is unchanged.
     long = [
         {
@@ -118,7 +151,7 @@ def test_max_per_task_and_crop(tmp_path: Path) -> None:
         }
     ]
     out = evaluate_core(Bigram(), CharTokenizer(), load_bundle(write_bundle(tmp_path / "c", long)), max_len=8)
-    assert out["core_tasks"]["lm"]["accuracy"] == 1.0
+    assert out.tasks["lm"].accuracy == 1.0
 
 
 def test_fewshot_prompts_follow_the_recipe() -> None:
@@ -150,7 +183,7 @@ def test_fewshot_examples_are_seeded_and_exclude_the_item(tmp_path: Path) -> Non
     bundle = load_bundle(write_bundle(tmp_path / "b", [task]))
     a = evaluate_core(Bigram(), CharTokenizer(), bundle)
     b = evaluate_core(Bigram(), CharTokenizer(), bundle)
-    assert a["core_tasks"] == b["core_tasks"]
+    assert a.tasks == b.tasks
     rng = random.Random(1234 + 2)
     chosen = rng.sample([0, 1, 3, 4], 3)
     assert 2 not in chosen and len(set(chosen)) == 3
@@ -198,7 +231,7 @@ def test_bundle_from_url_is_downloaded_once_and_checksummed(
     assert b1.root == b2.root and b1.sha256 == b2.sha256
     assert [t.label for t in b2.tasks] == ["mc", "schema", "lm"]
     assert json.loads((b2.root / "eval_data" / "mc.jsonl").read_text().splitlines()[0])["gold"] == 0
-    assert not math.isnan(evaluate_core(Bigram(), CharTokenizer(), b2)["core"])
+    assert not math.isnan(evaluate_core(Bigram(), CharTokenizer(), b2).core)
 
 
 def test_bundle_url_secrets_never_reach_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,17 +61,28 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             "demo_coherent_context",
         }
     assert {c["metric"] for c in s["comparisons"]} == {"val_bpb", "core"}
-    assert all(c["paired"] and c["low"] is not None for c in s["comparisons"])
+    assert all(c["interval"]["paired"] and c["interval"]["low"] is not None for c in s["comparisons"])
     core = next(c for c in s["comparisons"] if c["metric"] == "core")
-    assert core["method"] == "seeds+items"  # per-item CORE results: eval-item noise is counted
+    assert core["interval"]["method"] == "seeds+items"  # per-item CORE results: eval-item noise is counted
+    # the detectable difference as a range (from the seed noise's own interval), not one number
+    assert all(c["detectable"]["low"] <= c["detectable"]["value"] <= c["detectable"]["high"] for c in s["comparisons"])
+    # val bpb per source of the eval documents: stdlib prose and the three kinds of junk, each with
+    # its interval, and a verdict line naming where top40 wins and loses
+    g = s["groups"]
+    assert g["column"] == "source" and {r["label"] for r in g["groups"]} == {
+        "stdlib", "word_salad", "boilerplate", "keyword_spam"}  # fmt: skip
+    assert sum(r["docs"] for r in g["groups"]) == 400 and all(r["differences"]["top40"]["low"] is not None
+                                                              for r in g["groups"])  # fmt: skip
+    (gline,) = g["verdict"]
+    assert gline.startswith("top40 vs random40 by source (val bpb per group): ") and gline in r.stdout
     md = (report / "report.md").read_text()
     assert s["bundle"]["demo"] is True and "CORE (demo tasks)" in md
     # one verdict line, the same on stdout, in report.md, report.html and summary.json
-    (line,) = s["verdict"]
+    line = s["verdict"][0]
     assert line.startswith("top40 ") and "random40" in line and "95% CI" in line and "2 seeds, weak" in line
     assert line in r.stdout.splitlines() and f"- {line}" in md
     assert line in (report / "report.html").read_text().replace("&#x27;", "'")
-    for png in ("curves.png", "final.png", "core_tasks.png", "data.png"):
+    for png in ("differences.png", "groups.png", "curves.png", "final.png", "core_tasks.png", "data.png"):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # what differs in the data: each arm's docs as its manifest and shards hold them, and a sample
     # tokenized with the experiment's tokenizer

@@ -168,8 +168,43 @@ def test_engine_differences_name_the_run_and_the_key(tmp_path: Path) -> None:
     b = rec("b-s1", {"engine": "nanochat"}, {"commit": "48804bf", "diff_sha256": None})
     c = rec("c-s0", {"engine": "nanochat"}, {"commit": "92d63d4", "diff_sha256": None})
     assert runs.engine_differences([a, c]) == []
-    assert runs.engine_differences([a, b, c, built]) == [
-        f"{tmp_path / 'b-s1'} (differs from a-s0 in engine.commit (92d63d4 vs 48804bf))",
-        f"{tmp_path / 'b-s0'} (differs from a-s0 in engine.commit (92d63d4 vs none), "
+    assert runs.engine_differences([a, b, c, built]) == [  # the majority build (a, c) is the reference
+        f"{tmp_path / 'b-s1'} (differs from the other 2 runs (a-s0, c-s0) in engine.commit (92d63d4 vs 48804bf))",
+        f"{tmp_path / 'b-s0'} (differs from the other 2 runs (a-s0, c-s0) in engine.commit (92d63d4 vs none), "
         "engine.diff_sha256 (None vs none), engine.name (nanochat vs builtin))",
     ]
+    # the odd one out is the minority, wherever it comes in the list (issue 20)
+    assert runs.engine_differences([b, a, c]) == [
+        f"{tmp_path / 'b-s1'} (differs from the other 2 runs (a-s0, c-s0) in engine.commit (92d63d4 vs 48804bf))"
+    ]
+    tie = runs.engine_differences([a, b])
+    assert tie == [f"{tmp_path / 'b-s1'} (differs from a-s0 in engine.commit (92d63d4 vs 48804bf) "
+                   "(no build has most runs: which is right is yours to say))"]  # fmt: skip
+
+
+def test_state_json_is_a_typed_record_that_keeps_what_it_does_not_know(tmp_path: Path) -> None:
+    (tmp_path / runs.STATE_JSON).write_text(json.dumps({"state": "running", "pid": 7, "step": 3, "newer_field": [1]}))
+    rec = runs.read_run_state(tmp_path)
+    assert (rec.state, rec.pid, rec.step, rec.phase, rec.resume_step) == ("running", 7, 3, None, None)
+    runs.write_state(tmp_path, state=RunState.STOPPED, resume_step=3, stop_reason="SIGUSR1", phase=None)
+    back = json.loads((tmp_path / runs.STATE_JSON).read_text())
+    assert back["newer_field"] == [1] and back["state"] == "stopped" and back["resume_step"] == 3
+    with pytest.raises(TypeError):
+        runs.write_state(tmp_path, resum_step=4)  # a typo is an error, not a new key
+    (tmp_path / runs.STATE_JSON).write_text(json.dumps({"state": "running", "step": "three"}))
+    with pytest.raises(ArmlabError, match=r"state.json: not a valid StateRecord \(step"):
+        runs.read_run_state(tmp_path)
+    assert runs.read_run_state(tmp_path / "nowhere") is None and runs.read_state(tmp_path / "nowhere") == {}
+
+
+def test_metrics_have_one_writer_of_typed_strict_records(tmp_path: Path) -> None:
+    log = runs.MetricsLog(tmp_path)
+    log.append(runs.MetricsRecord(step=1, tokens=10, time=0.5, train_loss=4.0, dt=0.5))
+    log.append(runs.MetricsRecord(step=1, tokens=10, time=0.5, val_bpb=3.0))
+    with pytest.raises(ValueError):
+        log.append(runs.MetricsRecord(step=2, tokens=20, time=1.0, train_loss=float("nan")))  # no NaN line
+    train, evaluation = runs.read_metrics(tmp_path).records
+    assert train == {"step": 1, "tokens": 10, "time": 0.5, "train_loss": 4.0, "lr_mult": None, "dt": 0.5,
+                     "tok_per_s": None, "mfu": None, "epoch": None}  # fmt: skip
+    assert evaluation == {"step": 1, "tokens": 10, "time": 0.5, "val_bpb": 3.0}
+    assert runs.MetricsRecord.from_json(train) == runs.MetricsRecord(step=1, tokens=10, time=0.5, train_loss=4.0, dt=0.5)

@@ -191,7 +191,7 @@ label = "__label__hq"
         ('[[arms]]\nname = "t"\nkind = "random"\nratio = 0.1\nscore = "ft"\n', "kind 'random' takes no score_column or score"),
         ('[[arms]]\nname = "t"\nkind = "top"\nratio = 0.1\n', "needs score_column (a pool column) or score (a scorer's name)"),
         ('[[scorers]]\nname = "ft"\nkind = "head"\nmodel = "h.npz"\ncolumn = "e"\n', "duplicate scorer name(s): ft"),
-        ('[[scorers]]\nname = "a/b"\nkind = "head"\nmodel = "h.npz"\ncolumn = "e"\n', "scorer name 'a/b' must be letters"),
+        ('[[scorers]]\nname = "a/b"\nkind = "head"\nmodel = "h.npz"\ncolumn = "e"\n', "scorer name 'a/b' is not a valid name"),
         ('[[scorers]]\nname = "x"\nkind = "fasttext"\nmodel = "m.bin"\n', "kind 'fasttext' needs label"),
         ('[[scorers]]\nname = "x"\nkind = "head"\nmodel = "h.npz"\n', "kind 'head' needs column"),
         ('[[scorers]]\nname = "x"\nkind = "hf"\nmodel = "o/m"\ncolumn = "e"\n', "column is only for kind 'head'"),
@@ -220,3 +220,36 @@ def test_scorers_do_not_change_fingerprints_or_selections(tmp_path: Path) -> Non
     assert moved.scores_path == tmp_path / "shared" and moved.fingerprint() == on.fingerprint()
     with pytest.raises(ArmlabError, match=r"no scorer named 'ftt' .*did you mean 'ft'"):
         on.scorer("ftt")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("matrix_lr = inf", "train.matrix_lr: Input should be a finite number"),
+        ("embedding_lr = nan", "train.embedding_lr: Input should be a finite number"),
+        ("scalar_lr = 1e6", "train.scalar_lr: Input should be less than or equal to 10"),
+        ("weight_decay = inf", "train.weight_decay: Input should be a finite number"),
+        ("num_iterations = 1000000000000000000000000000000", "train.num_iterations: Input should be less than or equal to 1000000000"),
+        ("tokens = 100000000000000000000", "train.tokens: Input should be less than or equal to"),
+        ("target_param_data_ratio = inf", "train.target_param_data_ratio: Input should be a finite number"),
+        ("warmup_steps = 10000000000", "train.warmup_steps: Input should be less than or equal to 1000000000"),
+    ],
+)
+def test_recipe_numbers_are_finite_and_bounded(tmp_path: Path, line: str, message: str) -> None:
+    """Issue 20: `matrix_lr = inf` and `num_iterations = 10**30` were accepted; the first trained
+    NaNs to the end, the second planned a run that never ends."""
+    assert message in error_of(tmp_path, BASE + f"[train]\n{line}\n")
+    exp = load_experiment(write(tmp_path, BASE))
+    with pytest.raises(ArmlabError, match=r"num_iterations: Input should be less than or equal"):
+        with_overrides(exp, {"num_iterations": 10**30})  # the --num-iterations flag too
+
+
+def test_data_seeds_pair_with_seeds_by_position(tmp_path: Path) -> None:
+    exp = load_experiment(write(tmp_path, BASE + "[train]\nseeds = [0, 1, 2]\ndata_seeds = [10, 11, 12]\n"))
+    assert [exp.train.data_seed(s) for s in (0, 1, 2)] == [10, 11, 12]
+    assert load_experiment(write(tmp_path, BASE)).train.data_seed(1) == 1  # unset: a seed is both
+    plain = load_experiment(write(tmp_path, BASE + "[train]\nseeds = [0, 1, 2]\n"))
+    assert exp.fingerprint() == plain.fingerprint()  # like seeds, they vary between runs, not arms
+    msg = error_of(tmp_path, BASE + "[train]\nseeds = [0, 1]\ndata_seeds = [5]\n")
+    assert "train.data_seeds has 1 entries, train.seeds 2" in msg and "pair by position" in msg
+    assert "distinct" in error_of(tmp_path, BASE + "[train]\nseeds = [0, 1]\ndata_seeds = [5, 5]\n")

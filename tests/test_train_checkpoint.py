@@ -46,7 +46,8 @@ def small_tmpfs(where: Path, size: str):
 
 
 def test_a_truncated_latest_checkpoint_is_named_and_resume_falls_back(exp_file: Path) -> None:
-    quick = ("--device", "cpu", "--num-iterations", "16")  # checkpoints at 8 and 16
+    # checkpoints at 8 (save_every) and 14, 15, 16 (the last 3, which the final evaluation scores)
+    quick = ("--device", "cpu", "--num-iterations", "16")
     r = armlab("train", str(exp_file), "--arm", ARM, *quick, "--run-name", "torn")
     assert r.returncode == 0, r.stderr[-2000:]
     d = run_dir(exp_file, "torn")
@@ -55,20 +56,20 @@ def test_a_truncated_latest_checkpoint_is_named_and_resume_falls_back(exp_file: 
     size = model_pt.stat().st_size
     with open(model_pt, "r+b") as f:  # what a copy cut short leaves behind
         f.truncate(size // 2)
-    assert checkpoint.list_steps(d) == [8]
+    assert checkpoint.list_steps(d) == [8, 14, 15]
     model, meta = load_model(d)  # evaluation falls back too
-    assert meta["step"] == 8 and not model.training
+    assert meta["step"] == 15 and not model.training
 
     r = armlab("train", str(exp_file), "--arm", ARM, *quick, "--run-name", "torn", "--resume")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     out = r.stdout + r.stderr
     assert f"step_000016: model.pt is {size // 2:,} bytes, {size:,} when written" in out.replace("\n", "")
-    assert "resumed from step 8" in out
+    assert "resumed from step 15" in out
     after = train_losses(d)
     assert [after[s] for s in range(1, 17)] == [
         before[s] for s in range(1, 17)
     ]  # the redo is bitwise the same
-    assert checkpoint.list_steps(d) == [8, 16] and read_json(d / "state.json")["state"] == "done"
+    assert checkpoint.list_steps(d) == [8, 14, 15, 16] and read_json(d / "state.json")["state"] == "done"
 
     # a damaged file torch cannot read at all is named too, not a traceback
     model_pt.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip: passes the cheap checks

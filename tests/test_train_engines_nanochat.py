@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from armlab.workdir import open_workdir, read_lease
 from nanochat_exp_util import ARMS, build_template, copy_workdir, write_experiment
 from nanochat_util import bare_python, copy_checkout, nanochat_python, snapshot
 from tok_util import write_shards
-from train_util import armlab, wait_for
+from train_util import armlab, spawn, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -122,26 +123,38 @@ def test_two_arms_at_both_commits_then_compare_refuses_to_mix_them(tmp_path, tem
         )
         print(f"\n[{commit}] status:\n{status}")
 
-    # evaluate: nanochat's own final val bpb, and CORE from the checkout's scripts.base_eval
+    # evaluate: armlab scores nanochat's checkpoints itself (nanochat's model class, in this process):
+    # whole-document val bpb over every eval byte, CORE with per-item scores; nanochat's own val bpb kept
     exp48 = exps["48804bf"]
     ok("evaluate", exp48)  # the experiment's bundle
     for arm in ARMS:
         ev = json.loads((run_dir(exp48, arm) / "eval.json").read_text())
         last = [m for m in read_metrics(run_dir(exp48, arm)).records if m.get("val_bpb") is not None][-1]
-        assert ev["val_bpb"] == last["val_bpb"] and last["step"] == 8 and ev["val_bpb_tokens"] == 1024
+        assert ev["engine"]["nanochat_val_bpb"] == last["val_bpb"] and last["step"] == 8
+        assert ev["bpb"]["coverage"] == 1.0 and ev["val_bpb_docs"] == len(eval_docs)
+        assert len(ev["val_bpb_per_doc"]["nats"]) == len(eval_docs) and 1 < ev["val_bpb"] < 20
+        assert ev["packed"]["coverage"] < 1.0  # nanochat's packed stream, the second number
+        assert [c["checkpoint"]["step"] for c in ev["checkpoints"]] == [4, 8]  # the last k it saved
         assert set(ev["core_tasks"]) == {"colour_mc", "count_lm"} and -1 <= ev["core"] <= 1
-        assert ev["core_tasks"]["colour_mc"]["n"] == 4 and ev["bundle"]["name"] == "tiny"
+        mc = ev["core_tasks"]["colour_mc"]
+        assert mc["n"] == 4 and len(mc["correct"]) == len(mc["logprob"]) == len(mc["margin"]) == 4
+        assert ev["bundle"]["name"] == "tiny"
         assert ev["core"] == pytest.approx(
             sum(t["centered"] for t in ev["core_tasks"].values()) / 2, abs=1e-5
         )
-    for commit, exp in exps.items():
+    # 92d63d4's runs were not evaluated: compare names them, never using nanochat's in-training val bpb
+    line = refused("compare", exps["92d63d4"])
+    assert "alt-s0: no final evaluation" in line and "rand-s0: no final evaluation" in line, line
+    for commit, exp in [("48804bf", exp48)]:
         out = ok("compare", exp).stdout
         summary = json.loads(
             (open_workdir(load_experiment(exp), create=False).report_dir / "summary.json").read_text()
         )
         assert set(summary["arms"]) == set(ARMS) and out.startswith("rand vs alt on ") and "val bpb" in out.splitlines()[0]
         print(f"\n[{commit}] compare:\n{out}")
-        print((open_workdir(load_experiment(exp), create=False).report_dir / "report.md").read_text())
+        md = (open_workdir(load_experiment(exp), create=False).report_dir / "report.md").read_text()
+        print(md)
+        assert "nanochat's fixed seed (42)" in md and "## Continuous CORE and signal-to-noise" in md
 
     # the 92d63d4 run of `rand` next to the 48804bf run of `alt`: refused, naming both commits
     mixed = run_dir(exp48, "rand")
@@ -151,6 +164,29 @@ def test_two_arms_at_both_commits_then_compare_refuses_to_mix_them(tmp_path, tem
     c48 = json.loads((run_dir(exp48, "alt") / "run.json").read_text())["engine"]["commit"]
     c92 = json.loads((mixed / "run.json").read_text())["engine"]["commit"]
     assert f"engine.commit ({c48} vs {c92})" in line, line
+
+
+def test_two_seeds_read_the_arm_in_two_orders_and_train_differently(tmp_path, template, python):
+    """nanochat has no seed flag and reads its files in sorted order, so seeds 0 and 1 used to train
+    the same run; the run's base dir now links the arm's files in an order set by the data seed."""
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat")
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, train_extra="seeds = [0, 1]\n")
+    wd = open_workdir(load_experiment(exp), create=False)
+    runs = [wd.run_dir("alt", f"alt-s{seed}") for seed in (0, 1)]
+    for seed in (0, 1):
+        out = ok("train", exp, "--arm", "alt", "--seed", str(seed))
+        assert f"data seed {seed}: nanochat reads 3 file(s)" in out.stderr and "fixed seed (42)" in out.stderr
+    orders = [json.loads((BaseDir.of_run(r).data_dir() / "data_order.json").read_text()) for r in runs]
+    assert [o["data_seed"] for o in orders] == [0, 1]
+    assert orders[0]["files"][0] != orders[1]["files"][0]  # another first file: other data from step 1
+    assert sorted(orders[0]["files"]) == sorted(orders[1]["files"])  # the same arm
+    curves = [[m["train_loss"] for m in read_metrics(r).records if "train_loss" in m] for r in runs]
+    print("\nnanochat 92d63d4, arm alt, train loss per step:")
+    for seed, c in enumerate(curves):
+        print(f"  seed {seed} (files {', '.join(orders[seed]['files'])}): " + " ".join(f"{x:.6f}" for x in c))
+    assert len(curves[0]) == len(curves[1]) == 8
+    assert all(a != b for a, b in zip(curves[0][1:], curves[1][1:], strict=True))  # they differ at every step
 
 
 def test_kill_9_of_a_detached_run_then_resume_finishes_from_nanochats_checkpoint(tmp_path, template, python):
@@ -314,3 +350,83 @@ def test_doctor_checks_the_checkout(tmp_path, template, python):
     assert (
         checks["nanochat python"]["status"] == "ok" and "checkout venv" in checks["nanochat python"]["detail"]
     )
+
+
+def test_a_fork_whose_lines_never_parse_fails_instead_of_ending_done(tmp_path, template, python):
+    """Issue 20: a nanochat fork that logs in its own words ended `done` with no metrics.jsonl.
+    A run that exits 0 without a single parsed step has not trained as far as anyone can tell."""
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat", git=True)
+    script = ck / "scripts" / "base_train.py"
+    src = script.read_text()
+    for ours, theirs in (('print0(f"step {step:05d}/', 'print0(f"iter {step:05d}/'),
+                         ('print0(f"Step {step:05d} | Validation bpb:', 'print0(f"at {step:05d} | val bpb:')):
+        assert ours in src
+        src = src.replace(ours, theirs)
+    script.write_text(src)
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, steps=2, eval_every=2,
+                           save_every=2)  # fmt: skip
+    p = armlab("train", str(exp), "--arm", "alt")
+    run = run_dir(exp, "alt")
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert (
+        f"armlab: failed: run 'alt-s0': the nanochat engine exited 0 but no step lines parsed from its output; "
+        f"see {run / 'train.log'}" in " ".join(p.stderr.split())
+    )
+    state = read_state(run)
+    assert state["state"] == "failed" and "no step lines parsed" in state["error"]
+    assert read_metrics(run).records == [] and "iter 00001/00002" in (run / "train.log").read_text()
+
+
+def test_a_non_finite_loss_line_ends_the_run_diverged(tmp_path, template, python):
+    """A nanochat run whose loss turns NaN: the supervisor stops nanochat at the first NaN line
+    (it would train on), the run is `diverged`, exit 1 naming the step and the last finite loss,
+    and no NaN record reaches metrics.jsonl. nanochat's own learning rates (extra_args, which
+    armlab's schema does not bound) at 1e30 make it diverge for real."""
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat")
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, steps=40, eval_every=40,
+                           save_every=40)  # fmt: skip
+    text = exp.read_text().replace(
+        'extra_args = ["--sample-every=-1"]',
+        'extra_args = ["--sample-every=-1", "--warmup-steps=0", "--embedding-lr=1e30", "--matrix-lr=1e30", '
+        '"--scalar-lr=1e30", "--unembedding-lr=1e30"]',
+    )
+    exp.write_text(text)
+    p = armlab("train", str(exp), "--arm", "alt")
+    run = run_dir(exp, "alt")
+    assert p.returncode == 1, p.stderr[-2000:]
+    state = read_state(run)
+    assert state["state"] == "diverged", state
+    step = state["error"].split()[3].rstrip(":")
+    assert f"run 'alt-s0' diverged at step {step}: nanochat's loss nan" in " ".join(p.stderr.split())
+    assert all(m.get("train_loss") is None or m["train_loss"] == m["train_loss"] for m in read_metrics(run).records)
+    assert max(steps(run, "train_loss"), default=0) < int(step) < 40  # stopped there, not trained through
+
+
+def test_a_stop_before_nanochats_first_checkpoint_says_a_restart_begins_at_step_0(tmp_path, template, python):
+    """nanochat cannot checkpoint on a signal: a stop before its first checkpoint says the restart
+    begins from step 0, and the restart says so again and keeps the first try's logs."""
+    tpl, _ = template
+    ck = copy_checkout("92d63d4", tmp_path / "nanochat")
+    exp = write_experiment(tmp_path, copy_workdir(tpl, tmp_path / "wd"), ck, python, steps=200, eval_every=200,
+                           save_every=200)  # fmt: skip
+    run = run_dir(exp, "alt")
+    proc = spawn("train", str(exp), "--arm", "alt")
+    try:
+        wait_for(lambda: len(steps(run, "train_loss")) >= 2, 180, "two steps")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = " ".join(proc.stderr.read().split())
+    state = read_state(run)
+    assert state["state"] == "stopped" and state["resume_step"] is None and state["stop_reason"] == "SIGTERM"
+    assert f"run 'alt-s0' stopped at step {state['step']} by SIGTERM before its first checkpoint: a restart " \
+           "begins from step 0" in err, err  # fmt: skip
+    first = (run / "train.log").read_text()
+    p = ok("train", exp, "--arm", "alt", "--resume")
+    said = f"alt-s0 has no checkpoint (it reached step {state['step']} before stopping): restarting from step 0"
+    assert said in " ".join(p.stderr.split()) and (run / "train.1.log").read_text() == first
+    assert steps(run, "train_loss") == list(range(1, 201))

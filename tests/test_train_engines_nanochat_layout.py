@@ -8,6 +8,7 @@ import subprocess
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from armlab.errors import ArmlabError
 from armlab.train.engines.nanochat_layout import (
@@ -17,6 +18,7 @@ from armlab.train.engines.nanochat_layout import (
     build,
     check_feeds,
     checkpoint_steps,
+    file_order,
     val_texts,
     write_val_file,
 )
@@ -48,13 +50,15 @@ def inputs(tmp_path):
 def test_base_dir_holds_the_arm_and_the_shared_eval_set(inputs):
     root, eval_docs = inputs
     base = BaseDir.of_run(root / "run")
-    build(base, root / "data", root / "eval", root / "tok", world_size=3, row_group_rows=1024)
+    order = build(base, root / "data", root / "eval", root / "tok", world_size=3, row_group_rows=1024, data_seed=1)
     shards = sorted(p.name for p in (root / "data").glob("shard_*.parquet"))
+    assert order == [shards[i] for i in file_order(len(shards), 1)] and sorted(order) == shards
+    assert order != shards  # seed 1 starts on the second file: nanochat reads another order than sorted
     for name in DATA_DIRS:
         listed = sorted(p.name for p in base.data_dir(name).glob("*.parquet"))
-        assert listed == [*shards, VAL_FILE]  # the eval file sorts last: nanochat's val split
-        for s in shards:
-            assert (base.data_dir(name) / s).resolve() == (root / "data" / s).resolve()
+        assert listed == [*shards, VAL_FILE]  # link names shard_00000..: the eval file sorts last, the val split
+        for i, s in enumerate(order):  # the link at position i is the i-th file of the seed's order
+            assert (base.data_dir(name) / f"shard_{i:05d}.parquet").resolve() == (root / "data" / s).resolve()
     assert os.readlink(base.data_dir("base_data_climbmix") / VAL_FILE) == f"../base_data/{VAL_FILE}"
     assert val_texts(base) == eval_docs
     assert pq.ParquetFile(base.val_file).metadata.num_row_groups >= 3  # every rank validates
@@ -107,13 +111,15 @@ def test_val_file_row_groups_and_too_few_docs(tmp_path):
 def test_only_complete_checkpoints_count(tmp_path):
     d = tmp_path / "ckpt"
     d.mkdir()
-    for step in (2, 4, 6):
-        (d / f"model_{step:06d}.pt").write_bytes(b"m")
+    for step in (2, 4, 6, 8):
+        torch.save({"w": torch.zeros(64)}, d / f"model_{step:06d}.pt")  # a zip archive, as nanochat's
         (d / f"meta_{step:06d}.json").write_text("{}")
         for r in range(2):
-            (d / f"optim_{step:06d}_rank{r}.pt").write_bytes(b"o")
+            torch.save({"o": torch.zeros(64)}, d / f"optim_{step:06d}_rank{r}.pt")
     (d / "optim_000006_rank1.pt").unlink()  # killed while rank 1 saved
     (d / "meta_000004.json").write_text('{"step": 4, "val')  # torn meta
+    whole = (d / "optim_000008_rank0.pt").read_bytes()
+    (d / "optim_000008_rank0.pt").write_bytes(whole[: len(whole) // 2])  # kill -9 mid-write: no central directory
     assert checkpoint_steps(d, world_size=2) == [2]
     assert checkpoint_steps(d, world_size=1) == [2, 6]
     assert checkpoint_steps(tmp_path / "none", 1) == []

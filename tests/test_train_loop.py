@@ -49,3 +49,36 @@ def test_bf16_compiled_training_step_on_cpu() -> None:
     # same weights, same data: compiled and eager bf16 agree to bf16 rounding
     assert compiled[0] == pytest.approx(eager[0], rel=1e-2)
     assert compiled == pytest.approx(eager, rel=0.1)
+
+
+@pytest.mark.e2e
+def test_a_nan_loss_ends_the_run_diverged_without_a_nan_checkpoint(tmp_path) -> None:
+    """Issue 20: a run whose loss became NaN trained every step, saved NaN checkpoints and ended
+    `done`. Now the first non-finite loss (averaged over the 2 ranks, so both see it) ends it:
+    exit 1 naming the step and the last finite loss, state `diverged` (status says so), the
+    metrics stop at the last finite step, and the only checkpoint is the finite one before it.
+    ARMLAB_TEST_NAN_STEP poisons a weight on every rank before step 10 (loss at step 10: NaN)."""
+    from armlab import runs
+    from armlab.train import checkpoint
+    from train_util import ARM, armlab, build_workdir, run_dir, train_losses
+
+    exp_file = build_workdir(tmp_path)
+    r = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--nproc", "2", "--num-iterations", "12",
+               "--run-name", "nan", env={"ARMLAB_TEST_NAN_STEP": "10"})  # fmt: skip
+    d = run_dir(exp_file, "nan")
+    assert r.returncode == 1, r.stderr[-2000:]
+    losses = train_losses(d)
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(
+        f"armlab: failed: run 'nan' diverged at step 10: loss nan (last finite loss {losses[9]:.4f} at step 9); "
+        "no checkpoint of the non-finite model was kept; lower the learning rates"
+    ), line
+    assert "armlab: diverged at step 10: loss nan" in r.stdout and "Traceback" not in r.stdout
+    assert sorted(losses) == list(range(1, 10))  # no NaN record (metrics.jsonl stays strict JSON)
+    state = runs.read_run_state(d)
+    assert (state.state, state.step) == ("diverged", 10) and state.error.startswith("diverged at step 10: loss nan")
+    assert checkpoint.list_steps(d) == [8]
+    weights = torch.load(checkpoint.checkpoint_dir(d, 8) / "model.pt")
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+    status = armlab("status", str(exp_file))
+    assert any(ln.split()[:3] == [ARM, "nan", "diverged"] for ln in status.stdout.splitlines()), status.stdout

@@ -9,8 +9,9 @@ from the shared snapshot (tests/reference_util.py), never copied into the projec
 - hyperparameters: what scripts/base_train.py computes at depth 12, 20, 26 with default flags
   (batch size, steps, grad accumulation, learning rates, betas, weight decay, every schedule
   value of the run, parameter counts, FLOPs per token) equals armlab's;
-- bpb: armlab's evaluate_bpb equals nanochat's on the same model and batches, and armlab's eval
-  stream is nanochat's val stream (BOS-aligned best fit) on the same documents.
+- bpb: armlab's packed val bpb (the second number beside its whole-document one) equals nanochat's
+  evaluate_bpb on the same model and batches, and its stream is nanochat's val stream (BOS-aligned
+  best fit) on the same documents.
 
 Each check prints its largest difference (pytest -s shows them).
 """
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from armlab.budget import flops_per_token, param_counts, training_budget
-from armlab.evaluate.bpb import eval_rows, eval_set, evaluate_bpb
+from armlab.evaluate.packed import evaluate_packed_bpb, packed_rows, packed_set
 from armlab.spec import ModelSpec, parse_experiment
 from armlab.train import recipe, schedule
 from armlab.train.model import GPTConfig, build_model
@@ -279,7 +280,7 @@ def test_bpb_equals_nanochat_evaluate_bpb(eval_setup) -> None:
     ours = build_model(cfg)
     ours.load_state_dict(ref.state_dict())
     ours.eval()
-    rows = eval_rows(eval_dir, tok, 12 * B * T, T)  # 12 full batches
+    rows = packed_rows(eval_dir, tok, 12 * B * T, T).tokens  # 12 full batches
     batches = [
         (
             torch.from_numpy(rows[i : i + B, :-1].astype(np.int64)),
@@ -289,7 +290,7 @@ def test_bpb_equals_nanochat_evaluate_bpb(eval_setup) -> None:
     ]
     token_bytes = torch.as_tensor(tok.token_bytes, dtype=torch.int64)
     theirs = nc.loss_eval.evaluate_bpb(ref, batches, len(batches), token_bytes)
-    mine = evaluate_bpb(ours, tok, eval_dir, 12 * B * T, B, T, "cpu")
+    mine = evaluate_packed_bpb(ours, tok, eval_dir, 12 * B * T, B, T, "cpu")
     print(f"\nbpb on {mine.tokens:,} tokens: armlab {mine.bpb:.8f}, nanochat evaluate_bpb {theirs:.8f}, "
           f"|diff| {abs(mine.bpb - theirs):.3g}")  # fmt: skip
     assert abs(mine.bpb - theirs) <= 1e-6
@@ -312,11 +313,11 @@ def test_eval_stream_is_nanochat_val_stream(eval_setup) -> None:
     loader = nc.dataloader.tokenizing_distributed_data_loader_bos_bestfit(
         theirs_tok, B, T, split="val", device="cpu"
     )
-    ours = eval_rows(eval_dir, tok, None, T)
+    ours = packed_rows(eval_dir, tok, None, T).tokens
     # the rows armlab packed while its buffer could still be refilled (nanochat's never runs dry)
     # (it keeps >= 1000 documents buffered, reading 128 at a time, so it runs dry once it has
     # placed len(docs) - 1128 of them)
-    owners = eval_set(eval_dir, tok, T).docs
+    owners = packed_set(eval_dir, tok, T).docs
     placed = np.array([len(np.unique(owners[: k + 1])) for k in range(len(owners))])
     n_check = int((placed < len(docs) - 1000 - 128).sum())
     theirs = []

@@ -57,6 +57,7 @@ def test_the_plan_round_trips_through_plan_json(exp_file: Path) -> None:
     assert info["fingerprint"] == plan.fingerprint == back.experiment.fingerprint()
     assert info["config"] == json.loads(json.dumps(back.to_json()["config"]))
     assert info["overrides"] == {"num_iterations": 4, "depth": 1}
+    assert info["seed"] == info["data_seed"] == plan.order_seed == 0  # no data_seeds: the seed is both
 
 
 def test_the_engine_is_resolved_by_name() -> None:

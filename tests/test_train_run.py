@@ -75,14 +75,14 @@ def test_single_process_trains_and_loss_falls(exp_file: Path) -> None:
     assert meta["fingerprint"] == experiment(exp_file).fingerprint()
     state = read_json(run / "state.json")
     assert state["state"] == "done" and state["step"] == 24 and state["pid"] > 0
-    assert checkpoint.list_steps(run) == [8, 16, 24]
+    assert checkpoint.list_steps(run) == [8, 16, 22, 23, 24]  # save_every, and the last 3 evaluate scores
     model, cmeta = load_model(run)
     assert cmeta["step"] == 24 and not model.training
     assert model(torch.zeros(1, 8, dtype=torch.long)).shape == (1, 8, 400)
     assert read_lease(data_dir(exp_file)) is None  # lease released
     # --resume on a finished run is a no-op that keeps it done (what `armlab run` does after a crash)
     assert train(experiment(exp_file), ARM, TrainOptions(run_name="one", device="cpu", resume=True)) == run
-    assert read_json(run / "state.json")["state"] == "done" and checkpoint.list_steps(run) == [8, 16, 24]
+    assert read_json(run / "state.json")["state"] == "done" and checkpoint.list_steps(run) == [8, 16, 22, 23, 24]
     # the same run again without --resume is refused, naming the flags
     again = armlab("train", str(exp_file), "--arm", ARM, "--device", "cpu", "--run-name", "one")
     assert again.returncode == 2 and "--resume" in again.stderr and "Traceback" not in again.stderr
@@ -115,7 +115,7 @@ def test_the_loop_joins_its_loader_thread_before_returning(exp_file: Path) -> No
     options = TrainOptions(run_name="inproc", device="cpu", overrides={"num_iterations": 3})
     plan = plan_run(experiment(exp_file), ARM, options)
     train_loop(plan, Dist(0, 1, torch.device("cpu")))
-    assert checkpoint.list_steps(run_dir(exp_file, "inproc")) == [3]
+    assert checkpoint.list_steps(run_dir(exp_file, "inproc")) == [1, 2, 3]  # the last 3 (evaluate.last_k)
     assert not [t for t in threading.enumerate() if t.name == "armlab-loader"]
 
 

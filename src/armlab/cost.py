@@ -47,10 +47,11 @@ class RunCost:
 
 
 def gpus_per_run(exp: Experiment, override: int | None = None) -> int:
-    """--gpus, else the hosts' GPUs per run (a host's gpus_per_run, else all its GPUs), else a node."""
+    """--gpus, else the hosts' GPUs per run (on each of a run's nodes: a host's gpus_per_run or
+    gpus_per_node, else all its GPUs), else a node."""
     if override:
         return override
-    counts = [getattr(h, "gpus_per_run", None) or h.num_gpus for h in exp.hosts if h.device == "cuda"]
+    counts = [h.ranks_per_node("cuda") * h.nodes_of_run for h in exp.hosts if h.device == "cuda"]
     counts = [c for c in counts if c]
     return min(counts) if counts else DEFAULT_GPUS_PER_RUN
 
@@ -81,6 +82,31 @@ def costs(
     runs = len(exp.arms) * len(exp.train.seeds)
     n = gpus_per_run(exp, gpus)
     return [RunCost(g, mfu[g], n, float(b.flops_per_token) * b.tokens, runs) for g in PEAK_FLOPS]
+
+
+def render_ladder(exp: Experiment, mfu: dict[str, float], gpus: int | None = None) -> str:
+    """What each depth of a `[ladder]` costs (every arm x seed at every depth), on H100s, and the
+    ladder's total against the target depth alone."""
+    seeds, gpu = len(exp.train.seeds), "H100"
+    n = gpus_per_run(exp, gpus)
+    rows = [["depth", "params (scaling)", "tokens/run", "FLOPs/run", f"{gpu} GPU-h/run", "runs", f"{gpu} GPU-h"]]
+    total = target = 0.0
+    for rung in exp.rungs():
+        b = training_budget(rung)
+        c = RunCost(gpu, mfu[gpu], n, float(b.flops_per_token) * b.tokens, len(exp.arms) * seeds)
+        total += c.total_gpu_hours
+        if rung.model.depth == exp.model.depth:
+            target = c.total_gpu_hours
+        rows.append([f"d{rung.model.depth}" + (" (target)" if rung.model.depth == exp.model.depth else ""),
+                     _si(b.params.scaling).strip(), _si(b.tokens).strip(), f"{c.flops:.3e}", _num(c.gpu_hours),
+                     str(c.runs), _num(c.total_gpu_hours)])  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"ladder: {len(exp.ladder.depths)} depths x {len(exp.arms)} arms x {seeds} seeds, each depth "
+             f"ratio {exp.train.param_data_ratio:g} x its own parameters"]  # fmt: skip
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    more = f" ({total / target - 1:.0%} more than the target depth alone)" if target else ""
+    lines.append(f"ladder total: {_num(total)} {gpu} GPU-h at {mfu[gpu]:.0%} MFU{more}")
+    return "\n".join(lines)
 
 
 def _hours(h: float) -> str:

@@ -13,7 +13,8 @@ Every number is chosen so that the checks of `plan` and `train` pass and the who
   pool is read once but only a sample is written;
 - a warmup of 5% of the steps (nanochat's 40 steps would not fit a 200-step horizon together
   with its 65% warmdown), val bpb and a checkpoint every quarter of the run;
-- an eval set of EVAL_DOCS documents, and in-training eval tokens that fit in it;
+- an eval set of EVAL_DOCS documents, and in-training eval tokens that fit in it; a tokenizer
+  sample of TOKENIZER_CHARS, or most of a smaller pool (so prepare finds what it is asked for);
 - CORE on at most 20 items a task when DCLM's bundle is cached or answers (a bounded check, not
   an assumption), else `core_bundle = "none"` with the reason.
 
@@ -52,6 +53,7 @@ class CpuPilot:
 
     eval_docs: int
     eval_tokens: int
+    train_chars: int  # the tokenizer's sample: TOKENIZER_CHARS, or what a small pool holds
     num_iterations: int
     warmup_steps: int
     every: int  # eval_every and save_every
@@ -83,9 +85,11 @@ def size_pilot(pool: PoolSize, arm_ratio: float, core: tuple[str | None, str]) -
     micro = DEVICE_BATCH * SEQ_LEN  # the eval reads whole micro-batches
     eval_set_tokens = eval_docs * chars_per_doc / CHARS_PER_TOKEN
     eval_tokens = max(micro, min(8 * micro, int(eval_set_tokens / 2) // micro * micro))
+    pool_chars = None if pool.docs is None else (pool.docs - eval_docs) * chars_per_doc
     return CpuPilot(
         eval_docs=eval_docs,
         eval_tokens=eval_tokens,
+        train_chars=TOKENIZER_CHARS if pool_chars is None else max(1, min(TOKENIZER_CHARS, int(MARGIN * pool_chars))),
         num_iterations=steps,
         warmup_steps=max(1, round(0.05 * steps)),
         every=max(1, steps // 4),

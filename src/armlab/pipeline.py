@@ -13,19 +13,27 @@ the others; the failures are reported together at the end (exit 1).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from armlab.errors import ArmlabError, RunFailed
 from armlab.progress import console
-from armlab.runs import EVAL_JSON, RUN_JSON, RunState, load_run
+from armlab.runs import RUN_JSON, RunState, load_run
 from armlab.spec import Experiment
 from armlab.text import plural
-from armlab.workdir import atomic_write_json, open_workdir, run_name
+from armlab.workdir import open_workdir
+
+if TYPE_CHECKING:
+    from armlab.evaluate.record import EvalResult
 
 
 def _select(exp: Experiment, arms: list[str] | None, seeds: list[int] | None) -> tuple[list[str], list[int]]:
+    """The arms and seeds to run: the named ones, else every arm and every planned seed
+    (train.seeds and those `--until-decided` added: `armlab.seeds`)."""
+    from armlab.seeds import planned_seeds
+
     names = [exp.arm(a).name for a in arms] if arms else [a.name for a in exp.arms]
-    return names, list(seeds) if seeds else list(exp.train.seeds)
+    planned = list(dict.fromkeys(s for a in names for s in planned_seeds(exp)[a]))
+    return names, list(seeds) if seeds else planned
 
 
 def check_runs_match(exp: Experiment, arms: list[str], seeds: list[int]) -> None:
@@ -37,7 +45,7 @@ def check_runs_match(exp: Experiment, arms: list[str], seeds: list[int]) -> None
     odd = []
     for arm in arms:
         for seed in seeds:
-            d = wd.run_dir(arm, run_name(arm, seed))
+            d = wd.run_dir(arm, exp.run_name(arm, seed))
             if (d / RUN_JSON).is_file() and (keys := load_run(d).spec_differences(want)):
                 odd.append(f"{d.name} (differs in {', '.join(keys)})")
     if odd:
@@ -63,58 +71,17 @@ def evaluate_run(
     device: str | None = None,
     force: bool = False,
     max_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Final val bpb on the shared eval set (all of it, or its first max_tokens tokens) and CORE
-    (when a bundle is given) -> <run>/eval.json.
+) -> EvalResult:
+    """The run's last k checkpoints scored by armlab (whole-document val bpb over the shared eval
+    set, or a seeded sample of max_tokens; CORE when a bundle is given) -> <run>/eval.json
+    (armlab.evaluate.run); an eval.json that still matches is reused."""
+    from armlab.evaluate.run import evaluate_run as evaluate_one
+    from armlab.evaluate.run import summary_line
 
-    The run's engine evaluates its final checkpoint; what is checked and cached is the same for
-    every engine."""
-    from armlab.tokenizer import load_experiment_tokenizer
-    from armlab.train.engines import EvalRequest, get_engine
-
-    rec = load_run(run_dir)
-    if rec.info.get("experiment") != exp.name:
-        raise ArmlabError(
-            f"{run_dir}: run belongs to experiment {rec.info.get('experiment')!r}, not {exp.name!r}"
-        )
-    if rec.state_name != RunState.DONE:
-        raise ArmlabError(
-            f"{run_dir}: run is {rec.state_name}, not done; finish it first (`armlab run` resumes it)"
-        )
-    engine = get_engine(rec.engine)
-    steps = engine.checkpoint_steps(run_dir)
-    if not steps:
-        raise ArmlabError(
-            f"{run_dir}: no complete checkpoint to evaluate; retrain the run (`armlab run` does)"
-        )
-    step = steps[-1]
-    want = {  # an eval.json is reused only for this exact checkpoint, bundle and budget
-        "step": step,
-        "run_ended": (rec.state or {}).get("ended"),  # a retrained run has new weights at the same step
-        "bundle_sha256": bundle.sha256 if bundle else None,
-        "max_per_task": max_per_task,
-        "max_tokens": max_tokens,  # None: the whole eval set
-    }
-    if rec.eval and not force and all(rec.eval.get(k) == v for k, v in want.items()):
-        return rec.eval
     device = device or ("cuda" if torch_cuda() else "cpu")
-    tok = load_experiment_tokenizer(exp)
-    if tok.fingerprint != rec.info.get("tokenizer_fingerprint"):
-        raise ArmlabError(
-            f"{run_dir}: trained with tokenizer {rec.info.get('tokenizer_fingerprint')}, "
-            f"but the experiment's is now {tok.fingerprint}; it cannot be evaluated comparably"
-        )
-    wd = open_workdir(exp, create=False)
-    request = EvalRequest(run_dir, exp, tok, wd.eval_dir, bundle, max_per_task, device, max_tokens)
-    result = {**want, **engine.evaluate(request)}
-    atomic_write_json(run_dir / EVAL_JSON, result)
-    core_txt = "" if result.get("core") is None else f", CORE {result['core']:.4f}"
-    covered = (
-        f" ({result['val_bpb_tokens']:,} tokens of {result['val_bpb_docs']:,} eval docs)"
-        if result.get("val_bpb_docs") is not None
-        else f" ({result['val_bpb_tokens']:,} tokens)" if result.get("val_bpb_tokens") else ""
-    )
-    console.print(f"evaluate: {rec.run}: val bpb {result['val_bpb']:.4f}{covered}{core_txt}")
+    result, reused = evaluate_one(exp, run_dir, bundle, max_per_task, device, force, max_tokens)
+    if not reused:
+        console.print(f"evaluate: {result.run}: {summary_line(result)}")
     return result
 
 
@@ -154,7 +121,7 @@ def evaluate_experiment(
     opened = open_bundle(exp, bundle)
     per_task = max_per_task or exp.evaluate.max_per_task
     for d in runs:
-        evaluate_run(exp, d, opened, per_task, device, force, max_tokens)
+        evaluate_run(rung_of(exp, d), d, opened, per_task, device, force, max_tokens)
     return runs
 
 
@@ -168,39 +135,93 @@ def run_experiment(
     max_per_task: int | None = None,
     nproc: int | None = None,
     runs_at_once: int | None = None,
+    max_seeds: int | None = None,
 ) -> Path:
     """Everything, locally; returns the report dir. Raises RunFailed after the others if a run failed.
 
-    Every selected arm x seed trains on this machine's lanes (armlab.ops.orchestrator: this
-    machine is the one host); a layout that cannot work (--num-gpus 2 on a CPU-only host, a batch
-    the ranks cannot split) is refused before any work."""
+    Every selected arm x seed (x depth of a `[ladder]`) trains on this machine's lanes
+    (armlab.ops.orchestrator: this machine is the one host); a layout that cannot work
+    (--num-gpus 2 on a CPU-only host, a batch the ranks cannot split) is refused before any work.
+    With `max_seeds` (`--until-decided --max-seeds N`), seeds are then added to the arms the runs
+    cannot yet tell apart, until decided or until N seeds could not (`armlab.decide`)."""
     from armlab.ops.orchestrator import local_host, run_here
-    from armlab.report.compare import compare, print_verdict
 
     names, seed_list = _select(exp, arms, seeds)
-    unknown = sorted(set(seed_list) - set(exp.train.seeds))
+    unknown = sorted(set(seed_list) - set(_select(exp, arms, None)[1]))
     if unknown:
         raise ArmlabError(
             f"--seeds {','.join(map(str, unknown))}: not in train.seeds {exp.train.seeds}; add them there first"
         )
-    host = local_host(exp, names, device, num_gpus, nproc, runs_at_once)
-    check_runs_match(exp, names, seed_list)
+    if max_seeds is not None and (arms or seeds or exp.ladder.depths):
+        raise ArmlabError(
+            "--until-decided decides between every arm at one depth over the seeds it adds: leave out --arm, "
+            "--seed (and [ladder])"
+        )
+    rungs = [(rung, local_host(rung, names, device, num_gpus, nproc, runs_at_once)) for rung in exp.rungs()]
+    for rung, _ in rungs:  # the experiment, or each depth of its ladder
+        check_runs_match(rung, names, seed_list)
     # The CORE bundle first: a bundle that cannot be fetched (offline, say) is refused before hours
     # of training, not after them.
     opened = open_bundle(exp, bundle)
-    done, failures = run_here(exp, host, seed_list)
-    if done:
-        for d in done:
-            evaluate_run(exp, d, opened, max_per_task or exp.evaluate.max_per_task, device)
-        try:
-            out, summary = compare(exp)
-        except ArmlabError as e:
-            if not failures:
-                raise
-            console.print(f"compare: {e}")  # the failed runs below are why
-        else:
-            print_verdict(summary)
-            console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")
+    failures: list[str] = []
+
+    def train(arms: list[str], seeds: list[int]) -> bool:
+        """Train and evaluate these runs at every depth; True when any run is done."""
+        done = []
+        for rung, host in rungs:
+            if exp.ladder.depths:
+                console.print(f"run: ladder depth {rung.model.depth}")
+            finished, failed = run_here(rung, host, seeds, arms)
+            failures.extend(failed)
+            for d in finished:
+                evaluate_run(rung, d, opened, max_per_task or exp.evaluate.max_per_task, device)
+            done += finished
+        return bool(done)
+
+    done = train(names, seed_list)
+    if max_seeds is not None and done and not failures:
+        from armlab.decide import run_until_decided
+
+        def train_round(add: dict[str, int]) -> Any:
+            train(list(add), sorted(set(add.values())))
+            return None if failures else report(exp, quiet=True)
+
+        if run_until_decided(exp, max_seeds, report(exp, quiet=True), train_round, console.print) is not None:
+            report(exp)  # the final report: its intervals at the loop's level, its rounds in the notes
+    elif done:
+        report(exp, quiet=False, failures=bool(failures))
     if failures:
         raise RunFailed(f"{plural(len(failures), 'run')} failed: " + "; ".join(failures))
     return open_workdir(exp, create=False).report_dir
+
+
+def report(exp: Experiment, quiet: bool = False, failures: bool = False) -> Any:
+    """Compare the finished runs and print the verdict (`quiet`: not); returns the summary, or
+    None when fewer than two arms have finished runs: a run of one arm (`armlab run EXP --arm A`)
+    is a success with nothing to compare yet, not a refusal. With `failures` (some runs failed),
+    a refusal is said and the failures raised after it explain it."""
+    from armlab.report.compare import NothingToCompare, analyse, compare, print_verdict
+
+    try:
+        if quiet:
+            return analyse(exp)[0]
+        out, summary = compare(exp)
+    except NothingToCompare as e:
+        console.print(f"run: {e}")
+        return None
+    except ArmlabError as e:
+        if not failures:
+            raise
+        console.print(f"compare: {e}")  # the failed runs are why
+        return None
+    print_verdict(summary)
+    console.print(f"report: {out / 'report.md'} (and report.html, summary.json)")
+    return summary
+
+
+def rung_of(exp: Experiment, run_dir: Path) -> Experiment:
+    """The experiment a run was trained as: its ladder rung (the depth in its run.json), else `exp`."""
+    if not exp.ladder.depths:
+        return exp
+    depth = ((load_run(run_dir).info.get("comparability") or {}).get("model") or {}).get("depth")
+    return exp.at_depth(depth) if depth in exp.ladder.depths else exp

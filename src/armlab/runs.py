@@ -438,19 +438,33 @@ def load_run(run_dir: Path) -> RunRecord:
 
 
 def engine_differences(records: list[RunRecord]) -> list[str]:
-    """Runs trained by another engine build than the first run (e.g. another nanochat commit or a
-    patched checkout), each as '<run dir> (differs in engine.<key>, ...)'; [] when all agree."""
+    """Runs trained by another engine build than the others (e.g. another nanochat commit or a
+    patched checkout), each as '<run dir> (differs from ... in engine.<key> (x vs y))'; [] when
+    all agree. The odd ones out are the minority: with two runs on commit A and one on B, the B
+    run is named, not the other two. With no majority (two builds, as many runs each) every run
+    of the other builds is named against the build of the first run, and the message says so."""
     if not records:
         return []
-    first = records[0]
-    want = {"name": first.engine, **first.engine_comparable}
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault(json.dumps({"name": r.engine, **r.engine_comparable}, sort_keys=True, default=str), []).append(r)
+    if len(groups) == 1:
+        return []
+    sizes = sorted((len(g) for g in groups.values()), reverse=True)
+    majority = sizes[0] > sizes[1]
+    ref = max(groups.values(), key=len) if majority else groups[next(iter(groups))]
+    want = {"name": ref[0].engine, **ref[0].engine_comparable}
+    names = ", ".join(r.run for r in ref)
+    against = f"the other {len(ref)} runs ({names})" if majority and len(ref) > 1 else ref[0].run
+    tie = "" if majority else " (no build has most runs: which is right is yours to say)"
     out = []
-    for r in records[1:]:
-        got = {"name": r.engine, **r.engine_comparable}
-        keys = fingerprint_diff(want, got)
-        if keys:
-            named = ", ".join(f"engine.{k}{_values(want, got, k)}" for k in keys)
-            out.append(f"{r.dir} (differs from {first.run} in {named})")
+    for g in groups.values():
+        if g is ref:
+            continue
+        for r in g:
+            got = {"name": r.engine, **r.engine_comparable}
+            named = ", ".join(f"engine.{k}{_values(want, got, k)}" for k in fingerprint_diff(want, got))
+            out.append(f"{r.dir} (differs from {against} in {named}{tie})")
     return out
 
 

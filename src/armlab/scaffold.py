@@ -29,7 +29,6 @@ from armlab.pilot import (
     HEAD_DIM,
     MAX_PER_TASK,
     RANKS,
-    TOKENIZER_CHARS,
     VOCAB_SIZE,
     CpuPilot,
     PoolSize,
@@ -237,7 +236,7 @@ def experiment_text(name: str, pool: PoolSummary | None, pilot: CpuPilot | None 
     if pilot:
         lines += [
             f"vocab_size = {VOCAB_SIZE}            # CPU pilot: a small vocabulary keeps the embeddings cheap",
-            f"train_chars = {TOKENIZER_CHARS:_}   # characters of a neutral pool sample the BPE tokenizer trains on",
+            f"train_chars = {pilot.train_chars:_}   # characters of a neutral pool sample the BPE tokenizer trains on",
             "",
             "[shards]",
             "rows_per_shard = 1024",

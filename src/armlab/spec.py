@@ -27,11 +27,11 @@ from pydantic import (
 )
 
 from armlab.errors import ArmlabError
-from armlab.names import NAME_RE as NAME_RE  # re-exported: the one rule lives in armlab.names
 from armlab.names import check_name
 from armlab.store.redact import redact
 from armlab.text import closest
 from armlab.vocab import MIN_VOCAB_SIZE
+from armlab.workdir import run_name
 
 RESERVED_ARM_NAMES = ("eval", "tokenizer")  # prepare's own targets (the eval set, the tokenizer sample)
 # nanochat's --target-param-data-ratio default since 2026-03-24 (92d63d4: 12; before: 10.5)
@@ -179,9 +179,7 @@ class ScorerSpec(Strict):
     @field_validator("name")
     @classmethod
     def _name_ok(cls, v: str) -> str:
-        if not NAME_RE.match(v):  # the name is a directory of the scores dir
-            raise ValueError(f"scorer name {v!r} must be letters, digits, '.', '_' or '-'")
-        return v
+        return check_name(v, "scorer name")  # the name is a directory of the scores dir
 
     @model_validator(mode="after")
     def _kind_fields(self) -> ScorerSpec:
@@ -252,6 +250,10 @@ class TrainSpec(Strict):
     tokens: int | None = Field(None, gt=0, le=MAX_TOKENS)
     num_iterations: int | None = Field(None, gt=0, le=MAX_STEPS)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    # Data-order seeds, paired with `seeds` by position: run k initialises from seeds[k] and reads
+    # its arm in the order of data_seeds[k]. None: each seed is both (the default). The nanochat
+    # engine has a fixed init seed, so there only the data order varies between seeds.
+    data_seeds: list[int] | None = None
     eval_every: int = Field(250, gt=0, le=MAX_STEPS)
     eval_tokens: int = Field(20_971_520, gt=0, le=MAX_TOKENS)
     save_every: int = Field(1000, gt=0, le=MAX_STEPS)
@@ -277,6 +279,24 @@ class TrainSpec(Strict):
         if len(set(v)) != len(v):
             raise ValueError(f"seeds must be distinct, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _paired_data_seeds(self) -> TrainSpec:
+        if self.data_seeds is not None:
+            if len(self.data_seeds) != len(self.seeds):
+                raise ValueError(
+                    f"train.data_seeds has {len(self.data_seeds)} entries, train.seeds {len(self.seeds)}: they pair "
+                    "by position (run k: init seed seeds[k], data order data_seeds[k]); give one per seed"
+                )
+            if len(set(self.data_seeds)) != len(self.data_seeds):
+                raise ValueError(f"train.data_seeds must be distinct, got {self.data_seeds}")
+        return self
+
+    def data_seed(self, seed: int) -> int:
+        """The data-order seed of the run with (init) seed `seed`: its partner in data_seeds, else itself."""
+        if self.data_seeds is not None and seed in self.seeds:
+            return self.data_seeds[self.seeds.index(seed)]
+        return seed
 
     @model_validator(mode="after")
     def _one_horizon(self) -> TrainSpec:
@@ -323,6 +343,18 @@ class EvaluateSpec(Strict):
     core_bundle: str | None = DCLM_EVAL_BUNDLE_URL
     core_bundle_sha256: str | None = None
     max_per_task: int | None = Field(None, gt=0)
+    # Noise measured from the run (Signal and Noise, Heineman et al. 2025): the final evaluation
+    # scores each run's last k checkpoints; the built-in trainer saves them `last_k_every` steps
+    # apart (None: 5% of the run). 1: the final checkpoint only (no noise estimate).
+    last_k: int = Field(3, ge=1, le=50)
+    last_k_every: int | None = Field(None, gt=0, le=MAX_STEPS)
+    # The headline figures (val bpb, CORE, per-item scores) as the mean over the last k evaluations
+    # (Signal and Noise's checkpoint averaging); false: the final checkpoint's.
+    average_last_k: bool = False
+    # CORE tasks whose signal-to-noise ratio (spread between arms / checkpoint-to-checkpoint noise)
+    # is below this are flagged, and an aggregate without them is shown. Two arms that differ only
+    # by noise have an expected ratio of about 1.1 (|N(0, 2 s^2)| / s), so 2 flags most such tasks.
+    min_snr: float = Field(2.0, ge=0, allow_inf_nan=False)
 
     @field_validator("core_bundle")
     @classmethod
@@ -336,9 +368,46 @@ class EvaluateSpec(Strict):
 
 
 class ReportSpec(Strict):
-    """What the report shows about the arms' data."""
+    """What the report shows about the arms' data, and how it splits the eval set."""
 
-    group_column: str | None = None  # a categorical pool column (e.g. fineweb's `dump`): each arm's mix
+    # A pool column that groups documents: categorical (e.g. fineweb's `dump`, a `source`): each
+    # arm's mix, and val bpb per value of it on the eval set; numeric with `group_bins`: val bpb
+    # per quantile bin of it (e.g. the quality score) on the eval set.
+    group_column: str | None = None
+    group_bins: int | None = Field(None, ge=2, le=20)  # quantile bins of a numeric group_column
+    max_groups: int = Field(8, ge=2, le=50)  # groups shown, the largest first; the rest pooled as "other"
+
+    @model_validator(mode="after")
+    def _bins_need_a_column(self) -> ReportSpec:
+        if self.group_bins is not None and not self.group_column:
+            raise ValueError("report.group_bins needs report.group_column (the numeric column to bin)")
+        return self
+
+    def group_label(self, scorers: list[str] | tuple[str, ...] = ()) -> str | None:
+        """The eval shards' column that labels each document's group (data/prepare/targets.py):
+        `group:<column>` (a category), `score:<column>` (a numeric pool column, binned) or
+        `scorer:<name>` (binned scores of a [[scorers]] entry among `scorers`)."""
+        if not self.group_column:
+            return None
+        if self.group_bins and self.group_column in scorers:
+            return f"scorer:{self.group_column}"
+        return f"{'score' if self.group_bins else 'group'}:{self.group_column}"
+
+
+class LadderSpec(Strict):
+    """The same arms at several depths (DataDecide's scale ladder, on the user's own data): does the
+    ranking hold from the small models to the depth the experiment is about (`model.depth`)?"""
+
+    depths: list[int] = Field(default_factory=list)  # e.g. [4, 6, 8]; each trains ratio x its params
+
+    @field_validator("depths")
+    @classmethod
+    def _depths_ok(cls, v: list[int]) -> list[int]:
+        if v and (len(set(v)) != len(v) or min(v) < 1):
+            raise ValueError(f"depths must be distinct positive integers, got {v}")
+        if len(v) == 1:
+            raise ValueError(f"a ladder needs two or more depths, got {v}")
+        return sorted(v)
 
 
 ExecutorKind = Literal["local", "ray"]
@@ -448,6 +517,11 @@ class HostSpec(Strict):
                     f"{where}: nodes_per_run = {self.nodes_per_run} but nodes lists {len(self.nodes)}; every run "
                     "spans the listed nodes: list exactly nodes_per_run of them (another entry for the rest)"
                 )
+            if self.nodes and self.master_port is None:
+                raise ValueError(
+                    f"{where}: a run across nodes meets at node 0's master_port (lane k at master_port + k): set "
+                    "master_port to a port free on node 0"
+                )
             if not self.nodes and (self.nodes_per_run or 1) > 1:
                 raise ValueError(f'{where}: nodes_per_run > 1 needs nodes = ["user@a", "user@b", ...]')
         else:
@@ -455,6 +529,8 @@ class HostSpec(Strict):
                 raise ValueError(f"{where}: nodes is for ssh entries; a Slurm entry asks for nodes_per_run")
             if not self.partition:
                 raise ValueError(f"{where}: a Slurm entry needs partition (`sinfo -s` lists them)")
+            if self.master_port is not None:
+                raise ValueError(f"{where}: master_port is for ssh entries; a Slurm job picks its port from its job id")
             if self.runs_at_once > 1 or self.gpus_per_run is not None:
                 raise ValueError(
                     f"{where}: runs_at_once and gpus_per_run are for ssh entries; on Slurm each run is a job "
@@ -471,11 +547,10 @@ class HostSpec(Strict):
     def nodes_of_run(self) -> int:
         return self.nodes_per_run or (len(self.nodes) if self.nodes else 1)
 
-    @property
-    def ranks_per_node(self) -> int:
-        """Ranks on each node of a run: nproc on CPU; GPUs (gpus_per_node on Slurm, else
-        gpus_per_run, else num_gpus) on CUDA."""
-        if self.device == "cpu":
+    def ranks_per_node(self, device: str | None = None) -> int:
+        """Ranks on each node of a run (`device` overrides the entry's): nproc on CPU; GPUs
+        (gpus_per_node on Slurm, else gpus_per_run, else num_gpus) on CUDA."""
+        if (device or self.device) == "cpu":
             return self.nproc
         if self.scheduler == "slurm":
             return self.gpus_per_node if self.gpus_per_node is not None else self.num_gpus
@@ -498,6 +573,7 @@ class Experiment(Strict):
     train: TrainSpec = TrainSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
     report: ReportSpec = ReportSpec()
+    ladder: LadderSpec = LadderSpec()
     prepare: PrepareSpec = PrepareSpec()
     nanochat: NanochatSpec = NanochatSpec()
     hosts: list[HostSpec] = Field(default_factory=list)
@@ -531,6 +607,18 @@ class Experiment(Strict):
             for a in h.arms:
                 if a not in names:
                     raise ValueError(f"host {h.name!r} names unknown arm {a!r} (arms: {', '.join(names)})")
+        if self.ladder.depths:
+            if self.model.depth not in self.ladder.depths:
+                raise ValueError(
+                    f"ladder.depths {self.ladder.depths} must include model.depth ({self.model.depth}): the depth "
+                    "the verdict is about, the ladder's top rung"
+                )
+            fixed = [k for k in ("tokens", "num_iterations") if getattr(self.train, k) is not None]
+            if fixed:
+                raise ValueError(
+                    f"a [ladder] trains each depth for target_param_data_ratio x its parameters; remove train.{fixed[0]} "
+                    "(a fixed horizon would give the small depths far more tokens per parameter than the large)"
+                )
         return self
 
     # -- conveniences -----------------------------------------------------------------------
@@ -542,6 +630,18 @@ class Experiment(Strict):
         hint = f"did you mean {m!r}? " if (m := closest(name, names)) else ""
         raise ArmlabError(f"no arm named {name!r} in experiment {self.name!r} ({hint}arms: {', '.join(names)})")
 
+    def run_name(self, arm: str, seed: int) -> str:
+        """A run's name: `arm-sS`; in a ladder `arm-dD-sS`, so the rungs' runs never collide."""
+        return run_name(arm, seed, self.model.depth if self.ladder.depths else None)
+
+    def at_depth(self, depth: int) -> Experiment:
+        """The ladder rung at `depth`: the same experiment with `model.depth = depth` (its horizon
+        follows from the ratio; its fingerprint differs, so each rung compares only with itself)."""
+        return self.model_copy(update={"model": self.model.model_copy(update={"depth": depth})})
+
+    def rungs(self) -> list[Experiment]:
+        """Every rung of the ladder, smallest first; [self] without a ladder."""
+        return [self.at_depth(d) for d in self.ladder.depths] if self.ladder.depths else [self]
     def scorer(self, name: str) -> ScorerSpec:
         for s in self.scorers:
             if s.name == name:
@@ -575,7 +675,7 @@ class Experiment(Strict):
         commit) is recorded per run (run.json "engine_comparable") and compared between runs.
         """
         train = self.train.model_dump(
-            exclude={"seeds", "wandb_project", "save_every", "compile", "allow_repeat"}
+            exclude={"seeds", "data_seeds", "wandb_project", "save_every", "compile", "allow_repeat"}
         )
         out = {
             "pool": self.pool.model_dump(),
@@ -668,7 +768,7 @@ def _error_line(source: str, err: ValidationError) -> str:
 
 # Command-line overrides, for every command (`train --depth`, `prepare --ratio`, ...): one place.
 MODEL_KEYS = set(ModelSpec.model_fields)
-TRAIN_KEYS = set(TrainSpec.model_fields) - {"seeds"}
+TRAIN_KEYS = set(TrainSpec.model_fields) - {"seeds", "data_seeds"}
 HORIZONS = ("num_iterations", "tokens", "target_param_data_ratio")
 
 

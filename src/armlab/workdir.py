@@ -102,9 +102,10 @@ class Workdir:
         return sorted(p.parent for p in self.root.glob("arms/*/runs/*/run.json"))
 
 
-def run_name(arm: str, seed: int) -> str:
-    """Default run name: one run per arm per seed."""
-    return f"{arm}-s{seed}"
+def run_name(arm: str, seed: int, depth: int | None = None) -> str:
+    """Default run name: one run per arm per seed (and per depth, in a ladder:
+    `Experiment.run_name` passes it)."""
+    return f"{arm}-s{seed}" if depth is None else f"{arm}-d{depth}-s{seed}"
 
 
 def open_workdir(exp: Any, create: bool = True) -> Workdir:

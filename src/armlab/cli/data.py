@@ -193,7 +193,7 @@ def plan(
     the smallest difference its seeds can detect (from a pilot's noise)."""
     from rich.markup import escape
 
-    from armlab.cost import costs, parse_mfu, render_costs
+    from armlab.cost import costs, parse_mfu, render_costs, render_ladder
     from armlab.data.plan import download_plan, render, render_download
     from armlab.data.plan import plan as make_plan
     from armlab.plan_checks import check_plan, gpus_to_price, plan_budget
@@ -208,6 +208,8 @@ def plan(
     budget, vocab, source = plan_budget(spec)  # the trained tokenizer's vocabulary once it exists
     checked = check_plan(spec, budget, gpus)  # refuses what train / launch would refuse
     priced = render_costs(spec, costs(spec, mfus, gpus_to_price(spec, budget, gpus), budget), usd_per_gpu_hour, budget)
+    if spec.ladder.depths:
+        priced += "\n" + render_ladder(spec, mfus, gpus)
     noise = plan_power(spec, pilot_exp, detect)
     plans = make_plan(spec, budget)  # reads the pool's metadata for unprepared arms
     table, warnings = render(spec, plans, budget, (vocab, source))

@@ -59,15 +59,22 @@ def setup(
     from armlab.ops.ssh import DEFAULT_REMOTE_PYTHON, Remote
 
     exp, tgt = _exp_or_target(target)
+    # Two rounds: node 0 of every entry, then the other nodes of multi-node entries, whose venv is
+    # often node 0's own on a shared home (found up to date then, never installed twice at once).
+    rounds: list[list] = [[], []]
     if exp is not None:
-        targets = [(Remote.from_spec(h), python or host_python(h)) for h in select_hosts(exp, host)]
+        for h in select_hosts(exp, host):
+            if h.target is None:  # a Slurm login node armlab runs on: this armlab is its armlab
+                print(f"{h.name}: runs on this machine (a Slurm login node): nothing to set up")
+            for k, node in enumerate(h.nodes or ([h.target] if h.target else [])):
+                rounds[min(k, 1)].append((Remote(name=h.name, target=node, port=h.port), python or host_python(h)))
     else:
-        targets = [(Remote(name=tgt, target=tgt), python or DEFAULT_REMOTE_PYTHON)]
+        rounds[0] = [(Remote(name=tgt, target=tgt), python or DEFAULT_REMOTE_PYTHON)]
     kw = dict(base_python=base_python, system_site_packages=system_site_packages, no_deps=no_deps, force=force,
               extras=tuple(extras or ()), wheel=wheel)  # fmt: skip
-    results = parallel(lambda t: setup_host(t[0], python=t[1], **kw), targets)
-    for r in results:
-        print(r.line())
+    for targets in rounds:
+        for r in parallel(lambda t: setup_host(t[0], python=t[1], **kw), targets):
+            print(r.line())
 
 
 @app.command()
@@ -201,12 +208,14 @@ def logs(
 def stop(
     exp: Path = typer.Argument(..., help="experiment file"),
     arm: list[str] = typer.Option(None, "--arm", callback=split_list, help="only this arm (repeatable, or a,b; default: all)"),
-    timeout: float = typer.Option(60, "--timeout", help="seconds after SIGTERM before SIGKILL"),
+    timeout: float = typer.Option(
+        None, "--timeout", help="seconds after SIGTERM before SIGKILL (default: the trainer's checkpoint grace + 60)"
+    ),
     local: bool = typer.Option(
         False, "--local", help="stop runs on this machine even when the experiment has \\[\\[hosts]]"
     ),
 ) -> None:
-    """Stop live runs cleanly: SIGTERM to each lane's runner, wait, SIGKILL after --timeout; lease released.
+    """Stop live runs cleanly: each run checkpoints, then exits (SIGKILL after --timeout); lease released.
 
     A lane stops whole: the lines also name its queued runs, which do not start (the next launch starts them)."""
     from armlab.ops import orchestrator

@@ -40,14 +40,28 @@ def run(
     ] = None,
     bundle: BundleOpt = None,
     max_per_task: MaxPerTaskOpt = None,
+    until_decided: Annotated[
+        bool,
+        typer.Option("--until-decided", help="then add seeds to the arms still within noise, until decided"),
+    ] = False,
+    max_seeds: Annotated[
+        int | None,
+        typer.Option("--max-seeds", min=2, help="with --until-decided: at most this many seeds per arm (default 8)"),
+    ] = None,
 ) -> None:
     """Everything, locally: prepare -> tokenizer -> train every arm x seed -> evaluate -> compare.
 
     Runs train one after another, or side by side on disjoint GPU sets (--num-gpus per run).
-    Complete steps are skipped and unfinished runs resumed, so rerunning after a crash continues."""
+    Complete steps are skipped and unfinished runs resumed, so rerunning after a crash continues.
+    --until-decided: after the round of train.seeds, one more seed at a time for the arms whose
+    difference still straddles 0, while --max-seeds seeds can still tell them apart."""
     from armlab.pipeline import run_experiment
     from armlab.spec import load_experiment
 
+    if max_seeds is not None and not until_decided:
+        from armlab.errors import ArmlabError
+
+        raise ArmlabError("--max-seeds goes with --until-decided (armlab run EXP --until-decided --max-seeds N)")
     run_experiment(
         load_experiment(exp),
         arms=arms,
@@ -58,7 +72,11 @@ def run(
         max_per_task=max_per_task,
         nproc=nproc,
         runs_at_once=runs_at_once,
+        max_seeds=(max_seeds or DEFAULT_MAX_SEEDS) if until_decided else None,
     )
+
+
+DEFAULT_MAX_SEEDS = 8
 
 
 @app.command()

@@ -111,6 +111,8 @@ def plan(exp: Experiment, budget: Budget | None = None) -> list[ArmPlan]:
     """Every arm's data vs the tokens one run consumes (`budget`: the plan's, else the spec's)."""
     wd = open_workdir(exp, create=False)
     budget_tokens = (budget or training_budget(exp)).tokens
+    if exp.ladder.depths:  # a ladder: its largest depth consumes the most tokens
+        budget_tokens = max(training_budget(r).tokens for r in exp.rungs())
     pool: PoolEstimate | None = None
     out = []
     for arm in exp.arms:

@@ -9,10 +9,20 @@ join examples with a blank line and query/continuation with the task's delimiter
 - language_modeling: correct when greedy argmax reproduces every continuation token.
 Accuracy is centred by the task's random baseline (percent, eval_meta_data.csv):
 (acc - 0.01 b) / (1 - 0.01 b); CORE is the mean of the centred scores.
+
+Continuous CORE, from the same forward calls (accuracy and its parity with nanochat are untouched):
+per item, the log-probability of the correct continuation (its scored tokens' log-probs summed, in
+nats) and its UTF-8 bytes, so a task's score is bits per byte of correct continuations (pooled over
+items, tokenizer-independent); and for multiple-choice and schema tasks the margin: bits per byte of
+the correct option minus those of the best wrong one (> 0 when the model prefers the right answer;
+per byte, so long and short options compare). Why: at small scale accuracy is mostly noise, and
+likelihood-based scores rank data recipes far more reliably (DataDecide, Magnusson et al. 2025;
+Signal and Noise, Heineman et al. 2025, "use per-byte likelihood instead of accuracy").
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from armlab.evaluate.bundle import Bundle, Task
+from armlab.evaluate.record import CoreResult, TaskResult
 from armlab.progress import progress
 
 SHUFFLE_SEED = 1337
@@ -36,6 +47,7 @@ LOGITS_CHUNK = 1 << 25  # logits elements upcast to fp32 at once (128 MiB)
 
 class TokenizerLike(Protocol):
     bos_id: int
+    token_bytes: Any  # UTF-8 bytes of each token id (0 for specials): the continuous scores' bytes
 
     def encode(self, texts: list[str], prepend_bos: bool = True) -> list[list[int]]: ...
 
@@ -161,8 +173,9 @@ def score_rows(
     rows: list[Row],
     bos_id: int,
     device: str | torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean loss over each row's span, whether greedy argmax reproduces the whole span), per row.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss over each row's span, whether greedy argmax reproduces the whole span, summed
+    loss over the span), per row.
 
     Rows are right-padded with BOS: padding sits after every scored span, and attention is
     causal, so it never changes a score. Position p predicts token p+1, so the span [s, e) is
@@ -180,6 +193,7 @@ def score_rows(
     logits = model(ids)
     targets = ids[:, 1:]
     mean_loss = torch.empty(len(rows), device=device)
+    sum_loss = torch.empty(len(rows), dtype=torch.float64, device=device)
     exact = torch.empty(len(rows), dtype=torch.bool, device=device)
     step = max(1, LOGITS_CHUNK // (width * logits.size(-1)))  # rows whose fp32 log-softmax fits the chunk
     for a in range(0, len(rows), step):
@@ -187,8 +201,9 @@ def score_rows(
         loss = F.cross_entropy(lg.transpose(1, 2), targets[a : a + step], reduction="none")
         m = span[a : a + step]
         mean_loss[a : a + step] = (loss * m).sum(1) / m.sum(1)
+        sum_loss[a : a + step] = (loss.double() * m).sum(1)
         exact[a : a + step] = ((lg.argmax(-1) == targets[a : a + step]) | ~m).all(1)
-    return mean_loss.cpu(), exact.cpu()
+    return mean_loss.cpu(), exact.cpu(), sum_loss.cpu()
 
 
 def item_correct(
@@ -213,6 +228,38 @@ def item_correct(
     return correct
 
 
+@dataclass(frozen=True)
+class ItemScores:
+    """The continuous scores of a task's items (see the module docstring)."""
+
+    logprob: list[float]  # nats of the correct continuation (<= 0)
+    bytes: list[int]
+    margin: list[float] | None  # bits per byte, correct minus best wrong (None: language_modeling)
+
+
+def item_scores(
+    task: Task, items: list[dict], rows: list[Row], sum_loss: torch.Tensor, token_bytes: Any
+) -> ItemScores:
+    """Per item: log-prob and bytes of the correct continuation's scored span, and (choice tasks)
+    the per-byte margin of the correct option over the best wrong one."""
+    options: dict[int, list[tuple[float, int]]] = {}
+    for r, row in enumerate(rows):
+        nbytes = int(sum(int(token_bytes[t]) for t in row.tokens[row.start : row.end]))
+        options.setdefault(row.item, []).append((-float(sum_loss[r]), nbytes))
+    logprob, nbytes, margin = [], [], []
+    for i in range(len(items)):
+        opts = options[i]
+        gold = 0 if task.task_type == "language_modeling" else int(items[i]["gold"])
+        lp, b = opts[gold]
+        logprob.append(lp)
+        nbytes.append(b)
+        if task.task_type != "language_modeling":
+            per_byte = [x / (math.log(2) * max(n, 1)) for x, n in opts]
+            wrong = [v for o, v in enumerate(per_byte) if o != gold]
+            margin.append(per_byte[gold] - max(wrong) if wrong else 0.0)
+    return ItemScores(logprob, nbytes, None if task.task_type == "language_modeling" else margin)
+
+
 def centered(accuracy: float, random_baseline: float) -> float:
     """Accuracy rescaled so that chance is 0 and perfect is 1 (baseline in percent)."""
     b = 0.01 * random_baseline
@@ -233,36 +280,37 @@ def evaluate_core(
     max_per_task: int | None = None,
     max_len: int | None = None,
     batch_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Score every task of the bundle; returns {core, core_tasks: {label: {...}}, bundle}.
+) -> CoreResult:
+    """Score every task of the bundle (armlab.evaluate.record.CoreResult: CORE, its continuous
+    companions, and per task the per-item outcomes).
 
-    Each task's `correct` is the 0/1 outcome of every item in the fixed (shuffled, cropped)
-    item order, the same for every run: what the report's item-level intervals resample.
-    Items are batched across a task (rows sorted by length), not run one forward call each.
+    Each task's per-item lists follow the fixed (shuffled, cropped) item order, the same for every
+    run: what the report's item-level intervals resample. Items are batched across a task (rows
+    sorted by length), not run one forward call each. Progress: items, tasks done, ETA.
     """
-    tasks_out: dict[str, dict[str, Any]] = {}
+    tasks_out: dict[str, TaskResult] = {}
     batch_tokens = batch_tokens or BATCH_TOKENS.get(torch.device(device).type, BATCH_TOKENS["cuda"])
     loaded = [(t, task_items(bundle, t, max_per_task)) for t in bundle.tasks]
     with progress(transient=True) as bar:
-        job = bar.add_task("CORE", total=sum(len(items) for _, items in loaded), unit="items")
-        for task, items in loaded:
+        job = bar.add_task(
+            f"CORE (0/{len(loaded)} tasks)", total=sum(len(items) for _, items in loaded), unit="items"
+        )
+        for done, (task, items) in enumerate(loaded):
             rows = task_rows(tokenizer, items, task, max_len)
             mean_loss = torch.empty(len(rows))
+            sum_loss = torch.empty(len(rows), dtype=torch.float64)
             exact = torch.empty(len(rows), dtype=torch.bool)
             for group in batches(rows, batch_tokens):
-                loss, ok = score_rows(model, [rows[r] for r in group], tokenizer.bos_id, device)
-                mean_loss[group], exact[group] = loss, ok
+                loss, ok, total = score_rows(model, [rows[r] for r in group], tokenizer.bos_id, device)
+                mean_loss[group], exact[group], sum_loss[group] = loss, ok, total
                 bar.advance(job, len(group) * len(items) / len(rows))  # in items, at the rows' pace
             correct = item_correct(task, items, rows, mean_loss, exact)
+            scores = item_scores(task, items, rows, sum_loss, tokenizer.token_bytes)
             acc = sum(correct) / len(items)
-            tasks_out[task.label] = {
-                "accuracy": acc,
-                "centered": centered(acc, task.random_baseline),
-                "n": len(items),
-                "type": task.task_type,
-                "num_fewshot": task.num_fewshot,
-                "random_baseline": task.random_baseline,
-                "correct": correct,
-            }
-    core = sum(t["centered"] for t in tasks_out.values()) / len(tasks_out)
-    return {"core": core, "core_tasks": tasks_out, "bundle": bundle.describe()}
+            tasks_out[task.label] = TaskResult(
+                label=task.label, type=task.task_type, n=len(items), num_fewshot=task.num_fewshot,
+                random_baseline=task.random_baseline, accuracy=acc, centered=centered(acc, task.random_baseline),
+                correct=[float(c) for c in correct], logprob=scores.logprob, bytes=scores.bytes, margin=scores.margin,
+            )  # fmt: skip
+            bar.update(job, description=f"CORE ({done + 1}/{len(loaded)} tasks)")
+    return CoreResult(tasks_out, bundle.describe(), max_per_task)

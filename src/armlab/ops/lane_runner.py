@@ -51,6 +51,7 @@ from armlab.spec import Experiment, fingerprint_diff
 from armlab.workdir import open_workdir
 
 LOCK_WAIT_S = 10  # a new runner waits this long for one that is just leaving
+FOLLOW_POLL_S = 0.5  # a follower (node > 0) looks at its leader this often
 
 
 class LaneStopped(Exception):
@@ -67,9 +68,6 @@ class Outcome:
 
 def train_slot(exp: Experiment, slot: Slot, echo: bool = True) -> Outcome:
     """Train one slot's run unless it is done or live; resume it if it exists (a crash, a stop, a kill)."""
-    from armlab.train.plan import TrainOptions
-    from armlab.train.supervisor import train
-
     run_dir = open_workdir(exp, create=False).run_dir(slot.arm, slot.run)
     try:
         rec = runs.load_run(run_dir) if (run_dir / runs.RUN_JSON).is_file() else None
@@ -89,10 +87,23 @@ def train_slot(exp: Experiment, slot: Slot, echo: bool = True) -> Outcome:
             return Outcome(run_dir, "failed", (
                 f"{run_dir.name}: still running (pid {rec.state['pid']}); wait for it, see `armlab status`"
             ))  # fmt: skip
+    return _train(exp, slot, run_dir, resume=rec is not None, node_rank=0, echo=echo)
+
+
+def _train(exp: Experiment, slot: Slot, run_dir: Path, resume: bool, node_rank: int, echo: bool) -> Outcome:
+    """`armlab train` of the slot's run, in this process: node `node_rank` of its nodes."""
+    from armlab.train.plan import TrainOptions
+    from armlab.train.supervisor import train
+
     cuda = slot.device == "cuda"
+    per_node = slot.world_size // slot.nnodes
+    nodes = {}
+    if slot.nnodes > 1:  # one node of a run across machines: they meet at node 0's endpoint
+        nodes = {"nnodes": slot.nnodes, "node_rank": node_rank, "rdzv_endpoint": slot.rdzv}
     options = TrainOptions(
-        seed=slot.seed, run_name=slot.run, device=slot.device, num_gpus=slot.world_size if cuda else None,
-        nproc=None if cuda else slot.world_size, master_port=slot.port, resume=rec is not None,
+        seed=slot.seed, run_name=slot.run, device=slot.device, num_gpus=per_node if cuda else None,
+        nproc=None if cuda else per_node, master_port=slot.port if slot.nnodes == 1 else None, resume=resume,
+        **nodes,
     )  # fmt: skip
     try:
         train(exp, slot.arm, options, echo=echo)
@@ -202,8 +213,54 @@ def run_lane(queue: Path, echo: bool = False) -> LaneStatus:
         lock.release()
 
 
-def main(queue: str) -> int:
-    """The detached runner: `python -m armlab.ops.lane_runner <workdir>/lanes/<host>.lane<k>.json`."""
+def follow_lane(queue: Path, node_rank: int, echo: bool = False) -> LaneStatus:
+    """The lane's runner on node `node_rank` (> 0) of runs across machines: it trains no run of its
+    own, it joins each run the lane's runner on node 0 (the leader) trains, as this node's ranks,
+    until the leader's lane ends. The queue, the leader's state and the runs' state.json are on the
+    workdir every node shares. A run is joined once per attempt of the leader (its state.json's
+    `started`), so a run the leader resumes after a stop is joined again."""
+    lane = LaneFiles.from_queue(queue)
+    files = lane.follower(node_rank)
+    lock = FileLock(files.lock, thread_local=False)
+    try:
+        lock.acquire(timeout=LOCK_WAIT_S)
+    except Timeout:
+        raise ArmlabError(
+            f"lane {lane.id} on node {node_rank} is already followed by pid {read_lane_state(files).pid}"
+        ) from None
+    joined: set[tuple[str, Any]] = set()
+    try:
+        write_lane_state(files, state=LaneState.RUNNING, pid=os.getpid(), host=socket.gethostname(),
+                         started=time.time(), ended=None, current=None, failures={}, error=None)  # fmt: skip
+        with stop_on_signals():
+            while True:
+                leader = read_lane_state(lane)
+                if leader.state != LaneState.RUNNING:
+                    return write_lane_state(files, state=leader.state or LaneState.DONE, current=None,
+                                            ended=time.time())  # fmt: skip
+                exp, slots = read_queue(lane)
+                cur = leader.current
+                slot = next((s for s in slots if cur and s.run == cur.run), None)
+                run_dir = open_workdir(exp, create=False).run_dir(slot.arm, slot.run) if slot else None
+                st = runs.read_state(run_dir) if run_dir else {}
+                attempt = (slot.run, st.get("started")) if slot else None
+                if slot and st.get("state") in runs.ACTIVE and attempt not in joined:
+                    joined.add(attempt)
+                    write_lane_state(files, current=RunRef(slot.arm, slot.run))
+                    console.print(f"lane {lane.id} node {node_rank}: joining {slot.run}")
+                    out = _train(exp, slot, run_dir, resume=True, node_rank=node_rank, echo=echo)
+                    console.print(f"lane {lane.id} node {node_rank}: {slot.run} {out.result}")
+                    write_lane_state(files, current=None)
+                time.sleep(FOLLOW_POLL_S)
+    except LaneStopped as e:
+        return write_lane_state(files, state=LaneState.STOPPED, current=None, ended=time.time(), error=f"stopped by {e}")
+    finally:
+        lock.release()
+
+
+def main(queue: str, node_rank: int = 0) -> int:
+    """The detached runner: `python -m armlab.ops.lane_runner <workdir>/lanes/<host>.lane<k>.json
+    [NODE_RANK]` (a node rank > 0: the lane's runner on that node of runs across machines)."""
     files = LaneFiles.from_queue(Path(queue))
     try:
         _, slots = read_queue(files)
@@ -218,7 +275,7 @@ def main(queue: str) -> int:
                 console.print(
                     f"lane {files.id}: on cores {','.join(map(str, mine))} ({share[1]} lanes share this machine)"
                 )
-        state = run_lane(Path(queue), echo=False)
+        state = follow_lane(Path(queue), node_rank) if node_rank else run_lane(Path(queue), echo=False)
     except ArmlabError as e:
         print(f"armlab: error: {e}", file=sys.stderr, flush=True)
         return 2
@@ -226,4 +283,4 @@ def main(queue: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0))

@@ -94,6 +94,21 @@ class LaneFiles:
     def queue_lock(self) -> Path:
         return self._file(".queue.lock")
 
+    def follower(self, node_rank: int) -> LaneFiles:
+        """The files of the lane's runner on node `node_rank` (> 0) of a run across machines:
+        `<host>.lane<k>.node<K>.state.json`, `.lock`, `.log` (it follows the lane's queue)."""
+        return FollowerFiles(self.dir, self.host, self.lane, node_rank)
+
+
+@dataclass(frozen=True)
+class FollowerFiles(LaneFiles):
+    node_rank: int = 1
+
+    def _file(self, suffix: str) -> Path:
+        if suffix in (".json", ".queue.lock"):  # the queue is the lane's own
+            return super()._file(suffix)
+        return self.dir / f"{self.host}.lane{self.lane}.node{self.node_rank}{suffix}"
+
 
 @contextlib.contextmanager
 def locked(path: Path, timeout: float = -1) -> Iterator[None]:
@@ -194,9 +209,10 @@ def _spawn(files: LaneFiles, slot: Slot, detach: bool) -> subprocess.Popen:
     if slot.device == "cuda" and slot.gpus:
         env["CUDA_VISIBLE_DEVICES"] = visible_devices(slot.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     files.dir.mkdir(parents=True, exist_ok=True)
+    node = [str(files.node_rank)] if isinstance(files, FollowerFiles) else []
     with open(files.log, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "armlab.ops.lane_runner", str(files.queue)],
+            [sys.executable, "-m", "armlab.ops.lane_runner", str(files.queue), *node],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
             start_new_session=detach, preexec_fn=None if detach else runs.die_with_parent,
         )  # fmt: skip
@@ -210,6 +226,21 @@ class LaneStart:
     error: str | None = None  # the first run failed before training (e.g. a refused plan)
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
+
+
+def start_followers(wd: Workdir, lanes: Sequence[Sequence[Slot]], node_rank: int) -> list[LaneStart]:
+    """On node `node_rank` of runs across machines: a detached follower runner for every lane
+    without a live one here (armlab.ops.lane_runner.follow_lane); the lanes' queues are node 0's."""
+    out = []
+    for slots in lanes:
+        files = LaneFiles.of(wd.root, slots[0]).follower(node_rank)
+        st = read_lane_state(files)
+        if lane_alive(st):
+            out.append(LaneStart(files.id, "running", st.pid))
+        else:
+            proc = _spawn(files, slots[0], detach=True)
+            out.append(LaneStart(files.id, "started", proc.pid, proc=proc))
+    return out
 
 
 def _first_run_started(wd: Workdir, files: LaneFiles, pid: int) -> tuple[bool, str | None]:
@@ -361,14 +392,18 @@ class StopRow(Record):
 
 
 def stop_lanes(wd: Workdir, arms: Sequence[str], timeout: float) -> list[StopRow]:
-    """Stop every live lane that holds a run of these arms: SIGTERM its runner (which stops the
-    run it trains, resumably), SIGKILL after `timeout`. A lane stops whole: its queued runs,
+    """Stop every live lane that holds a run of these arms: a stop request to the run it trains
+    (armlab.runs.request_stop), SIGTERM to its runner (the run's supervisor: the ranks finish the
+    step, checkpoint and exit), SIGKILL after `timeout`. A lane stops whole: its queued runs,
     of any arm, are listed as not started; the next launch / run starts them."""
     rows = []
-    for view in read_lanes(wd.root):
+    views = read_lanes(wd.root)
+    for view in views:
         if not view.alive or not any(a in arms for a, _ in view.runs):
             continue
         files = LaneFiles(wd.root / LANES_DIR, view.host, view.lane)
+        if view.current:  # the run's ranks (every node's) read it at their step's end: checkpoint, stop
+            runs.request_stop(wd.run_dir(*view.current), "armlab stop")
         how = runs.stop_process(int(view.pid or -1), timeout)
         if read_lane_state(files).state == LaneState.RUNNING:  # SIGKILLed: say so for it
             write_lane_state(
@@ -389,4 +424,22 @@ def stop_lanes(wd: Workdir, arms: Sequence[str], timeout: float) -> list[StopRow
                 if runs.read_state(wd.run_dir(arm, run)).get("state") == RunState.DONE:
                     continue
             rows.append(StopRow(arm, run, None, f"queued on lane {view.id}: not started", view.id))
+    for view in views:  # after node 0's runner, which owns the run and its checkpoint
+        _stop_followers(wd, view, arms, timeout)
     return rows
+
+
+def _stop_followers(wd: Workdir, view: LaneView, arms: Sequence[str], timeout: float) -> None:
+    """The lane's followers (its runners on nodes > 0) that live on this machine: SIGTERM (their
+    ranks stop with the run's), SIGKILL after `timeout`."""
+    if not any(a in arms for a, _ in view.runs):
+        return
+    base = LaneFiles(wd.root / LANES_DIR, view.host, view.lane)
+    for state in sorted(base.dir.glob(f"{view.host}.lane{view.lane}.node*.state.json")):
+        node = int(state.name.split(".node")[1].split(".")[0])
+        files = base.follower(node)
+        st = read_lane_state(files)
+        if lane_alive(st):
+            how = runs.stop_process(int(st.pid or -1), timeout)
+            if read_lane_state(files).state == LaneState.RUNNING:
+                write_lane_state(files, state=LaneState.STOPPED, ended=time.time(), error=f"stopped ({how})")

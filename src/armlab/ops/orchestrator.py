@@ -42,6 +42,7 @@ from armlab.ops.schedule import Slot, group_lanes, plan_schedule
 from armlab.progress import console
 from armlab.records import Record
 from armlab.runs import RunState, read_state
+from armlab.seeds import planned_seeds
 from armlab.spec import Experiment, HostSpec
 from armlab.text import plural
 from armlab.workdir import (
@@ -164,7 +165,8 @@ def doctor_hosts(exp: Experiment, hosts: list[Host], **kw: Any) -> list[DoctorRe
 
 # -- launch -------------------------------------------------------------------------------------------
 def _check_seeds(exp: Experiment, seeds: list[int] | None, flag: str) -> None:
-    unknown = sorted(set(seeds or []) - set(exp.train.seeds))
+    planned = planned_seeds(exp)  # train.seeds and the seeds `run --until-decided` added
+    unknown = sorted(set(seeds or []) - {s for v in planned.values() for s in v})
     if unknown:
         raise ArmlabError(
             f"{flag} {','.join(map(str, unknown))}: not in train.seeds {exp.train.seeds}; add it there first"
@@ -187,7 +189,7 @@ def launch(
     everyone = hosts_of(exp)
     select_hosts(exp, hosts)  # unknown --host: one line naming the hosts
     machines = machine_labels(everyone)
-    schedule = plan_schedule(exp, device=device, machines=machines)
+    schedule = plan_schedule(exp, device=device, machines=machines, seeds=planned_seeds(exp))
     if schedule.unassigned and not hosts:
         console.print(
             f"[yellow]launch[/]: arm(s) {', '.join(schedule.unassigned)} are on no [[hosts]] entry and are not launched"
@@ -200,7 +202,7 @@ def launch(
 
     console.print(f"launch: checking {plural(len(chosen), 'host')}: {', '.join(h.name for h in chosen)}")
     probes = dict(zip([h.name for h in chosen], parallel(lambda h: h.probe(slots[h.name]), chosen), strict=True))
-    todo = [h for h in chosen if any(probes[h.name].runs[s.run].pending for s in slots[h.name])]
+    todo = [h for h in chosen if any(_to_start(probes[h.name], s) for s in slots[h.name])]
     starting = [h for h in todo if _starts(probes[h.name], slots[h.name])]
     reports = doctor_hosts(exp, starting, device=device, expect_data=prepare_mode == "skip", extra=extra_doctor)
     _check_ports(reports, probes)
@@ -219,7 +221,8 @@ def launch(
     records = [r for h in chosen for r in _records(h, slots[h.name], probes[h.name], started.get(h.name))]
     _save(exp, records)
     for r in records:
-        console.print(f"{r.host}: {r.run} on lane {r.lane}: {r.action}" + (f", pid {r.pid}" if r.pid else "")
+        where = f" on lane {r.lane}" if r.job is None else ""  # a scheduler's job has no lane
+        console.print(f"{r.host}: {r.run}{where}: {r.action}" + (f", pid {r.pid}" if r.pid else "")
                       + (f", job {r.job}" if r.job else ""))  # fmt: skip
     latest = {h: p.tokenizer for h, p in probes.items()} | {h: s.tokenizer for h, s in started.items()}
     tokenizers = set(latest.values()) - {None}
@@ -230,22 +233,28 @@ def launch(
     return records
 
 
+def _to_start(probe: HostProbe, slot: Slot) -> bool:
+    """The slot's run is still to train here and nothing will train it yet (no live runner, no
+    pending or running job)."""
+    return probe.runs[slot.run].pending and slot.run not in probe.jobs
+
+
 def _starts(probe: HostProbe, slots: list[Slot]) -> bool:
     """Whether starting would start something on the host (a lane runner or a job)."""
     if probe.lanes:
         return any(lane.starts for lane in probe.lanes.values())
-    return any(probe.runs[s.run].pending and s.run not in probe.jobs for s in slots)
+    return any(_to_start(probe, s) for s in slots)
 
 
 def _pending_slots(slots: list[Slot], probe: HostProbe) -> list[Slot]:
-    """The slots of every lane with a run still to train (a lane is queued whole)."""
-    lanes = [lane for lane in group_lanes(slots) if any(probe.runs[s.run].pending for s in lane)]
+    """The slots of every lane with a run still to start (a lane is queued whole)."""
+    lanes = [lane for lane in group_lanes(slots) if any(_to_start(probe, s) for s in lane)]
     return [s for lane in lanes for s in lane]
 
 
 def _prepare_and_start(h: Host, slots: list[Slot], probe: HostProbe, mode: str) -> StartResult:
     todo = _pending_slots(slots, probe)
-    arms = sorted({s.arm for s in todo if probe.runs[s.run].pending})
+    arms = sorted({s.arm for s in todo if _to_start(probe, s)})
     h.prepare(arms if mode == "prepare" else [a for a in arms if not probe.data.get(a)], mode)
     return h.start(todo)
 
@@ -343,7 +352,9 @@ def _here(exp: Experiment, arms: list[str]) -> Host:
     return LocalHost(exp, local_spec(exp, arms, device="cpu", visible_gpus=0))
 
 
-def run_here(exp: Experiment, host: Host, seeds: list[int]) -> tuple[list[Path], list[str]]:
+def run_here(
+    exp: Experiment, host: Host, seeds: list[int], arms: list[str] | None = None
+) -> tuple[list[Path], list[str]]:
     """`armlab run`'s training: prepare the arms and the tokenizer, then train every run of
     `seeds` not yet done on this machine's lanes, attached; returns (finished run dirs, failure
     messages). One `armlab run` per workdir at a time: a second one is refused, naming the first.
@@ -352,7 +363,8 @@ def run_here(exp: Experiment, host: Host, seeds: list[int]) -> tuple[list[Path],
 
     wd = open_workdir(exp)
     with step_lock(wd, "run", wait=False):
-        slots = plan_schedule(exp, [host.spec]).select(seeds=seeds)
+        slots = plan_schedule(exp, [host.spec], seeds=planned_seeds(exp)).select(seeds=seeds)
+        slots = [s for s in slots if arms is None or s.arm in arms]  # `run --until-decided`: these arms
         host.prepare(sorted({s.arm for s in slots}), "prepare")
         if not slots:
             return [], []
@@ -415,10 +427,15 @@ def mirror_hosts(exp: Experiment) -> list[Path]:
     return [p for paths in parallel(fetch, hosts_of(exp)) for p in paths]
 
 
-def stop(exp: Experiment, arms: list[str] | None = None, timeout: float = 60, local: bool = False) -> list[StopRow]:
+def stop(
+    exp: Experiment, arms: list[str] | None = None, timeout: float | None = None, local: bool = False
+) -> list[StopRow]:
     """Stop live runs of the arms (all by default) on their hosts, or on this machine with `local`:
-    each run checkpoints first (the trainer's stop), and a stop of a run with no checkpoint yet
-    says that it restarts from step 0."""
+    each run checkpoints first (the trainer's stop; SIGKILL after `timeout`, default
+    agent.stop_timeout()), and a stop says where a restart resumes, or that it begins at step 0."""
+    from armlab.ops.hosts.agent import stop_timeout
+
+    timeout = timeout or stop_timeout()
     names = arms or [a.name for a in exp.arms]
     for a in names:
         exp.arm(a)

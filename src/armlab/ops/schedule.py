@@ -39,7 +39,6 @@ from armlab.budget import Budget
 from armlab.errors import ArmlabError
 from armlab.records import Record
 from armlab.spec import Experiment, HostSpec
-from armlab.workdir import run_name
 
 LOCAL = "local"  # the host entry `armlab run` schedules this machine as
 
@@ -59,6 +58,8 @@ class Slot(Record):
     gpus: tuple[int, ...]  # CUDA device indices of the machine (empty on CPU)
     port: int | None  # master port; None: torchrun binds a free one
     cpu_share: tuple[int, int] | None = None  # CPU lanes: (this lane, lanes on the machine)
+    nnodes: int = 1  # machines the run spans (world_size / nnodes ranks on each)
+    rdzv: str | None = None  # HOST:PORT where a multi-node run's nodes meet (node 0's); None: one node
 
     @property
     def lane_id(self) -> str:
@@ -102,8 +103,13 @@ def _device(host: HostSpec, override: str | None) -> str:
     return override or host.device
 
 
-def _lane_count(host: HostSpec, device: str) -> int:
-    """Lanes of one entry, refusing layouts that cannot work."""
+def _lane_count(host: HostSpec, device: str, runs: int) -> int:
+    """Lanes of one entry, refusing layouts that cannot work. On Slurm every run is its own job:
+    a lane each (the scheduler, not armlab, decides where and when it runs)."""
+    if host.scheduler == "slurm":
+        if device == "cuda" and host.ranks_per_node(device) < 1:
+            raise ArmlabError(f'host {host.name!r}: device cuda with gpus_per_node = 0; set it, or device = "cpu"')
+        return max(runs, 1)
     if device == "cpu":
         if host.gpus_per_run is not None and host.device == "cpu":
             raise ArmlabError(
@@ -137,7 +143,7 @@ def _lane_count(host: HostSpec, device: str) -> int:
 
 
 def _world(host: HostSpec, device: str) -> int:
-    return host.nproc if device == "cpu" else (host.gpus_per_run or host.num_gpus)
+    return host.ranks_per_node(device) * host.nodes_of_run
 
 
 def check_batch(
@@ -181,9 +187,12 @@ def plan_schedule(
     *,
     device: str | None = None,
     machines: Mapping[str, str] | None = None,
+    seeds: Mapping[str, Sequence[int]] | None = None,
 ) -> Schedule:
     """Every arm x seed of `exp` placed on a lane of `hosts` (default: its `[[hosts]]`); see the
-    module docstring for the rule and the refusals.
+    module docstring for the rule and the refusals. `seeds` (arm -> seeds, default train.seeds
+    for every arm) adds the seeds `run --until-decided` planned (`armlab.seeds.planned_seeds`):
+    they come after train.seeds, so every run of train.seeds keeps its lane.
 
     `device` overrides every entry's device (`launch --device cpu`). `machines` maps an entry's
     name to the machine it reaches (entries with the same value share GPUs and ports; default:
@@ -191,13 +200,23 @@ def plan_schedule(
     hosts = list(exp.hosts if hosts is None else hosts)
     machines = machines or {h.name: f"{h.target or 'localhost'}:{h.port or 22}" for h in hosts}
     owner = _owners(exp, hosts)
-    lanes = {h.name: _lane_count(h, _device(h, device)) for h in hosts}
+    planned = seeds or {}
+    every = list(dict.fromkeys([*exp.train.seeds, *(x for v in planned.values() for x in v)]))
+    orders = {
+        h.name: [
+            (arm.name, seed) for seed in every for arm in exp.arms
+            if owner.get(arm.name) is h and seed in planned.get(arm.name, exp.train.seeds)
+        ]
+        for h in hosts
+    }  # fmt: skip
+    lanes = {h.name: _lane_count(h, _device(h, device), len(orders[h.name])) for h in hosts}
     check_batch(exp, hosts, device)
 
-    # GPU blocks and CPU shares per machine, in file order
+    # GPU blocks and CPU shares per machine, in file order (a scheduler's nodes are its own)
     by_machine: dict[str, list[HostSpec]] = collections.defaultdict(list)
     for h in hosts:
-        by_machine[machines[h.name]].append(h)
+        if h.scheduler != "slurm":
+            by_machine[machines[h.name]].append(h)
     gpu_offset: dict[str, int] = {}
     cpu_first: dict[
         str, tuple[int, int]
@@ -218,16 +237,16 @@ def plan_schedule(
     slots: list[Slot] = []
     for h in hosts:
         dev, n = _device(h, device), lanes[h.name]
-        order = [(arm.name, seed) for seed in exp.train.seeds for arm in exp.arms if owner.get(arm.name) is h]
         per = h.gpus_per_run or h.num_gpus
-        for i, (arm, seed) in enumerate(order):
+        slurm = h.scheduler == "slurm"
+        for i, (arm, seed) in enumerate(orders[h.name]):
             k = i % n
             gpus = (
                 tuple(range(gpu_offset[h.name] + k * per, gpu_offset[h.name] + (k + 1) * per))
-                if dev == "cuda"
+                if dev == "cuda" and not slurm
                 else ()
             )
-            share = (cpu_first[h.name][0] + k, cpu_first[h.name][1]) if dev == "cpu" else None
+            share = (cpu_first[h.name][0] + k, cpu_first[h.name][1]) if dev == "cpu" and not slurm else None
             slots.append(
                 Slot(
                     host=h.name,
@@ -235,16 +254,27 @@ def plan_schedule(
                     position=i // n,
                     arm=arm,
                     seed=seed,
-                    run=run_name(arm, seed),
+                    run=exp.run_name(arm, seed),
                     device=dev,
                     world_size=_world(h, dev),
                     gpus=gpus,
                     port=None if h.master_port is None else h.master_port + k,
                     cpu_share=share,
+                    nnodes=h.nodes_of_run,
+                    rdzv=_rdzv(h, machines[h.name], k),
                 )  # fmt: skip
             )
     unassigned = tuple(a.name for a in exp.arms if a.name not in owner)
     return Schedule(tuple(slots), unassigned)
+
+
+def _rdzv(h: HostSpec, machine: str, lane: int) -> str | None:
+    """Node 0's address and lane k's port, where the nodes of a run over SSH meet (Slurm's jobs
+    find theirs when they start)."""
+    if h.scheduler != "ssh" or h.nodes_of_run == 1 or h.master_port is None:
+        return None
+    address = machine.rsplit(":", 1)[0].rpartition("@")[2]
+    return f"{address}:{h.master_port + lane}"
 
 
 def _check_ports(hosts: Sequence[HostSpec], lanes: Mapping[str, int], machines: Mapping[str, str]) -> None:

@@ -49,6 +49,7 @@ class RunStatus:
     engine: str | None = None  # the engine build that trains it, described (EngineConfig.describe)
     phase: str | None = None  # what a live run's ranks do at `step` (state.json: train, eval, save)
     val_bpb_step: int | None = None  # the step `val_bpb` was measured at (eval.json's, else the last eval's)
+    job: Any = None  # its scheduler job (Slurm), an armlab.ops.hosts.messages.JobView
 
 
 def engine_description(info: dict[str, Any]) -> str:
@@ -133,18 +134,20 @@ def experiment_status(
     each with the lane that trains it (armlab.ops.lanes: this workdir's and those mirrored from
     the hosts). A queued run its lane refused before it started (no run dir) shows as failed."""
     from armlab.ops.lanes import lanes_by_run
-    from armlab.workdir import open_workdir, run_name
+    from armlab.seeds import planned_runs
+    from armlab.workdir import open_workdir
 
     wd = open_workdir(exp, create=False)
     rows = collect_status(wd.all_run_dirs() + list(extra_dirs or []), stall_after_s)
     seen = {(r.arm, r.run) for r in rows}
-    for arm in exp.arms:
-        for seed in exp.train.seeds:
-            name = run_name(arm.name, seed)
-            if (arm.name, name) not in seen:
-                rows.append(RunStatus(arm=arm.name, run=name, dir=None, state=RunState.QUEUED))
+    for arm, _, name in planned_runs(exp):  # train.seeds, seeds `run --until-decided` added, ladder rungs
+        if (arm, name) not in seen:
+            rows.append(RunStatus(arm=arm, run=name, dir=None, state=RunState.QUEUED))
     lanes = lanes_by_run(wd.root)
+    jobs = jobs_by_run(wd.root)
     for r in rows:
+        if (job := jobs.get((r.arm, r.run))) is not None:
+            r.job = job
         lane = lanes.get((r.arm, r.run))
         if lane is None:
             continue
@@ -153,6 +156,24 @@ def experiment_status(
             r.state, r.error = RunState.FAILED, lane.failures[r.run]
     order = {a.name: i for i, a in enumerate(exp.arms)}
     return sorted(rows, key=lambda r: (order.get(r.arm, len(order)), r.arm, r.run))
+
+
+def jobs_by_run(root: Path) -> dict[tuple[str, str], Any]:
+    """(arm, run) -> its job as the host's scheduler last saw it (`remote/<host>/jobs.json`, written
+    by the mirror)."""
+    import json
+
+    from armlab.ops.hosts.messages import JobView
+
+    out = {}
+    for path in sorted(Path(root).glob("remote/*/jobs.json")):
+        try:
+            for j in json.loads(path.read_text()):
+                view = JobView.from_json(j, str(path))
+                out[(view.arm, view.run)] = view
+        except (OSError, ValueError, ArmlabError):
+            continue  # a torn mirror: status shows the runs without their jobs
+    return out
 
 
 def gpu_status() -> list[dict[str, Any]]:
@@ -255,7 +276,7 @@ STYLE = {
 class Column:
     header: str
     short: str  # header in the narrow layout
-    drop: int  # the narrow layout drops the highest first (0: never dropped)
+    drop: float  # the narrow layout drops the highest first (0: never dropped)
     cell: Callable[[RunStatus, bool], str]  # (row, compact) -> text
     left: bool = False
 
@@ -275,7 +296,18 @@ COLUMNS = (
     Column("epoch", "epoch", 11, lambda r, c: _f(r.epoch, ".2f")),
     Column("last log", "log", 5, lambda r, c: _age(r.last_log_age_s)),
     Column("alive", "alive", 7, lambda r, c: _alive(r)),
+    Column("job", "job", 3.5, lambda r, c: _job(r, c), left=True),  # only when a run has a job
 )
+
+
+def _job(r: RunStatus, compact: bool) -> str:
+    """The scheduler's view of the run's job (compact: squeue's short codes)."""
+    return "-" if r.job is None else r.job.short() if compact else r.job.describe()
+
+
+def _columns(rows: list[RunStatus]) -> list[Column]:
+    """Every column; the job column only when some run has a scheduler job."""
+    return [c for c in COLUMNS if c.header != "job" or any(r.job for r in rows)]
 
 
 def _table(rows: list[RunStatus], cols: list[Column], compact: bool, title: str) -> Table:
@@ -303,11 +335,11 @@ def status_table(rows: list[RunStatus], title: str = "", width: int | None = Non
     """The full table when it fits `width` (None: always), else the narrow layout: compact numbers,
     short headers, a light box, and columns dropped by priority (the arm first when every run's
     name already starts with it) until it fits; run and state always stay."""
-    full = _table(rows, list(COLUMNS), False, title)
+    full = _table(rows, _columns(rows), False, title)
     if width is None or _width(full) <= width:
         return full
     arm_in_run = all(r.run.startswith(r.arm) for r in rows)
-    cols = [c for c in COLUMNS if not (c.header == "arm" and arm_in_run)]
+    cols = [c for c in _columns(rows) if not (c.header == "arm" and arm_in_run)]
     while True:
         t = _table(rows, cols, True, title)
         droppable = [c for c in cols if c.drop]
@@ -318,12 +350,13 @@ def status_table(rows: list[RunStatus], title: str = "", width: int | None = Non
 
 def plain_table(rows: list[RunStatus]) -> str:
     """Every column, aligned with spaces, no colour or box: for pipes, logs and `grep`."""
-    header = [c.header.replace(" ", "_") for c in COLUMNS]  # one word per column, for awk / cut
-    grid = [header] + [[c.cell(r, False) for c in COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in grid) for i in range(len(COLUMNS))]
+    cols = _columns(rows)
+    header = [c.header.replace(" ", "_") for c in cols]  # one word per column, for awk / cut
+    grid = [header] + [[c.cell(r, False) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in grid) for i in range(len(cols))]
     out = []
     for line in grid:
-        cells = [v.ljust(w) if c.left else v.rjust(w) for c, v, w in zip(COLUMNS, line, widths, strict=True)]
+        cells = [v.ljust(w) if c.left else v.rjust(w) for c, v, w in zip(cols, line, widths, strict=True)]
         out.append("  ".join(cells).rstrip())
     return "\n".join(out)
 

@@ -1,17 +1,14 @@
-"""`armlab compare`: check the finished runs are comparable, then estimate, test and report.
+"""`armlab compare`: check the finished runs are comparable (`checks`), then estimate, test and report.
 
-Comparability (DESIGN.md invariant 1): every run must come from this experiment, with the
-experiment's `comparability()` (all but the arm's data), the same tokenizer, CORE from the same
-bundle on the same items and val bpb over the same eval documents, and seeds from `train.seeds`.
-Anything else is refused with the differing keys, never averaged in silently. Each run's final
-values come from its final records (`complete.final_values`; a torn metrics log is refused).
-
-Differences are reported against a reference arm (the first `random` arm, else the first arm)
-with intervals that count seed and eval-item noise (`intervals`), one verdict line per arm
-(`verdict`), the smallest difference the experiment could detect (`stats.detectable`) and what
-differs in the arms' data (`datadiff`).
+Each run's final values come from its final records (`complete.final_values`; a torn metrics log
+is refused). Differences are reported against a reference arm (the first `random` arm, else the
+first arm) with intervals that count seed and eval-item noise (`intervals`), one verdict line per
+arm (`verdict`), the smallest difference the experiment could detect with its range
+(`stats.detectable`, `stats.variance_interval`), val bpb per group of eval documents (`groups`),
+each ladder depth's ranking (`ladder`) and what differs in the arms' data (`datadiff`). Seeds that
+are one run repeated are refused here, from their per-item results (`intervals.replicate_seeds`).
+The result is one typed record (`summary.Summary`), written by `render`.
 """
-
 from __future__ import annotations
 
 import math
@@ -22,119 +19,88 @@ from typing import Any
 import numpy as np
 
 from armlab.errors import ArmlabError
+from armlab.report.checks import (
+    NothingToCompare,
+    check_comparable,
+    check_eval_coverage,
+    check_finite,
+    check_seeds,
+    collect_runs,
+)
 from armlab.report.complete import FinalValues, final_values
-from armlab.report.intervals import RESAMPLES, SEED, ItemScores, arm_interval, difference_interval, replicates
+from armlab.report.continuous import continuous_summary
+from armlab.report.evalcheck import check_evals
+from armlab.report.groups import group_results, read_labels
+from armlab.report.intervals import (
+    RESAMPLES,
+    SEED,
+    Interval,
+    ItemScores,
+    arm_interval,
+    difference_interval,
+    replicate_seeds,
+    replicates,
+)
+from armlab.report.ladder import ladder
 from armlab.report.scores import Scores, bpb_scores, centre, core_scores
-from armlab.report.stats import detectable
+from armlab.report.stats import detectable, variance_interval
+from armlab.report.summary import (
+    ArmResult,
+    Comparison,
+    Detectable,
+    EvalCoverage,
+    ExcludedRun,
+    Groups,
+    RunResult,
+    Summary,
+)
 from armlab.report.verdict import METRICS, verdict_line
-from armlab.runs import RUN_JSON, RunRecord, engine_differences, load_run
+from armlab.runs import RunRecord
+from armlab.seeds import extra_seeds, planned_seeds
 from armlab.spec import Experiment
 from armlab.text import plural
 from armlab.workdir import open_workdir
 
 
-def collect_runs(
-    exp: Experiment, exclude: list[str] | None = None
-) -> tuple[list[RunRecord], list[RunRecord]]:
-    """(finished runs, runs left out: unfinished, of unknown arms, or named in `exclude`)."""
-    wd = open_workdir(exp, create=False)
-    arms = {a.name for a in exp.arms}
-    known = {d.name for d in wd.all_run_dirs()}
-    unknown = sorted(set(exclude or []) - known)
-    if unknown:
-        raise ArmlabError(
-            f"--exclude: no run named {', '.join(unknown)} (runs: {', '.join(sorted(known)) or 'none'})"
-        )
-    finished, other = [], []
-    for d in wd.all_run_dirs():
-        rec = load_run(d)
-        if d.name in (exclude or []):
-            other.append(rec)
-            continue
-        if rec.info.get("experiment") not in (None, exp.name):
+def check_independent(arms: list[ArmData]) -> None:
+    """Seeds that are the same run again (an engine that ignores the seed, a copied run dir) are
+    refused by name: counted as independent they would give an interval of width ~0 around the
+    eval items' noise alone. Decided on per-item data where there is some (identical results on
+    every document / item: `intervals.replicate_seeds`), else on an identical final val bpb (a
+    continuous number two real seeds never share to the last bit)."""
+    for a in arms:
+        groups: list[list[int]] = []
+        for metric, sc in a.scores.items():
+            if sc.scores is not None:
+                groups += replicate_seeds(sc.scores)
+            elif metric == "val_bpb":
+                by_value: dict[float, list[int]] = {}
+                for seed, v in a.values(metric).items():
+                    by_value.setdefault(v, []).append(seed)
+                groups += [g for g in by_value.values() if len(g) > 1]
+        if groups:
+            runs = {r.seed: r.run for r in a.runs}
+            same = "; ".join(" = ".join(runs[s] for s in g) for g in {tuple(g): g for g in groups}.values())
             raise ArmlabError(
-                f"{d}: run belongs to experiment {rec.info.get('experiment')!r}, not {exp.name!r}; "
-                f"move it out of {wd.root}"
+                f"{same}: identical results, so these seeds are one run repeated, not independent samples "
+                "(an engine that ignores the seed, e.g. nanochat's fixed init with an arm of one shard file, or a "
+                "copied run dir); an interval from them would claim a "
+                f"precision the experiment does not have: train seeds that differ, or keep one with --exclude"
             )
-        if rec.arm not in arms:
-            other.append(rec)
-        elif rec.state_name == "done":
-            finished.append(rec)
-        else:
-            other.append(rec)
-    return finished, other
 
 
-def check_comparable(exp: Experiment, runs: list[RunRecord]) -> None:
-    want = exp.comparability()
-    odd = []  # every offending run in one message, so the user fixes them all in one go
-    for r in runs:
-        keys = r.spec_differences(want)
-        if keys is None:
-            raise ArmlabError(
-                f"{r.dir / RUN_JSON}: no 'comparability' record; rerun this run with this armlab"
-            )
-        if keys:
-            odd.append(f"{r.dir} (differs in {', '.join(keys)})")
-    odd += engine_differences(runs)  # the same engine build, e.g. one nanochat commit, for every run
-    if odd:
-        raise ArmlabError(
-            f"{plural(len(odd), 'run')} {'is' if len(odd) == 1 else 'are'} not comparable with experiment {exp.name!r}, e.g. trained with command-line "
-            f"overrides such as --num-iterations: {'; '.join(odd)}; leave them out with --exclude RUN (or move "
-            "them out of the workdir) to compare the others"
+def _seeding(exp: Experiment, runs: list[RunRecord]) -> list[str]:
+    """What a seed varied in these runs, for the report's notes."""
+    out = []
+    if exp.train.data_seeds is not None:
+        pairs = ", ".join(f"{s}/{d}" for s, d in zip(exp.train.seeds, exp.train.data_seeds, strict=True))
+        out.append(f"Seeds: init seed / data-order seed pairs {pairs} (train.data_seeds).")
+    if any(r.engine == "nanochat" for r in runs):
+        out.append(
+            "Seeds of nanochat-engine runs vary the data order only (the arm's shard files are read in an order set "
+            "by the data seed); the initial weights come from nanochat's fixed seed (42) in every run."
         )
-    seen: dict[tuple[str, int], list[str]] = {}
-    for r in runs:
-        seen.setdefault((r.arm, r.seed), []).append(r.run)
-    dups = [
-        f"arm {arm!r} seed {seed}: {', '.join(names)}"
-        for (arm, seed), names in seen.items()
-        if len(names) > 1
-    ]
-    if dups:
-        # Same arm, same seed, same config: the same training run again, not an independent sample.
-        # Counting it twice would shrink the interval; keep one (paired comparisons are by seed).
-        raise ArmlabError(
-            f"several finished runs share a seed ({'; '.join(dups)}); they are repeats, not independent "
-            "samples: keep one per seed (--exclude RUN the others) or train other seeds with --seed"
-        )
-    toks = {r.info.get("tokenizer_fingerprint") for r in runs}
-    if len(toks) > 1:
-        raise ArmlabError(
-            f"runs used different tokenizers ({', '.join(sorted(map(str, toks)))}); rerun them on the shared one"
-        )
-    bundles = {(r.eval or {}).get("bundle", {}).get("sha256") for r in runs if r.core is not None}
-    if len(bundles) > 1:
-        raise ArmlabError(
-            f"runs were CORE-evaluated on different bundles ({', '.join(sorted(map(str, bundles)))}); "
-            "rerun `armlab evaluate EXP` so every run uses the same one"
-        )
-
-
-def check_seeds(exp: Experiment, runs: list[RunRecord]) -> None:
-    """Refuse runs of seeds the experiment does not plan: they are not part of its design."""
-    odd = [r for r in runs if r.seed not in exp.train.seeds]
-    if odd:
-        names = ", ".join(f"{r.run} (seed {r.seed})" for r in odd)
-        raise ArmlabError(
-            f"{names}: not in train.seeds {exp.train.seeds}; add the seed to train.seeds in the "
-            f"experiment file, or leave the run out with --exclude {odd[0].run}"
-        )
-
-
-def check_eval_coverage(runs: list[RunRecord]) -> None:
-    """Every run's val bpb must cover the same eval tokens (a capped evaluation is another measure)."""
-    seen: dict[Any, list[str]] = {}
-    for r in runs:
-        ev = r.eval or {}
-        if ev.get("val_bpb_tokens") is not None:
-            seen.setdefault((ev.get("val_bpb_tokens"), ev.get("val_bpb_docs")), []).append(r.run)
-    if len(seen) > 1:
-        shown = "; ".join(f"{t:,} tokens / {d} docs: {', '.join(n)}" for (t, d), n in seen.items())
-        raise ArmlabError(
-            f"runs' val bpb cover different parts of the eval set ({shown}); rerun `armlab evaluate EXP "
-            "--force` with the same --max-tokens for every run"
-        )
+    return out
 
 
 def reference_arm(exp: Experiment, present: list[str]) -> str:
@@ -144,9 +110,9 @@ def reference_arm(exp: Experiment, present: list[str]) -> str:
     return present[0]
 
 
-def _mean(xs: list[float | None]) -> dict[str, float] | None:
+def _mean(xs: list[float | None]) -> float | None:
     vals = [x for x in xs if x is not None]
-    return {"mean": float(np.mean(vals)), "n": len(vals)} if vals else None
+    return float(np.mean(vals)) if vals else None
 
 
 class ArmData:
@@ -157,6 +123,7 @@ class ArmData:
         self.kind = exp.arm(arm).kind
         self.runs = sorted(runs, key=lambda r: r.seed)
         self.final: list[FinalValues] = [final_values(r) for r in self.runs]
+        check_finite(self.runs, self.final)
         self.seeds = tuple(r.seed for r in self.runs)
         has_core = [f.core is not None for f in self.final]
         if any(has_core) and not all(has_core):
@@ -192,39 +159,30 @@ def _item_reps(arms: list[ArmData], metric: str) -> tuple[list[np.ndarray] | Non
     return [r * s.weight for r, s in zip(reps, scores, strict=True)], [st.items for st in scores[0].strata]
 
 
+def _curve(rec: RunRecord) -> list[tuple[float, float]]:
+    """The run's in-training val bpb by tokens (non-finite points left out: JSON has no NaN)."""
+    pts = [(float(m["tokens"]), float(m["val_bpb"])) for m in rec.eval_lines if "tokens" in m]
+    return [p for p in pts if math.isfinite(p[1])]
+
+
 def arm_summary(
-    exp: Experiment, arm: ArmData, reps: dict[str, np.ndarray | None], items: dict[str, list[int]]
-) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "kind": arm.kind,
-        "runs": [
-            {
-                "run": r.run,
-                "seed": r.seed,
-                "val_bpb": f.val_bpb,
-                "core": f.core,
-                "tokens": f.tokens,
-                "epoch": f.epoch,
-                "train_time_s": f.train_time_s,
-                "step": f.step,
-            }
-            for r, f in zip(arm.runs, arm.final, strict=True)
-        ],
-        "curves": {r.run: [[m["tokens"], m["val_bpb"]] for m in r.eval_lines] for r in arm.runs},
-        "missing_items": {m: sc.missing for m, sc in arm.scores.items() if sc.missing},
-    }
+    exp: Experiment,
+    arm: ArmData,
+    reps: dict[str, np.ndarray | None],
+    items: dict[str, list[int]],
+    planned: list[int],
+) -> ArmResult:
     base = _baselines(arm)
+    intervals: dict[str, Interval | None] = {}
     for metric in METRICS:
         if metric not in arm.scores:
-            entry[metric] = None
+            intervals[metric] = None
             continue
-        values = np.array([v for v in arm.values(metric).values()])
-        entry[metric] = arm_interval(
+        values = np.array(list(arm.values(metric).values()))
+        intervals[metric] = arm_interval(
             values, reps.get(metric), items.get(metric, ()), _bounds(metric, base, False)
-        ).as_dict()
-    for key in ("tokens", "epoch", "train_time_s"):
-        entry[key] = _mean([getattr(f, key) for f in arm.final])
-    entry["core_tasks"] = {}
+        )
+    core_tasks: dict[str, Interval] = {}
     sc = arm.scores.get("core")
     if sc is not None:
         tasks = [(r.eval or {}).get("core_tasks") or {} for r in arm.runs]
@@ -232,30 +190,47 @@ def arm_summary(
             values = np.array([float(t[label]["centered"]) for t in tasks])
             task_reps = None if reps.get("core") is None else reps["core"][:, :, k : k + 1] / sc.scores.weight
             b = float(tasks[0][label]["random_baseline"])
-            entry["core_tasks"][label] = arm_interval(
+            core_tasks[label] = arm_interval(
                 values,
                 task_reps,
                 items["core"][k : k + 1] if task_reps is not None else (),
                 (centre(b)[1], 1.0),
-            ).as_dict()
+            )
     ev = arm.runs[0].eval or {}
-    entry["eval"] = {
-        "val_bpb_tokens": ev.get("val_bpb_tokens"),
-        "val_bpb_docs": ev.get("val_bpb_docs"),
-        "eval_tokens_cap": ev.get(
-            "max_tokens", ev.get("eval_tokens")
-        ),  # eval.json: max_tokens (older: eval_tokens)
-        "core_items": {label: t.get("n") for label, t in (ev.get("core_tasks") or {}).items()},
-    }
-    return entry
+    return ArmResult(
+        kind=arm.kind,
+        runs=[
+            RunResult(
+                run=r.run, seed=r.seed, val_bpb=f.val_bpb, core=f.core, tokens=f.tokens, epoch=f.epoch,
+                train_time_s=f.train_time_s, step=f.step,
+            )  # fmt: skip
+            for r, f in zip(arm.runs, arm.final, strict=True)
+        ],
+        planned_seeds=planned,
+        curves={r.run: _curve(r) for r in arm.runs},
+        val_bpb=intervals["val_bpb"],
+        core=intervals["core"],
+        core_tasks=core_tasks,
+        tokens=_mean([f.tokens for f in arm.final]),
+        epoch=_mean([f.epoch for f in arm.final]),
+        train_time_s=_mean([f.train_time_s for f in arm.final]),
+        eval=EvalCoverage(
+            val_bpb_tokens=ev.get("val_bpb_tokens"),
+            val_bpb_docs=ev.get("val_bpb_docs"),
+            eval_tokens_cap=ev.get("max_tokens", ev.get("eval_tokens")),  # eval.json: max_tokens (older: eval_tokens)
+            core_items={label: t.get("n") for label, t in (ev.get("core_tasks") or {}).items()},
+        ),
+        missing_items={m: sc.missing for m, sc in arm.scores.items() if sc.missing},
+    )
 
 
-def _per_seed_var(diff: dict[str, Any], a: dict[str, Any], b: dict[str, Any]) -> float | None:
-    """A single seed's difference variance (for planning a paired design), from the intervals."""
-    if diff["paired"] and diff["seed_var"] is not None:
-        return diff["seed_var"] * diff["seeds"][0]
-    if a["seed_var"] is not None and b["seed_var"] is not None:
-        return a["seed_var"] * a["seeds"][0] + b["seed_var"] * b["seeds"][0]  # no pairing gain assumed
+def _per_seed_var(diff: Interval, a: Interval, b: Interval) -> tuple[float, float] | None:
+    """A single seed's difference variance (for planning a paired design) and its degrees of
+    freedom, from the intervals."""
+    if diff.paired and diff.seed_var is not None:
+        return diff.seed_var * diff.seeds[0], diff.seeds[0] - 1
+    if a.seed_var is not None and b.seed_var is not None:  # no pairing gain assumed
+        return a.seed_var * a.seeds[0] + b.seed_var * b.seeds[0], diff.df or min(a.seeds[0], b.seeds[0]) - 1
     return None
 
 
@@ -263,21 +238,34 @@ def _refuse_single_arm(exp: Experiment, present: list[str], excluded: list[RunRe
     if len(present) < 2:
         others = [a.name for a in exp.arms if a.name not in present]
         states = ", ".join(f"{r.run}: {r.state_name}" for r in excluded if r.arm in others) or "no runs"
-        raise ArmlabError(
+        raise NothingToCompare(
             f"only arm {present[0]!r} has finished runs ({', '.join(others)}: {states}); nothing to compare "
             f"yet: finish the other arms (`armlab run EXP`; `armlab status EXP` shows where they are)"
         )
 
 
+def detectable_range(seed_var: float, df: float, item_var: float, seeds: int) -> Detectable | None:
+    """The detectable difference at the observed seed variance and at both ends of its 95% interval."""
+    mid = detectable(seed_var, item_var, seeds)
+    if mid is None:
+        return None
+    lo_var, hi_var = variance_interval(seed_var, df)
+    return Detectable(
+        value=mid, low=detectable(lo_var, item_var, seeds), high=detectable(hi_var, item_var, seeds)
+    )
+
+
 def compare_arm(
     arm: ArmData,
     ref: ArmData,
-    arms: dict[str, Any],
+    arms: dict[str, ArmResult],
     reps: dict[str, dict[str, Any]],
     items: dict[str, list[int]],
-) -> dict[str, dict[str, Any]]:
-    """{metric: the difference arm - ref with its interval and detectable difference}."""
-    out = {}
+    level: float = 0.95,
+) -> list[Comparison]:
+    """Per metric, the difference arm - ref with its interval (at `level`: 95%, or over the looks
+    of `run --until-decided`) and detectable difference."""
+    out = []
     for metric in METRICS:
         if metric not in arm.scores or metric not in ref.scores:
             continue
@@ -288,12 +276,17 @@ def compare_arm(
             reps[ref.name].get(metric),
             items.get(metric, ()),
             _bounds(metric, _baselines(arm), True),
-        ).as_dict()
-        seed_var = _per_seed_var(iv, arms[arm.name][metric], arms[ref.name][metric])
+            level,
+        )
+        per = _per_seed_var(iv, arms[arm.name].interval(metric), arms[ref.name].interval(metric))
         n = min(len(arm.seeds), len(ref.seeds))
-        iv["detectable"] = detectable(seed_var, iv["item_var"] or 0.0, n) if seed_var is not None else None
-        iv["seed_var_per_seed"] = seed_var
-        out[metric] = iv
+        det = detectable_range(per[0], per[1], iv.item_var or 0.0, n) if per else None
+        out.append(
+            Comparison(
+                arm=arm.name, reference=ref.name, metric=metric, interval=iv, detectable=det,
+                seed_var_per_seed=per[0] if per else None,
+            )  # fmt: skip
+        )
     return out
 
 
@@ -308,11 +301,24 @@ def _seed_warning(arm: ArmData, ref: ArmData) -> str | None:
     return None
 
 
-def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord]) -> dict[str, Any]:
-    """Everything the report shows, as plain data (summary.json); writes nothing."""
+def _planned_note(arms: dict[str, ArmResult]) -> str | None:
+    """"2 of 3 planned seeds per arm finished" when an arm has fewer finished seeds than planned."""
+    short = {a: (len(e.runs), len(e.planned_seeds)) for a, e in arms.items() if len(e.runs) < len(e.planned_seeds)}
+    if not short:
+        return None
+    counts = {(len(e.runs), len(e.planned_seeds)) for e in arms.values()}
+    if len(counts) == 1:
+        done, planned = next(iter(counts))
+        return f"{done} of {planned} planned seeds per arm finished"
+    return "; ".join(f"{a}: {d} of {p} planned seeds finished" for a, (d, p) in short.items())
+
+
+def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord]) -> Summary:
+    """Everything the report shows, as a typed record (summary.json); writes nothing."""
     present = [a.name for a in exp.arms if any(r.arm == a.name for r in runs)]
     _refuse_single_arm(exp, present, excluded)
     data = {a: ArmData(exp, a, [r for r in runs if r.arm == a]) for a in present}
+    check_independent(list(data.values()))
     reps: dict[str, dict[str, np.ndarray | None]] = {a: {} for a in data}
     items: dict[str, list[int]] = {}
     for metric in METRICS:
@@ -320,54 +326,72 @@ def summarize(exp: Experiment, runs: list[RunRecord], excluded: list[RunRecord])
             r, items[metric] = _item_reps(list(data.values()), metric)
             for a, x in zip(data, r or [None] * len(data), strict=True):
                 reps[a][metric] = x
-    arms = {a: arm_summary(exp, d, reps[a], items) for a, d in data.items()}
+    planned = planned_seeds(exp)
+    arms = {a: arm_summary(exp, d, reps[a], items, planned[a]) for a, d in data.items()}
     ref = data[reference_arm(exp, present)]
-    comparisons, verdicts, warnings = [], [], []
+    note = _planned_note(arms)
+    comparisons: list[Comparison] = []
+    verdicts, warnings = [], []
     for arm in data.values():
         if arm is ref:
             continue
-        per_metric = compare_arm(arm, ref, arms, reps, items)
-        line = verdict_line(arm.name, ref.name, per_metric)
-        verdicts.append(line)
-        comparisons += [
-            {"arm": arm.name, "reference": ref.name, "metric": m, **iv, "verdict": line}
-            for m, iv in per_metric.items()
-        ]
+        per_metric = compare_arm(arm, ref, arms, reps, items, extra_seeds(exp).level)
+        verdicts.append(verdict_line(arm.name, ref.name, {c.metric: c.interval for c in per_metric}, note))
+        comparisons += per_metric
         warnings.append(_seed_warning(arm, ref))
-    for a in data:
-        for m, why in arms[a]["missing_items"].items():
+    for a, e in arms.items():
+        for m, why in e.missing_items.items():
             warnings.append(f"{METRICS[m][0]} of {a}: {why}; its intervals count seed noise only")
     bundle = next(((r.eval or {}).get("bundle") for r in runs if r.core is not None), None)
-    return {
-        "experiment": exp.name,
-        "fingerprint": exp.fingerprint(),
-        "created": time.time(),
-        "reference_arm": ref.name,
-        "arms": arms,
-        "comparisons": comparisons,
-        "verdict": verdicts,
-        "warnings": list(dict.fromkeys(w for w in warnings if w)),
-        "bundle": bundle,
-        "resamples": RESAMPLES,
-        "bootstrap_seed": SEED,
-        "train_eval_tokens": exp.train.eval_tokens,  # what the training curves' val bpb covers
-        "excluded": [
-            {"run": r.run, "arm": r.arm, "state": r.state_name, "dir": str(r.dir)} for r in excluded
-        ],
-    }
+    groups, groups_missing = per_group(exp, data, ref.name)
+    return Summary(
+        experiment=exp.name,
+        fingerprint=exp.fingerprint(),
+        created=time.time(),
+        reference_arm=ref.name,
+        arms=arms,
+        comparisons=comparisons,
+        verdict=verdicts,
+        warnings=list(dict.fromkeys(w for w in warnings if w)),
+        bundle=bundle,
+        resamples=RESAMPLES,
+        bootstrap_seed=SEED,
+        train_eval_tokens=exp.train.eval_tokens,  # what the training curves' val bpb covers
+        excluded=[ExcludedRun(run=r.run, arm=r.arm, state=r.state_name, dir=str(r.dir)) for r in excluded],
+        groups=groups,
+        groups_missing=groups_missing,
+        decided=[r.reason for r in extra_seeds(exp).rounds],
+        continuous=continuous_summary(exp, {a: d.runs for a, d in data.items()}, ref.name),
+    )
 
 
-def print_verdict(summary: dict[str, Any]) -> None:
-    """The verdict lines on stdout (one per arm against the reference), warnings on stderr."""
+def per_group(exp: Experiment, data: dict[str, ArmData], ref: str) -> tuple[Groups | None, str | None]:
+    """Val bpb per `[report] group_column` group (`groups`), or why there is none."""
+    if not exp.report.group_column:
+        return None, None
+    lacking = [a.scores["val_bpb"].missing for a in data.values() if a.scores["val_bpb"].scores is None]
+    if lacking:
+        return None, lacking[0]
+    labels = read_labels(exp)
+    if isinstance(labels, str):
+        return None, labels
+    res = group_results(labels, {a: d.scores["val_bpb"].scores for a, d in data.items()}, ref)
+    return (None, res) if isinstance(res, str) else (res, None)
+
+
+def print_verdict(summary: Summary) -> None:
+    """The verdict lines on stdout (one per arm against the reference, then per group and per
+    ladder depth), warnings on stderr."""
     from armlab.progress import console
 
-    for line in summary["verdict"]:
+    extra = (summary.groups.verdict if summary.groups else []) + (summary.ladder.verdict if summary.ladder else [])
+    for line in [*summary.verdict, *extra]:
         print(line, flush=True)
-    for w in summary.get("warnings", []):
+    for w in summary.warnings:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True)
 
 
-def analyse(exp: Experiment, exclude: list[str] | None = None) -> tuple[dict[str, Any], list[RunRecord]]:
+def analyse(exp: Experiment, exclude: list[str] | None = None) -> tuple[Summary, list[RunRecord]]:
     """Collect, check and summarise the finished runs (no files written): (summary, finished runs)."""
     finished, excluded = collect_runs(exp, exclude)
     if not finished:
@@ -378,13 +402,35 @@ def analyse(exp: Experiment, exclude: list[str] | None = None) -> tuple[dict[str
         )
     check_comparable(exp, finished)
     check_seeds(exp, finished)
+    finished, unevaluated, unchecked = check_evals(exp, finished)  # eval.json tied to its run, or left out
+    if not finished:
+        raise ArmlabError(
+            f"experiment {exp.name!r} has no evaluated runs to compare: {'; '.join(u.reason for u in unevaluated)}"
+        )
     check_eval_coverage(finished)
-    return summarize(exp, finished, excluded), finished
+    summary = summarize(exp, finished, excluded + [u.run for u in unevaluated])
+    left = [f"left out: {u.reason}" for u in unevaluated]
+    return summary.with_(warnings=summary.warnings + left + unchecked, notes=_seeding(exp, finished)), finished
+
+
+def compare_rungs(exp: Experiment, target: Summary) -> dict[int, Summary | str]:
+    """Each depth of the ladder compared on its own (`target`: the experiment's own depth's), or
+    the one line saying why it cannot be yet."""
+    out: dict[int, Summary | str] = {}
+    for rung in exp.rungs():
+        if rung.model.depth == exp.model.depth:
+            out[rung.model.depth] = target
+            continue
+        try:
+            out[rung.model.depth] = analyse(rung)[0]
+        except ArmlabError as e:
+            out[rung.model.depth] = str(e)
+    return out
 
 
 def compare(
     exp: Experiment, out: Path | None = None, notes: list[str] | None = None, exclude: list[str] | None = None
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, Summary]:
     """Write report.md, report.html, PNGs and summary.json; returns (report dir, summary).
     `notes` are extra lines for the report's Notes section (the demo explains itself there);
     `exclude` names runs to leave out (a smoke test with overrides, say). Nothing is written
@@ -393,8 +439,9 @@ def compare(
     from armlab.report.render import write_report
 
     summary, _ = analyse(exp, exclude)
-    summary["data"] = data_difference(exp, list(summary["arms"]))
-    summary["notes"] = list(notes or [])
+    summary = summary.with_(data=data_difference(exp, list(summary.arms)), notes=list(notes or []) + summary.notes)
+    if exp.ladder.depths:
+        summary = summary.with_(ladder=ladder(exp, compare_rungs(exp, summary)))
     out = Path(out) if out else open_workdir(exp, create=False).report_dir
     write_report(summary, out)
     return out, summary

@@ -64,11 +64,8 @@ def final_values(rec: RunRecord) -> FinalValues:
             f"step {step}; rerun `armlab evaluate EXP --force`"
         )
     val = ev.get("val_bpb")
-    if val is None:  # no final evaluation yet: the log's evaluation at the final step, if it has one
-        at_end = [m for m in rec.eval_lines if m["step"] == step]
-        if not at_end:
-            raise ArmlabError(f"{path}: run {rec.run} has no val bpb at its final step {step}; {fix}")
-        val = at_end[-1]["val_bpb"]
+    if val is None:  # never the log's in-training number: another measurement (report.evalcheck)
+        raise ArmlabError(f"{rec.dir / EVAL_JSON}: run {rec.run} has no final val bpb; run `armlab evaluate EXP`")
     batch = config.get("total_batch_size")
     tokens = (
         step * batch if batch else next((m["tokens"] for m in reversed(rec.metrics) if "tokens" in m), None)

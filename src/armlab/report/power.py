@@ -33,17 +33,17 @@ def pilot_spreads(pilot: Experiment) -> list[Spread]:
 
     summary, _ = analyse(pilot)
     best: dict[str, Spread] = {}
-    for c in summary["comparisons"]:
-        if c["seed_var_per_seed"] is None:
+    for c in summary.comparisons:
+        if c.seed_var_per_seed is None:
             continue
-        sa, sb = c["seeds"]
-        pairing = "paired" if c["paired"] else "unpaired"
-        src = f"pilot {pilot.name!r}: {c['arm']} vs {c['reference']}, {sa} vs {sb} seeds ({pairing})"
+        sa, sb = c.interval.seeds
+        pairing = "paired" if c.interval.paired else "unpaired"
+        src = f"pilot {pilot.name!r}: {c.arm} vs {c.reference}, {sa} vs {sb} seeds ({pairing})"
         if sa == sb:
-            src = f"pilot {pilot.name!r}: {c['arm']} vs {c['reference']}, {sa} {pairing} seeds"
-        s = Spread(c["metric"], c["seed_var_per_seed"], c["item_var"], src)
-        if c["metric"] not in best or s.seed_var > best[c["metric"]].seed_var:
-            best[c["metric"]] = s
+            src = f"pilot {pilot.name!r}: {c.arm} vs {c.reference}, {sa} {pairing} seeds"
+        s = Spread(c.metric, c.seed_var_per_seed, c.interval.item_var, src)
+        if c.metric not in best or s.seed_var > best[c.metric].seed_var:
+            best[c.metric] = s
     if not best:
         raise ArmlabError(
             f"pilot {pilot.name!r}: no arm has 2 or more finished seeds, so its seed-to-seed spread is unknown; "

@@ -1,10 +1,10 @@
 """The per-item scores in runs' eval.json, as `intervals.ItemScores` (one arm, one metric).
 
-eval.json (BRIEF "eval.json"): `core_tasks[label]` holds `correct`, the 0/1 outcome of each item
-in a fixed order, and `random_baseline` (percent); `val_bpb_per_doc = {"nats": [...], "bytes":
-[...]}` holds per-document sums in eval-set order. Older eval.json files (and runs evaluated by
-nanochat itself) lack them: then `None` comes back with the reason, and the report falls back to
-a seed-only interval and says so.
+eval.json (armlab.evaluate.record.EvalResult): each CORE task holds, per item in a fixed order,
+`correct` (0/1), `logprob` and `bytes` of the correct continuation and (choice tasks) `margin`, and
+`random_baseline` (percent); `val_bpb_per_doc = {"nats": [...], "bytes": [...]}` holds
+per-document sums in eval-set order. Where they are missing, `None` comes back with the reason,
+and the report falls back to a seed-only interval and says so.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from armlab.errors import ArmlabError
+from armlab.evaluate.record import EvalResult, TaskResult
 from armlab.report.intervals import ItemScores, Stratum
 from armlab.runs import EVAL_JSON, RunRecord
 
@@ -36,38 +37,77 @@ def centre(baseline_pct: float) -> tuple[float, float]:
     return 1 / (1 - b), -b / (1 - b)
 
 
+def _tasks(r: RunRecord) -> dict[str, TaskResult]:
+    core = EvalResult.from_json(r.eval or {}, r.run).core
+    return dict(core.tasks) if core else {}
+
+
+def _same_items(runs: Sequence[RunRecord], tasks: list[dict[str, TaskResult]], label: str, field: str) -> None:
+    n = len(getattr(tasks[0][label], field) or [])
+    for r, t in zip(runs, tasks, strict=True):
+        cell = t.get(label)
+        if cell is None or len(getattr(cell, field) or []) != n:
+            raise ArmlabError(
+                f"{r.dir / EVAL_JSON}: CORE task {label!r} was scored on other items than in "
+                f"{runs[0].run}; rerun `armlab evaluate EXP --force` so every run uses the same items"
+            )
+
+
 def core_scores(runs: Sequence[RunRecord]) -> Scores:
     """Per-item CORE outcomes of `runs` (sorted by seed): one stratum per task."""
     runs = sorted(runs, key=lambda r: r.seed)
-    tasks = [(r.eval or {}).get("core_tasks") or {} for r in runs]
-    lacking = [
-        r.run
-        for r, t in zip(runs, tasks, strict=True)
-        if not t or any("correct" not in v for v in t.values())
-    ]
+    tasks = [_tasks(r) for r in runs]
+    lacking = [r.run for r, t in zip(runs, tasks, strict=True) if not t or any(v.correct is None for v in t.values())]
     if lacking:
         return Scores(None, f"no per-item CORE results in eval.json of {', '.join(lacking)}")
-    labels = list(tasks[0])
     strata = []
-    for label in labels:
+    for label in tasks[0]:
+        _same_items(runs, tasks, label, "correct")
         rows = []
         for r, t in zip(runs, tasks, strict=True):
-            cell = t.get(label)
-            if cell is None or len(cell["correct"]) != len(tasks[0][label]["correct"]):
-                raise ArmlabError(
-                    f"{r.dir / EVAL_JSON}: CORE task {label!r} was scored on other items than in "
-                    f"{runs[0].run}; rerun `armlab evaluate EXP --force` so every run uses the same items"
-                )
-            acc = float(np.mean(cell["correct"]))
-            if abs(acc - cell["accuracy"]) > CHECK_TOL:
+            cell = t[label]
+            acc = float(np.mean(cell.correct))
+            if abs(acc - cell.accuracy) > CHECK_TOL:
                 raise ArmlabError(
                     f"{r.dir / EVAL_JSON}: task {label!r}'s per-item results give accuracy {acc:.6f}, "
-                    f"not the recorded {cell['accuracy']:.6f}; rerun `armlab evaluate EXP --force`"
+                    f"not the recorded {cell.accuracy:.6f}; rerun `armlab evaluate EXP --force`"
                 )
-            rows.append(cell["correct"])
-        scale, offset = centre(float(tasks[0][label]["random_baseline"]))
+            rows.append(cell.correct)
+        scale, offset = centre(float(tasks[0][label].random_baseline))
         n = len(rows[0])
         strata.append(Stratum(label, np.asarray(rows, dtype=np.float64), np.ones(n), scale, offset))
+    return Scores(ItemScores(tuple(r.seed for r in runs), tuple(strata), 1 / len(strata)))
+
+
+def continuous_scores(runs: Sequence[RunRecord], kind: str) -> Scores:
+    """Per-item continuous CORE of `runs` (sorted by seed), one stratum per task that has it:
+
+    - kind "lp": the log-prob of the correct continuations in bits per byte, pooled per task
+      (nats / (ln 2 * bytes), a ratio over items like val bpb); the metric is their mean over tasks;
+    - kind "margin": the mean per-item margin (bits per byte, correct minus best wrong) of each
+      multiple-choice and schema task; the metric is their mean over those tasks.
+    """
+    runs = sorted(runs, key=lambda r: r.seed)
+    tasks = [_tasks(r) for r in runs]
+    field = "logprob" if kind == "lp" else "margin"
+    if not tasks[0]:
+        return Scores(None, "no CORE in eval.json")
+    labels = [label for label, t in tasks[0].items() if getattr(t, field) is not None]
+    lacking = [r.run for r, t in zip(runs, tasks, strict=True) if any(getattr(t.get(x), field, None) is None
+                                                                      for x in labels)]  # fmt: skip
+    if lacking or not labels:
+        why = f"eval.json of {', '.join(lacking)}" if lacking else "any task"
+        return Scores(None, f"no per-item continuous CORE ({field}) in {why}; rerun `armlab evaluate EXP --force`")
+    strata = []
+    for label in labels:
+        _same_items(runs, tasks, label, field)
+        num = np.asarray([getattr(t[label], field) for t in tasks], dtype=np.float64)
+        if kind == "lp":
+            den = np.asarray([t[label].bytes for t in tasks], dtype=np.float64)
+            den = den[0] if all(np.array_equal(d, den[0]) for d in den) else den
+            strata.append(Stratum(label, num, den, 1 / math.log(2)))
+        else:
+            strata.append(Stratum(label, num, np.ones(num.shape[1])))
     return Scores(ItemScores(tuple(r.seed for r in runs), tuple(strata), 1 / len(strata)))
 
 

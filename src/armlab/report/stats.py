@@ -69,10 +69,12 @@ def detectable(
     se, df = standard_error(seed_var, item_var, seeds)
     if se == 0:
         return 0.0
-    # power grows with delta; (z + z) * se is close, 20 * se is far past any df >= 1's answer
-    return float(
-        optimize.brentq(lambda d: power(d, se, df, alpha) - target, 1e-9 * se, 50 * se, xtol=1e-12 * se)
-    )
+    # power grows with delta: widen the bracket until it holds the answer (at 1 df and a small
+    # alpha, e.g. a sequential design's 0.0125, that is past 100 se)
+    hi = 50 * se
+    while power(hi, se, df, alpha) < target:
+        hi *= 4
+    return float(optimize.brentq(lambda d: power(d, se, df, alpha) - target, 1e-9 * se, hi, xtol=1e-12 * se))
 
 
 def seeds_needed(
@@ -95,3 +97,16 @@ def seeds_needed(
         else:
             lo = mid + 1
     return hi
+
+
+def variance_interval(var: float, df: float, level: float = 0.95) -> tuple[float, float]:
+    """The `level` interval of a variance estimated with `df` degrees of freedom (chi-square):
+    with 3 seeds (2 df) the true variance lies within 0.27x to 39.5x the estimate. A detectable
+    difference from 3 seeds is therefore known only to a factor of ~12 (its sd ratio), which is
+    why the report gives its range, not one number."""
+    from scipy import stats as st
+
+    if var <= 0 or not math.isfinite(df) or df <= 0:
+        return var, var
+    a = (1 - level) / 2
+    return var * df / float(st.chi2.ppf(1 - a, df)), var * df / float(st.chi2.ppf(a, df))

@@ -13,7 +13,9 @@ training noise not counted).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+
+from armlab.report.intervals import Interval
 
 # metric -> (label, True when lower is better); the first present is the headline
 METRICS = {"core": ("CORE", False), "val_bpb": ("val bpb", True)}
@@ -30,38 +32,47 @@ def _num(x: float, d: int) -> str:
     return f"{x:+.{d}f}"
 
 
-def seeds_note(iv: dict[str, Any]) -> str:
-    sa, sb = iv["seeds"]
+def seeds_note(iv: Interval, planned: str | None = None) -> str:
+    """`3 seeds`, `3 vs 2 seeds, unpaired`, `2 of 3 planned seeds per arm finished, weak`, ..."""
+    sa, sb = iv.seeds
     n = f"{sa} seed{'s' if sa != 1 else ''}" if sa == sb else f"{sa} vs {sb} seeds"
-    notes = [n]
-    if not iv["paired"] and max(sa, sb) > 1:
+    notes = [planned or n]
+    if not iv.paired and max(sa, sb) > 1:
         notes.append("unpaired")
-    if iv["method"] == "items":
+    if iv.method == "items":
         notes.append("training noise not counted")
-    elif min(sa, sb) < 3 and iv["low"] is not None:
+    elif min(sa, sb) < 3 and iv.low is not None:
         notes.append("weak")
-    if iv["method"] == "seeds":
+    if iv.method == "seeds":
         notes.append("seed noise only")
     return ", ".join(notes)
 
 
-def metric_phrase(metric: str, iv: dict[str, Any], arm: str, ref: str, headline: bool) -> str:
+def metric_phrase(
+    metric: str, iv: Interval, arm: str, ref: str, headline: bool, planned: str | None = None
+) -> str:
     label, lower_better = METRICS[metric]
-    d = digits(iv["low"], iv["high"])
-    est = _num(iv["estimate"], d)
-    if iv["low"] is None:
-        body = f"{est}, no interval: {seeds_note(iv)}"
+    d = digits(iv.low, iv.high)
+    est = _num(iv.estimate, d)
+    if iv.low is None or iv.high is None:
+        why = (
+            "no spread between seeds, so no noise was measured"
+            if iv.method == "none" and min(iv.seeds) >= 2
+            else seeds_note(iv, planned)
+        )
+        body = f"{est}, no interval: {why}"
         return f"{arm} vs {ref} on {label}: {body}" if headline else f"{label} {body}"
-    ci = f"{'95% CI' if headline else 'CI'} {_num(iv['low'], d)} to {_num(iv['high'], d)}"
+    clip = ", clipped at the metric's range" if iv.clipped else ""
+    ci = f"{f'{100 * iv.level:.4g}% CI' if headline else 'CI'} {_num(iv.low, d)} to {_num(iv.high, d)}{clip}"
     paren = (
-        f"({ci}, {seeds_note(iv)})"
+        f"({ci}, {seeds_note(iv, planned)})"
         if headline
-        else f"({ci}{'' if iv['method'] == 'seeds+items' else ', ' + iv['method'] + ' only'})"
+        else f"({ci}{'' if iv.method == 'seeds+items' else ', ' + iv.method + ' only'})"
     )
-    if iv["low"] <= 0.0 <= iv["high"]:
+    if iv.low <= 0.0 <= iv.high:
         within = f"within noise ({est}, {paren[1:-1]})"
         return f"{arm} vs {ref}: {label} {within}" if headline else f"{label} {within}"
-    better = (iv["estimate"] < 0) == lower_better
+    better = (iv.estimate < 0) == lower_better
     if headline:
         verb = "beats" if better else "loses to"
         hint = ", lower is better" if lower_better else ""
@@ -69,10 +80,19 @@ def metric_phrase(metric: str, iv: dict[str, Any], arm: str, ref: str, headline:
     return f"{label} {'better' if better else 'worse'} by {est} {paren}"
 
 
-def verdict_line(arm: str, ref: str, comparisons: dict[str, dict[str, Any]]) -> str:
-    """One line for `arm` against `ref` from {metric: interval dict} (metrics in METRICS order)."""
+def verdict_line(arm: str, ref: str, comparisons: Mapping[str, Interval], planned: str | None = None) -> str:
+    """One line for `arm` against `ref` from {metric: interval} (metrics in METRICS order);
+    `planned` replaces the seed count when fewer seeds finished than were planned."""
     parts = []
     for metric in METRICS:
         if metric in comparisons:
-            parts.append(metric_phrase(metric, comparisons[metric], arm, ref, headline=not parts))
+            parts.append(metric_phrase(metric, comparisons[metric], arm, ref, not parts, planned))
     return "; ".join(parts)
+
+
+def plus_minus(iv: Interval, d: int | None = None) -> str:
+    """`-0.012 ± 0.004` (the estimate and the interval's half width)."""
+    d = d or digits(iv.low, iv.high)
+    if iv.half_width is None:
+        return _num(iv.estimate, d)
+    return f"{_num(iv.estimate, d)} ± {iv.half_width:.{d}f}"

@@ -27,7 +27,7 @@ from armlab.errors import ArmlabError
 from armlab.spec import Experiment
 from armlab.train import checkpoint, recipe
 from armlab.train.model import GPTConfig
-from armlab.workdir import open_workdir, read_json, run_name, step_lock
+from armlab.workdir import open_workdir, read_json, step_lock
 
 MARKER = "armlab_export.json"
 TOKENIZER_FILES = ("tokenizer.pkl", "token_bytes.pt")
@@ -87,7 +87,7 @@ def export_run(
     checkpoint file written. Refuses bad input (one ArmlabError line) before writing anything."""
     exp.arm(arm)  # unknown arm: names the arms
     wd = open_workdir(exp, create=False)
-    run = run or run_name(arm, exp.train.seeds[0] if seed is None else seed)
+    run = run or exp.run_name(arm, exp.train.seeds[0] if seed is None else seed)
     run_dir = wd.run_dir(arm, run)
     if not (run_dir / "run.json").is_file():
         have = sorted(p.name for p in wd.runs_dir(arm).glob("*") if (p / "run.json").is_file())

@@ -3,8 +3,9 @@
 Every rank builds the same model from the same seed, reads its own share of the arm through
 the loader, and steps the same optimiser on gradients averaged over all ranks (one all-reduce
 per bucket of gradients after accumulation). Rank 0 logs (train.log line, metrics.jsonl,
-optional W&B), evaluates bits-per-byte with every rank on the shared eval set, and writes the
-checkpoints, which hold every rank's loader and RNG state.
+optional W&B), evaluates bits-per-byte with every rank on a fixed sample of whole eval documents
+(armlab.evaluate.bpb), and writes the checkpoints (also the last k the final evaluation scores),
+which hold every rank's loader and RNG state.
 
 The recipe is nanochat 92d63d4's: the model (armlab.train.model), MuonAdamW with its parameter
 groups (armlab.train.optim), the schedules and batch/horizon scaling (armlab.train.schedule),
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from armlab import runs
 from armlab.runs import RunState
 from armlab.train import attention, checkpoint, recipe, schedule
+from armlab.train.mfu import peak_flops
 from armlab.train.model import GPTConfig, build_model, compute_dtype_for
 from armlab.train.optim import MuonAdamW, build_optimizer
 from armlab.train.stop import DIVERGED_LINE, STOP_LINE, StopFlag, agree, test_pause
@@ -40,49 +42,8 @@ from armlab.train.stop import DIVERGED_LINE, STOP_LINE, StopFlag, agree, test_pa
 if TYPE_CHECKING:
     from armlab.train.plan import RunPlan
 
-# Dense bf16 peak FLOP/s per device, nanochat 92d63d4's table (nanochat/common.py get_peak_flops):
-# every pattern must occur in the lower-cased torch.cuda.get_device_name(); the first row that
-# matches wins, so more specific names come first. Unknown devices and CPUs get no MFU.
-PEAK_FLOPS = (
-    (("gb200",), 2.5e15),
-    (("grace blackwell",), 2.5e15),
-    (("b200",), 2.25e15),
-    (("b100",), 1.8e15),
-    (("h200", "nvl"), 836e12),
-    (("h200", "pcie"), 836e12),
-    (("h200",), 989e12),
-    (("h100", "nvl"), 835e12),
-    (("h100", "pcie"), 756e12),
-    (("h100",), 989e12),
-    (("h800", "nvl"), 989e12),
-    (("h800",), 756e12),
-    (("a100",), 312e12),
-    (("a800",), 312e12),
-    (("a40",), 149.7e12),
-    (("a30",), 165e12),
-    (("l40s",), 362e12),
-    (("l40-s",), 362e12),
-    (("l40 s",), 362e12),
-    (("l4",), 121e12),
-    (("mi355",), 2.5e15),
-    (("mi325",), 1.3074e15),
-    (("mi300x",), 1.3074e15),
-    (("mi300a",), 980.6e12),
-    (("mi250x",), 383e12),
-    (("mi250",), 362.1e12),
-    (("5090",), 209.5e12),
-    (("4090",), 165.2e12),
-    (("3090",), 71e12),
-)
 STATE_EVERY_S = 10.0  # rank 0 rewrites state.json at most this often between evals/saves
 GRAD_BUCKET = 1 << 25  # elements per gradient all-reduce
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    return next((flops for keys, flops in PEAK_FLOPS if all(k in name for k in keys)), None)
 
 
 @dataclass(frozen=True)
@@ -139,10 +100,14 @@ def gather(obj: Any, d: Dist) -> list[Any]:
     return out
 
 
-def fault_injection(rank: int, step: int) -> None:
+def fault_injection(rank: int, step: int, model: torch.nn.Module | None = None) -> None:
     """Test-only: ARMLAB_TEST_FAIL_RANK=r ARMLAB_TEST_FAIL_STEP=s makes rank r raise at step s
-    (to prove a crashing rank brings the others down with its error); ARMLAB_TEST_STEP_DELAY
-    slows every step (to kill a run mid-flight)."""
+    (to prove a crashing rank brings the others down with its error); ARMLAB_TEST_NAN_STEP=s
+    turns a weight into NaN on every rank before step s, so step s's loss is NaN (a divergence
+    without waiting for one); ARMLAB_TEST_STEP_DELAY slows every step (to kill a run mid-flight)."""
+    if model is not None and os.environ.get("ARMLAB_TEST_NAN_STEP") == str(step + 1):
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
     if (
         os.environ.get("ARMLAB_TEST_FAIL_RANK") == str(rank)
         and int(os.environ.get("ARMLAB_TEST_FAIL_STEP", "0")) == step
@@ -242,6 +207,7 @@ class _Loop:
 
     def __init__(self, plan: RunPlan, d: Dist, stop: StopFlag) -> None:
         from armlab.budget import training_budget
+        from armlab.evaluate.checkpoints import last_k_steps
         from armlab.tokenizer import Tokenizer
         from armlab.train.loader import DataLoader
 
@@ -252,16 +218,17 @@ class _Loop:
         self.B, self.T = cfg.device_batch_size, exp.model.max_seq_len
         device = d.device
         self.compute_dtype = compute_dtype_for(device)  # bf16 on CUDA sm80+, else fp32 (nanochat's choice)
-        resume_step = _agree_on_plan(plan, d)
+        resume_step, compile_ = _agree_on_plan(plan, d)
 
         self.tokenizer = Tokenizer.load(plan.tokenizer_dir)
-        torch.manual_seed(plan.seed)  # identical initial weights on every rank
+        torch.manual_seed(plan.seed)  # the init seed: identical initial weights on every rank
         self.model_cfg = GPTConfig.from_spec(exp.model, self.tokenizer.vocab_size)
         self.model = build_model(self.model_cfg, device, self.compute_dtype)  # on the device, nanochat's init
         hp = recipe.resolve(self.train)
         budget = training_budget(exp, vocab_size=self.tokenizer.vocab_size)
         scale = schedule.scaling(budget, hp.weight_decay)
-        self.optimizer = build_optimizer(self.model, **scale.learning_rates(hp))
+        # compiled on CUDA, on CPU when the run is long enough to repay it (the plan's choice)
+        self.optimizer = build_optimizer(self.model, **scale.learning_rates(hp), compile=compile_)
         self.sched = Schedule(self.n_steps, cfg.grad_accum_steps, hp, scale.weight_decay)
 
         self.progress, loader_state = Progress(), None
@@ -282,6 +249,8 @@ class _Loop:
             )  # fmt: skip
             del ckpt
         self.start = self.progress.step
+        # the last k checkpoints, which the final evaluation scores (noise; armlab.evaluate.checkpoints)
+        self.keep_for_eval = set(last_k_steps(self.n_steps, exp.evaluate.last_k, exp.evaluate.last_k_every))
         self.loader = DataLoader(
             plan.data_dir,
             self.tokenizer,
@@ -289,14 +258,10 @@ class _Loop:
             self.T,
             d.rank,
             d.world_size,
-            seed=plan.seed,
+            seed=plan.order_seed,  # the data-order seed (train.data_seeds; else the seed)
             state=loader_state,
         )
-        self.fwd = (
-            torch.compile(self.model, dynamic=False)
-            if (device.type == "cuda" and self.train.compile)
-            else self.model
-        )
+        self.fwd = torch.compile(self.model, dynamic=False) if compile_ else self.model
         self.peak = peak_flops(device)
         self.wandb_run = _wandb(exp, plan, d) if self.train.wandb_project else None
         self.metrics = runs.MetricsLog(plan.run_dir) if d.master else None
@@ -321,7 +286,9 @@ class _Loop:
                     and p.evaluated_at != p.step
                 ):
                     self._evaluate()
-                saving = p.step > self.start and (last or p.step % self.train.save_every == 0)
+                saving = p.step > self.start and (
+                    last or p.step % self.train.save_every == 0 or p.step in self.keep_for_eval
+                )
                 if (saving or (reason is not None and p.step > 0)) and p.saved_at != p.step:
                     self._save()
             except RunDiverged as e:
@@ -341,7 +308,7 @@ class _Loop:
         """One optimiser step: accumulate gradients over micro-batches, average over ranks."""
         d, p, cfg = self.d, self.progress, self.cfg
         t0 = time.perf_counter()
-        fault_injection(d.rank, p.step)
+        fault_injection(d.rank, p.step, self.model)
         train_loss, lrm = train_step(self.fwd, self.model, self.optimizer, self.loader, p.step, self.sched, d)
         dt = time.perf_counter() - t0
         p.step += 1
@@ -356,7 +323,7 @@ class _Loop:
             )
         # the loss is averaged over the ranks: every rank sees the same value, so all stop together
         if not math.isfinite(train_loss):
-            raise RunDiverged(f"loss {train_loss} at step {p.step}{self._last_finite()}")
+            raise RunDiverged(f"loss {train_loss}")
         p.last_loss = (p.step, train_loss)
         self._log(runs.MetricsRecord(
             step=p.step, tokens=p.step * cfg.total_batch_size, time=round(p.time, 3), train_loss=train_loss,
@@ -369,17 +336,17 @@ class _Loop:
 
         d, p, plan = self.d, self.progress, self.plan
         self._state(phase=runs.Phase.EVAL)
-        self.model.eval()
+        self.model.eval()  # eager: eval calls have several widths (armlab.evaluate.bpb)
         p.val_bpb = evaluate_bpb(
-            self.fwd, self.tokenizer, plan.eval_dir, self.train.eval_tokens, self.B, self.T, d.device, d.rank,
-            d.world_size,
+            self.model, self.tokenizer, plan.eval_dir, self.train.eval_tokens, self.B, self.T, d.device, d.rank,
+            d.world_size, seed=plan.experiment.eval.seed,
         ).bpb  # fmt: skip
         self.model.train()
         p.evaluated_at = p.step
         if d.master:
             print(f"step {p.step:05d}/{self.n_steps:05d} | val bpb {p.val_bpb:.4f}", flush=True)
         if not math.isfinite(p.val_bpb):
-            raise RunDiverged(f"val bpb {p.val_bpb} at step {p.step}{self._last_finite()}")
+            raise RunDiverged(f"val bpb {p.val_bpb}")
         self._log(runs.MetricsRecord(
             step=p.step, tokens=p.step * self.cfg.total_batch_size, time=round(p.time, 3), val_bpb=p.val_bpb
         ))  # fmt: skip
@@ -390,7 +357,7 @@ class _Loop:
         the last one a resume or an evaluation would take must be a good one)."""
         d, p = self.d, self.progress
         if not all(bool(torch.isfinite(t).all()) for t in self.model.parameters()):
-            raise RunDiverged(f"weights not finite after step {p.step}{self._last_finite()}")
+            raise RunDiverged("the weights are not finite")
         states = gather({"loader": self.loader.state_dict(), "rng": rng_state()}, d)
         if d.master:
             self._state(phase=runs.Phase.SAVE)
@@ -417,12 +384,14 @@ class _Loop:
         if self.d.local_rank == 0:
             print(STOP_LINE.format(step=p.step, reason=reason), flush=True)
 
-    def _diverged(self, detail: str) -> None:
-        p = self.progress
+    def _diverged(self, what: str) -> None:
+        """End here: no checkpoint (the last one saved is the last finite model)."""
+        detail = what + self._last_finite()
         if self.d.master:
-            self._state(state=RunState.DIVERGED, phase=None, ended=time.time(), error=f"diverged: {detail}")
+            self._state(state=RunState.DIVERGED, phase=None, ended=time.time(),
+                        error=f"diverged at step {self.progress.step}: {detail}")  # fmt: skip
         if self.d.local_rank == 0:
-            print(DIVERGED_LINE.format(step=p.step, detail=detail), flush=True)
+            print(DIVERGED_LINE.format(step=self.progress.step, detail=detail), flush=True)
 
     # -- helpers --------------------------------------------------------------------------------------
     def _last_finite(self) -> str:
@@ -446,6 +415,13 @@ class _Loop:
             )
             self.last_state = time.time()
 
+    def _compile_note(self) -> str:
+        """Why a CPU run is compiled or eager (the plan's estimate), for people reading the log."""
+        reason = self.plan.compile_reason
+        if not reason or self.d.device.type != "cpu":
+            return ""
+        return f" ({reason})" if self.fwd is not self.model else f", eager ({reason})"
+
     def _banner(self) -> None:
         plan, cfg, d = self.plan, self.cfg, self.d
         exp = plan.experiment
@@ -454,7 +430,8 @@ class _Loop:
             f"{f' on {plan.nnodes} nodes' if plan.nnodes > 1 else ''}, depth {exp.model.depth} "
             f"({cfg.n_params / 1e6:.1f}M params), {self.n_steps:,} steps x {cfg.total_batch_size:,} tokens "
             f"(grad accum {cfg.grad_accum_steps}), {str(self.compute_dtype).removeprefix('torch.')}"
-            f"{', compiled' if self.fwd is not self.model else ''}, attention {attention.backend(self.compute_dtype, d.device)}",
+            f"{', compiled' if self.fwd is not self.model else ''}{self._compile_note()}, "
+            f"attention {attention.backend(self.compute_dtype, d.device)}",
             flush=True,
         )
         if self.start:
@@ -464,12 +441,12 @@ class _Loop:
             )
 
 
-def _agree_on_plan(plan: RunPlan, d: Dist) -> int | None:
-    """The checkpoint every rank resumes from: rank 0's plan decides (on a multi-node run each node
-    planned on its own; its ranks must be running the same run). Returns the resume step."""
+def _agree_on_plan(plan: RunPlan, d: Dist) -> tuple[int | None, bool]:
+    """(resume step, compile) of every rank: rank 0's plan decides (on a multi-node run each node
+    planned on its own; its ranks must be running the same run)."""
     if d.world_size == 1:
-        return plan.resume_step
-    mine = [plan.fingerprint, plan.config.num_iterations, plan.resume_step]
+        return plan.resume_step, plan.config.compile
+    mine = [plan.fingerprint, plan.config.num_iterations, plan.resume_step, plan.config.compile]
     objs: list[Any] = [mine]
     dist.broadcast_object_list(objs, src=0)
     theirs = objs[0]
@@ -481,7 +458,7 @@ def _agree_on_plan(plan: RunPlan, d: Dist) -> int | None:
             f"{mine[0]}, {mine[1]} steps vs {theirs[0]}, {theirs[1]}); start every node with the same "
             "experiment file and flags"
         )
-    return theirs[2]
+    return theirs[2], theirs[3]
 
 
 def _wandb(exp: Any, plan: RunPlan, d: Dist) -> Any:
@@ -503,6 +480,7 @@ def _wandb(exp: Any, plan: RunPlan, d: Dist) -> Any:
         config={
             "arm": plan.arm,
             "seed": plan.seed,
+            "data_seed": plan.order_seed,
             **dataclasses.asdict(plan.config),
             "fingerprint": plan.fingerprint,
         },

@@ -15,6 +15,7 @@ by the supervisor for the run's lifetime.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -34,7 +35,7 @@ from armlab.progress import console
 from armlab.spec import Experiment, fingerprint, parse_experiment, with_overrides
 from armlab.train.engines import Engine, EngineConfig, get_engine
 from armlab.train.recipe import schedule_misfit
-from armlab.workdir import atomic_write_json, open_workdir, read_json, run_name
+from armlab.workdir import atomic_write_json, open_workdir, read_json
 
 # run.json config keys a resumed run must share with the run that wrote the checkpoint
 RESUME_KEYS = ("depth", "n_params", "total_batch_size", "device_batch_size", "num_iterations", "world_size")
@@ -115,6 +116,8 @@ class RunPlan:
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # HOST:PORT of node 0's rendezvous (static); None: one node
+    compile_reason: str | None = None  # why a CPU run compiles or not (armlab.train.compiling), for the log
+    data_seed: int | None = None  # the data-order seed (train.data_seeds); None: `seed`
 
     @property
     def follower(self) -> bool:
@@ -124,6 +127,11 @@ class RunPlan:
     @property
     def nproc_per_node(self) -> int:
         return self.world_size // self.nnodes
+
+    @property
+    def order_seed(self) -> int:
+        """The seed of the run's data order (the loader's; nanochat's file order)."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def plan_file(self) -> Path:
@@ -274,7 +282,7 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     engine = get_engine(eff.train.engine)
     engine_config = engine.configure(eff)
     seed = eff.train.seeds[0] if o.seed is None else o.seed
-    run = o.run_name or run_name(arm, seed)
+    run = o.run_name or eff.run_name(arm, seed)
     wd = open_workdir(exp, create=False)
     data_dir, run_dir = wd.data_dir(arm), wd.run_dir(arm, run)
     data_manifest = _complete_manifest(data_dir, f"armlab prepare EXP --arm {arm}", f"arm {arm!r}")
@@ -291,6 +299,9 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
     )  # fmt: skip
     check_feeds(data_dir, world)
     port = check_port(o.master_port) if o.master_port is not None else None
+    compile_, compile_reason = _compile_choice(
+        engine, eff, kind, budget, world, per_node, wd.run_dir(arm, run), o.resume
+    )
     if endpoint is not None and node_rank == 0:  # node 0's torchrun serves the rendezvous there
         check_port(int(endpoint.rpartition(":")[2]), "--rdzv-endpoint")
 
@@ -310,13 +321,14 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         world_size=world,
         device=kind,
         dtype=_compute_dtype(kind),
-        compile=bool(eff.train.compile and kind == "cuda"),
+        compile=compile_,
         nnodes=o.nnodes,
     )
     run_json = {
         "experiment": exp.name,
         "arm": arm,
         "seed": seed,
+        "data_seed": eff.train.data_seed(seed),
         "run": run,
         "fingerprint": run_fingerprint(eff, engine_config),
         "comparability": eff.comparability(),
@@ -341,7 +353,8 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         master_port=port, resume_step=resume_step, fingerprint=run_json["fingerprint"], config=config,
         engine=engine_config, force=o.force,
         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES") if kind == "cuda" else None,
-        nnodes=o.nnodes, node_rank=node_rank, rdzv_endpoint=endpoint,
+        nnodes=o.nnodes, node_rank=node_rank, rdzv_endpoint=endpoint, compile_reason=compile_reason,
+        data_seed=eff.train.data_seed(seed),
     )  # fmt: skip
     engine.preflight(plan)
     _check_repeats(data_manifest, budget.tokens, arm, eff.train.allow_repeat)
@@ -362,6 +375,26 @@ def plan_run(exp: Experiment, arm: str, options: TrainOptions = TrainOptions()) 
         atomic_write_json(run_dir / runs.RUN_JSON, run_json)
     plan.write()
     return plan
+
+
+def _compile_choice(
+    engine: Engine,
+    exp: Experiment,
+    device: str,
+    budget: Any,
+    world: int,
+    per_node: int,
+    run_dir: Path,
+    resume: bool,
+) -> tuple[bool, str | None]:
+    """(the engine's choice (armlab.train.compiling), why, on CPU); a resumed run keeps its own."""
+    if resume:
+        with contextlib.suppress(FileNotFoundError, ArmlabError, KeyError, TypeError):
+            return bool(read_json(run_dir / runs.RUN_JSON)["config"]["compile"]), None
+    choice = engine.compile_choice(exp, device, budget, world, per_node)
+    if device != "cpu" or not exp.train.compile:
+        return choice.compile, None
+    return choice.compile, choice.reason
 
 
 def _restart_from_zero(run_dir: Path, reached: int) -> None:

@@ -56,9 +56,7 @@ from armlab.train.plan import RunPlan, TrainOptions, plan_run
 from armlab.train.stop import GRACE_S, OUTCOME_RE, SIGNALS
 from armlab.workdir import leased, read_json
 
-FAIL_GRACE_S = 30  # once torchrun reports a failed rank, how long the others get before SIGKILL
 TAIL_LINES = 200  # output lines kept to name a launcher failure that left no rank error
-TORCHRUN_FAILED = "failed (exitcode:"  # torchrun's log line when a rank exits non-zero
 
 
 def train(exp: Experiment, arm: str, options: TrainOptions = TrainOptions(), echo: bool = True) -> Path:
@@ -105,8 +103,9 @@ class _Stopper:
     """The supervisor's stop signals: the first asks the ranks to stop (the stop request file and
     the signal, forwarded to each rank), with a deadline; a second SIGINT kills them at once."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, checkpoints: bool) -> None:
         self.run_dir = run_dir
+        self.checkpoints = checkpoints  # the engine's ranks save a checkpoint when asked to stop
         self.reason: str | None = None
         self.killed: str | None = None  # how the ranks were killed instead of stopping
         self.proc: subprocess.Popen | None = None
@@ -141,17 +140,19 @@ class _Stopper:
         with contextlib.suppress(OSError):  # a full disk must not stop the stop: the signal still goes
             if requested is None:
                 runs.request_stop(self.run_dir, sig.name)
-        console.print(f"train: {self.reason}: the ranks finish their step and save a checkpoint "
-                      f"(up to {GRACE_S} s{'; Ctrl-C again to kill them now' if sig == signal.SIGINT else ''})")  # fmt: skip
+        what = (
+            f"the ranks finish their step and save a checkpoint (up to {GRACE_S} s"
+            if self.checkpoints
+            else "stopping the ranks (this engine cannot checkpoint on a stop: a restart continues from its last "
+            "checkpoint"
+        )
+        again = "; Ctrl-C again to kill them now" if sig == signal.SIGINT else ""
+        console.print(f"train: {self.reason}: {what}{again})")
         self._forward(sig)
         self.deadline(GRACE_S)
 
     def deadline(self, seconds: float) -> None:
-        """Kill the ranks after `seconds` unless they exit first (the earliest deadline wins)."""
-        if self._timer is not None and self._timer.interval <= seconds:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
+        """Kill the ranks after `seconds` unless they exit first."""
         self._timer = threading.Timer(seconds, self.kill, args=(f"killed after {seconds:.0f} s",))
         self._timer.daemon = True
         self._timer.start()
@@ -212,7 +213,7 @@ def supervise(plan: RunPlan, echo: bool = True, engine: Engine | None = None) ->
         runs.clear_rank_errors(run_dir)
         runs.clear_stop_request(run_dir)
     try:
-        with _Stopper(run_dir) as stopper, _take_lease(plan):
+        with _Stopper(run_dir, engine.stops_with_checkpoint) as stopper, _take_lease(plan):
             if owner:
                 runs.write_state(
                     run_dir, state=RunState.STARTING, pid=os.getpid(), started=time.time(), ended=None,
@@ -254,8 +255,6 @@ def _run_ranks(
         stopper.attach(proc, cmd.argv)
         try:
             out = _tee(proc, log, echo, engine, plan, stopper)
-            if out.diverged is not None:  # the ranks know nothing of it: end them
-                stopper.kill("diverged")
             rc = proc.wait()
         finally:  # an error here (a full disk under train.log): the ranks go down before the lease
             if proc.poll() is None:
@@ -284,12 +283,10 @@ def _tee(
             sys.stdout.flush()
         if m := OUTCOME_RE.match(line):
             out.outcome = (m.group(1), int(m.group(2)), m.group(3))
-        if TORCHRUN_FAILED in line:  # a rank failed: the others get FAIL_GRACE_S, not the stop grace
-            stopper.deadline(FAIL_GRACE_S)
         if handler_ok and out.diverged is None:
             try:
                 engine.on_output(plan, line)
-            except Diverged as e:
+            except Diverged as e:  # the ranks know nothing of it: end them
                 out.diverged = e
                 stopper.kill("diverged")
             except Exception as e:  # noqa: BLE001  reported in train.log, the run goes on
@@ -321,7 +318,7 @@ def _conclude(plan: RunPlan, engine: Engine, out: _Output, rc: int, stopper: _St
         resume = steps[-1] if steps else None
         step = max(st.step, runs.read_metrics(run_dir).last_step or 0)
         killed = f" ({stopper.killed})" if stopper.killed else ""
-        runs.write_state(run_dir, state=RunState.STOPPED, ended=time.time(), phase=None, resume_step=resume,
+        runs.write_state(run_dir, state=RunState.STOPPED, ended=time.time(), phase=None, step=step, resume_step=resume,
                          stop_reason=stopper.reason, error=f"stopped by {stopper.reason}{killed}")  # fmt: skip
         raise Stopped(stop_message(run, step, resume, stopper.reason + killed))
     if rc != 0:

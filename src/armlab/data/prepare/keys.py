@@ -57,7 +57,10 @@ def stats_score_column(exp: Experiment) -> str | None:
 
 
 def key_columns(exp: Experiment, arms: list[ArmSpec]) -> Columns:
-    wanted = [a.score_column for a in arms if a.score_column] + [stats_score_column(exp)]
+    scorers = {x.name for x in getattr(exp, "scorers", [])}
+    numeric = exp.report.group_column if exp.report.group_bins else None  # a numeric group: read as a score
+    binned = None if numeric in scorers else numeric  # a scorer's scores join from its sidecars instead
+    wanted = [a.score_column for a in arms if a.score_column] + [stats_score_column(exp), binned]
     scores = tuple(dict.fromkeys(c for c in wanted if c))
     by_tokens = any(a.by == "tokens" or a.max_tokens for a in arms)
     tokens = exp.pool.token_count_column  # a small integer column: read it when there is one (exact counts)
@@ -67,7 +70,7 @@ def key_columns(exp: Experiment, arms: list[ArmSpec]) -> Columns:
         scores=scores,
         tokens=tokens,
         need_chars=by_tokens and tokens is None,
-        group=exp.report.group_column,
+        group=None if numeric else exp.report.group_column,
     )
 
 

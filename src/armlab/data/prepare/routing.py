@@ -54,7 +54,23 @@ def text_schema(target: Target) -> pa.Schema:
     fields = [pa.field("h", pa.uint64()), pa.field("text", pa.string())]
     if target.name == EVAL:
         fields += [pa.field("key", pa.uint64()), pa.field("text_key", pa.uint64())]
+        fields += [pa.field(c, pa.string() if c.startswith("group:") else pa.float64())
+                   for c in target.columns if c.startswith(("score:", "scorer:", "group:"))]  # fmt: skip
     return pa.schema(fields)
+
+
+def eval_label_arrays(target: Target, a: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, pa.Array]:
+    """The eval set's label columns for the pool rows `rows` (`targets.eval_labels`): scores as
+    read by the key pass, the group column's values (null where the pool has none)."""
+    out: dict[str, pa.Array] = {}
+    for c in target.columns:
+        if c.startswith(("score:", "scorer:")):
+            out[c] = pa.array(a[c][rows], type=pa.float64(), from_pandas=True)  # NaN: no score
+        elif c.startswith("group:"):
+            codes = a["group"][rows]
+            values = np.asarray(a["group_values"], dtype=object)
+            out[c] = pa.array([values[k] if k >= 0 else None for k in codes], type=pa.string())
+    return out
 
 
 def route_unit(
@@ -105,6 +121,7 @@ def route_unit(
                 if t.name == EVAL:
                     cols["key"] = pa.array(k)
                     cols["text_key"] = pa.array(text_keys(sub))
+                    cols.update(eval_label_arrays(t, a, off + idx))
                 writers[t.name].add(pa.table(cols))
                 chars = pc.utf8_length(sub).to_numpy(zero_copy_only=False)
                 doc_chars[off + idx] = chars

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from armlab.data.pool import PoolFile
+from armlab.data.prepare.keys import key_columns
 from armlab.data.select import SALT_SHUFFLE, SALT_TOKENIZER
 from armlab.data.shards import MANIFEST
 from armlab.errors import ArmlabError
@@ -36,6 +37,11 @@ class Target:
     fingerprint: str
     salt: int = SALT_SHUFFLE  # the shards are in ascending mix(key, shuffle_seed, salt)
     scorer: dict[str, Any] | None = None  # the scores an arm selects on (data.score.fresh.Scored.describe)
+    # The eval set only: label columns its shards must carry (`report.group_label`). They are
+    # not part of the fingerprint: labels say which group a document is in, not which documents
+    # the eval set holds, so adding them re-writes the eval set's shards (same texts, same order)
+    # without making any run's evaluation stale.
+    labels: tuple[str, ...] = ()
 
     @property
     def partial_dir(self) -> Path:
@@ -102,6 +108,18 @@ def arm_selection(exp: Experiment, arm: ArmSpec) -> dict[str, Any]:
     return sel
 
 
+def eval_labels(exp: Experiment, arms: list[ArmSpec], scorers: list[str] = ()) -> tuple[str, ...]:
+    """The label column written beside each eval document for `[report] group_column`, so that
+    `compare` can split val bpb by it (`report/groups.py`): `group:<column>` (a category, string),
+    `score:<column>` (a numeric pool column, float) or `scorer:<name>` (a scorer's score, float;
+    only when this prepare joins that scorer's sidecars). Only what the report asks for: the eval
+    shards of two experiments that differ in nothing else stay byte-identical."""
+    cols = key_columns(exp, arms)
+    label = exp.report.group_label(scorers)
+    attainable = {f"group:{cols.group}"} | {f"score:{c}" for c in cols.scores} | {f"scorer:{n}" for n in scorers}
+    return (label,) if label and label in attainable else ()
+
+
 def plan_targets(
     exp: Experiment, wd: Workdir, arms: list[ArmSpec], pool_fp: str, scored: dict[str, Any] | None = None
 ) -> list[Target]:
@@ -114,9 +132,10 @@ def plan_targets(
             EVAL,
             wd.eval_dir,
             exp.eval.seed,
-            ("text", "key", "text_key"),
+            ("text", "key", "text_key", *eval_labels(exp, arms, list(scored or {}))),
             eval_selection(exp),
             fingerprint({**common, "target": "eval"}),
+            labels=eval_labels(exp, arms, list(scored or {})),
         ),
         Target(
             TOKENIZER,
@@ -179,9 +198,11 @@ def needs_work(t: Target, force: bool, overwrite: bool, files: list[PoolFile] | 
     mpath = t.out_dir / MANIFEST
     if mpath.is_file():
         m = read_json(mpath)
-        if m.get("complete") and m.get("fingerprint") == t.fingerprint:
+        same = m.get("complete") and m.get("fingerprint") == t.fingerprint
+        if same and set(t.labels) <= set(m.get("columns") or ()):
             return False
-        if m.get("complete") and not overwrite:
+        # same documents but without the label columns the report needs: written again, below
+        if m.get("complete") and not same and not overwrite:
             diff = fingerprint_diff(m.get("selection", {}), t.selection)
             changed = pool_changes(m.get("pool_files"), files) if files is not None and not diff else []
             if changed:

@@ -180,6 +180,7 @@ def write_targets(
                 "files": files,
                 "selection": t.selection,
                 "fingerprint": t.fingerprint,
+                "columns": list(t.columns),
                 "shards": shards.model_dump(),
                 "dropped_empty": tot["dropped_empty"],
                 "shuffle": {"seed": t.shuffle_seed, "order": _order(t)},

@@ -149,7 +149,8 @@ def fetch_url(url: str, who: str) -> Path:
 
     safe = shown(url)
     key = hashlib.sha256(safe.encode()).hexdigest()[:16]
-    name = Path(urllib.parse.urlsplit(safe).path).name or "model"
+    name = Path(urllib.parse.urlsplit(safe).path).name
+    name = "model" if name in ("", ".", "..") else name  # a URL ending in `/..` names no file here
     dest = cache_root() / "url" / key / name
     dest.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(dest.parent / ".lock")):

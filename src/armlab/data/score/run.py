@@ -107,13 +107,15 @@ def score(
     backends = {s.name: get_backend(s.kind).devices(opts.device, cluster) for s in chosen}  # refuses early
     if not on_ray:
         files = list_pool(exp.pool)
+    # every model found (downloaded once) before anything is written: a refused score leaves no workdir
+    found = {s.name: models.resolve(s) for s in chosen}
     in_workdir = exp.score.scores_dir is None
     wd = open_workdir(exp, create=in_workdir) if in_workdir else None  # another experiment's: refused
     out = {}
     with stop_on_signals("score"):
         for s in chosen:
             device, slots = backends[s.name]
-            out[s.name] = score_one(exp, s, files, opts, device, slots, make_executor)
+            out[s.name] = score_one(exp, s, found[s.name], files, opts, device, slots, make_executor)
     if wd is not None:
         freeze_spec(wd, exp)
     return out
@@ -122,14 +124,15 @@ def score(
 def score_one(
     exp: Experiment,
     scorer: ScorerSpec,
+    resolved: models.Resolved,
     files: list[PoolFile],
     opts: ScoreOptions,
     device: str,
     slots: int,
     make_executor: ExecutorFactory | None = None,
 ) -> Path:
+    """One scorer over the pool's `files` with its model `resolved` (models.resolve)."""
     directory = scorer_dir(exp, scorer.name)
-    resolved = models.resolve(scorer)
     ident = identity(scorer, exp, models.ref(scorer))
     with hold_lock(directory / ".lock", f"score {scorer.name!r} in {directory}", wait=True):
         manifest = _open_manifest(exp, scorer, directory, ident, resolved, opts.overwrite)

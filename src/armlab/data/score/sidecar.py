@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from armlab.data.pool import PoolFile, split_uri
 from armlab.errors import ArmlabError
+from armlab.names import check_name
 from armlab.spec import Experiment, ScorerSpec, fingerprint
 from armlab.workdir import atomic_path, atomic_write_json, read_json
 
@@ -51,7 +52,7 @@ LAYOUT = (
 
 
 def scorer_dir(exp: Experiment, name: str) -> Path:
-    return exp.scores_path / name
+    return exp.scores_path / check_name(name, "scorer name")  # never a path out of the scores dir
 
 
 def relative_names(uri: str, files: list[PoolFile]) -> dict[str, str]:

@@ -15,6 +15,8 @@ The experiment is the host's own (its workdir, no [[hosts]]): a plain local expe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import json
 import os
 import socket
@@ -25,6 +27,7 @@ from typing import Any
 
 from armlab.errors import ArmlabError
 from armlab.ops.hosts.messages import (
+    FollowRequest,
     HostProbe,
     LaneProbe,
     LaneStarted,
@@ -45,6 +48,7 @@ from armlab.ops.lanes import (
     read_lane_state,
     read_lanes,
     read_queue,
+    start_followers,
     start_lanes,
     stop_lanes,
 )
@@ -65,7 +69,6 @@ from armlab.workdir import freeze_spec, open_workdir, pid_alive, read_json, read
 
 METRICS_TAIL = 1000  # metrics.jsonl lines mirrored (plus every val_bpb line)
 LOG_TAIL = 200  # train.log lines mirrored
-STOP_TIMEOUT_S = 60  # the supervisor itself gives its ranks 30 s after SIGTERM
 
 
 # -- probe --------------------------------------------------------------------------------------------
@@ -131,6 +134,13 @@ def start(exp: Experiment, req: SlotsRequest, detach: bool = True) -> StartResul
     return StartResult(out, _tokenizer(exp))
 
 
+def follow(exp: Experiment, req: FollowRequest) -> StartResult:
+    """On node `req.node_rank` of runs across machines: a follower runner for each lane (node 0's
+    runner leads; see armlab.ops.lane_runner.follow_lane)."""
+    starts = start_followers(open_workdir(exp, create=False), group_lanes(req.slots), req.node_rank)
+    return StartResult({s.lane: LaneStarted(s.lane, s.action, s.pid) for s in starts}, None)
+
+
 # -- mirror -------------------------------------------------------------------------------------------
 def run_dirs(exp: Experiment, arms: list[str]) -> list[Path]:
     wd = open_workdir(exp, create=False)
@@ -178,6 +188,14 @@ def mirror(exp: Experiment, req: MirrorRequest) -> MirrorPayload:
 
 
 # -- stop ---------------------------------------------------------------------------------------------
+def stop_timeout() -> float:
+    """How long a stop waits before SIGKILL: the trainer's grace to checkpoint (armlab.train.stop
+    GRACE_S; a d26 checkpoint is ~10 GB), plus a minute."""
+    from armlab.train.stop import GRACE_S
+
+    return GRACE_S + 60.0
+
+
 def stop(exp: Experiment, req: StopRequest) -> StopResult:
     """Stop this machine's lanes and live runs of these arms: first every live lane holding one of
     their runs (armlab.ops.lanes.stop_lanes: the lane's run stops, its queued runs do not start),
@@ -199,22 +217,31 @@ def stop(exp: Experiment, req: StopRequest) -> StopResult:
         for lease in read_leases(wd.data_dir(r.arm)):  # a SIGKILLed holder could not release its own
             if lease.local and lease.pid == r.pid and not pid_alive(lease.pid):
                 release_lease(wd.data_dir(r.arm), lease)
-    return StopResult([_with_restart(wd.run_dir(r.arm, r.run), r) for r in rows])
+    return StopResult([with_restart(wd.run_dir(r.arm, r.run), r) for r in rows])
 
 
-def _with_restart(run_dir: Path, row: StopRow) -> StopRow:
-    """A stopped run with no checkpoint yet restarts from step 0: the stop says so."""
-    import dataclasses
-
-    st = read_state(run_dir)
-    if not row.result.startswith("stopped") or st.get("state") != "stopped":
+def with_restart(run_dir: Path, row: StopRow) -> StopRow:
+    """A stop says where a restart resumes: the checkpoint the stop saved (state.json's
+    `resume_step`), else the run's last one; with none, that it begins at step 0."""
+    if not row.result.startswith(("stopped", "cancelled")):
         return row
-    resume = st.get("resume_step")
-    if "resume_step" in st and resume is None:
-        return dataclasses.replace(row, result=f"{row.result}; no checkpoint yet: a restart begins at step 0")
-    if resume:
-        return dataclasses.replace(row, result=f"{row.result}; resumes from step {resume}")
-    return row
+    st = read_state(run_dir)
+    step = st.get("resume_step") if st.get("state") == "stopped" else None
+    if step is None:
+        step = _last_checkpoint(run_dir)
+    tail = f"resumes from step {step}" if step else "no checkpoint yet: a restart begins at step 0"
+    return dataclasses.replace(row, result=f"{row.result}; {tail}")
+
+
+def _last_checkpoint(run_dir: Path) -> int | None:
+    from armlab.runs import load_run
+    from armlab.train.engines import get_engine
+
+    try:
+        steps = get_engine(load_run(run_dir).engine).checkpoint_steps(run_dir)
+    except ArmlabError:  # no run.json yet: nothing trained
+        return None
+    return steps[-1] if steps else None
 
 
 # -- logs ---------------------------------------------------------------------------------------------
@@ -242,24 +269,31 @@ def logs(exp: Experiment, req: LogsRequest) -> None:
 
 
 # -- the table ----------------------------------------------------------------------------------------
-OPS: dict[str, tuple[type[Record], Callable[[Experiment, Any], Record | None]]] = {
-    "probe": (SlotsRequest, probe),
-    "start": (SlotsRequest, start),
-    "mirror": (MirrorRequest, mirror),
-    "stop": (StopRequest, stop),
-    "logs": (LogsRequest, logs),
+Op = tuple[type[Record], Callable[[Experiment, Any], Record | None], type[Record] | None]  # request, fn, answer
+OPS: dict[str, Op] = {
+    "probe": (SlotsRequest, probe, HostProbe),
+    "start": (SlotsRequest, start, StartResult),
+    "follow": (FollowRequest, follow, StartResult),
+    "mirror": (MirrorRequest, mirror, MirrorPayload),
+    "stop": (StopRequest, stop, StopResult),
+    "logs": (LogsRequest, logs, None),  # replaces the process with `tail`: no answer
 }
-ANSWERS: dict[str, type[Record] | None] = {
-    "probe": HostProbe, "start": StartResult, "mirror": MirrorPayload, "stop": StopResult, "logs": None,
-}  # fmt: skip
+# A backend's own host-side ops, as "<backend>.<op>": its module's OPS table (same shape).
+BACKEND_OPS = {"slurm": "armlab.ops.hosts.slurm_jobs"}
+
+
+def lookup(op: str) -> Op:
+    backend, dot, name = op.rpartition(".")
+    try:
+        table = importlib.import_module(BACKEND_OPS[backend]).OPS if dot else OPS
+        return table[name]
+    except KeyError:
+        raise ArmlabError(f"unknown agent op {op!r}; is armlab the same version on both sides?") from None
 
 
 def call(op: str, exp: Experiment, request: Record) -> Record | None:
     """Run one op in this process."""
-    try:
-        kind, fn = OPS[op]
-    except KeyError:
-        raise ArmlabError(f"unknown agent op {op!r} (ops: {', '.join(OPS)})") from None
+    kind, fn, _ = lookup(op)
     if not isinstance(request, kind):
         raise TypeError(f"agent op {op}: expected {kind.__name__}, got {type(request).__name__}")
     return fn(exp, request)
@@ -270,9 +304,7 @@ def main(argv: list[str]) -> int:
     as one JSON line on stdout; a refusal as one line on stderr, exit 2."""
     try:
         op, exp_path = argv
-        kind = OPS[op][0] if op in OPS else None
-        if kind is None:
-            raise ArmlabError(f"unknown agent op {op!r} (ops: {', '.join(OPS)}); is armlab the same version here?")
+        kind = lookup(op)[0]
         request = kind.from_json(json.loads(sys.stdin.read() or "{}"), f"agent {op} request")
         answer = call(op, load_experiment(exp_path), request)
     except ArmlabError as e:

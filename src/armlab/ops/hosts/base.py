@@ -26,6 +26,8 @@ START_TIMEOUT_S = 900  # start waits for each new runner's first run (armlab.ops
 
 
 class AgentHost:
+    OPS_PREFIX = ""  # a backend with its own host-side ops names them "<backend>." (agent.BACKEND_OPS)
+
     def __init__(self, exp: Experiment, spec: HostSpec) -> None:
         self.exp, self.spec = exp, spec
 
@@ -42,20 +44,22 @@ class AgentHost:
         return None
 
     def probe(self, slots: list[Slot]) -> HostProbe:
-        return cast(HostProbe, self.agent.call("probe", SlotsRequest(slots)))
+        return cast(HostProbe, self.agent.call(self.OPS_PREFIX + "probe", SlotsRequest(slots)))
 
     def start(self, slots: list[Slot]) -> StartResult:
         return cast(StartResult, self.agent.call("start", SlotsRequest(slots), timeout=START_TIMEOUT_S))
 
     def mirror(self) -> MirrorPayload:
-        return cast(MirrorPayload, self.agent.call("mirror", MirrorRequest(list(self.spec.arms), self.name), timeout=120))
+        req = MirrorRequest(list(self.spec.arms), self.name)
+        return cast(MirrorPayload, self.agent.call(self.OPS_PREFIX + "mirror", req, timeout=120))
 
     def stop(self, arms: list[str], timeout: float) -> list[StopRow]:
-        out = cast(StopResult, self.agent.call("stop", StopRequest(arms, timeout), timeout=timeout + 120))
+        req = StopRequest(arms, timeout)
+        out = cast(StopResult, self.agent.call(self.OPS_PREFIX + "stop", req, timeout=timeout + 120))
         return [dataclasses.replace(r, host=self.name) for r in out.rows]
 
     def logs(self, arm: str, run: str | None, lines: int, follow: bool) -> int:
-        rc = self.agent.stream("logs", LogsRequest(arm, run, lines, follow))
+        rc = self.agent.stream(self.OPS_PREFIX + "logs", LogsRequest(arm, run, lines, follow))
         if rc == 2:
             raise ArmlabError(f"host {self.name!r}: no log for arm {arm!r} (see the message above)")
         return rc

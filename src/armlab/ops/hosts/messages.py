@@ -21,6 +21,14 @@ class SlotsRequest(Record):
 
 
 @dataclass(frozen=True)
+class FollowRequest(Record):
+    """follow: on node `node_rank` (> 0) of runs across machines, a runner for each lane of these slots."""
+
+    slots: list[Slot]
+    node_rank: int
+
+
+@dataclass(frozen=True)
 class MirrorRequest(Record):
     arms: list[str]
     host: str | None = None  # the [[hosts]] entry whose lanes to include
@@ -86,6 +94,22 @@ class JobView(Record):
         if self.nodes and self.state == "RUNNING":
             out += f" on {self.nodes}"
         return out + (f", link {self.link}" if self.link > 1 else "")
+
+    def short(self) -> str:
+        """`123 PD Priority`, `124 R n[1-2] #2` (squeue's state codes)."""
+        code = SQUEUE_CODES.get(self.state, self.state)
+        out = f"{self.job_id} {code}"
+        if self.reason and self.reason != "None":
+            out += f" {self.reason}"
+        if self.nodes and self.state == "RUNNING":
+            out += f" {self.nodes}"
+        return out + (f" #{self.link}" if self.link > 1 else "")
+
+
+SQUEUE_CODES = {
+    "PENDING": "PD", "RUNNING": "R", "COMPLETING": "CG", "COMPLETED": "CD", "CANCELLED": "CA", "FAILED": "F",
+    "TIMEOUT": "TO", "PREEMPTED": "PR", "NODE_FAIL": "NF", "SUSPENDED": "S", "REQUEUED": "RQ",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)

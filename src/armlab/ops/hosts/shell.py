@@ -131,7 +131,8 @@ class ShellAgent:
         body = json.dumps(request.to_json()).encode()
         p = self.shell.run(self.command(op), input=body, check=False, timeout=timeout, what=f"armlab {op}")
         out = p.stdout.decode(errors="replace").strip().splitlines()
-        if p.returncode != 0 or (agent.ANSWERS[op] is not None and not out):
+        answer = agent.lookup(op)[2]
+        if p.returncode != 0 or (answer is not None and not out):
             tail = last_line(p)
             if p.returncode == 127 or any(k in tail for k in ("No such file", "ModuleNotFoundError", "ImportError")):
                 raise ArmlabError(
@@ -139,7 +140,6 @@ class ShellAgent:
                     f"run `armlab setup EXP --host {self.shell.name}`"
                 )
             raise ArmlabError(f"host {self.shell.name!r}: armlab {op} failed: {tail}")
-        answer = agent.ANSWERS[op]
         if answer is None:
             return None
         try:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import uuid
 from typing import Any
 
+from armlab.errors import ArmlabError
 from armlab.ops.doctor import DoctorReport
-from armlab.ops.hosts import host_experiment_path, host_experiment_toml, host_python
-from armlab.ops.hosts.base import AgentHost
+from armlab.ops.hosts import host_experiment_path, host_experiment_toml, host_python, host_workdir
+from armlab.ops.hosts.base import START_TIMEOUT_S, AgentHost
+from armlab.ops.hosts.messages import FollowRequest, StartResult, StopRequest
 from armlab.ops.hosts.shell import Shell, ShellAgent, armlab_cmd
-from armlab.ops.ssh import Remote
+from armlab.ops.lanes import StopRow
+from armlab.ops.ssh import Remote, rpath
 from armlab.progress import console
 from armlab.spec import Experiment, HostSpec
 
@@ -60,13 +64,12 @@ class ShellHost(AgentHost):
     def doctor(self, *, device: str | None, expect_data: bool, extra: tuple[str, ...] = ()) -> DoctorReport:
         """`armlab doctor --json` on the host for its arm(s), plus: is its armlab this armlab?"""
         from armlab import __version__
-        from armlab.errors import ArmlabError
         from armlab.ops.setup import source_fingerprint
 
         args = [
             "doctor", self.push(), "--local", "--json", "--no-core-bundle",  # launch trains; evaluate checks it
             *(["--master-port", str(self.spec.master_port)] if self.spec.master_port is not None else []),
-            *world_args(self.spec, device), *(f"--arm={a}" for a in self.spec.arms),
+            *self.world_args(device), *(f"--arm={a}" for a in self.spec.arms),
             *([] if expect_data else ["--no-expect-data"]), *extra,
         ]  # fmt: skip
         p = self.armlab(*args, timeout=DOCTOR_TIMEOUT_S, check=False)
@@ -89,6 +92,12 @@ class ShellHost(AgentHost):
             rep.add("armlab", "ok", f"same armlab as this machine ({__version__}, source {source_fingerprint()})")
         return rep
 
+    def world_args(self, device: str | None) -> list[str]:
+        """`armlab doctor`'s flags: the entry's device and all its GPUs (or one run's CPU ranks)."""
+        if (device or self.spec.device) == "cpu":
+            return ["--device", "cpu", "--nproc", str(self.spec.nproc)]
+        return ["--device", "cuda", "--num-gpus", str(self.spec.num_gpus)]
+
     def prepare(self, arms: list[str], mode: str) -> None:
         """prepare: the arms and the tokenizer there; skip: pull the prebuilt ones of `arms`
         (the orchestrator passes those whose data is missing)."""
@@ -104,20 +113,64 @@ class ShellHost(AgentHost):
                 self.armlab("pull", exp_path, "--arm", a)
 
 
-def world_args(spec: HostSpec, device: str | None) -> list[str]:
-    """`armlab doctor`'s flags: the entry's device and all its GPUs (or one run's CPU ranks)."""
-    if (device or spec.device) == "cpu":
-        return ["--device", "cpu", "--nproc", str(spec.nproc)]
-    return ["--device", "cuda", "--num-gpus", str(spec.num_gpus)]
-
-
 class SshHost(ShellHost):
+    """One machine (`ssh`), or several (`nodes`, node 0 first) that every run spans: node 0's lane
+    runners lead (they own the runs), a follower runner on each other node joins each run
+    (armlab.ops.lane_runner.follow_lane). The workdir is on a filesystem every node mounts: the
+    data is prepared once, on node 0."""
+
     def __init__(self, exp: Experiment, spec: HostSpec) -> None:
         super().__init__(exp, spec, Remote.from_spec(spec))
+        self.nodes = [Remote(name=spec.name, target=t, port=spec.port) for t in spec.nodes or []]
 
     def machine(self) -> str:
-        """`address:ssh-port` (aliases and IPs of one machine compare equal)."""
+        """`address:ssh-port` of (node 0 of) the entry: aliases and IPs of one machine compare equal."""
         name, port = Remote.from_spec(self.spec).resolve()
         with contextlib.suppress(OSError):
             name = socket.getaddrinfo(name, port, proto=socket.IPPROTO_TCP)[0][4][0]
         return f"{name}:{port}"
+
+    def node_agent(self, k: int) -> ShellAgent:
+        return ShellAgent(self.nodes[k], self.python, self.exp_path)
+
+    def check(self, slots: list) -> None:
+        """A run across nodes needs one workdir they all see: node 0 writes a file there, every
+        other node must read it back."""
+        if not self.nodes:
+            return
+        probe = f"{host_workdir(self.exp, self.spec)}/.armlab-nodes-{uuid.uuid4().hex[:12]}"
+        self.shell.put_text(probe, probe)
+        try:
+            for k, node in enumerate(self.nodes[1:], 1):
+                seen = node.run(f"cat {rpath(probe)}", check=False, what="reading the workdir").stdout.decode()
+                if seen.strip() != probe:
+                    raise ArmlabError(
+                        f"host {self.name!r}: node {k} ({node.target}) does not see the workdir node 0 "
+                        f"({self.nodes[0].target}) wrote ({host_workdir(self.exp, self.spec)}); a run's nodes "
+                        "share it: set workdir to a filesystem every node mounts (NFS, Lustre, ...)"
+                    )
+        finally:
+            self.shell.run(f"rm -f {rpath(probe)}", check=False)
+
+    def doctor(self, *, device: str | None, expect_data: bool, extra: tuple[str, ...] = ()) -> DoctorReport:
+        """Node 0's report, with every other node's checks (its armlab, packages, GPUs) as `node K ...`."""
+        rep = super().doctor(device=device, expect_data=expect_data, extra=extra)
+        for k in range(1, len(self.nodes)):
+            other = ShellHost(self.exp, self.spec, self.nodes[k])
+            for c in other.doctor(device=device, expect_data=expect_data, extra=extra).checks:
+                rep.add(f"node {k} {c.name}", c.status, f"{self.nodes[k].target}: {c.detail}", c.fix)
+        return rep
+
+    def start(self, slots: list) -> StartResult:
+        """Node 0's lanes first (their runners lead), then a follower runner on every other node."""
+        result = super().start(slots)
+        for k in range(1, len(self.nodes)):
+            self.node_agent(k).call("follow", FollowRequest(slots, k), timeout=START_TIMEOUT_S)
+        return result
+
+    def stop(self, arms: list[str], timeout: float) -> list[StopRow]:
+        """Node 0's runs (they checkpoint), then what still follows them on the other nodes."""
+        rows = super().stop(arms, timeout)
+        for k in range(1, len(self.nodes)):
+            self.node_agent(k).call("stop", StopRequest(arms, timeout), timeout=timeout + 120)
+        return rows

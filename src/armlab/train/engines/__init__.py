@@ -13,12 +13,14 @@ Who calls what, for one run (`plan` is an armlab.train.plan.RunPlan):
                                        config = engine.configure(exp)          refuse bad settings
                                        budget = engine.budget(exp, vocab)      steps, batch, tokens
                                        engine.checkpoint_steps(run_dir)        --resume: from where
+                                       engine.compile_choice(...)              torch.compile or not
                                        engine.preflight(plan)                  last refusals; then
                                                                                run.json + plan.json
     armlab.train.supervisor.supervise  cmd = engine.command(plan)              (argv, env, cwd)
                                        engine.on_output(plan, line)            every line, as tee'd
                                        engine.on_exit(plan, returncode)
-    armlab.pipeline.evaluate_run       engine.checkpoint_steps(run_dir), engine.evaluate(request)
+    armlab.evaluate.run.evaluate_run   engine.checkpoint_steps(run_dir), engine.weights_files(run_dir, step),
+                                       engine.evaluate(request) for each of the last k checkpoints
     armlab.ops.doctor.run_doctor       engine.doctor_checks(report, exp)
     export / notebooks                 engine.load_model(run_dir, device)
 
@@ -52,8 +54,10 @@ if TYPE_CHECKING:
     import torch
 
     from armlab.budget import Budget
+    from armlab.evaluate.record import CheckpointEval
     from armlab.spec import Experiment
     from armlab.tokenizer import Tokenizer
+    from armlab.train.compiling import CompileChoice
     from armlab.train.plan import RunPlan
 
 # name -> "module:class". Adding an engine is one line here plus its module; the spec's
@@ -105,7 +109,10 @@ class EvalRequest:
     bundle: Any  # armlab.evaluate.bundle CORE bundle, or None: val bpb only
     max_per_task: int | None
     device: str
-    max_tokens: int | None = None  # val bpb over the first max_tokens eval tokens; None: all of them
+    max_tokens: int | None = None  # val bpb over a seeded sample of whole docs of this many tokens; None: all
+    step: int | None = None  # the checkpoint to evaluate (None: the latest)
+    packed: bool = True  # also nanochat's packed val bpb (the second, labelled number)
+    bpb: bool = True  # val bpb at all (an earlier one of the last k, not averaged: CORE's noise only)
 
 
 class CheckReport(Protocol):
@@ -116,6 +123,11 @@ class CheckReport(Protocol):
 
 class Engine(Protocol):
     """The training engine protocol. Every method may raise ArmlabError (one line, exit 2)."""
+
+    # Whether the ranks, asked to stop (a signal, the run's stop-request file), finish their step,
+    # save a checkpoint and exit 0 with state.json "stopped" (armlab.train.stop); else the
+    # supervisor's signal ends them and the run resumes from its last checkpoint.
+    stops_with_checkpoint: bool
 
     def configure(self, exp: Experiment) -> EngineConfig:
         """Resolve the engine's settings from the effective spec (overrides applied), with no side
@@ -140,6 +152,12 @@ class Engine(Protocol):
         """Engine checks that refuse before anything is written or started."""
         ...
 
+    def compile_choice(
+        self, exp: Experiment, device: str, budget: Budget, world_size: int, ranks_per_node: int
+    ) -> CompileChoice:
+        """Whether the run torch.compiles (recorded in run.json `config.compile`; a resume keeps it)."""
+        ...
+
     def command(self, plan: RunPlan) -> Command:
         """The rank launcher (build it with `torchrun_argv` and `rank_env`)."""
         ...
@@ -154,13 +172,21 @@ class Engine(Protocol):
         """The ranks' process exited (before the supervisor writes done / failed)."""
         ...
 
-    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
-        """eval.json's result fields for the run's final checkpoint: `val_bpb` (and the other bpb
-        fields), `core`, `core_tasks`, `bundle` (None / {} without a bundle)."""
+    def evaluate(self, request: EvalRequest) -> CheckpointEval:
+        """One checkpoint (`request.step`) scored by armlab itself: whole-document val bpb (and the
+        packed second number), CORE with per-item continuous scores (armlab.evaluate.run), plus
+        what the engine itself measured there, labelled (`engine`). BaseEngine does it for any
+        engine whose `load_model` gives a model called as nanochat's GPT is."""
         ...
 
-    def load_model(self, run_dir: Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
-        """(model in eval mode, checkpoint meta) of the run's latest checkpoint."""
+    def load_model(
+        self, run_dir: Path, device: str | torch.device = "cpu", step: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """(model in eval mode, checkpoint meta) of the run's checkpoint at `step` (None: the latest)."""
+        ...
+
+    def weights_files(self, run_dir: Path, step: int) -> list[Path]:
+        """The files holding the checkpoint's weights (what eval.json's checkpoint hash covers)."""
         ...
 
     def doctor_checks(self, report: CheckReport, exp: Experiment | None) -> None:
@@ -171,8 +197,17 @@ class Engine(Protocol):
 class BaseEngine:
     """Defaults for the optional hooks, so an engine writes only what it needs."""
 
+    stops_with_checkpoint = False
+
     def preflight(self, plan: RunPlan) -> None:
         return None
+
+    def compile_choice(
+        self, exp: Experiment, device: str, budget: Budget, world_size: int, ranks_per_node: int
+    ) -> CompileChoice:
+        from armlab.train.compiling import CompileChoice
+
+        return CompileChoice(exp.train.compile, "train.compile")
 
     def on_output(self, plan: RunPlan, line: str) -> None:
         return None
@@ -182,6 +217,12 @@ class BaseEngine:
 
     def doctor_checks(self, report: CheckReport, exp: Experiment | None) -> None:
         return None
+
+    def evaluate(self, request: EvalRequest) -> CheckpointEval:
+        from armlab.evaluate.model import evaluate_model
+
+        model, _ = self.load_model(request.run_dir, request.device, request.step)  # type: ignore[attr-defined]
+        return evaluate_model(model, request)
 
 
 def get_engine(name: str) -> Engine:

@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from armlab.errors import ArmlabError
-from armlab.train.engines import BaseEngine, Command, EngineConfig, EvalRequest, rank_env, torchrun_argv
+from armlab.train.engines import BaseEngine, Command, EngineConfig, rank_env, torchrun_argv
 
 if TYPE_CHECKING:
     import torch
 
     from armlab.budget import Budget
     from armlab.spec import Experiment
+    from armlab.train.compiling import CompileChoice
     from armlab.train.plan import RunPlan
 
 
@@ -33,6 +34,8 @@ class BuiltinConfig(EngineConfig):
 
 
 class BuiltinEngine(BaseEngine):
+    stops_with_checkpoint = True  # armlab.train.stop: the ranks agree, checkpoint and exit
+
     def configure(self, exp: Experiment) -> BuiltinConfig:
         return BuiltinConfig()
 
@@ -55,6 +58,24 @@ class BuiltinEngine(BaseEngine):
                 "train.wandb_project is set but wandb is not installed: pip install 'armlab[wandb]'"
             )
 
+    def compile_choice(
+        self, exp: Experiment, device: str, budget: Budget, world_size: int, ranks_per_node: int
+    ) -> CompileChoice:
+        """Always on CUDA; on CPU when the planned steps repay the compile (armlab.train.compiling)."""
+        import os
+
+        from armlab.budget import model_dim
+        from armlab.train import compiling
+        from armlab.train.engines import cpu_cores
+
+        probe = None
+        if device == "cpu" and exp.train.compile:
+            threads = int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, cpu_cores() // ranks_per_node)
+            rows = min(exp.model.max_seq_len * exp.train.device_batch_size, 4096)
+            probe = compiling.cpu_matmul_flops(model_dim(exp.model), rows, threads)
+        per_rank = budget.flops_per_token * budget.total_batch_size / world_size
+        return compiling.choose(exp.train.compile, device, budget.num_iterations, per_rank, exp.model.depth, probe)
+
     def command(self, plan: RunPlan) -> Command:
         worker = ["-m", "armlab.train.worker", str(plan.plan_file)]
         argv = torchrun_argv(
@@ -63,32 +84,14 @@ class BuiltinEngine(BaseEngine):
         )  # fmt: skip
         return Command(argv, rank_env(plan.device, plan.nproc_per_node))
 
-    def load_model(self, run_dir: Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
+    def load_model(
+        self, run_dir: Path, device: str | torch.device = "cpu", step: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
         from armlab.train.checkpoint import load_model
 
-        return load_model(run_dir, device=device)
+        return load_model(run_dir, step, device=device)  # bf16 on CUDA like training, no autocast
 
-    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
-        from armlab.evaluate.bpb import evaluate_bpb
-        from armlab.evaluate.core import evaluate_core
+    def weights_files(self, run_dir: Path, step: int) -> list[Path]:
+        from armlab.runs import CHECKPOINTS  # torch-free: compare checks eval.json against it
 
-        r, exp = request, request.exp
-        model, _ = self.load_model(r.run_dir, device=r.device)  # bf16 on CUDA like training, no autocast
-        bpb = evaluate_bpb(
-            model,
-            r.tokenizer,
-            r.eval_dir,
-            max_tokens=r.max_tokens,
-            batch_size=exp.train.device_batch_size,
-            seq_len=exp.model.max_seq_len,
-            device=r.device,
-        )
-        core = (
-            evaluate_core(
-                model, r.tokenizer, r.bundle, device=r.device, max_per_task=r.max_per_task,
-                max_len=exp.model.max_seq_len,
-            )  # fmt: skip
-            if r.bundle
-            else {"core": None, "core_tasks": {}, "bundle": None}
-        )
-        return {**bpb.eval_json(), **core}
+        return [Path(run_dir) / CHECKPOINTS / f"step_{step:06d}" / "model.pt"]

@@ -11,7 +11,9 @@
                 raises Diverged: the supervisor stops nanochat, the run ends "diverged"
     checkpoints nanochat's own, in <run>/nanochat_base/base_checkpoints/d<depth>/; --resume passes
                 --resume-from-step at the last complete one
-    evaluate    nanochat's final val bpb + CORE by the checkout's scripts.base_eval (nanochat_eval)
+    evaluate    armlab's own evaluation (whole-document val bpb, CORE with per-item scores) of the
+                last k checkpoints on nanochat's model class, loaded in armlab's process; nanochat's
+                own final val bpb kept beside it, labelled
     doctor      the checkout, its python and torch, base_train's parser, commit, GPUs, TF32
 
 The supervisor (lease, state.json, signals, train.log, detach, exit codes) is the same as for
@@ -53,8 +55,8 @@ if TYPE_CHECKING:
 
     from armlab.budget import Budget
     from armlab.evaluate.bundle import Bundle
+    from armlab.evaluate.record import CheckpointEval
     from armlab.spec import Experiment
-    from armlab.train.engines.nanochat_checkout import Checkout
     from armlab.train.engines.nanochat_metrics import MetricsParser
     from armlab.train.plan import RunPlan
 
@@ -154,7 +156,8 @@ class NanochatEngine(BaseEngine):
     def preflight(self, plan: RunPlan) -> None:
         from armlab.train.engines.nanochat_layout import check_feeds
 
-        check_feeds(plan.data_dir, plan.world_size)
+        files = check_feeds(plan.data_dir, plan.world_size)
+        _warn_same_order(plan, len(files))
         if plan.device != "cuda" and plan.world_size > 1:
             # nanochat's compute_init joins a process group only on CUDA: N CPU ranks would train N
             # unrelated models and rank 0 would report one of them
@@ -184,9 +187,10 @@ class NanochatEngine(BaseEngine):
         cfg: NanochatConfig = plan.engine  # type: ignore[assignment]
         exp = plan.experiment
         base = BaseDir.of_run(plan.run_dir)
-        build(
-            base, plan.data_dir, plan.eval_dir, plan.tokenizer_dir, plan.world_size, exp.shards.row_group_rows
-        )
+        order = build(
+            base, plan.data_dir, plan.eval_dir, plan.tokenizer_dir, plan.world_size, exp.shards.row_group_rows,
+            plan.order_seed,
+        )  # fmt: skip
         bundle = _bundle(exp)
         place_bundle(base, bundle.root if bundle else None)
         args = run_args(
@@ -207,6 +211,10 @@ class NanochatEngine(BaseEngine):
             mfu=plan.device == "cuda", time=float(done[-1]["time"]) if done and plan.resume_step else 0.0,
         )  # fmt: skip
         console.print(escape(f"train: {cfg.describe()}, NANOCHAT_BASE_DIR={base.root}"))
+        console.print(
+            f"train: data seed {plan.order_seed}: nanochat reads {len(order)} file(s) of arm {plan.arm} in the order "
+            f"{', '.join(order[:4])}{', ...' if len(order) > 4 else ''}; init is nanochat's own fixed seed (42)"
+        )
         argv = torchrun_argv(
             cfg.python, target, plan.nproc_per_node, plan.master_port, plan.nnodes, plan.node_rank,
             plan.rdzv_endpoint,
@@ -242,7 +250,7 @@ class NanochatEngine(BaseEngine):
                 last = self._last_loss
                 before = f" (last finite loss {last[1]:.4f} at step {last[0]})" if last else " (no finite loss before it)"
                 name = "loss" if key == "train_loss" else "val bpb"
-                raise Diverged(f"diverged at step {rec['step']}: nanochat's {name} is {value}{before}")
+                raise Diverged(f"diverged at step {rec['step']}: nanochat's {name} {value}{before}")
             if key == "train_loss":
                 self._last_loss = (rec["step"], value)
 
@@ -260,66 +268,69 @@ class NanochatEngine(BaseEngine):
         console.print(f"[yellow]{escape(note)}[/]")
 
     # -- after training ------------------------------------------------------------------------------
-    def evaluate(self, request: EvalRequest) -> dict[str, Any]:
-        from armlab.train.engines.nanochat_eval import evaluate_core, final_val_bpb
+    def evaluate(self, request: EvalRequest) -> CheckpointEval:
+        """armlab scores the checkpoint itself (BaseEngine: whole-document val bpb, the packed second
+        number, CORE with per-item continuous scores) on nanochat's own model class, loaded in this
+        process; nanochat's own val bpb at that step, as base_train logged it, is kept, labelled."""
+        result = super().evaluate(request)
+        step = request.step if request.step is not None else self.checkpoint_steps(request.run_dir)[-1]
+        logged = [
+            m["val_bpb"] for m in runs.read_metrics(request.run_dir).records
+            if m.get("val_bpb") is not None and m["step"] == step
+        ]  # fmt: skip
+        cfg, _ = self._run_config(request.run_dir)
+        note = {"nanochat_val_bpb": logged[-1] if logged else None,
+                "nanochat_val_bpb_source": f"nanochat {cfg.label} base_train at step {step}: its packed val "
+                f"stream over the first train.eval_tokens of the shared eval set"}  # fmt: skip
+        return dataclasses.replace(result, engine={**result.engine, **note})
 
-        run_dir = request.run_dir
-        cfg, info = self._run_config(run_dir)
-        step = self.checkpoint_steps(run_dir)[-1]
-        c = info["config"]
-        per_step = c["device_batch_size"] * c["max_seq_len"] * c["world_size"]  # nanochat's eval batch
-        result: dict[str, Any] = {
-            "val_bpb": final_val_bpb(run_dir, step),
-            # what nanochat measured: eval_tokens rounded down to whole eval batches (the val loader
-            # wraps around an eval set smaller than that); no per-document sums
-            "val_bpb_tokens": request.exp.train.eval_tokens // per_step * per_step,
-            "val_bpb_source": f"nanochat {cfg.label} base_train, step {step}, on the shared eval set",
-            "core": None,
-            "core_tasks": {},
-            "bundle": None,
-        }
-        if request.bundle is not None:
-            ck = self._same_checkout(cfg)
-            device = "cuda" if str(request.device).startswith("cuda") else str(request.device)
-            result.update(
-                evaluate_core(
-                    ck.path,
-                    ck.python,
-                    run_dir,
-                    model_tag(info["config"]["depth"]),
-                    step,
-                    request.bundle,
-                    device,
-                    request.max_per_task,
-                )  # fmt: skip
-            )
-        return result
+    def weights_files(self, run_dir: Path, step: int) -> list[Path]:
+        _, info = self._run_config(run_dir)
+        return [BaseDir.of_run(run_dir).checkpoints(model_tag(info["config"]["depth"])) / f"model_{step:06d}.pt"]
 
-    def load_model(self, run_dir: Path, device: str | torch.device = "cpu") -> tuple[Any, dict[str, Any]]:
-        """nanochat's own GPT of the run's last checkpoint, built by the checkout's checkpoint_manager
-        in this process (so the checkout must import with armlab's interpreter)."""
+    def load_model(
+        self, run_dir: Path, device: str | torch.device = "cpu", step: int | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        """nanochat's own GPT of the run's checkpoint at `step` (None: the last), built by the checkout's
+        checkpoint_manager in this process (so the checkout must import with armlab's interpreter, and
+        be at the commit and patch that trained the run: its model class reads the checkpoint)."""
         import os
         import sys
 
         import torch
 
+        from armlab.train.engines.nanochat_checkout import source_identity
+
         cfg, info = self._run_config(run_dir)
         steps = self.checkpoint_steps(run_dir)
         if not steps:
             raise ArmlabError(f"{run_dir}: no complete nanochat checkpoint")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise ArmlabError(f"{run_dir}: no complete nanochat checkpoint at step {step} (have {steps})")
+        now = source_identity(Path(cfg.path))
+        if (now.commit, now.diff_sha256) != (cfg.commit, cfg.diff_sha256):
+            raise ArmlabError(
+                f"nanochat {cfg.path} is now {now.short}, but the run was trained by {cfg.label}; evaluate with "
+                "the checkout that trained it (check it out again): its model class must read the checkpoint"
+            )
         base = BaseDir.of_run(run_dir)
         os.environ["NANOCHAT_BASE_DIR"] = str(base.root)  # nanochat's tokenizer loader reads it
+        loaded = sys.modules.get("nanochat")
+        if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(cfg.path):
+            for name in [m for m in sys.modules if m == "nanochat" or m.startswith("nanochat.")]:
+                del sys.modules[name]  # another checkout's nanochat was imported in this process
         if cfg.path not in sys.path:
             sys.path.insert(0, cfg.path)
         try:
             from nanochat.checkpoint_manager import build_model
         except ImportError as e:
             raise ArmlabError(
-                f"nanochat {cfg.path} does not import with {sys.executable} ({e}); load it with the checkout's "
-                "own python (nanochat.checkpoint_manager.load_model)"
+                f"nanochat {cfg.path} does not import with {sys.executable} ({e}); armlab evaluates nanochat "
+                "checkpoints in its own process: install what the checkout needs into armlab's environment"
             ) from None
         ckpt = base.checkpoints(model_tag(info["config"]["depth"]))
-        model, _tokenizer, meta = build_model(str(ckpt), steps[-1], torch.device(device), phase="eval")
+        model, _tokenizer, meta = build_model(str(ckpt), step, torch.device(device), phase="eval")
         return model, meta
 
     def doctor_checks(self, report: CheckReport, exp: Experiment | None) -> None:
@@ -334,17 +345,22 @@ class NanochatEngine(BaseEngine):
         info = json.loads((Path(run_dir) / runs.RUN_JSON).read_text())
         return self.load_config(info["engine"]), info
 
-    def _same_checkout(self, cfg: NanochatConfig) -> Checkout:
-        """The checkout that trained the run, unchanged (base_eval must read its checkpoints)."""
-        from armlab.train.engines.nanochat_checkout import inspect_checkout
 
-        ck = inspect_checkout(cfg.path, cfg.python if cfg.python_source == "[nanochat] python" else None)
-        if (ck.source.commit, ck.source.diff_sha256) != (cfg.commit, cfg.diff_sha256):
-            raise ArmlabError(
-                f"nanochat {cfg.path} is now {ck.source.short}, but the run was trained by {cfg.label}; evaluate "
-                "with the checkout that trained it (check it out again) so CORE comes from the same code"
-            )
-        return ck
+def _warn_same_order(plan: RunPlan, n_files: int) -> None:
+    """Seeds vary a nanochat run only through the order of its arm's files: say when this run's
+    order is another planned seed's (one file; or 2-3 files and a coinciding shuffle)."""
+    from armlab.train.engines.nanochat_layout import order_collisions
+
+    train = plan.experiment.train
+    others = [train.data_seed(s) for s in train.seeds]
+    same = order_collisions(n_files, plan.order_seed, others)
+    if same:
+        console.print(
+            f"[yellow]train: arm {plan.arm} has {n_files} shard file(s); nanochat reads them in the same order for "
+            f"data seed {plan.order_seed} as for {', '.join(map(str, same))}, and its init seed is fixed, so those "
+            "runs will be identical (compare counts them once); prepare the arm in more files (smaller "
+            "shards.rows_per_shard) or pick other train.data_seeds[/]"
+        )
 
 
 def _bundle(exp: Experiment) -> Bundle | None:

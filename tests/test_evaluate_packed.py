@@ -1,21 +1,19 @@
-"""Bits per byte on the shared eval set, with small real torch models whose bpb is computed by hand."""
+"""nanochat's packed val stream (the second val bpb number), with small real torch models whose bpb is
+computed by hand. The headline (whole documents) is tests/test_evaluate_bpb.py."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from armlab.errors import ArmlabError
-from armlab.evaluate import bpb
-from armlab.evaluate.bpb import eval_rows, evaluate_bpb
+from armlab.evaluate import packed
+from armlab.evaluate.packed import evaluate_packed_bpb, packed_rows
 from armlab.tokenizer import Tokenizer
 from tok_util import corpus, trained_tokenizer, write_shards
 
@@ -70,12 +68,12 @@ def setup(tmp_path_factory):
 
 def test_uniform_model_scores_log2_vocab_per_token(setup):
     tok, eval_dir = setup
-    rows = eval_rows(eval_dir, tok, max_tokens=20 * SEQ, seq_len=SEQ)
+    rows = packed_rows(eval_dir, tok, max_tokens=20 * SEQ, seq_len=SEQ).tokens
     assert rows.shape == (20, SEQ + 1) and (rows[:, 0] == tok.bos_id).all()
     targets = rows[:, 1:]
     counted = tok.token_bytes[targets] > 0
     by_hand = math.log2(tok.vocab_size) * counted.sum() / tok.token_bytes[targets].sum()
-    got = evaluate_bpb(Bigram(tok.vocab_size, zero=True), tok, eval_dir, 20 * SEQ, 3, SEQ, "cpu").bpb
+    got = evaluate_packed_bpb(Bigram(tok.vocab_size, zero=True), tok, eval_dir, 20 * SEQ, 3, SEQ, "cpu").bpb
     assert got == pytest.approx(by_hand, rel=1e-6)  # float32 logits
     assert (~counted).any()  # BOS targets occur and are excluded from both sums
 
@@ -83,32 +81,32 @@ def test_uniform_model_scores_log2_vocab_per_token(setup):
 def test_bigram_model_matches_the_definition(setup):
     tok, eval_dir = setup
     model = Bigram(tok.vocab_size)
-    got = evaluate_bpb(model, tok, eval_dir, max_tokens=13 * SEQ + 5, batch_size=4, seq_len=SEQ, device="cpu").bpb
-    rows = eval_rows(eval_dir, tok, 13 * SEQ, SEQ)
+    got = evaluate_packed_bpb(model, tok, eval_dir, max_tokens=13 * SEQ + 5, batch_size=4, seq_len=SEQ, device="cpu").bpb
+    rows = packed_rows(eval_dir, tok, 13 * SEQ, SEQ).tokens
     assert len(rows) == 13
     assert got == pytest.approx(reference_bpb(model, tok, rows), rel=1e-6)  # float32 logits
     # batch size is only a memory knob: same tokens, same answer
-    assert evaluate_bpb(model, tok, eval_dir, 13 * SEQ, 13, SEQ, "cpu").bpb == pytest.approx(got, rel=1e-12)
+    assert evaluate_packed_bpb(model, tok, eval_dir, 13 * SEQ, 13, SEQ, "cpu").bpb == pytest.approx(got, rel=1e-12)
 
 
 def test_eval_tokens_are_fixed_and_unshuffled(setup):
     tok, eval_dir = setup
-    first = eval_rows(eval_dir, tok, 10 * SEQ, SEQ).copy()
-    bpb._CACHE.clear()
-    assert np.array_equal(eval_rows(eval_dir, tok, 10 * SEQ, SEQ), first)  # rebuilt: same tokens
+    first = packed_rows(eval_dir, tok, 10 * SEQ, SEQ).tokens.copy()
+    packed._CACHE.clear()
+    assert np.array_equal(packed_rows(eval_dir, tok, 10 * SEQ, SEQ).tokens, first)  # rebuilt: same tokens
     # a larger budget extends the same sequence: max_tokens only says where to cut it
-    assert np.array_equal(eval_rows(eval_dir, tok, 20 * SEQ, SEQ)[:10], first)
+    assert np.array_equal(packed_rows(eval_dir, tok, 20 * SEQ, SEQ).tokens[:10], first)
 
 
 def test_small_eval_set_uses_what_it_has_and_bad_budget_is_refused(setup, tmp_path):
     tok, _ = setup
     small = write_shards(tmp_path / "small", corpus(6, seed=2), files=1, row_group_rows=4)
-    rows = eval_rows(small, tok, max_tokens=10_000 * SEQ, seq_len=SEQ)
+    rows = packed_rows(small, tok, max_tokens=10_000 * SEQ, seq_len=SEQ).tokens
     assert 0 < len(rows) < 10_000
-    got = evaluate_bpb(Bigram(tok.vocab_size), tok, small, 10_000 * SEQ, 8, SEQ, "cpu").bpb
+    got = evaluate_packed_bpb(Bigram(tok.vocab_size), tok, small, 10_000 * SEQ, 8, SEQ, "cpu").bpb
     assert got == pytest.approx(reference_bpb(Bigram(tok.vocab_size), tok, rows), rel=1e-6)
     with pytest.raises(ArmlabError, match=r"max_tokens \(10\) must be >= seq_len \(32\)"):
-        evaluate_bpb(Bigram(tok.vocab_size), tok, small, 10, 8, SEQ, "cpu")
+        evaluate_packed_bpb(Bigram(tok.vocab_size), tok, small, 10, 8, SEQ, "cpu")
 
 
 def test_whole_set_by_default_with_per_document_sums_in_eval_set_order(setup):
@@ -116,8 +114,8 @@ def test_whole_set_by_default_with_per_document_sums_in_eval_set_order(setup):
     the total, follow the eval set's document order and match the definition document by document."""
     tok, eval_dir = setup
     model = Bigram(tok.vocab_size)
-    whole = evaluate_bpb(model, tok, eval_dir, None, 5, SEQ, "cpu")
-    es = bpb.eval_set(eval_dir, tok, SEQ)
+    whole = evaluate_packed_bpb(model, tok, eval_dir, None, 5, SEQ, "cpu")
+    es = packed.packed_set(eval_dir, tok, SEQ)
     n_docs = 80  # corpus(80) in 3 files
     assert es.n_docs == n_docs and len(whole.per_doc_nats) == len(whole.per_doc_bytes) == n_docs
     assert whole.bpb == pytest.approx(reference_bpb(model, tok, es.tokens), rel=1e-6)  # float32 logits
@@ -138,35 +136,6 @@ def test_whole_set_by_default_with_per_document_sums_in_eval_set_order(setup):
         rr, cc = np.nonzero(es.docs == d)
         assert list(es.tokens[rr, cc]) == full[: len(rr)]
     # a cut scores a prefix of the same stream: fewer docs, same order, per-doc sums only shrink
-    cut = evaluate_bpb(model, tok, eval_dir, 4 * SEQ, 5, SEQ, "cpu")
+    cut = evaluate_packed_bpb(model, tok, eval_dir, 4 * SEQ, 5, SEQ, "cpu")
     assert cut.tokens < whole.tokens and cut.docs < whole.docs
     assert all(a <= b for a, b in zip(cut.per_doc_bytes, whole.per_doc_bytes, strict=True))
-
-
-def _rank_main(rank: int, world_size: int, init_file: str, tok_dir: str, eval_dir: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-    try:
-        tok = Tokenizer.load(tok_dir)
-        # wrapped like a training model: DDP may broadcast buffers on every forward call
-        model = nn.parallel.DistributedDataParallel(Bigram(tok.vocab_size))
-        value = evaluate_bpb(model, tok, eval_dir, 7 * SEQ, 2, SEQ, "cpu", rank=rank, world_size=world_size)
-        with open(f"{out}.{rank}", "w") as f:
-            f.write(json.dumps(value.eval_json()))
-        dist.barrier()  # both ranks done before either tears gloo down
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.e2e
-def test_distributed_bpb_equals_single_process(setup, tmp_path):
-    """2 gloo processes, 7 rows, batch 2: rank 1 pads its last batch; the all-reduced bpb is W=1's."""
-    tok, eval_dir = setup
-    tok_dir = next(p.parent for p in eval_dir.parent.glob("wd/tokenizer/manifest.json"))
-    single = evaluate_bpb(Bigram(tok.vocab_size), tok, eval_dir, 7 * SEQ, 2, SEQ, "cpu").eval_json()
-    out = tmp_path / "bpb"
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tok_dir), str(eval_dir), str(out)), nprocs=2)
-    values = [json.loads((tmp_path / f"bpb.{r}").read_text()) for r in range(2)]
-    assert values[0] == values[1]
-    assert values[0]["val_bpb"] == pytest.approx(single["val_bpb"], rel=1e-12)
-    assert values[0]["val_bpb_per_doc"]["bytes"] == single["val_bpb_per_doc"]["bytes"]
-    assert values[0]["val_bpb_per_doc"]["nats"] == pytest.approx(single["val_bpb_per_doc"]["nats"], rel=1e-12)

@@ -1,0 +1,153 @@
+"""Seeds until decided: after each round of seeds, one more seed of the arms the runs cannot yet
+tell from the reference arm, while the power calculation says `max_seeds` seeds per arm can still
+tell them apart; then stop, saying why.
+
+Per arm against the reference, on the verdict's headline metric (CORE when the runs have it, else
+val bpb):
+
+- **decided**: its difference interval excludes 0 at the sequential level (below);
+- **more**: it straddles 0 and `stats.seeds_needed` (from this experiment's own seed and eval-item
+  noise, `Comparison.seed_var_per_seed` and the interval's item part, at the sequential level)
+  says a true difference the size of the estimate is detected (80% power) within `max_seeds`
+  seeds: one more seed, for the arm and for the reference (the same seed number: the design
+  stays paired);
+- **cannot**: it straddles 0 and `max_seeds` seeds would not detect a difference that size:
+  "cannot be decided within N seeds: |difference| < X", X the smallest difference N seeds detect
+  (`stats.detectable`); also when it has `max_seeds` seeds already.
+
+Looking again after every seed and stopping at the first interval that excludes 0 would make a
+false "beats" likelier than 5% (optional stopping). So the stopping rule uses intervals at level
+1 - 0.05 / L, L the most looks the loop can take (Bonferroni over the looks): every claim it
+stops on holds at 95% however many looks it took. `seeds.json` records L, and `compare` then
+makes every difference interval of the experiment at that level (`ExtraSeeds.level`), so the
+report's verdict and the loop's never disagree.
+
+The seeds it adds are recorded in `<workdir>/seeds.json` (`armlab.seeds`): the run set that the
+schedule, `status` and `compare` see. `run_until_decided` is the loop; `next_round` the decision,
+which an orchestrator over other hosts calls the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from armlab.errors import ArmlabError
+from armlab.report.intervals import at_level
+from armlab.report.stats import detectable, seeds_needed
+from armlab.report.summary import Summary
+from armlab.report.verdict import METRICS, digits
+from armlab.seeds import ExtraSeeds, Round, planned_seeds, read_extra_seeds, write_extra_seeds
+from armlab.spec import Experiment
+from armlab.workdir import open_workdir
+
+
+@dataclass(frozen=True)
+class Decision:
+    arm: str
+    metric: str
+    state: str  # "decided" | "more" | "cannot"
+    line: str
+
+
+def headline(summary: Summary) -> str:
+    return next(m for m in METRICS if any(c.metric == m for c in summary.comparisons))
+
+
+def looks(start: int, max_seeds: int) -> int:
+    """The most times the loop can look: at `start` seeds per arm, then after each added seed."""
+    return max(1, max_seeds - start + 1)
+
+
+def decide(summary: Summary, max_seeds: int, start: int) -> list[Decision]:
+    """One decision per arm against the reference (see the module docstring)."""
+    metric = headline(summary)
+    label = METRICS[metric][0]
+    level = 1 - 0.05 / looks(start, max_seeds)
+    out = []
+    for c in (c for c in summary.comparisons if c.metric == metric):
+        iv = c.interval
+        n = min(iv.seeds)
+        d = digits(iv.low, iv.high)
+        vs = f"{c.arm} vs {c.reference}"
+        seq = at_level(iv, level)
+        if seq.low is not None and not (seq.low <= 0 <= seq.high):
+            out.append(Decision(c.arm, metric, "decided", f"{vs}: decided on {label} with {n} seeds "
+                                f"({iv.estimate:+.{d}f}, {level:.2%} CI {seq.low:+.{d}f} to {seq.high:+.{d}f})"))  # fmt: skip
+            continue
+        if c.seed_var_per_seed is None:  # fewer than 2 seeds: no seed noise measured yet
+            state = "more" if n < max_seeds else "cannot"
+            out.append(Decision(c.arm, metric, state, f"{vs}: {n} seed each, no seed noise measured yet"))
+            continue
+        item = iv.item_var or 0.0
+        need = seeds_needed(c.seed_var_per_seed, item, abs(iv.estimate), alpha=1 - level)
+        if n < max_seeds and need is not None and need <= max_seeds:
+            out.append(Decision(c.arm, metric, "more", f"{vs}: {label} {iv.estimate:+.{d}f} within noise at "
+                                f"{100 * level:.4g}% with {n} seeds; a true difference that size is detected with "
+                                f"~{need} seeds (80% power)"))  # fmt: skip
+            continue
+        x = detectable(c.seed_var_per_seed, item, max_seeds, alpha=1 - level)
+        bound = f"{x:.{d}f}" if x is not None else "?"
+        out.append(Decision(c.arm, metric, "cannot", f"{vs}: cannot be decided within "
+                            f"{max_seeds} seeds: |difference| < {bound} on {label} (estimate {iv.estimate:+.{d}f})"))  # fmt: skip
+    return out
+
+
+def next_round(exp: Experiment, summary: Summary, max_seeds: int) -> tuple[dict[str, int], list[Decision]]:
+    """The seed to add per arm (empty: stop) and the decisions behind it. The reference arm gets
+    the seed too when any arm does; the seed number is one past every seed planned so far."""
+    planned = planned_seeds(exp)
+    decisions = decide(summary, max_seeds, len(exp.train.seeds))
+    more = [d.arm for d in decisions if d.state == "more"]
+    if not more:
+        return {}, decisions
+    seed = max(s for v in planned.values() for s in v) + 1
+    return {a: seed for a in [summary.reference_arm, *more]}, decisions
+
+
+def record(
+    exp: Experiment, summary: Summary, add: dict[str, int], decisions: list[Decision], max_seeds: int
+) -> None:
+    """Add the round's seeds (and the round) to `<workdir>/seeds.json`."""
+    wd = open_workdir(exp, create=False)
+    old = read_extra_seeds(wd)
+    arms = {a: list(v) for a, v in old.arms.items()}
+    for a, s in add.items():
+        arms.setdefault(a, []).append(s)
+    reason = "; ".join(d.line for d in decisions)
+    rnd = Round(
+        seeds={a: len(e.runs) for a, e in summary.arms.items()},
+        undecided=[d.arm for d in decisions if d.state != "decided"],
+        added=dict(add),
+        reason=reason,
+    )
+    write_extra_seeds(wd, ExtraSeeds(arms, [*old.rounds, rnd], max_seeds, len(exp.train.seeds)))
+
+
+def run_until_decided(
+    exp: Experiment,
+    max_seeds: int,
+    summary: Summary | None,
+    train_round: Callable[[dict[str, int]], Summary | None],
+    say: Callable[[str], None],
+) -> Summary | None:
+    """From the first round's `summary`, add seeds until decided (see the module docstring).
+    `train_round({arm: seed})` trains, evaluates and compares those runs; returns the last summary."""
+    if max_seeds < len(exp.train.seeds):
+        raise ArmlabError(
+            f"--max-seeds {max_seeds} is fewer than train.seeds ({len(exp.train.seeds)}); give at least that many"
+        )
+    while summary is not None:
+        add, decisions = next_round(exp, summary, max_seeds)
+        for d in decisions:
+            say(f"decide: {d.line}")
+        record(exp, summary, add, decisions, max_seeds)
+        if not add:
+            undecided = [d for d in decisions if d.state != "decided"]
+            say("decide: stop: " + ("every arm is decided" if not undecided else
+                                   f"{len(undecided)} arm(s) cannot be decided within {max_seeds} seeds"))  # fmt: skip
+            return summary
+        seed = next(iter(add.values()))
+        say(f"decide: adding seed {seed} to {', '.join(add)}")
+        summary = train_round(add)
+    return summary
