@@ -69,6 +69,9 @@ max_seq_len = 64
 """)
     return path
 
+# One cluster per xdist worker (the session fixture): every Ray test on the same worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 def cli(*args: str | Path, env: dict[str, str]) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-c", "from armlab.cli import main; main()", *map(str, args)]
