@@ -20,54 +20,14 @@ import pytest
 from data_util import all_shas
 from ray_util import HEAD_IP, NODE2_IP, RayCluster
 from score_util import demo_documents, make_head, make_scored_pool, train_fasttext
+from test_data_score_run import experiment as scorer_experiment
 
-SCORERS = """
-[[scorers]]
-name = "ft"
-kind = "fasttext"
-model = "{root}/quality.bin"
-label = "__label__hq"
-
-[[scorers]]
-name = "emb"
-kind = "head"
-model = "{root}/head.safetensors"
-column = "embedding"
-
-[[arms]]
-name = "edu"
-kind = "top"
-ratio = 0.3
-score = "ft"
-"""
+EDU = '[[arms]]\nname = "edu"\nkind = "top"\nratio = 0.3\nscore = "ft"\n'
 
 
 def experiment(root: Path, wd: Path) -> Path:
-    path = wd.parent / f"{wd.name}.toml"
-    path.write_text(f"""name = "scoreray"
-workdir = "{wd}"
+    return scorer_experiment(root, arms=EDU, name=f"{wd.name}.toml", workdir=wd)
 
-[pool]
-uri = "{root}/pool/*.parquet"
-id_column = "id"
-token_count_column = "token_count"
-
-[eval]
-docs = 30
-
-[tokenizer]
-vocab_size = 512
-train_chars = 100000
-
-[shards]
-rows_per_shard = 100
-row_group_rows = 25
-{SCORERS.format(root=root)}
-[model]
-depth = 2
-max_seq_len = 64
-""")
-    return path
 
 # One cluster per xdist worker (the session fixture): every Ray test on the same worker (--dist loadgroup)
 pytestmark = pytest.mark.xdist_group("ray")
