@@ -231,3 +231,37 @@ def test_a_two_node_job_trains_as_one_node_of_two_ranks(slurm_2nodes: SlurmClust
     diff = same_run(run, tmp_path / "wd/arms/rand/runs/one-node", steps)
     print(f"2 nodes x 1 rank (Slurm) vs 1 node x 2 ranks: max abs weight difference {diff}")
     assert diff == 0.0
+
+
+def test_launch_until_decided_looks_once_per_launch_when_the_round_is_done(slurm: SlurmCluster, setup) -> None:
+    """`launch --until-decided`: launch returns while its runs train, so each launch looks once,
+    and only at a finished, evaluated round; the seeds it adds are launched like any other run."""
+    root, env, write = setup
+    exp = write()
+    go = root / "go"  # every CPU held: the first round's jobs stay pending while launch looks again
+    blocker = slurm.sbatch(f"-n{slurm.cpus_per_node}", "-o", "/dev/null", "--wrap", f"while [ ! -e {go} ]; do sleep 0.2; done")
+    slurm.wait_job(blocker, {"RUNNING"})
+    p = armlab("launch", str(exp), "--until-decided", "--max-seeds", "3", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "decide: nothing trained yet: this launch starts the first round" in p.stderr
+    assert set(rows(p)) == set(RUNS)
+    p = armlab("launch", str(exp), "--until-decided", "--max-seeds", "3", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "decide: the round is not finished (" in p.stderr and "rerun `armlab launch --until-decided`" in p.stderr
+    assert not (root / "wd" / "seeds.json").exists() and set(rows(p)) == set(RUNS)  # nothing decided, nothing added
+    go.touch()
+    state = lambda r: root / "wd/arms" / r.split("-")[0] / "runs" / r / "state.json"  # noqa: E731
+    until("the round done", lambda: all(state(r).exists() and json.loads(state(r).read_text())["state"] == "done"
+                                        for r in RUNS), timeout=600)  # fmt: skip
+    p = armlab("launch", str(exp), "--until-decided", "--max-seeds", "3", env=env)
+    assert "decide: the round is not finished (" in p.stderr and "not done and evaluated" in p.stderr  # no eval.json yet
+    assert armlab("evaluate", str(exp), env=env).returncode == 0
+    p = armlab("launch", str(exp), "--until-decided", "--max-seeds", "3", env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    seeds = json.loads((root / "wd" / "seeds.json").read_text())
+    assert len(seeds["rounds"]) == 1 and "decide: top vs rand: " in p.stderr, p.stderr
+    if "decide: adding seed 2 to rand, top" in p.stderr:  # within noise, and 3 seeds could tell
+        assert all(rows(p)[r][3].startswith("started: job") for r in ("rand-s2", "top-s2")), p.stdout
+        assert all(rows(p)[r][3] == "already done" for r in RUNS)
+    else:  # decided, or 3 seeds could not tell: said, and nothing more is launched
+        assert "decide: stop: " in p.stderr and set(rows(p)) == set(RUNS)

@@ -101,6 +101,18 @@ def test_a_server_that_never_answers_is_said_within_the_timeout(tmp_path: Path) 
     assert not (tmp_path / "wd").exists()
 
 
+def test_a_server_that_refuses_connections_is_unreachable_not_missing(tmp_path: Path) -> None:
+    """fsspec's HTTP info turns a refused connection into FileNotFoundError: it was said "not
+    found; check the URI" at once, when the URI was right and the server was down."""
+    with SilentServer() as server:
+        url = f"{server.url}/pool/part-000.parquet"
+    # the server is gone: its port now refuses connections
+    res = armlab("prepare", write_exp(tmp_path / "exp.toml", tmp_path / "wd", url), timeout=60)
+    line = assert_refused(res, url, "cannot reach 127.0.0.1 after 2 attempts", "check the network")
+    assert "not found" not in res.stderr and "(attempt 1/2); retrying" in res.stderr, line
+    assert not (tmp_path / "wd").exists()
+
+
 def test_a_token_in_a_pool_url_reaches_no_file_and_no_output(tmp_path: Path) -> None:
     token = "t0k3n-S3CR3T-2718"
     make_pool(tmp_path / "pool", 600, n_files=2)

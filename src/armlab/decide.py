@@ -23,8 +23,9 @@ makes every difference interval of the experiment at that level (`ExtraSeeds.lev
 report's verdict and the loop's never disagree.
 
 The seeds it adds are recorded in `<workdir>/seeds.json` (`armlab.seeds`): the run set that the
-schedule, `status` and `compare` see. `run_until_decided` is the loop; `next_round` the decision,
-which an orchestrator over other hosts calls the same way.
+schedule, `status` and `compare` see. `run_until_decided` is the loop of `armlab run`; `look` one
+look at a finished round; `launch_round` the same look for `armlab launch`, whose runs train
+detached (one look per launch, once the round's runs are done and evaluated).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from armlab.report.intervals import at_level
 from armlab.report.stats import detectable, seeds_needed
 from armlab.report.summary import Summary
 from armlab.report.verdict import METRICS, digits
-from armlab.seeds import ExtraSeeds, Round, planned_seeds, read_extra_seeds, write_extra_seeds
+from armlab.seeds import ExtraSeeds, Round, planned_runs, planned_seeds, read_extra_seeds, write_extra_seeds
 from armlab.spec import Experiment
 from armlab.workdir import open_workdir
 
@@ -124,6 +125,29 @@ def record(
     write_extra_seeds(wd, ExtraSeeds(arms, [*old.rounds, rnd], max_seeds, len(exp.train.seeds)))
 
 
+def look(exp: Experiment, summary: Summary, max_seeds: int, say: Callable[[str], None]) -> dict[str, int]:
+    """One look at a finished round: the decisions said and recorded in seeds.json; the seed added
+    per arm (empty: stop, and why said)."""
+    add, decisions = next_round(exp, summary, max_seeds)
+    for d in decisions:
+        say(f"decide: {d.line}")
+    record(exp, summary, add, decisions, max_seeds)
+    if not add:
+        undecided = [d for d in decisions if d.state != "decided"]
+        say("decide: stop: " + ("every arm is decided" if not undecided else
+                               f"{len(undecided)} arm(s) cannot be decided within {max_seeds} seeds"))  # fmt: skip
+    else:
+        say(f"decide: adding seed {next(iter(add.values()))} to {', '.join(add)}")
+    return add
+
+
+def _check_max_seeds(exp: Experiment, max_seeds: int) -> None:
+    if max_seeds < len(exp.train.seeds):
+        raise ArmlabError(
+            f"--max-seeds {max_seeds} is fewer than train.seeds ({len(exp.train.seeds)}); give at least that many"
+        )
+
+
 def run_until_decided(
     exp: Experiment,
     max_seeds: int,
@@ -133,21 +157,49 @@ def run_until_decided(
 ) -> Summary | None:
     """From the first round's `summary`, add seeds until decided (see the module docstring).
     `train_round({arm: seed})` trains, evaluates and compares those runs; returns the last summary."""
-    if max_seeds < len(exp.train.seeds):
-        raise ArmlabError(
-            f"--max-seeds {max_seeds} is fewer than train.seeds ({len(exp.train.seeds)}); give at least that many"
-        )
+    _check_max_seeds(exp, max_seeds)
     while summary is not None:
-        add, decisions = next_round(exp, summary, max_seeds)
-        for d in decisions:
-            say(f"decide: {d.line}")
-        record(exp, summary, add, decisions, max_seeds)
+        add = look(exp, summary, max_seeds, say)
         if not add:
-            undecided = [d for d in decisions if d.state != "decided"]
-            say("decide: stop: " + ("every arm is decided" if not undecided else
-                                   f"{len(undecided)} arm(s) cannot be decided within {max_seeds} seeds"))  # fmt: skip
             return summary
-        seed = next(iter(add.values()))
-        say(f"decide: adding seed {seed} to {', '.join(add)}")
         summary = train_round(add)
     return summary
+
+
+def unfinished_runs(exp: Experiment) -> list[str]:
+    """The planned runs (seeds.json's included) that are not done and evaluated here yet."""
+    from armlab.runs import EVAL_JSON, RunState, read_run_state
+
+    wd = open_workdir(exp, create=False)
+    out = []
+    for arm, _, name in planned_runs(exp):
+        d = wd.run_dir(arm, name)
+        st = read_run_state(d)
+        if st is None or st.state != RunState.DONE or not (d / EVAL_JSON).is_file():
+            out.append(name)
+    return out
+
+
+def launch_round(exp: Experiment, max_seeds: int, say: Callable[[str], None]) -> None:
+    """`armlab launch --until-decided`: the loop of `armlab run`, one look per launch, since launch
+    returns while its runs train. When every planned run is done and evaluated in this workdir (a
+    cluster's shared filesystem), compare them and look once: the seeds it adds go to seeds.json,
+    and the launch that follows places them on the lanes like any other run. Otherwise say what the
+    round still waits for; the launch then starts what is missing, as always."""
+    from armlab.report.compare import NothingToCompare, analyse
+
+    _check_max_seeds(exp, max_seeds)
+    if not open_workdir(exp, create=False).root.is_dir():
+        say("decide: nothing trained yet: this launch starts the first round (train.seeds)")
+        return
+    waiting = unfinished_runs(exp)
+    if waiting:
+        say(f"decide: the round is not finished ({', '.join(waiting)} not done and evaluated): "
+            "rerun `armlab launch --until-decided` once they are (`armlab evaluate`), to decide the next")  # fmt: skip
+        return
+    try:
+        summary = analyse(exp)[0]
+    except NothingToCompare as e:
+        say(f"decide: {e}")
+        return
+    look(exp, summary, max_seeds, say)

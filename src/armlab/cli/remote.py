@@ -167,17 +167,33 @@ def launch(
         None, "--seed", callback=split_ints, help="only this seed of train.seeds (repeatable, or 0,1; default: all)"
     ),
     host: list[str] = typer.Option(None, "--host", callback=split_list, help="only this \\[\\[hosts]] entry (repeatable, or a,b)"),
+    until_decided: bool = typer.Option(
+        False, "--until-decided", help="first look at the finished, evaluated round and add seeds to the arms still within noise"
+    ),
+    max_seeds: int = typer.Option(None, "--max-seeds", min=2, help="with --until-decided: at most this many seeds per arm (default 8)"),
 ) -> None:
     """Preflight every host, then train every arm x seed on its host's lanes, detached (survives SSH); rerun-safe.
 
     Prints one line per run: host, arm, run, what happened (started, queued, already running,
-    already done, failed: why), pid of its lane's runner, run dir on the host, lane."""
+    already done, failed: why), pid of its lane's runner, run dir on the host, lane.
+    --until-decided: once every planned run is done and evaluated here, compare them first and add
+    a seed to the arms still within noise (as `armlab run --until-decided`, one look per launch)."""
+    from armlab.cli.report import DEFAULT_MAX_SEEDS
+    from armlab.errors import ArmlabError
     from armlab.ops.orchestrator import launch as launch_runs
+    from armlab.progress import console
     from armlab.spec import load_experiment
 
-    records = launch_runs(
-        load_experiment(exp), prepare_mode=prepare_mode, device=device, seeds=seed or None, hosts=host
-    )
+    if max_seeds is not None and not until_decided:
+        raise ArmlabError("--max-seeds goes with --until-decided (armlab launch EXP --until-decided --max-seeds N)")
+    spec = load_experiment(exp)
+    if until_decided:
+        if seed or spec.ladder.depths:
+            raise ArmlabError("--until-decided decides between every arm at one depth: leave out --seed (and [ladder])")
+        from armlab.decide import launch_round
+
+        launch_round(spec, max_seeds or DEFAULT_MAX_SEEDS, console.print)
+    records = launch_runs(spec, prepare_mode=prepare_mode, device=device, seeds=seed or None, hosts=host)
     for r in records:
         print(f"{r.host}\t{r.arm}\t{r.run}\t{r.action}\tpid {r.pid or '-'}\t{r.run_dir}\t{r.lane}")
     if any(r.failed for r in records):

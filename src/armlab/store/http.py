@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from armlab.store.base import Entry
 from armlab.store.fsspec import FsspecStore, version_of
-from armlab.store.net import Changed, RangesIgnored, Retry
+from armlab.store.net import Changed, RangesIgnored, Retry, status_of
 
 CHUNK = 1 << 20
 HEAD_THREADS = 16  # HEADs in flight while listing
@@ -61,7 +61,7 @@ class HttpStore(FsspecStore):
         fs, path = self.fs, self._path(url)
         magic = any(c in path for c in "*?[")
         if not path.endswith("/") and not magic:
-            info = fs.info(path)  # a file, or a dir URL that answers with its index page
+            info = self._info(path)  # a file, or a dir URL that answers with its index page
             if info.get("mimetype") != "text/html":
                 return {path: info}
         root = path[: min((path.find(c) for c in "*?[" if c in path), default=len(path))]
@@ -70,9 +70,21 @@ class HttpStore(FsspecStore):
         # Index pages give names only: one HEAD a file for its size, ETag and Last-Modified.
         todo = [n for n, i in found.items() if i.get("type", "file") == "file" and i.get("size") is None]
         with ThreadPoolExecutor(HEAD_THREADS) as pool:
-            for name, info in zip(todo, pool.map(fs.info, todo), strict=True):
+            for name, info in zip(todo, pool.map(self._info, todo), strict=True):
                 found[name] = {**found[name], **info}
         return found
+
+    def _info(self, path: str) -> dict[str, Any]:
+        """fsspec's HEAD (then GET) of one URL. fsspec turns every failure of both into a
+        FileNotFoundError; only a 404 is one: a refused connection or a 500 is raised as itself,
+        so the retry layer retries it and the message says the server could not be reached."""
+        try:
+            return self.fs.info(path)
+        except FileNotFoundError as e:
+            cause = e.__cause__
+            if cause is None or isinstance(cause, FileNotFoundError) or status_of(cause) == 404:
+                raise
+            raise cause from None
 
     # -- reading
     def _read(self, entry: Entry, start: int, end: int) -> bytes:
