@@ -182,10 +182,11 @@ def test_preemption_and_time_limit_chain_equal_an_uninterrupted_run(slurm: Slurm
     submitted after it) and one meets its walltime (`time = "2"`: Slurm warns the batch step, which
     passes SIGUSR1 on, 30 to 60 s in); the last finishes. Its loss curve and final weights are
     those of the same run trained uninterrupted, bitwise. Which job gets which stop depends on
-    when Slurm's time-limit tick comes; that both happen does not: the run's 75 s of steps do not
-    fit in one job's 30-60 s."""
-    steps = 150  # 0.5 s a step
-    env = {**slurm.env, "OMP_NUM_THREADS": "1", "ARMLAB_TEST_STEP_DELAY": "0.5"}
+    when Slurm's time-limit tick comes; that both happen does not: after the preemption (a few
+    steps in) the run still has over 120 s of steps, more than one job trains before its warning
+    (at most 90 s: 2 min less 30 s), however slow a loaded machine makes its start."""
+    steps = 240  # 0.6 s a step: 144 s in all
+    env = {**slurm.env, "OMP_NUM_THREADS": "1", "ARMLAB_TEST_STEP_DELAY": "0.6"}
     exp = chain_setup(tmp_path, env, steps, extra='time = "2"')
     ref = reference(env, exp, "uninterrupted", "--num-iterations", str(steps))
     run = tmp_path / "wd/arms/rand/runs/rand-s0"
