@@ -154,9 +154,11 @@ def _download(url: str, archive: Path, safe: str) -> None:
         raise ArmlabError(f"{safe}: cannot download the eval bundle ({_why(str(e))}); {OFFLINE_FIX}") from None
 
 
-def _why(line: str) -> str:
-    """The store's one line without the (redacted) URL it starts with: the caller names it."""
-    return re.sub(r"^\S+://\S*: ", "", line)
+def _why(line: str, advice: bool = True) -> str:
+    """The store's one line without the (redacted) URL it starts with (the caller names it), and
+    without its advice ("; check the network, then rerun ...") when the caller gives its own."""
+    line = re.sub(r"^\S+://\S*: ", "", line)
+    return line if advice else re.sub(r"; check .*$", "", line)
 
 
 def probe(url: str) -> str | None:
@@ -166,7 +168,7 @@ def probe(url: str) -> str | None:
     from armlab.store import probe as store_probe
 
     problem = store_probe(url)
-    return None if problem is None else f"unreachable ({_why(problem)})"
+    return None if problem is None else f"unreachable ({_why(problem, advice=False)})"
 
 
 def _cache_key(url: str) -> str:
