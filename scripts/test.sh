@@ -33,4 +33,5 @@ fi
 
 # One pytest worker per core, up to 4 (pytest-xdist): most tests wait on a subprocess or run one
 # thread (OMP_NUM_THREADS=1), so on 2 cores two workers halve the wall time. `-n 0` runs serially.
-python -m pytest -q -n auto --maxprocesses 4 --durations=10 "$@"   # the 10 slowest tests, every run
+# --dist loadgroup: tests marked with one xdist_group share a worker (the Ray tests: one cluster).
+python -m pytest -q -n auto --maxprocesses 4 --dist loadgroup --durations=10 "$@"   # the 10 slowest tests, every run

@@ -23,6 +23,9 @@ from ray_util import HEAD_IP, NODE2_IP, RayCluster
 
 N_DOCS, FILES, EVAL_DOCS = 3000, 6, 100
 
+# One cluster per xdist worker (the session fixture): every Ray test on the same worker (--dist loadgroup)
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 def cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-c", "from armlab.cli import main; main()", *map(str, args)]

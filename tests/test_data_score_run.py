@@ -48,10 +48,14 @@ batch_size = 8
 """
 
 
-def experiment(root: Path, scorers: str = SCORERS, arms: str = "", name: str = "exp.toml") -> Path:
+def experiment(
+    root: Path, scorers: str = SCORERS, arms: str = "", name: str = "exp.toml", workdir: Path | None = None
+) -> Path:
+    """The scorer tests' experiment file, `name` beside its workdir (default `root`/wd)."""
     arms = arms or '[[arms]]\nname = "rand"\nkind = "random"\nratio = 0.5\n'
+    workdir = workdir or root / "wd"
     text = f"""name = "scoretest"
-workdir = "{root}/wd"
+workdir = "{workdir}"
 
 [pool]
 uri = "{root}/pool/*.parquet"
@@ -74,7 +78,7 @@ row_group_rows = 25
 depth = 2
 max_seq_len = 64
 """
-    path = root / name
+    path = workdir.parent / name
     path.write_text(text)
     return path
 

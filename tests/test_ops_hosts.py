@@ -116,7 +116,8 @@ def test_every_backend_honours_the_seam(host: Host, capfd: pytest.CaptureFixture
     # start: detached, the run trains there; a second start starts nothing new
     started = host.start(slots)
     roundtrip(started)
-    live = until("the run to be live", lambda: (p := host.probe(slots)).runs[run].alive and p)
+    # live, and its supervisor has written state.json (a scheduler's job is alive before that)
+    live = until("the run to be live", lambda: (p := host.probe(slots)).runs[run].alive and p.runs[run].pid and p)
     again = host.start(slots)
     roundtrip(again)
     after = host.probe(slots)

@@ -11,6 +11,16 @@ from armlab.cli.app import app, check_device, check_executor, split_list, with_t
 from armlab.errors import ArmlabError
 from armlab.text import plural
 
+# prepare's and score's: where the units run
+ExecutorOption = Annotated[
+    str | None,
+    typer.Option(callback=check_executor, help="local | ray: where the units run (default: prepare.executor, else local)"),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(help="--executor ray: the head's host:port (default: prepare.ray_address, else RAY_ADDRESS, else auto)"),
+]
+
 
 @app.command()
 def prepare(
@@ -22,13 +32,8 @@ def prepare(
     workers: Annotated[
         int | None, typer.Option(help="units at once (default: prepare.workers, else the CPUs)", min=1)
     ] = None,
-    executor: Annotated[
-        str | None,
-        typer.Option(callback=check_executor, help="local | ray: where the units run (default: prepare.executor, else local)"),
-    ] = None,
-    ray_address: Annotated[
-        str | None, typer.Option(help="--executor ray: the head's host:port (default: prepare.ray_address, else RAY_ADDRESS, else auto)")
-    ] = None,
+    executor: ExecutorOption = None,
+    ray_address: RayAddressOption = None,
     force: Annotated[bool, typer.Option("--force", help="take over a data dir whose lease holder is dead")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace arms prepared from a different spec")] = False,
     skip_bad_files: Annotated[
@@ -100,6 +105,8 @@ def score(
     keep_cache: Annotated[
         bool, typer.Option("--keep-cache", help="keep downloaded pool files")
     ] = False,
+    executor: ExecutorOption = None,
+    ray_address: RayAddressOption = None,
 ) -> None:
     """Score every pool document with the experiment's scorers (fastText, hf classifiers, heads over embeddings; resumable)."""
     from armlab.data.score.run import ScoreOptions
@@ -107,7 +114,10 @@ def score(
     from armlab.spec import load_experiment, with_overrides
 
     spec = with_overrides(load_experiment(exp), {"score.scores_dir": str(scores_dir) if scores_dir else None})
-    options = ScoreOptions(workers=workers, device=device, overwrite=overwrite, keep_cache=keep_cache)
+    options = ScoreOptions(
+        workers=workers, device=device, overwrite=overwrite, keep_cache=keep_cache,
+        executor=executor, ray_address=ray_address,
+    )  # fmt: skip
     for name, d in run_score(spec, names=scorer, options=options).items():
         print(f"{name}\t{d}")
 

@@ -67,11 +67,20 @@ class ShardWriter:
 
     Each shard is written to a temp name and renamed, then hashed; `close()` flushes the last
     (short) shard and returns the `files` list for the manifest. The byte stream is a pure
-    function of the rows appended, so identical input gives identical sha256s.
+    function of the rows appended, however they were cut into tables (each row group is written
+    from one contiguous piece), so identical rows give identical sha256s.
     """
 
-    def __init__(self, out_dir: Path, rows_per_shard: int, row_group_rows: int, compression: str = "zstd"):
+    def __init__(
+        self,
+        out_dir: Path,
+        rows_per_shard: int,
+        row_group_rows: int,
+        compression: str = "zstd",
+        chars_column: str | None = None,
+    ):
         self.out_dir = out_dir
+        self.chars_column = chars_column  # a column of each row's characters: summed, not written
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = row_group_rows
         self.compression = None if compression == "none" else compression
@@ -97,22 +106,27 @@ class ShardWriter:
 
     def _flush(self, table: pa.Table) -> None:
         path = self.out_dir / shard_name(len(self.files))
-        with atomic_path(path) as tmp:
-            # No dictionary or statistics for text: documents are unique, so both only cost time.
-            pq.write_table(
-                table,
-                tmp,
-                row_group_size=self.row_group_rows,
-                compression=self.compression,
-                use_dictionary=False,
-                write_statistics=False,
-            )
+        if self.chars_column is not None:
+            chars = int(pc.sum(table[self.chars_column]).as_py() or 0)
+            table = table.drop_columns([self.chars_column])
+        else:
+            chars = int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0)
+        # No dictionary or statistics for text: documents are unique, so both only cost time.
+        opts = {"compression": self.compression, "use_dictionary": False, "write_statistics": False}
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, table.schema, **opts) as w:
+            # One row group at a time, each in one piece: where the appended tables were cut would
+            # otherwise start a new data page there, changing the bytes (not the rows).
+            for off in range(0, table.num_rows, self.row_group_rows):
+                group = table.slice(off, self.row_group_rows)
+                if any(c.num_chunks > 1 for c in group.columns):
+                    group = group.combine_chunks()
+                w.write_table(group, row_group_size=self.row_group_rows)
         self.files.append(
             {
                 "name": path.name,
                 "rows": table.num_rows,
                 "row_groups": -(-table.num_rows // self.row_group_rows),
-                "chars": int(pc.sum(pc.utf8_length(table["text"])).as_py() or 0),
+                "chars": chars,
                 "bytes": path.stat().st_size,
                 "sha256": sha256_file(path),
             }

@@ -6,10 +6,10 @@ uniform sample) and a function of the hash alone: identical for any worker count
 layout or kill/rerun.
 
 Stage 1 (`StageWriter`, one per unit of work and target): the unit's selected rows, in sorted
-runs of about STAGE_BATCH_BYTES of text, are appended as record batches to an uncompressed Arrow
-IPC file, written under a temp name and renamed when the unit finishes.
+runs of a few MB of text (`stage_batch_bytes`), are appended as record batches to an uncompressed
+Arrow IPC file, written under a temp name and renamed when the unit finishes.
 Stage 2 (`merge`): the hash space is cut into 2**b equal ranges sized so that one range of
-text fits in memory (`BUCKET_BYTES`); for each range in order, the matching slice of every
+text fits in memory (`bucket_bits`); for each range in order, the matching slice of every
 batch (found by binary search, since batches are sorted, and read zero-copy through a memory
 map) is gathered, sorted by `h` (stable, in unit order, so duplicate hashes stay deterministic)
 and streamed into the shard writer. Memory is one range plus one shard.
@@ -29,20 +29,31 @@ import pyarrow as pa
 
 from armlab.data.shards import ShardWriter
 
-BUCKET_BYTES = 64 << 20  # stage 2: text per hash range held in memory at once (peak ~2x this)
-STAGE_BATCH_BYTES = 8 << 20  # stage 1: text per sorted record batch (held per unit and target)
+# Stage 2 cuts a target's hash space into ranges of BUCKET_BYTES of text (memory: ~2x one range)
+# and every stage-1 batch into one slice per range, so its work is O(batches x ranges): both grow
+# with the target, at most MAX_PIECES each. Small ones (a 1 GB pool's arms) use small sizes: their
+# buffers are then reused by Arrow's allocator instead of faulted in fresh (perf: page zeroing
+# was ~15% of prepare's CPU with 64 MB ranges and 8 MB batches; -0.5 CPU-s on 1 GB).
+BUCKET_BYTES = (16 << 20, 64 << 20)  # a range's text: at least, at most
+STAGE_BATCH_BYTES = (2 << 20, 64 << 20)  # a stage-1 batch's text (held per unit and target): at least, at most
+MAX_PIECES = 4096
+CHARS = "chars"  # stage-1 column: each document's characters (int32), summed for the manifests
+# Part of the stage dir's name: a prepare killed under an older layout (no CHARS column) starts its
+# text pass over instead of merging files this version cannot read.
+STAGE_FORMAT = 2
 
 
 class StageWriter:
     """Stage 1 output of one unit for one target: record batches, each sorted by `h`, in an
     uncompressed Arrow IPC file written under a temp name and renamed by `close()`.
 
-    Rows come in file order, in parts of any size; they are held until about STAGE_BATCH_BYTES of
-    text, then sorted (stable: equal hashes keep file order) and written as one batch. So the
-    number of batches stage 2 cuts into hash ranges follows the text, not the read size."""
+    Rows come in file order, in parts of any size; they are held until about `batch_bytes` of text
+    (`stage_batch_bytes`), then sorted (stable: equal hashes keep file order) and written as one
+    batch. So the number of batches stage 2 cuts into hash ranges follows the text, not the read
+    size; the shards do not depend on it (nor on the ranges: `ShardWriter`)."""
 
-    def __init__(self, path: Path, schema: pa.Schema):
-        self.path, self.schema = path, schema
+    def __init__(self, path: Path, schema: pa.Schema, batch_bytes: int = STAGE_BATCH_BYTES[0]):
+        self.path, self.schema, self.batch_bytes = path, schema, batch_bytes
         # unique on shared storage too: a retried unit on another node may write beside this one
         self.tmp = path.with_name(f".{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
         self.writer: pa.ipc.RecordBatchFileWriter | None = None
@@ -55,7 +66,7 @@ class StageWriter:
             return
         self.parts.append(table)
         self.held += table.column("text").nbytes
-        if self.held >= STAGE_BATCH_BYTES:
+        if self.held >= self.batch_bytes:
             self._flush()
 
     def _flush(self) -> None:
@@ -85,9 +96,18 @@ class StageWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def _piece(total_bytes: int, bounds: tuple[int, int]) -> int:
+    return min(max(total_bytes // MAX_PIECES, bounds[0]), bounds[1])
+
+
+def stage_batch_bytes(total_bytes: int) -> int:
+    """Text per stage-1 batch of a target expected to stage `total_bytes`."""
+    return _piece(total_bytes, STAGE_BATCH_BYTES)
+
+
 def bucket_bits(total_bytes: int) -> int:
-    """log2 of the number of hash ranges so that each holds about BUCKET_BYTES of text."""
-    n = max(1, -(-total_bytes // BUCKET_BYTES))
+    """log2 of the number of hash ranges of a target of `total_bytes` of text."""
+    n = max(1, -(-total_bytes // _piece(total_bytes, BUCKET_BYTES)))
     return min(16, (n - 1).bit_length())
 
 

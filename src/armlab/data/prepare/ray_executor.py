@@ -2,10 +2,11 @@
 
 `RayExecutor.map(fn, tasks, on_done)` behaves like `LocalExecutor.map`: `fn(task)` runs as one
 Ray task per unit (one CPU each, spread over the nodes), at most `workers` at once (default: the
-cluster's CPUs), and `on_done(task, result)` runs here, in the driver, in completion order. Units
-that need a GPU (`gpus=1`, the hf scorer on CUDA) run in actors instead, one per GPU, that stay up
-between units: Ray ends a GPU task's worker process after every call (`max_calls=1` by default,
-to free the GPU), which would load the model once per unit.
+cluster's CPUs), and `on_done(task, result)` runs here, in the driver, in completion order.
+Scoring units (`actors=True`) run on long-lived actors instead, one per CPU or, with `gpus=1`
+(the hf scorer on CUDA), one per GPU, so each loads its model once: an idle task worker may be
+ended by Ray at any time, and a GPU task's worker process ends after every call (`max_calls=1`
+by Ray's default, to free the GPU), which would load the model once per unit.
 
 What a cluster adds, and how it is handled here:
 - Units pass paths, not data: the workdir (and a local pool) must be one filesystem that every
@@ -133,8 +134,8 @@ def run_unit(fn: Callable[[T], R], task: T, cwd: str) -> tuple[R, str]:
 
 
 class UnitActor:
-    """A long-lived worker for units that need a GPU: the process (and a model it loaded) stays
-    up between units. Ray restarts a dead actor and retries its unit."""
+    """A long-lived worker (a scorer's): the process, and the model it loaded, stay up between
+    units. Ray restarts a dead actor and retries its unit."""
 
     def run(self, fn: Callable[[T], R], task: T, cwd: str) -> tuple[R, str]:
         return run_unit(fn, task, cwd)
@@ -164,11 +165,26 @@ def _probe(paths: list[tuple[str, str]], version: str) -> tuple[str, str | None,
     return node, None, missing
 
 
+def cluster_hardware(address: str | None, shared: Sequence[Path]) -> tuple[int, int]:
+    """The cluster's (CPUs, GPUs), after the checks every Ray run makes (Ray installed, the head
+    answers, every node runs armlab and sees `shared`): `armlab score` sizes its scorers by it."""
+    probe = RayExecutor(address, None, shared)
+    try:
+        return probe.cpus, probe.cluster_gpus
+    finally:
+        probe.close()
+
+
 class RayExecutor:
-    """Units as Ray tasks (or, with `gpus`, on one actor per GPU) on the cluster at `address`."""
+    """Units as Ray tasks (or on actors: scoring, `gpus`) on the cluster at `address`."""
 
     def __init__(
-        self, address: str | None, workers: int | None, shared: Sequence[Path] = (), gpus: int = 0
+        self,
+        address: str | None,
+        workers: int | None,
+        shared: Sequence[Path] = (),
+        gpus: int = 0,
+        actors: bool = False,
     ):
         ray = import_ray()
         self.ray = ray
@@ -195,6 +211,8 @@ class RayExecutor:
                 signal.signal(signal.SIGTERM, sigterm)
         resources = ray.cluster_resources()
         self.gpus = gpus
+        self.use_actors = actors or gpus > 0
+        self.cpus, self.cluster_gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
         if gpus and resources.get("GPU", 0) < gpus:
             ray.shutdown()
             raise _refuse(self.address, "the cluster has no GPU", "add GPU nodes, or score on the CPU (--device cpu)")
@@ -281,7 +299,7 @@ class RayExecutor:
             self._drain(on_done)
 
     def _submit(self, fn: Callable[[T], R], task: T) -> Any:
-        if not self.gpus:
+        if not self.use_actors:
             return self.task_fn.remote(fn, task, self.cwd)
         if not self.free:
             self._start_actor()
@@ -294,7 +312,7 @@ class RayExecutor:
         cls = self.ray.remote(UnitActor).options(
             num_cpus=1,
             num_gpus=self.gpus,
-            max_restarts=-1,  # a dead actor comes back ...
+            max_restarts=MAX_RETRIES,  # a dead actor comes back ...
             max_task_retries=MAX_RETRIES,  # ... and its unit runs again
             scheduling_strategy="SPREAD",
         )

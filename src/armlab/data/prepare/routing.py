@@ -24,7 +24,7 @@ from armlab.data.prepare.stats import StatsSpec, unit_stats
 from armlab.data.prepare.targets import EVAL, Target
 from armlab.data.prepare.thresholds import masks
 from armlab.data.select import Rules
-from armlab.data.shuffle import StageWriter
+from armlab.data.shuffle import CHARS, StageWriter, stage_batch_bytes
 from armlab.errors import ArmlabError
 from armlab.workdir import atomic_write_json
 
@@ -51,7 +51,9 @@ def done_marker(stage: Path, unit: int) -> Path:
 
 
 def text_schema(target: Target) -> pa.Schema:
-    fields = [pa.field("h", pa.uint64()), pa.field("text", pa.string())]
+    """A target's stage-1 rows: the shuffle hash, the text and its characters (counted once, here;
+    the shard writer and the tokenizer sample's budget read them), and the eval set's keys."""
+    fields = [pa.field("h", pa.uint64()), pa.field("text", pa.string()), pa.field(CHARS, pa.int32())]
     if target.name == EVAL:
         fields += [pa.field("key", pa.uint64()), pa.field("text_key", pa.uint64())]
         fields += [pa.field(c, pa.string() if c.startswith("group:") else pa.float64())
@@ -84,16 +86,23 @@ def route_unit(
     text_column: str = "text",
     where: Callable[[int], str] | None = None,
     stats_spec: StatsSpec | None = None,
+    staged: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Send each target's selected, non-empty rows of one unit to its stage-1 file; return counts.
 
     `batches` are the unit's text column in file order, in batches of any size; `where(row)`
     names the part of the file holding a row (its parquet row group) for an invalid-UTF-8 error;
     `a` holds its per-row arrays (`keys`, and `tokens`, scores, group codes when the key pass read
-    them). Only the selected documents' characters are counted (UTF-8 decoding is the cost);
-    emptiness is a byte length of 0."""
+    them); `staged` the text each target is expected to stage in all (it sizes the stage-1 batches).
+    Only the selected documents' characters are counted (UTF-8 decoding is the cost); emptiness is
+    a byte length of 0."""
     keys, tokens = a["keys"], a.get("tokens")
-    writers = {t.name: StageWriter(stage / t.name / f"{unit:06d}.arrow", text_schema(t)) for t in targets}
+    writers = {
+        t.name: StageWriter(
+            stage / t.name / f"{unit:06d}.arrow", text_schema(t), stage_batch_bytes((staged or {}).get(t.name, 0))
+        )
+        for t in targets
+    }
     stats: dict[str, dict[str, Any]] = {
         t.name: {"rows": 0, "chars": 0, "tokens": 0, "dropped_empty": 0} for t in targets
     }
@@ -117,13 +126,14 @@ def route_unit(
                     continue
                 k = keys[off + idx]
                 sub = text.take(pa.array(idx))
-                cols = {"h": pa.array(mix(k, t.shuffle_seed, t.salt)), "text": sub}
+                n_chars = pc.utf8_length(sub)
+                cols = {"h": pa.array(mix(k, t.shuffle_seed, t.salt)), "text": sub, CHARS: n_chars}
                 if t.name == EVAL:
                     cols["key"] = pa.array(k)
                     cols["text_key"] = pa.array(text_keys(sub))
                     cols.update(eval_label_arrays(t, a, off + idx))
                 writers[t.name].add(pa.table(cols))
-                chars = pc.utf8_length(sub).to_numpy(zero_copy_only=False)
+                chars = n_chars.to_numpy(zero_copy_only=False)
                 doc_chars[off + idx] = chars
                 kept[t.name][off + idx] = True
                 st["rows"] += len(idx)
@@ -165,6 +175,7 @@ class TextTask:
     stage: Path
     skip_bad_files: bool = False
     stats_spec: StatsSpec | None = None
+    staged: dict[str, int] | None = None  # each target's expected stage-1 text, all units together
 
 
 def run_text_task(task: TextTask) -> dict[str, Any]:
@@ -196,7 +207,7 @@ def text_pass(task: TextTask) -> dict[str, Any]:
     stats = route_unit(
         task.unit, batches, a, member, task.targets, task.stage, pf.name,
         task.text_column, where=_row_group_of(pf, task.local) if pf.fmt == "parquet" else None,
-        stats_spec=task.stats_spec,
+        stats_spec=task.stats_spec, staged=task.staged,
     )  # fmt: skip
     atomic_write_json(done_marker(task.stage, task.unit), stats)
     return stats

@@ -43,6 +43,7 @@ from armlab.data.prepare.thresholds import PoolSummary, compute_rules, count_mem
 from armlab.data.prepare.writing import CharBudget, write_targets
 from armlab.data.score.fresh import Scored, check_scores
 from armlab.data.select import Rules
+from armlab.data.shuffle import STAGE_FORMAT
 from armlab.errors import ArmlabError, Stopped
 from armlab.progress import console, progress
 from armlab.spec import ArmSpec, Experiment, fingerprint
@@ -71,7 +72,7 @@ def prepare(
     scores = check_scores(exp, pool_arms, files)  # an arm on a scorer that has not scored: refused here
     prebuilt = [a for a in chosen if a.kind == "prebuilt"]
     # So is a cluster that cannot run it (Ray missing, unreachable, a node that cannot see the workdir)
-    executor = open_prepare_executor(exp, opts, [existing_dir(exp.workdir_path), *_local_pool_file(files)])
+    executor = open_prepare_executor(exp, opts, [existing_dir(exp.workdir_path), *local_pool_file(files)])
     try:
         wd = open_workdir(exp)
         with stop_on_signals("prepare"), step_lock(wd, "prepare"):  # a second prepare waits, then finds it done
@@ -106,7 +107,7 @@ def existing_dir(path: Path) -> Path:
     return path
 
 
-def _local_pool_file(files: list[PoolFile]) -> list[Path]:
+def local_pool_file(files: list[PoolFile]) -> list[Path]:
     """A local pool's first file (Ray nodes must see the pool too); remote pools are read by URL."""
     return [Path(f.path) for f in files[:1] if not f.remote]
 
@@ -178,7 +179,7 @@ def prepare_pool(
         # 2. thresholds (several passes over the key arrays: kept in memory while they fit)
         with cached_keys():
             rules, summary = compute_rules(exp, arms, live, npz)
-            need = _check_sizes(exp, rules, summary, targets, live, npz, work)
+            need, staged = _check_sizes(exp, rules, summary, targets, live, npz, work)
             score = stats_score_column(exp)
             stats_spec = StatsSpec(
                 score,
@@ -187,12 +188,13 @@ def prepare_pool(
                 tuple(t.name for t in targets if t.name not in (EVAL, TOKENIZER)),
                 {n: e for n in scored if (e := score_edges(None, rules, live, npz, key=f"scorer:{n}")) is not None},
             )
-        stage = work / f"stage-{fingerprint([pool_fp, [t.fingerprint for t in targets], sorted(bad)])}"
+        stage_key = [pool_fp, [t.fingerprint for t in targets], sorted(bad), STAGE_FORMAT]
+        stage = work / f"stage-{fingerprint(stage_key)}"
         # 3. text pass; a file found unreadable here (invalid UTF-8) is skipped with the thresholds
         # chosen again without it: the arms must be the stated share of the files they come from
         try:
             unit_stats, found = _text_pass(
-                exp, wd, files, live, npz, rules, summary, targets, stage, executor, opts, stats_spec, fetch
+                exp, wd, files, live, npz, rules, summary, targets, stage, executor, opts, stats_spec, fetch, staged
             )
         except OSError as e:
             raise _disk_full(e, work, stage, targets, need) from None
@@ -318,6 +320,7 @@ def _text_pass(
     opts: PrepareOptions,
     stats_spec: StatsSpec,
     fetch: FetchPlan,
+    staged: dict[str, int],
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str]]:
     """Route every live file not done yet; returns each unit's counts, and the files found
     unreadable (with skip_bad_files; else the error is raised)."""
@@ -355,6 +358,7 @@ def _text_pass(
                     stage,
                     opts.skip_bad_files,
                     stats_spec,
+                    staged,
                 )
 
         def routed(tt: TextTask, stats: dict[str, Any]) -> None:
@@ -399,9 +403,10 @@ def _check_sizes(
     live: list[int],
     npz: dict[int, Path],
     work: Path,
-) -> int:
+) -> tuple[int, dict[str, int]]:
     """Refuse arms that select nothing; return the disk the text pass and the shards need (an
-    estimate, in bytes), warning when the workdir's filesystem has less free."""
+    estimate, in bytes), warning when the workdir's filesystem has less free, and each target's
+    expected stage-1 bytes."""
     expected = count_members(rules, live, npz, [t.name for t in targets])
     for t in targets:
         if t.name not in (EVAL, TOKENIZER) and expected[t.name] == 0:
@@ -419,7 +424,7 @@ def _check_sizes(
             "files and shards; it may run out of space",
             soft_wrap=True,
         )
-    return need
+    return need, {t.name: int(size) for t, size in zip(targets, sizes, strict=True)}
 
 
 STAGE_ROW_BYTES = 24  # per staged row besides its text: the hash, Arrow offsets (and eval keys)

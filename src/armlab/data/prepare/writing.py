@@ -15,14 +15,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from armlab.data.prepare.executor import Executor
 from armlab.data.prepare.stats import StatsSpec, add, manifest_stats
 from armlab.data.prepare.targets import EVAL, TOKENIZER, Target
 from armlab.data.select import CHARS_PER_TOKEN, SALT_TOKENIZER
 from armlab.data.shards import ShardWriter, finish_dir
-from armlab.data.shuffle import merge
+from armlab.data.shuffle import CHARS, merge
 from armlab.errors import ArmlabError
 from armlab.progress import console, progress
 from armlab.spec import ShardSpec
@@ -44,7 +43,7 @@ class CharBudget:
     def __call__(self, rows: pa.Table) -> int:
         if self.used >= self.chars:
             return 0
-        capped = np.minimum(pc.utf8_length(rows.column("text")).to_numpy(zero_copy_only=False), self.doc_cap)
+        capped = np.minimum(rows.column(CHARS).to_numpy(zero_copy_only=False), self.doc_cap)
         cum = self.used + np.cumsum(capped)
         n = min(len(cum), int(np.searchsorted(cum, self.chars, side="left")) + 1)
         self.used = int(cum[n - 1]) if n else self.used
@@ -74,10 +73,10 @@ def merge_target(task: MergeTask) -> Merged:
     if partial.exists():
         shutil.rmtree(partial)
     sh = task.shards
-    writer = ShardWriter(partial, sh.rows_per_shard, sh.row_group_rows, sh.compression)
+    writer = ShardWriter(partial, sh.rows_per_shard, sh.row_group_rows, sh.compression, chars_column=CHARS)
     files = [task.stage / task.target.name / f"{u:06d}.arrow" for u in task.units]
     budget = task.budget
-    merge(files, writer, list(task.target.columns), task.total_bytes, take=budget)
+    merge(files, writer, [*task.target.columns, CHARS], task.total_bytes, take=budget)
     return Merged(writer.close(), budget.used if budget else None)
 
 

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 
 from armlab.data.fetch import FetchPlan, Prefetcher, fetch_plan
 from armlab.data.pool import PoolFile, list_pool, parquet_metadata
-from armlab.data.prepare.executor import Executor, LocalExecutor
+from armlab.data.prepare.executor import Executor, LocalExecutor, open_executor
 from armlab.data.score import models
-from armlab.data.score.backends import get_backend
+from armlab.data.score.backends import Hardware, get_backend
 from armlab.data.score.sidecar import (
     ScoredFile,
     ScoresManifest,
@@ -58,6 +58,8 @@ class ScoreOptions:
     device: str | None = None  # "cpu" | "cuda" (hf); None: CUDA when there is a GPU
     overwrite: bool = False  # replace scores of another model or settings
     keep_cache: bool = False  # keep downloaded pool files
+    executor: str | None = None  # "local" | "ray" (None: [prepare] executor)
+    ray_address: str | None = None  # the Ray head's host:port (None: [prepare] ray_address)
 
 
 @dataclass
@@ -97,8 +99,14 @@ def score(
             f"experiment {exp.name!r} has no [[scorers]]; add one (see README 'Scoring a pool with a model')"
         )
     chosen = [exp.scorer(n) for n in names] if names else list(exp.scorers)
-    backends = {s.name: get_backend(s.kind).devices(opts.device) for s in chosen}  # refuses early
-    files = list_pool(exp.pool)
+    on_ray = make_executor is None and (opts.executor or exp.prepare.executor) == "ray"
+    cluster = None
+    if on_ray:  # sized by the cluster's hardware, checked before any work
+        files = list_pool(exp.pool)
+        cluster, make_executor = _on_ray(exp, opts, files)
+    backends = {s.name: get_backend(s.kind).devices(opts.device, cluster) for s in chosen}  # refuses early
+    if not on_ray:
+        files = list_pool(exp.pool)
     # every model found (downloaded once) before anything is written: a refused score leaves no workdir
     found = {s.name: models.resolve(s) for s in chosen}
     in_workdir = exp.score.scores_dir is None
@@ -138,8 +146,8 @@ def score_one(
             return directory
         # CPU: one worker per core (or --workers); CUDA: one per GPU, at most (each claims its own)
         workers = min(opts.workers or slots, slots) if device == "cuda" else opts.workers or slots
-        if device == "cpu":  # loaded here, shared by the forked workers (a CUDA parent could not fork)
-            worker_model(scorer, ident, resolved.sha256, device, str(resolved.path))
+        if device == "cpu" and make_executor is None:  # loaded here, shared by the forked workers
+            worker_model(scorer, ident, resolved.sha256, device, str(resolved.path))  # (a CUDA parent could not fork)
         executor = (make_executor or _local)(workers, device)
         try:
             _run(
@@ -160,6 +168,23 @@ def score_one(
 
 def _local(workers: int, device: str) -> Executor:
     return LocalExecutor(workers)
+
+
+def _on_ray(exp: Experiment, opts: ScoreOptions, files: list[PoolFile]) -> tuple[Hardware, ExecutorFactory]:
+    """The Ray cluster's hardware (after the checks every Ray run makes: the nodes run armlab and
+    see the scores dir and a local pool), and the executor each scorer runs on there: one actor
+    per CPU, or per GPU for a scorer on CUDA, each loading the model once."""
+    from armlab.data.prepare.ray_executor import cluster_hardware
+    from armlab.data.prepare.run import existing_dir, local_pool_file
+
+    address = opts.ray_address or exp.prepare.ray_address
+    shared = [existing_dir(exp.scores_path), *local_pool_file(files)]
+    cpus, gpus = cluster_hardware(address, shared)
+
+    def make(workers: int, device: str) -> Executor:
+        return open_executor("ray", workers, address, gpus=1 if device == "cuda" else 0, actors=True)
+
+    return Hardware(cpus, gpus), make
 
 
 def _open_manifest(

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from armlab.data.identity import doc_keys
 from armlab.data.pool import PoolFile, iter_columns
+from armlab.data.prepare.executor import kill_point
 from armlab.data.prepare.keys import as_text
 from armlab.data.score import models
 from armlab.data.score.backends import Model, get_backend
@@ -123,6 +124,7 @@ def run_score_task(task: ScoreTask) -> UnitResult:
         except ArmlabError as e:
             raise ArmlabError(f"{task.pf.name}: {e}") from None
         scores.append(np.asarray(got, dtype=np.float32))
+        kill_point("score")  # test hook: a unit stopped between its blocks
 
     types = {text_col: pa.string()}
     batches = iter_columns(task.pf, read, local=task.local, types=types, row_groups=task.row_groups)

@@ -9,7 +9,7 @@ branches on a scorer's kind: it asks the backend.
 
     score.run.plan_units       backend.columns(scorer, pool)    pool columns read per unit
                                backend.identity(scorer, pool)   what the scores depend on
-                               backend.devices(requested)       ("cpu", n) or ("cuda", n): workers
+                               backend.devices(requested, cl)   ("cpu", n) or ("cuda", n): workers
     score.units.run_score_task backend.load(scorer, path, dev)  once per worker process (cached)
                                model.score(table)               float32 per row, NaN = no score,
                                                                 blocks of >= backend.block_docs rows
@@ -21,6 +21,7 @@ model's content hash) and the device, so a pool worker or a Ray actor loads it o
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -62,8 +63,9 @@ class Backend(Protocol):
         """Besides the model: every setting the scores depend on (not batch sizes or workers)."""
         ...
 
-    def devices(self, requested: str | None) -> tuple[str, int]:
-        """Where it runs on this host: ("cpu", cores) or ("cuda", gpus); one worker per unit."""
+    def devices(self, requested: str | None, cluster: Hardware | None = None) -> tuple[str, int]:
+        """Where it runs on this host (or on a Ray `cluster`): ("cpu", cores) or ("cuda", gpus);
+        one worker per unit."""
         ...
 
     def load(self, scorer: ScorerSpec, path: Path, device: str) -> Model:
@@ -74,6 +76,14 @@ class Backend(Protocol):
 def get_backend(kind: str) -> Backend:
     module, cls = BACKENDS[kind].split(":")
     return getattr(importlib.import_module(module), cls)()
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A Ray cluster's CPUs and GPUs (`--executor ray`: scorers run on its nodes, not here)."""
+
+    cpus: int
+    gpus: int
 
 
 def cpu_count() -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from armlab.data.score.backends import cpu_count, nan_scores
+from armlab.data.score.backends import Hardware, cpu_count, nan_scores
 from armlab.errors import ArmlabError
 from armlab.spec import PoolSpec, ScorerSpec
 
@@ -39,10 +39,10 @@ class FastTextBackend:
     def identity(self, scorer: ScorerSpec, pool: PoolSpec) -> dict[str, Any]:
         return {"label": scorer.label, "text_column": pool.text_column, "preprocess": PREPROCESS}
 
-    def devices(self, requested: str | None) -> tuple[str, int]:
+    def devices(self, requested: str | None, cluster: Hardware | None = None) -> tuple[str, int]:
         if requested == "cuda":
             raise ArmlabError("fastText scorers run on CPU only; drop --device cuda for them")
-        return "cpu", cpu_count()
+        return "cpu", cluster.cpus if cluster else cpu_count()
 
     def load(self, scorer: ScorerSpec, path: Path, device: str) -> FastTextModel:
         return FastTextModel(scorer, path)

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from armlab.data.score.backends import cpu_count, nan_scores
+from armlab.data.score.backends import Hardware, cpu_count, nan_scores
 from armlab.errors import ArmlabError
 from armlab.spec import PoolSpec, ScorerSpec
 
@@ -49,12 +49,12 @@ class HeadBackend:
     def identity(self, scorer: ScorerSpec, pool: PoolSpec) -> dict[str, Any]:
         return {"label": scorer.label, "column": scorer.column, "activation": scorer.activation}
 
-    def devices(self, requested: str | None) -> tuple[str, int]:
+    def devices(self, requested: str | None, cluster: Hardware | None = None) -> tuple[str, int]:
         if requested == "cuda":
             raise ArmlabError(
                 "head scorers run on CPU (reading the embeddings is the work); drop --device cuda"
             )
-        return "cpu", cpu_count()
+        return "cpu", cluster.cpus if cluster else cpu_count()
 
     def load(self, scorer: ScorerSpec, path: Path, device: str) -> HeadModel:
         return HeadModel(scorer, path)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from armlab.data.score.backends import cpu_count, nan_scores
+from armlab.data.score.backends import Hardware, cpu_count, nan_scores
 from armlab.errors import ArmlabError
 from armlab.spec import PoolSpec, ScorerSpec
 
@@ -49,11 +49,13 @@ class HFBackend:
     def identity(self, scorer: ScorerSpec, pool: PoolSpec) -> dict[str, Any]:
         return {"label": scorer.label, "max_length": scorer.max_length, "text_column": pool.text_column}
 
-    def devices(self, requested: str | None) -> tuple[str, int]:
-        gpus = gpu_count() if requested in (None, "cuda") else 0
+    def devices(self, requested: str | None, cluster: Hardware | None = None) -> tuple[str, int]:
+        wants_gpu = requested in (None, "cuda")
+        gpus = (cluster.gpus if cluster else gpu_count()) if wants_gpu else 0
         if requested == "cuda" and not gpus:
-            raise ArmlabError("--device cuda: no CUDA GPU visible here (torch.cuda.device_count() is 0)")
-        return ("cuda", gpus) if gpus else ("cpu", cpu_count())
+            where = "in the Ray cluster" if cluster else "here (torch.cuda.device_count() is 0)"
+            raise ArmlabError(f"--device cuda: no CUDA GPU {where}")
+        return ("cuda", gpus) if gpus else ("cpu", cluster.cpus if cluster else cpu_count())
 
     def load(self, scorer: ScorerSpec, path: Path, device: str) -> HFModel:
         return HFModel(scorer, path, device)
