@@ -218,14 +218,18 @@ def test_downloaded_through_the_storage_seam_retried_reused_and_redacted(
 def test_a_bundle_server_that_never_answers_is_said_within_the_net_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """ARMLAB_NET_TIMEOUT bounds every request of the download (0.2: a fixed 60 s urlopen)."""
+    """ARMLAB_NET_TIMEOUT bounds every request of the download (0.2: a fixed 60 s urlopen), and
+    of doctor's and init's probe of the URL."""
+    from armlab.evaluate.bundle import probe
     from http_util import SilentServer
 
     monkeypatch.setenv("ARMLAB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ARMLAB_NET_ATTEMPTS", "1")
     monkeypatch.setenv("ARMLAB_NET_TIMEOUT", "1")
-    with SilentServer() as server, pytest.raises(ArmlabError) as e:
-        load_bundle(f"{server.url}/eval_bundle.zip")
+    with SilentServer() as server:
+        assert probe(f"{server.url}/eval_bundle.zip") == "unreachable (no answer from 127.0.0.1 in 1 s (after 1 attempt))"
+        with pytest.raises(ArmlabError) as e:
+            load_bundle(f"{server.url}/eval_bundle.zip")
     msg = str(e.value)
     assert "cannot download the eval bundle (no answer from 127.0.0.1 in 1 s" in msg, msg
     assert 'core_bundle = "none"' in msg and "--bundle none" in msg and "\n" not in msg

@@ -43,6 +43,7 @@ OFFLINE_FIX = (
     'to train without CORE, set core_bundle = "none" under [evaluate] in EXP (val bpb only) or pass '
     "--bundle none; or point --bundle at a local copy of the bundle dir"
 )
+PROBE_TIMEOUT_S = 10.0  # the most `doctor` / `init` wait for the bundle URL to answer a request
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # Fields each task type's items must carry (nanochat's core_eval reads exactly these).
@@ -163,11 +164,12 @@ def _why(line: str, advice: bool = True) -> str:
 
 def probe(url: str) -> str | None:
     """Whether the bundle URL answers now, without downloading it: None if it does, else why not
-    ("unreachable (...)"). The storage seam's probe (one attempt, bounded by ARMLAB_NET_TIMEOUT),
+    ("unreachable (...)"). The storage seam's probe (one attempt; each request bounded by
+    ARMLAB_NET_TIMEOUT, at most PROBE_TIMEOUT_S: `init` and `doctor` must not hang on a firewall),
     so what it reaches the download can."""
     from armlab.store import probe as store_probe
 
-    problem = store_probe(url)
+    problem = store_probe(url, PROBE_TIMEOUT_S)
     return None if problem is None else f"unreachable ({_why(problem, advice=False)})"
 
 
