@@ -6,8 +6,9 @@
   ETag differs). It counts the body bytes it actually wrote, can throttle every connection
   together to `rate` bytes/s (a shared link), can cut the connection partway through its first
   `drops` ranged responses, can demand `?token=` on every request (401 without), calls
-  `before_get(path)` before it serves a file's bytes (a test changes the file there), and with
-  `conditional=False` ignores If-Match like a server that does not implement it.
+  `before_get(path)` before it serves a file's bytes (a test changes the file there), with
+  `conditional=False` ignores If-Match like a server that does not implement it, and answers its
+  first `fails` GETs of a file 503 (a server that fails, then answers).
 - `SilentServer`: a socket that accepts connections and never answers.
 - `NoRangeServer`: the standard library's `http.server` (what `python -m http.server` runs),
   which answers every GET with the whole file: a real server that ignores Range.
@@ -89,9 +90,11 @@ class PoolServer:
         token: str | None = None,
         before_get: Any = None,
         conditional: bool = True,
+        fails: int = 0,
     ):
         self.root, self.rate, self.drops, self.drop_after = Path(root), rate, drops, drop_after
         self.token, self.before_get, self.conditional = token, before_get, conditional
+        self.fails = fails
         self.log = Log()
         self.loop = asyncio.new_event_loop()
         self._link_free = 0.0  # when the shared link is next free (monotonic seconds)
@@ -145,6 +148,10 @@ class PoolServer:
             if rel and not rel.endswith("/"):
                 raise web.HTTPMovedPermanently(f"/{quote(rel)}/")
             return self.index(request, path)
+        if request.method == "GET" and self.fails > 0:
+            self.fails -= 1
+            self.log.add(Hit(request.method, request.path, None, 503, 0))
+            raise web.HTTPServiceUnavailable()
         if request.method == "GET" and self.before_get is not None:
             self.before_get(path)
         if self.conditional and request.headers.get("If-Match", etag(path)) != etag(path):

@@ -83,6 +83,8 @@ def zipped(tmp_path: Path) -> Path:
 @pytest.fixture
 def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Server, str]]:
     monkeypatch.setenv("ARMLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ARMLAB_NET_ATTEMPTS", "2")  # the storage seam's retries, kept short
+    monkeypatch.setenv("ARMLAB_NET_BACKOFF", "0.05")
     server = Server(zipped(tmp_path))
     yield server, server.url("eval_bundle.zip")
     server.close()
@@ -103,7 +105,7 @@ def test_a_wrong_sha256_is_refused_and_nothing_kept(served: tuple[Server, str], 
     server, url = served
     with pytest.raises(ArmlabError, match=r"eval bundle sha256 is [0-9a-f]{64}, expected 0{64}"):
         load_bundle(url, sha256="0" * 64)
-    assert not list((tmp_path / "cache/bundles").glob("*.zip"))
+    assert not list((tmp_path / "cache/bundles").rglob("*.zip"))
     load_bundle(url)  # downloads again, now without a checksum
     with pytest.raises(
         ArmlabError, match=r"cached eval bundle has sha256 [0-9a-f]{64}, the experiment expects 1{64}"
@@ -147,7 +149,7 @@ def test_concurrent_processes_download_once(served: tuple[Server, str], tmp_path
 def test_errors_name_the_url(served: tuple[Server, str]) -> None:
     server, _ = served
     with pytest.raises(
-        ArmlabError, match=r"127\.0\.0\.1:\d+/missing\.zip: cannot download the eval bundle \(HTTP Error 404"
+        ArmlabError, match=r"127\.0\.0\.1:\d+/missing\.zip: cannot download the eval bundle \(not found"
     ):
         load_bundle(server.url("missing.zip"))
 
@@ -175,5 +177,59 @@ def test_offline_the_download_error_offers_core_bundle_none(served: tuple[Server
     with pytest.raises(ArmlabError) as e:
         load_bundle(url)
     msg = str(e.value)
-    assert msg.startswith(f"{url}: cannot download the eval bundle (") and "Connection refused" in msg, msg
+    assert msg.startswith(f"{url}: cannot download the eval bundle (cannot reach 127.0.0.1 after 2 attempts"), msg
     assert 'core_bundle = "none" under [evaluate]' in msg and "--bundle none" in msg and "\n" not in msg
+
+
+def test_downloaded_through_the_storage_seam_retried_reused_and_redacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bundle download is the storage seam's: a server that fails once is retried (a line says
+    so), a token in the URL goes on the requests only (never into the cache or a message), and a
+    zip still on disk is reused while the server lists the same version (a HEAD, no bytes)."""
+    from armlab.evaluate.bundle import cached
+    from http_util import PoolServer
+
+    monkeypatch.setenv("ARMLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ARMLAB_NET_ATTEMPTS", "2")
+    monkeypatch.setenv("ARMLAB_NET_BACKOFF", "0.05")
+    token = "t0k3n-S3CR3T-bundle"
+    with PoolServer(zipped(tmp_path), token=token, fails=1) as server:
+        url = f"{server.url}/eval_bundle.zip?token={token}"
+        b = load_bundle(url)
+        assert [t.label for t in b.tasks] == ["mc"] and b.source == f"{server.url}/eval_bundle.zip?token=***"
+        assert [h.status for h in server.log.hits if h.method == "GET"] == [503, 200]
+        assert "(attempt 1/2); retrying" in capsys.readouterr().err
+        unpacked = cached(url)
+        assert unpacked is not None
+        for p in sorted(unpacked.rglob("*"), reverse=True):  # the unpacked bundle gone, its zip kept
+            p.unlink() if p.is_file() else p.rmdir()
+        unpacked.rmdir()
+        server.log.clear()
+        assert load_bundle(url).sha256 == b.sha256
+        assert server.log.file_bytes("eval_bundle.zip") == 0 and [h.method for h in server.log.hits] == ["HEAD"]
+    with pytest.raises(ArmlabError) as e:  # the server gone: the one line names the URL, not its token
+        load_bundle(f"{server.url}/other.zip?token={token}")
+    assert "cannot download the eval bundle" in str(e.value) and token not in str(e.value) + capsys.readouterr().err
+    written = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+    assert written and not [p for p in written if token.encode() in p.read_bytes()]
+
+
+def test_a_bundle_server_that_never_answers_is_said_within_the_net_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ARMLAB_NET_TIMEOUT bounds every request of the download (0.2: a fixed 60 s urlopen), and
+    of doctor's and init's probe of the URL."""
+    from armlab.evaluate.bundle import probe
+    from http_util import SilentServer
+
+    monkeypatch.setenv("ARMLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ARMLAB_NET_ATTEMPTS", "1")
+    monkeypatch.setenv("ARMLAB_NET_TIMEOUT", "1")
+    with SilentServer() as server:
+        assert probe(f"{server.url}/eval_bundle.zip") == "unreachable (no answer from 127.0.0.1 in 1 s (after 1 attempt))"
+        with pytest.raises(ArmlabError) as e:
+            load_bundle(f"{server.url}/eval_bundle.zip")
+    msg = str(e.value)
+    assert "cannot download the eval bundle (no answer from 127.0.0.1 in 1 s" in msg, msg
+    assert 'core_bundle = "none"' in msg and "--bundle none" in msg and "\n" not in msg

@@ -86,3 +86,42 @@ def test_average_last_k_averages_every_figure(trained) -> None:
     assert result.core.core == pytest.approx(sum(c.core for c in result.checkpoints) / 3, rel=1e-9)
     mc = result.core.tasks["mc"]
     assert mc.accuracy == pytest.approx(sum(mc.correct) / len(mc.correct))  # correct: share of checkpoints
+
+
+def test_status_shows_the_evaluation_while_it_runs_and_nothing_after(trained, monkeypatch) -> None:
+    """`armlab evaluate` on a done run writes phase "eval" and which checkpoint into state.json, so
+    status shows `done+eval:2/3` (0.2: a bare `done` for minutes), and clears both when it ends:
+    normally and on Ctrl-C mid-way. The run stays done with its end time (compare checks it). The
+    engine's scoring is wrapped to look at state.json and status while each checkpoint is scored."""
+    from dataclasses import replace
+
+    from armlab.ops.status import plain_table, run_status
+    from armlab.runs import read_run_state
+    from armlab.train.engines.builtin import BuiltinEngine
+
+    run_dir, bundle, exp = trained
+    before = read_run_state(run_dir)
+    seen, stop_at = [], None
+    real = BuiltinEngine.evaluate
+
+    def watched(self, request):
+        st, row = read_run_state(run_dir), run_status(run_dir, stall_after_s=600)
+        seen.append((st.state, st.phase, st.evaluating.index, st.evaluating.of, st.evaluating.step, row.state))
+        assert f" done+eval:{st.evaluating.index}/3 " in plain_table([row]).splitlines()[1]
+        if st.evaluating.index == stop_at:
+            raise KeyboardInterrupt
+        return real(self, request)
+
+    monkeypatch.setattr(BuiltinEngine, "evaluate", watched)
+    evaluate_run(exp, run_dir, bundle, force=True, max_tokens=500)
+    assert seen == [("done", "eval", i, 3, step, "done") for i, step in ((1, 10), (2, 11), (3, 12))]
+    after = read_run_state(run_dir)
+    assert after.phase is None and after.evaluating is None and replace(after, updated=None) == replace(before, updated=None)
+    assert run_status(run_dir, stall_after_s=600).evaluating is None
+    seen.clear()
+    stop_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_run(exp, run_dir, bundle, force=True, max_tokens=500)
+    assert [s[2] for s in seen] == [1, 2]
+    after = read_run_state(run_dir)
+    assert after.phase is None and after.evaluating is None and replace(after, updated=None) == replace(before, updated=None)

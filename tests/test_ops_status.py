@@ -144,7 +144,7 @@ def test_json_is_one_object_per_run_with_every_field(runs, tmp_path: Path) -> No
     assert fields == [
         "arm", "run", "dir", "state", "step", "num_iterations", "tokens", "train_loss", "val_bpb",
         "tok_per_s", "mfu", "eta_s", "epoch", "last_log_age_s", "alive", "host", "error", "lane", "engine",
-        "phase", "val_bpb_step", "job",
+        "phase", "val_bpb_step", "job", "evaluating",
     ]  # fmt: skip  (the schema: a change here is a change for every script that reads it)
     assert [list(d) for d in data] == [fields] * 4
     by_run = {d["run"]: d for d in data}
@@ -179,6 +179,27 @@ def test_a_run_in_eval_shows_the_phase_and_the_step_of_its_bpb(runs, tmp_path: P
     data = {d["run"]: d for d in json.loads(armlab("status", str(exp.workdir_path), "--json", cwd=tmp_path).stdout)}
     assert (data["edu-top16.5-s1"]["state"], data["edu-top16.5-s1"]["phase"]) == ("running", "eval")
     assert data["edu-top16.5-s1"]["val_bpb_step"] == 10
+
+
+def test_a_done_run_being_evaluated_says_so_until_its_evaluator_is_gone(runs, tmp_path: Path) -> None:
+    """`armlab evaluate` writes phase "eval" and its progress into a done run's state.json: status
+    shows `done+eval:2/3` (one word piped, within 80 columns); an evaluator killed with SIGKILL
+    (its pid gone) left them behind, and status shows a plain `done`, not an eval that runs no more."""
+    exp, _ = runs
+    done = next(p for p in exp.workdir_path.glob("arms/*/runs/edu-top16.5-s0"))
+    ev = {"index": 2, "of": 3, "step": 9, "pid": os.getpid(), "host": socket.gethostname()}
+    set_state(done, phase="eval", evaluating=ev)
+    rows = {r.run: r for r in experiment_status(exp, stall_after_s=600)}
+    r = rows["edu-top16.5-s0"]
+    assert (r.state, r.phase, r.evaluating) == ("done", "eval", "2/3")
+    lines = render(list(rows.values()), 80)
+    assert max(len(line) for line in lines) <= 80 and "done+eval:2/3" in next(x for x in lines if "-s0" in x and "edu" in x)
+    p = armlab("status", str(exp.workdir_path), cwd=tmp_path)
+    piped = next(line for line in p.stdout.splitlines() if line.split()[1:2] == ["edu-top16.5-s0"])
+    assert piped.split()[2] == "done+eval:2/3", piped
+    set_state(done, evaluating={**ev, "pid": dead_pid()})
+    r = next(r for r in experiment_status(exp, stall_after_s=600) if r.run == "edu-top16.5-s0")
+    assert (r.state, r.phase, r.evaluating) == ("done", None, None)
 
 
 def test_missing_workdir_says_so(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@
         run.json       what the run is (written once, before it starts): spec, fingerprints, config
         plan.json      the per-run plan the supervisor and its ranks read (armlab.train.plan.RunPlan)
         state.json     where it is (`StateRecord`): state, supervisor pid and host, step, phase,
-                       resume_step; rewritten atomically
+                       resume_step, and on a done run `armlab evaluate`'s progress while it scores
+                       the run (`Evaluating`); rewritten atomically
         metrics.jsonl  one JSON object a line (`MetricsRecord`), each with a `step`, appended by
                        one writer (`MetricsLog`) while it runs
         train.log      everything the ranks printed, tee'd by the supervisor (train.node<K>.log on
@@ -17,7 +18,8 @@
 
 `state.json` is written by the supervisor before it starts the ranks and after they exit, and by
 the engine while they run (the built-in trainer's rank 0, which also writes the final `stopped` /
-`diverged` it ends with); the two never overlap. On a multi-node run only node 0 writes it. A run is
+`diverged` it ends with); the two never overlap. Once the run is done, `armlab evaluate` writes only
+its phase and progress there, and clears them when it ends. On a multi-node run only node 0 writes it. A run is
 *live* when its state is active (starting, running) and its supervisor's pid lives on this host;
 a zombie counts as dead. `armlab status` adds what only an observer sees: STALLED (live, or on
 another host, but nothing logged for a while), dead (active state, pid gone), queued (no run dir
@@ -95,6 +97,19 @@ class Phase(StrEnum):
 
 
 @dataclass(frozen=True)
+class Evaluating(Record):
+    """`armlab evaluate` at work on a finished run (state.json: phase "eval" and this, the run still
+    done): checkpoint `index` of `of`, at `step`, by `pid` on `host` (an evaluator killed with
+    SIGKILL leaves it behind; its pid tells status it is stale)."""
+
+    index: int
+    of: int
+    step: int
+    pid: int
+    host: str
+
+
+@dataclass(frozen=True)
 class StateRecord(Record):
     """state.json, typed. `state` is kept as written (a state a newer armlab writes reads back as
     itself; `observed_state` calls it unreadable); fields this armlab does not know are kept in
@@ -108,7 +123,8 @@ class StateRecord(Record):
     error: str | None = None  # one line: why it failed, stopped or diverged
     step: int = 0
     num_iterations: int | None = None
-    phase: str | None = None  # Phase while the ranks run; None before and after
+    phase: str | None = None  # Phase while the ranks run, or "eval" while `armlab evaluate` scores it; else None
+    evaluating: Evaluating | None = None  # with phase "eval" on a done run: which checkpoint, by whom
     resume_step: int | None = None  # stopped: the checkpoint a restart continues from (None: step 0)
     stop_reason: str | None = None  # stopped: the signal (SIGTERM, SIGUSR1, ...) or "armlab stop"
     unparsed_lines: int | None = None  # nanochat: output lines that looked like metrics but did not parse

@@ -1,11 +1,14 @@
 """CORE eval bundles: DCLM's format (core.yaml, eval_data/*.jsonl, eval_meta_data.csv).
 
-A bundle is a local dir or a URL (a .zip of such a dir). The default is DCLM's bundle at the URL
-nanochat's `scripts/base_eval.py` downloads it from (`spec.DCLM_EVAL_BUNDLE_URL`). A URL is
-downloaded once into a shared cache under a file lock (several ranks or runs may ask at once),
-checked against a sha256 when the experiment gives one, unpacked to a temp dir that is renamed
-into place (a killed download never leaves a half-bundle behind a real name), and its sha256 is
-recorded and checked on every later use (`fetch_bundle`).
+A bundle is a local dir or a URL (a .zip of such a dir, on any store armlab reads: https://,
+file://, az://, hf://). The default is DCLM's bundle at the URL nanochat's `scripts/base_eval.py`
+downloads it from (`spec.DCLM_EVAL_BUNDLE_URL`). A URL is downloaded once into a shared cache
+under a file lock (several ranks or runs may ask at once) through the storage seam
+(`armlab.store.download.download_file`: retried per ARMLAB_NET_ATTEMPTS, each request bounded by
+ARMLAB_NET_TIMEOUT, resumed after a dropped connection, secrets redacted), checked against a
+sha256 when the experiment gives one, unpacked to a temp dir that is renamed into place (a killed
+download never leaves a half-bundle behind a real name), and its sha256 is recorded and checked
+on every later use (`fetch_bundle`).
 
 Every problem names the file at fault: a missing core.yaml, a task without `dataset_uri`, a task
 with no random baseline in eval_meta_data.csv, a malformed jsonl line.
@@ -17,11 +20,10 @@ import csv
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +33,7 @@ import yaml
 from filelock import FileLock
 
 from armlab.errors import ArmlabError
-from armlab.workdir import atomic_path
+from armlab.store import is_remote, redact
 
 RECORD = ".armlab-bundle.json"  # what a downloaded bundle was: source, archive and content sha256
 
@@ -41,7 +43,7 @@ OFFLINE_FIX = (
     'to train without CORE, set core_bundle = "none" under [evaluate] in EXP (val bpb only) or pass '
     "--bundle none; or point --bundle at a local copy of the bundle dir"
 )
-PROBE_TIMEOUT_S = 10.0  # `doctor`'s reachability check of a bundle URL
+PROBE_TIMEOUT_S = 10.0  # the most `doctor` / `init` wait for the bundle URL to answer a request
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 # Fields each task type's items must carry (nanochat's core_eval reads exactly these).
@@ -114,25 +116,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("ARMLAB_CACHE", "~/.cache/armlab")).expanduser() / "bundles"
 
 
-def is_url(source: str) -> bool:
-    return urllib.parse.urlparse(source).scheme in ("http", "https", "file")
-
-
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def redact(url: str) -> str:
-    """The URL without query, fragment or credentials (signed URLs carry tokens there)."""
-    u = urllib.parse.urlparse(url)
-    if u.scheme == "file":
-        return url
-    host = (u.hostname or "") + (f":{u.port}" if u.port else "")
-    return u._replace(netloc=host, query="", fragment="").geturl()
 
 
 @dataclass(frozen=True)
@@ -155,25 +144,33 @@ def tree_sha256(root: Path) -> str:
 
 
 def _download(url: str, archive: Path, safe: str) -> None:
-    """The URL's bytes into `archive` (atomically), with a progress bar."""
-    from armlab.progress import progress
+    """The URL's zip into `archive` through the storage seam (verified, resumable, retried; reused
+    while the server lists the same version), its failure one line that offers the way round."""
+    from armlab.store import Retry
+    from armlab.store.download import download_file
 
     try:
-        with (
-            urllib.request.urlopen(url, timeout=60) as r,
-            atomic_path(archive) as tmp,
-            open(tmp, "wb") as f,
-            progress(transient=True) as bar,
-        ):
-            size = int(r.headers.get("Content-Length") or 0) or None
-            job = bar.add_task(f"eval bundle {safe}", total=size, unit="B", bytes=0)
-            done = 0
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                done += len(chunk)
-                bar.update(job, advance=len(chunk), bytes=done)
-    except OSError as e:
-        raise ArmlabError(f"{safe}: cannot download the eval bundle ({e}); {OFFLINE_FIX}") from None
+        download_file(url, archive, Retry.from_env())  # ARMLAB_NET_* as they are now
+    except ArmlabError as e:
+        raise ArmlabError(f"{safe}: cannot download the eval bundle ({_why(str(e))}); {OFFLINE_FIX}") from None
+
+
+def _why(line: str, advice: bool = True) -> str:
+    """The store's one line without the (redacted) URL it starts with (the caller names it), and
+    without its advice ("; check the network, then rerun ...") when the caller gives its own."""
+    line = re.sub(r"^\S+://\S*: ", "", line)
+    return line if advice else re.sub(r"; check .*$", "", line)
+
+
+def probe(url: str) -> str | None:
+    """Whether the bundle URL answers now, without downloading it: None if it does, else why not
+    ("unreachable (...)"). The storage seam's probe (one attempt; each request bounded by
+    ARMLAB_NET_TIMEOUT, at most PROBE_TIMEOUT_S: `init` and `doctor` must not hang on a firewall),
+    so what it reaches the download can."""
+    from armlab.store import probe as store_probe
+
+    problem = store_probe(url, PROBE_TIMEOUT_S)
+    return None if problem is None else f"unreachable ({_why(problem, advice=False)})"
 
 
 def _cache_key(url: str) -> str:
@@ -186,34 +183,12 @@ def cached(url: str) -> Path | None:
     return dest if (dest / RECORD).is_file() else None
 
 
-def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """Whether the bundle URL answers, without downloading it: None if it does, else why not.
-
-    A HEAD request (bounded by `timeout`); a server that refuses HEAD gets a GET of its first
-    byte. Through urllib, like the download itself, so what the probe reaches the download can.
-    """
-    import urllib.error
-
-    for method, headers in (("HEAD", {}), ("GET", {"Range": "bytes=0-0"})):
-        request = urllib.request.Request(url, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout):
-                return None
-        except urllib.error.HTTPError as e:
-            if e.code in (405, 501) and method == "HEAD":
-                continue  # HEAD not allowed: ask for one byte instead
-            return f"answering HTTP {e.code} {e.reason}"
-        except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
-            reason = getattr(e, "reason", None) or e
-            return f"unreachable ({reason})"
-    return None
-
-
 def fetch_bundle(url: str, sha256: str | None = None) -> Download:
     """Download a zipped bundle once into the shared cache and unpack it; return its record.
 
     Under a file lock (ranks and runs may ask at once; the first downloads, the others wait), the
-    zip is downloaded to a temp name, checked against `sha256` when the experiment gives one,
+    zip is downloaded through the storage seam into `<key>.download/` (a `.part` file renamed once
+    complete and verified, reused while the server lists the same version), checked against `sha256` when the experiment gives one,
     unpacked into a temp dir renamed into place, and recorded (`.armlab-bundle.json`: source,
     archive and content sha256). Every later call checks the unpacked files against that record
     (and `sha256` against the recorded archive), so an edited or swapped cache never scores
@@ -224,11 +199,11 @@ def fetch_bundle(url: str, sha256: str | None = None) -> Download:
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     dest = root / key
+    downloads = root / f"{key}.download"  # the zip and the seam's download record, one dir a URL
     with FileLock(str(root / f"{key}.lock")):
         if not (dest / RECORD).is_file():
-            archive = root / f"{key}.zip"
-            if not archive.is_file():
-                _download(url, archive, safe)
+            archive = downloads / "bundle.zip"
+            _download(url, archive, safe)
             got = sha256_file(archive)
             if sha256 and got != sha256:
                 archive.unlink()
@@ -256,7 +231,7 @@ def fetch_bundle(url: str, sha256: str | None = None) -> Download:
             (tmp_dir / RECORD).write_text(json.dumps(record, indent=1) + "\n")
             os.replace(tmp_dir, dest)
         record = json.loads((dest / RECORD).read_text())
-    fix = f"delete {dest} (and {root / (key + '.zip')}) to download it again"
+    fix = f"delete {dest} (and {downloads}) to download it again"
     if sha256 and record["archive_sha256"] != sha256:
         raise ArmlabError(
             f"{dest}: cached eval bundle has sha256 {record['archive_sha256']}, the experiment expects {sha256}; {fix}"
@@ -299,7 +274,7 @@ def _baselines(path: Path) -> dict[str, float]:
 def load_bundle(source: str | Path, sha256: str | None = None) -> Bundle:
     """Open a bundle from a local dir or a URL; validates core.yaml and the baselines up front."""
     source = str(source)
-    download = fetch_bundle(source, sha256) if is_url(source) else None
+    download = fetch_bundle(source, sha256) if is_remote(source) else None
     root = download.root if download else Path(source).expanduser()
     if not root.exists():
         raise ArmlabError(f"{root}: eval bundle dir not found (set evaluate.core_bundle or pass --bundle)")
@@ -359,7 +334,7 @@ def load_bundle(source: str | Path, sha256: str | None = None) -> Bundle:
     return Bundle(
         root=root,
         tasks=tasks,
-        source=redact(source) if is_url(source) else source,
+        source=redact(source) if is_remote(source) else source,
         sha256=h.hexdigest()[:16],
         demo=bool(config.get("armlab_demo", False)),
         name=str(config.get("name", "core")),

@@ -14,6 +14,10 @@ arms); report.snr turns the per-checkpoint scores in eval.json into per-task sig
 `[evaluate] average_last_k` the headline figures are the mean over those k evaluations (their
 "checkpoint averaging" intervention); else the final checkpoint's.
 
+While it scores, the run's state.json says so (phase "eval" and `runs.Evaluating`: checkpoint i of
+k, by this process), and `armlab status` shows the done run as `done+eval:2/3`; both are cleared
+when it ends, also on an error or Ctrl-C (a SIGKILL leaves them, and status tells by the pid).
+
 The result is an `EvalResult` (armlab.evaluate.record) naming the checkpoint it scored (step and
 sha256 of its weights), the eval set (content fingerprint) and the method, which `compare` checks.
 An existing eval.json is reused only when all of those, the bundle and the budget still match.
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +47,7 @@ from armlab.evaluate.record import (
     TaskResult,
 )
 from armlab.progress import console
-from armlab.runs import EVAL_JSON, RunState, load_run
+from armlab.runs import EVAL_JSON, Evaluating, Phase, RunState, load_run, read_run_state, write_state
 from armlab.spec import Experiment
 from armlab.workdir import atomic_write_json, open_workdir
 
@@ -79,6 +85,20 @@ def average_core(results: list[CoreResult]) -> CoreResult:
             margin=_mean_lists([x.margin for x in ts]),
         )  # fmt: skip
     return dataclasses.replace(first, tasks=tasks)
+
+
+# -- what status sees -----------------------------------------------------------------------------------
+def mark_evaluating(run_dir: Path, index: int, of: int, step: int) -> None:
+    """state.json: this process scores checkpoint `index` of `of` (the run stays done)."""
+    progress = Evaluating(index, of, step, os.getpid(), socket.gethostname())
+    write_state(run_dir, phase=Phase.EVAL, evaluating=progress)
+
+
+def clear_evaluating(run_dir: Path) -> None:
+    """state.json without this process's evaluate phase (another evaluator's is left alone)."""
+    st = read_run_state(run_dir)
+    if st is not None and st.evaluating is not None and st.evaluating.pid == os.getpid():
+        write_state(run_dir, phase=None, evaluating=None)
 
 
 # -- one run ------------------------------------------------------------------------------------------
@@ -164,14 +184,18 @@ def evaluate_run(
             f"evaluate.last_k asks for (steps {', '.join(map(str, chosen))}); scoring those[/]"
         )
     results: list[CheckpointEval] = []
-    for step in chosen:
-        final = step == chosen[-1]
-        # an earlier checkpoint whose scores only measure noise: CORE only (val bpb is the costly part)
-        request = EvalRequest(run_dir, exp, tok, wd.eval_dir, bundle, max_per_task, device, max_tokens,
-                              step=step, packed=final, bpb=final or averaged > 1)  # fmt: skip
-        if len(chosen) > 1:
-            console.print(f"evaluate: {rec.run}: checkpoint {step} ({chosen.index(step) + 1}/{len(chosen)})")
-        results.append(engine.evaluate(request))
+    try:
+        for i, step in enumerate(chosen, 1):
+            final = step == chosen[-1]
+            mark_evaluating(run_dir, i, len(chosen), step)
+            # an earlier checkpoint whose scores only measure noise: CORE only (val bpb is the costly part)
+            request = EvalRequest(run_dir, exp, tok, wd.eval_dir, bundle, max_per_task, device, max_tokens,
+                                  step=step, packed=final, bpb=final or averaged > 1)  # fmt: skip
+            if len(chosen) > 1:
+                console.print(f"evaluate: {rec.run}: checkpoint {step} ({i}/{len(chosen)})")
+            results.append(engine.evaluate(request))
+    finally:
+        clear_evaluating(run_dir)
     last = results[-1]
     use = results[-averaged:]
     bpb = average_bpb([r.bpb for r in use if r.bpb is not None])

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from armlab.spec import Experiment
-from armlab.store import is_remote, probe
+from armlab.store import is_remote, probe, redact
 from armlab.text import plural
 from armlab.workdir import open_workdir, read_leases
 
@@ -380,15 +380,15 @@ def check_hf(r: DoctorReport, exp: Experiment) -> None:
 
 def check_bundle(r: DoctorReport, exp: Experiment) -> None:
     """The CORE eval bundle `armlab run` opens before it trains: off, a local dir, or a URL that is
-    cached or answers now (a HEAD request, bounded). Offline with nothing cached is a fail: `run`
-    would stop there (0.2's doctor called that "ready")."""
+    cached or answers now (the storage seam's probe: one HEAD, bounded by ARMLAB_NET_TIMEOUT).
+    Offline with nothing cached is a fail: `run` would stop there (0.2's doctor called that "ready")."""
     from armlab.evaluate import bundle as core
 
     source = exp.evaluate.bundle
     name = "core bundle"
     if source is None:
         r.add(name, "ok", 'CORE off (evaluate.core_bundle = "none"): val bpb only')
-    elif not core.is_url(source):
+    elif not is_remote(source):
         path = Path(source).expanduser()
         if (core.bundle_dir(path) / "core.yaml").is_file():
             r.add(name, "ok", f"local bundle {path}")
@@ -396,11 +396,11 @@ def check_bundle(r: DoctorReport, exp: Experiment) -> None:
             r.add(name, "fail", f"{path}: no eval bundle there (no core.yaml)",
                   f"set evaluate.core_bundle to a bundle dir; {core.OFFLINE_FIX}")  # fmt: skip
     elif (hit := core.cached(source)) is not None:
-        r.add(name, "ok", f"cached: {hit} (from {core.redact(source)})")
+        r.add(name, "ok", f"cached: {hit} (from {redact(source)})")
     elif (problem := core.probe(source)) is None:
-        r.add(name, "ok", f"not cached; {core.redact(source)} answers: `armlab run` downloads it once")
+        r.add(name, "ok", f"not cached; {redact(source)} answers: `armlab run` downloads it once")
     else:
-        r.add(name, "fail", f"not cached, and {core.redact(source)} is {problem}: `armlab run` would stop there",
+        r.add(name, "fail", f"not cached, and {redact(source)} is {problem}: `armlab run` would stop there",
               core.OFFLINE_FIX)  # fmt: skip
 
 

@@ -7,7 +7,9 @@ dead (state.json says running but its pid is gone from this host), unreadable. L
 checked for pids of this host; a run from another host shows `?`.
 
 A running run whose ranks are not training shows what they do instead (state.json's `phase`,
-written by the trainer: `eval` or `save`, at the step in the step column), and a val bpb
+written by the trainer: `eval` or `save`, at the step in the step column); a done run that
+`armlab evaluate` is scoring shows `done+eval:2/3` (checkpoint 2 of its last 3; state.json's
+`evaluating`, ignored once its evaluator's pid is gone), and a val bpb
 measured at another step than the row's carries it (`3.9399@250`); `--json` has both fields.
 """
 
@@ -23,7 +25,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from armlab.errors import ArmlabError
-from armlab.runs import ACTIVE, RunState, last_activity, load_run, observed_state, owner_alive
+from armlab.runs import (
+    ACTIVE,
+    Evaluating,
+    Phase,
+    RunState,
+    last_activity,
+    load_run,
+    observed_state,
+    owner_alive,
+)
 
 
 @dataclass
@@ -50,6 +61,7 @@ class RunStatus:
     phase: str | None = None  # what a live run's ranks do at `step` (state.json: train, eval, save)
     val_bpb_step: int | None = None  # the step `val_bpb` was measured at (eval.json's, else the last eval's)
     job: Any = None  # its scheduler job (Slurm), an armlab.ops.hosts.messages.JobView
+    evaluating: str | None = None  # a done run `armlab evaluate` is scoring: checkpoint "2/3" (phase "eval")
 
 
 def engine_description(info: dict[str, Any]) -> str:
@@ -94,7 +106,11 @@ def run_status(run_dir: Path, stall_after_s: float, now: float | None = None) ->
     s.alive = owner_alive(st)
     s.state = observed_state(st, activity, stall_after_s, now)
     if s.state in (*ACTIVE, RunState.STALLED) and st.get("phase"):
-        s.phase = str(st["phase"])  # only while the ranks run: a finished run has no phase
+        s.phase = str(st["phase"])  # only while the ranks run: a finished run has no phase...
+    elif s.state == RunState.DONE and st.get("phase") == Phase.EVAL and st.get("evaluating"):
+        ev = Evaluating.from_json(st["evaluating"], str(run_dir / "state.json"))
+        if owner_alive({"pid": ev.pid, "host": ev.host}) is not False:  # ...but `armlab evaluate`'s
+            s.phase, s.evaluating = Phase.EVAL.value, f"{ev.index}/{ev.of}"
     eta_known = s.tok_per_s and s.step is not None and s.num_iterations and s.tokens
     if s.state in (*ACTIVE, RunState.STALLED) and eta_known:
         tokens_per_step = s.tokens / max(s.step, 1)
@@ -238,9 +254,12 @@ def _step(r: RunStatus, compact: bool) -> str:
 
 def _state(r: RunStatus) -> str:
     """The state, or what a running run does now when that is not training (`eval`, `save`):
-    with the step column it reads `eval  250/2205`."""
+    with the step column it reads `eval  250/2205`; a done run being scored by `armlab evaluate`
+    reads `done+eval:2/3` (one word, so the piped table stays awk-able)."""
     if r.state == RunState.RUNNING and r.phase and r.phase != "train":
         return r.phase
+    if r.state == RunState.DONE and r.evaluating:
+        return f"done+eval:{r.evaluating}"
     return str(r.state)
 
 

@@ -61,10 +61,13 @@ def scheme_of(uri: str) -> str:
     return uri.split("://", 1)[0].lower()
 
 
-def probe(uri: str) -> str | None:
-    """None when `uri` can be listed now (one attempt), else the one line saying why (doctor)."""
+def probe(uri: str, timeout: float | None = None) -> str | None:
+    """None when `uri` can be listed now (one attempt, each request waiting at most `timeout` s
+    or ARMLAB_NET_TIMEOUT, whichever is less), else the one line saying why (doctor)."""
+    retry = Retry.from_env()
+    retry = replace(retry, attempts=1, timeout=min(retry.timeout, timeout or retry.timeout))
     try:
-        open_store(uri, replace(Retry.from_env(), attempts=1)).list(uri)
+        open_store(uri, retry).list(uri)
     except ArmlabError as e:
         return str(e)
     return None

@@ -61,7 +61,7 @@ class HttpStore(FsspecStore):
         fs, path = self.fs, self._path(url)
         magic = any(c in path for c in "*?[")
         if not path.endswith("/") and not magic:
-            info = self._info(path)  # a file, or a dir URL that answers with its index page
+            info = self._head(path)  # a file, or a dir URL that answers with its index page
             if info.get("mimetype") != "text/html":
                 return {path: info}
         root = path[: min((path.find(c) for c in "*?[" if c in path), default=len(path))]
@@ -70,11 +70,14 @@ class HttpStore(FsspecStore):
         # Index pages give names only: one HEAD a file for its size, ETag and Last-Modified.
         todo = [n for n, i in found.items() if i.get("type", "file") == "file" and i.get("size") is None]
         with ThreadPoolExecutor(HEAD_THREADS) as pool:
-            for name, info in zip(todo, pool.map(self._info, todo), strict=True):
+            for name, info in zip(todo, pool.map(self._head, todo), strict=True):
                 found[name] = {**found[name], **info}
         return found
 
-    def _info(self, path: str) -> dict[str, Any]:
+    def _info(self, url: str) -> Entry:
+        return self.entry(self._head(self._path(url)))
+
+    def _head(self, path: str) -> dict[str, Any]:
         """fsspec's HEAD (then GET) of one URL. fsspec turns every failure of both into a
         FileNotFoundError; only a 404 is one: a refused connection or a 500 is raised as itself,
         so the retry layer retries it and the message says the server could not be reached."""

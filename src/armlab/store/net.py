@@ -117,6 +117,9 @@ def describe(e: BaseException) -> str:
     text = redact(str(e)).strip()
     if m := re.search(r"\[Errno -?\d+\] [^'\")\]]+", text):
         return m.group(0).strip()
+    if isinstance(e, OSError) and isinstance(e.errno, int) and e.errno > 0:
+        # aiohttp's connection errors are OSErrors whose text leaves the cause out ("Connect call failed")
+        return f"[Errno {e.errno}] {os.strerror(e.errno)}"
     line = (text.splitlines() or [""])[0] or type(e).__name__
     line = line if len(line) <= 200 else line[:197] + "..."
     return line if type(e).__name__ in line else f"{type(e).__name__}: {line}"
