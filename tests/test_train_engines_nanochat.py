@@ -186,7 +186,10 @@ def test_two_seeds_read_the_arm_in_two_orders_and_train_differently(tmp_path, te
     for seed, c in enumerate(curves):
         print(f"  seed {seed} (files {', '.join(orders[seed]['files'])}): " + " ".join(f"{x:.6f}" for x in c))
     assert len(curves[0]) == len(curves[1]) == 8
-    assert all(a != b for a, b in zip(curves[0][1:], curves[1][1:], strict=True))  # they differ at every step
+    # Another run: the curves part. Not at every step: nanochat prints losses to 6 decimals, and
+    # while its head (std 0.001 at init) still gives near-uniform logits (loss ~ ln(vocab)) two data
+    # orders can agree to that precision for the first steps (seen on Debian's Python 3.11.2 pool).
+    assert curves[0] != curves[1] and curves[0][-1] != curves[1][-1]
 
 
 def test_kill_9_of_a_detached_run_then_resume_finishes_from_nanochats_checkpoint(tmp_path, template, python):
