@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -27,6 +28,8 @@ sys.path.insert(0, str(TESTS))
 from data_util import make_pool  # noqa: E402
 from hosts_util import tiny_toml  # noqa: E402
 from slurm_util import slurm_cluster  # noqa: E402
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 HOST = """
 [[hosts]]
@@ -45,14 +48,14 @@ def armlab(env: dict[str, str], *args: str, columns: int = 80) -> str:
     cli = " ".join(shlex.quote(a) for a in (sys.executable, "-c", "from armlab.cli import main; main()", *args))
     cmd = f"stty cols {columns} rows 50; {cli}"
     p = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, env=env)
-    return p.stdout.replace("\r\n", "\n")
+    return ANSI.sub("", p.stdout.replace("\r\n", "\n"))  # the text of the screen, without its colours
 
 
 def show(title: str, env: dict[str, str], exp: Path, cluster) -> None:
     print(f"\n=== {title}: armlab status (80 columns)")
     print(armlab(env, "status", str(exp)).rstrip())
     print("--- squeue")
-    print(cluster.run("squeue", "-o", "%.6i %.16j %.9T %.12r %.6M %N").stdout.rstrip())
+    print(cluster.run("squeue", "-o", "%.8i %.16j %.9T %.12r %.6M %N").stdout.rstrip())
 
 
 def main() -> None:
@@ -73,7 +76,7 @@ def main() -> None:
                        f"while [ ! -e {go} ]; do sleep 0.2; done")  # fmt: skip
         t0 = time.monotonic()
         print(f"$ armlab launch {exp}")
-        print(armlab(env, "launch", str(exp), columns=200).rstrip())
+        print(armlab(env, "launch", str(exp), columns=120).rstrip())
         show("pending", env, exp, cluster)
         go.touch()
         while "RUNNING" not in cluster.run("squeue", "-h", "-n", "armlab-rand-s0,armlab-top-s0", "-o", "%T").stdout:
