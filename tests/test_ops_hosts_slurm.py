@@ -257,6 +257,10 @@ def test_launch_until_decided_looks_once_per_launch_when_the_round_is_done(slurm
     p = armlab("launch", str(exp), "--until-decided", "--max-seeds", "3", env=env)
     assert "decide: the round is not finished (" in p.stderr and "not done and evaluated" in p.stderr  # no eval.json yet
     assert armlab("evaluate", str(exp), env=env).returncode == 0
+    # a launch refused after its look (an unknown --host) leaves seeds.json as it was
+    p = armlab("launch", str(exp), "--until-decided", "--max-seeds", "3", "--host", "nosuch", env=env)
+    assert p.returncode == 2 and "decide: top vs rand: " in p.stderr and "nosuch" in p.stderr.splitlines()[-1], p.stderr
+    assert not (root / "wd" / "seeds.json").exists()
     p = armlab("launch", str(exp), "--until-decided", "--max-seeds", "3", env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     seeds = json.loads((root / "wd" / "seeds.json").read_text())

@@ -32,15 +32,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from armlab.errors import ArmlabError
 from armlab.report.intervals import at_level
 from armlab.report.stats import detectable, seeds_needed
 from armlab.report.summary import Summary
 from armlab.report.verdict import METRICS, digits
-from armlab.seeds import ExtraSeeds, Round, planned_runs, planned_seeds, read_extra_seeds, write_extra_seeds
+from armlab.seeds import (
+    SEEDS_JSON,
+    ExtraSeeds,
+    Round,
+    planned_runs,
+    planned_seeds,
+    read_extra_seeds,
+    write_extra_seeds,
+)
 from armlab.spec import Experiment
-from armlab.workdir import open_workdir
+from armlab.workdir import atomic_write_bytes, open_workdir
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -180,26 +191,39 @@ def unfinished_runs(exp: Experiment) -> list[str]:
     return out
 
 
-def launch_round(exp: Experiment, max_seeds: int, say: Callable[[str], None]) -> None:
+def launch_round(exp: Experiment, max_seeds: int, say: Callable[[str], None], launch: Callable[[], T]) -> T:
     """`armlab launch --until-decided`: the loop of `armlab run`, one look per launch, since launch
     returns while its runs train. When every planned run is done and evaluated in this workdir (a
     cluster's shared filesystem), compare them and look once: the seeds it adds go to seeds.json,
     and the launch that follows places them on the lanes like any other run. Otherwise say what the
-    round still waits for; the launch then starts what is missing, as always."""
+    round still waits for; the launch then starts what is missing, as always. A launch that is
+    refused (`launch()` raises ArmlabError) leaves seeds.json as it was: the next one looks again,
+    at the same runs, and decides the same."""
     from armlab.report.compare import NothingToCompare, analyse
 
     _check_max_seeds(exp, max_seeds)
-    if not open_workdir(exp, create=False).root.is_dir():
+    root = open_workdir(exp, create=False).root
+    if not root.is_dir():
         say("decide: nothing trained yet: this launch starts the first round (train.seeds)")
-        return
+        return launch()
     waiting = unfinished_runs(exp)
     if waiting:
         say(f"decide: the round is not finished ({', '.join(waiting)} not done and evaluated): "
             "rerun `armlab launch --until-decided` once they are (`armlab evaluate`), to decide the next")  # fmt: skip
-        return
+        return launch()
     try:
         summary = analyse(exp)[0]
     except NothingToCompare as e:
         say(f"decide: {e}")
-        return
+        return launch()
+    path = root / SEEDS_JSON
+    before = path.read_bytes() if path.is_file() else None
     look(exp, summary, max_seeds, say)
+    try:
+        return launch()
+    except ArmlabError:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(path, before)
+        raise

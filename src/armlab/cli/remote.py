@@ -187,13 +187,18 @@ def launch(
     if max_seeds is not None and not until_decided:
         raise ArmlabError("--max-seeds goes with --until-decided (armlab launch EXP --until-decided --max-seeds N)")
     spec = load_experiment(exp)
+
+    def start() -> list:
+        return launch_runs(spec, prepare_mode=prepare_mode, device=device, seeds=seed or None, hosts=host)
+
     if until_decided:
         if seed or spec.ladder.depths:
             raise ArmlabError("--until-decided decides between every arm at one depth: leave out --seed (and [ladder])")
         from armlab.decide import launch_round
 
-        launch_round(spec, max_seeds or DEFAULT_MAX_SEEDS, console.print)
-    records = launch_runs(spec, prepare_mode=prepare_mode, device=device, seeds=seed or None, hosts=host)
+        records = launch_round(spec, max_seeds or DEFAULT_MAX_SEEDS, console.print, start)
+    else:
+        records = start()
     for r in records:
         print(f"{r.host}\t{r.arm}\t{r.run}\t{r.action}\tpid {r.pid or '-'}\t{r.run_dir}\t{r.lane}")
     if any(r.failed for r in records):
