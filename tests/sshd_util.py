@@ -55,6 +55,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(n: int) -> int:
+    """A port P with P .. P+n-1 all free now, below Linux's ephemeral range (32768-60999) so that
+    no outgoing connection of a parallel test takes one of them in the meantime (a `[[hosts]]`
+    master_port P gives lane k the port P + k)."""
+    import random
+
+    for _ in range(200):
+        port = random.randrange(20000, 32000 - n)
+        try:
+            with contextlib.ExitStack() as stack:
+                for k in range(n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port + k))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError(f"no {n} consecutive free ports in 20000-32000")
+
+
 def _keygen(path: Path) -> None:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
 

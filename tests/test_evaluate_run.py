@@ -34,7 +34,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     exp = with_overrides(experiment(exp_file), {"num_iterations": 12, "evaluate.last_k_every": 1})
     plan = plan_run(exp, ARM, TrainOptions(run_name="r", device="cpu", overrides={"num_iterations": 12}))
     train_loop(plan, Dist(0, 1, torch.device("cpu")))
-    write_state(plan.run_dir, state="done", step=12, num_iterations=12, ended=1.0)  # as the supervisor does
+    write_state(plan.run_dir, state="done", step=12, num_iterations=12, ended=1.0, phase=None)  # as the supervisor does
     items = [{"query": f"Which is a colour, {i}?", "choices": ["red", "table", "run"], "gold": 0} for i in range(8)]
     lm = [{"context": f"one two three {i}", "continuation": " four"} for i in range(8)]
     bundle = load_bundle(

@@ -327,10 +327,10 @@ workdir = "{root}/hostb/seeds"
 
 
 def test_launch_trains_seeds_side_by_side_and_one_after_another(cluster, set_up):
-    from sshd_util import free_port
+    from sshd_util import free_port_range
 
     root = cluster[0]
-    port = free_port()
+    port = free_port_range(2)  # lane k of hosta binds port + k
     exp_path = root / "seeds.toml"
     exp_path.write_text(SEEDS_EXPERIMENT.format(root=root, port=port))
     runs = {
