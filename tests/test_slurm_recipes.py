@@ -55,13 +55,20 @@ TORCHRUN_STATIC = r"""srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'tra
 
 ALLREDUCE = """\
 import os
+import sys
 import torch
 import torch.distributed as dist
 
 dist.init_process_group("gloo")
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
-print(f"rank={dist.get_rank()} world={dist.get_world_size()} node={os.environ['SLURM_NODEID']} sum={t.item():g}")
+# One file per rank (argv[1] names the launch): ranks of two nodes printing into one job output
+# can lose or merge lines there.
+line = f"rank={dist.get_rank()} world={dist.get_world_size()} node={os.environ['SLURM_NODEID']} sum={t.item():g}"
+out = os.path.join(sys.argv[1], f"rank{dist.get_rank()}")
+with open(out + ".tmp", "w") as f:
+    f.write(line + "\\n")
+os.replace(out + ".tmp", out)
 dist.destroy_process_group()
 """
 
@@ -117,14 +124,16 @@ def _script(path: Path, sbatch: list[str], body: str) -> Path:
 def test_torchrun_on_two_nodes_c10d_and_static(slurm_2nodes: SlurmCluster, tmp_path: Path):
     c = _with_torch(slurm_2nodes)
     (tmp_path / "allreduce.py").write_text(ALLREDUCE)
+    for launch in ("c10d", "static"):
+        (tmp_path / launch).mkdir()
     body = (
         ADDR
         + PORT
         + TORCHRUN_C10D
-        + "2 allreduce.py\necho static\n"
+        + "2 allreduce.py c10d\necho static\n"
         + PORT
         + TORCHRUN_STATIC
-        + "1 allreduce.py\n"
+        + "1 allreduce.py static\n"
     )
     script = _script(tmp_path / "job.sbatch", ["--nodes=2", "--ntasks-per-node=1"], body)
     job = c.sbatch("-o", str(tmp_path / "out"), str(script), cwd=tmp_path)
@@ -132,9 +141,10 @@ def test_torchrun_on_two_nodes_c10d_and_static(slurm_2nodes: SlurmCluster, tmp_p
     out = (tmp_path / "out").read_text()
     assert (rec["JobState"], rec["ExitCode"]) == ("COMPLETED", "0:0"), out
     c10d, static = (
-        re.findall(r"^rank=(\d) world=(\d) node=(\d) sum=(\d+)$", part, re.M)
-        for part in out.split("static\n")
-    )
+        [re.fullmatch(r"rank=(\d) world=(\d) node=(\d) sum=(\d+)\n", f.read_text()).groups()
+         for f in sorted((tmp_path / launch).glob("rank*"))]
+        for launch in ("c10d", "static")
+    )  # fmt: skip
     # world = 2 nodes x 2 processes, every rank sees 1 + 2 + 3 + 4. c10d numbers the nodes in the order
     # their agents joined (rank 0 may be on n2), a node's ranks together.
     assert sorted((r, w, s) for r, w, _, s in c10d) == [
